@@ -1,0 +1,46 @@
+"""The engine's one configuration object, built once by the entry point."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Backend(enum.Enum):
+    NATIVE = "native"  # genmesh's own PyTorch engine (CPU or CUDA)
+    TENSORRT_LLM = "tensorrt_llm"  # tensorrt_llm.LLM on NVIDIA GPUs
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str  # HF folder path; with load_format="dummy" also a preset name (see PRESETS)
+    backend: Backend = Backend.NATIVE
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    load_format: str = "auto"  # "auto" reads safetensors; "dummy" uses random weights
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # pool size; None: derived from kv_cache_memory_gib
+    kv_cache_memory_gib: float = 1.0  # KV pool memory when num_kv_blocks is None
+    max_num_seqs: int = 128  # most requests running at once
+    max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
+    max_model_len: int | None = None  # context cap; None: the model's own (and the pool's)
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # torch CPU threads; None leaves torch's default
+    seed: int = 0  # dummy weights only
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

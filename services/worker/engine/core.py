@@ -1,0 +1,161 @@
+"""The synchronous engine: one ``step()`` is schedule -> run -> sample -> postprocess."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.model.config import ModelConfig
+from services.worker.engine.model_runner import ModelRunner, num_blocks_for, resolve_model_config
+from services.worker.engine.outputs import Delta, EngineStats, FinishReason, TokenLogprob, Usage
+from services.worker.engine.params import (
+    InvalidRequestError,
+    Priority,
+    SamplingParams,
+    validate_prompt,
+)
+from services.worker.engine.request import Request
+from services.worker.engine.sampler import Sampler
+from services.worker.engine.scheduler import Scheduler
+
+STATS_WINDOW = 64  # steps averaged in batch-size and step-time stats
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, *, model_cfg: ModelConfig | None = None) -> None:
+        self.config = config
+        self.model_cfg = model_cfg or resolve_model_config(config)
+        num_blocks = num_blocks_for(config, self.model_cfg)
+        max_len = self.model_cfg.max_position_embeddings
+        if self.model_cfg.sliding_window:
+            max_len = min(max_len, self.model_cfg.sliding_window)
+        if config.max_model_len:
+            max_len = min(max_len, config.max_model_len)
+        # A sequence must fit the pool on its own, or preemption could never make room.
+        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        self.blocks = BlockManager(num_blocks=num_blocks, block_size=config.block_size,
+                                   enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(block_manager=self.blocks, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
+        self.runner = ModelRunner(config, self.model_cfg, num_blocks=num_blocks,
+                                  max_model_len=self.max_model_len)
+        self.sampler = Sampler(self.runner.device)
+        self._requests: dict[str, Request] = {}
+        self._num_steps = 0
+        self._num_finished = 0
+        self._generated_tokens = 0
+        self._recent_batch: collections.deque[int] = collections.deque(maxlen=STATS_WINDOW)
+        self._recent_ms: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
+
+    # -- requests --------------------------------------------------------------------
+
+    def make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+                     priority: Priority = Priority.NORMAL, cache_salt: str = "") -> Request:
+        """Validate and build a request (raises InvalidRequestError; queues nothing)."""
+        if not request_id:
+            raise InvalidRequestError("request_id", "must not be empty")
+        validate_prompt(prompt_ids, vocab_size=self.model_cfg.vocab_size,
+                        max_model_len=self.max_model_len)
+        params.validate(vocab_size=self.model_cfg.vocab_size)
+        return Request(request_id=request_id, prompt_ids=list(prompt_ids), params=params,
+                       priority=Priority(priority), cache_salt=cache_salt)
+
+    def add(self, req: Request) -> None:
+        if req.request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
+        self._requests[req.request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> Delta | None:
+        """Stop a request now, releasing its blocks; None if it is not here."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        return self._finish(req, FinishReason.ABORT)
+
+    def fail_all(self, message: str) -> list[Delta]:
+        """End every request with an error (after an engine failure)."""
+        return [self._finish(r, FinishReason.ERROR, error=message)
+                for r in list(self._requests.values())]
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step --------------------------------------------------------------------
+
+    def step(self) -> list[Delta]:
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return []
+        tables = [self.blocks.block_ids(c.request.request_id) for c in out.chunks]
+        logits = self.runner.execute(out.chunks, tables)
+        to_sample = self.scheduler.on_step_done(out)
+        requests = [c.request for c in to_sample]
+        token_ids, logprobs = self.sampler.sample(logits, requests)
+
+        deltas = []
+        for req, token, lp in zip(requests, token_ids, logprobs, strict=True):
+            req.append_output(token)
+            self._generated_tokens += 1
+            reason = self._stop_reason(req, token)
+            if reason is None:
+                deltas.append(Delta(req.request_id, [token], logprobs=[lp] if lp else None))
+            else:
+                deltas.append(self._finish(req, reason, last_token=token, last_logprob=lp))
+        self._num_steps += 1
+        self._recent_batch.append(len(out.chunks))
+        self._recent_ms.append((time.perf_counter() - t0) * 1e3)
+        return deltas
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if not p.ignore_eos and token in self.model_cfg.eos_token_ids:
+            return FinishReason.STOP
+        if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, req: Request, reason: FinishReason, *, last_token: int | None = None,
+                last_logprob: TokenLogprob | None = None, error: str | None = None) -> Delta:
+        self.scheduler.finish(req, reason)
+        self.sampler.release(req.request_id)
+        del self._requests[req.request_id]
+        self._num_finished += 1
+        usage = Usage(prompt_tokens=req.num_prompt_tokens,
+                      completion_tokens=len(req.output_ids),
+                      cached_prompt_tokens=max(req.num_cached_prompt_tokens, 0))
+        return Delta(
+            req.request_id,
+            [last_token] if last_token is not None else [],
+            finish_reason=reason,
+            usage=usage,
+            logprobs=[last_logprob] if last_logprob is not None else None,
+            error=error,
+        )
+
+    # -- stats -----------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        batches, ms = list(self._recent_batch), list(self._recent_ms)
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            num_kv_blocks_total=self.blocks.num_blocks,
+            num_kv_blocks_free=self.blocks.num_free_blocks,
+            num_kv_blocks_cached=self.blocks.num_cached_blocks,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            num_preemptions=s.num_preemptions,
+            num_steps=self._num_steps,
+            num_finished=self._num_finished,
+            generated_tokens=self._generated_tokens,
+            mean_batch_size=sum(batches) / len(batches) if batches else 0.0,
+            mean_step_ms=sum(ms) / len(ms) if ms else 0.0,
+            recent_batch_sizes=batches,
+        )

@@ -1,0 +1,73 @@
+"""What the engine hands back: per-step deltas of a request, and engine-wide stats."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # an end token or a stop token id was generated
+    LENGTH = "length"  # max_tokens reached, or the context is full
+    ABORT = "abort"  # the caller cancelled
+    ERROR = "error"  # the engine failed while serving this request
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float  # natural log of the model's probability (raw logits, before sampling knobs)
+    top: tuple[tuple[int, float], ...] = ()  # the top-n (token id, logprob), most likely first
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """New output of one request since its previous delta."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None  # set on the last delta only
+    usage: Usage | None = None  # set on the last delta only
+    logprobs: list[TokenLogprob] | None = None  # one per new token when requested
+    error: str | None = None  # set when finish_reason is ERROR
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine's load and caches."""
+
+    num_running: int
+    num_waiting: int
+    num_kv_blocks_total: int
+    num_kv_blocks_free: int  # free, including cached blocks that can be evicted
+    num_kv_blocks_cached: int  # blocks holding a reusable prefix (in use or not)
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found
+    num_preemptions: int
+    num_steps: int
+    num_finished: int
+    generated_tokens: int
+    mean_batch_size: float  # requests per step over the recent window
+    mean_step_ms: float  # wall time per step over the recent window
+    recent_batch_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        if not self.prefix_cache_queries:
+            return 0.0
+        return self.prefix_cache_hits / self.prefix_cache_queries
+
+    @property
+    def num_kv_blocks_used(self) -> int:
+        return self.num_kv_blocks_total - self.num_kv_blocks_free

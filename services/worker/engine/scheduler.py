@@ -1,0 +1,168 @@
+"""Iteration-level (continuous) batching: which requests compute how many tokens this step.
+
+One token budget per step covers prefill chunks and decodes alike: a request is owed
+``num_tokens - num_computed_tokens`` tokens and gets as many as the budget allows.
+Running requests are served first, in priority order; waiting ones are admitted after
+them. When the block pool runs dry, the lowest-priority, latest-arriving running
+request is preempted by recompute (its blocks freed, its progress reset); its cached
+full blocks usually let it resume cheaply.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.outputs import FinishReason
+from services.worker.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    """The tokens one request computes this step: ``all_ids[start:start + num_tokens]``."""
+
+    request: Request
+    start: int  # num_computed_tokens when scheduled (the first new position)
+    num_tokens: int
+
+    @property
+    def completes_sequence(self) -> bool:
+        """True when the chunk reaches the last known token, so a new token is sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+def _order(req: Request) -> tuple[int, float]:
+    return (int(req.priority), req.arrival_time)
+
+
+class Scheduler:
+    def __init__(self, *, block_manager: BlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Request] = []  # sorted by (priority, arrival)
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up at first admission
+        self.prefix_cache_hits = 0  # of those, tokens found in the cache
+
+    # -- queues ----------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, req, key=_order)
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """Take ``req`` out of the queues and release its blocks."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self.blocks.free(req)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
+        self.running.remove(victim)
+        self.blocks.free(victim)
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(victim)
+        out.preempted.append(victim)
+
+    # -- one step --------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        self.running.sort(key=_order)
+
+        # 1. Running requests, most important first; make room by preempting the least.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while self.blocks.allocate(req, num_new) is None:
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # req preempted itself: nothing behind it can run either
+
+        # 2. Waiting requests, unless running ones already ran out of blocks.
+        blocks_short = bool(out.preempted)
+        while self.waiting and budget > 0 and not blocks_short:
+            if len(self.running) >= self.max_num_seqs:
+                break
+            req = self.waiting[0]
+            cached = self.blocks.find_cached_prefix(req)
+            num_cached = len(cached) * self.blocks.block_size
+            num_new = min(req.num_tokens - num_cached, budget)
+            if self.blocks.allocate(req, num_new, cached) is None:
+                victim = self._least_important_below(req)
+                if victim is None:
+                    break
+                budget += self._unschedule(victim, out)
+                self._preempt(victim, out)
+                continue
+            self.waiting.pop(0)
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_cached
+            if req.num_cached_prompt_tokens < 0:
+                req.num_cached_prompt_tokens = min(num_cached, req.num_prompt_tokens)
+                self.prefix_cache_queries += req.num_prompt_tokens
+                self.prefix_cache_hits += req.num_cached_prompt_tokens
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, num_cached, num_new))
+            budget -= num_new
+        return out
+
+    def _least_important_below(self, req: Request) -> Request | None:
+        """The running request to preempt for waiting ``req``: the least important one
+        of a strictly lower class, or None."""
+        lower = [r for r in self.running if r.priority > req.priority]
+        return max(lower, key=_order) if lower else None
+
+    @staticmethod
+    def _unschedule(victim: Request, out: SchedulerOutput) -> int:
+        """Drop ``victim``'s chunk from this step; returns the tokens it gives back."""
+        for i, chunk in enumerate(out.chunks):
+            if chunk.request is victim:
+                del out.chunks[i]
+                return chunk.num_tokens
+        return 0
+
+    def on_step_done(self, out: SchedulerOutput) -> list[ScheduledChunk]:
+        """Advance token counts after the model ran; returns the chunks to sample for."""
+        to_sample = []
+        for chunk in out.chunks:
+            req = chunk.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            completes = chunk.completes_sequence
+            req.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.blocks.cache_full_blocks(req)
+            if completes:
+                to_sample.append(chunk)
+        return to_sample
