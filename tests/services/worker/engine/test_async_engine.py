@@ -1,0 +1,145 @@
+"""The asyncio API on the real default model: streaming, abort, bad input, seeds, salts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import pytest
+
+from services.worker.engine.outputs import FinishReason
+from services.worker.engine.params import InvalidRequestError, SamplingParams
+from tests.services.worker.engine.helpers import collect, engine, run_all
+
+
+@pytest.fixture(scope="module")
+def eng(model_dir):
+    e = engine(model_dir, dtype="bfloat16", max_num_batched_tokens=256)
+    yield e
+    e.shutdown()
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def test_stream_yields_one_token_per_delta_and_usage_at_the_end(eng):
+    async def main():
+        deltas = [d async for d in eng.submit(list(range(1000, 1020)),
+                                              SamplingParams(max_tokens=5, ignore_eos=True))]
+        return deltas
+
+    deltas = asyncio.run(main())
+    assert [len(d.new_token_ids) for d in deltas] == [1] * 5
+    assert [d.finish_reason for d in deltas] == [None] * 4 + [FinishReason.LENGTH]
+    usage = deltas[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (20, 5)
+
+
+def test_abort_frees_the_requests_blocks_within_a_step(eng):
+    idle_free = eng.stats().num_kv_blocks_free
+
+    async def main():
+        stream = eng.submit(list(range(2000, 2300)), SamplingParams(max_tokens=500,
+                                                                    ignore_eos=True),
+                            request_id="to-abort")
+        got = 0
+        async for delta in stream:
+            got += len(delta.new_token_ids)
+            if got == 3:
+                t0 = time.perf_counter()
+                eng.abort("to-abort")
+            if delta.finished:
+                return delta, time.perf_counter() - t0
+        raise AssertionError("stream ended without a final delta")
+
+    last, seconds = asyncio.run(main())
+    assert last.finish_reason is FinishReason.ABORT
+    assert seconds < 1.0
+    wait_for(lambda: eng.stats().num_running == 0)
+    assert eng.stats().num_kv_blocks_free == idle_free
+
+
+def test_leaving_the_stream_early_aborts_the_request(eng):
+    async def main():
+        stream = eng.submit(list(range(3000, 3100)), SamplingParams(max_tokens=400,
+                                                                    ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()
+
+    asyncio.run(main())
+    wait_for(lambda: eng.stats().num_running == 0 and eng.stats().num_waiting == 0)
+
+
+@pytest.mark.parametrize(("prompt", "params", "field"), [
+    ([], SamplingParams(), "prompt_ids"),
+    ([5] * 9000, SamplingParams(), "prompt_ids"),
+    ([5, 10**9], SamplingParams(), "prompt_ids"),
+    ([5, -1], SamplingParams(), "prompt_ids"),
+    ([5], SamplingParams(max_tokens=0), "max_tokens"),
+    ([5], SamplingParams(temperature=-0.5), "temperature"),
+    ([5], SamplingParams(top_p=0.0), "top_p"),
+    ([5], SamplingParams(top_p=1.5), "top_p"),
+])
+def test_bad_input_is_refused_naming_the_field_and_the_engine_keeps_serving(
+        eng, prompt, params, field):
+    async def main():
+        with pytest.raises(InvalidRequestError) as err:
+            eng.submit(prompt, params)
+        assert err.value.field == field
+        tokens, last = await collect(eng.submit([1000, 1001, 1002],
+                                                SamplingParams(max_tokens=2, ignore_eos=True)))
+        assert len(tokens) == 2 and last.finish_reason is FinishReason.LENGTH
+
+    asyncio.run(main())
+
+
+SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=42, ignore_eos=True)
+
+
+def test_same_seed_same_tokens_different_seed_different_tokens(eng):
+    prompt = list(range(4000, 4030))
+    runs = []
+    for params in (SEEDED, SEEDED, replace(SEEDED, seed=7)):
+        eng.reset_prefix_cache()  # identical conditions: no prefix hit on the rerun
+        runs.append(run_all(eng, [prompt], params)[0][0])
+    assert runs[0] == runs[1]
+    assert runs[2] != runs[0]
+
+
+def test_same_seed_same_tokens_whatever_shares_the_batch(model_dir):
+    # fp32, so that a different batch shape cannot flip a draw through rounding.
+    fp32 = engine(model_dir, enable_prefix_caching=False)
+    try:
+        prompt = list(range(4000, 4030))
+        [(alone, _)] = run_all(fp32, [prompt], SEEDED)
+        crowd = [prompt] + [list(range(5000 + 50 * i, 5020 + 50 * i)) for i in range(5)]
+        together = run_all(fp32, crowd, SEEDED)
+    finally:
+        fp32.shutdown()
+    assert together[0][0] == alone
+
+
+def test_cache_salt_isolates_prefixes(eng):
+    prompt = list(range(6000, 6100))
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    first = run_all(eng, [prompt], params, salts=["tenant-a"])
+    same = run_all(eng, [prompt], params, salts=["tenant-a"])
+    other = run_all(eng, [prompt], params, salts=["tenant-b"])
+    assert first[0][1].usage.cached_prompt_tokens == 0
+    assert same[0][1].usage.cached_prompt_tokens == 96  # 6 full blocks of 16
+    assert other[0][1].usage.cached_prompt_tokens == 0
+
+
+def test_stats_report_load_and_prefix_hits(eng):
+    stats = eng.stats()
+    assert stats.num_kv_blocks_total > 0
+    assert 0 <= stats.num_kv_blocks_free <= stats.num_kv_blocks_total
+    assert stats.prefix_cache_hits > 0 and 0 < stats.prefix_cache_hit_rate < 1
+    assert stats.num_steps > 0 and stats.mean_step_ms > 0
