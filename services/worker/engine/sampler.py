@@ -15,6 +15,10 @@ import torch
 from services.worker.engine.outputs import TokenLogprob
 from services.worker.engine.request import Request
 
+# Temperatures below this act as this: dividing by a tinier one overflows the logits
+# to inf, softmax turns them into NaN, and argmax then returns an arbitrary token.
+MIN_TEMPERATURE = 1e-5
+
 
 class Sampler:
     def __init__(self, device: torch.device) -> None:
@@ -83,7 +87,8 @@ def apply_repetition_penalty(row: torch.Tensor, token_ids: list[int], penalty: f
 
 def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """[S, V] logits of sampled rows -> probabilities after temperature/top-k/top-p/min-p."""
-    temps = torch.tensor([r.params.temperature for r in requests], device=logits.device)
+    temps = torch.tensor([max(r.params.temperature, MIN_TEMPERATURE) for r in requests],
+                         device=logits.device)
     logits = logits / temps.unsqueeze(1)
     top_ks = [r.params.top_k for r in requests]
     if any(k > 0 for k in top_ks):
@@ -98,7 +103,7 @@ def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep a token while the mass *before* it is below p (the top token always stays).
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= p, 0.0)
+        sorted_probs = sorted_probs.masked_fill((mass_before >= p) & (p < 1.0), 0.0)
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
     min_ps = [r.params.min_p for r in requests]
     if any(m > 0.0 for m in min_ps):

@@ -70,7 +70,10 @@ def from_hf_dict(raw: dict[str, Any], *, eos_token_ids: tuple[int, ...] = ()) ->
     # transformers 5 keeps rope settings under rope_parameters; 4.x at the top level.
     rope = raw.get("rope_parameters") or {}
     rope_theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
-    scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else None)
+    # A v5 rope_parameters of any non-default type is scaling too (checked below).
+    scaling = raw.get("rope_scaling") or (
+        rope if rope.get("rope_type", "default") != "default" else None
+    )
     if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
         raise ValueError(f"rope scaling {scaling!r} is not supported (only llama3)")
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":

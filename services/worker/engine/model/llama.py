@@ -77,20 +77,22 @@ class RotaryTable:
         self.cos = emb.cos().to(device=device, dtype=dtype)
         self.sin = emb.sin().to(device=device, dtype=dtype)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, D] rotated by each token's position (half-split layout)."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for each token: [T, 1, D] each (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D] rotated by each token's position (half-split layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32, as the reference implementation does."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+    return weight * normed.to(x.dtype)
 
 
 class LlamaModel:
@@ -101,7 +103,7 @@ class LlamaModel:
                                 dtype=weights.embed.dtype)
         self.scale = cfg.head_dim ** -0.5
         h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self._split = (h * d, hkv * d, hkv * d)
+        self._split = ((h + hkv) * d, hkv * d)  # [q | k] get rotated together, then v
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -110,14 +112,16 @@ class LlamaModel:
         """input_ids, positions: [T]. Returns fp32 logits [len(logits_indices), V]."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
+        h_q, h_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = F.embedding(input_ids, self.w.embed)  # [T, d]
+        cos, sin = self.rope.lookup(positions)
         for layer, (k_cache, v_cache) in zip(self.w.layers, kv_caches, strict=True):
             h = rms_norm(x, layer.input_norm, eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [T, (H + 2 Hkv) D]
-            q, k, v = qkv.split(self._split, dim=-1)
-            q = self.rope.apply(q.view(-1, cfg.num_heads, cfg.head_dim), positions)
-            k = self.rope.apply(k.view(-1, cfg.num_kv_heads, cfg.head_dim), positions)
-            v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+            qk, v = qkv.split(self._split, dim=-1)
+            qk = apply_rope(qk.view(-1, h_q + h_kv, d), cos, sin)  # [T, H + Hkv, D]
+            q, k = qk[:, :h_q], qk[:, h_q:]
+            v = v.view(-1, h_kv, d)
             attn = paged_attention(q, k, v, k_cache, v_cache, meta, scale=self.scale)
             x = x + F.linear(attn.view(attn.shape[0], -1), layer.o)
             h = rms_norm(x, layer.post_norm, eps)
