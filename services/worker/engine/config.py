@@ -30,6 +30,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None  # context cap; None: the model's own (and the pool's)
     enable_prefix_caching: bool = True
+    use_cpu_kernels: bool = True  # compiled AVX512-BF16 decode kernels (bf16 on CPU)
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
     seed: int = 0  # dummy weights only
 

@@ -37,9 +37,9 @@ def num_blocks_for(config: EngineConfig, cfg: ModelConfig) -> int:
     return max(1, int(config.kv_cache_memory_gib * 2**30 // per_block))
 
 
-def split_decode_groups(n: int) -> list[int]:
+def split_decode_groups(n: int, *, max_groups: int = MAX_DECODE_GROUPS) -> list[int]:
     """Sizes of the groups that ``n`` decodes, sorted by context length, are cut into."""
-    num_groups = max(1, min(MAX_DECODE_GROUPS, n // MIN_DECODE_GROUP))
+    num_groups = max(1, min(max_groups, n // MIN_DECODE_GROUP))
     base, extra = divmod(n, num_groups)
     return [base + (1 if i < extra else 0) for i in range(num_groups)]
 
@@ -62,7 +62,8 @@ class ModelRunner:
                                       device=self.device)
         self.load_seconds = time.perf_counter() - t0
         self.weight_bytes_per_token = weights.num_bytes_read_per_token()
-        self.model = LlamaModel(model_cfg, weights, max_positions=max_model_len)
+        self.model = LlamaModel(model_cfg, weights, max_positions=max_model_len,
+                                use_cpu_kernels=config.use_cpu_kernels)
         shape = (num_blocks, config.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         # [num_layers] x (k, v), each [num_blocks, block_size, Hkv, D]
         self.kv_caches = [
@@ -99,7 +100,9 @@ class ModelRunner:
 
         decode_groups = []
         row = 0
-        sizes = split_decode_groups(len(decode_idx)) if decode_idx else []
+        # A decode kernel reads blocks in place: no padding, so one group serves all.
+        max_groups = 1 if self.model.decode_attention is not None else MAX_DECODE_GROUPS
+        sizes = split_decode_groups(len(decode_idx), max_groups=max_groups) if decode_idx else []
         for size in sizes:
             members = decode_idx[row:row + size]
             decode_groups.append(self._decode_group(row, [chunks[i] for i in members],
@@ -128,12 +131,16 @@ class ModelRunner:
         max_blocks = -(-max(ctx_lens) // self.block_size)
         padded = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables]
         lens = torch.tensor(ctx_lens, dtype=torch.int64)
-        span = torch.arange(max_blocks * self.block_size)
-        mask = (span.unsqueeze(0) < lens.unsqueeze(1)).view(len(chunks), 1, 1, -1)
+        mask = None
+        if self.model.decode_attention is None:
+            span = torch.arange(max_blocks * self.block_size)
+            mask = (span.unsqueeze(0) < lens.unsqueeze(1)).view(len(chunks), 1, 1, -1)
+            mask = mask.to(self.device)
         return DecodeGroup(
             token_slice=slice(row, row + len(chunks)),
             block_table=torch.tensor(padded, dtype=torch.int64).to(self.device),
-            mask=mask.to(self.device),
+            ctx_lens=lens.to(self.device),
+            mask=mask,
         )
 
     def _prefill_meta(self, row: int, c: ScheduledChunk, table: list[int]) -> PrefillChunk:

@@ -4,26 +4,34 @@ The cache of one layer is two tensors ``[num_blocks, block_size, num_kv_heads, h
 A step's tokens are one flat batch: decodes first (one query each), then prefill
 chunks. New keys/values are written to their slots first; then
 
-- decodes are grouped by context length (to bound padding) and each group gathers its
-  blocks into a padded ``[B, kv_heads, L, D]`` view and runs one SDPA call, with the
-  query heads that share a KV head laid out as extra query rows (no KV repeat);
+- decodes go to a compiled kernel that reads the blocks in place (bf16 on AVX512-BF16
+  CPUs), or else are grouped by context length (to bound padding) and each group
+  gathers its blocks into a padded ``[B, kv_heads, L, D]`` view for one SDPA call, with
+  the query heads that share a KV head laid out as extra query rows (no KV repeat);
 - each prefill chunk runs one causal SDPA call, over its own fresh K/V when it starts
   at position 0, else over its gathered prefix plus chunk with an offset causal mask.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+# A compiled decode-attention kernel: (q [B, H, D], k_cache, v_cache, block_table,
+# ctx_lens, scale) -> [B, H, D]; reads the paged cache directly.
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                         float], torch.Tensor]
 
 
 @dataclass(slots=True)
 class DecodeGroup:
     token_slice: slice  # rows of the flat batch
     block_table: torch.Tensor  # [B, max_blocks] int64, padded with 0
-    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool, True = attend
+    ctx_lens: torch.Tensor  # [B] int64: tokens each query attends to (itself included)
+    mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool; None with a kernel
 
 
 @dataclass(slots=True)
@@ -60,7 +68,8 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, *, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, *, scale: float,
+                    decode_kernel: DecodeKernel | None = None) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D] (this step's). Returns [T, H, D]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
@@ -68,6 +77,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
 
     for g in meta.decode_groups:
+        if decode_kernel is not None:
+            out[g.token_slice] = decode_kernel(q[g.token_slice], k_cache, v_cache,
+                                               g.block_table, g.ctx_lens, scale)
+            continue
         # Query heads h = kv * group + j share KV head kv: view them as `group` query rows.
         qg = q[g.token_slice].view(-1, num_kv_heads, group, head_dim)  # [B, Hkv, group, D]
         kg = _gather(k_cache, g.block_table)  # [B, Hkv, L, D]

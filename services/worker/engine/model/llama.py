@@ -8,12 +8,18 @@ gate/up projections are fused into one matmul each. Activations are one flat bat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from services.worker.engine.model.attention import AttentionMetadata, paged_attention
+from services.worker.engine.model import cpu_kernels
+from services.worker.engine.model.attention import (
+    AttentionMetadata,
+    DecodeKernel,
+    paged_attention,
+)
 from services.worker.engine.model.config import ModelConfig
 
 
@@ -95,10 +101,47 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed.to(x.dtype)
 
 
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+SKINNY_MAX_ROWS = 2  # up to this many rows the bf16 CPU kernel beats oneDNN (measured)
+
+
+def pick_linear(weights: ModelWeights, *, use_cpu_kernels: bool) -> Linear:
+    """F.linear, or for bf16 on AVX512-BF16 CPUs a kernel that streams the weights at
+    memory bandwidth when only a few rows (decode steps) are multiplied."""
+    w = weights.embed
+    if not (use_cpu_kernels and w.device.type == "cpu" and w.dtype == torch.bfloat16):
+        return F.linear
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        return F.linear
+    skinny = kernels.skinny_linear_bf16
+
+    def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return skinny(x, weight) if x.shape[0] <= SKINNY_MAX_ROWS else F.linear(x, weight)
+
+    return linear
+
+
+def pick_decode_attention(weights: ModelWeights, cfg: ModelConfig, *,
+                          use_cpu_kernels: bool) -> DecodeKernel | None:
+    """The compiled paged decode-attention kernel where it applies, else None (SDPA)."""
+    w = weights.embed
+    if not (use_cpu_kernels and w.device.type == "cpu" and w.dtype == torch.bfloat16
+            and cfg.head_dim % 32 == 0 and cfg.head_dim <= 256):
+        return None
+    kernels = cpu_kernels.load()
+    return kernels.paged_decode_attention_bf16 if kernels is not None else None
+
+
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, max_positions: int,
+                 use_cpu_kernels: bool = True) -> None:
         self.cfg = cfg
         self.w = weights
+        self.linear = pick_linear(weights, use_cpu_kernels=use_cpu_kernels)
+        self.decode_attention = pick_decode_attention(weights, cfg,
+                                                      use_cpu_kernels=use_cpu_kernels)
         self.rope = RotaryTable(cfg, max_positions, device=weights.embed.device,
                                 dtype=weights.embed.dtype)
         self.scale = cfg.head_dim ** -0.5
@@ -110,22 +153,25 @@ class LlamaModel:
                 meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]. Returns fp32 logits [len(logits_indices), V]."""
-        cfg = self.cfg
+        cfg, linear = self.cfg, self.linear
         eps = cfg.rms_norm_eps
         h_q, h_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = F.embedding(input_ids, self.w.embed)  # [T, d]
         cos, sin = self.rope.lookup(positions)
         for layer, (k_cache, v_cache) in zip(self.w.layers, kv_caches, strict=True):
             h = rms_norm(x, layer.input_norm, eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [T, (H + 2 Hkv) D]
+            qkv = linear(h, layer.qkv)  # [T, (H + 2 Hkv) D]
+            if layer.qkv_bias is not None:
+                qkv = qkv + layer.qkv_bias
             qk, v = qkv.split(self._split, dim=-1)
             qk = apply_rope(qk.view(-1, h_q + h_kv, d), cos, sin)  # [T, H + Hkv, D]
             q, k = qk[:, :h_q], qk[:, h_q:]
             v = v.view(-1, h_kv, d)
-            attn = paged_attention(q, k, v, k_cache, v_cache, meta, scale=self.scale)
-            x = x + F.linear(attn.view(attn.shape[0], -1), layer.o)
+            attn = paged_attention(q, k, v, k_cache, v_cache, meta, scale=self.scale,
+                                   decode_kernel=self.decode_attention)
+            x = x + linear(attn.view(attn.shape[0], -1), layer.o)
             h = rms_norm(x, layer.post_norm, eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)  # [T, I] each
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)  # [T, I] each
+            x = x + linear(F.silu(gate) * up, layer.down)
         x = rms_norm(x[logits_indices], self.w.final_norm, eps)
-        return F.linear(x, self.w.lm_head).float()
+        return linear(x, self.w.lm_head).float()
