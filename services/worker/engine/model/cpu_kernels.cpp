@@ -98,6 +98,112 @@ torch::Tensor skinny_linear_bf16(torch::Tensor x, torch::Tensor w) {
 // over the values per sequence.
 //   q [B, H, D], k_cache/v_cache [num_blocks, block_size, Hkv, D], block_table [B, max_blocks],
 //   ctx_lens [B]  ->  out [B, H, D]
+namespace {
+
+struct DecodeArgs {
+  const at::BFloat16* q;
+  const at::BFloat16* k_cache;
+  const at::BFloat16* v_cache;
+  const int64_t* tables;
+  const int64_t* lens;
+  at::BFloat16* out;
+  int64_t H, Hkv, G, D, bs, max_blocks;
+  float scale;
+};
+
+struct Scratch {
+  std::vector<float> scores, inv_sum, acc;
+};
+
+// One sequence. kG is the number of query heads per KV head when known at compile
+// time (so value accumulators live in registers), or 0 to read it from args.
+template <int kG>
+void attend_sequence(const DecodeArgs& a, int64_t b, Scratch& s) {
+  const int64_t G = kG > 0 ? kG : a.G;
+  const int64_t H = a.H, Hkv = a.Hkv, D = a.D;
+  const int64_t n = a.lens[b];
+  const int64_t n_pad = (n + 15) / 16 * 16;
+  const int64_t* table = a.tables + b * a.max_blocks;
+  const at::BFloat16* qb = a.q + b * H * D;
+  auto row = [&](const at::BFloat16* cache, int64_t t) {
+    return cache + (table[t / a.bs] * a.bs + t % a.bs) * Hkv * D;
+  };
+  s.scores.assign(H * n_pad, 0.f);
+  s.inv_sum.resize(H);
+  s.acc.assign(H * D, 0.f);
+
+  // 1. scores[head][t] = scale * q_head . k_t[head / G], 16 tokens reduced at once
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    const int64_t valid = std::min<int64_t>(16, n - t0);
+    const at::BFloat16* krow[16];
+    for (int64_t i = 0; i < valid; ++i) krow[i] = row(a.k_cache, t0 + i);
+    for (int64_t head = 0; head < H; ++head) {
+      const at::BFloat16* qh = qb + head * D;
+      const int64_t koff = (head / G) * D;
+      __m512 dots[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        __m512 dot = _mm512_setzero_ps();
+        if (i < valid) {
+          for (int64_t d = 0; d < D; d += 32)
+            dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(qh + d),
+                                   (__m512bh)_mm512_loadu_si512(krow[i] + koff + d));
+        }
+        dots[kHsumOrder[i]] = dot;
+      }
+      _mm512_storeu_ps(s.scores.data() + head * n_pad + t0,
+                       _mm512_mul_ps(hsum16(dots), _mm512_set1_ps(a.scale)));
+    }
+  }
+  // 2. softmax over t, per query head (left unnormalized; divided at the end)
+  for (int64_t head = 0; head < H; ++head) {
+    float* sc = s.scores.data() + head * n_pad;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) m = std::max(m, sc[t]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; ++t) {
+      sc[t] = expf(sc[t] - m);
+      sum += sc[t];
+    }
+    s.inv_sum[head] = 1.f / sum;
+  }
+  // 3. out_head = sum_t p[head][t] v_t[head / G], 16 tokens at a time
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    const int64_t valid = std::min<int64_t>(16, n - t0);
+    const at::BFloat16* vrow[16];
+    for (int64_t i = 0; i < valid; ++i) vrow[i] = row(a.v_cache, t0 + i);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const float* p = s.scores.data() + h * G * n_pad + t0;
+      float* acc = s.acc.data() + h * G * D;
+      for (int64_t d = 0; d < D; d += 16) {
+        __m512 r[kG > 0 ? kG : kMaxGroup];
+        for (int64_t g = 0; g < G; ++g) r[g] = _mm512_loadu_ps(acc + g * D + d);
+        for (int64_t i = 0; i < valid; ++i) {
+          __m512 v = _mm512_cvtpbh_ps(
+              (__m256bh)_mm256_loadu_si256((const __m256i*)(vrow[i] + h * D + d)));
+          for (int64_t g = 0; g < G; ++g)
+            r[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * n_pad + i]), v, r[g]);
+        }
+        for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(acc + g * D + d, r[g]);
+      }
+    }
+  }
+  at::BFloat16* ob = a.out + b * H * D;
+  for (int64_t head = 0; head < H; ++head)
+    for (int64_t d = 0; d < D; ++d)
+      ob[head * D + d] = at::BFloat16(s.acc[head * D + d] * s.inv_sum[head]);
+}
+
+template <int kG>
+void attend_all(const DecodeArgs& a, int64_t B) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    Scratch s;
+    for (int64_t b = begin; b < end; ++b) attend_sequence<kG>(a, b, s);
+  });
+}
+
+}  // namespace
+
 torch::Tensor paged_decode_attention_bf16(torch::Tensor q, torch::Tensor k_cache,
                                           torch::Tensor v_cache, torch::Tensor block_table,
                                           torch::Tensor ctx_lens, double scale) {
@@ -109,103 +215,160 @@ torch::Tensor paged_decode_attention_bf16(torch::Tensor q, torch::Tensor k_cache
   ctx_lens = ctx_lens.contiguous();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
-  const int64_t G = H / Hkv, max_blocks = block_table.size(1);
+  const int64_t Hkv = k_cache.size(2);
   TORCH_CHECK(D % 32 == 0 && D <= 256, "head_dim must be a multiple of 32, at most 256");
-  TORCH_CHECK(G <= kMaxGroup, "at most 16 query heads per KV head");
+  TORCH_CHECK(H % Hkv == 0 && H / Hkv <= kMaxGroup, "at most 16 query heads per KV head");
   auto out = torch::empty_like(q);
-  const auto* qp = q.data_ptr<at::BFloat16>();
-  const auto* kp = k_cache.data_ptr<at::BFloat16>();
-  const auto* vp = v_cache.data_ptr<at::BFloat16>();
-  const auto* tables = block_table.data_ptr<int64_t>();
-  const auto* lens = ctx_lens.data_ptr<int64_t>();
-  auto* op = out.data_ptr<at::BFloat16>();
-  const float fscale = static_cast<float>(scale);
+  const DecodeArgs args{q.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(),
+                        v_cache.data_ptr<at::BFloat16>(), block_table.data_ptr<int64_t>(),
+                        ctx_lens.data_ptr<int64_t>(), out.data_ptr<at::BFloat16>(),
+                        H, Hkv, H / Hkv, D, k_cache.size(1), block_table.size(1),
+                        static_cast<float>(scale)};
+  switch (args.G) {  // the common GQA group sizes get register accumulators
+    case 1: attend_all<1>(args, B); break;
+    case 2: attend_all<2>(args, B); break;
+    case 3: attend_all<3>(args, B); break;
+    case 4: attend_all<4>(args, B); break;
+    case 7: attend_all<7>(args, B); break;
+    case 8: attend_all<8>(args, B); break;
+    default: attend_all<0>(args, B); break;
+  }
+  return out;
+}
 
-  // One task per sequence. Scores are made 16 tokens at a time and reduced together
-  // (hsum16), and so
-  // are values, with accumulators in registers.
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<float> inv_sum(H);
-    std::vector<float> acc(H * D);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n = lens[b];
-      const int64_t* table = tables + b * max_blocks;
-      const at::BFloat16* qb = qp + b * H * D;
-      const int64_t n_pad = (n + 15) / 16 * 16;
-      scores.assign(H * n_pad, 0.f);
-      auto row = [&](const at::BFloat16* cache, int64_t t) {
-        return cache + (table[t / bs] * bs + t % bs) * Hkv * D;
-      };
-      // 1. scores[head][t] = scale * q_head . k_t[head / G]
-      for (int64_t t0 = 0; t0 < n; t0 += 16) {
-        const int64_t valid = std::min<int64_t>(16, n - t0);
-        const at::BFloat16* krow[16];
-        for (int64_t i = 0; i < valid; ++i) krow[i] = row(kp, t0 + i);
-        for (int64_t head = 0; head < H; ++head) {
-          const at::BFloat16* qh = qb + head * D;
-          const int64_t koff = (head / G) * D;
-          __m512 dots[16];
-          for (int64_t i = 0; i < 16; ++i) {
-            __m512 dot = _mm512_setzero_ps();
-            if (i < valid) {
-              for (int64_t d = 0; d < D; d += 32)
-                dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(qh + d),
-                                       (__m512bh)_mm512_loadu_si512(krow[i] + koff + d));
-            }
-            dots[kHsumOrder[i]] = dot;
-          }
-          _mm512_storeu_ps(scores.data() + head * n_pad + t0,
-                           _mm512_mul_ps(hsum16(dots), _mm512_set1_ps(fscale)));
-        }
-      }
-      // 2. softmax over t, per query head
-      for (int64_t head = 0; head < H; ++head) {
-        float* s = scores.data() + head * n_pad;
-        float m = -INFINITY;
-        for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < n; ++t) {
-          s[t] = expf(s[t] - m);
-          sum += s[t];
-        }
-        inv_sum[head] = 1.f / sum;
-      }
-      // 3. out_head = sum_t p[head][t] v_t[head / G], 16 tokens at a time with the
-      //    accumulators of one 16-wide slice of a KV head's heads in registers
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t0 = 0; t0 < n; t0 += 16) {
-        const int64_t valid = std::min<int64_t>(16, n - t0);
-        const at::BFloat16* vrow[16];
-        for (int64_t i = 0; i < valid; ++i) vrow[i] = row(vp, t0 + i);
-        for (int64_t h = 0; h < Hkv; ++h) {
-          const float* p = scores.data() + h * G * n_pad + t0;
-          for (int64_t d = 0; d < D; d += 16) {
-            __m512 a[kMaxGroup];
-            for (int64_t g = 0; g < G; ++g) a[g] = _mm512_loadu_ps(acc.data() + (h * G + g) * D + d);
-            for (int64_t i = 0; i < valid; ++i) {
-              __m512 v = _mm512_cvtpbh_ps(
-                  (__m256bh)_mm256_loadu_si256((const __m256i*)(vrow[i] + h * D + d)));
-              for (int64_t g = 0; g < G; ++g)
-                a[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * n_pad + i]), v, a[g]);
-            }
-            for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(acc.data() + (h * G + g) * D + d, a[g]);
-          }
-        }
-      }
-      at::BFloat16* ob = op + b * H * D;
-      for (int64_t head = 0; head < H; ++head)
-        for (int64_t d = 0; d < D; ++d)
-          ob[head * D + d] = at::BFloat16(acc[head * D + d] * inv_sum[head]);
+
+// Fused elementwise ops of a decoder layer (bf16 in and out, fp32 math). Each replaces
+// several PyTorch ops whose dispatch cost dominates at decode batch sizes.
+namespace {
+
+inline __m512 load_bf16(const at::BFloat16* p) {
+  return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)p));
+}
+
+inline void store_bf16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// y = w * bf16(x / rms(x)), rounded as the reference implementation rounds.
+inline void norm_row(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y,
+                     int64_t d, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; i += 16) {
+    __m512 v = load_bf16(x + i);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / d + eps));
+  for (int64_t i = 0; i < d; i += 16) {
+    __m512 normed = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_mul_ps(load_bf16(x + i), inv)));
+    store_bf16(y + i, _mm512_mul_ps(normed, load_bf16(w + i)));
+  }
+}
+
+void check_rows(const torch::Tensor& x, int64_t multiple) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
+              "expected a contiguous 2-D bfloat16 tensor");
+  TORCH_CHECK(x.size(1) % multiple == 0, "row length must be a multiple of ", multiple);
+}
+
+}  // namespace
+
+torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor w, double eps) {
+  x = x.contiguous();
+  check_rows(x, 16);
+  auto y = torch::empty_like(x);
+  const int64_t d = x.size(1);
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  const auto* wp = w.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, x.size(0), 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) norm_row(xp + r * d, wp, yp + r * d, d, (float)eps);
+  });
+  return y;
+}
+
+// x += delta (in place, rounded to bf16); returns rms_norm(x) * w.
+torch::Tensor add_rms_norm_bf16(torch::Tensor x, torch::Tensor delta, torch::Tensor w,
+                                double eps) {
+  check_rows(x, 16);
+  delta = delta.contiguous();
+  auto y = torch::empty_like(x);
+  const int64_t d = x.size(1);
+  auto* xp = x.data_ptr<at::BFloat16>();
+  const auto* dp = delta.data_ptr<at::BFloat16>();
+  const auto* wp = w.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, x.size(0), 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      for (int64_t i = 0; i < d; i += 16)
+        store_bf16(xp + r * d + i, _mm512_add_ps(load_bf16(xp + r * d + i),
+                                                 load_bf16(dp + r * d + i)));
+      norm_row(xp + r * d, wp, yp + r * d, d, (float)eps);
     }
   });
-  return out;
+  return y;
+}
+
+// Rotates, in place, the first num_heads heads of every row of qkv [T, *] by each
+// token's cos/sin [T, D] (half-split layout).
+void rope_bf16_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
+                int64_t head_dim) {
+  check_rows(qkv, 1);
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  TORCH_CHECK(head_dim % 32 == 0, "head_dim must be a multiple of 32");
+  const int64_t row = qkv.size(1), half = head_dim / 2;
+  auto* xp = qkv.data_ptr<at::BFloat16>();
+  const auto* cp = cos.data_ptr<at::BFloat16>();
+  const auto* sp = sin.data_ptr<at::BFloat16>();
+  at::parallel_for(0, qkv.size(0), 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const at::BFloat16* c = cp + t * head_dim;
+      const at::BFloat16* s = sp + t * head_dim;
+      for (int64_t h = 0; h < num_heads; ++h) {
+        at::BFloat16* x = xp + t * row + h * head_dim;
+        for (int64_t i = 0; i < half; i += 16) {
+          __m512 x1 = load_bf16(x + i), x2 = load_bf16(x + half + i);
+          // out1 = x1 cos - x2 sin;  out2 = x2 cos + x1 sin
+          store_bf16(x + i, _mm512_fmsub_ps(x1, load_bf16(c + i),
+                                            _mm512_mul_ps(x2, load_bf16(s + i))));
+          store_bf16(x + half + i, _mm512_fmadd_ps(x2, load_bf16(c + half + i),
+                                                   _mm512_mul_ps(x1, load_bf16(s + half + i))));
+        }
+      }
+    }
+  });
+}
+
+// silu(gate) * up for gate_up [T, 2I] -> [T, I].
+torch::Tensor silu_mul_bf16(torch::Tensor gate_up) {
+  gate_up = gate_up.contiguous();
+  check_rows(gate_up, 32);
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto y = torch::empty({T, I}, gate_up.options());
+  const auto* gp = gate_up.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const at::BFloat16* g = gp + t * 2 * I;
+      for (int64_t i = 0; i < I; i += 16) {
+        alignas(64) float gv[16], uv[16];
+        _mm512_store_ps(gv, load_bf16(g + i));
+        _mm512_store_ps(uv, load_bf16(g + I + i));
+#pragma omp simd
+        for (int k = 0; k < 16; ++k) gv[k] = gv[k] / (1.f + expf(-gv[k])) * uv[k];
+        store_bf16(yp + t * I + i, _mm512_load_ps(gv));
+      }
+    }
+  });
+  return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear_bf16", &skinny_linear_bf16, "y = x @ w.T for few rows (bf16)");
   m.def("paged_decode_attention_bf16", &paged_decode_attention_bf16,
         "decode attention over the paged KV cache (bf16)");
+  m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm (bf16)");
+  m.def("add_rms_norm_bf16", &add_rms_norm_bf16, "x += delta; RMSNorm(x) (bf16)");
+  m.def("rope_bf16_", &rope_bf16_, "rotary embedding, in place (bf16)");
+  m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up (bf16)");
 }

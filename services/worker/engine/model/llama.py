@@ -8,19 +8,18 @@ gate/up projections are fused into one matmul each. Activations are one flat bat
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from services.worker.engine.model import cpu_kernels
 from services.worker.engine.model.attention import (
     AttentionMetadata,
     DecodeKernel,
     paged_attention,
 )
 from services.worker.engine.model.config import ModelConfig
+from services.worker.engine.model.ops import pick_ops
 
 
 @dataclass(slots=True)
@@ -40,6 +39,11 @@ class ModelWeights:
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [d]
     lm_head: torch.Tensor  # [V, d]; the same tensor as embed when tied
+
+    def linear_weights(self) -> list[torch.Tensor]:
+        """Every weight used as a matmul operand."""
+        ws = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return [*ws, self.lm_head]
 
     def num_bytes_read_per_token(self) -> int:
         """Bytes of weights one decode step reads (the embedding row lookup excluded)."""
@@ -84,54 +88,8 @@ class RotaryTable:
         self.sin = emb.sin().to(device=device, dtype=dtype)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for each token: [T, 1, D] each (broadcast over heads)."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D] rotated by each token's position (half-split layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, as the reference implementation does."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
-    return weight * normed.to(x.dtype)
-
-
-Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-SKINNY_MAX_ROWS = 2  # up to this many rows the bf16 CPU kernel beats oneDNN (measured)
-
-
-def pick_linear(weights: ModelWeights, *, use_cpu_kernels: bool) -> Linear:
-    """F.linear, or for bf16 on AVX512-BF16 CPUs a kernel that streams the weights at
-    memory bandwidth when only a few rows (decode steps) are multiplied."""
-    w = weights.embed
-    if not (use_cpu_kernels and w.device.type == "cpu" and w.dtype == torch.bfloat16):
-        return F.linear
-    kernels = cpu_kernels.load()
-    if kernels is None:
-        return F.linear
-    skinny = kernels.skinny_linear_bf16
-
-    def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return skinny(x, weight) if x.shape[0] <= SKINNY_MAX_ROWS else F.linear(x, weight)
-
-    return linear
-
-
-def pick_decode_attention(weights: ModelWeights, cfg: ModelConfig, *,
-                          use_cpu_kernels: bool) -> DecodeKernel | None:
-    """The compiled paged decode-attention kernel where it applies, else None (SDPA)."""
-    w = weights.embed
-    if not (use_cpu_kernels and w.device.type == "cpu" and w.dtype == torch.bfloat16
-            and cfg.head_dim % 32 == 0 and cfg.head_dim <= 256):
-        return None
-    kernels = cpu_kernels.load()
-    return kernels.paged_decode_attention_bf16 if kernels is not None else None
+        """cos, sin for each token: [T, D] each."""
+        return self.cos[positions], self.sin[positions]
 
 
 class LlamaModel:
@@ -139,39 +97,41 @@ class LlamaModel:
                  use_cpu_kernels: bool = True) -> None:
         self.cfg = cfg
         self.w = weights
-        self.linear = pick_linear(weights, use_cpu_kernels=use_cpu_kernels)
-        self.decode_attention = pick_decode_attention(weights, cfg,
-                                                      use_cpu_kernels=use_cpu_kernels)
+        self.ops = pick_ops(linear_weights=weights.linear_weights(),
+                            hidden_size=cfg.hidden_size, head_dim=cfg.head_dim,
+                            intermediate_size=cfg.intermediate_size,
+                            use_cpu_kernels=use_cpu_kernels)
         self.rope = RotaryTable(cfg, max_positions, device=weights.embed.device,
                                 dtype=weights.embed.dtype)
         self.scale = cfg.head_dim ** -0.5
-        h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self._split = ((h + hkv) * d, hkv * d)  # [q | k] get rotated together, then v
+
+    @property
+    def decode_attention(self) -> DecodeKernel | None:
+        return self.ops.decode_attention
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]. Returns fp32 logits [len(logits_indices), V]."""
-        cfg, linear = self.cfg, self.linear
+        cfg, ops, layers = self.cfg, self.ops, self.w.layers
         eps = cfg.rms_norm_eps
         h_q, h_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        x = F.embedding(input_ids, self.w.embed)  # [T, d]
+        x = F.embedding(input_ids, self.w.embed)  # [T, d], the residual stream
         cos, sin = self.rope.lookup(positions)
-        for layer, (k_cache, v_cache) in zip(self.w.layers, kv_caches, strict=True):
-            h = rms_norm(x, layer.input_norm, eps)
-            qkv = linear(h, layer.qkv)  # [T, (H + 2 Hkv) D]
+        h = ops.rms_norm(x, layers[0].input_norm, eps)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches, strict=True)):
+            qkv = ops.linear(h, layer.qkv)  # [T, (H + 2 Hkv) D]
             if layer.qkv_bias is not None:
                 qkv = qkv + layer.qkv_bias
-            qk, v = qkv.split(self._split, dim=-1)
-            qk = apply_rope(qk.view(-1, h_q + h_kv, d), cos, sin)  # [T, H + Hkv, D]
+            qk = ops.rope(qkv, cos, sin, h_q + h_kv, d)  # [T, H + Hkv, D]
             q, k = qk[:, :h_q], qk[:, h_q:]
-            v = v.view(-1, h_kv, d)
+            v = qkv[:, (h_q + h_kv) * d:].view(-1, h_kv, d)
             attn = paged_attention(q, k, v, k_cache, v_cache, meta, scale=self.scale,
-                                   decode_kernel=self.decode_attention)
-            x = x + linear(attn.view(attn.shape[0], -1), layer.o)
-            h = rms_norm(x, layer.post_norm, eps)
-            gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)  # [T, I] each
-            x = x + linear(F.silu(gate) * up, layer.down)
-        x = rms_norm(x[logits_indices], self.w.final_norm, eps)
-        return linear(x, self.w.lm_head).float()
+                                   decode_kernel=ops.decode_attention)
+            x, h = ops.add_rms_norm(x, ops.linear(attn.view(attn.shape[0], -1), layer.o),
+                                    layer.post_norm, eps)
+            mlp = ops.linear(ops.silu_mul(ops.linear(h, layer.gate_up)), layer.down)
+            next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.final_norm
+            x, h = ops.add_rms_norm(x, mlp, next_norm, eps)
+        return ops.linear(h[logits_indices], self.w.lm_head).float()

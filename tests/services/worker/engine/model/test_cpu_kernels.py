@@ -45,3 +45,47 @@ def test_paged_decode_attention_matches_sdpa_over_gathered_blocks():
         expected = F.scaled_dot_product_attention(query, keys, values, scale=scale)
         torch.testing.assert_close(got[b].float().view(hkv, group, d), expected,
                                    rtol=2e-2, atol=2e-2)
+
+
+def _bf16(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    # bf16 keeps 8 bits of mantissa: one rounding step is ~0.4% of the value.
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1.6e-2, atol=1.6e-2)
+
+
+def test_fused_rms_norm_and_add_rms_norm_match_torch_ops():
+    from services.worker.engine.model import ops
+
+    x, w, delta = _bf16(5, 576, seed=1), _bf16(576, seed=2), _bf16(5, 576, seed=3)
+    _close(kernels.rms_norm_bf16(x, w, 1e-5), ops.rms_norm(x, w, 1e-5))
+    expected_x, expected_h = ops.add_rms_norm(x, delta, w, 1e-5)
+    x_inplace = x.clone()
+    got_h = kernels.add_rms_norm_bf16(x_inplace, delta, w, 1e-5)
+    _close(x_inplace, expected_x)
+    _close(got_h, expected_h)
+
+
+def test_fused_rope_rotates_q_and_k_heads_in_place_and_leaves_v():
+    from services.worker.engine.model import ops
+    from services.worker.engine.model.config import PRESETS
+    from services.worker.engine.model.llama import RotaryTable
+
+    cfg = PRESETS["smollm2-135m"]
+    table = RotaryTable(cfg, 64, device=torch.device("cpu"), dtype=torch.bfloat16)
+    cos, sin = table.lookup(torch.tensor([0, 3, 17, 63]))
+    qkv = _bf16(4, (9 + 2 * 3) * 64, seed=4)
+    expected = ops.rope(qkv, cos, sin, 12, 64)
+    got = qkv.clone()
+    kernels.rope_bf16_(got, cos, sin, 12, 64)
+    _close(got[:, : 12 * 64].view(4, 12, 64), expected)
+    assert torch.equal(got[:, 12 * 64:], qkv[:, 12 * 64:])
+
+
+def test_fused_silu_mul_matches_torch_ops():
+    from services.worker.engine.model import ops
+
+    gate_up = _bf16(3, 2 * 1536, seed=5)
+    _close(kernels.silu_mul_bf16(gate_up), ops.silu_mul(gate_up))

@@ -1,0 +1,114 @@
+"""The tensor ops of a decoder layer, in two interchangeable sets: plain PyTorch (any
+device and dtype) and fused AVX512-BF16 CPU kernels (bf16 on CPU). Both compute the
+same function; the fused set exists because at decode batch sizes the dispatch cost
+of many small PyTorch ops, not arithmetic, dominates a step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from services.worker.engine.model import cpu_kernels
+from services.worker.engine.model.attention import DecodeKernel
+
+Tensor = torch.Tensor
+SKINNY_MAX_ROWS = 2  # up to this many rows the bf16 CPU kernel beats oneDNN (measured)
+PACK_HINT_ROWS = 512  # oneDNN's packing hint; 1..512 rows all run well with it (measured)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerOps:
+    linear: Callable[[Tensor, Tensor], Tensor]  # (x [T, in], w [out, in]) -> [T, out]
+    rms_norm: Callable[[Tensor, Tensor, float], Tensor]  # (x, weight, eps)
+    # (x, delta, weight, eps) -> (x + delta, rms_norm(x + delta)); may update x in place
+    add_rms_norm: Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+    # (qkv [T, *], cos [T, D], sin [T, D], num_heads, head_dim) -> the first num_heads
+    # heads of each row rotated, [T, num_heads, D]; may rotate qkv in place
+    rope: Callable[[Tensor, Tensor, Tensor, int, int], Tensor]
+    silu_mul: Callable[[Tensor], Tensor]  # [T, 2I] -> silu(gate) * up, [T, I]
+    decode_attention: DecodeKernel | None  # None: SDPA over gathered blocks
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm computed in fp32, as the reference implementation does."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+    return weight * normed.to(x.dtype)
+
+
+def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def rope(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    x = qkv[:, : num_heads * head_dim].view(-1, num_heads, head_dim)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    half = head_dim // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+TORCH_OPS = LayerOps(linear=F.linear, rms_norm=rms_norm, add_rms_norm=add_rms_norm,
+                     rope=rope, silu_mul=silu_mul, decode_attention=None)
+
+
+def _packed_linear(k: ModuleType, weights: list[Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """bf16 linear for the CPU: the skinny kernel for decode-sized inputs, else oneDNN
+    on weights packed once into its blocked layout (~30% faster than F.linear, which
+    re-packs per call; measured for 4-256 rows). Costs a second copy of the weights."""
+    skinny = k.skinny_linear_bf16
+    packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT_ROWS) for w in weights}
+
+    def linear(x: Tensor, weight: Tensor) -> Tensor:
+        if x.shape[0] <= SKINNY_MAX_ROWS:
+            return skinny(x, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, packed[id(weight)], None, "none", [], "")
+
+    return linear
+
+
+def _cpu_bf16_ops(k: ModuleType, *, weights: list[Tensor], hidden_size: int, head_dim: int,
+                  intermediate_size: int) -> LayerOps:
+    linear = _packed_linear(k, weights)
+
+    def fused_add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor,
+                           eps: float) -> tuple[Tensor, Tensor]:
+        return x, k.add_rms_norm_bf16(x, delta, weight, eps)
+
+    def fused_rope(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
+                   head_dim: int) -> Tensor:
+        k.rope_bf16_(qkv, cos, sin, num_heads, head_dim)
+        return qkv[:, : num_heads * head_dim].view(-1, num_heads, head_dim)
+
+    # The fused kernels work in 16/32-wide vectors; other shapes keep the torch op.
+    return LayerOps(
+        linear=linear,
+        rms_norm=k.rms_norm_bf16 if hidden_size % 16 == 0 else rms_norm,
+        add_rms_norm=fused_add_rms_norm if hidden_size % 16 == 0 else add_rms_norm,
+        rope=fused_rope if head_dim % 32 == 0 else rope,
+        silu_mul=k.silu_mul_bf16 if intermediate_size % 16 == 0 else silu_mul,
+        decode_attention=k.paged_decode_attention_bf16
+        if head_dim % 32 == 0 and head_dim <= 256 else None,
+    )
+
+
+def pick_ops(*, linear_weights: list[Tensor], hidden_size: int, head_dim: int,
+             intermediate_size: int, use_cpu_kernels: bool) -> LayerOps:
+    """The fused CPU set for bf16 on the CPU where the kernels build, else TORCH_OPS.
+    ``linear_weights`` are every weight ``linear`` will be called with."""
+    w = linear_weights[0]
+    if use_cpu_kernels and w.device.type == "cpu" and w.dtype == torch.bfloat16:
+        k = cpu_kernels.load()
+        if k is not None:
+            return _cpu_bf16_ops(k, weights=linear_weights, hidden_size=hidden_size,
+                                 head_dim=head_dim, intermediate_size=intermediate_size)
+    return TORCH_OPS
