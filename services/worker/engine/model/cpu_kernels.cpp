@@ -72,6 +72,34 @@ inline __m512 hsum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44), _mm512_shuffle_ps(c[0], c[1], 0xEE));
 }
 
+// M == 1 (one decode token): one weight row per output, two accumulator chains, and a
+// software prefetch a few rows ahead. Streams at ~20 GB/s here, vs ~16 for tiles.
+constexpr int64_t GEMV_GRAIN = 256;
+constexpr int64_t GEMV_PREFETCH_ROWS = 8;
+
+void gemv_rows(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t N,
+               int64_t K, int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n) {
+    const at::BFloat16* wr = w + n * K;
+    if (n + GEMV_PREFETCH_ROWS < N)
+      _mm_prefetch((const char*)(wr + GEMV_PREFETCH_ROWS * K), _MM_HINT_T0);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(x + k),
+                            (__m512bh)_mm512_loadu_si512(wr + k));
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(x + k + 32),
+                            (__m512bh)_mm512_loadu_si512(wr + k + 32));
+    }
+    for (; k + 32 <= K; k += 32)
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(x + k),
+                            (__m512bh)_mm512_loadu_si512(wr + k));
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    for (; k < K; ++k) s += static_cast<float>(x[k]) * static_cast<float>(wr[k]);
+    y[n] = at::BFloat16(s);
+  }
+}
+
 }  // namespace
 
 torch::Tensor skinny_linear_bf16(torch::Tensor x, torch::Tensor w) {
@@ -85,6 +113,12 @@ torch::Tensor skinny_linear_bf16(torch::Tensor x, torch::Tensor w) {
   const auto* xp = x.data_ptr<at::BFloat16>();
   const auto* wp = w.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
+  if (M == 1) {
+    at::parallel_for(0, N, GEMV_GRAIN, [&](int64_t begin, int64_t end) {
+      gemv_rows(xp, wp, yp, N, K, begin, end);
+    });
+    return y;
+  }
   const int64_t num_tiles = (N + TILE_N - 1) / TILE_N;
   at::parallel_for(0, num_tiles, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) tile_rows(xp, wp, yp, M, N, K, t * TILE_N);
