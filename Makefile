@@ -26,6 +26,7 @@ run: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: lint
 	$(VENV)/bin/genmesh models pull smollm2-135m-instruct

@@ -155,7 +155,8 @@ async def _engine_suite(engine: AsyncEngine, plan: BenchPlan, prompts: list[list
 def _hf_model(model_path: str, dtype: torch.dtype, device: torch.device) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    return model.to(device).eval()
 
 
 @torch.inference_mode()

@@ -34,7 +34,7 @@ def convert_gguf_folder(gguf_dir: Path, gguf_file: str, out: Path, *, source: st
     )
     # The GGUF loader marks the model as quantized; the weights it hands us are
     # already dequantized, so save them as a plain checkpoint.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)

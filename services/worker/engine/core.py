@@ -8,7 +8,7 @@ import time
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.model.config import ModelConfig
-from services.worker.engine.model_runner import ModelRunner, num_blocks_for, resolve_model_config
+from services.worker.engine.model_runner import ModelRunner, resolve_model_config
 from services.worker.engine.outputs import Delta, EngineStats, FinishReason, TokenLogprob, Usage
 from services.worker.engine.params import (
     InvalidRequestError,
@@ -19,6 +19,7 @@ from services.worker.engine.params import (
 from services.worker.engine.request import Request
 from services.worker.engine.sampler import Sampler
 from services.worker.engine.scheduler import Scheduler
+from services.worker.engine.sizing import max_model_len, num_kv_blocks
 
 STATS_WINDOW = 64  # steps averaged in batch-size and step-time stats
 
@@ -27,14 +28,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig, *, model_cfg: ModelConfig | None = None) -> None:
         self.config = config
         self.model_cfg = model_cfg or resolve_model_config(config)
-        num_blocks = num_blocks_for(config, self.model_cfg)
-        max_len = self.model_cfg.max_position_embeddings
-        if self.model_cfg.sliding_window:
-            max_len = min(max_len, self.model_cfg.sliding_window)
-        if config.max_model_len:
-            max_len = min(max_len, config.max_model_len)
-        # A sequence must fit the pool on its own, or preemption could never make room.
-        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        num_blocks = num_kv_blocks(config, self.model_cfg)
+        self.max_model_len = max_model_len(config, self.model_cfg, num_blocks)
         self.blocks = BlockManager(num_blocks=num_blocks, block_size=config.block_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(block_manager=self.blocks, max_num_seqs=config.max_num_seqs,

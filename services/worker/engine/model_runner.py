@@ -29,14 +29,6 @@ def resolve_model_config(config: EngineConfig) -> ModelConfig:
     return load_model_config(Path(config.model))
 
 
-def num_blocks_for(config: EngineConfig, cfg: ModelConfig) -> int:
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    per_block = (cfg.kv_bytes_per_token_per_element * config.block_size
-                 * torch.tensor([], dtype=config.torch_dtype).element_size())
-    return max(1, int(config.kv_cache_memory_gib * 2**30 // per_block))
-
-
 def split_decode_groups(n: int, *, max_groups: int = MAX_DECODE_GROUPS) -> list[int]:
     """Sizes of the groups that ``n`` decodes, sorted by context length, are cut into."""
     num_groups = max(1, min(max_groups, n // MIN_DECODE_GROUP))

@@ -120,11 +120,11 @@ class Scheduler:
             num_cached = len(cached) * self.blocks.block_size
             num_new = min(req.num_tokens - num_cached, budget)
             if self.blocks.allocate(req, num_new, cached) is None:
-                victim = self._least_important_below(req)
-                if victim is None:
+                lower = self._least_important_below(req)
+                if lower is None:
                     break
-                budget += self._unschedule(victim, out)
-                self._preempt(victim, out)
+                budget += self._unschedule(lower, out)
+                self._preempt(lower, out)
                 continue
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING

@@ -29,6 +29,7 @@ from services.worker.engine.params import (
     SamplingParams,
     validate_prompt,
 )
+from services.worker.engine.sizing import max_model_len, num_kv_blocks
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,9 @@ class TrtLlmEngine:
         self._trt = tensorrt_llm
         self.config = config
         self.model_cfg = cfg = load_model_config(Path(config.model))
-        # The same KV pool and context cap as the native engine (see EngineCore).
-        num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gib * 2**30 // (
-            cfg.kv_bytes_per_token_per_element * config.block_size * config.torch_dtype.itemsize)))
-        max_len = min(cfg.max_position_embeddings, cfg.sliding_window or 2**62,
-                      config.max_model_len or 2**62, num_blocks * config.block_size)
-        self._max_model_len = max_len
+        # The same KV pool and context cap as the native engine.
+        num_blocks = num_kv_blocks(config, cfg)
+        self._max_model_len = max_len = max_model_len(config, cfg, num_blocks)
         self._llm = tensorrt_llm.LLM(
             model=config.model,
             dtype=str(config.torch_dtype).removeprefix("torch."),

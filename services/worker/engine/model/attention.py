@@ -2,7 +2,7 @@
 
 The cache of one layer is two tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 A step's tokens are one flat batch: decodes first (one query each), then prefill
-chunks. New keys/values are written to their slots first; then
+chunks. New keys/values are written to their slots first (``write_kv``); then
 
 - decodes go to a compiled kernel that reads the blocks in place (bf16 on AVX512-BF16
   CPUs), or else are grouped by context length (to bound padding) and each group
@@ -49,7 +49,7 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store the step's keys/values. k, v: [T, kv_heads, D]."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
@@ -70,10 +70,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, *, scale: float,
                     decode_kernel: DecodeKernel | None = None) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, Hkv, D] (this step's). Returns [T, H, D]."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    """q: [T, H, D]; k, v: [T, Hkv, D] (this step's, already written to the cache).
+    Returns [T, H, D]."""
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
     group = num_heads // num_kv_heads
+    if decode_kernel is not None and not meta.prefills and len(meta.decode_groups) == 1:
+        g = meta.decode_groups[0]  # a pure decode step: the kernel's output is the answer
+        return decode_kernel(q, k_cache, v_cache, g.block_table, g.ctx_lens, scale)
     out = torch.empty_like(q)
 
     for g in meta.decode_groups:

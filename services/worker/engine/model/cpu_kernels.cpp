@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -397,6 +398,33 @@ torch::Tensor silu_mul_bf16(torch::Tensor gate_up) {
   return y;
 }
 
+
+// Stores this step's keys and values ([T, Hkv, D] views, rows may be strided, e.g.
+// slices of the fused qkv output) into their cache slots.
+void write_kv_bf16(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
+                   torch::Tensor v_cache, torch::Tensor slots) {
+  TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
+                  k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16,
+              "write_kv_bf16 takes bfloat16 tensors");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 &&
+                  v.stride(1) == v.size(2), "each token's heads must be contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  slots = slots.contiguous();
+  const int64_t T = k.size(0), row = k.size(1) * k.size(2);
+  const auto* kp = k.data_ptr<at::BFloat16>();
+  const auto* vp = v.data_ptr<at::BFloat16>();
+  auto* kc = k_cache.data_ptr<at::BFloat16>();
+  auto* vc = v_cache.data_ptr<at::BFloat16>();
+  const auto* sp = slots.data_ptr<int64_t>();
+  const int64_t ks = k.stride(0), vs = v.stride(0);
+  at::parallel_for(0, T, 64, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      std::memcpy(kc + sp[t] * row, kp + t * ks, row * sizeof(at::BFloat16));
+      std::memcpy(vc + sp[t] * row, vp + t * vs, row * sizeof(at::BFloat16));
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear_bf16", &skinny_linear_bf16, "y = x @ w.T for few rows (bf16)");
   m.def("paged_decode_attention_bf16", &paged_decode_attention_bf16,
@@ -405,4 +433,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_bf16", &add_rms_norm_bf16, "x += delta; RMSNorm(x) (bf16)");
   m.def("rope_bf16_", &rope_bf16_, "rotary embedding, in place (bf16)");
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up (bf16)");
+  m.def("write_kv_bf16", &write_kv_bf16, "store keys/values into cache slots (bf16)");
 }

@@ -127,6 +127,7 @@ class LlamaModel:
             qk = ops.rope(qkv, cos, sin, h_q + h_kv, d)  # [T, H + Hkv, D]
             q, k = qk[:, :h_q], qk[:, h_q:]
             v = qkv[:, (h_q + h_kv) * d:].view(-1, h_kv, d)
+            ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             attn = paged_attention(q, k, v, k_cache, v_cache, meta, scale=self.scale,
                                    decode_kernel=ops.decode_attention)
             x, h = ops.add_rms_norm(x, ops.linear(attn.view(attn.shape[0], -1), layer.o),

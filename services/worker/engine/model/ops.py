@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.engine.model import cpu_kernels
-from services.worker.engine.model.attention import DecodeKernel
+from services.worker.engine.model.attention import DecodeKernel, write_kv
 
 Tensor = torch.Tensor
 SKINNY_MAX_ROWS = 2  # up to this many rows the bf16 CPU kernel beats oneDNN (measured)
@@ -30,6 +30,8 @@ class LayerOps:
     # heads of each row rotated, [T, num_heads, D]; may rotate qkv in place
     rope: Callable[[Tensor, Tensor, Tensor, int, int], Tensor]
     silu_mul: Callable[[Tensor], Tensor]  # [T, 2I] -> silu(gate) * up, [T, I]
+    # (k, v [T, Hkv, D], k_cache, v_cache, slot_mapping [T]) -> None: store into slots
+    write_kv: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
     decode_attention: DecodeKernel | None  # None: SDPA over gathered blocks
 
 
@@ -58,7 +60,7 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 
 TORCH_OPS = LayerOps(linear=F.linear, rms_norm=rms_norm, add_rms_norm=add_rms_norm,
-                     rope=rope, silu_mul=silu_mul, decode_attention=None)
+                     rope=rope, silu_mul=silu_mul, write_kv=write_kv, decode_attention=None)
 
 
 def _packed_linear(k: ModuleType, weights: list[Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
@@ -96,6 +98,7 @@ def _cpu_bf16_ops(k: ModuleType, *, weights: list[Tensor], hidden_size: int, hea
         add_rms_norm=fused_add_rms_norm if hidden_size % 16 == 0 else add_rms_norm,
         rope=fused_rope if head_dim % 32 == 0 else rope,
         silu_mul=k.silu_mul_bf16 if intermediate_size % 16 == 0 else silu_mul,
+        write_kv=k.write_kv_bf16,
         decode_attention=k.paged_decode_attention_bf16
         if head_dim % 32 == 0 and head_dim <= 256 else None,
     )

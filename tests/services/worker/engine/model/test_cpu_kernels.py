@@ -89,3 +89,17 @@ def test_fused_silu_mul_matches_torch_ops():
 
     gate_up = _bf16(3, 2 * 1536, seed=5)
     _close(kernels.silu_mul_bf16(gate_up), ops.silu_mul(gate_up))
+
+
+def test_write_kv_stores_strided_rows_into_their_slots():
+    from services.worker.engine.model.attention import write_kv
+
+    qkv = _bf16(5, (9 + 2 * 3) * 64, seed=6)
+    k = qkv[:, 9 * 64: 12 * 64].view(5, 3, 64)
+    v = qkv[:, 12 * 64:].view(5, 3, 64)
+    slots = torch.tensor([7, 0, 33, 34, 12])
+    caches = [torch.zeros(4, 16, 3, 64, dtype=torch.bfloat16) for _ in range(4)]
+    kernels.write_kv_bf16(k, v, caches[0], caches[1], slots)
+    write_kv(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert torch.equal(caches[0].view(-1, 3, 64)[33], k[2])
