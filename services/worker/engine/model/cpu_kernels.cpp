@@ -148,10 +148,21 @@ struct DecodeArgs {
 
 struct Scratch {
   std::vector<float> scores, inv_sum, acc;
+  std::vector<uint32_t> pairs;  // bf16 probabilities of token pairs, per head
 };
 
 // One sequence. kG is the number of query heads per KV head when known at compile
 // time (so value accumulators live in registers), or 0 to read it from args.
+// Pulls the next 16 tokens' rows into cache while the current 16 are computed (the
+// hardware prefetcher alone left this kernel waiting on memory).
+inline void prefetch_rows(const at::BFloat16* cache, const int64_t* table, int64_t bs,
+                          int64_t row_len, int64_t t0, int64_t n) {
+  for (int64_t t = t0; t < std::min(t0 + 16, n); ++t) {
+    const char* p = (const char*)(cache + (table[t / bs] * bs + t % bs) * row_len);
+    for (int64_t off = 0; off < row_len * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+  }
+}
+
 template <int kG>
 void attend_sequence(const DecodeArgs& a, int64_t b, Scratch& s) {
   const int64_t G = kG > 0 ? kG : a.G;
@@ -172,6 +183,7 @@ void attend_sequence(const DecodeArgs& a, int64_t b, Scratch& s) {
     const int64_t valid = std::min<int64_t>(16, n - t0);
     const at::BFloat16* krow[16];
     for (int64_t i = 0; i < valid; ++i) krow[i] = row(a.k_cache, t0 + i);
+    prefetch_rows(a.k_cache, table, a.bs, Hkv * D, t0 + 32, n);
     for (int64_t head = 0; head < H; ++head) {
       const at::BFloat16* qh = qb + head * D;
       const int64_t koff = (head / G) * D;
@@ -202,31 +214,61 @@ void attend_sequence(const DecodeArgs& a, int64_t b, Scratch& s) {
     }
     s.inv_sum[head] = 1.f / sum;
   }
-  // 3. out_head = sum_t p[head][t] v_t[head / G], 16 tokens at a time
+  // 3. out_head = sum_t p[head][t] v_t[head / G] with bf16 dot products over token
+  //    pairs: p rounded to bf16 (as flash attention does), accumulation in fp32.
+  //    unpacklo/hi_epi16 interleave two tokens' rows, so accumulator lane 4k+i holds
+  //    dim 8k+i (lo) or 8k+4+i (hi) of each 32-dim slice; undone at the end.
+  s.pairs.resize(H * n_pad / 2);
+  for (int64_t head = 0; head < H; ++head) {
+    const float* sc = s.scores.data() + head * n_pad;
+    uint32_t* pp = s.pairs.data() + head * n_pad / 2;
+    for (int64_t j = 0; j < n_pad / 2; ++j) {
+      const uint32_t lo = at::BFloat16(sc[2 * j]).x, hi = at::BFloat16(sc[2 * j + 1]).x;
+      pp[j] = lo | (hi << 16);
+    }
+  }
   for (int64_t t0 = 0; t0 < n; t0 += 16) {
     const int64_t valid = std::min<int64_t>(16, n - t0);
     const at::BFloat16* vrow[16];
-    for (int64_t i = 0; i < valid; ++i) vrow[i] = row(a.v_cache, t0 + i);
+    for (int64_t i = 0; i < 16; ++i) vrow[i] = row(a.v_cache, t0 + std::min(i, valid - 1));
+    prefetch_rows(a.v_cache, table, a.bs, Hkv * D, t0 + 32, n);
     for (int64_t h = 0; h < Hkv; ++h) {
-      const float* p = s.scores.data() + h * G * n_pad + t0;
-      float* acc = s.acc.data() + h * G * D;
-      for (int64_t d = 0; d < D; d += 16) {
-        __m512 r[kG > 0 ? kG : kMaxGroup];
-        for (int64_t g = 0; g < G; ++g) r[g] = _mm512_loadu_ps(acc + g * D + d);
-        for (int64_t i = 0; i < valid; ++i) {
-          __m512 v = _mm512_cvtpbh_ps(
-              (__m256bh)_mm256_loadu_si256((const __m256i*)(vrow[i] + h * D + d)));
-          for (int64_t g = 0; g < G; ++g)
-            r[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * n_pad + i]), v, r[g]);
+      for (int64_t d = 0; d < D; d += 32) {
+        __m512 lo_acc[kG > 0 ? kG : kMaxGroup], hi_acc[kG > 0 ? kG : kMaxGroup];
+        for (int64_t g = 0; g < G; ++g) {
+          lo_acc[g] = _mm512_loadu_ps(s.acc.data() + (h * G + g) * D + d);
+          hi_acc[g] = _mm512_loadu_ps(s.acc.data() + (h * G + g) * D + d + 16);
         }
-        for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(acc + g * D + d, r[g]);
+        for (int64_t j = 0; j < (valid + 1) / 2; ++j) {
+          __m512i va = _mm512_loadu_si512(vrow[2 * j] + h * D + d);
+          __m512i vb = _mm512_loadu_si512(vrow[2 * j + 1] + h * D + d);
+          __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(va, vb);
+          __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(va, vb);
+          for (int64_t g = 0; g < G; ++g) {
+            const uint32_t pair = s.pairs[(h * G + g) * n_pad / 2 + t0 / 2 + j];
+            __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pair);
+            lo_acc[g] = _mm512_dpbf16_ps(lo_acc[g], lo, pv);
+            hi_acc[g] = _mm512_dpbf16_ps(hi_acc[g], hi, pv);
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          _mm512_storeu_ps(s.acc.data() + (h * G + g) * D + d, lo_acc[g]);
+          _mm512_storeu_ps(s.acc.data() + (h * G + g) * D + d + 16, hi_acc[g]);
+        }
       }
     }
   }
   at::BFloat16* ob = a.out + b * H * D;
-  for (int64_t head = 0; head < H; ++head)
-    for (int64_t d = 0; d < D; ++d)
-      ob[head * D + d] = at::BFloat16(s.acc[head * D + d] * s.inv_sum[head]);
+  for (int64_t head = 0; head < H; ++head) {
+    const float* acc = s.acc.data() + head * D;
+    for (int64_t d = 0; d < D; d += 32)
+      for (int64_t k = 0; k < 4; ++k)
+        for (int64_t i = 0; i < 4; ++i) {
+          ob[head * D + d + 8 * k + i] = at::BFloat16(acc[d + 4 * k + i] * s.inv_sum[head]);
+          ob[head * D + d + 8 * k + 4 + i] =
+              at::BFloat16(acc[d + 16 + 4 * k + i] * s.inv_sum[head]);
+        }
+  }
 }
 
 template <int kG>
