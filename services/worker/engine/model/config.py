@@ -119,6 +119,13 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False,
         qkv_bias=False, eos_token_ids=(128001, 128009),
     ),
+    # A toy shape for fast end-to-end tests of the engine's plumbing.
+    "tiny-llama": ModelConfig(
+        model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=True,
+        qkv_bias=False, eos_token_ids=(2,),
+    ),
     "qwen2-0.5b": ModelConfig(
         model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
         num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6,

@@ -143,3 +143,47 @@ def test_stats_report_load_and_prefix_hits(eng):
     assert 0 <= stats.num_kv_blocks_free <= stats.num_kv_blocks_total
     assert stats.prefix_cache_hits > 0 and 0 < stats.prefix_cache_hit_rate < 1
     assert stats.num_steps > 0 and stats.mean_step_ms > 0
+
+
+def test_no_block_leaks_after_300_requests_with_random_aborts_through_the_async_api():
+    import random
+
+    from services.worker.engine.async_engine import AsyncEngine
+    from services.worker.engine.config import EngineConfig
+
+    tiny = AsyncEngine(EngineConfig(model="tiny-llama", load_format="dummy", dtype="float32",
+                                    num_kv_blocks=64, block_size=4, max_num_seqs=16,
+                                    max_num_batched_tokens=64))
+    rng = random.Random(7)
+    shared = [rng.randrange(3, 512) for _ in range(24)]
+
+    async def one(i: int) -> None:
+        prompt = (shared if i % 3 == 0 else []) + [rng.randrange(3, 512)
+                                                   for _ in range(rng.randint(1, 40))]
+        params = SamplingParams(max_tokens=rng.randint(1, 24), ignore_eos=True,
+                                temperature=rng.choice([0.0, 0.8]), seed=i)
+        stream = tiny.submit(prompt, params, request_id=f"r{i}")
+        abort_after = rng.choice([None, 0, 1, 3])
+        got = 0
+        async for delta in stream:
+            got += len(delta.new_token_ids)
+            if abort_after is not None and got > abort_after and not delta.finished:
+                if rng.random() < 0.5:
+                    tiny.abort(f"r{i}")  # the stream then ends with ABORT
+                else:
+                    break  # leaving early aborts too
+        await stream.aclose()
+
+    async def main() -> None:
+        for start in range(0, 300, 30):
+            await asyncio.gather(*(one(i) for i in range(start, start + 30)))
+
+    try:
+        asyncio.run(main())
+        wait_for(lambda: tiny.stats().num_running == 0 and tiny.stats().num_waiting == 0)
+        stats = tiny.stats()
+    finally:
+        tiny.shutdown()
+    assert stats.num_finished == 300
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
