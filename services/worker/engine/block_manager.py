@@ -128,13 +128,8 @@ class BlockManager:
         table = self._tables.get(req.request_id, [])
         if cached_blocks and table:
             raise ValueError("cached blocks can only start a request's block table")
-        num_tokens_after = (
-            req.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
-        )
-        num_new_blocks = self.blocks_needed(num_tokens_after) - len(table) - len(cached_blocks)
-        # Cached blocks nobody uses sit in the free queue; taking them shrinks it.
-        num_reclaimed = sum(1 for b in cached_blocks if self._ref_cnt[b] == 0)
-        if num_new_blocks > len(self._free) - num_reclaimed:
+        num_new_blocks = self._num_new_blocks(req, num_new_tokens, cached_blocks)
+        if self.shortfall(req, num_new_tokens, cached_blocks) > 0:
             return None
 
         table = self._tables.setdefault(req.request_id, table)
@@ -153,6 +148,27 @@ class BlockManager:
             new_blocks.append(block)
         table.extend(new_blocks)
         return new_blocks
+
+    def _num_new_blocks(self, req: Request, num_new_tokens: int,
+                        cached_blocks: list[int]) -> int:
+        num_tokens_after = (
+            req.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
+        )
+        table = self._tables.get(req.request_id, [])
+        return self.blocks_needed(num_tokens_after) - len(table) - len(cached_blocks)
+
+    def shortfall(self, req: Request, num_new_tokens: int,
+                  cached_blocks: list[int] | None = None) -> int:
+        """How many more free blocks ``allocate`` would need to succeed (0: it would)."""
+        cached_blocks = cached_blocks or []
+        # Cached blocks nobody uses sit in the free queue; taking them shrinks it.
+        num_reclaimed = sum(1 for b in cached_blocks if self._ref_cnt[b] == 0)
+        need = self._num_new_blocks(req, num_new_tokens, cached_blocks)
+        return max(0, need - (len(self._free) - num_reclaimed))
+
+    def num_exclusive_blocks(self, req: Request) -> int:
+        """Blocks that freeing ``req`` would return to the pool (those no one else holds)."""
+        return sum(1 for b in self._tables.get(req.request_id, []) if self._ref_cnt[b] == 1)
 
     def _evict(self, block: int) -> None:
         block_hash = self._hash[block]

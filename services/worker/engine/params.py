@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class InvalidRequestError(ValueError):
@@ -44,7 +44,6 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end generation (kept in output)
     ignore_eos: bool = False  # keep going past the model's end tokens
     logprobs: int = 0  # number of top alternatives (with their logprobs) to return per token
-    extra_eos_ids: tuple[int, ...] = field(default=(), repr=False)  # filled by the engine
 
     @property
     def is_greedy(self) -> bool:

@@ -113,18 +113,24 @@ class Scheduler:
         # 2. Waiting requests, unless running ones already ran out of blocks.
         blocks_short = bool(out.preempted)
         while self.waiting and budget > 0 and not blocks_short:
-            if len(self.running) >= self.max_num_seqs:
-                break
             req = self.waiting[0]
-            cached = self.blocks.find_cached_prefix(req)
-            num_cached = len(cached) * self.blocks.block_size
-            num_new = min(req.num_tokens - num_cached, budget)
-            if self.blocks.allocate(req, num_new, cached) is None:
+            if len(self.running) >= self.max_num_seqs:
                 lower = self._least_important_below(req)
                 if lower is None:
                     break
                 budget += self._unschedule(lower, out)
                 self._preempt(lower, out)
+                continue
+            cached = self.blocks.find_cached_prefix(req)
+            num_cached = len(cached) * self.blocks.block_size
+            num_new = min(req.num_tokens - num_cached, budget)
+            if self.blocks.allocate(req, num_new, cached) is None:
+                victims = self._victims_to_fit(req, self.blocks.shortfall(req, num_new, cached))
+                if not victims:
+                    break
+                for victim in victims:
+                    budget += self._unschedule(victim, out)
+                    self._preempt(victim, out)
                 continue
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
@@ -138,11 +144,26 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def _least_important_below(self, req: Request) -> Request | None:
-        """The running request to preempt for waiting ``req``: the least important one
-        of a strictly lower class, or None."""
+    def _lower_than(self, req: Request) -> list[Request]:
+        """Running requests of a strictly lower class than ``req``, least important first."""
         lower = [r for r in self.running if r.priority > req.priority]
-        return max(lower, key=_order) if lower else None
+        return sorted(lower, key=_order, reverse=True)
+
+    def _least_important_below(self, req: Request) -> Request | None:
+        lower = self._lower_than(req)
+        return lower[0] if lower else None
+
+    def _victims_to_fit(self, req: Request, num_blocks: int) -> list[Request]:
+        """The fewest lower-class running requests whose preemption frees ``num_blocks``
+        blocks for ``req``, least important first; none if even all of them would not
+        (preempting them would then throw their work away for nothing)."""
+        victims, freed = [], 0
+        for victim in self._lower_than(req):
+            victims.append(victim)
+            freed += self.blocks.num_exclusive_blocks(victim)
+            if freed >= num_blocks:
+                return victims
+        return []
 
     @staticmethod
     def _unschedule(victim: Request, out: SchedulerOutput) -> int:

@@ -127,13 +127,13 @@ class TrtLlmEngine:
         return self._stream(rid, result, len(prompt_ids), params.logprobs)
 
     def _sampling_params(self, prompt_ids: list[int], p: SamplingParams) -> Any:
-        eos = list(dict.fromkeys(self.model_cfg.eos_token_ids + p.extra_eos_ids))
+        eos = list(self.model_cfg.eos_token_ids)
         stop = list(p.stop_token_ids) + ([] if p.ignore_eos else eos[1:])
         greedy = p.is_greedy
         return self._trt.SamplingParams(
             max_tokens=min(p.max_tokens, self.max_model_len - len(prompt_ids)),
             # With skip_tokenizer_init the end id must be given; -1 (no end token) is the
-            # runtime's own value under ignore_eos. Extra end ids become stop tokens.
+            # runtime's own value under ignore_eos. Further end ids become stop tokens.
             end_id=eos[0] if eos else -1,
             ignore_eos=p.ignore_eos,
             stop_token_ids=stop or None,

@@ -187,3 +187,69 @@ def test_no_block_leaks_after_300_requests_with_random_aborts_through_the_async_
     assert stats.num_finished == 300
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+
+
+def test_shutdown_ends_every_open_stream_even_one_never_started(model_dir):
+    from services.worker.engine.async_engine import AsyncEngine
+    from services.worker.engine.config import EngineConfig
+
+    tiny = AsyncEngine(EngineConfig(model="tiny-llama", load_format="dummy", dtype="float32",
+                                    num_kv_blocks=64))
+
+    async def main():
+        busy = tiny.submit([5, 6, 7], SamplingParams(max_tokens=1000, ignore_eos=True))
+        await anext(busy)
+        late = tiny.submit([8, 9], SamplingParams(max_tokens=1000, ignore_eos=True))
+        tiny.shutdown()
+        ends = []
+        for stream in (busy, late):
+            async for delta in stream:
+                if delta.finished:
+                    ends.append(delta.finish_reason)
+        return ends
+
+    ends = asyncio.run(asyncio.wait_for(main(), 10))
+    assert ends == [FinishReason.ERROR, FinishReason.ERROR]
+    with pytest.raises(RuntimeError, match="shut down"):
+        asyncio.run(_submit_one(tiny))
+
+
+async def _submit_one(e):
+    return e.submit([1], SamplingParams())
+
+
+def test_a_dropped_stream_aborts_its_request_even_if_never_iterated(eng):
+    async def main():
+        stream = eng.submit(list(range(7000, 7050)), SamplingParams(max_tokens=400,
+                                                                    ignore_eos=True))
+        del stream  # never iterated
+
+    asyncio.run(main())
+    wait_for(lambda: eng.stats().num_running == 0 and eng.stats().num_waiting == 0)
+
+
+def test_a_late_abort_from_a_finished_stream_spares_a_new_request_with_the_same_id(eng):
+    async def main():
+        first = eng.submit([1000, 1001], SamplingParams(max_tokens=2, ignore_eos=True),
+                           request_id="job-1")
+        deltas = [d async for d in first]
+        assert deltas[-1].finished
+        second = eng.submit([1000, 1001], SamplingParams(max_tokens=6, ignore_eos=True),
+                            request_id="job-1")
+        eng._abort_stream("job-1", first._sink)  # what a stale close of `first` sends
+        return await collect(second)
+
+    tokens, last = asyncio.run(main())
+    assert last.finish_reason is FinishReason.LENGTH and len(tokens) == 6
+
+
+def test_generated_ids_never_collide_with_caller_ids(eng):
+    async def main():
+        mine = eng.submit([1000], SamplingParams(max_tokens=3, ignore_eos=True),
+                          request_id="req-0")
+        auto = eng.submit([1000], SamplingParams(max_tokens=3, ignore_eos=True))
+        assert auto.request_id != "req-0"
+        await collect(mine)
+        await collect(auto)
+
+    asyncio.run(main())

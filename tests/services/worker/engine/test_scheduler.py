@@ -136,3 +136,25 @@ def test_no_block_leaks_after_300_random_requests_with_random_aborts():
     assert bm.num_free_blocks == bm.num_blocks
     assert all(bm.ref_count(b) == 0 for b in range(bm.num_blocks))
     assert s.num_preemptions > 0  # the pool was small enough to force preemption
+
+
+def test_no_preemption_of_lower_classes_that_could_not_make_room():
+    s = make(num_blocks=6, block_size=4, budget=64)
+    s.add(req("normal", 15, priority=Priority.INTERACTIVE, max_tokens=50))
+    s.add(req("batch", 7, priority=Priority.BATCH, max_tokens=50, arrival=1, start=100))
+    run_step(s)  # normal: 4 blocks + batch: 2 blocks = the whole pool, room for 1 more each
+    s.add(req("chat", 16, priority=Priority.INTERACTIVE, arrival=2, start=200))
+    out = s.schedule()  # chat needs 4 blocks; batch frees only 2: leave it alone
+    assert out.preempted == []
+    assert [c.request.request_id for c in out.chunks] == ["normal", "batch"]
+
+
+def test_full_sequence_slots_let_interactive_preempt_batch():
+    s = make(budget=64, max_seqs=2)
+    s.add(req("b1", 4, priority=Priority.BATCH, max_tokens=100))
+    s.add(req("b2", 4, priority=Priority.BATCH, max_tokens=100, arrival=1, start=10))
+    run_step(s)
+    s.add(req("chat", 4, priority=Priority.INTERACTIVE, arrival=2, start=20))
+    out = s.schedule()
+    assert [r.request_id for r in out.preempted] == ["b2"]
+    assert plan(out) == [("b1", 4, 1), ("chat", 0, 4)]

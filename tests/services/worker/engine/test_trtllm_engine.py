@@ -279,12 +279,12 @@ def test_logprobs_are_mapped(fake_trt, model_dir):
     assert (lp.token_id, lp.logprob, lp.top) == (11, -0.5, ((11, -0.5), (7, -1.5)))
 
 
-def test_eos_stops_and_extra_eos_ids_become_stop_tokens(fake_trt, model_dir):
+def test_eos_stops_and_stop_token_ids_are_passed_on(fake_trt, model_dir):
     fake_trt.script = [11, EOS, 12]
 
     async def run() -> list[Any]:
         eng = make_engine(model_dir)
-        return await collect(eng.submit([1], SamplingParams(extra_eos_ids=(99,))))
+        return await collect(eng.submit([1], SamplingParams(stop_token_ids=(99,))))
 
     deltas = asyncio.run(run())
     assert deltas[-1].finish_reason is FinishReason.STOP
