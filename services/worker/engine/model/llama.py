@@ -19,7 +19,7 @@ from services.worker.engine.model.attention import (
     paged_attention,
 )
 from services.worker.engine.model.config import ModelConfig
-from services.worker.engine.model.ops import pick_ops
+from services.worker.engine.model.ops import SKINNY_MAX_ROWS, pick_ops
 
 
 @dataclass(slots=True)
@@ -104,10 +104,22 @@ class LlamaModel:
         self.rope = RotaryTable(cfg, max_positions, device=weights.embed.device,
                                 dtype=weights.embed.dtype)
         self.scale = cfg.head_dim ** -0.5
+        layers = weights.layers
+        # Per-kind weight lists for the one-call decode path (no per-step rebuilding).
+        self._layer_lists = (
+            [w.input_norm for w in layers], [w.qkv for w in layers], [w.o for w in layers],
+            [w.post_norm for w in layers], [w.gate_up for w in layers],
+            [w.down for w in layers],
+        )
 
     @property
     def decode_attention(self) -> DecodeKernel | None:
         return self.ops.decode_attention
+
+    def _can_decode_in_one_call(self, meta: AttentionMetadata, num_tokens: int) -> bool:
+        return (self.ops.decode_layers is not None and num_tokens <= SKINNY_MAX_ROWS
+                and not meta.prefills and len(meta.decode_groups) == 1
+                and self.w.layers[0].qkv_bias is None)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -119,6 +131,14 @@ class LlamaModel:
         h_q, h_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = F.embedding(input_ids, self.w.embed)  # [T, d], the residual stream
         cos, sin = self.rope.lookup(positions)
+        if self._can_decode_in_one_call(meta, x.shape[0]):
+            g = meta.decode_groups[0]
+            assert ops.decode_layers is not None
+            h = ops.decode_layers(x, *self._layer_lists, self.w.final_norm,
+                                  [k for k, _ in kv_caches], [v for _, v in kv_caches],
+                                  cos, sin, meta.slot_mapping, g.block_table, g.ctx_lens,
+                                  h_q, h_kv, d, eps, self.scale)
+            return ops.linear(h[logits_indices], self.w.lm_head).float()
         h = ops.rms_norm(x, layers[0].input_norm, eps)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches, strict=True)):
             qkv = ops.linear(h, layer.qkv)  # [T, (H + 2 Hkv) D]

@@ -33,6 +33,9 @@ class LayerOps:
     # (k, v [T, Hkv, D], k_cache, v_cache, slot_mapping [T]) -> None: store into slots
     write_kv: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
     decode_attention: DecodeKernel | None  # None: SDPA over gathered blocks
+    # Every layer of a pure-decode step of at most SKINNY_MAX_ROWS tokens in one call
+    # (cpu_kernels.cpp: decode_layers_bf16); None: the Python layer loop.
+    decode_layers: Callable[..., Tensor] | None = None
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -101,6 +104,9 @@ def _cpu_bf16_ops(k: ModuleType, *, weights: list[Tensor], hidden_size: int, hea
         write_kv=k.write_kv_bf16,
         decode_attention=k.paged_decode_attention_bf16
         if head_dim % 32 == 0 and head_dim <= 256 else None,
+        decode_layers=k.decode_layers_bf16
+        if hidden_size % 16 == 0 and head_dim % 32 == 0 and head_dim <= 256
+        and intermediate_size % 32 == 0 else None,
     )
 
 
