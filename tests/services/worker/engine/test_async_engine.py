@@ -253,3 +253,20 @@ def test_generated_ids_never_collide_with_caller_ids(eng):
         await collect(auto)
 
     asyncio.run(main())
+
+
+def test_bf16_on_plain_torch_ops_as_on_a_gpu(model_dir):
+    """The path a CUDA worker takes (no CPU kernels): it must serve correctly too."""
+    from tokenizers import Tokenizer
+
+    plain = engine(model_dir, dtype="bfloat16", use_cpu_kernels=False)
+    try:
+        assert plain.core.runner.model.ops.decode_attention is None
+        tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        prompt = tok.encode("The capital of France is").ids
+        crowd = [prompt] + [list(range(1000 + 30 * i, 1020 + 30 * i)) for i in range(17)]
+        results = run_all(plain, crowd, SamplingParams(max_tokens=3, ignore_eos=True))
+    finally:
+        plain.shutdown()
+    assert tok.decode(results[0][0]).strip().startswith("Paris")
+    assert all(len(tokens) == 3 for tokens, _ in results)
