@@ -6,9 +6,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup protos run test lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) protos
+
+# Generated gRPC code (genmesh/v1/*_pb2*.py) is built here, never committed.
+protos: $(STAMP)
+	$(PY) -m genmesh.protos
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)

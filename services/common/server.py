@@ -1,0 +1,81 @@
+"""What every genmesh gRPC server shares: health and reflection services, socket
+options, JSON logs, and a graceful stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import ClassVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+# A stale process on the same port must make bind fail loudly, not share traffic.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any ``extra`` fields
+    such as ``request_id``."""
+
+    BUILTIN: ClassVar[frozenset[str]] = frozenset(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items()
+                      if k not in self.BUILTIN and not k.startswith("_")})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_json_logging(service: str, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.getLogger(service).debug("logging configured")
+
+
+async def serve(*, name: str, address: str, register: Callable[[grpc.aio.Server], None],
+                service_names: Iterable[str], grace_s: float,
+                on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run a grpc.aio server until SIGTERM/SIGINT, then stop accepting calls, give
+    in-flight ones ``grace_s`` seconds to finish, and return."""
+    log = logging.getLogger(name)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"{name}: cannot listen on {address} (port in use?)")
+    await server.start()
+    for service in [*service_names, ""]:
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"address": address, "port": port})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    t0 = time.monotonic()
+    log.info("stopping", extra={"grace_s": grace_s})
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_s)
+    if on_stop is not None:
+        await on_stop()
+    log.info("stopped", extra={"seconds": round(time.monotonic() - t0, 3)})

@@ -1,0 +1,50 @@
+"""Entry point: ``python -m services.worker.main [--flags]`` (or GENMESH_WORKER_* env)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from genmesh.models.store import ModelStore, default_store_root
+from genmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.common.server import serve, setup_json_logging
+from services.worker.config import WorkerConfig, load_config
+from services.worker.engine.api import create_engine
+from services.worker.engine.config import EngineConfig
+from services.worker.servicer import WorkerServicer
+
+
+def engine_config(cfg: WorkerConfig, model_path: str) -> EngineConfig:
+    return EngineConfig(model=model_path, backend=cfg.backend, dtype=cfg.dtype,
+                        device=cfg.device, load_format=cfg.load_format,
+                        kv_cache_memory_gib=cfg.kv_cache_gib, max_num_seqs=cfg.max_num_seqs,
+                        max_num_batched_tokens=cfg.max_num_batched_tokens)
+
+
+async def run(cfg: WorkerConfig) -> None:
+    model_path = cfg.model
+    if cfg.load_format != "dummy":
+        model_path = str(ModelStore(default_store_root()).path_of(cfg.model))
+    engine = create_engine(engine_config(cfg, model_path))
+    servicer = WorkerServicer(engine, model_name=cfg.served_name,
+                              model_version=cfg.model_version)
+
+    async def stop_engine() -> None:
+        engine.shutdown()
+
+    await serve(name="genmesh.worker", address=cfg.address,
+                register=lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
+                service_names=[worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
+                grace_s=cfg.shutdown_grace_s, on_stop=stop_engine)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(argv, os.environ)
+    setup_json_logging("genmesh.worker", cfg.log_level)
+    asyncio.run(run(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The Worker gRPC service: translates protos to engine calls and errors to status codes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from genmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.worker.engine.api import Engine
+from services.worker.engine.outputs import Delta, FinishReason
+from services.worker.engine.params import InvalidRequestError, Priority, SamplingParams
+
+log = logging.getLogger("genmesh.worker")
+
+DEFAULT_MAX_TOKENS = 128
+
+_FINISH = {
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+    FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+_PRIORITY = {
+    common_pb2.PRIORITY_UNSPECIFIED: Priority.NORMAL,
+    common_pb2.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+    common_pb2.PRIORITY_NORMAL: Priority.NORMAL,
+    common_pb2.PRIORITY_BATCH: Priority.BATCH,
+}
+
+
+def params_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
+    """Proto zero values mean the defaults (see common.proto)."""
+    return SamplingParams(
+        max_tokens=DEFAULT_MAX_TOKENS if p.max_tokens == 0 else p.max_tokens,
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p or 1.0,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        seed=p.seed if p.HasField("seed") else None,
+        stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs,
+    )
+
+
+def delta_to_proto(d: Delta) -> worker_pb2.WorkerGenerateResponse:
+    msg = worker_pb2.WorkerGenerateResponse(token_ids=d.new_token_ids)
+    for lp in d.logprobs or []:
+        msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
+                         top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+    if d.finish_reason is not None:
+        msg.finish_reason = _FINISH[d.finish_reason]
+    if d.usage is not None:
+        msg.usage.CopyFrom(common_pb2.Usage(
+            prompt_tokens=d.usage.prompt_tokens, completion_tokens=d.usage.completion_tokens,
+            cached_prompt_tokens=d.usage.cached_prompt_tokens))
+    if d.error:
+        msg.error = d.error
+    return msg
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine: Engine, *, model_name: str, model_version: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.model_version = model_version
+
+    async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
+                       context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        try:
+            stream = self.engine.submit(
+                list(request.prompt_ids), params_from_proto(request.params),
+                request_id=request.request_id or None,
+                priority=_PRIORITY.get(request.priority, Priority.NORMAL),
+                cache_salt=request.cache_salt)
+        except InvalidRequestError as exc:
+            code = (grpc.StatusCode.ALREADY_EXISTS if "already running" in str(exc)
+                    else grpc.StatusCode.INVALID_ARGUMENT)
+            await context.abort(code, str(exc))
+        except RuntimeError as exc:  # shut down
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        try:
+            async for delta in stream:
+                yield delta_to_proto(delta)
+                if delta.finish_reason is FinishReason.ERROR:
+                    log.error("generation failed",
+                              extra={"request_id": delta.request_id, "error": delta.error})
+        finally:
+            # Cancelled by the caller (or the server stopping): free the KV blocks now.
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def GetStats(self, request: worker_pb2.GetStatsRequest,
+                       context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStats:
+        s = self.engine.stats()
+        return worker_pb2.WorkerStats(
+            model=self.model_name, model_version=self.model_version,
+            num_running=s.num_running, num_waiting=s.num_waiting,
+            num_kv_blocks_total=s.num_kv_blocks_total, num_kv_blocks_free=s.num_kv_blocks_free,
+            num_kv_blocks_cached=s.num_kv_blocks_cached,
+            prefix_cache_hit_rate=s.prefix_cache_hit_rate, num_preemptions=s.num_preemptions,
+            num_steps=s.num_steps, generated_tokens=s.generated_tokens,
+            mean_batch_size=s.mean_batch_size, mean_step_ms=s.mean_step_ms,
+            max_model_len=self.engine.max_model_len)
