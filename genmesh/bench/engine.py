@@ -80,13 +80,13 @@ async def _run_requests(engine: AsyncEngine, prompts: list[list[int]], *, concur
     """Keep ``concurrency`` requests in flight until all prompts are served.
     Returns (output tokens, seconds)."""
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
-    pending = list(enumerate(prompts))
+    pending = list(prompts)
     total = 0
 
     async def client() -> None:
         nonlocal total
         while pending:
-            _, prompt = pending.pop(0)
+            prompt = pending.pop(0)
             async for delta in engine.submit(prompt, params):
                 total += len(delta.new_token_ids)
 

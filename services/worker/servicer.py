@@ -78,7 +78,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 priority=_PRIORITY.get(request.priority, Priority.NORMAL),
                 cache_salt=request.cache_salt)
         except InvalidRequestError as exc:
-            code = (grpc.StatusCode.ALREADY_EXISTS if "already running" in str(exc)
+            # An empty request_id gets a fresh one, so a request_id error is a duplicate.
+            code = (grpc.StatusCode.ALREADY_EXISTS if exc.field == "request_id"
                     else grpc.StatusCode.INVALID_ARGUMENT)
             await context.abort(code, str(exc))
         except RuntimeError as exc:  # shut down

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -45,14 +44,12 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         self.model_cfg = model_cfg
-        t0 = time.perf_counter()
         if config.load_format == "dummy":
             weights = dummy_weights(model_cfg, dtype=self.dtype, device=self.device,
                                     seed=config.seed)
         else:
             weights = load_hf_weights(Path(config.model), model_cfg, dtype=self.dtype,
                                       device=self.device)
-        self.load_seconds = time.perf_counter() - t0
         self.weight_bytes_per_token = weights.num_bytes_read_per_token()
         self.model = LlamaModel(model_cfg, weights, max_positions=max_model_len,
                                 use_cpu_kernels=config.use_cpu_kernels)

@@ -67,7 +67,3 @@ class EngineStats:
         if not self.prefix_cache_queries:
             return 0.0
         return self.prefix_cache_hits / self.prefix_cache_queries
-
-    @property
-    def num_kv_blocks_used(self) -> int:
-        return self.num_kv_blocks_total - self.num_kv_blocks_free

@@ -54,7 +54,3 @@ class Request:
     def append_output(self, token_id: int) -> None:
         self.output_ids.append(token_id)
         self.all_ids.append(token_id)
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
