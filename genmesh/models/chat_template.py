@@ -34,6 +34,7 @@ class ChatTemplate:
         # Templates come with model files: render them sandboxed.
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             undefined=jinja2.StrictUndefined)
+        env.globals["raise_exception"] = _raise_exception  # HF templates reject input so
         self._template = env.from_string(source)
 
     def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str:
@@ -41,3 +42,7 @@ class ChatTemplate:
             messages=[{"role": m.role, "content": m.content} for m in messages],
             add_generation_prompt=add_generation_prompt,
         )
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from services.common.config import parse_config
 from services.worker.engine.config import Backend
 
 
@@ -40,12 +40,5 @@ ENV_PREFIX = "GENMESH_WORKER_"
 
 def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> WorkerConfig:
     """Defaults, overridden by ``GENMESH_WORKER_<FIELD>`` variables, then by flags."""
-    defaults = WorkerConfig()
-    parser = argparse.ArgumentParser(prog="genmesh-worker", description="the worker service")
-    for name in WorkerConfig.__dataclass_fields__:
-        default = getattr(defaults, name)
-        env = environ.get(ENV_PREFIX + name.upper())
-        kind = type(default) if not isinstance(default, Backend) else Backend
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind,
-                            default=kind(env) if env is not None else default)
-    return WorkerConfig(**vars(parser.parse_args(argv)))
+    return parse_config(WorkerConfig, env_prefix=ENV_PREFIX, prog="genmesh-worker",
+                        description="the worker service", argv=argv, environ=environ)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from genmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.common import metadata
 from services.worker.engine.api import Engine
 from services.worker.engine.outputs import Delta, FinishReason
 from services.worker.engine.params import InvalidRequestError, Priority, SamplingParams
@@ -85,6 +86,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except RuntimeError as exc:  # shut down
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         try:
+            # Tells the caller which version answered before the first token arrives.
+            await context.send_initial_metadata(((metadata.MODEL_VERSION, self.model_version),))
             async for delta in stream:
                 yield delta_to_proto(delta)
                 if delta.finish_reason is FinishReason.ERROR:

@@ -1,0 +1,130 @@
+"""The asyncio client: the same calls as ``Client``, awaitable."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from genmesh.client import types as t
+from genmesh.client.sync import DEFAULT_ADDRESS
+from genmesh.v1 import generation_pb2, generation_pb2_grpc
+
+
+class AsyncClient:
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout_s: float = 300.0,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+        self.timeout_s = timeout_s
+        self.metadata = metadata
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def generate(self, prompt: str | None = None, *,
+                       messages: list[dict[str, str]] | None = None, model: str = "",
+                       model_version: str = "", request_id: str = "",
+                       **params: Any) -> t.Completion:
+        req = t.generate_request(prompt, messages, model=model, model_version=model_version,
+                                 request_id=request_id, params=params)
+        try:
+            reply = await self.stub.Generate(req, timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
+        return t.completion_from_proto(reply)
+
+    async def generate_stream(self, prompt: str | None = None, *,
+                              messages: list[dict[str, str]] | None = None, model: str = "",
+                              model_version: str = "", request_id: str = "",
+                              **params: Any) -> AsyncIterator[t.Chunk]:
+        req = t.generate_request(prompt, messages, model=model, model_version=model_version,
+                                 request_id=request_id, params=params)
+        call = self.stub.GenerateStream(req, timeout=self.timeout_s, metadata=self.metadata)
+        try:
+            async for reply in call:
+                yield t.chunk_from_proto(reply)
+        except grpc.aio.AioRpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    def chat(self, *, model: str = "", model_version: str = "", system_prompt: str = "",
+             **params: Any) -> AsyncChatSession:
+        return AsyncChatSession(self, t.start_request(model, model_version, system_prompt,
+                                                      params))
+
+    async def list_models(self) -> list[t.ModelInfo]:
+        try:
+            reply = await self.stub.ListModels(generation_pb2.ListModelsRequest(),
+                                               timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
+        return t.models_from_proto(reply)
+
+
+class AsyncChatSession:
+    """``async with client.chat() as s: async for event in s.turn("Hi"): ...``"""
+
+    def __init__(self, client: AsyncClient, start: generation_pb2.ChatRequest) -> None:
+        self._call = client.stub.Chat(timeout=client.timeout_s, metadata=client.metadata)
+        self._start = start
+        self._is_started = False
+
+    async def __aenter__(self) -> AsyncChatSession:
+        await self._write(self._start)
+        self._is_started = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start_turn(self, content: str, **params: Any) -> None:
+        await self._write(t.turn_request(content, params))
+
+    async def cancel(self) -> None:
+        await self._write(t.CANCEL)
+
+    async def next_event(self) -> t.ChatEvent | None:
+        """The next event, or None when the session has ended; raises GenmeshError."""
+        try:
+            reply = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
+        if reply is grpc.aio.EOF:
+            return None
+        return t.chat_event_from_proto(reply)
+
+    async def turn(self, content: str, **params: Any) -> AsyncIterator[t.ChatEvent]:
+        await self.start_turn(content, **params)
+        tracker = t.TurnTracker()
+        while (event := await self.next_event()) is not None:
+            is_last = tracker.is_last(event)
+            yield event
+            if is_last:
+                return
+        raise t.session_ended_mid_turn()
+
+    async def close(self) -> None:
+        try:
+            await self._write(t.END)
+            await self._call.done_writing()
+            while await self.next_event() is not None:
+                pass
+        except t.GenmeshError:
+            pass
+        finally:
+            self._call.cancel()
+
+    async def _write(self, request: generation_pb2.ChatRequest) -> None:
+        try:
+            await self._call.write(request)
+        except grpc.aio.AioRpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None

@@ -1,0 +1,152 @@
+"""The blocking client: one method per call shape of the public Generation API."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from genmesh.client import types as t
+from genmesh.v1 import generation_pb2, generation_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:8080"  # the Envoy edge listener of `genmesh up`
+
+
+class Client:
+    """``Client("127.0.0.1:8080")``; every call takes sampling keyword arguments
+    (max_tokens, temperature, top_p, top_k, min_p, seed, stop, ...)."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout_s: float = 300.0,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+        self.timeout_s = timeout_s
+        self.metadata = metadata
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+                 model: str = "", model_version: str = "", request_id: str = "",
+                 **params: Any) -> t.Completion:
+        req = t.generate_request(prompt, messages, model=model, model_version=model_version,
+                                 request_id=request_id, params=params)
+        try:
+            reply = self.stub.Generate(req, timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
+        return t.completion_from_proto(reply)
+
+    def generate_stream(self, prompt: str | None = None, *,
+                        messages: list[dict[str, str]] | None = None, model: str = "",
+                        model_version: str = "", request_id: str = "",
+                        **params: Any) -> Iterator[t.Chunk]:
+        """Chunks as they are generated; closing the iterator cancels the generation."""
+        req = t.generate_request(prompt, messages, model=model, model_version=model_version,
+                                 request_id=request_id, params=params)
+        call = self.stub.GenerateStream(req, timeout=self.timeout_s, metadata=self.metadata)
+        try:
+            for reply in call:
+                yield t.chunk_from_proto(reply)
+        except grpc.RpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    def chat(self, *, model: str = "", model_version: str = "", system_prompt: str = "",
+             **params: Any) -> ChatSession:
+        return ChatSession(self, t.start_request(model, model_version, system_prompt, params))
+
+    def list_models(self) -> list[t.ModelInfo]:
+        try:
+            reply = self.stub.ListModels(generation_pb2.ListModelsRequest(),
+                                         timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
+        return t.models_from_proto(reply)
+
+
+_CLOSED = object()
+
+
+class ChatSession:
+    """A bidirectional Chat: ``for event in session.turn("Hi"): ...``. A reader thread
+    moves the server's events into a queue, so waits have timeouts and a Ctrl-C in the
+    caller never breaks the stream (``cancel()`` then ends the turn)."""
+
+    def __init__(self, client: Client, start: generation_pb2.ChatRequest) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._requests.put(start)
+        self._events: queue.Queue = queue.Queue()
+        self._call = client.stub.Chat(iter(self._requests.get, _CLOSED),
+                                      timeout=client.timeout_s, metadata=client.metadata)
+        self._timeout_s = client.timeout_s
+        self._reader = threading.Thread(target=self._read, daemon=True, name="chat-reader")
+        self._reader.start()
+
+    def __enter__(self) -> ChatSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start_turn(self, content: str, **params: Any) -> None:
+        self._requests.put(t.turn_request(content, params))
+
+    def cancel(self) -> None:
+        """Cancels the running turn; it ends with a TurnFinished of reason "abort"."""
+        self._requests.put(t.CANCEL)
+
+    def next_event(self, timeout_s: float | None = None) -> t.ChatEvent | None:
+        """The next event, or None when the session has ended. Raises GenmeshError when
+        the stream failed and TimeoutError when nothing arrived in time."""
+        try:
+            item = self._events.get(timeout=timeout_s or self._timeout_s)
+        except queue.Empty:
+            raise TimeoutError("no chat event within the timeout") from None
+        if isinstance(item, t.GenmeshError):
+            self._events.put(item)  # every later read fails the same way
+            raise item
+        if item is _CLOSED:
+            self._events.put(item)
+            return None
+        return item  # type: ignore[no-any-return]
+
+    def turn(self, content: str, **params: Any) -> Iterator[t.ChatEvent]:
+        """Sends a turn and yields its events up to TurnFinished; a rejected or failed
+        turn raises GenmeshError."""
+        self.start_turn(content, **params)
+        tracker = t.TurnTracker()
+        while (event := self.next_event()) is not None:
+            is_last = tracker.is_last(event)
+            yield event
+            if is_last:
+                return
+        raise t.session_ended_mid_turn()
+
+    def close(self) -> None:
+        """Ends the session (a running turn is cancelled) and waits for the stream to end."""
+        self._requests.put(t.END)
+        self._requests.put(_CLOSED)
+        self._reader.join(timeout=10)
+        self._call.cancel()
+
+    def _read(self) -> None:
+        try:
+            for event in self._call:
+                self._events.put(t.chat_event_from_proto(event))
+            self._events.put(_CLOSED)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                self._events.put(_CLOSED)
+            else:
+                self._events.put(t.GenmeshError.from_rpc(exc))

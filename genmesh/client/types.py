@@ -1,0 +1,202 @@
+"""What the client SDK returns: plain dataclasses, so callers never touch protos."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from genmesh.v1 import common_pb2, generation_pb2
+
+_FINISH = {
+    common_pb2.FINISH_REASON_UNSPECIFIED: None,
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+    common_pb2.FINISH_REASON_CONTENT_FILTER: "content_filter",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+class GenmeshError(Exception):
+    """A call failed: ``code`` is the gRPC status, ``message`` says what to change."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.RpcError) -> GenmeshError:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        return cls(code, details or "")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int  # prompt tokens served from the worker's prefix cache
+
+    @classmethod
+    def from_proto(cls, u: common_pb2.Usage) -> Usage:
+        return cls(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    finish_reason: str | None  # "stop", "length", "abort", "content_filter", "error"
+    usage: Usage
+    model: str
+    model_version: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One message of a streamed generation."""
+
+    text: str  # new text ("" on the first and last messages)
+    finish_reason: str | None = None  # set on the last message
+    usage: Usage | None = None  # set on the last message
+    model_version: str = ""  # set on the first message
+    request_id: str = ""  # set on the first message
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStarted:
+    turn: int
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    turn: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnFinished:
+    turn: int
+    finish_reason: str | None
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class ChatError:
+    code: grpc.StatusCode
+    message: str
+    turn: int  # 0: the session
+
+
+ChatEvent = TurnStarted | TextDelta | TurnFinished | ChatError
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    versions: tuple[str, ...]
+    is_default: bool
+    max_model_len: int
+    has_chat_template: bool
+
+
+def sampling_params(*, max_tokens: int = 0, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 0.0, min_p: float = 0.0, repetition_penalty: float = 0.0,
+                    seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
+                    stop_token_ids: list[int] | tuple[int, ...] = (), ignore_eos: bool = False,
+                    logprobs: int = 0) -> common_pb2.SamplingParams:
+    """Keyword arguments of every call, as the proto; zero values mean the defaults."""
+    params = common_pb2.SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, stop=list(stop),
+        stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, logprobs=logprobs)
+    if seed is not None:
+        params.seed = seed
+    return params
+
+
+def generate_request(prompt: str | None, messages: list[dict[str, str]] | None, *, model: str,
+                     model_version: str, request_id: str, params: dict
+                     ) -> generation_pb2.GenerateRequest:
+    if (prompt is None) == (messages is None):
+        raise ValueError("pass exactly one of prompt or messages")
+    req = generation_pb2.GenerateRequest(model=model, model_version=model_version,
+                                         request_id=request_id, params=sampling_params(**params))
+    if prompt is not None:
+        req.prompt = prompt
+    else:
+        assert messages is not None
+        req.chat.messages.extend(generation_pb2.Message(role=m["role"], content=m["content"])
+                                 for m in messages)
+    return req
+
+
+def completion_from_proto(r: generation_pb2.GenerateResponse) -> Completion:
+    return Completion(r.text, _FINISH[r.finish_reason], Usage.from_proto(r.usage), r.model,
+                      r.model_version, r.request_id)
+
+
+def chunk_from_proto(r: generation_pb2.GenerateStreamResponse) -> Chunk:
+    return Chunk(r.text, _FINISH[r.finish_reason],
+                 Usage.from_proto(r.usage) if r.HasField("usage") else None,
+                 r.model_version, r.request_id)
+
+
+def chat_event_from_proto(e: generation_pb2.ChatEvent) -> ChatEvent:
+    kind = e.WhichOneof("event")
+    if kind == "turn_started":
+        return TurnStarted(e.turn_started.turn, e.turn_started.request_id)
+    if kind == "delta":
+        return TextDelta(e.delta.turn, e.delta.text)
+    if kind == "turn_finished":
+        f = e.turn_finished
+        return TurnFinished(f.turn, _FINISH[f.finish_reason], Usage.from_proto(f.usage))
+    return ChatError(_CODES.get(e.error.code, grpc.StatusCode.UNKNOWN), e.error.message,
+                     e.error.turn)
+
+
+def start_request(model: str, model_version: str, system_prompt: str, params: dict
+                  ) -> generation_pb2.ChatRequest:
+    return generation_pb2.ChatRequest(start=generation_pb2.StartSession(
+        model=model, model_version=model_version, system_prompt=system_prompt,
+        params=sampling_params(**params)))
+
+
+def turn_request(content: str, params: dict) -> generation_pb2.ChatRequest:
+    turn = generation_pb2.UserTurn(content=content)
+    if params:
+        turn.params.CopyFrom(sampling_params(**params))
+    return generation_pb2.ChatRequest(turn=turn)
+
+
+CANCEL = generation_pb2.ChatRequest(cancel=generation_pb2.CancelTurn())
+END = generation_pb2.ChatRequest(end=generation_pb2.EndSession())
+
+
+def models_from_proto(r: generation_pb2.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(m.name, tuple(m.versions), m.is_default, m.max_model_len,
+                      m.has_chat_template) for m in r.models]
+
+
+class TurnTracker:
+    """Follows the events of the turn just sent: its number (from TurnStarted) and its
+    end (TurnFinished); a ChatError for it (or for the session) raises GenmeshError."""
+
+    def __init__(self) -> None:
+        self.number = 0
+
+    def is_last(self, event: ChatEvent) -> bool:
+        if isinstance(event, TurnStarted):
+            self.number = event.turn
+        if isinstance(event, ChatError) and event.turn in (self.number, 0):
+            raise GenmeshError(event.code, event.message)
+        return isinstance(event, TurnFinished) and event.turn == self.number
+
+
+def session_ended_mid_turn() -> GenmeshError:
+    return GenmeshError(grpc.StatusCode.UNAVAILABLE, "the chat session ended mid-turn")

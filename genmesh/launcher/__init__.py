@@ -1,0 +1,1 @@
+"""``genmesh up``: the whole mesh as separate local processes, supervised."""

@@ -1,0 +1,192 @@
+"""One bidirectional Chat session: a state machine over the client's messages, turns
+run as tasks through the pipeline, and one outbound queue of events.
+
+Each turn sends the whole conversation (system prompt, completed turns, the new user
+message), so the worker's prefix cache serves the history. Only completed turns enter
+the history: a cancelled or failed turn is dropped, as if it had not been sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from genmesh.models.chat_template import ChatMessage
+from genmesh.v1 import common_pb2, generation_pb2
+from services.frontend.catalog import ModelCatalog
+from services.frontend.pipeline import (
+    Finished,
+    Pipeline,
+    PipelineError,
+    PipelineRequest,
+    TextChunk,
+)
+
+
+class SessionError(PipelineError):
+    """An error of the session itself: it ends the stream with this status."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    model: str
+    model_version: str
+    system_prompt: str
+    params: common_pb2.SamplingParams
+    tenant: str
+
+
+_END = object()  # queued after the last event of the session
+
+
+class ChatSession:
+    def __init__(self, *, pipeline: Pipeline, catalog: ModelCatalog, timeout_s: float,
+                 max_turns: int) -> None:
+        self.pipeline = pipeline
+        self.catalog = catalog
+        self.timeout_s = timeout_s
+        self.max_turns = max_turns
+        self.settings: SessionSettings | None = None
+        self.history: list[ChatMessage] = []
+        self.num_turns = 0
+        self.turn_task: asyncio.Task | None = None
+        self.out: asyncio.Queue = asyncio.Queue()
+
+    async def run(self, requests: AsyncIterator[generation_pb2.ChatRequest]
+                  ) -> AsyncGenerator[generation_pb2.ChatEvent, None]:
+        """Events for the client until the session ends; raises SessionError."""
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while True:
+                item = await self.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, SessionError):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            if self.turn_task is not None:
+                self.turn_task.cancel()
+            await asyncio.gather(reader, *([self.turn_task] if self.turn_task else []),
+                                 return_exceptions=True)
+
+    async def _read(self, requests: AsyncIterator[generation_pb2.ChatRequest]) -> None:
+        try:
+            async for msg in requests:
+                if not self._handle(msg):
+                    # EndSession: the running turn is cancelled (and reported) first.
+                    await self._stop_turn()
+                    break
+            else:
+                # The client half-closed: let the running turn finish, then end.
+                if self.turn_task is not None:
+                    await asyncio.wait([self.turn_task])
+            self.out.put_nowait(_END)
+        except SessionError as exc:
+            await self._stop_turn()
+            self.out.put_nowait(exc)
+
+    def _handle(self, msg: generation_pb2.ChatRequest) -> bool:
+        """Acts on one client message; False when the session should end."""
+        action = msg.WhichOneof("action")
+        if self.settings is None:
+            if action != "start":
+                raise SessionError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"the first Chat message must be start (StartSession), "
+                                   f"got {action or 'an empty message'}")
+            self._start(msg.start)
+        elif action == "turn":
+            self._begin_turn(msg.turn)
+        elif action == "cancel":
+            if self._is_turn_running():
+                assert self.turn_task is not None
+                self.turn_task.cancel()
+            else:
+                self._error(grpc.StatusCode.FAILED_PRECONDITION, "no turn is running to cancel")
+        elif action == "end":
+            return False
+        elif action == "start":
+            self._error(grpc.StatusCode.FAILED_PRECONDITION, "the session is already started")
+        else:
+            self._error(grpc.StatusCode.INVALID_ARGUMENT,
+                        "empty ChatRequest: set one of start, turn, cancel or end")
+        return True
+
+    def _start(self, start: generation_pb2.StartSession) -> None:
+        try:
+            model, version = self.catalog.resolve(start.model, start.model_version)
+        except PipelineError as exc:
+            raise SessionError(exc.code, exc.message) from None
+        self.settings = SessionSettings(model=model, model_version=version,
+                                        system_prompt=start.system_prompt,
+                                        params=start.params, tenant=start.tenant)
+
+    def _begin_turn(self, turn: generation_pb2.UserTurn) -> None:
+        if self._is_turn_running():
+            self._error(grpc.StatusCode.FAILED_PRECONDITION,
+                        "a turn is already running: wait for turn_finished or send cancel")
+            return
+        if not turn.content.strip():
+            self._error(grpc.StatusCode.INVALID_ARGUMENT, "turn.content must not be empty")
+            return
+        if self.num_turns >= self.max_turns:
+            self._error(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"the session has run {self.max_turns} turns; start a new session")
+            return
+        assert self.settings is not None
+        self.num_turns += 1
+        request_id = uuid.uuid4().hex
+        self.out.put_nowait(generation_pb2.ChatEvent(turn_started=generation_pb2.TurnStarted(
+            turn=self.num_turns, request_id=request_id)))
+        system = ([ChatMessage("system", self.settings.system_prompt)]
+                  if self.settings.system_prompt else [])
+        user = ChatMessage("user", turn.content)
+        req = PipelineRequest(
+            request_id=request_id, model=self.settings.model,
+            model_version=self.settings.model_version, prompt=None,
+            messages=(*system, *self.history, user),
+            params=turn.params if turn.HasField("params") else self.settings.params,
+            priority=common_pb2.PRIORITY_INTERACTIVE, tenant=self.settings.tenant)
+        self.turn_task = asyncio.create_task(self._run_turn(self.num_turns, req, user))
+
+    async def _run_turn(self, n: int, req: PipelineRequest, user: ChatMessage) -> None:
+        parts: list[str] = []
+        try:
+            async with contextlib.aclosing(self.pipeline.run(req, timeout_s=self.timeout_s)
+                                           ) as events:
+                async for event in events:
+                    if isinstance(event, TextChunk):
+                        parts.append(event.text)
+                        self.out.put_nowait(generation_pb2.ChatEvent(
+                            delta=generation_pb2.TextDelta(turn=n, text=event.text)))
+                    elif isinstance(event, Finished):
+                        self.history += [user, ChatMessage("assistant", "".join(parts))]
+                        self.out.put_nowait(generation_pb2.ChatEvent(
+                            turn_finished=generation_pb2.TurnFinished(
+                                turn=n, finish_reason=event.finish_reason, usage=event.usage)))
+        except asyncio.CancelledError:
+            # Cancelled by the client (or the session closing): closing the pipeline's
+            # stream above has already aborted the worker request.
+            self.out.put_nowait(generation_pb2.ChatEvent(turn_finished=generation_pb2.TurnFinished(
+                turn=n, finish_reason=common_pb2.FINISH_REASON_ABORT)))
+        except PipelineError as exc:
+            self._error(exc.code, exc.message, turn=n)
+
+    def _is_turn_running(self) -> bool:
+        return self.turn_task is not None and not self.turn_task.done()
+
+    async def _stop_turn(self) -> None:
+        if self._is_turn_running():
+            assert self.turn_task is not None
+            self.turn_task.cancel()
+            await asyncio.wait([self.turn_task])
+
+    def _error(self, code: grpc.StatusCode, message: str, *, turn: int = 0) -> None:
+        self.out.put_nowait(generation_pb2.ChatEvent(error=generation_pb2.ChatError(
+            code=code.value[0], message=message, turn=turn)))

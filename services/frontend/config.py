@@ -1,0 +1,42 @@
+"""The frontend's configuration, read once at the entry point."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.common.config import parse_config
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Where the internal services are reached: Envoy's mesh listener by default, which
+    # routes by gRPC service name (a service's own address works too).
+    tokenizer_address: str = "127.0.0.1:8081"
+    worker_address: str = "127.0.0.1:8081"
+    model: str = "smollm2-135m-instruct"  # the model served (and the default)
+    model_versions: str = "v1"  # comma-separated versions of the model; the first is default
+    rpc_timeout_s: float = 10.0  # deadline of each unary call to an internal service
+    max_generation_s: float = 600.0  # longest a generation may stream (client deadlines win)
+    max_session_turns: int = 256  # turns one Chat session may run
+    shutdown_grace_s: float = 10.0  # how long in-flight streams may finish on SIGTERM
+    log_level: str = "INFO"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        return tuple(v.strip() for v in self.model_versions.split(",") if v.strip())
+
+
+ENV_PREFIX = "GENMESH_FRONTEND_"
+
+
+def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> FrontendConfig:
+    """Defaults, overridden by ``GENMESH_FRONTEND_<FIELD>`` variables, then by flags."""
+    return parse_config(FrontendConfig, env_prefix=ENV_PREFIX, prog="genmesh-frontend",
+                        description="the public API and its pipeline", argv=argv, environ=environ)

@@ -1,0 +1,188 @@
+"""The generation pipeline: tokenize (or render the chat template) → worker stream of
+token ids → incremental detokenize → stop strings → usage.
+
+The safety check and the response cache slot in between tokenize and generate, and
+output moderation after detokenize (their contracts are in ``safety.proto`` and
+``cache.proto``). Every downstream call carries a deadline; every downstream stream is
+cancelled when the caller goes away, which frees the worker's KV blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+import grpc
+
+from genmesh.models.chat_template import ChatMessage
+from genmesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common import metadata
+from services.frontend.stops import StopMatcher, validate_stop_strings
+
+log = logging.getLogger("genmesh.frontend")
+
+# Downstream codes that describe the caller's request: passed through as they are.
+_CALLER_CODES = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ALREADY_EXISTS,
+})
+
+
+class PipelineError(Exception):
+    """A failed request, as the public API reports it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineRequest:
+    request_id: str
+    model: str  # resolved model name (never empty)
+    model_version: str  # a pinned version, or "" to let the gateway route
+    prompt: str | None  # raw text to complete, or None for a chat
+    messages: tuple[ChatMessage, ...]  # the conversation when prompt is None
+    params: common_pb2.SamplingParams
+    priority: common_pb2.Priority = common_pb2.PRIORITY_NORMAL
+    tenant: str = ""  # isolates the worker's prefix cache between tenants
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    request_id: str
+    model_version: str  # the version that serves the request
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class TextChunk:
+    text: str  # new final text
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    finish_reason: common_pb2.FinishReason
+    usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+
+
+Event = Started | TextChunk | Finished
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, service: str) -> PipelineError:
+    """A downstream failure as the caller should see it."""
+    code, details = exc.code(), exc.details() or ""
+    if code in _CALLER_CODES:
+        return PipelineError(code, details)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return PipelineError(code, f"the {service} is unavailable ({details}); retry shortly")
+    return PipelineError(grpc.StatusCode.INTERNAL, f"the {service} failed: {details}")
+
+
+class Pipeline:
+    def __init__(self, *, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
+                 worker: worker_pb2_grpc.WorkerStub, rpc_timeout_s: float) -> None:
+        self.tokenizer = tokenizer
+        self.worker = worker
+        self.rpc_timeout_s = rpc_timeout_s
+
+    async def prompt_ids(self, req: PipelineRequest) -> list[int]:
+        try:
+            if req.prompt is not None:
+                reply = await self.tokenizer.Tokenize(tokenizer_pb2.TokenizeRequest(
+                    model=req.model, text=req.prompt, add_special_tokens=True),
+                    timeout=self.rpc_timeout_s)
+            else:
+                reply = await self.tokenizer.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(
+                    model=req.model, add_generation_prompt=True,
+                    messages=[tokenizer_pb2.ChatMessage(role=m.role, content=m.content)
+                              for m in req.messages]), timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, "tokenizer") from None
+        return list(reply.token_ids)
+
+    async def run(self, req: PipelineRequest, *, timeout_s: float
+                  ) -> AsyncGenerator[Event, None]:
+        """Streams Started, then TextChunks, then Finished; raises PipelineError."""
+        error = validate_stop_strings(list(req.params.stop))
+        if error:
+            raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT, error)
+        t0 = time.perf_counter()
+        prompt_ids = await self.prompt_ids(req)
+        if not prompt_ids:
+            raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt has no tokens")
+        worker_params = common_pb2.SamplingParams()
+        worker_params.CopyFrom(req.params)
+        del worker_params.stop[:]  # stop strings are applied here, on text
+        pinned = ((metadata.MODEL_VERSION, req.model_version),) if req.model_version else ()
+        worker_call = self.worker.Generate(worker_pb2.WorkerGenerateRequest(
+            # The worker's id must be unique even when callers reuse theirs.
+            request_id=f"{req.request_id}.{secrets.token_hex(3)}", prompt_ids=prompt_ids,
+            params=worker_params, priority=req.priority, cache_salt=req.tenant),
+            timeout=timeout_s, metadata=(*pinned, (metadata.REQUEST_ID, req.request_id)))
+        detok = self.tokenizer.Detokenize(timeout=timeout_s)
+        stops = StopMatcher(list(req.params.stop))
+        num_tokens, ttft_ms = 0, None
+        try:
+            served = dict(await worker_call.initial_metadata() or ())
+            yield Started(req.request_id, str(served.get(metadata.MODEL_VERSION,
+                                                         req.model_version)), len(prompt_ids))
+            is_first = True
+            async for msg in worker_call:
+                num_tokens += len(msg.token_ids)
+                text = await _detokenize(detok, tokenizer_pb2.DetokenizeRequest(
+                    model=req.model if is_first else "", skip_special_tokens=True,
+                    token_ids=msg.token_ids, flush=bool(msg.finish_reason)))
+                is_first = False
+                if ttft_ms is None:
+                    ttft_ms = (time.perf_counter() - t0) * 1e3
+                cut = stops.feed(text)
+                if cut.text:
+                    yield TextChunk(cut.text)
+                if cut.is_stopped:
+                    usage = common_pb2.Usage(prompt_tokens=len(prompt_ids),
+                                             completion_tokens=num_tokens)
+                    yield Finished(common_pb2.FINISH_REASON_STOP, usage)
+                    return
+                if msg.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                    raise PipelineError(grpc.StatusCode.INTERNAL,
+                                        f"generation failed: {msg.error}")
+                if msg.finish_reason:
+                    tail = stops.flush()
+                    if tail:
+                        yield TextChunk(tail)
+                    yield Finished(msg.finish_reason, msg.usage)
+                    return
+            raise PipelineError(grpc.StatusCode.UNAVAILABLE,
+                                "the worker stream ended without a finish; retry")
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, "worker") from None
+        finally:
+            # Whatever ended the request (done, stop string, caller gone, error): release
+            # the worker's request (and its KV blocks) and the detokenizer stream now.
+            worker_call.cancel()
+            detok.cancel()
+            log.info("request done", extra={
+                "request_id": req.request_id, "prompt_tokens": len(prompt_ids),
+                "completion_tokens": num_tokens, "ttft_ms": round(ttft_ms or 0.0, 2),
+                "ms": round((time.perf_counter() - t0) * 1e3, 1)})
+
+
+async def _detokenize(call: grpc.aio.StreamStreamCall,
+                      request: tokenizer_pb2.DetokenizeRequest) -> str:
+    """One Detokenize round trip: every request message is answered by one message."""
+    try:
+        await call.write(request)
+        reply = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, "tokenizer") from None
+    if reply is grpc.aio.EOF:
+        raise PipelineError(grpc.StatusCode.UNAVAILABLE,
+                            "the tokenizer closed the detokenize stream; retry")
+    return reply.text

@@ -1,0 +1,44 @@
+"""Entry point: ``python -m services.tokenizer.main [--flags]`` (or GENMESH_TOKENIZER_* env)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from genmesh.models.store import ModelStore, default_store_root
+from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from services.common.server import serve, setup_json_logging
+from services.tokenizer.config import TokenizerConfig, load_config
+from services.tokenizer.registry import TokenizerRegistry
+from services.tokenizer.servicer import TokenizerServicer
+
+log = logging.getLogger("genmesh.tokenizer")
+
+
+async def run(cfg: TokenizerConfig) -> None:
+    registry = TokenizerRegistry.from_store(ModelStore(default_store_root()), cfg.model_names)
+    if not len(registry):
+        raise ValueError("no models to serve: set --models")
+    for t in registry:
+        log.info("loaded tokenizer", extra={"model": t.name, "vocab_size": t.vocab_size,
+                                            "has_chat_template": t.chat_template is not None,
+                                            "eos_token_ids": list(t.eos_token_ids)})
+    servicer = TokenizerServicer(registry)
+    await serve(name="genmesh.tokenizer", address=cfg.address,
+                register=lambda s: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(
+                    servicer, s),
+                service_names=[tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name],
+                grace_s=cfg.shutdown_grace_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(argv, os.environ)
+    setup_json_logging("genmesh.tokenizer", cfg.log_level)
+    asyncio.run(run(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The Tokenizer gRPC service: translates protos to tokenizer calls and errors to status
+codes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+
+import grpc
+import jinja2
+
+from genmesh.models.chat_template import ChatMessage
+from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from services.tokenizer.detokenizer import IncrementalDetokenizer
+from services.tokenizer.registry import LoadedTokenizer, TokenizerRegistry, UnknownModelError
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(messages: Iterable[tokenizer_pb2.ChatMessage]) -> list[ChatMessage]:
+    """The conversation as domain messages; ValueError if empty or a role is unknown."""
+    converted = [ChatMessage(role=m.role, content=m.content) for m in messages]
+    if not converted:
+        raise ValueError("messages is empty: a chat needs at least one message")
+    for n, m in enumerate(converted):
+        if m.role not in CHAT_ROLES:
+            raise ValueError(f"messages[{n}].role is {m.role!r}; "
+                             f"expected one of {', '.join(CHAT_ROLES)}")
+    return converted
+
+
+def check_token_ids(token_ids: Iterable[int], t: LoadedTokenizer) -> None:
+    """ValueError naming the first id outside the model's vocabulary."""
+    for token_id in token_ids:
+        if not 0 <= token_id < t.vocab_size:
+            raise ValueError(f"token id {token_id} is out of range for model {t.name!r} "
+                             f"(vocab size {t.vocab_size})")
+
+
+class NoChatTemplateError(Exception):
+    """The model has no chat template."""
+
+
+def apply_chat_template(t: LoadedTokenizer, messages: list[ChatMessage], *,
+                        add_generation_prompt: bool) -> tuple[str, list[int]]:
+    """The rendered conversation and its token ids. Raises NoChatTemplateError, and
+    jinja2.TemplateError where the template rejects the messages."""
+    if t.chat_template is None:
+        raise NoChatTemplateError(f"model {t.name!r} has no chat template; use Tokenize")
+    text = t.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+    # The template writes the special tokens itself: adding them again would double them.
+    return text, t.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, registry: TokenizerRegistry) -> None:
+        self.registry = registry
+
+    async def _get(self, model: str, context: grpc.aio.ServicerContext) -> LoadedTokenizer:
+        try:
+            return self.registry.get(model)
+        except UnknownModelError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise  # abort raises; this keeps the type checker informed
+
+    async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> tokenizer_pb2.TokenizeResponse:
+        t = await self._get(request.model, context)
+        # Off the event loop: a long prompt takes milliseconds, and Detokenize streams
+        # share the loop.
+        encoding = await asyncio.to_thread(t.tokenizer.encode, request.text,
+                                           add_special_tokens=request.add_special_tokens)
+        return tokenizer_pb2.TokenizeResponse(token_ids=encoding.ids, text=request.text)
+
+    async def ApplyChatTemplate(self, request: tokenizer_pb2.ChatTemplateRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> tokenizer_pb2.TokenizeResponse:
+        t = await self._get(request.model, context)
+        try:
+            messages = chat_messages(request.messages)
+            text, token_ids = await asyncio.to_thread(
+                apply_chat_template, t, messages,
+                add_generation_prompt=request.add_generation_prompt)
+        except NoChatTemplateError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except jinja2.TemplateError as exc:  # includes the template's raise_exception
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"model {t.name!r}'s chat template rejected the messages: {exc}")
+        return tokenizer_pb2.TokenizeResponse(token_ids=token_ids, text=text)
+
+    async def Detokenize(self, request_iterator: AsyncIterator[tokenizer_pb2.DetokenizeRequest],
+                         context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[tokenizer_pb2.DetokenizeResponse]:
+        # Per message the work is two decodes of a few tokens (microseconds), so it runs
+        # on the event loop; one response per request lets the caller pair them.
+        t: LoadedTokenizer | None = None
+        detokenizer: IncrementalDetokenizer | None = None
+        async for request in request_iterator:
+            if t is None or detokenizer is None:
+                if not request.model:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "the first Detokenize message must name the model")
+                t = await self._get(request.model, context)
+                detokenizer = IncrementalDetokenizer(
+                    t.tokenizer, skip_special_tokens=request.skip_special_tokens)
+            try:
+                check_token_ids(request.token_ids, t)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            text = detokenizer.push(request.token_ids)
+            if request.flush:
+                text += detokenizer.flush()
+            yield tokenizer_pb2.DetokenizeResponse(text=text)
+
+    async def DescribeModel(self, request: tokenizer_pb2.DescribeModelRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> tokenizer_pb2.ModelDescription:
+        t = await self._get(request.model, context)
+        return tokenizer_pb2.ModelDescription(
+            model=t.name, vocab_size=t.vocab_size,
+            has_chat_template=t.chat_template is not None, eos_token_ids=t.eos_token_ids)

@@ -1,0 +1,84 @@
+"""The Node.js client (clients/node/chat.js) holding a Chat session through the mesh.
+
+It loads the public .proto files with @grpc/proto-loader and talks to the Envoy edge
+listener, so these tests prove that a gRPC implementation other than ours can use the
+public API as published. They need `node` and the client's packages, installed with
+`npm ci --prefix clients/node`; without them they skip.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CLIENT_DIR = REPO_ROOT / "clients" / "node"
+CHAT_JS = CLIENT_DIR / "chat.js"
+
+# chat.js enforces its own deadline; the subprocess timeout only catches a client
+# that fails to, so it is the longer of the two.
+CHAT_TIMEOUT_MS = 90_000
+SUBPROCESS_TIMEOUT_S = CHAT_TIMEOUT_MS / 1000 + 30
+
+TURNS = ("Hi, who are you?", "And what can you do?")
+COMPLETED = ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH")
+
+_NODE = shutil.which("node")
+
+pytestmark = [
+    pytest.mark.skipif(_NODE is None, reason="node is not on PATH"),
+    pytest.mark.skipif(
+        not (CLIENT_DIR / "node_modules").is_dir(),
+        reason="clients/node/node_modules is missing: run `npm ci --prefix clients/node`",
+    ),
+]
+
+
+def run_chat(mesh: Any, *args: str) -> dict[str, Any]:
+    """Run chat.js against the mesh's edge with the two turns and return its JSON."""
+    assert _NODE is not None  # guarded by pytestmark; narrows the type
+    cmd = [_NODE, str(CHAT_JS), "--address", mesh.edge_address, "--model", mesh.model,
+           "--timeout-ms", str(CHAT_TIMEOUT_MS), *args]
+    for turn in TURNS:
+        cmd += ["--turn", turn]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+                          cwd=REPO_ROOT, check=False)
+    assert proc.returncode == 0, f"chat.js exited {proc.returncode}:\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def assert_completed(turn: dict[str, Any]) -> None:
+    assert turn["deltas"] >= 1, turn
+    assert turn["text"].strip(), turn
+    assert turn["finish_reason"] in COMPLETED, turn
+    assert turn["usage"]["completion_tokens"] > 0, turn
+    assert turn["request_id"], turn
+
+
+def test_two_turn_chat_reuses_the_cached_history(mesh):
+    result = run_chat(mesh, "--max-tokens", "16")
+
+    assert result["errors"] == []
+    turns = result["turns"]
+    assert [t["turn"] for t in turns] == [1, 2]
+    for turn in turns:
+        assert_completed(turn)
+    # The second turn resends the first turn and its answer, whose KV the worker's
+    # prefix cache still holds.
+    assert turns[1]["usage"]["cached_prompt_tokens"] > 0, turns[1]
+
+
+def test_cancelled_turn_aborts_and_the_session_goes_on(mesh):
+    result = run_chat(mesh, "--max-tokens", "64", "--cancel-after-deltas", "2")
+
+    assert result["errors"] == []
+    first, second = result["turns"]
+    assert first["finish_reason"] == "FINISH_REASON_ABORT", first
+    # The cancel goes out after the second delta; a few more may be in flight.
+    assert first["deltas"] >= 2, first
+    assert_completed(second)

