@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from genmesh.launcher.plan import MeshConfig, plan
+from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, plan
+from genmesh.launcher.ports import free_ports
 from genmesh.launcher.supervisor import Supervisor
 from genmesh.models.store import ModelStore, default_store_root
 
@@ -47,11 +48,7 @@ class RunningMesh:
 def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
     """Envoy, Redis, tokenizer, worker (the default model, fp32 so outputs are exact)
     and frontend as real processes on free loopback ports, via the launcher."""
-    from tests.procs import free_port
-
-    ports = {name: free_port() for name in ("edge_port", "mesh_port", "admin_port",
-                                            "frontend_port", "tokenizer_port", "worker_port",
-                                            "redis_port")}
+    ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
     config = MeshConfig(**ports, model=DEFAULT_MODEL, dtype="float32", kv_cache_gib=0.25,
                         run_dir=tmp_path_factory.mktemp("mesh"), log_level="INFO")
     supervisor = Supervisor(plan(config), run_dir=config.run_dir)

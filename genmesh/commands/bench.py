@@ -24,6 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
     e.add_argument("--output", help="also write the JSON to this file")
     e.set_defaults(func=_engine)
+    m = bsub.add_parser("mesh", help="latency the mesh adds over the in-process engine")
+    m.add_argument("--quick", action="store_true", help="a small run (under a minute)")
+    m.add_argument("--model", default="smollm2-135m-instruct", help="a model in the store")
+    m.add_argument("--dtype", default="bfloat16")
+    m.add_argument("--kv-cache-gib", type=float, default=1.0)
+    m.add_argument("--output", help="also write the JSON to this file")
+    m.set_defaults(func=_mesh)
 
 
 def _engine(args: argparse.Namespace) -> int:
@@ -37,9 +44,22 @@ def _engine(args: argparse.Namespace) -> int:
                           kv_cache_memory_gib=args.kv_cache_gib,
                           max_num_batched_tokens=args.max_num_batched_tokens)
     result = run_engine_bench(config, QUICK if args.quick else FULL, with_hf=not args.no_hf)
+    return _print(result, args.output)
+
+
+def _mesh(args: argparse.Namespace) -> int:
+    from genmesh.bench.mesh import FULL, QUICK, run_mesh_bench
+
+    model_dir = ModelStore(default_store_root()).ensure(args.model)
+    result = run_mesh_bench(model_dir, model=args.model, dtype=args.dtype,
+                            kv_cache_gib=args.kv_cache_gib, bench=QUICK if args.quick else FULL)
+    return _print(result, args.output)
+
+
+def _print(result: dict, output: str | None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
-    if args.output:
-        with open(args.output, "w") as f:
+    if output:
+        with open(output, "w") as f:
             f.write(text + "\n")
     return 0

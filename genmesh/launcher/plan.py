@@ -56,6 +56,10 @@ class MeshConfig:
         return f"{self.host}:{self.mesh_port}"
 
 
+PORT_FIELDS = ("edge_port", "mesh_port", "admin_port", "frontend_port", "tokenizer_port",
+               "worker_port", "redis_port")
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessSpec:
     name: str

@@ -1,0 +1,105 @@
+"""The launcher: `genmesh up` and `genmesh status` as a user runs them, the supervisor's
+failure reporting, and what a missing piece tells the user."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from genmesh.cli import main as genmesh
+from genmesh.launcher import plan as plan_module
+from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, MissingPieceError, ProcessSpec, plan
+from genmesh.launcher.ports import free_ports
+from genmesh.launcher.probes import GrpcHealth
+from genmesh.launcher.supervisor import STATE_FILE, ProcessFailedError, Supervisor
+from tests.procs import REPO_ROOT
+
+
+def test_status_of_the_running_mesh_is_all_serving(mesh, capsys):
+    assert genmesh(["status", "--run-dir", str(mesh.config.run_dir)]) == 0
+    table = capsys.readouterr().out
+    for name in ("redis", "tokenizer", "worker", "frontend", "envoy"):
+        assert f"{name} " in table
+    assert table.count("NOT SERVING") == 0 and table.count("SERVING") == 5
+
+
+def test_status_without_a_mesh_says_how_to_start_one(tmp_path, capsys):
+    assert genmesh(["status", "--run-dir", str(tmp_path)]) == 1
+    assert "genmesh up" in capsys.readouterr().err
+
+
+def test_status_exits_non_zero_when_a_process_is_down(tmp_path, capsys):
+    [port] = free_ports(1)
+    state = {"processes": [{"name": "worker", "pid": 1, "endpoint": f"127.0.0.1:{port}",
+                            "probe": "GrpcHealth", "probe_args": [f"127.0.0.1:{port}"]}]}
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    assert genmesh(["status", "--run-dir", str(tmp_path)]) == 1
+    assert "NOT SERVING" in capsys.readouterr().out
+
+
+def test_missing_model_names_the_fix(tmp_path, capsys):
+    assert genmesh(["up", "--model", "no-such-model", "--run-dir", str(tmp_path)]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_missing_redis_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan_module, "redis_binary", lambda: None)
+    with pytest.raises(MissingPieceError, match="make setup"):
+        plan(MeshConfig(run_dir=tmp_path))
+
+
+def test_plan_renders_a_valid_envoy_config_and_orders_the_processes(tmp_path):
+    specs = plan(MeshConfig(run_dir=tmp_path))
+    assert [s.name for s in specs] == ["redis", "tokenizer", "worker", "frontend", "envoy"]
+    assert (tmp_path / "envoy.yaml").exists()
+    frontend = next(s for s in specs if s.name == "frontend")
+    assert "127.0.0.1:8081" in frontend.argv  # the frontend calls through Envoy's mesh
+
+
+def test_a_process_that_dies_while_starting_is_reported_with_its_log(tmp_path):
+    [port] = free_ports(1)
+    crash = ProcessSpec("crashy", (sys.executable, "-c", "print('bad flag --x'); exit(3)"),
+                        f"127.0.0.1:{port}", GrpcHealth(f"127.0.0.1:{port}"))
+    supervisor = Supervisor([crash], run_dir=tmp_path)
+    supervisor.start()
+    try:
+        with pytest.raises(ProcessFailedError, match=r"(?s)crashy exited with status 3.*bad flag"):
+            supervisor.wait_ready(timeout_s=10)
+    finally:
+        supervisor.stop()
+    assert not (tmp_path / STATE_FILE).exists()
+
+
+def test_genmesh_up_serves_then_ctrl_c_stops_every_process(tmp_path):
+    ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
+    argv = [sys.executable, "-m", "genmesh.cli", "up", "--quiet", "--dtype", "float32",
+            "--kv-cache-gib", "0.1", "--run-dir", str(tmp_path)]
+    for name, port in ports.items():
+        argv += [f"--{name.replace('_', '-')}", str(port)]
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / STATE_FILE).exists() or genmesh(
+                ["status", "--run-dir", str(tmp_path)]) != 0:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the mesh did not start"
+            time.sleep(0.5)
+        pids = [p["pid"] for p in json.loads((tmp_path / STATE_FILE).read_text())["processes"]]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "SERVING" in out and "stopped" in err
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (tmp_path / STATE_FILE).exists()
