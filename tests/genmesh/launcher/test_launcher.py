@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -84,21 +85,29 @@ def test_genmesh_up_serves_then_ctrl_c_stops_every_process(tmp_path):
         argv += [f"--{name.replace('_', '-')}", str(port)]
     proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                              daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 180
-        while not (tmp_path / STATE_FILE).exists() or genmesh(
-                ["status", "--run-dir", str(tmp_path)]) != 0:
+        # The status table is printed once every process serves; envoy is its last row.
+        while not any(line.startswith("envoy") for line in lines):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "the mesh did not start"
-            time.sleep(0.5)
+            time.sleep(0.2)
+        assert genmesh(["status", "--run-dir", str(tmp_path)]) == 0
         pids = [p["pid"] for p in json.loads((tmp_path / STATE_FILE).read_text())["processes"]]
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)  # stderr is a few lines with --quiet: no pipe to fill
+        err = proc.stderr.read() if proc.stderr else ""
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert "SERVING" in out and "stopped" in err
+    assert "stopped" in err
+    assert sum(" SERVING" in line for line in lines) == 5
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
