@@ -9,6 +9,7 @@ cancelled when the caller goes away, which frees the worker's KV blocks.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -127,19 +128,21 @@ class Pipeline:
             params=worker_params, priority=req.priority, cache_salt=req.tenant),
             timeout=timeout_s, metadata=(*pinned, (metadata.REQUEST_ID, req.request_id)))
         detok = self.tokenizer.Detokenize(timeout=timeout_s)
+        # Open the detokenizer stream now, so its setup overlaps the worker's prefill
+        # instead of delaying the first token.
+        opening = asyncio.ensure_future(_detokenize(detok, tokenizer_pb2.DetokenizeRequest(
+            model=req.model, skip_special_tokens=True)))
         stops = StopMatcher(list(req.params.stop))
         num_tokens, ttft_ms = 0, None
         try:
             served = dict(await worker_call.initial_metadata() or ())
             yield Started(req.request_id, str(served.get(metadata.MODEL_VERSION,
                                                          req.model_version)), len(prompt_ids))
-            is_first = True
             async for msg in worker_call:
                 num_tokens += len(msg.token_ids)
+                await opening  # done long ago but for the first token; raises its error
                 text = await _detokenize(detok, tokenizer_pb2.DetokenizeRequest(
-                    model=req.model if is_first else "", skip_special_tokens=True,
                     token_ids=msg.token_ids, flush=bool(msg.finish_reason)))
-                is_first = False
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - t0) * 1e3
                 cut = stops.feed(text)
@@ -167,6 +170,9 @@ class Pipeline:
             # Whatever ended the request (done, stop string, caller gone, error): release
             # the worker's request (and its KV blocks) and the detokenizer stream now.
             worker_call.cancel()
+            if opening.done() and not opening.cancelled():
+                opening.exception()  # retrieved: an error here was already reported or moot
+            opening.cancel()
             detok.cancel()
             log.info("request done", extra={
                 "request_id": req.request_id, "prompt_tokens": len(prompt_ids),
