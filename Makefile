@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/genmesh models pull smollm2-135m-instruct
 	$(VENV)/bin/genmesh up --quiet --demo "Tell me, in two sentences, why the sky is blue." \
-		--demo "Now say it as a haiku."
+		--demo "Now explain it to a five-year-old."
 
 lint: setup
 	$(VENV)/bin/ruff check .
