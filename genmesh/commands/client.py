@@ -18,6 +18,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate past end tokens")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per call")
 
 
@@ -36,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _params(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                seed=args.seed, stop=args.stop)
+                seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -91,19 +92,27 @@ def run_turn(session: ChatSession, content: str) -> bool:
     """Streams one turn's answer to stdout; Ctrl-C cancels it. False if the session broke."""
     session.start_turn(content)
     cancelled = False
+
+    def cancel_once() -> None:
+        nonlocal cancelled
+        if not cancelled:
+            session.cancel()
+            cancelled = True
+
     while True:
         try:
             event = session.next_event()
         except KeyboardInterrupt:
-            if not cancelled:
-                session.cancel()
-                cancelled = True
+            cancel_once()
             continue
         if event is None:
             print("\ngenmesh: the session ended", file=sys.stderr)
             return False
         if isinstance(event, TextDelta):
-            print(event.text, end="", flush=True)
+            try:
+                print(event.text, end="", flush=True)
+            except KeyboardInterrupt:  # Ctrl-C while printing counts too
+                cancel_once()
         elif isinstance(event, TurnFinished):
             u = event.usage
             print(f"\n[{event.finish_reason}: {u.prompt_tokens} prompt ({u.cached_prompt_tokens}"
