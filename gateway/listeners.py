@@ -1,9 +1,8 @@
 """Listeners, their HTTP connection managers and gRPC routes.
 
 Timeouts: every route has ``timeout: 0s`` (no Envoy deadline: a generation stream may
-last minutes) and ``max_stream_duration.grpc_timeout_header_max: 0s``, which makes
-Envoy enforce the caller's own ``grpc-timeout`` (its gRPC deadline) uncapped. A stream
-that sends nothing in either direction for ``stream_idle_timeout`` is reset.
+last minutes); the caller's own gRPC deadline rules (see ``route``). A stream that
+sends nothing in either direction for ``stream_idle_timeout`` is reset.
 
 Unknown paths: the last route of each listener answers every other path itself with
 HTTP 404, which a gRPC client sees as UNIMPLEMENTED with a message naming the services

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable, Iterator
 
 from genmesh.client import ChatError, Client, GenmeshError, TextDelta, TurnFinished
 from genmesh.client.sync import DEFAULT_ADDRESS, ChatSession
@@ -62,20 +63,26 @@ def _chat(args: argparse.Namespace) -> int:
             model=args.model, model_version=args.model_version, system_prompt=args.system,
             **_params(args)) as session:
         turns = iter(args.message) if args.message else _read_turns()
-        for content in turns:
-            if not interactive:
-                print(f"> {content}", file=sys.stderr)
-            try:
-                if not run_turn(session, content):
-                    return 1
-            except GenmeshError as exc:
-                print(f"genmesh: {exc}", file=sys.stderr)
-                if not interactive:
-                    return 1
+        return run_turns(session, turns, echo=not interactive, stop_on_error=not interactive)
+
+
+def run_turns(session: ChatSession, turns: Iterable[str], *, echo: bool,
+              stop_on_error: bool) -> int:
+    """Runs the turns in order, streaming each answer; the exit status for the CLI."""
+    for content in turns:
+        if echo:
+            print(f"\n> {content}", file=sys.stderr)
+        try:
+            if not run_turn(session, content):
+                return 1
+        except GenmeshError as exc:
+            print(f"genmesh: {exc}", file=sys.stderr)
+            if stop_on_error:
+                return 1
     return 0
 
 
-def _read_turns():  # type: ignore[no-untyped-def]
+def _read_turns() -> Iterator[str]:
     print("chat: type a message; Ctrl-C cancels a running answer, Ctrl-D quits",
           file=sys.stderr)
     while True:

@@ -82,19 +82,11 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _demo(address: str, turns: list[str]) -> int:
-    from genmesh.client import Client, GenmeshError
-    from genmesh.commands.client import run_turn
+    from genmesh.client import Client
+    from genmesh.commands.client import run_turns
 
     with Client(address, timeout_s=120) as client, client.chat(max_tokens=128) as session:
-        for content in turns:
-            print(f"\n> {content}", file=sys.stderr)
-            try:
-                if not run_turn(session, content):
-                    return 1
-            except GenmeshError as exc:
-                print(f"genmesh: {exc}", file=sys.stderr)
-                return 1
-    return 0
+        return run_turns(session, turns, echo=True, stop_on_error=True)
 
 
 def _interrupt(signum: int, frame: object) -> None:

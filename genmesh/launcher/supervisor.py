@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import IO
 
@@ -124,11 +124,7 @@ class Supervisor:
     def _write_state(self) -> None:
         """What ``genmesh status`` reads to find this mesh's processes."""
         state = [{"name": s.name, "pid": self.procs[s.name].pid, "endpoint": s.endpoint,
-                  "probe": type(s.probe).__name__, "probe_args": _probe_args(s)}
+                  "probe": type(s.probe).__name__, "probe_args": list(astuple(s.probe))}
                  for s in self.specs]
         (self.run_dir / STATE_FILE).write_text(json.dumps({"processes": state}, indent=1))
 
-
-def _probe_args(spec: ProcessSpec) -> list:
-    from dataclasses import astuple
-    return list(astuple(spec.probe))

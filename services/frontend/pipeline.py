@@ -58,6 +58,7 @@ class PipelineRequest:
 @dataclass(frozen=True, slots=True)
 class Started:
     request_id: str
+    model: str
     model_version: str  # the version that serves the request
     prompt_tokens: int
 
@@ -136,8 +137,8 @@ class Pipeline:
         num_tokens, ttft_ms = 0, None
         try:
             served = dict(await worker_call.initial_metadata() or ())
-            yield Started(req.request_id, str(served.get(metadata.MODEL_VERSION,
-                                                         req.model_version)), len(prompt_ids))
+            version = str(served.get(metadata.MODEL_VERSION, req.model_version))
+            yield Started(req.request_id, req.model, version, len(prompt_ids))
             async for msg in worker_call:
                 num_tokens += len(msg.token_ids)
                 await opening  # done long ago but for the first token; raises its error

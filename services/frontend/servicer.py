@@ -39,8 +39,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         parts = []
         async for event in self._events(request, context, common_pb2.PRIORITY_NORMAL):
             if isinstance(event, Started):
-                reply.model, reply.model_version = _model_of(request, self.catalog), \
-                    event.model_version
+                reply.model = event.model
+                reply.model_version = event.model_version
                 reply.request_id = event.request_id
             elif isinstance(event, TextChunk):
                 parts.append(event.text)
@@ -126,6 +126,3 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 def _edge_request_id(context: grpc.aio.ServicerContext) -> str:
     return str(dict(context.invocation_metadata() or ()).get(metadata.REQUEST_ID, ""))
 
-
-def _model_of(request: generation_pb2.GenerateRequest, catalog: ModelCatalog) -> str:
-    return request.model or catalog.model

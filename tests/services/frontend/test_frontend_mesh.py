@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -257,9 +256,7 @@ def test_closing_a_stream_early_aborts_the_worker_request(mesh, client):
     for _, _ in zip(range(3), stream, strict=False):
         pass
     stream.close()
-    done = threading.Event()
     t0 = time.monotonic()
     while worker_stats(mesh).num_kv_blocks_free != idle_free:
         assert time.monotonic() - t0 < 2.0
         time.sleep(0.01)
-    done.set()
