@@ -41,8 +41,10 @@ MAX_PENDING_REQUESTS = 4096
 MAX_REQUESTS = 4096
 
 
-def cluster(name: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
-    """A gRPC cluster over ``endpoints``, load balanced round robin.
+def cluster(name: str, endpoints: Sequence[Endpoint], *, lb_policy: str = "ROUND_ROBIN"
+            ) -> dict[str, Any]:
+    """A gRPC cluster over ``endpoints``, load balanced by ``lb_policy`` (worker pools use
+    RING_HASH: a route's hash policy then keeps a prompt prefix on one replica).
 
     STATIC when every host is an IP address (loopback, the local mesh); STRICT_DNS as soon
     as one is a name (docker-compose service names, Kubernetes headless services), which
@@ -60,7 +62,7 @@ def cluster(name: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
         # Container networks are IPv4; AUTO would try AAAA records first.
         config["dns_lookup_family"] = "V4_PREFERRED"
     config |= {
-        "lb_policy": "ROUND_ROBIN",
+        "lb_policy": lb_policy,
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [_lb_endpoint(host, port) for host, port in endpoints]}],
@@ -71,8 +73,24 @@ def cluster(name: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
         "circuit_breakers": circuit_breakers(),
         "health_checks": [grpc_health_check()],
         "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+        "outlier_detection": outlier_detection(),
     }
     return config
+
+
+def outlier_detection() -> dict[str, Any]:
+    """Passive ejection of a replica that keeps failing calls (between health probes):
+    five connection failures/resets/timeouts in a row eject it for 10 s, longer if it
+    repeats; at most half of a pool is ejected at once. Caller errors (a gRPC status
+    inside a 200 response) never count."""
+    return {
+        "consecutive_gateway_failure": 5,
+        "enforcing_consecutive_gateway_failure": 100,
+        "consecutive_5xx": 5,
+        "interval": duration(5.0),
+        "base_ejection_time": duration(10.0),
+        "max_ejection_percent": 50,
+    }
 
 
 def http2_protocol_options() -> dict[str, Any]:

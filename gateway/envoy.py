@@ -1,10 +1,15 @@
-"""The gateway's Envoy: its configuration, the bootstrap built from it, and how to run it.
+"""The gateway's Envoy: the bootstrap and xDS resources built from a deployment, and how
+to run and validate Envoy.
 
 Two listeners on one Envoy (DESIGN.md §1):
-- edge (public): ``genmesh.v1.Generation``, health and reflection, all to the frontend;
-  limits request bodies to ``max_request_bytes``.
-- mesh (service to service): each internal gRPC service to its own cluster.
-Routes match on the gRPC path prefix ``/<package>.<Service>/``.
+- edge (public): ``genmesh.v1.Generation`` per tenant with its rate limits, health and
+  reflection, all to the frontend; request bodies limited to ``max_request_bytes``.
+- mesh (service to service): each internal gRPC service to its cluster, the worker pools
+  split, mirrored and hashed by the rollout state (``gateway/routes.py``).
+
+The same resources render two ways: ``build_bootstrap`` puts everything inline (what
+``envoy --mode validate`` can check), ``dynamic_bootstrap`` points Envoy at xDS files that
+``gateway/xds.py`` replaces atomically on a live change.
 """
 
 from __future__ import annotations
@@ -20,127 +25,110 @@ from typing import Any
 
 import yaml
 
+from gateway import ratelimits
 from gateway.clusters import cluster
 from gateway.core import socket_address, typed
-from gateway.listeners import (
-    http_connection_manager,
-    listener,
-    route,
-    unrouted,
-    worker_route,
-)
+from gateway.deployment import Deployment, GatewaySettings
+from gateway.listeners import http_connection_manager, listener, route_config
+from gateway.routes import edge_routes, mesh_routes
 
 VALIDATE_TIMEOUT_S = 30.0
+NODE = {"id": "genmesh-gateway", "cluster": "genmesh"}
 
 
 @dataclass(frozen=True, slots=True)
-class Upstream:
-    """One gRPC backend: a cluster of a single endpoint."""
+class Resources:
+    """Everything Envoy serves, as xDS resources (plain dicts)."""
 
-    name: str  # cluster name, as it appears in Envoy's stats and access log
-    host: str  # IP address (STATIC cluster) or DNS name (STRICT_DNS cluster)
-    port: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GatewayConfig:
-    edge_port: int = 8080  # public listener: what clients dial
-    mesh_port: int = 8081  # service-to-service listener: what the frontend dials
-    admin_port: int = 9901  # admin interface (GET /ready, /stats, /clusters); no auth
-    host: str = "127.0.0.1"  # address of all three; 0.0.0.0 inside a container
-    frontend: Upstream  # serves genmesh.v1.Generation (+ health, reflection) on the edge
-    tokenizer: Upstream  # genmesh.v1.Tokenizer on the mesh
-    worker: Upstream  # genmesh.v1.Worker on the mesh
-    safety: Upstream | None = None  # genmesh.v1.Safety on the mesh; None: not routed
-    cache: Upstream | None = None  # genmesh.v1.Cache on the mesh; None: not routed
-    # A call with no message in either direction for this long is reset (both listeners).
-    # A call's total length is bounded only by the client's own gRPC deadline.
-    stream_idle_timeout_s: float = 300.0
-    # Most bytes a client may send on one edge call (a unary or server-streaming request
-    # message; all messages of a bidi stream together); more fails the call. The mesh is
-    # not limited: internal messages are bounded by each server's gRPC receive limit.
-    max_request_bytes: int = 4 * 1024 * 1024
-    max_request_headers_kb: int = 60  # request headers + gRPC metadata, both listeners
-    max_downstream_connections: int = 10_000  # open client connections, all listeners
-    access_log: bool = True  # one JSON line per call on Envoy's stdout
-
-    def __post_init__(self) -> None:
-        ports = [self.edge_port, self.mesh_port, self.admin_port]
-        if len(set(ports)) != len(ports):
-            raise ValueError(f"edge, mesh and admin ports must differ, got {ports}")
-        names = [upstream.name for upstream in self.upstreams()]
-        if len(set(names)) != len(names):
-            raise ValueError(f"upstream names must be unique cluster names, got {names}")
-        if self.max_request_bytes <= 0:
-            raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
-
-    def upstreams(self) -> list[Upstream]:
-        """Every configured backend, in a fixed order."""
-        optional = [self.safety, self.cache]
-        return [self.frontend, self.tokenizer, self.worker,
-                *(upstream for upstream in optional if upstream is not None)]
+    listeners: list[dict[str, Any]]  # with their routes inline, or as RDS subscriptions
+    clusters: list[dict[str, Any]]
+    route_configs: list[dict[str, Any]]  # "edge" and "mesh"
 
 
-def edge_routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
-    services = ["genmesh.v1.Generation", "grpc.health.v1.Health", "grpc.reflection"]
-    return [
-        route("/genmesh.v1.Generation/", cfg.frontend.name),
-        route("/grpc.health.v1.Health/", cfg.frontend.name),
-        route("/grpc.reflection.", cfg.frontend.name),  # v1 and v1alpha
-        unrouted("edge", services),
-    ]
+def clusters(dep: Deployment) -> list[dict[str, Any]]:
+    """One cluster per service, one per model version (its worker pool)."""
+    out = [cluster("frontend", dep.services.frontend), cluster("tokenizer", dep.services.tokenizer)]
+    for name in ("safety", "cache", "ratelimit"):
+        endpoints = getattr(dep.services, name)
+        if endpoints:
+            out.append(cluster(name, endpoints))
+    out += [cluster(v.cluster, v.workers, lb_policy="RING_HASH") for v in dep.versions]
+    return out
 
 
-def mesh_routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
-    routes = [route("/genmesh.v1.Tokenizer/", cfg.tokenizer.name), worker_route(cfg.worker.name)]
-    services = ["genmesh.v1.Tokenizer", "genmesh.v1.Worker"]
-    if cfg.safety is not None:
-        routes.append(route("/genmesh.v1.Safety/", cfg.safety.name))
-        services.append("genmesh.v1.Safety")
-    if cfg.cache is not None:
-        routes.append(route("/genmesh.v1.Cache/", cfg.cache.name))
-        services.append("genmesh.v1.Cache")
-    return [*routes, unrouted("mesh", services)]
+def resources(dep: Deployment, *, rds_dir: Path | None = None) -> Resources:
+    """The resources of ``dep``; with ``rds_dir`` the listeners subscribe to route files
+    there (``routes-edge.yaml``, ``routes-mesh.yaml``) instead of carrying them."""
+    configs = [route_config("edge", edge_routes(dep)), route_config("mesh", mesh_routes(dep))]
+    g = dep.gateway
+    edge_filters = [ratelimits.local_filter()]
+    if dep.services.ratelimit:
+        edge_filters.append(ratelimits.global_filter("ratelimit", dep.limits.global_failure_mode))
+    listeners = []
+    for config, port, filters in ((configs[0], g.edge_port, edge_filters),
+                                  (configs[1], g.mesh_port, [])):
+        name = config["name"]
+        routes = ({"route_config": config} if rds_dir is None
+                  else {"rds": rds_subscription(name, rds_dir)})
+        manager = _connection_manager(g, name, routes, filters)
+        listeners.append(listener(name, host=g.host, port=port, manager=manager))
+    return Resources(listeners, clusters(dep), configs)
 
 
-def build_bootstrap(cfg: GatewayConfig) -> dict[str, Any]:
-    """The whole static Envoy bootstrap for ``cfg``."""
+def build_bootstrap(dep: Deployment) -> dict[str, Any]:
+    """The whole static Envoy bootstrap for ``dep``."""
+    res = resources(dep)
+    return {**_base(dep.gateway),
+            "static_resources": {"listeners": res.listeners, "clusters": res.clusters}}
+
+
+def dynamic_bootstrap(dep: Deployment, xds_dir: Path) -> dict[str, Any]:
+    """A bootstrap whose listeners, clusters and routes come from files in ``xds_dir``."""
+    return {**_base(dep.gateway), "node": NODE, "dynamic_resources": {
+        "lds_config": file_source(xds_dir / "listeners.yaml"),
+        "cds_config": file_source(xds_dir / "clusters.yaml")}}
+
+
+def file_source(path: Path) -> dict[str, Any]:
+    """A config source read from ``path``; Envoy rereads it when a file is renamed onto it
+    (it watches the directory, not the file)."""
+    return {"resource_api_version": "V3", "path_config_source": {
+        "path": str(path), "watched_directory": {"path": str(path.parent)}}}
+
+
+def rds_subscription(name: str, rds_dir: Path) -> dict[str, Any]:
+    return {"route_config_name": name,
+            "config_source": file_source(rds_dir / f"routes-{name}.yaml")}
+
+
+def _base(g: GatewaySettings) -> dict[str, Any]:
     return {
-        "admin": {"address": socket_address(cfg.host, cfg.admin_port)},
-        "static_resources": {
-            "listeners": [
-                listener("edge", host=cfg.host, port=cfg.edge_port,
-                         manager=_connection_manager(cfg, "edge", edge_routes(cfg))),
-                listener("mesh", host=cfg.host, port=cfg.mesh_port,
-                         manager=_connection_manager(cfg, "mesh", mesh_routes(cfg))),
-            ],
-            "clusters": [cluster(u.name, [(u.host, u.port)]) for u in cfg.upstreams()],
-        },
+        "admin": {"address": socket_address(g.host, g.admin_port)},
         "overload_manager": {
             "resource_monitors": [{
                 "name": "envoy.resource_monitors.global_downstream_max_connections",
                 "typed_config": typed(
                     "envoy.extensions.resource_monitors.downstream_connections.v3."
                     "DownstreamConnectionsConfig",
-                    max_active_downstream_connections=cfg.max_downstream_connections),
+                    max_active_downstream_connections=g.max_downstream_connections),
             }],
         },
     }
 
 
-def _connection_manager(cfg: GatewayConfig, name: str, routes: list[dict[str, Any]]
-                        ) -> dict[str, Any]:
+def _connection_manager(g: GatewaySettings, name: str, routes: dict[str, Any],
+                        filters: list[dict[str, Any]]) -> dict[str, Any]:
     is_edge = name == "edge"
     return http_connection_manager(
-        name, routes=routes, is_edge=is_edge,
-        max_request_bytes=cfg.max_request_bytes if is_edge else None,
-        stream_idle_timeout_s=cfg.stream_idle_timeout_s,
-        max_request_headers_kb=cfg.max_request_headers_kb, access_log=cfg.access_log)
+        name, routes=routes, extra_filters=filters, is_edge=is_edge,
+        max_request_bytes=g.max_request_bytes if is_edge else None,
+        stream_idle_timeout_s=g.stream_idle_timeout_s,
+        max_request_headers_kb=g.max_request_headers_kb, access_log=g.access_log)
 
 
-def render(cfg: GatewayConfig) -> str:
-    """The bootstrap as YAML, keys in the order the builders wrote them."""
-    return yaml.safe_dump(build_bootstrap(cfg), sort_keys=False)
+def render(dep: Deployment) -> str:
+    """The static bootstrap as YAML, keys in the order the builders wrote them."""
+    return yaml.safe_dump(build_bootstrap(dep), sort_keys=False)
 
 
 def envoy_binary() -> Path:

@@ -1,12 +1,9 @@
 """Listeners, their HTTP connection managers and gRPC routes.
 
-Timeouts: every route has ``timeout: 0s`` (no Envoy deadline: a generation stream may
-last minutes); the caller's own gRPC deadline rules (see ``route``). A stream that
-sends nothing in either direction for ``stream_idle_timeout`` is reset.
-
-Unknown paths: the last route of each listener answers every other path itself with
-HTTP 404, which a gRPC client sees as UNIMPLEMENTED with a message naming the services
-this listener serves, so a typo or a service that is not deployed reads as such.
+A stream that sends nothing in either direction for ``stream_idle_timeout`` is reset.
+Routes are built in ``gateway/routes.py``; a listener either carries them inline (the
+static rendering that ``envoy --mode validate`` checks) or subscribes to them as an RDS
+file, which is how a live mesh changes its routes without touching its connections.
 """
 
 from __future__ import annotations
@@ -34,7 +31,8 @@ def listener(name: str, *, host: str, port: int, manager: dict[str, Any]) -> dic
 def http_connection_manager(
     name: str,
     *,
-    routes: Sequence[dict[str, Any]],
+    routes: dict[str, Any],
+    extra_filters: Sequence[dict[str, Any]] = (),
     is_edge: bool,
     max_request_bytes: int | None,
     stream_idle_timeout_s: float,
@@ -47,18 +45,17 @@ def http_connection_manager(
     forwards the edge's id on its mesh calls, clients may bring their own), generated
     otherwise. The edge also returns it in the response headers so a client can quote it.
     ``max_request_bytes`` (None: unlimited) bounds the request body of each call.
+    ``routes`` is ``{"route_config": {...}}`` (inline) or ``{"rds": {...}}`` (a
+    subscription); ``extra_filters`` run before the router (the edge's rate limits).
     """
-    http_filters = [router_filter()]
+    http_filters = [*extra_filters, router_filter()]
     if max_request_bytes is not None:
         http_filters.insert(0, body_size_limit(max_request_bytes))
     manager = typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix=name,
         codec_type="AUTO",
-        route_config={
-            "name": name,
-            "virtual_hosts": [{"name": name, "domains": ["*"], "routes": list(routes)}],
-        },
+        **routes,
         http_filters=http_filters,
         generate_request_id=True,
         stream_idle_timeout=duration(stream_idle_timeout_s),
@@ -79,31 +76,10 @@ def http_connection_manager(
     return manager
 
 
-def route(prefix: str, cluster: str) -> dict[str, Any]:
-    """Send every path starting with ``prefix`` to ``cluster``. No Envoy timeout: the
-    caller's gRPC deadline rules. Envoy forwards ``grpc-timeout`` to the backend, and the
-    client's own timer ends the call. (Letting Envoy enforce the header too would race
-    the client: a stream whose headers were sent is then reset, and the client reads
-    INTERNAL instead of DEADLINE_EXCEEDED.)"""
-    return {
-        "match": {"prefix": prefix},
-        "route": {"cluster": cluster, "timeout": "0s"},
-    }
-
-
-def worker_route(cluster: str) -> dict[str, Any]:
-    """The ``genmesh.v1.Worker`` route. Kept apart: version splits, shadow mirroring and
-    prefix-affinity hashing of model versions are added here."""
-    return route("/genmesh.v1.Worker/", cluster)
-
-
-def unrouted(listener_name: str, services: Sequence[str]) -> dict[str, Any]:
-    """Answer any other path with 404 (gRPC: UNIMPLEMENTED) and say what is served."""
-    message = f"genmesh {listener_name}: no route for this path; served here: {', '.join(services)}"
-    return {
-        "match": {"prefix": "/"},
-        "direct_response": {"status": 404, "body": {"inline_string": message}},
-    }
+def route_config(name: str, routes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One virtual host matching any authority, with ``routes`` in order."""
+    return {"name": name,
+            "virtual_hosts": [{"name": name, "domains": ["*"], "routes": list(routes)}]}
 
 
 def body_size_limit(max_request_bytes: int) -> dict[str, Any]:

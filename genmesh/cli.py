@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from genmesh.commands import bench, client, engine, mesh, models
+from genmesh.commands import bench, client, engine, mesh, models, rollout
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)
     mesh.register(sub)
     client.register(sub)
+    rollout.register(sub)
     return parser
 
 

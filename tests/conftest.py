@@ -3,18 +3,24 @@ per session."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from genmesh.client.types import API_KEY_ENV, DEV_API_KEY
 from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, plan
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.supervisor import Supervisor
 from genmesh.models.store import ModelStore, default_store_root
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# Every client in the tests speaks as the `dev` tenant of deploy/local.yaml unless a test
+# says otherwise (the SDK and the CLI read this variable).
+os.environ[API_KEY_ENV] = DEV_API_KEY
+os.environ.pop("GENMESH_DEV_API_KEY", None)
 
 
 @pytest.fixture(scope="session")
@@ -46,10 +52,12 @@ class RunningMesh:
 
 @pytest.fixture(scope="session")
 def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
-    """Envoy, Redis, tokenizer, worker (the default model, fp32 so outputs are exact)
-    and frontend as real processes on free loopback ports, via the launcher."""
+    """deploy/local.yaml's first version only: Envoy, Redis, the rate-limit service,
+    tokenizer, worker (the default model, fp32 so outputs are exact) and frontend as real
+    processes on free loopback ports, via the launcher."""
     ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
-    config = MeshConfig(**ports, model=DEFAULT_MODEL, dtype="float32", kv_cache_gib=0.25,
+    config = MeshConfig(**ports, model=DEFAULT_MODEL, versions=("v1",), dtype="float32",
+                        kv_cache_gib=0.25,
                         run_dir=tmp_path_factory.mktemp("mesh"), log_level="INFO")
     supervisor = Supervisor(plan(config), run_dir=config.run_dir)
     supervisor.start()

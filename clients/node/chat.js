@@ -35,7 +35,9 @@ const REPO_ROOT = path.resolve(__dirname, '..', '..');
 
 const USAGE = `usage: node chat.js --address HOST:PORT [--model NAME] [--max-tokens N]
                     --turn TEXT [--turn TEXT ...] [--cancel-after-deltas K]
-                    [--timeout-ms MS] [--metadata KEY=VALUE ...] [--protos DIR]`;
+                    [--timeout-ms MS] [--api-key KEY] [--metadata KEY=VALUE ...]
+                    [--protos DIR]
+The API key (sent as x-api-key) defaults to $GENMESH_API_KEY.`;
 
 function usageError(message) {
   process.stderr.write(`chat.js: ${message}\n${USAGE}\n`);
@@ -62,6 +64,7 @@ function parseCli(argv) {
         turn: { type: 'string', multiple: true, default: [] },
         'cancel-after-deltas': { type: 'string' },
         'timeout-ms': { type: 'string' },
+        'api-key': { type: 'string', default: process.env.GENMESH_API_KEY || '' },
         metadata: { type: 'string', multiple: true, default: [] },
         protos: { type: 'string', default: path.join(REPO_ROOT, 'protos') },
         help: { type: 'boolean', short: 'h', default: false },
@@ -88,6 +91,9 @@ function parseCli(argv) {
     const eq = pair.indexOf('=');
     if (eq <= 0) usageError(`--metadata must be KEY=VALUE, got "${pair}"`);
     metadata.add(pair.slice(0, eq).toLowerCase(), pair.slice(eq + 1));
+  }
+  if (v['api-key'] && metadata.get('x-api-key').length === 0) {
+    metadata.set('x-api-key', v['api-key']);
   }
   return {
     address: v.address,

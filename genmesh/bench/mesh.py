@@ -24,6 +24,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from genmesh.client import AsyncClient
+from genmesh.client.types import DEV_API_KEY
 from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, plan
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.supervisor import Supervisor
@@ -146,8 +147,9 @@ def through_mesh(model: str, dtype: str, kv_cache_gib: float, bench: MeshBenchPl
     with tempfile.TemporaryDirectory(prefix="genmesh-bench-") as run_dir:
         ports: dict[str, Any] = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)),
                                          strict=True))
-        config = MeshConfig(**ports, model=model, dtype=dtype, kv_cache_gib=kv_cache_gib,
-                            with_redis=False, run_dir=Path(run_dir), log_level="WARNING")
+        config = MeshConfig(**ports, model=model, versions=("v1",), dtype=dtype,
+                            kv_cache_gib=kv_cache_gib, with_redis=False, run_dir=Path(run_dir),
+                            log_level="WARNING")
         supervisor = Supervisor(plan(config), run_dir=config.run_dir)
         supervisor.start()
         try:
@@ -166,7 +168,7 @@ def through_mesh(model: str, dtype: str, kv_cache_gib: float, bench: MeshBenchPl
 
 
 async def _mesh_levels(address: str, bench: MeshBenchPlan) -> dict[str, dict[str, float]]:
-    async with AsyncClient(address, timeout_s=300) as client:
+    async with AsyncClient(address, timeout_s=300, api_key=DEV_API_KEY) as client:
         async def run_one(question: str) -> StreamTiming:
             stream = client.generate_stream(
                 messages=[{"role": "user", "content": question}],

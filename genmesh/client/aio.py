@@ -14,11 +14,13 @@ from genmesh.v1 import generation_pb2, generation_pb2_grpc
 
 class AsyncClient:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout_s: float = 300.0,
+                 api_key: str | None = None,
                  metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        """``api_key`` (else $GENMESH_API_KEY) is sent as ``x-api-key`` on every call."""
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.timeout_s = timeout_s
-        self.metadata = metadata
+        self.metadata = t.with_api_key(metadata, api_key)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -20,11 +20,13 @@ class Client:
     (max_tokens, temperature, top_p, top_k, min_p, seed, stop, ...)."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout_s: float = 300.0,
+                 api_key: str | None = None,
                  metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        """``api_key`` (else $GENMESH_API_KEY) is sent as ``x-api-key`` on every call."""
         self.channel = grpc.insecure_channel(address)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.timeout_s = timeout_s
-        self.metadata = metadata
+        self.metadata = t.with_api_key(metadata, api_key)
 
     def __enter__(self) -> Client:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import grpc
@@ -200,3 +201,19 @@ class TurnTracker:
 
 def session_ended_mid_turn() -> GenmeshError:
     return GenmeshError(grpc.StatusCode.UNAVAILABLE, "the chat session ended mid-turn")
+
+
+API_KEY_HEADER = "x-api-key"
+API_KEY_ENV = "GENMESH_API_KEY"
+# The key of the `dev` tenant of deploy/local.yaml (unless $GENMESH_DEV_API_KEY overrides
+# it there): what the CLI sends to a local mesh when no key is given.
+DEV_API_KEY = "genmesh-dev-key"
+
+
+def with_api_key(metadata: tuple[tuple[str, str], ...], api_key: str | None
+                 ) -> tuple[tuple[str, str], ...]:
+    """``metadata`` plus the API key: ``api_key``, else $GENMESH_API_KEY, else none."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    if not key or any(k == API_KEY_HEADER for k, _ in metadata):
+        return metadata
+    return (*metadata, (API_KEY_HEADER, key))

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterable, Iterator
 
 from genmesh.client import ChatError, Client, GenmeshError, TextDelta, TurnFinished
 from genmesh.client.sync import DEFAULT_ADDRESS, ChatSession
+from genmesh.client.types import API_KEY_ENV, DEV_API_KEY
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="the mesh's edge (Envoy)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV, DEV_API_KEY),
+                   help=f"your tenant's key (default: ${API_KEY_ENV}, else the local dev key)")
     p.add_argument("--model", default="", help="empty: the deployment's default model")
     p.add_argument("--model-version", default="")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -42,7 +46,7 @@ def _params(args: argparse.Namespace) -> dict:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    with Client(args.address, timeout_s=args.timeout) as client:
+    with Client(args.address, timeout_s=args.timeout, api_key=args.api_key) as client:
         try:
             for chunk in client.generate_stream(args.prompt, model=args.model,
                                                 model_version=args.model_version,
@@ -59,7 +63,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     interactive = not args.message
-    with Client(args.address, timeout_s=args.timeout) as client, client.chat(
+    with Client(args.address, timeout_s=args.timeout, api_key=args.api_key) as client, client.chat(
             model=args.model, model_version=args.model_version, system_prompt=args.system,
             **_params(args)) as session:
         turns = iter(args.message) if args.message else _read_turns()

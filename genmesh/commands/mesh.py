@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from genmesh.launcher.plan import MeshConfig, MissingPieceError, plan
+from gateway.deployment import DeploymentError
+from gateway.deployment import load as load_deployment
+from genmesh.client.types import DEV_API_KEY
+from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, MissingPieceError, plan
 from genmesh.launcher.probes import EnvoyReady, GrpcHealth, HttpReady, Probe, RedisPing
 from genmesh.launcher.supervisor import STATE_FILE, ProcessFailedError, ProcessStatus, Supervisor
 from genmesh.models.store import ModelNotFoundError, ModelStore, default_store_root
@@ -20,12 +23,14 @@ DEFAULT_RUN_DIR = MeshConfig().run_dir
 def register(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start the whole mesh locally (Ctrl-C stops it)")
     defaults = MeshConfig()
-    for name in ("edge_port", "mesh_port", "admin_port", "frontend_port", "tokenizer_port",
-                 "worker_port", "redis_port"):
+    for name in PORT_FIELDS:
         up.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    up.add_argument("--model", default=defaults.model, help="a model in the store")
-    up.add_argument("--model-version", default=defaults.model_version)
-    up.add_argument("--dtype", default=defaults.dtype)
+    up.add_argument("--deployment", type=Path, default=defaults.deployment,
+                    help="the deployment description: model versions, tenants, limits, "
+                         "rollout (default: %(default)s)")
+    up.add_argument("--model", help="serve this model of the store instead of the deployment's")
+    up.add_argument("--versions", help="comma-separated versions to run (default: all)")
+    up.add_argument("--dtype", help="run every version in this dtype (default: each its own)")
     up.add_argument("--kv-cache-gib", type=float, default=defaults.kv_cache_gib)
     up.add_argument("--no-redis", action="store_true", help="do not start Redis")
     up.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
@@ -42,16 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
+    versions = tuple(v.strip() for v in args.versions.split(",")) if args.versions else None
     cfg = MeshConfig(
-        edge_port=args.edge_port, mesh_port=args.mesh_port, admin_port=args.admin_port,
-        frontend_port=args.frontend_port, tokenizer_port=args.tokenizer_port,
-        worker_port=args.worker_port, redis_port=args.redis_port, model=args.model,
-        model_version=args.model_version, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
+        **{name: getattr(args, name) for name in PORT_FIELDS}, deployment=args.deployment,
+        model=args.model, versions=versions, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
         with_redis=not args.no_redis, run_dir=args.run_dir)
     try:
-        ModelStore(default_store_root()).path_of(cfg.model)
+        ModelStore(default_store_root()).path_of(cfg.model or load_deployment(cfg.deployment).model)
         specs = plan(cfg)
-    except (ModelNotFoundError, MissingPieceError) as exc:
+    except (ModelNotFoundError, MissingPieceError, DeploymentError) as exc:
         print(f"genmesh: {exc}", file=sys.stderr)
         return 2
     sink = None if args.quiet else _print_log_line
@@ -85,7 +89,8 @@ def _demo(address: str, turns: list[str]) -> int:
     from genmesh.client import Client
     from genmesh.commands.client import run_turns
 
-    with Client(address, timeout_s=120) as client, client.chat(max_tokens=128) as session:
+    with (Client(address, timeout_s=120, api_key=DEV_API_KEY) as client,
+          client.chat(max_tokens=128) as session):
         return run_turns(session, turns, echo=True, stop_on_error=True)
 
 

@@ -1,6 +1,8 @@
 """What ``genmesh up`` runs: one process spec per service, with its ports and probe.
 
-Default ports (all on 127.0.0.1):
+The deployment description (default ``deploy/local.yaml``) says which model versions,
+tenants, limits and rollout to run; the launcher puts every process on loopback at these
+ports (each a flag of ``genmesh up``):
 
 | process | port |
 | --- | --- |
@@ -9,19 +11,36 @@ Default ports (all on 127.0.0.1):
 | Envoy admin | 9901 |
 | frontend | 50051 |
 | tokenizer | 50052 |
-| worker | 50061 |
+| worker of the first version (v1) | 50061 |
+| worker of the second version (v2) | 50062 |
+| rate-limit service | 50071 |
 | Redis | 6390 |
+
+The run directory gets the localized deployment (``deployment.yaml``, which
+``genmesh rollout`` edits), Envoy's bootstrap and its xDS files (``xds/``), and the
+rate-limit service's limits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.envoy import GatewayConfig, Upstream, envoy_binary, envoy_command, render, validate
+import yaml
+
+from gateway import deployment as deploy
+from gateway import ratelimits, xds
+from gateway.deployment import Deployment, DeploymentError
+from gateway.envoy import dynamic_bootstrap, envoy_binary, envoy_command
 from genmesh.launcher.probes import EnvoyReady, GrpcHealth, Probe, RedisPing
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DEPLOYMENT = REPO_ROOT / "deploy" / "local.yaml"
+DEPLOYMENT_FILE = "deployment.yaml"  # in the run directory
+XDS_DIR = "xds"
 
 
 class MissingPieceError(RuntimeError):
@@ -37,13 +56,16 @@ class MeshConfig:
     frontend_port: int = 50051
     tokenizer_port: int = 50052
     worker_port: int = 50061
+    candidate_port: int = 50062  # the worker of the deployment's second version
+    ratelimit_port: int = 50071
     redis_port: int = 6390
-    model: str = "smollm2-135m-instruct"  # a name in the model store
-    model_version: str = "v1"
-    dtype: str = "bfloat16"
+    deployment: Path = DEFAULT_DEPLOYMENT
+    model: str | None = None  # None: the deployment's model (a name in the model store)
+    versions: tuple[str, ...] | None = None  # versions to run; None: all (at most two)
+    dtype: str | None = None  # None: each version's own dtype
     kv_cache_gib: float = 1.0
-    worker_args: tuple[str, ...] = ()  # extra flags for the worker (e.g. --load-format dummy)
-    with_redis: bool = True
+    worker_args: tuple[str, ...] = ()  # extra flags for the workers (e.g. --load-format dummy)
+    with_redis: bool = True  # without: no global limits, token budgets or shadow records
     run_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "genmesh" / "run")
     log_level: str = "INFO"
 
@@ -55,9 +77,13 @@ class MeshConfig:
     def mesh_address(self) -> str:
         return f"{self.host}:{self.mesh_port}"
 
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.host}:{self.redis_port}/0"
+
 
 PORT_FIELDS = ("edge_port", "mesh_port", "admin_port", "frontend_port", "tokenizer_port",
-               "worker_port", "redis_port")
+               "worker_port", "candidate_port", "ratelimit_port", "redis_port")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +101,37 @@ def _service(name: str, module: str, port: int, cfg: MeshConfig, *args: str) -> 
     return ProcessSpec(name, argv, address, GrpcHealth(address))
 
 
-def gateway_config(cfg: MeshConfig) -> GatewayConfig:
-    return GatewayConfig(
-        host=cfg.host, edge_port=cfg.edge_port, mesh_port=cfg.mesh_port,
-        admin_port=cfg.admin_port,
-        frontend=Upstream("frontend", cfg.host, cfg.frontend_port),
-        tokenizer=Upstream("tokenizer", cfg.host, cfg.tokenizer_port),
-        worker=Upstream("worker", cfg.host, cfg.worker_port))
+def localize(dep: Deployment, cfg: MeshConfig) -> Deployment:
+    """``dep`` with every address on ``cfg``'s loopback ports and only the versions run.
+
+    Raises DeploymentError when the description cannot run locally."""
+    names = [v.name for v in dep.versions] if cfg.versions is None else list(cfg.versions)
+    if len(names) > 2:
+        raise DeploymentError(f"the local launcher runs at most two versions, got {names}")
+    ports = [cfg.worker_port, cfg.candidate_port]
+    versions = tuple(dataclasses.replace(dep.version(name), workers=((cfg.host, port),),
+                                         dtype=cfg.dtype or dep.version(name).dtype)
+                     for name, port in zip(names, ports, strict=False))
+    rollout = dep.rollout
+    if rollout.primary not in names:
+        rollout = deploy.Rollout(primary=names[0])
+    elif rollout.candidate not in names:
+        rollout = deploy.Rollout(primary=rollout.primary)
+    tenants = dep.tenants
+    if not cfg.with_redis:  # nothing to count in: the edge's local buckets remain
+        tenants = tuple(dataclasses.replace(t, requests_per_minute=None, tokens_per_minute=None)
+                        for t in tenants)
+    has_global = any(t.requests_per_minute is not None for t in tenants)
+    here = cfg.host
+    services = deploy.Services(
+        frontend=((here, cfg.frontend_port),), tokenizer=((here, cfg.tokenizer_port),),
+        ratelimit=((here, cfg.ratelimit_port),) if has_global else ())
+    gateway = dataclasses.replace(dep.gateway, host=here, edge_port=cfg.edge_port,
+                                  mesh_port=cfg.mesh_port, admin_port=cfg.admin_port)
+    return deploy.require_valid(dataclasses.replace(
+        dep, model=cfg.model or dep.model, versions=versions, rollout=rollout,
+        services=services, tenants=tenants, gateway=gateway,
+        redis_url=cfg.redis_url if cfg.with_redis else None))
 
 
 def redis_binary() -> Path | None:
@@ -92,15 +142,19 @@ def redis_binary() -> Path | None:
 
 def plan(cfg: MeshConfig) -> list[ProcessSpec]:
     """The processes in start order; writes and validates Envoy's config on the way.
-    Raises MissingPieceError with a fix for anything not installed."""
+    Raises MissingPieceError with a fix for anything not installed, DeploymentError for a
+    description that cannot run."""
     try:
         envoy_binary()  # fail before starting anything, saying how to get it
     except FileNotFoundError as exc:
         raise MissingPieceError(str(exc)) from None
+    dep = localize(deploy.load(cfg.deployment), cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    deploy.save(dep, cfg.run_dir / DEPLOYMENT_FILE)
+    xds.apply(dep, cfg.run_dir / XDS_DIR)  # validated by Envoy before it is written
     envoy_yaml = cfg.run_dir / "envoy.yaml"
-    envoy_yaml.write_text(render(gateway_config(cfg)))
-    validate(envoy_yaml)
+    envoy_yaml.write_text(yaml.safe_dump(
+        dynamic_bootstrap(dep, cfg.run_dir / XDS_DIR), sort_keys=False))
     specs = []
     if cfg.with_redis:
         redis = redis_binary()
@@ -112,16 +166,23 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
             "redis", (str(redis), "--bind", cfg.host, "--port", str(cfg.redis_port),
                       "--save", "", "--appendonly", "no", "--dir", str(cfg.run_dir)),
             f"{cfg.host}:{cfg.redis_port}", RedisPing(cfg.host, cfg.redis_port)))
+    if dep.services.ratelimit:
+        limits = cfg.run_dir / "ratelimit.yaml"
+        xds.write_atomically(limits, yaml.safe_dump(ratelimits.service_limits(dep)))
+        specs.append(_service("ratelimit", "services.ratelimit.main", cfg.ratelimit_port, cfg,
+                              "--redis-url", cfg.redis_url, "--limits-file", str(limits)))
+    specs.append(_service("tokenizer", "services.tokenizer.main", cfg.tokenizer_port, cfg,
+                          "--models", dep.model))
+    for v in dep.versions:
+        record = ("--record-redis-url", cfg.redis_url) if dep.redis_url else ()
+        specs.append(_service(
+            f"worker-{v.name}", "services.worker.main", v.workers[0][1], cfg,
+            "--model", dep.model, "--model-version", v.name, "--dtype", v.dtype,
+            "--kv-cache-gib", str(cfg.kv_cache_gib), *record, *cfg.worker_args))
     specs += [
-        _service("tokenizer", "services.tokenizer.main", cfg.tokenizer_port, cfg,
-                 "--models", cfg.model),
-        _service("worker", "services.worker.main", cfg.worker_port, cfg,
-                 "--model", cfg.model, "--model-version", cfg.model_version,
-                 "--dtype", cfg.dtype, "--kv-cache-gib", str(cfg.kv_cache_gib),
-                 *cfg.worker_args),
         _service("frontend", "services.frontend.main", cfg.frontend_port, cfg,
                  "--tokenizer-address", cfg.mesh_address, "--worker-address", cfg.mesh_address,
-                 "--model", cfg.model, "--model-versions", cfg.model_version),
+                 "--deployment-file", str(cfg.run_dir / DEPLOYMENT_FILE)),
         ProcessSpec("envoy", tuple(envoy_command(envoy_yaml, base_id=cfg.edge_port)),
                     cfg.edge_address, EnvoyReady(f"http://{cfg.host}:{cfg.admin_port}")),
     ]

@@ -5,3 +5,17 @@
 MODEL_VERSION = "x-genmesh-model-version"
 # Envoy's request id (generated at the edge), carried to every service for logs/traces.
 REQUEST_ID = "x-request-id"
+# The tenant a request belongs to. Only the gateway sets it (from the API key, dropping
+# any value a client sent); a frontend with tenants configured refuses calls without it.
+TENANT = "x-genmesh-tenant"
+# Set by the frontend on worker calls: a hash of the tenant and the prompt's first full
+# KV blocks, which Envoy hashes on so a shared prefix reaches the replica that caches it.
+PREFIX_KEY = "x-genmesh-prefix-key"
+# Set by the frontend on worker calls: a stable number from the tenant, which Envoy uses
+# instead of a random draw when the rollout splits by tenant (A/B).
+AB_BUCKET = "x-genmesh-ab-bucket"
+# Set by a worker on its replies: which replica (host:port) served the call.
+WORKER_ID = "x-genmesh-worker"
+# Set by Envoy on the copies of worker calls it mirrors to a shadow version: the worker
+# records the shadow's output and timings; its reply is thrown away by Envoy.
+SHADOW = "x-genmesh-shadow"

@@ -46,8 +46,9 @@ _END = object()  # queued after the last event of the session
 
 class ChatSession:
     def __init__(self, *, pipeline: Pipeline, catalog: ModelCatalog, timeout_s: float,
-                 max_turns: int) -> None:
+                 max_turns: int, tenant: str = "") -> None:
         self.pipeline = pipeline
+        self.tenant = tenant  # from the gateway, for the whole session
         self.catalog = catalog
         self.timeout_s = timeout_s
         self.max_turns = max_turns
@@ -125,7 +126,7 @@ class ChatSession:
             raise SessionError(exc.code, exc.message) from None
         self.settings = SessionSettings(model=model, model_version=version,
                                         system_prompt=start.system_prompt,
-                                        params=start.params, tenant=start.tenant)
+                                        params=start.params, tenant=self.tenant)
 
     def _begin_turn(self, turn: generation_pb2.UserTurn) -> None:
         if self._is_turn_running():

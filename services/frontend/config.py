@@ -16,8 +16,12 @@ class FrontendConfig:
     # routes by gRPC service name (a service's own address works too).
     tokenizer_address: str = "127.0.0.1:8081"
     worker_address: str = "127.0.0.1:8081"
+    # The deployment description (gateway/deployment.py): model and versions, tenants and
+    # their token budgets, Redis. Empty: the two fields below, no tenants, no budgets.
+    deployment_file: str = ""
     model: str = "smollm2-135m-instruct"  # the model served (and the default)
     model_versions: str = "v1"  # comma-separated versions of the model; the first is default
+    redis_timeout_s: float = 0.25  # longest wait for Redis when reserving a token budget
     rpc_timeout_s: float = 10.0  # deadline of each unary call to an internal service
     max_generation_s: float = 600.0  # longest a generation may stream (client deadlines win)
     max_session_turns: int = 256  # turns one Chat session may run

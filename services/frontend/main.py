@@ -5,32 +5,73 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
+from gateway import deployment
 from genmesh.v1 import generation_pb2, generation_pb2_grpc, tokenizer_pb2_grpc, worker_pb2_grpc
 from services.common.server import serve, setup_json_logging
+from services.frontend import budget
+from services.frontend.admission import Admission, AdmissionPolicy
 from services.frontend.catalog import ModelCatalog
 from services.frontend.config import FrontendConfig, load_config
 from services.frontend.pipeline import Pipeline
+from services.frontend.routing import Affinity
 from services.frontend.servicer import GenerationServicer
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What this frontend serves, from the deployment file or else the config."""
+
+    model: str
+    versions: tuple[str, ...]
+    admission: AdmissionPolicy
+    affinity: Affinity
+    redis_url: str | None
+    budget_failure_mode: budget.FailureMode
+
+
+def served(cfg: FrontendConfig) -> Served:
+    if not cfg.deployment_file:
+        return Served(cfg.model, cfg.versions, AdmissionPolicy(tenants={}), Affinity(), None,
+                      budget.FailureMode.CLOSED)
+    dep = deployment.load(Path(cfg.deployment_file))
+    return Served(
+        model=dep.model, versions=tuple(v.name for v in dep.versions),
+        admission=AdmissionPolicy(tenants={t.name: t.tokens_per_minute for t in dep.tenants},
+                                  api_key_header=dep.limits.api_key_header),
+        affinity=Affinity(block_size=dep.kv_block_size, max_blocks=dep.prefix_affinity_blocks),
+        redis_url=dep.redis_url,
+        budget_failure_mode=budget.FailureMode(str(dep.limits.budget_failure_mode)))
+
+
 async def run(cfg: FrontendConfig) -> None:
+    what = served(cfg)
     tokenizer_channel = grpc.aio.insecure_channel(cfg.tokenizer_address)
     worker_channel = grpc.aio.insecure_channel(cfg.worker_address)
     tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
     worker = worker_pb2_grpc.WorkerStub(worker_channel)
-    pipeline = Pipeline(tokenizer=tokenizer, worker=worker, rpc_timeout_s=cfg.rpc_timeout_s)
-    catalog = ModelCatalog(model=cfg.model, versions=cfg.versions, tokenizer=tokenizer,
+    redis = (None if what.redis_url is None
+             else budget.redis_client(what.redis_url, timeout_s=cfg.redis_timeout_s))
+    budgets = (None if redis is None else budget.TokenBudgets(
+        redis, timeout_s=cfg.redis_timeout_s, failure_mode=what.budget_failure_mode))
+    admission = Admission(what.admission, budgets)
+    pipeline = Pipeline(tokenizer=tokenizer, worker=worker, rpc_timeout_s=cfg.rpc_timeout_s,
+                        admission=admission, affinity=what.affinity)
+    catalog = ModelCatalog(model=what.model, versions=what.versions, tokenizer=tokenizer,
                            worker=worker, rpc_timeout_s=cfg.rpc_timeout_s)
     servicer = GenerationServicer(pipeline=pipeline, catalog=catalog,
                                   max_generation_s=cfg.max_generation_s,
-                                  max_session_turns=cfg.max_session_turns)
+                                  max_session_turns=cfg.max_session_turns, admission=admission)
 
     async def close_channels() -> None:
         await tokenizer_channel.close()
         await worker_channel.close()
+        if redis is not None:
+            await redis.aclose()
 
     await serve(name="genmesh.frontend", address=cfg.address,
                 register=lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(

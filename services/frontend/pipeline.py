@@ -15,13 +15,19 @@ import secrets
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
 from genmesh.models.chat_template import ChatMessage
 from genmesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common import metadata
+from services.common.sampling import DEFAULT_MAX_TOKENS
+from services.frontend.routing import Affinity, ab_bucket, prefix_key
 from services.frontend.stops import StopMatcher, validate_stop_strings
+
+if TYPE_CHECKING:
+    from services.frontend.admission import Admission
 
 log = logging.getLogger("genmesh.frontend")
 
@@ -52,7 +58,7 @@ class PipelineRequest:
     messages: tuple[ChatMessage, ...]  # the conversation when prompt is None
     params: common_pb2.SamplingParams
     priority: common_pb2.Priority = common_pb2.PRIORITY_NORMAL
-    tenant: str = ""  # isolates the worker's prefix cache between tenants
+    tenant: str = ""  # from the gateway; isolates the worker's prefix cache and budgets
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +95,13 @@ def rpc_error(exc: grpc.aio.AioRpcError, service: str) -> PipelineError:
 
 class Pipeline:
     def __init__(self, *, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
-                 worker: worker_pb2_grpc.WorkerStub, rpc_timeout_s: float) -> None:
+                 worker: worker_pb2_grpc.WorkerStub, rpc_timeout_s: float,
+                 admission: Admission | None = None, affinity: Affinity | None = None) -> None:
         self.tokenizer = tokenizer
         self.worker = worker
         self.rpc_timeout_s = rpc_timeout_s
+        self.admission = admission  # None: no token budgets
+        self.affinity = affinity or Affinity()
 
     async def prompt_ids(self, req: PipelineRequest) -> list[int]:
         try:
@@ -119,15 +128,49 @@ class Pipeline:
         prompt_ids = await self.prompt_ids(req)
         if not prompt_ids:
             raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt has no tokens")
+        # A negative max_tokens is refused by the worker (INVALID_ARGUMENT), after which
+        # the reservation is refunded.
+        max_tokens = max(req.params.max_tokens or DEFAULT_MAX_TOKENS, 0)
+        reservation = (None if self.admission is None
+                       else await self.admission.reserve(req.tenant, len(prompt_ids) + max_tokens))
+        num_tokens = 0
+        try:
+            async for event in self._generate(req, prompt_ids, timeout_s=timeout_s, t0=t0):
+                if isinstance(event, int):
+                    num_tokens = event
+                else:
+                    yield event
+        finally:
+            if reservation is not None:
+                # Refund what the request did not use, however it ended.
+                await reservation.settle(len(prompt_ids) + num_tokens)
+
+    def _worker_metadata(self, req: PipelineRequest, prompt_ids: list[int]
+                         ) -> tuple[tuple[str, str], ...]:
+        pairs = [(metadata.REQUEST_ID, req.request_id)]
+        if req.model_version:
+            pairs.append((metadata.MODEL_VERSION, req.model_version))
+        key = prefix_key(req.tenant, prompt_ids, block_size=self.affinity.block_size,
+                         max_blocks=self.affinity.max_blocks)
+        if key is not None:
+            pairs.append((metadata.PREFIX_KEY, key))
+        bucket = ab_bucket(req.tenant)
+        if bucket is not None:
+            pairs.append((metadata.AB_BUCKET, bucket))
+        return tuple(pairs)
+
+    async def _generate(self, req: PipelineRequest, prompt_ids: list[int], *,
+                        timeout_s: float, t0: float) -> AsyncGenerator[Event | int, None]:
+        """The worker stream, detokenized and cut at stop strings. Also yields the number of
+        tokens generated so far (an int) before each event, for the budget's refund."""
         worker_params = common_pb2.SamplingParams()
         worker_params.CopyFrom(req.params)
         del worker_params.stop[:]  # stop strings are applied here, on text
-        pinned = ((metadata.MODEL_VERSION, req.model_version),) if req.model_version else ()
         worker_call = self.worker.Generate(worker_pb2.WorkerGenerateRequest(
             # The worker's id must be unique even when callers reuse theirs.
             request_id=f"{req.request_id}.{secrets.token_hex(3)}", prompt_ids=prompt_ids,
             params=worker_params, priority=req.priority, cache_salt=req.tenant),
-            timeout=timeout_s, metadata=(*pinned, (metadata.REQUEST_ID, req.request_id)))
+            timeout=timeout_s, metadata=self._worker_metadata(req, prompt_ids))
         detok = self.tokenizer.Detokenize(timeout=timeout_s)
         # Open the detokenizer stream now, so its setup overlaps the worker's prefill
         # instead of delaying the first token.
@@ -141,6 +184,7 @@ class Pipeline:
             yield Started(req.request_id, req.model, version, len(prompt_ids))
             async for msg in worker_call:
                 num_tokens += len(msg.token_ids)
+                yield num_tokens
                 await opening  # done long ago but for the first token; raises its error
                 text = await _detokenize(detok, tokenizer_pb2.DetokenizeRequest(
                     token_ids=msg.token_ids, flush=bool(msg.finish_reason)))

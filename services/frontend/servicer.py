@@ -12,6 +12,7 @@ import grpc
 from genmesh.models.chat_template import ChatMessage
 from genmesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.common import metadata
+from services.frontend.admission import Admission, AdmissionPolicy
 from services.frontend.catalog import ModelCatalog
 from services.frontend.chat import ChatSession
 from services.frontend.pipeline import (
@@ -27,8 +28,9 @@ from services.frontend.pipeline import (
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, *, pipeline: Pipeline, catalog: ModelCatalog, max_generation_s: float,
-                 max_session_turns: int) -> None:
+                 max_session_turns: int, admission: Admission | None = None) -> None:
         self.pipeline = pipeline
+        self.admission = admission or Admission(AdmissionPolicy(tenants={}), None)
         self.catalog = catalog
         self.max_generation_s = max_generation_s
         self.max_session_turns = max_session_turns
@@ -66,9 +68,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Chat(self, request_iterator: AsyncIterator[generation_pb2.ChatRequest],
                    context: grpc.aio.ServicerContext
                    ) -> AsyncIterator[generation_pb2.ChatEvent]:
+        try:
+            tenant = self.admission.tenant(context.invocation_metadata())
+        except PipelineError as exc:
+            await context.abort(exc.code, exc.message)
         session = ChatSession(pipeline=self.pipeline, catalog=self.catalog,
                               timeout_s=self._timeout(context),
-                              max_turns=self.max_session_turns)
+                              max_turns=self.max_session_turns, tenant=tenant)
         try:
             async with contextlib.aclosing(session.run(request_iterator)) as events:
                 async for event in events:
@@ -80,6 +86,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                          context: grpc.aio.ServicerContext
                          ) -> generation_pb2.ListModelsResponse:
         try:
+            self.admission.tenant(context.invocation_metadata())
             return await self.catalog.list_models()
         except PipelineError as exc:
             await context.abort(exc.code, exc.message)
@@ -114,7 +121,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return PipelineRequest(
             request_id=request.request_id or _edge_request_id(context) or uuid.uuid4().hex,
             model=model, model_version=version, prompt=prompt, messages=messages,
-            params=request.params, priority=priority, tenant=request.tenant)
+            params=request.params, priority=priority,
+            tenant=self.admission.tenant(context.invocation_metadata()))
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         """The caller's remaining deadline, capped by the longest generation allowed."""

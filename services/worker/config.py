@@ -23,6 +23,9 @@ class WorkerConfig:
     kv_cache_gib: float = 1.0
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 512
+    # Where every finished generation's tokens and timings are recorded (a Redis stream),
+    # so a shadow version can be compared with the primary; empty: nothing is recorded.
+    record_redis_url: str = ""
     shutdown_grace_s: float = 10.0  # how long in-flight streams may finish on SIGTERM
     log_level: str = "INFO"
 

@@ -12,6 +12,7 @@ from services.common.server import serve, setup_json_logging
 from services.worker.config import WorkerConfig, load_config
 from services.worker.engine.api import create_engine
 from services.worker.engine.config import EngineConfig
+from services.worker.records import RecordSink
 from services.worker.servicer import WorkerServicer
 
 
@@ -27,11 +28,15 @@ async def run(cfg: WorkerConfig) -> None:
     if cfg.load_format != "dummy":
         model_path = str(ModelStore(default_store_root()).path_of(cfg.model))
     engine = create_engine(engine_config(cfg, model_path))
+    records = RecordSink(cfg.record_redis_url) if cfg.record_redis_url else None
     servicer = WorkerServicer(engine, model_name=cfg.served_name,
-                              model_version=cfg.model_version)
+                              model_version=cfg.model_version, worker_id=cfg.address,
+                              records=records)
 
     async def stop_engine() -> None:
         engine.shutdown()
+        if records is not None:
+            await records.close()
 
     await serve(name="genmesh.worker", address=cfg.address,
                 register=lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),

@@ -9,13 +9,13 @@ import grpc
 
 from genmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common import metadata
+from services.common.sampling import DEFAULT_MAX_TOKENS
 from services.worker.engine.api import Engine
 from services.worker.engine.outputs import Delta, FinishReason
 from services.worker.engine.params import InvalidRequestError, Priority, SamplingParams
+from services.worker.records import GenerationRecord, RecordSink, Timing
 
 log = logging.getLogger("genmesh.worker")
-
-DEFAULT_MAX_TOKENS = 128
 
 _FINISH = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -64,14 +64,18 @@ def delta_to_proto(d: Delta) -> worker_pb2.WorkerGenerateResponse:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine: Engine, *, model_name: str, model_version: str) -> None:
+    def __init__(self, engine: Engine, *, model_name: str, model_version: str,
+                 worker_id: str = "", records: RecordSink | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.model_version = model_version
+        self.worker_id = worker_id  # this replica's address, sent back to callers
+        self.records = records  # None: finished generations are not recorded
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        timing = Timing()
         try:
             stream = self.engine.submit(
                 list(request.prompt_ids), params_from_proto(request.params),
@@ -85,14 +89,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(code, str(exc))
         except RuntimeError as exc:  # shut down
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        token_ids: list[int] = []
         try:
-            # Tells the caller which version answered before the first token arrives.
-            await context.send_initial_metadata(((metadata.MODEL_VERSION, self.model_version),))
+            # Tells the caller which version (and replica) answered before the first token.
+            await context.send_initial_metadata(((metadata.MODEL_VERSION, self.model_version),
+                                                 (metadata.WORKER_ID, self.worker_id)))
             async for delta in stream:
+                timing.tokens(len(delta.new_token_ids))
+                token_ids += delta.new_token_ids
                 yield delta_to_proto(delta)
                 if delta.finish_reason is FinishReason.ERROR:
                     log.error("generation failed",
                               extra={"request_id": delta.request_id, "error": delta.error})
+                elif delta.finish_reason is not None and self.records is not None:
+                    self.records.add(GenerationRecord(
+                        request_id=request.request_id, model_version=self.model_version,
+                        is_shadow=_is_shadow(context), token_ids=tuple(token_ids),
+                        finish_reason=delta.finish_reason.name.lower(), ttft_ms=timing.ttft_ms,
+                        decode_tokens_per_s=timing.decode_tokens_per_s))
         finally:
             # Cancelled by the caller (or the server stopping): free the KV blocks now.
             await stream.aclose()  # type: ignore[attr-defined]
@@ -109,3 +123,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             num_steps=s.num_steps, generated_tokens=s.generated_tokens,
             mean_batch_size=s.mean_batch_size, mean_step_ms=s.mean_step_ms,
             max_model_len=self.engine.max_model_len)
+
+
+def _is_shadow(context: grpc.aio.ServicerContext) -> bool:
+    return dict(context.invocation_metadata() or ()).get(metadata.SHADOW) == "1"

@@ -2,47 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 import yaml
 
+from gateway import deployment
 from gateway.clusters import cluster
 from gateway.core import duration
-from gateway.envoy import (
-    GatewayConfig,
-    Upstream,
-    build_bootstrap,
-    envoy_binary,
-    envoy_command,
-    render,
-    validate,
-)
+from gateway.deployment import Deployment
+from gateway.envoy import build_bootstrap, envoy_binary, envoy_command, render, validate
 
 GOLDEN = Path(__file__).parent / "golden" / "local.yaml"
+LOCAL = Path(__file__).parents[2] / "deploy" / "local.yaml"
 
 
-def local_config(**overrides) -> GatewayConfig:
-    """The local mesh on its default ports, every optional service configured."""
-    fields = {
-        "frontend": Upstream("frontend", "127.0.0.1", 50051),
-        "tokenizer": Upstream("tokenizer", "127.0.0.1", 50052),
-        "worker": Upstream("worker", "127.0.0.1", 50053),
-        "safety": Upstream("safety", "127.0.0.1", 50054),
-        "cache": Upstream("cache", "127.0.0.1", 50055),
-        **overrides,
-    }
-    return GatewayConfig(**fields)
+def local_config(*, safety: bool = True, cache: bool = True, **gateway) -> Deployment:
+    """deploy/local.yaml on its default ports, safety and cache deployed too."""
+    dep = deployment.load(LOCAL, environ={})
+    services = dataclasses.replace(
+        dep.services, safety=(("127.0.0.1", 50054),) if safety else (),
+        cache=(("127.0.0.1", 50055),) if cache else ())
+    return dataclasses.replace(dep, services=services,
+                               gateway=dataclasses.replace(dep.gateway, **gateway))
 
 
-def routes_of(bootstrap: dict, listener_name: str) -> dict[str, dict]:
-    """Route match prefix -> route, of one listener."""
+def routes_of(bootstrap: dict, listener_name: str) -> list[dict]:
     [listener] = [ln for ln in bootstrap["static_resources"]["listeners"]
                   if ln["name"] == listener_name]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     [virtual_host] = manager["route_config"]["virtual_hosts"]
-    return {r["match"]["prefix"]: r for r in virtual_host["routes"]}
+    return virtual_host["routes"]
+
+
+def prefixes(bootstrap: dict, listener_name: str) -> list[str]:
+    return [r["match"]["prefix"] for r in routes_of(bootstrap, listener_name)]
 
 
 def test_render_matches_golden_file():
@@ -55,7 +51,7 @@ def test_render_matches_golden_file():
 
 
 def test_envoy_accepts_the_rendered_config(tmp_path):
-    for cfg in (local_config(), local_config(safety=None, cache=None, access_log=False)):
+    for cfg in (local_config(), local_config(safety=False, cache=False, access_log=False)):
         path = tmp_path / "envoy.yaml"
         path.write_text(render(cfg))
         validate(path)
@@ -74,34 +70,32 @@ def test_envoy_rejects_a_broken_config_with_its_reason(tmp_path):
         validate(path)
 
 
-def test_edge_serves_the_public_api_health_and_reflection_from_the_frontend():
-    routes = routes_of(build_bootstrap(local_config()), "edge")
-    assert list(routes) == ["/genmesh.v1.Generation/", "/grpc.health.v1.Health/",
-                            "/grpc.reflection.", "/"]
-    assert {r["route"]["cluster"] for r in list(routes.values())[:3]} == {"frontend"}
-    assert routes["/"]["direct_response"]["status"] == 404
+def test_edge_serves_health_and_reflection_then_tenants_then_anonymous_callers():
+    bootstrap = build_bootstrap(local_config())
+    assert prefixes(bootstrap, "edge") == [
+        "/grpc.health.v1.Health/", "/grpc.reflection.", "/genmesh.v1.Generation/",
+        "/genmesh.v1.Generation/", "/"]
+    health, reflection, dev, anonymous, rest = routes_of(bootstrap, "edge")
+    assert {r["route"]["cluster"] for r in (health, reflection, dev, anonymous)} == {"frontend"}
+    assert "headers" not in health["match"] and "headers" not in anonymous["match"]
+    assert rest["direct_response"]["status"] == 404
 
 
 def test_safety_and_cache_are_routed_only_when_configured():
-    full = routes_of(build_bootstrap(local_config()), "mesh")
-    assert list(full) == ["/genmesh.v1.Tokenizer/", "/genmesh.v1.Worker/",
-                          "/genmesh.v1.Safety/", "/genmesh.v1.Cache/", "/"]
-    assert full["/genmesh.v1.Safety/"]["route"]["cluster"] == "safety"
-    assert full["/genmesh.v1.Cache/"]["route"]["cluster"] == "cache"
-
-    bootstrap = build_bootstrap(local_config(safety=None, cache=None))
-    assert list(routes_of(bootstrap, "mesh")) == ["/genmesh.v1.Tokenizer/",
-                                                  "/genmesh.v1.Worker/", "/"]
+    full = build_bootstrap(local_config())
+    assert prefixes(full, "mesh")[-3:] == ["/genmesh.v1.Safety/", "/genmesh.v1.Cache/", "/"]
+    bootstrap = build_bootstrap(local_config(safety=False, cache=False))
+    assert "/genmesh.v1.Safety/" not in prefixes(bootstrap, "mesh")
     cluster_names = [c["name"] for c in bootstrap["static_resources"]["clusters"]]
-    assert cluster_names == ["frontend", "tokenizer", "worker"]
-    assert "Safety" not in routes_of(bootstrap, "mesh")["/"]["direct_response"]["body"][
+    assert cluster_names == ["frontend", "tokenizer", "ratelimit", "worker-v1", "worker-v2"]
+    assert "Safety" not in routes_of(bootstrap, "mesh")[-1]["direct_response"]["body"][
         "inline_string"]
 
 
 def test_routes_have_no_envoy_timeout_and_honour_the_client_deadline():
     bootstrap = build_bootstrap(local_config())
     for name in ("edge", "mesh"):
-        for route in routes_of(bootstrap, name).values():
+        for route in routes_of(bootstrap, name):
             if "route" in route:
                 assert route["route"]["timeout"] == "0s"
                 assert "max_stream_duration" not in route["route"]
@@ -114,7 +108,8 @@ def test_only_the_edge_limits_request_bodies():
         manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
         filters[listener["name"]] = [f["name"] for f in manager["http_filters"]]
     assert filters == {
-        "edge": ["envoy.filters.http.body_size_limit", "envoy.filters.http.router"],
+        "edge": ["envoy.filters.http.body_size_limit", "envoy.filters.http.local_ratelimit",
+                 "envoy.filters.http.ratelimit", "envoy.filters.http.router"],
         "mesh": ["envoy.filters.http.router"],
     }
     assert "max_request_bytes: 1024" in yaml.safe_dump(bootstrap)
@@ -135,13 +130,6 @@ def test_clusters_are_static_for_ips_and_strict_dns_for_names():
         {"address": "10.0.0.7", "port_value": 1}, {"address": "worker-v2", "port_value": 2}]
     with pytest.raises(ValueError, match="at least one endpoint"):
         cluster("worker", [])
-
-
-def test_config_rejects_clashing_ports_and_cluster_names():
-    with pytest.raises(ValueError, match="ports must differ"):
-        local_config(mesh_port=8080)
-    with pytest.raises(ValueError, match="unique cluster names"):
-        local_config(cache=Upstream("tokenizer", "127.0.0.1", 50060))
 
 
 def test_duration_spelling():

@@ -23,7 +23,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway.envoy import GatewayConfig, Upstream, envoy_command, render, validate
+from gateway.deployment import Deployment, GatewaySettings, ModelVersion, Rollout, Services
+from gateway.envoy import envoy_command, render, validate
 from tests.procs import free_port
 
 MAX_REQUEST_BYTES = 64 * 1024
@@ -101,7 +102,7 @@ def wait_ready(admin_port: int, proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_envoy(cfg: GatewayConfig, workdir: Path) -> Iterator[Path]:
+def running_envoy(cfg: Deployment, workdir: Path) -> Iterator[Path]:
     """Serve ``cfg`` until the block ends; yields the file Envoy's stdout (access log) goes to."""
     config_path = workdir / "envoy.yaml"
     config_path.write_text(render(cfg))
@@ -111,7 +112,7 @@ def running_envoy(cfg: GatewayConfig, workdir: Path) -> Iterator[Path]:
         proc = subprocess.Popen(envoy_command(config_path, base_id=os.getpid() % 100_000),
                                 stdout=stdout, stderr=stderr)
         try:
-            wait_ready(cfg.admin_port, proc)
+            wait_ready(cfg.gateway.admin_port, proc)
             yield stdout_path
         finally:
             proc.terminate()
@@ -131,22 +132,22 @@ def wait_reachable(channel: grpc.Channel, service: str) -> None:
 
 @dataclass
 class Mesh:
-    cfg: GatewayConfig
+    cfg: Deployment
     frontend: StandIn
     tokenizer: StandIn
     edge: grpc.Channel
     mesh: grpc.Channel
 
 
-def make_config(frontend: StandIn, tokenizer: StandIn) -> GatewayConfig:
-    """Ports of a fresh local mesh; the worker's port has nothing listening."""
-    return GatewayConfig(
-        edge_port=free_port(), mesh_port=free_port(), admin_port=free_port(),
-        frontend=Upstream("frontend", "127.0.0.1", frontend.port),
-        tokenizer=Upstream("tokenizer", "127.0.0.1", tokenizer.port),
-        worker=Upstream("worker", "127.0.0.1", free_port()),
-        max_request_bytes=MAX_REQUEST_BYTES,
-    )
+def make_config(frontend: StandIn, tokenizer: StandIn) -> Deployment:
+    """Ports of a fresh local mesh without tenants; the worker's port has nothing listening."""
+    return Deployment(
+        model="m", versions=(ModelVersion("v1", (("127.0.0.1", free_port()),)),),
+        rollout=Rollout(primary="v1"),
+        services=Services(frontend=(("127.0.0.1", frontend.port),),
+                          tokenizer=(("127.0.0.1", tokenizer.port),)),
+        gateway=GatewaySettings(edge_port=free_port(), mesh_port=free_port(),
+                                admin_port=free_port(), max_request_bytes=MAX_REQUEST_BYTES))
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +157,8 @@ def mesh(tmp_path_factory) -> Iterator[Mesh]:
     cfg = make_config(frontend, tokenizer)
     try:
         with running_envoy(cfg, tmp_path_factory.mktemp("envoy")), \
-                grpc.insecure_channel(f"127.0.0.1:{cfg.edge_port}") as edge, \
-                grpc.insecure_channel(f"127.0.0.1:{cfg.mesh_port}") as mesh_channel:
+                grpc.insecure_channel(f"127.0.0.1:{cfg.gateway.edge_port}") as edge, \
+                grpc.insecure_channel(f"127.0.0.1:{cfg.gateway.mesh_port}") as mesh_channel:
             wait_reachable(edge, "genmesh.v1.Generation")
             wait_reachable(mesh_channel, "genmesh.v1.Tokenizer")
             yield Mesh(cfg, frontend, tokenizer, edge, mesh_channel)
@@ -268,7 +269,7 @@ def test_access_log_has_one_json_line_per_call(tmp_path):
     cfg = make_config(frontend, tokenizer)
     try:
         with running_envoy(cfg, tmp_path) as access_log, \
-                grpc.insecure_channel(f"127.0.0.1:{cfg.edge_port}") as edge:
+                grpc.insecure_channel(f"127.0.0.1:{cfg.gateway.edge_port}") as edge:
             wait_reachable(edge, "genmesh.v1.Generation")
             echo = edge.unary_unary("/genmesh.v1.Generation/Echo")
             echo(b"", timeout=5, metadata=[("x-request-id", "logged-1")])

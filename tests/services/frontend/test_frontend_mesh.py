@@ -20,6 +20,7 @@ from genmesh.client import (
     TurnFinished,
     TurnStarted,
 )
+from genmesh.client.types import DEV_API_KEY
 from genmesh.v1 import (
     common_pb2,
     generation_pb2,
@@ -208,7 +209,8 @@ def test_chat_turn_before_start_is_failed_precondition(mesh):
         stub = generation_pb2_grpc.GenerationStub(ch)
         turn = generation_pb2.ChatRequest(turn=generation_pb2.UserTurn(content="hi"))
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.Chat(iter([turn]), timeout=10))
+            list(stub.Chat(iter([turn]), timeout=10,
+                           metadata=[("x-api-key", DEV_API_KEY)]))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "StartSession" in err.value.details()
 
