@@ -69,8 +69,11 @@ def http_connection_manager(
             "preserve_external_request_id": True,
             "always_set_request_id_in_response": True,
         }
-    if max_request_bytes is not None:
-        manager["local_reply_config"] = {"mappers": [payload_too_large(max_request_bytes)]}
+    mappers = [payload_too_large(max_request_bytes)] if max_request_bytes is not None else []
+    if is_edge:
+        mappers.append(rate_limit_service_down())
+    if mappers:
+        manager["local_reply_config"] = {"mappers": mappers}
     if access_log:
         manager["access_log"] = [json_access_log(name)]
     return manager
@@ -112,6 +115,17 @@ def payload_too_large(max_request_bytes: int) -> dict[str, Any]:
             "header": {"key": "grpc-status", "value": str(RESOURCE_EXHAUSTED)},
             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
         }],
+    }
+
+
+def rate_limit_service_down() -> dict[str, Any]:
+    """A call refused because the rate-limit service did not answer (failure mode closed):
+    HTTP 503, which a gRPC client reads as UNAVAILABLE (Envoy's own 500 reads UNKNOWN)."""
+    return {
+        "filter": {"response_flag_filter": {"flags": ["RLSE"]}},
+        "status_code": 503,
+        "body": {"inline_string": "the rate-limit service is unavailable and the gateway "
+                                  "fails closed; retry shortly"},
     }
 
 

@@ -21,6 +21,9 @@ class WorkerConfig:
     device: str = "cpu"
     load_format: str = "auto"  # "dummy": random weights (benchmarks, tests)
     kv_cache_gib: float = 1.0
+    # Torch CPU threads; 0: torch's default (every core). Workers sharing a machine must
+    # split its cores: threads that outnumber cores spin against each other.
+    num_threads: int = 0
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 512
     # Where every finished generation's tokens and timings are recorded (a Redis stream),

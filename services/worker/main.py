@@ -20,6 +20,7 @@ def engine_config(cfg: WorkerConfig, model_path: str) -> EngineConfig:
     return EngineConfig(model=model_path, backend=cfg.backend, dtype=cfg.dtype,
                         device=cfg.device, load_format=cfg.load_format,
                         kv_cache_memory_gib=cfg.kv_cache_gib, max_num_seqs=cfg.max_num_seqs,
+                        num_threads=cfg.num_threads or None,
                         max_num_batched_tokens=cfg.max_num_batched_tokens)
 
 
