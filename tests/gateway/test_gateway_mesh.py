@@ -245,6 +245,7 @@ def test_concurrent_requests_never_exceed_the_token_budget_and_unused_is_refunde
         results = list(pool.map(one, range(50)))
     admitted = [used for status, used in results if status == "ok"]
     refused = [status for status, _ in results if status != "ok"]
+    print(f"budget {BUDGET}: {len(admitted)} of 50 admitted, {sum(admitted)} tokens used")
     assert admitted and refused
     assert set(refused) == {"RESOURCE_EXHAUSTED"}
     # Each admitted request reserved prompt + 24 tokens; all reservations fit the budget.
@@ -275,6 +276,7 @@ def test_canary_split_is_within_three_percent_of_its_weight(gw):
         with channel, concurrent.futures.ThreadPoolExecutor(8) as pool:
             versions = list(pool.map(lambda _: generate_direct(stub)[0], range(2400)))
         share = versions.count("v2") / len(versions)
+        print(f"canary 30 %: {share:.3f} of {len(versions)} calls to v2")
         assert abs(share - 0.30) <= 0.03, share
     finally:
         set_rollout(gw)
@@ -302,6 +304,7 @@ def test_shadow_gets_its_share_callers_see_only_the_primary_and_a_down_shadow_co
         assert set(versions) == {"v1"}  # the caller sees only the primary
         time.sleep(1.0)
         mirrored = requests_per_version(gw.dep)["v2"] - before
+        print(f"shadow 25 %: {mirrored} of {n} calls mirrored")
         assert abs(mirrored / n - 0.25) <= 0.05, mirrored
 
         # The shadow's answers are recorded against the primary's, by request id.
@@ -351,6 +354,7 @@ def test_rollout_changes_under_streaming_load_lose_no_stream(gw):
         stop.set()
         for t in threads:
             t.join(timeout=60)
+    print(f"rollout under load: {len(outcomes)} streams, {outcomes.count('finished')} finished")
     assert len(outcomes) >= 12
     assert set(outcomes) == {"finished"}, outcomes
 
