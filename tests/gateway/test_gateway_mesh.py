@@ -392,3 +392,43 @@ def test_an_invalid_change_is_refused_and_traffic_keeps_flowing(gw):
     assert gw.dep == dep
     with gw.client("beta") as c:
         assert c.generate("hi", max_tokens=2).text is not None
+
+
+def test_a_shared_prompt_prefix_keeps_reaching_the_same_replica(gw, tmp_path):
+    """A replica gateway whose v1 pool has two replicas (the mesh's two real workers):
+    calls carrying one prefix key land on one replica; different keys use both."""
+    dep = gw.dep
+    pool = (*dep.version("v1").workers, *dep.version("v2").workers)
+    two_replicas = dataclasses.replace(dep, versions=(
+        dataclasses.replace(dep.version("v1"), workers=pool),
+        dataclasses.replace(dep.version("v2"), workers=dep.version("v2").workers)),
+        rollout=Rollout(primary="v1"))
+    edge, mesh, admin = free_ports(3)
+    two_replicas = dataclasses.replace(two_replicas, gateway=dataclasses.replace(
+        dep.gateway, edge_port=edge, mesh_port=mesh, admin_port=admin))
+    xds.apply(two_replicas, tmp_path / "xds")
+    bootstrap = tmp_path / "envoy.yaml"
+    bootstrap.write_text(yaml.safe_dump(dynamic_bootstrap(two_replicas, tmp_path / "xds")))
+    envoy_2 = Supervisor([ProcessSpec(
+        "envoy-2", tuple(envoy_command(bootstrap, base_id=edge)), f"127.0.0.1:{edge}",
+        HttpReady(f"http://127.0.0.1:{admin}/ready"))], run_dir=tmp_path)
+    envoy_2.start()
+    try:
+        envoy_2.wait_ready(timeout_s=30)
+        time.sleep(1.5)  # both replicas pass their first health check
+
+        def replica_for(key: str) -> str:
+            with grpc.insecure_channel(f"127.0.0.1:{mesh}") as ch:
+                call = worker_pb2_grpc.WorkerStub(ch).Generate(worker_pb2.WorkerGenerateRequest(
+                    request_id=uuid.uuid4().hex, prompt_ids=[1, 2, 3],
+                    params=common_pb2.SamplingParams(max_tokens=1)), timeout=30,
+                    metadata=((metadata.PREFIX_KEY, key),))
+                list(call)
+                return str(dict(call.initial_metadata())[metadata.WORKER_ID])
+
+        for key in ("prefix-a", "prefix-b", "prefix-c"):
+            assert len({replica_for(key) for _ in range(6)}) == 1, key
+        spread = {replica_for(f"prefix-{i}") for i in range(24)}
+        assert spread == {f"{h}:{p}" for h, p in pool}
+    finally:
+        envoy_2.stop()
