@@ -101,6 +101,8 @@ def test_worker_routes_split_mirror_and_hash_by_the_rollout():
             for r in pinned] == [("v1", "worker-v1"), ("v2", "worker-v2")]
     clusters = {c["name"]: c for c in build_bootstrap(dep)["static_resources"]["clusters"]}
     assert clusters["worker-v1"]["lb_policy"] == "RING_HASH"
+    assert all(c["outlier_detection"]["consecutive_gateway_failure"] == 5
+               for c in clusters.values())
     # Only idempotent tokenizer calls are retried.
     retried = [r["match"]["prefix"] for r in mesh_routes(dep)
                if "retry_policy" in r.get("route", {})]

@@ -432,3 +432,21 @@ def test_a_shared_prompt_prefix_keeps_reaching_the_same_replica(gw, tmp_path):
         assert spread == {f"{h}:{p}" for h, p in pool}
     finally:
         envoy_2.stop()
+
+
+def test_genmesh_rollout_commands(gw, capsys):
+    from genmesh.cli import main as genmesh
+
+    run_dir = ["--run-dir", str(gw.run_dir)]
+    assert genmesh(["rollout", *run_dir, "canary", "20"]) == 0
+    assert "canary 20%" in capsys.readouterr().out
+    assert genmesh(["rollout", *run_dir, "status"]) == 0
+    out = capsys.readouterr().out
+    assert "v1:" in out and "v2:" in out and "calls since the gateway started" in out
+    assert genmesh(["rollout", *run_dir, "canary", "150"]) == 2
+    assert "keeps its current rollout" in capsys.readouterr().err
+    assert gw.dep.rollout.canary_percent == 20
+    assert genmesh(["rollout", *run_dir, "rollback"]) == 0
+    assert gw.dep.rollout == Rollout(primary="v1", candidate="v2")
+    assert genmesh(["rollout", *run_dir, "report"]) == 0
+    assert '"num_pairs"' in capsys.readouterr().out
