@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from services.common.failure import FailureMode
+
 # (host, port) of one backend process. The host is an IP address or a DNS name.
 Endpoint = tuple[str, int]
 
@@ -37,11 +39,6 @@ class DeploymentError(ValueError):
 class SplitMode(StrEnum):
     RANDOM = "random"  # each request independently: canary_percent of requests
     TENANT = "tenant"  # by a stable hash of the tenant: canary_percent of tenants, sticky
-
-
-class FailureMode(StrEnum):
-    OPEN = "open"  # the limit's store is down: admit the request
-    CLOSED = "closed"  # the limit's store is down: refuse it with UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,10 +33,6 @@ from gateway import ratelimits
 from gateway.deployment import Deployment, SplitMode, Tenant
 from services.common import metadata
 
-TENANT_HEADER = metadata.TENANT
-MODEL_VERSION_HEADER = metadata.MODEL_VERSION
-PREFIX_KEY_HEADER = metadata.PREFIX_KEY
-AB_BUCKET_HEADER = metadata.AB_BUCKET
 WEIGHT_SCALE = 10_000  # weights are in hundredths of a percent
 # Methods safe to retry: they change nothing and answer from a fixed input.
 IDEMPOTENT_TOKENIZER_METHODS = ("Tokenize", "ApplyChatTemplate", "DescribeModel")
@@ -75,7 +71,7 @@ def edge_routes(dep: Deployment) -> list[dict[str, Any]]:
     routes += [tenant_route(generation, t, key_header,
                             has_global=bool(dep.services.ratelimit)) for t in dep.tenants]
     anonymous = route(generation, "frontend")
-    anonymous["request_headers_to_remove"] = [TENANT_HEADER, key_header]
+    anonymous["request_headers_to_remove"] = [metadata.TENANT, key_header]
     routes.append(anonymous)
     return [*routes, unrouted("edge", ["genmesh.v1.Generation", "grpc.health.v1.Health",
                                         "grpc.reflection"])]
@@ -88,7 +84,7 @@ def tenant_route(prefix: str, tenant: Tenant, key_header: str, *, has_global: bo
     r["match"]["headers"] = [{"name": key_header,
                               "string_match": {"safe_regex": {"regex": f"^(?:{keys})$"}}}]
     r["request_headers_to_add"] = [{
-        "header": {"key": TENANT_HEADER, "value": tenant.name},
+        "header": {"key": metadata.TENANT, "value": tenant.name},
         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
     r["request_headers_to_remove"] = [key_header]
     r["typed_per_filter_config"] = {ratelimits.LOCAL_FILTER: ratelimits.local_bucket(tenant)}
@@ -120,7 +116,7 @@ def worker_routes(dep: Deployment) -> list[dict[str, Any]]:
     routes = []
     for v in dep.versions:  # pinned: exactly that version, no split, no mirror
         pinned = hashed(route(worker, v.cluster))
-        pinned["match"]["headers"] = [{"name": MODEL_VERSION_HEADER,
+        pinned["match"]["headers"] = [{"name": metadata.MODEL_VERSION,
                                        "string_match": {"exact": v.name}}]
         routes.append(pinned)
     main = split(route(generate, dep.rollout.primary), dep)
@@ -141,7 +137,7 @@ def split(r: dict[str, Any], dep: Deployment) -> dict[str, Any]:
         {"name": dep.version(rollout.primary).cluster, "weight": WEIGHT_SCALE - to_candidate},
         {"name": dep.version(rollout.candidate).cluster, "weight": to_candidate}]}
     if rollout.split is SplitMode.TENANT:
-        weighted["header_name"] = AB_BUCKET_HEADER
+        weighted["header_name"] = metadata.AB_BUCKET
     del r["route"]["cluster"]
     r["route"]["weighted_clusters"] = weighted
     return r
@@ -169,7 +165,7 @@ def mirrored(r: dict[str, Any], dep: Deployment) -> dict[str, Any]:
 
 def hashed(r: dict[str, Any]) -> dict[str, Any]:
     """Consistent hashing on the prompt's prefix key (no header: any replica)."""
-    r["route"]["hash_policy"] = [{"header": {"header_name": PREFIX_KEY_HEADER}}]
+    r["route"]["hash_policy"] = [{"header": {"header_name": metadata.PREFIX_KEY}}]
     return r
 
 

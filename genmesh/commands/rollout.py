@@ -26,6 +26,7 @@ import redis
 from gateway import deployment as deploy
 from gateway import rollout, xds
 from gateway.deployment import Deployment, DeploymentError, Rollout
+from genmesh.commands.mesh import DEFAULT_RUN_DIR, no_mesh_message
 from genmesh.launcher.plan import DEPLOYMENT_FILE, XDS_DIR
 from genmesh.rollout_report import compare
 from services.worker.records import STREAM, GenerationRecord
@@ -35,8 +36,6 @@ REDIS_TIMEOUT_S = 5.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from genmesh.commands.mesh import DEFAULT_RUN_DIR
-
     p = sub.add_parser("rollout", help="canary, shadow, promote or roll back model versions live")
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                    help="the run directory of `genmesh up`")
@@ -58,8 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _rollout(args: argparse.Namespace) -> int:
     path = args.run_dir / DEPLOYMENT_FILE
     if not path.exists():
-        print(f"genmesh: no mesh is running from {args.run_dir} (start one with `genmesh up`)",
-              file=sys.stderr)
+        print(no_mesh_message(args.run_dir), file=sys.stderr)
         return 1
     dep = deploy.load(path)
     if args.action == "status":

@@ -17,10 +17,8 @@ import grpc
 from services.common import metadata
 from services.frontend.budget import (
     BudgetError,
-    BudgetExceeded,
     BudgetPolicy,
     BudgetUnavailable,
-    RequestTooLarge,
     Reservation,
     TokenBudgets,
 )
@@ -61,5 +59,5 @@ class Admission:
             return await self.budgets.reserve(tenant, num_tokens, BudgetPolicy(limit))
         except BudgetUnavailable as exc:
             raise PipelineError(grpc.StatusCode.UNAVAILABLE, exc.message) from None
-        except (BudgetExceeded, RequestTooLarge, BudgetError) as exc:
+        except BudgetError as exc:  # BudgetExceeded, RequestTooLarge
             raise PipelineError(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message) from None

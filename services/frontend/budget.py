@@ -31,7 +31,6 @@ Its limits, plainly:
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import secrets
 import time
@@ -42,6 +41,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.common.failure import FailureMode
 
 log = logging.getLogger("genmesh.frontend.budget")
 
@@ -92,11 +93,6 @@ if refund > 0 then
 end
 return refund
 """
-
-
-class FailureMode(enum.Enum):
-    OPEN = "open"  # Redis down or slow: admit without a reservation, count it, warn
-    CLOSED = "closed"  # Redis down or slow: refuse with BudgetUnavailable
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import grpc
 
 from gateway import deployment
 from genmesh.v1 import generation_pb2, generation_pb2_grpc, tokenizer_pb2_grpc, worker_pb2_grpc
+from services.common.failure import FailureMode
 from services.common.server import serve, setup_json_logging
 from services.frontend import budget
 from services.frontend.admission import Admission, AdmissionPolicy
@@ -31,13 +32,13 @@ class Served:
     admission: AdmissionPolicy
     affinity: Affinity
     redis_url: str | None
-    budget_failure_mode: budget.FailureMode
+    budget_failure_mode: FailureMode
 
 
 def served(cfg: FrontendConfig) -> Served:
     if not cfg.deployment_file:
         return Served(cfg.model, cfg.versions, AdmissionPolicy(tenants={}), Affinity(), None,
-                      budget.FailureMode.CLOSED)
+                      FailureMode.CLOSED)
     dep = deployment.load(Path(cfg.deployment_file))
     return Served(
         model=dep.model, versions=tuple(v.name for v in dep.versions),
@@ -45,7 +46,7 @@ def served(cfg: FrontendConfig) -> Served:
                                   api_key_header=dep.limits.api_key_header),
         affinity=Affinity(block_size=dep.kv_block_size, max_blocks=dep.prefix_affinity_blocks),
         redis_url=dep.redis_url,
-        budget_failure_mode=budget.FailureMode(str(dep.limits.budget_failure_mode)))
+        budget_failure_mode=dep.limits.budget_failure_mode)
 
 
 async def run(cfg: FrontendConfig) -> None:

@@ -83,6 +83,11 @@ class Finished:
 Event = Started | TextChunk | Finished
 
 
+@dataclass(slots=True)
+class _Generated:
+    num_tokens: int = 0  # tokens the worker has generated for the request so far
+
+
 def rpc_error(exc: grpc.aio.AioRpcError, service: str) -> PipelineError:
     """A downstream failure as the caller should see it."""
     code, details = exc.code(), exc.details() or ""
@@ -133,17 +138,15 @@ class Pipeline:
         max_tokens = max(req.params.max_tokens or DEFAULT_MAX_TOKENS, 0)
         reservation = (None if self.admission is None
                        else await self.admission.reserve(req.tenant, len(prompt_ids) + max_tokens))
-        num_tokens = 0
+        generated = _Generated()
         try:
-            async for event in self._generate(req, prompt_ids, timeout_s=timeout_s, t0=t0):
-                if isinstance(event, int):
-                    num_tokens = event
-                else:
-                    yield event
+            async for event in self._generate(req, prompt_ids, generated, timeout_s=timeout_s,
+                                              t0=t0):
+                yield event
         finally:
             if reservation is not None:
                 # Refund what the request did not use, however it ended.
-                await reservation.settle(len(prompt_ids) + num_tokens)
+                await reservation.settle(len(prompt_ids) + generated.num_tokens)
 
     def _worker_metadata(self, req: PipelineRequest, prompt_ids: list[int]
                          ) -> tuple[tuple[str, str], ...]:
@@ -159,10 +162,11 @@ class Pipeline:
             pairs.append((metadata.AB_BUCKET, bucket))
         return tuple(pairs)
 
-    async def _generate(self, req: PipelineRequest, prompt_ids: list[int], *,
-                        timeout_s: float, t0: float) -> AsyncGenerator[Event | int, None]:
-        """The worker stream, detokenized and cut at stop strings. Also yields the number of
-        tokens generated so far (an int) before each event, for the budget's refund."""
+    async def _generate(self, req: PipelineRequest, prompt_ids: list[int],
+                        generated: _Generated, *, timeout_s: float, t0: float
+                        ) -> AsyncGenerator[Event, None]:
+        """The worker stream, detokenized and cut at stop strings; counts the tokens
+        generated into ``generated`` as they arrive."""
         worker_params = common_pb2.SamplingParams()
         worker_params.CopyFrom(req.params)
         del worker_params.stop[:]  # stop strings are applied here, on text
@@ -177,14 +181,13 @@ class Pipeline:
         opening = asyncio.ensure_future(_detokenize(detok, tokenizer_pb2.DetokenizeRequest(
             model=req.model, skip_special_tokens=True)))
         stops = StopMatcher(list(req.params.stop))
-        num_tokens, ttft_ms = 0, None
+        ttft_ms = None
         try:
             served = dict(await worker_call.initial_metadata() or ())
             version = str(served.get(metadata.MODEL_VERSION, req.model_version))
             yield Started(req.request_id, req.model, version, len(prompt_ids))
             async for msg in worker_call:
-                num_tokens += len(msg.token_ids)
-                yield num_tokens
+                generated.num_tokens += len(msg.token_ids)
                 await opening  # done long ago but for the first token; raises its error
                 text = await _detokenize(detok, tokenizer_pb2.DetokenizeRequest(
                     token_ids=msg.token_ids, flush=bool(msg.finish_reason)))
@@ -195,7 +198,7 @@ class Pipeline:
                     yield TextChunk(cut.text)
                 if cut.is_stopped:
                     usage = common_pb2.Usage(prompt_tokens=len(prompt_ids),
-                                             completion_tokens=num_tokens)
+                                             completion_tokens=generated.num_tokens)
                     yield Finished(common_pb2.FINISH_REASON_STOP, usage)
                     return
                 if msg.finish_reason == common_pb2.FINISH_REASON_ERROR:
@@ -221,7 +224,7 @@ class Pipeline:
             detok.cancel()
             log.info("request done", extra={
                 "request_id": req.request_id, "prompt_tokens": len(prompt_ids),
-                "completion_tokens": num_tokens, "ttft_ms": round(ttft_ms or 0.0, 2),
+                "completion_tokens": generated.num_tokens, "ttft_ms": round(ttft_ms or 0.0, 2),
                 "ms": round((time.perf_counter() - t0) * 1e3, 1)})
 
 

@@ -95,8 +95,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.send_initial_metadata(((metadata.MODEL_VERSION, self.model_version),
                                                  (metadata.WORKER_ID, self.worker_id)))
             async for delta in stream:
-                timing.tokens(len(delta.new_token_ids))
-                token_ids += delta.new_token_ids
+                if self.records is not None:
+                    timing.tokens(len(delta.new_token_ids))
+                    token_ids += delta.new_token_ids
                 yield delta_to_proto(delta)
                 if delta.finish_reason is FinishReason.ERROR:
                     log.error("generation failed",

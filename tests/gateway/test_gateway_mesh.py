@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,16 +116,19 @@ def wait_for_minute_room(seconds: float) -> None:
         time.sleep(left + 0.5)
 
 
-def generate_direct(stub: worker_pb2_grpc.WorkerStub, *, pin: str = ""
-                    ) -> tuple[str, list[int]]:
-    """One tiny Generate through the mesh listener; the serving version and the tokens."""
-    md = ((metadata.MODEL_VERSION, pin),) if pin else ()
+def generate_direct(stub: worker_pb2_grpc.WorkerStub, *, pin: str = "", prefix_key: str = "",
+                    served: str = metadata.MODEL_VERSION) -> str:
+    """One tiny Generate through a mesh listener; the ``served`` reply metadata (by
+    default the version that answered; ``metadata.WORKER_ID``: the replica)."""
+    md = [(metadata.MODEL_VERSION, pin)] if pin else []
+    if prefix_key:
+        md.append((metadata.PREFIX_KEY, prefix_key))
     call = stub.Generate(worker_pb2.WorkerGenerateRequest(
         request_id=uuid.uuid4().hex, prompt_ids=[1, 2, 3],
         params=common_pb2.SamplingParams(max_tokens=1)),
         timeout=30, metadata=md)
-    tokens = [t for msg in call for t in msg.token_ids]
-    return str(dict(call.initial_metadata())[metadata.MODEL_VERSION]), tokens
+    list(call)
+    return str(dict(call.initial_metadata())[served])
 
 
 def set_rollout(gw: GatewayMesh, *, split: str = "random", **changes: float) -> None:
@@ -166,37 +170,38 @@ def test_a_tenant_over_its_local_limit_does_not_affect_another(gw):
     assert all(h.get("x-genmesh-rate-limited-by") == "local" for h in headers)
 
 
-def replica(gw: GatewayMesh, tmp: Path, **changes: object) -> tuple[str, Supervisor]:
-    """Another gateway replica over the same services (and rate-limit service, unless
-    ``ratelimit`` names another address)."""
+@contextmanager
+def replica(dep: deploy.Deployment, tmp: Path) -> Iterator[deploy.Deployment]:
+    """Another gateway (Envoy) serving ``dep`` on fresh ports, over the mesh's services;
+    yields ``dep`` with those ports."""
     edge, mesh, admin = free_ports(3)
-    dep = gw.dep
-    dep = dataclasses.replace(
-        dep, gateway=dataclasses.replace(dep.gateway, edge_port=edge, mesh_port=mesh,
-                                         admin_port=admin),
-        limits=dataclasses.replace(dep.limits, **{k: v for k, v in changes.items()
-                                                  if k != "ratelimit"}),
-        services=dataclasses.replace(dep.services, **(
-            {"ratelimit": changes["ratelimit"]} if "ratelimit" in changes else {})))
+    dep = dataclasses.replace(dep, gateway=dataclasses.replace(
+        dep.gateway, edge_port=edge, mesh_port=mesh, admin_port=admin))
     xds.apply(dep, tmp / "xds")
     bootstrap = tmp / "envoy.yaml"
     bootstrap.write_text(yaml.safe_dump(dynamic_bootstrap(dep, tmp / "xds"), sort_keys=False))
     # Ready once listening: a replica pointed at a dead rate-limit service never has every
     # cluster healthy.
-    spec = ProcessSpec("envoy-2", tuple(envoy_command(bootstrap, base_id=edge)),
-                       f"127.0.0.1:{edge}", HttpReady(f"http://127.0.0.1:{admin}/ready"))
-    sup = Supervisor([spec], run_dir=tmp)
-    sup.start()
-    sup.wait_ready(timeout_s=30)
-    return f"127.0.0.1:{edge}", sup
+    envoy = Supervisor([ProcessSpec(
+        "envoy-2", tuple(envoy_command(bootstrap, base_id=edge)), f"127.0.0.1:{edge}",
+        HttpReady(f"http://127.0.0.1:{admin}/ready"))], run_dir=tmp)
+    envoy.start()
+    try:
+        envoy.wait_ready(timeout_s=30)
+        yield dep
+    finally:
+        envoy.stop()
+
+
+def edge_of(dep: deploy.Deployment) -> str:
+    return f"127.0.0.1:{dep.gateway.edge_port}"
 
 
 def test_the_global_limit_holds_across_two_gateways(gw, tmp_path):
-    address_2, envoy_2 = replica(gw, tmp_path)
-    try:
+    with replica(gw.dep, tmp_path) as second:
         wait_for_minute_room(20)
         codes = []
-        with gw.client("delta") as one, gw.client("delta", address_2) as two:
+        with gw.client("delta") as one, gw.client("delta", edge_of(second)) as two:
             for i in range(2 * GAMMA_RPM):
                 try:
                     (one if i % 2 else two).list_models()
@@ -205,26 +210,23 @@ def test_the_global_limit_holds_across_two_gateways(gw, tmp_path):
                     codes.append(exc.code.name)
         assert codes.count("ok") == GAMMA_RPM, codes
         assert codes.count("RESOURCE_EXHAUSTED") == GAMMA_RPM
-    finally:
-        envoy_2.stop()
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("open", "ok"), ("closed", "UNAVAILABLE")])
 def test_a_down_rate_limit_service_fails_open_or_closed_per_config(gw, tmp_path, mode,
                                                                    expected):
     [dead] = free_ports(1)
-    address_2, envoy_2 = replica(gw, tmp_path, global_failure_mode=deploy.FailureMode(mode),
-                                 ratelimit=(("127.0.0.1", dead),))
-    try:
-        with gw.client("delta", address_2) as c:
-            try:
-                c.list_models()
-                outcome = "ok"
-            except GenmeshError as exc:
-                outcome = exc.code.name
-        assert outcome == expected
-    finally:
-        envoy_2.stop()
+    dep = gw.dep
+    dep = dataclasses.replace(
+        dep, services=dataclasses.replace(dep.services, ratelimit=(("127.0.0.1", dead),)),
+        limits=dataclasses.replace(dep.limits, global_failure_mode=deploy.FailureMode(mode)))
+    with replica(dep, tmp_path) as second, gw.client("delta", edge_of(second)) as c:
+        try:
+            c.list_models()
+            outcome = "ok"
+        except GenmeshError as exc:
+            outcome = exc.code.name
+    assert outcome == expected
 
 
 # ---- token budgets --------------------------------------------------------------------------
@@ -265,8 +267,8 @@ def test_concurrent_requests_never_exceed_the_token_budget_and_unused_is_refunde
 def test_pinned_versions_reach_their_pool(gw):
     channel, stub = gw.worker_stub()
     with channel:
-        assert generate_direct(stub, pin="v1")[0] == "v1"
-        assert generate_direct(stub, pin="v2")[0] == "v2"
+        assert generate_direct(stub, pin="v1") == "v1"
+        assert generate_direct(stub, pin="v2") == "v2"
 
 
 def test_canary_split_is_within_three_percent_of_its_weight(gw):
@@ -274,7 +276,7 @@ def test_canary_split_is_within_three_percent_of_its_weight(gw):
     try:
         channel, stub = gw.worker_stub()
         with channel, concurrent.futures.ThreadPoolExecutor(8) as pool:
-            versions = list(pool.map(lambda _: generate_direct(stub)[0], range(2400)))
+            versions = list(pool.map(lambda _: generate_direct(stub), range(2400)))
         share = versions.count("v2") / len(versions)
         print(f"canary 30 %: {share:.3f} of {len(versions)} calls to v2")
         assert abs(share - 0.30) <= 0.03, share
@@ -300,7 +302,7 @@ def test_shadow_gets_its_share_callers_see_only_the_primary_and_a_down_shadow_co
         channel, stub = gw.worker_stub()
         n = 1000
         with channel, concurrent.futures.ThreadPoolExecutor(8) as pool:
-            versions = list(pool.map(lambda _: generate_direct(stub)[0], range(n)))
+            versions = list(pool.map(lambda _: generate_direct(stub), range(n)))
         assert set(versions) == {"v1"}  # the caller sees only the primary
         time.sleep(1.0)
         mirrored = requests_per_version(gw.dep)["v2"] - before
@@ -320,7 +322,7 @@ def test_shadow_gets_its_share_callers_see_only_the_primary_and_a_down_shadow_co
             with channel:
                 started = time.monotonic()
                 for _ in range(20):
-                    assert generate_direct(stub)[0] == "v1"
+                    assert generate_direct(stub) == "v1"
                 assert time.monotonic() - started < 10
         finally:
             os.kill(shadow_pid, signal.SIGCONT)
@@ -400,38 +402,21 @@ def test_a_shared_prompt_prefix_keeps_reaching_the_same_replica(gw, tmp_path):
     dep = gw.dep
     pool = (*dep.version("v1").workers, *dep.version("v2").workers)
     two_replicas = dataclasses.replace(dep, versions=(
-        dataclasses.replace(dep.version("v1"), workers=pool),
-        dataclasses.replace(dep.version("v2"), workers=dep.version("v2").workers)),
+        dataclasses.replace(dep.version("v1"), workers=pool), dep.version("v2")),
         rollout=Rollout(primary="v1"))
-    edge, mesh, admin = free_ports(3)
-    two_replicas = dataclasses.replace(two_replicas, gateway=dataclasses.replace(
-        dep.gateway, edge_port=edge, mesh_port=mesh, admin_port=admin))
-    xds.apply(two_replicas, tmp_path / "xds")
-    bootstrap = tmp_path / "envoy.yaml"
-    bootstrap.write_text(yaml.safe_dump(dynamic_bootstrap(two_replicas, tmp_path / "xds")))
-    envoy_2 = Supervisor([ProcessSpec(
-        "envoy-2", tuple(envoy_command(bootstrap, base_id=edge)), f"127.0.0.1:{edge}",
-        HttpReady(f"http://127.0.0.1:{admin}/ready"))], run_dir=tmp_path)
-    envoy_2.start()
-    try:
-        envoy_2.wait_ready(timeout_s=30)
+    with replica(two_replicas, tmp_path) as second:
         time.sleep(1.5)  # both replicas pass their first health check
+        channel = grpc.insecure_channel(f"127.0.0.1:{second.gateway.mesh_port}")
+        stub = worker_pb2_grpc.WorkerStub(channel)
 
         def replica_for(key: str) -> str:
-            with grpc.insecure_channel(f"127.0.0.1:{mesh}") as ch:
-                call = worker_pb2_grpc.WorkerStub(ch).Generate(worker_pb2.WorkerGenerateRequest(
-                    request_id=uuid.uuid4().hex, prompt_ids=[1, 2, 3],
-                    params=common_pb2.SamplingParams(max_tokens=1)), timeout=30,
-                    metadata=((metadata.PREFIX_KEY, key),))
-                list(call)
-                return str(dict(call.initial_metadata())[metadata.WORKER_ID])
+            return generate_direct(stub, prefix_key=key, served=metadata.WORKER_ID)
 
         for key in ("prefix-a", "prefix-b", "prefix-c"):
             assert len({replica_for(key) for _ in range(6)}) == 1, key
         spread = {replica_for(f"prefix-{i}") for i in range(24)}
+        channel.close()
         assert spread == {f"{h}:{p}" for h, p in pool}
-    finally:
-        envoy_2.stop()
 
 
 def test_genmesh_rollout_commands(gw, capsys):

