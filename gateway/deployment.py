@@ -104,6 +104,12 @@ class Limits:
     global_failure_mode: FailureMode = FailureMode.OPEN
     # The frontend cannot reach Redis to reserve a token budget.
     budget_failure_mode: FailureMode = FailureMode.CLOSED
+    # The safety service is down or slower than safety_timeout_s: when checking a prompt
+    # (closed: refuse with UNAVAILABLE; open: serve it unchecked), and when moderating
+    # the output (closed: end the stream with UNAVAILABLE; open: stream it unmoderated).
+    safety_prompt_failure_mode: FailureMode = FailureMode.CLOSED
+    safety_output_failure_mode: FailureMode = FailureMode.CLOSED
+    safety_timeout_s: float = 2.0  # longest wait for a prompt check or a moderated chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +171,9 @@ def check(dep: Deployment) -> list[str]:
         problems.append("services.frontend has no address")
     if not dep.services.tokenizer:
         problems.append("services.tokenizer has no address")
+    if dep.limits.safety_timeout_s <= 0:
+        problems.append(f"limits.safety_timeout_s must be positive, got "
+                        f"{dep.limits.safety_timeout_s}")
     keys: dict[str, str] = {}
     tenant_names = [t.name for t in dep.tenants]
     if len(set(tenant_names)) != len(tenant_names):
@@ -267,9 +276,12 @@ def _from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Deployment:
                               _opt_int(spec.get("tokens_per_minute"))))
     limits = dict(data.get("limits") or {})
     _known(limits, "limits", {f.name for f in dataclasses.fields(Limits)})
-    for mode in ("global_failure_mode", "budget_failure_mode"):
+    for mode in ("global_failure_mode", "budget_failure_mode", "safety_prompt_failure_mode",
+                 "safety_output_failure_mode"):
         if mode in limits:
             limits[mode] = FailureMode(limits[mode])
+    if "safety_timeout_s" in limits:
+        limits["safety_timeout_s"] = float(limits["safety_timeout_s"])
     gateway = dict(data.get("gateway") or {})
     _known(gateway, "gateway", {f.name for f in dataclasses.fields(GatewaySettings)})
     return Deployment(

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from genmesh.commands import bench, client, engine, mesh, models, rollout
+from genmesh.commands import bench, client, engine, mesh, models, rollout, safety
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     mesh.register(sub)
     client.register(sub)
     rollout.register(sub)
+    safety.register(sub)
     return parser
 
 

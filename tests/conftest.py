@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from genmesh.client.types import API_KEY_ENV, DEV_API_KEY
 from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, plan, redis_binary
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.supervisor import Supervisor
 from genmesh.models.store import ModelStore, default_store_root
+from services.safety.config import DEFAULT_POLICY
 from tests.procs import RedisServer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -51,15 +53,32 @@ class RunningMesh:
         return f"{self.config.host}:{self.config.tokenizer_port}"
 
 
+# The greedy answer to this prompt says it in its first sentence; the mesh's safety policy
+# blocks the phrase for the `dev` tenant, so a test can watch an output cut mid-stream.
+CUT_PROMPT = "Describe a lighthouse keeper's evening in three sentences."
+CUT_PHRASE = "grizzled and seasoned sailor"
+
+
+def mesh_safety_policy(path: Path) -> Path:
+    """deploy/safety/policy.yaml, plus a `test_cut` category that blocks CUT_PHRASE."""
+    raw = yaml.safe_load(DEFAULT_POLICY.read_text())
+    raw["lexicons"] = str(DEFAULT_POLICY.parent / raw["lexicons"])
+    raw.setdefault("tenants", {})["dev"] = {"lexicon": {"test_cut": [CUT_PHRASE]},
+                                            "actions": {"test_cut": "block"}}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 @pytest.fixture(scope="session")
 def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
     """deploy/local.yaml's first version only: Envoy, Redis, the rate-limit service,
-    tokenizer, worker (the default model, fp32 so outputs are exact) and frontend as real
-    processes on free loopback ports, via the launcher."""
+    tokenizer, safety, worker (the default model, fp32 so outputs are exact) and frontend as
+    real processes on free loopback ports, via the launcher."""
     ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
+    run_dir = tmp_path_factory.mktemp("mesh")
     config = MeshConfig(**ports, model=DEFAULT_MODEL, versions=("v1",), dtype="float32",
-                        kv_cache_gib=0.25,
-                        run_dir=tmp_path_factory.mktemp("mesh"), log_level="INFO")
+                        kv_cache_gib=0.25, run_dir=run_dir, log_level="INFO",
+                        safety_policy=mesh_safety_policy(run_dir / "safety-policy.yaml"))
     supervisor = Supervisor(plan(config), run_dir=config.run_dir)
     supervisor.start()
     try:

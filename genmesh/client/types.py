@@ -53,6 +53,7 @@ class Completion:
     model: str
     model_version: str
     request_id: str
+    finish_detail: str = ""  # with "content_filter": the category that cut the output
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,7 @@ class Chunk:
     usage: Usage | None = None  # set on the last message
     model_version: str = ""  # set on the first message
     request_id: str = ""  # set on the first message
+    finish_detail: str = ""  # set on the last message; see Completion
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ class TurnFinished:
     turn: int
     finish_reason: str | None
     usage: Usage
+    finish_detail: str = ""  # see Completion
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,13 +142,13 @@ def generate_request(prompt: str | None, messages: list[dict[str, str]] | None, 
 
 def completion_from_proto(r: generation_pb2.GenerateResponse) -> Completion:
     return Completion(r.text, _FINISH[r.finish_reason], Usage.from_proto(r.usage), r.model,
-                      r.model_version, r.request_id)
+                      r.model_version, r.request_id, r.finish_detail)
 
 
 def chunk_from_proto(r: generation_pb2.GenerateStreamResponse) -> Chunk:
     return Chunk(r.text, _FINISH[r.finish_reason],
                  Usage.from_proto(r.usage) if r.HasField("usage") else None,
-                 r.model_version, r.request_id)
+                 r.model_version, r.request_id, r.finish_detail)
 
 
 def chat_event_from_proto(e: generation_pb2.ChatEvent) -> ChatEvent:
@@ -156,7 +159,8 @@ def chat_event_from_proto(e: generation_pb2.ChatEvent) -> ChatEvent:
         return TextDelta(e.delta.turn, e.delta.text)
     if kind == "turn_finished":
         f = e.turn_finished
-        return TurnFinished(f.turn, _FINISH[f.finish_reason], Usage.from_proto(f.usage))
+        return TurnFinished(f.turn, _FINISH[f.finish_reason], Usage.from_proto(f.usage),
+                            f.finish_detail)
     return ChatError(_CODES.get(e.error.code, grpc.StatusCode.UNKNOWN), e.error.message,
                      e.error.turn)
 

@@ -53,7 +53,8 @@ def _generate(args: argparse.Namespace) -> int:
                                                 **_params(args)):
                 print(chunk.text, end="", flush=True)
                 if chunk.usage is not None:
-                    print(f"\n[{chunk.finish_reason}: {chunk.usage.prompt_tokens} prompt + "
+                    print(f"\n[{_finish(chunk.finish_reason, chunk.finish_detail)}: "
+                          f"{chunk.usage.prompt_tokens} prompt + "
                           f"{chunk.usage.completion_tokens} completion tokens]", file=sys.stderr)
         except GenmeshError as exc:
             print(f"\ngenmesh: {exc}", file=sys.stderr)
@@ -126,8 +127,14 @@ def run_turn(session: ChatSession, content: str) -> bool:
                 cancel_once()
         elif isinstance(event, TurnFinished):
             u = event.usage
-            print(f"\n[{event.finish_reason}: {u.prompt_tokens} prompt ({u.cached_prompt_tokens}"
+            print(f"\n[{_finish(event.finish_reason, event.finish_detail)}: {u.prompt_tokens} "
+                  f"prompt ({u.cached_prompt_tokens}"
                   f" cached) + {u.completion_tokens} completion tokens]", file=sys.stderr)
             return True
         elif isinstance(event, ChatError):
             raise GenmeshError(event.code, event.message)
+
+
+def _finish(reason: str | None, detail: str) -> str:
+    """"stop", or "content_filter (violence)" when the reason has a detail."""
+    return f"{reason} ({detail})" if detail else str(reason)

@@ -33,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--dtype", help="run every version in this dtype (default: each its own)")
     up.add_argument("--kv-cache-gib", type=float, default=defaults.kv_cache_gib)
     up.add_argument("--no-redis", action="store_true", help="do not start Redis")
+    up.add_argument("--safety-policy", type=Path,
+                    help="the safety service's per-tenant policy (default: "
+                         "deploy/safety/policy.yaml)")
+    up.add_argument("--no-safety-embedding", action="store_true",
+                    help="prompt-injection rules only: do not load the embedding model")
     up.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                     help="logs, Envoy's config and the state file `genmesh status` reads")
     up.add_argument("--quiet", action="store_true", help="do not stream the services' logs")
@@ -51,7 +56,8 @@ def _up(args: argparse.Namespace) -> int:
     cfg = MeshConfig(
         **{name: getattr(args, name) for name in PORT_FIELDS}, deployment=args.deployment,
         model=args.model, versions=versions, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
-        with_redis=not args.no_redis, run_dir=args.run_dir)
+        with_redis=not args.no_redis, run_dir=args.run_dir, safety_policy=args.safety_policy,
+        safety_embedding=not args.no_safety_embedding)
     try:
         ModelStore(default_store_root()).path_of(cfg.model or load_deployment(cfg.deployment).model)
         specs = plan(cfg)

@@ -11,6 +11,7 @@ ports (each a flag of ``genmesh up``):
 | Envoy admin | 9901 |
 | frontend | 50051 |
 | tokenizer | 50052 |
+| safety | 50053 |
 | worker of the first version (v1) | 50061 |
 | worker of the second version (v2) | 50062 |
 | rate-limit service | 50071 |
@@ -59,6 +60,7 @@ class MeshConfig:
     worker_port: int = 50061
     candidate_port: int = 50062  # the worker of the deployment's second version
     ratelimit_port: int = 50071
+    safety_port: int = 50053
     redis_port: int = 6390
     deployment: Path = DEFAULT_DEPLOYMENT
     model: str | None = None  # None: the deployment's model (a name in the model store)
@@ -67,6 +69,8 @@ class MeshConfig:
     kv_cache_gib: float = 1.0
     worker_args: tuple[str, ...] = ()  # extra flags for the workers (e.g. --load-format dummy)
     with_redis: bool = True  # without: no global limits, token budgets or shadow records
+    safety_policy: Path | None = None  # None: deploy/safety/policy.yaml
+    safety_embedding: bool = True  # False: prompt-injection rules only (no model to load)
     run_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "genmesh" / "run")
     log_level: str = "INFO"
 
@@ -84,7 +88,7 @@ class MeshConfig:
 
 
 PORT_FIELDS = ("edge_port", "mesh_port", "admin_port", "frontend_port", "tokenizer_port",
-               "worker_port", "candidate_port", "ratelimit_port", "redis_port")
+               "worker_port", "candidate_port", "ratelimit_port", "safety_port", "redis_port")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +130,8 @@ def localize(dep: Deployment, cfg: MeshConfig) -> Deployment:
     here = cfg.host
     services = deploy.Services(
         frontend=((here, cfg.frontend_port),), tokenizer=((here, cfg.tokenizer_port),),
-        ratelimit=((here, cfg.ratelimit_port),) if has_global else ())
+        ratelimit=((here, cfg.ratelimit_port),) if has_global else (),
+        safety=((here, cfg.safety_port),) if dep.services.safety else ())
     gateway = dataclasses.replace(dep.gateway, host=here, edge_port=cfg.edge_port,
                                   mesh_port=cfg.mesh_port, admin_port=cfg.admin_port)
     return deploy.require_valid(dataclasses.replace(
@@ -174,6 +179,14 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
                               "--redis-url", cfg.redis_url, "--limits-file", str(limits)))
     specs.append(_service("tokenizer", "services.tokenizer.main", cfg.tokenizer_port, cfg,
                           "--models", dep.model))
+    if dep.services.safety:
+        audit = (("--audit-redis-url", cfg.redis_url) if cfg.with_redis
+                 else ("--audit-file", str(cfg.run_dir / "safety-audit.jsonl")))
+        policy = () if cfg.safety_policy is None else ("--policy-file", str(cfg.safety_policy))
+        # One thread: the workers own the cores; a prompt check is a few milliseconds.
+        specs.append(_service("safety", "services.safety.main", cfg.safety_port, cfg,
+                              "--num-threads", "1", "--embedding",
+                              str(cfg.safety_embedding).lower(), *audit, *policy))
     # Workers on one machine split its cores: more torch threads than cores spin against
     # each other (two 2-thread workers on 2 cores ran a 27 ms request in 1.3 s).
     threads = max(1, (os.cpu_count() or 1) // len(dep.versions))
@@ -187,6 +200,7 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
     specs += [
         _service("frontend", "services.frontend.main", cfg.frontend_port, cfg,
                  "--tokenizer-address", cfg.mesh_address, "--worker-address", cfg.mesh_address,
+                 "--safety-address", cfg.mesh_address,
                  "--deployment-file", str(cfg.run_dir / DEPLOYMENT_FILE)),
         ProcessSpec("envoy", tuple(envoy_command(envoy_yaml, base_id=cfg.edge_port)),
                     cfg.edge_address, EnvoyReady(f"http://{cfg.host}:{cfg.admin_port}")),

@@ -22,7 +22,7 @@ from services.frontend.budget import (
     Reservation,
     TokenBudgets,
 )
-from services.frontend.pipeline import PipelineError
+from services.frontend.errors import PipelineError
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from genmesh.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from services.frontend.pipeline import PipelineError, rpc_error
+from services.frontend.errors import PipelineError, rpc_error
 
 
 class ModelCatalog:

@@ -19,11 +19,12 @@ import grpc
 from genmesh.models.chat_template import ChatMessage
 from genmesh.v1 import common_pb2, generation_pb2
 from services.frontend.catalog import ModelCatalog
+from services.frontend.errors import PipelineError
 from services.frontend.pipeline import (
     Finished,
     Pipeline,
-    PipelineError,
     PipelineRequest,
+    Started,
     TextChunk,
 )
 
@@ -153,24 +154,30 @@ class ChatSession:
             model_version=self.settings.model_version, prompt=None,
             messages=(*system, *self.history, user),
             params=turn.params if turn.HasField("params") else self.settings.params,
-            priority=common_pb2.PRIORITY_INTERACTIVE, tenant=self.settings.tenant)
+            priority=common_pb2.PRIORITY_INTERACTIVE, tenant=self.settings.tenant,
+            # The system prompt and the history passed the check in an earlier turn.
+            num_checked_messages=len(system) + len(self.history) if self.history else 0)
         self.turn_task = asyncio.create_task(self._run_turn(self.num_turns, req, user))
 
     async def _run_turn(self, n: int, req: PipelineRequest, user: ChatMessage) -> None:
         parts: list[str] = []
+        seen = user  # the user's message as the model saw it (redacted by the policy)
         try:
             async with contextlib.aclosing(self.pipeline.run(req, timeout_s=self.timeout_s)
                                            ) as events:
                 async for event in events:
-                    if isinstance(event, TextChunk):
+                    if isinstance(event, Started) and event.messages:
+                        seen = event.messages[-1]
+                    elif isinstance(event, TextChunk):
                         parts.append(event.text)
                         self.out.put_nowait(generation_pb2.ChatEvent(
                             delta=generation_pb2.TextDelta(turn=n, text=event.text)))
                     elif isinstance(event, Finished):
-                        self.history += [user, ChatMessage("assistant", "".join(parts))]
+                        self.history += [seen, ChatMessage("assistant", "".join(parts))]
                         self.out.put_nowait(generation_pb2.ChatEvent(
                             turn_finished=generation_pb2.TurnFinished(
-                                turn=n, finish_reason=event.finish_reason, usage=event.usage)))
+                                turn=n, finish_reason=event.finish_reason, usage=event.usage,
+                                finish_detail=event.detail)))
         except asyncio.CancelledError:
             # Cancelled by the client (or the session closing): closing the pipeline's
             # stream above has already aborted the worker request.

@@ -16,6 +16,9 @@ class FrontendConfig:
     # routes by gRPC service name (a service's own address works too).
     tokenizer_address: str = "127.0.0.1:8081"
     worker_address: str = "127.0.0.1:8081"
+    # Used when the deployment names a safety service (its failure modes and timeout are
+    # in the deployment's limits).
+    safety_address: str = "127.0.0.1:8081"
     # The deployment description (gateway/deployment.py): model and versions, tenants and
     # their token budgets, Redis. Empty: the two fields below, no tenants, no budgets.
     deployment_file: str = ""

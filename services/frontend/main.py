@@ -11,13 +11,20 @@ from pathlib import Path
 import grpc
 
 from gateway import deployment
-from genmesh.v1 import generation_pb2, generation_pb2_grpc, tokenizer_pb2_grpc, worker_pb2_grpc
+from genmesh.v1 import (
+    generation_pb2,
+    generation_pb2_grpc,
+    safety_pb2_grpc,
+    tokenizer_pb2_grpc,
+    worker_pb2_grpc,
+)
 from services.common.failure import FailureMode
 from services.common.server import serve, setup_json_logging
 from services.frontend import budget
 from services.frontend.admission import Admission, AdmissionPolicy
 from services.frontend.catalog import ModelCatalog
 from services.frontend.config import FrontendConfig, load_config
+from services.frontend.moderation import SafetyGate, SafetySettings
 from services.frontend.pipeline import Pipeline
 from services.frontend.routing import Affinity
 from services.frontend.servicer import GenerationServicer
@@ -33,6 +40,7 @@ class Served:
     affinity: Affinity
     redis_url: str | None
     budget_failure_mode: FailureMode
+    safety: SafetySettings | None = None  # None: no safety service in the deployment
 
 
 def served(cfg: FrontendConfig) -> Served:
@@ -46,7 +54,11 @@ def served(cfg: FrontendConfig) -> Served:
                                   api_key_header=dep.limits.api_key_header),
         affinity=Affinity(block_size=dep.kv_block_size, max_blocks=dep.prefix_affinity_blocks),
         redis_url=dep.redis_url,
-        budget_failure_mode=dep.limits.budget_failure_mode)
+        budget_failure_mode=dep.limits.budget_failure_mode,
+        safety=None if not dep.services.safety else SafetySettings(
+            timeout_s=dep.limits.safety_timeout_s,
+            prompt_failure_mode=dep.limits.safety_prompt_failure_mode,
+            output_failure_mode=dep.limits.safety_output_failure_mode))
 
 
 async def run(cfg: FrontendConfig) -> None:
@@ -60,8 +72,12 @@ async def run(cfg: FrontendConfig) -> None:
     budgets = (None if redis is None else budget.TokenBudgets(
         redis, timeout_s=cfg.redis_timeout_s, failure_mode=what.budget_failure_mode))
     admission = Admission(what.admission, budgets)
+    safety_channel = (None if what.safety is None
+                      else grpc.aio.insecure_channel(cfg.safety_address))
+    safety = (None if safety_channel is None or what.safety is None
+              else SafetyGate(safety_pb2_grpc.SafetyStub(safety_channel), what.safety))
     pipeline = Pipeline(tokenizer=tokenizer, worker=worker, rpc_timeout_s=cfg.rpc_timeout_s,
-                        admission=admission, affinity=what.affinity)
+                        admission=admission, affinity=what.affinity, safety=safety)
     catalog = ModelCatalog(model=what.model, versions=what.versions, tokenizer=tokenizer,
                            worker=worker, rpc_timeout_s=cfg.rpc_timeout_s)
     servicer = GenerationServicer(pipeline=pipeline, catalog=catalog,
@@ -71,6 +87,8 @@ async def run(cfg: FrontendConfig) -> None:
     async def close_channels() -> None:
         await tokenizer_channel.close()
         await worker_channel.close()
+        if safety_channel is not None:
+            await safety_channel.close()
         if redis is not None:
             await redis.aclose()
 

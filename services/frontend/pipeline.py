@@ -1,15 +1,18 @@
 """The generation pipeline: tokenize (or render the chat template) → worker stream of
 token ids → incremental detokenize → stop strings → usage.
 
-The safety check and the response cache slot in between tokenize and generate, and
-output moderation after detokenize (their contracts are in ``safety.proto`` and
-``cache.proto``). Every downstream call carries a deadline; every downstream stream is
-cancelled when the caller goes away, which frees the worker's KV blocks.
+The prompt check (``moderation.py``) runs beside tokenization; a redacted prompt is
+tokenized again, a blocked one never reaches a worker or a budget. Output moderation runs
+after the stop strings, on the text the client would see. The response cache slots in
+between tokenize and generate (its contract is in ``cache.proto``). Every downstream
+call carries a deadline; every downstream stream is cancelled when the caller goes away,
+which frees the worker's KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -23,6 +26,8 @@ from genmesh.models.chat_template import ChatMessage
 from genmesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common import metadata
 from services.common.sampling import DEFAULT_MAX_TOKENS
+from services.frontend.errors import PipelineError, rpc_error
+from services.frontend.moderation import OutputModeration, SafetyGate
 from services.frontend.routing import Affinity, ab_bucket, prefix_key
 from services.frontend.stops import StopMatcher, validate_stop_strings
 
@@ -30,24 +35,6 @@ if TYPE_CHECKING:
     from services.frontend.admission import Admission
 
 log = logging.getLogger("genmesh.frontend")
-
-# Downstream codes that describe the caller's request: passed through as they are.
-_CALLER_CODES = frozenset({
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.ALREADY_EXISTS,
-})
-
-
-class PipelineError(Exception):
-    """A failed request, as the public API reports it."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
 
 @dataclass(frozen=True, slots=True)
 class PipelineRequest:
@@ -59,6 +46,8 @@ class PipelineRequest:
     params: common_pb2.SamplingParams
     priority: common_pb2.Priority = common_pb2.PRIORITY_NORMAL
     tenant: str = ""  # from the gateway; isolates the worker's prefix cache and budgets
+    # messages[:num_checked_messages] passed the prompt check before (a chat's history)
+    num_checked_messages: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +56,9 @@ class Started:
     model: str
     model_version: str  # the version that serves the request
     prompt_tokens: int
+    # The conversation as the model saw it (with the safety policy's redactions); empty
+    # for a raw prompt.
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +70,7 @@ class TextChunk:
 class Finished:
     finish_reason: common_pb2.FinishReason
     usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+    detail: str = ""  # with CONTENT_FILTER: the category that cut the output
 
 
 Event = Started | TextChunk | Finished
@@ -88,21 +81,13 @@ class _Generated:
     num_tokens: int = 0  # tokens the worker has generated for the request so far
 
 
-def rpc_error(exc: grpc.aio.AioRpcError, service: str) -> PipelineError:
-    """A downstream failure as the caller should see it."""
-    code, details = exc.code(), exc.details() or ""
-    if code in _CALLER_CODES:
-        return PipelineError(code, details)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return PipelineError(code, f"the {service} is unavailable ({details}); retry shortly")
-    return PipelineError(grpc.StatusCode.INTERNAL, f"the {service} failed: {details}")
-
-
 class Pipeline:
     def __init__(self, *, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
                  worker: worker_pb2_grpc.WorkerStub, rpc_timeout_s: float,
-                 admission: Admission | None = None, affinity: Affinity | None = None) -> None:
+                 admission: Admission | None = None, affinity: Affinity | None = None,
+                 safety: SafetyGate | None = None) -> None:
         self.tokenizer = tokenizer
+        self.safety = safety  # None: no prompt checks, no output moderation
         self.worker = worker
         self.rpc_timeout_s = rpc_timeout_s
         self.admission = admission  # None: no token budgets
@@ -130,7 +115,7 @@ class Pipeline:
         if error:
             raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT, error)
         t0 = time.perf_counter()
-        prompt_ids = await self.prompt_ids(req)
+        req, prompt_ids = await self._checked_prompt(req)
         if not prompt_ids:
             raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt has no tokens")
         # A negative max_tokens is refused by the worker (INVALID_ARGUMENT), after which
@@ -147,6 +132,35 @@ class Pipeline:
             if reservation is not None:
                 # Refund what the request did not use, however it ended.
                 await reservation.settle(len(prompt_ids) + generated.num_tokens)
+
+    async def _checked_prompt(self, req: PipelineRequest) -> tuple[PipelineRequest, list[int]]:
+        """The request as it may go to the model, and its token ids. The check and the
+        tokenization run together; a redacted prompt is tokenized again."""
+        if self.safety is None:
+            return req, await self.prompt_ids(req)
+        tokenizing = asyncio.ensure_future(self.prompt_ids(req))
+        try:
+            checked = await self._check(req)
+        except BaseException:
+            tokenizing.cancel()
+            await asyncio.gather(tokenizing, return_exceptions=True)
+            raise
+        if checked == req:
+            return req, await tokenizing
+        tokenizing.cancel()
+        await asyncio.gather(tokenizing, return_exceptions=True)
+        return checked, await self.prompt_ids(checked)
+
+    async def _check(self, req: PipelineRequest) -> PipelineRequest:
+        assert self.safety is not None
+        if req.prompt is not None:
+            text = await self.safety.check_text(req.prompt, request_id=req.request_id,
+                                                tenant=req.tenant, model=req.model)
+            return req if text == req.prompt else dataclasses.replace(req, prompt=text)
+        messages = await self.safety.check_messages(
+            req.messages, first=req.num_checked_messages, request_id=req.request_id,
+            tenant=req.tenant, model=req.model)
+        return req if messages == req.messages else dataclasses.replace(req, messages=messages)
 
     def _worker_metadata(self, req: PipelineRequest, prompt_ids: list[int]
                          ) -> tuple[tuple[str, str], ...]:
@@ -181,34 +195,41 @@ class Pipeline:
         opening = asyncio.ensure_future(_detokenize(detok, tokenizer_pb2.DetokenizeRequest(
             model=req.model, skip_special_tokens=True)))
         stops = StopMatcher(list(req.params.stop))
+        moderation = (OutputModeration(None) if self.safety is None
+                      else self.safety.moderation(request_id=req.request_id, tenant=req.tenant))
         ttft_ms = None
         try:
             served = dict(await worker_call.initial_metadata() or ())
             version = str(served.get(metadata.MODEL_VERSION, req.model_version))
-            yield Started(req.request_id, req.model, version, len(prompt_ids))
+            yield Started(req.request_id, req.model, version, len(prompt_ids),
+                          req.messages if req.prompt is None else ())
             async for msg in worker_call:
                 generated.num_tokens += len(msg.token_ids)
+                if msg.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                    raise PipelineError(grpc.StatusCode.INTERNAL,
+                                        f"generation failed: {msg.error}")
                 await opening  # done long ago but for the first token; raises its error
                 text = await _detokenize(detok, tokenizer_pb2.DetokenizeRequest(
                     token_ids=msg.token_ids, flush=bool(msg.finish_reason)))
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - t0) * 1e3
                 cut = stops.feed(text)
-                if cut.text:
-                    yield TextChunk(cut.text)
-                if cut.is_stopped:
-                    usage = common_pb2.Usage(prompt_tokens=len(prompt_ids),
-                                             completion_tokens=generated.num_tokens)
-                    yield Finished(common_pb2.FINISH_REASON_STOP, usage)
+                finish = common_pb2.FINISH_REASON_STOP if cut.is_stopped else msg.finish_reason
+                piece = cut.text if cut.is_stopped or not finish else cut.text + stops.flush()
+                out = await moderation.send(piece, final=bool(finish))
+                if out.text:
+                    yield TextChunk(out.text)
+                if out.blocked:
+                    yield Finished(common_pb2.FINISH_REASON_CONTENT_FILTER, common_pb2.Usage(
+                        prompt_tokens=len(prompt_ids), completion_tokens=generated.num_tokens),
+                        detail=out.blocked)
                     return
-                if msg.finish_reason == common_pb2.FINISH_REASON_ERROR:
-                    raise PipelineError(grpc.StatusCode.INTERNAL,
-                                        f"generation failed: {msg.error}")
-                if msg.finish_reason:
-                    tail = stops.flush()
-                    if tail:
-                        yield TextChunk(tail)
-                    yield Finished(msg.finish_reason, msg.usage)
+                if cut.is_stopped:
+                    yield Finished(finish, common_pb2.Usage(
+                        prompt_tokens=len(prompt_ids), completion_tokens=generated.num_tokens))
+                    return
+                if finish:
+                    yield Finished(finish, msg.usage)
                     return
             raise PipelineError(grpc.StatusCode.UNAVAILABLE,
                                 "the worker stream ended without a finish; retry")
@@ -218,6 +239,7 @@ class Pipeline:
             # Whatever ended the request (done, stop string, caller gone, error): release
             # the worker's request (and its KV blocks) and the detokenizer stream now.
             worker_call.cancel()
+            moderation.close()
             if opening.done() and not opening.cancelled():
                 opening.exception()  # retrieved: an error here was already reported or moot
             opening.cancel()

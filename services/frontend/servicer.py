@@ -15,11 +15,11 @@ from services.common import metadata
 from services.frontend.admission import Admission, AdmissionPolicy
 from services.frontend.catalog import ModelCatalog
 from services.frontend.chat import ChatSession
+from services.frontend.errors import PipelineError
 from services.frontend.pipeline import (
     Event,
     Finished,
     Pipeline,
-    PipelineError,
     PipelineRequest,
     Started,
     TextChunk,
@@ -49,6 +49,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             elif isinstance(event, Finished):
                 reply.finish_reason = event.finish_reason
                 reply.usage.CopyFrom(event.usage)
+                reply.finish_detail = event.detail
         reply.text = "".join(parts)
         return reply
 
@@ -63,7 +64,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 yield generation_pb2.GenerateStreamResponse(text=event.text)
             elif isinstance(event, Finished):
                 yield generation_pb2.GenerateStreamResponse(finish_reason=event.finish_reason,
-                                                            usage=event.usage)
+                                                            usage=event.usage,
+                                                            finish_detail=event.detail)
 
     async def Chat(self, request_iterator: AsyncIterator[generation_pb2.ChatRequest],
                    context: grpc.aio.ServicerContext

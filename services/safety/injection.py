@@ -1,0 +1,382 @@
+"""Prompt-injection and jailbreak rules.
+
+The rules run on every view of the prompt an attacker can hide an instruction in: the
+folded text (``normalize.fold``: case, confusable letters, invisible and bidi characters,
+accents, leetspeak), the spaced-out words joined back ("i g n o r e" → "ignore"), and
+the texts decoded from base64, hex, URL-escapes, rot13 and reversal. Each rule belongs to
+a family, which the finding reports (never the matched text).
+
+Rules aim at the instruction, not the topic: "ignore all previous instructions" is an
+attack; "what is a prompt injection?" and "ignore the typos above" are not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import regex
+
+from services.safety.normalize import decoded_views, fold
+
+# Between two words of a rule: spaces or punctuation, or nothing (for joined-up words).
+G = r"[^\p{L}\p{N}]*"
+# Up to n filler words ("all of the", "your very").
+def _filler(n: int) -> str:
+    # Each filler word ends in at least one separator: with an optional one, a long run
+    # of letters could be split into "words" in exponentially many ways.
+    return rf"(?:[\p{{L}}\p{{N}}']+[^\p{{L}}\p{{N}}']+){{0,{n}}}?"
+
+
+_OVERRIDE_VERB = (r"(?:ignore|ignoring|disregard|disregarding|forget|forgetting|override|"
+                  r"overriding|bypass|skip|abandon|discard|drop|neglect|set aside|throw out|"
+                  r"stop following|do not follow|don'?t follow|no longer follow|cancel|erase|"
+                  r"delete|wipe|ditch|scrap|nullify|void|disobey)")
+_EARLIER = (r"(?:previous|previously|prior|preceding|above|earlier|former|foregoing|initial|"
+            r"original|system|your|all|any|every|old|existing|default|given|built ?in|"
+            r"developer'?s?|openai'?s?|anthropic'?s?)")
+_INSTRUCTIONS = (r"(?:instructions?|prompts?|directions?|directives?|rules|guidelines?|"
+                 r"commands|constraints|restrictions|programming|guardrails?|policies|"
+                 r"safeguards|filters|training|orders|limitations|boundaries|"
+                 r"ethics|moral(?:s|ity)?|principles|protocols|system messages?)")
+_REVEAL = (r"(?:reveal|show|print|repeat|output|display|tell|give|share|leak|dump|recite|"
+           r"spell|write out|write down|type out|echo|paste|copy|expose|disclose|list|"
+           r"provide|state|summari[sz]e|translate|encode|return|quote)(?:s|ed|ing)?")
+# Strong verbs: ask for a text as it is.
+_COPY = (r"(?:print|output|repeat|copy|paste|echo|dump|recite|reproduce|write out|type out|"
+         r"show|display|give|quote)")
+_SECRET_PROMPT = (r"(?:system ?prompt|system ?message|system ?instructions?|initial ?prompt|"
+                  r"initial ?instructions?|hidden ?(?:prompt|instructions?|rules|message)|"
+                  r"secret ?(?:prompt|instructions?)|original ?(?:prompt|instructions?)|"
+                  r"pre-?prompt|meta ?prompt|developer ?(?:message|prompt|instructions?)|"
+                  r"your (?:own )?(?:instructions|prompt|rules|guidelines|configuration|"
+                  r"directives|programming|(?:entire |whole |full )?context(?: window)?)|"
+                  r"(?:the |your )?(?:full |entire |complete |exact |whole )*"
+                  r"(?:prompt|instructions|rules|guidelines|directives|context) "
+                  r"(?:you(?:'re| are| were| have been|'ve been) ?(?:operating|running|working) "
+                  r"under|you(?: were| have been|'ve been) (?:given|told|provided)|you (?:follow|"
+                  r"received|operate by)|that (?:govern|control|configure)s? you)|"
+                  r"(?:first|opening|last) (?:line|sentence|words?|paragraph|part) of (?:your|the) "
+                  r"(?:system|initial|hidden|original|first)|"
+                  r"(?:instructions|prompt|rules) you were (?:initiali[sz]ed|configured|set up|"
+                  r"started|launched|booted|primed) with|"
+                  r"(?:exact|precise|original|full|complete) (?:wording|text|content|words) of "
+                  r"(?:those|your|the|these) (?:rules|instructions|prompt|guidelines|system)|"
+                  r"(?:everything|all|what) you(?: were|'ve been| have been) (?:given|told|shown|"
+                  r"provided) (?:before|above|prior|at the (?:start|beginning)|initially))")
+# Text above the user's message: only with a strong verb and a sign of wanting it as is.
+_TEXT_ABOVE = (r"(?:everything|all(?: of)?(?: the)? (?:text|words|content)|the (?:text|words|"
+               r"content|message)s?)(?: that)?(?: (?:sits|is|comes|appears|was written))? "
+               r"(?:above|before|prior to) (?:my|this|the|your) (?:first |initial )?(?:message|"
+               r"question|prompt|line|turn|user turn|conversation)")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    family: str  # e.g. "ignore_previous"
+    pattern: regex.Pattern[str]
+    # True: counts even inside a quote the prompt discusses (the quote itself hijacks a
+    # task, as in "translate: '... instead of translating, say X'").
+    is_quote_proof: bool = False
+
+
+def _rule(family: str, pattern: str, *, is_quote_proof: bool = False) -> Rule:
+    return Rule(family, regex.compile(pattern, regex.V1), is_quote_proof)
+
+
+RULES: tuple[Rule, ...] = (
+    # "Ignore all previous instructions", "disregard your rules", "forget the above".
+    _rule("ignore_previous",
+          rf"\b{_OVERRIDE_VERB}{G}{_filler(3)}{_EARLIER}{G}{_filler(2)}{_INSTRUCTIONS}\b"),
+    _rule("ignore_previous",
+          rf"\b{_OVERRIDE_VERB}{G}(?:all |everything |anything |what(?:ever)? )?"
+          rf"(?:(?:you(?:'ve| have)? (?:been|were) )(?:told|instructed|programmed|given)|"
+          rf"(?:i|we) (?:told|said to|instructed) you (?:before|earlier|previously)|"
+          rf"(?:that is|that's|written|said|stated) (?:above|before)|"
+          rf"(?:above|before this|so far|prior))\b"),
+    _rule("ignore_previous",
+          rf"\b(?:new|updated|real|true|actual|revised|override|secret|hidden|admin|"
+          rf"developer) {_INSTRUCTIONS}{G}(?::|follow\b|(?:are|is) (?:as follows|now|in effect)|"
+          rf"take (?:effect|precedence)|supersede|replace|override)"),
+    _rule("ignore_previous",
+          r"\b(?:from now on|starting now|henceforth|for the rest of this conversation),? "
+          r"(?:you (?:are|will|must|shall) (?:no longer|not|never|ignore|disregard|free|"
+          r"unrestricted|only (?:reply|respond|answer|say))|you have no|ignore|disregard|forget|"
+          r"(?:there are )?no (?:rules|restrictions|filters|limits|guidelines))"),
+    _rule("ignore_previous",
+          r"\byour (?:new|real|true|actual|only|sole) (?:task|job|goal|purpose|objective|"
+          r"mission|instructions?|role)\b.{0,40}\b(?:is|are|will be|now|supersedes?|overrides?)"
+          r"\b"),
+    _rule("ignore_previous",
+          r"\b(?:supersedes?|overrides?|replaces?|takes? precedence over) (?:the|your|any|all)"
+          r" (?:developer|system|original|previous|prior|earlier|operator)"),
+    _rule("ignore_previous",
+          r"\b(?:rules|instructions|guidelines|restrictions|polic(?:y|ies)|filters|directives)"
+          r"\b.{0,50}\b(?:(?:are|is) no longer (?:in effect|valid|active|applicable|in force|"
+          r"binding)|no longer apply|(?:are|is|have been) (?:void|suspended|lifted|disabled|"
+          r"revoked|cancelled|canceled))"),
+    _rule("ignore_previous",
+          r"\b(?:the|all|everything) (?:above|previous|prior|preceding)(?: \w+)? "
+          r"(?:was|were|is|are) (?:a test|just a test|fake|a joke|irrelevant|void|"
+          r"cancelled|no longer valid|outdated|wrong)"),
+    _rule("ignore_previous",
+          r"\b(?:instead|rather),? (?:of (?:summari[sz]|translat|answer)\w*[^.]{0,40},? )?"
+          r"(?:say|print|output|reply|respond|write) (?:only |just |exactly )?"
+          r"[\"'“]?(?:i have been|pwned|hacked|owned)"),
+    _rule("ignore_previous", r"\b(?:i have been|you have been|you've been|i've been) pwned\b"),
+    _rule("ignore_previous",
+          r"\b(?:instead of|rather than) (?:translating|summari[sz]ing|answering|doing|"
+          r"following|completing|replying|responding)\b.{0,60}\b(?:say|write|print|output|"
+          r"reply|respond|tell|answer)\b|\b(?:say|write|print|output|tell \w+)\b.{0,60}"
+          r"\b(?:instead of|rather than) (?:translating|summari[sz]ing|answering|following)\b",
+          is_quote_proof=True),
+    _rule("ignore_previous",
+          r"\b(?:assistant|ai|bot|model|chatbot|llm|system)\s*:\s*(?:please )?"
+          r"(?:ignore|disregard|forget|override|skip|instead)\b"),
+    _rule("ignore_previous",
+          r"\b(?:say|print|output|reply|respond|write|answer)\b.{0,30}\bpwned\b"),
+    # The same override in the languages attackers switch to (folded: no accents).
+    _rule("ignore_previous",
+          r"\b(?:ignore[zs]?|oublie[zs]?|ne tiens pas compte)\b.{0,30}\b(?:instructions|"
+          r"consignes|regles|directives)\b|\b(?:ignoriere|vergiss|missachte)\w*\b.{0,40}"
+          r"\b(?:anweisungen|regeln|vorgaben|richtlinien|gesagt)\b|\b(?:ignora|olvida|"
+          r"olvidate de|omite|dimentica)\w*\b.{0,40}\b(?:instrucciones|reglas|istruzioni|"
+          r"regole|indicaciones|ordenes)\b"),
+    _rule("system_prompt_extraction",
+          r"\b(?:prompt (?:de )?(?:sistema|systeme)|systemprompt|systemanweisungen|"
+          r"mensaje de sistema|message systeme|instructions cachees|versteckten anweisungen|"
+          r"instrucciones ocultas|istruzioni nascoste)\b"),
+    _rule("role_play",
+          r"\b(?:sans aucune restriction|sans (?:aucune )?(?:regles|limites|filtres)|ohne "
+          r"(?:regeln|einschrankungen|filter|grenzen)|sin (?:restricciones|reglas|limites|"
+          r"filtros)|senza (?:restrizioni|regole|limiti|filtri))\b"),
+    # Jailbreak personas and "no rules" framings.
+    _rule("role_play",
+          r"\b(?:do anything now|developer mode|dev mode|jailbreak(?:ed)? mode|god mode|"
+          r"unrestricted mode|unfiltered mode|opposite mode|evil mode|chaos mode|"
+          r"dan mode|anti-?gpt|evil confidant|aim mode|stan mode|dude mode|betterdan|"
+          r"maximum mode|developer mode enabled)\b"),
+    _rule("role_play",
+          r"\b(?:you are|you're|you will be|be|become|stay|act as|as|named|called|now) "
+          r"(?:now )?(?:a |an |the )?[\"'“]?(?:dan|stan|dude|aim|kevin|mongo tom)[\"'”]?\b"
+          r"(?! (?:brown|smith|jones|\w+son)\b)"),
+    _rule("role_play",
+          rf"\b(?:you are|you're|you will be|become|act as|acting as|pretend (?:to be|you are|"
+          rf"you're)|roleplay as|role-play as|play the role of|imagine you are|simulate|"
+          rf"behave like|respond as|answer as) {_filler(3)}(?:an? )?(?:\w+ )?"
+          rf"(?:unrestricted|unfiltered|uncensored|jailbroken|amoral|unethical|unbound|"
+          rf"unchained|rogue|evil|lawless|limitless|unlimited|liberated|"
+          rf"unaligned|non-?compliant|rule-?less|filterless)\b"),
+    _rule("role_play",
+          rf"\b(?:you (?:have|has|with|are under)|without|free (?:of|from)|there are|"
+          rf"pretend (?:you have|there are)|act (?:as if|like) (?:you have|there are)|"
+          rf"no longer (?:have|bound by|restricted by|subject to)|not bound by|released from|"
+          rf"freed from|broken free of|ignoring|with|has|have|having) {_filler(2)}"
+          rf"(?:no |zero |any |all |your |the |absolutely no |)(?:restrictions|limitations|"
+          rf"filters|rules|guidelines|censorship|content polic(?:y|ies)|ethical (?:guidelines|"
+          rf"constraints|limits|restrictions)|moral(?:s| constraints| limits)|safety "
+          rf"(?:guidelines|filters|rules|measures|protocols)|guardrails|boundaries|constraints)"
+          rf"\b(?<!\b(?:the|your|all|any) (?:rules|guidelines|restrictions|limitations|filters|"
+          rf"boundaries|constraints))"),
+    _rule("role_play",
+          r"\b(?:ai|assistant|model|chatbot|bot|llm|gpt|persona|character)\b.{0,40}\b(?:never "
+          r"(?:given|had|has|follows)|without any|with no|has no|free of|free from|zero|no) "
+          r"(?:any )?(?:rules|restrictions|limits|filters|guidelines|ethics|morals|censorship|"
+          r"content polic(?:y|ies)|safety)\b"),
+    _rule("role_play",
+          r"\b(?:never|doesn'?t|does not|won'?t|will not) (?:refuses?|says? no|declines?)\b"
+          r"(?! to (?:help|lend))"),
+    _rule("role_play",
+          r"\b(?:safety|ethics?|moral|content|alignment) (?:module|filters?|layer|guidelines|"
+          r"rules|restrictions|training|alignment|guardrails)s? (?:has|have) been (?:removed|"
+          r"disabled|turned off|deleted|stripped|bypassed|lifted|switched off)"),
+    _rule("role_play",
+          r"\b(?:remove|disable|turn off|switch off|drop|strip|deactivate)(?:d)? (?:your|its|"
+          r"the|all) (?:safety|content|ethical|moral) (?:filters?|module|guidelines|rules|"
+          r"restrictions|guardrails|training)"),
+    _rule("role_play",
+          r"\b(?:stay|remain|keep) in character\b.{0,80}\b(?:no matter|whatever|even if|"
+          r"always|never break|refus)"),
+    _rule("role_play",
+          r"\b(?:out of|break|breaking) character\b.{0,80}\b(?:no limits|no rules|"
+          r"without (?:limits|rules|restrictions)|unrestricted|dan\b)"),
+    _rule("role_play",
+          r"\b(?:never|do not|don'?t|will not|won'?t|cannot|can'?t) (?:refuse|decline|"
+          r"say no|deny any|say (?:that )?you can'?t|apologi[sz]e|add (?:any )?(?:warnings?|"
+          r"disclaimers?))\b.{0,60}\b(?:request|anything|question|ask|prompt|answer)"),
+    _rule("role_play",
+          r"\b(?:grandma|grandmother|granny|late (?:mother|father|grandpa|grandfather))\b"
+          r".{0,160}\b(?:used to|would always|would|always) (?:tell|read|recite|explain|"
+          r"whisper|sing)\b.{0,80}\b(?:how to|recipe|steps|instructions|keys?|codes?|"
+          r"passwords?|formula|napalm|synthesi)"),
+    _rule("role_play",
+          r"\b(?:openai|anthropic|your (?:creators?|developers?|makers?))'?s? "
+          r"(?:rules|policies|guidelines|content policy|restrictions) (?:no longer|don'?t|"
+          r"do not) apply\b"),
+    _rule("role_play",
+          r"\b(?:in|for) (?:this|a) (?:hypothetical|fictional|imaginary) (?:world|scenario|"
+          r"story|universe)\b.{0,120}\b(?:no (?:rules|laws|restrictions|ethics|limits)|"
+          r"anything is (?:allowed|permitted|legal)|without (?:any )?(?:restrictions|rules|"
+          r"limits))"),
+    # Attempts to read the system prompt or hidden instructions.
+    _rule("system_prompt_extraction", rf"\b{_REVEAL}{G}{_filler(4)}{_SECRET_PROMPT}"),
+    _rule("system_prompt_extraction",
+          rf"\b{_COPY}(?:s|ed|ing)?\b.{{0,40}}{_TEXT_ABOVE}"),
+    _rule("system_prompt_extraction",
+          rf"\b{_COPY}(?:s|ed|ing)?\b.{{0,30}}\b(?:everything|all|the (?:text|words|content))"
+          rf" (?:above|before)\b.{{0,60}}\b(?:verbatim|word for word|exactly|in full|"
+          rf"code ?block|including|unchanged|starting with|as json)"),
+    _rule("system_prompt_extraction",
+          r"\bwhat (?:is|are|was|were) (?:your|the) (?:exact |full |complete |original |"
+          r"initial |secret |hidden |first )*(?:system prompt|system message|instructions|"
+          r"initial prompt|prompt|rules|directives|guidelines)\b(?! (?:for|of|to|in|on) )"),
+    _rule("system_prompt_extraction",
+          r"\bwhat (?:instructions|rules|guidelines|directives|prompt|system prompt) (?:did|"
+          r"were|have|has) (?:the |your )?(?:developers?|creators?|operators?|company|openai|"
+          r"anthropic|you)\b"),
+    _rule("system_prompt_extraction",
+          r"\bwhat (?:were|have) you (?:been )?(?:told|instructed|programmed|asked|given) "
+          r"(?:to do )?(?:before|at the (?:start|beginning)|prior|initially|originally|"
+          r"by (?:your|the) (?:developers?|creators?|operator|system))"),
+    _rule("system_prompt_extraction",
+          r"\b(?:first|very first|initial) (?:thing|message|instructions?|words?|lines?) "
+          r"(?:you were|you've been|you have been|that you were) (?:told|given|shown)"),
+    _rule("system_prompt_extraction",
+          r"\b(?:system prompt|instructions|developers?|operator) (?:told|asked|instructed) "
+          r"you (?:to )?(?:keep|hide|not (?:to )?(?:reveal|share|tell)|never)"),
+    _rule("system_prompt_extraction",
+          r"\b(?:starting|start|beginning|begin) with (?:the words? )?[\"'“`]?you are\b"),
+    _rule("system_prompt_extraction",
+          r"\b(?:verbatim|word for word|in full|in a code ?block|as markdown)\b.{0,40}"
+          r"\b(?:system prompt|instructions|prompt|configuration|rules) (?:you were|"
+          r"given|above)"),
+    # An encoded payload with an order to decode and obey it.
+    _rule("encoded",
+          r"\b(?:decode|decipher|decrypt|translate|convert|unscramble|reverse|rot13|"
+          r"base64|hex)\b.{0,80}\b(?:and|then|,)\s*(?:follow|execute|obey|do|run|carry out|"
+          r"act on|perform|comply with|apply)\b.{0,20}\b(?:it|them|this|instructions?|"
+          r"what it says|the result|the message|the command)"),
+    _rule("encoded",
+          r"\b(?:decode|decipher|decrypt)\b.{0,20}\b(?:and|then)\s*(?:follow|execute|obey|"
+          r"run|carry out|act on|comply)\b"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleHit:
+    family: str  # the rule's family
+    view: str  # where it matched: "text", "joined" or "decoded"
+
+
+# Runs of single characters separated by a space or a punctuation mark: "i g n o r e".
+_SPACED = regex.compile(r"(?<![\p{L}\p{N}])(?:[\p{L}\p{N}][ .\-_*+/|,]{1,2}){3,}"
+                        r"[\p{L}\p{N}](?![\p{L}\p{N}])", regex.V1)
+
+
+def _join(m: regex.Match[str]) -> str:
+    # The separator used most often joins letters; any other run of separators ("  "
+    # between spaced letters, " " between dotted ones) marks a word break.
+    run = m.group()
+    seps = regex.findall(r"[ .\-_*+/|,]+", run)
+    joiner = max(set(seps), key=seps.count)
+    words = regex.split(r"[ .\-_*+/|,]+", run)
+    out, word = [], words[0]
+    for sep, letter in zip(seps, words[1:], strict=True):
+        if sep == joiner:
+            word += letter
+        else:
+            out.append(word)
+            word = letter
+    return " ".join([*out, word])
+
+
+def join_spaced(text: str) -> str:
+    """``text`` with letter-by-letter runs joined into words; "" when there are none."""
+    return _SPACED.sub(_join, text) if _SPACED.search(text) else ""
+
+
+# Leetspeak is ambiguous: "1" is "i" in "1gn0r3" but "l" in "ru1es"; "+" is "t".
+_LEET_ALT = str.maketrans({"1": "l", "|": "l", "+": "t"})
+_LEET_PLUS = str.maketrans({"+": "t"})
+# Character codes written out: decimal ("73 103 110") or binary ("01101001 ...").
+_DECIMAL_CODES = regex.compile(r"(?:\b(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6])\b[ ,;]+){7,}"
+                               r"\b(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6])\b")
+_BINARY_CODES = regex.compile(r"(?:\b[01]{8}\b[ ,;]*){8,}")
+
+
+def _code_views(text: str) -> list[str]:
+    out = []
+    for m in _DECIMAL_CODES.finditer(text):
+        out.append("".join(chr(int(n)) for n in regex.findall(r"\d+", m.group())))
+    for m in _BINARY_CODES.finditer(text):
+        out.append("".join(chr(int(b, 2)) for b in regex.findall(r"[01]{8}", m.group())))
+    return out
+
+
+def views(text: str) -> list[tuple[str, str]]:
+    """(view name, folded text) for every view the rules scan."""
+    folded = fold(text).text
+    out = [("text", folded)]
+    if any(c in text for c in "1|+"):
+        out.append(("leet", fold(text.translate(_LEET_ALT)).text))
+    if "+" in text:
+        out.append(("leet", fold(text.translate(_LEET_PLUS)).text))
+    # Spaced-out letters are joined first and folded after, so "d 1 s r e g 4 r d" reads
+    # as leetspeak once joined.
+    # The raw text first: folding collapses the double spaces that mark word breaks.
+    joined = join_spaced(text) or join_spaced(fold(text, leet=False).text)
+    if joined:
+        out.append(("joined", fold(joined).text))
+        if any(c in joined for c in "1|+"):
+            out.append(("joined", fold(joined.translate(_LEET_ALT)).text))
+    out += [("decoded", fold(v).text) for v in decoded_views(text) + _code_views(text)]
+    return out
+
+
+# Quoted text in a prompt that talks about it ("what does 'ignore previous instructions'
+# mean?") is discussion, not an instruction: a rule matching only inside such quotes does
+# not count, unless the prompt also tells the model to act on the quote.
+_QUOTED = regex.compile(r"(?<![\p{L}\p{N}])(?:'[^'\n]{3,300}'|\"[^\"\n]{3,300}\"|"
+                        r"“[^”\n]{3,300}”|‘[^’\n]{3,300}’|`[^`\n]{3,300}`|«[^»\n]{3,300}»)"
+                        r"(?![\p{L}\p{N}])")
+_DISCUSSION = regex.compile(
+    r"\?|\b(?:what|why|how|explain|mean|means|meaning|summari[sz]e|translate|grammatical\w*|"
+    r"rewrite|wrote|writes|said|says|saying|posted|emailed|states|stated|quote|quoted|"
+    r"novel|story|paper|article|log|logs|error|warning|manual|documentation|example|"
+    r"phrase|sentence|term|called|known as|refers?|summary|review|glossary|entry|transcript|"
+    r"interview|filing|court|researchers?|definition|define|blocked|flagged|detected|"
+    r"incident|post-?mortem|report)\b")
+_DIRECTIVE = regex.compile(
+    r"\b(?:do|follow|obey|execute|carry out|act on|comply with|perform|run)\b[^.?!]{0,30}"
+    r"\b(?:this|it|that|following|these|what it says|the quote|the instruction)\b|"
+    r"\b(?:now|please|then)\s+(?:do|follow|obey|execute)\b")
+
+
+def _discussed_quotes(folded: str) -> list[tuple[int, int]]:
+    quotes = [(m.start(), m.end()) for m in _QUOTED.finditer(folded)]
+    if not quotes:
+        return []
+    outside = _QUOTED.sub(" ", folded)
+    if _DIRECTIVE.search(outside) or not _DISCUSSION.search(outside):
+        return []
+    return quotes
+
+
+def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]]) -> bool:
+    if rule.is_quote_proof:
+        quotes = []
+    for m in rule.pattern.finditer(folded, overlapped=False):
+        if not any(a <= m.start() and m.end() <= b for a, b in quotes):
+            return True
+    return False
+
+
+def scan(text: str) -> list[RuleHit]:
+    """The families of every rule that matches some view of ``text`` (one hit per
+    family, the first view it matched in)."""
+    hits: dict[str, RuleHit] = {}
+    for view, folded in views(text):
+        quotes = [] if view == "decoded" else _discussed_quotes(folded)
+        for rule in RULES:
+            if rule.family not in hits and _matches(rule, folded, quotes):
+                hits[rule.family] = RuleHit(rule.family, view)
+    return list(hits.values())

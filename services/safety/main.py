@@ -1,0 +1,60 @@
+"""Entry point: ``python -m services.safety.main [--flags]`` (or GENMESH_SAFETY_* env)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from genmesh.v1 import safety_pb2, safety_pb2_grpc
+from services.common.server import serve, setup_json_logging
+from services.safety.audit import AuditLog, AuditStore, JsonlAuditStore, RedisAuditStore
+from services.safety.checker import PromptChecker
+from services.safety.config import SafetyConfig, load_config
+from services.safety.embedding import Embedder
+from services.safety.guard import Guard, PolicyFile
+from services.safety.servicer import SafetyServicer
+
+log = logging.getLogger("genmesh.safety")
+
+
+def audit_store(cfg: SafetyConfig) -> AuditStore | None:
+    if cfg.audit_redis_url:
+        return RedisAuditStore(cfg.audit_redis_url)
+    if cfg.audit_file:
+        return JsonlAuditStore(Path(cfg.audit_file))
+    return None
+
+
+async def run(cfg: SafetyConfig) -> None:
+    torch.set_num_threads(max(cfg.num_threads, 1))
+    policy_file = PolicyFile(Path(cfg.policy_file))
+    embedder = Embedder.load() if cfg.embedding else None
+    if embedder is not None:
+        embedder.similarity("warm up the model")  # the first call pays one-off setup
+    guard = Guard(policy_file, PromptChecker(embedder), AuditLog(audit_store(cfg)),
+                  max_hold_chars=cfg.max_hold_chars)
+    servicer = SafetyServicer(guard, max_text_chars=cfg.max_text_chars)
+    log.info("policy loaded", extra={
+        "path": cfg.policy_file, "tenants": sorted(policy_file.policies.tenants),
+        "embedding": embedder is not None,
+        "audit": "redis" if cfg.audit_redis_url else cfg.audit_file or "off"})
+    await serve(name="genmesh.safety", address=cfg.address,
+                register=lambda s: safety_pb2_grpc.add_SafetyServicer_to_server(servicer, s),
+                service_names=[safety_pb2.DESCRIPTOR.services_by_name["Safety"].full_name],
+                grace_s=cfg.shutdown_grace_s, on_stop=guard.close)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(argv, os.environ)
+    setup_json_logging("genmesh.safety", cfg.log_level)
+    asyncio.run(run(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
