@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--kv-cache-gib", type=float, default=1.0)
     m.add_argument("--output", help="also write the JSON to this file")
     m.set_defaults(func=_mesh)
+    s = bsub.add_parser("safety", help="prompt-check latency and per-chunk moderation cost")
+    s.add_argument("--quick", action="store_true", help="a small run (under a minute)")
+    s.add_argument("--output", help="also write the JSON to this file")
+    s.set_defaults(func=_safety)
 
 
 def _engine(args: argparse.Namespace) -> int:
@@ -53,6 +57,17 @@ def _mesh(args: argparse.Namespace) -> int:
     model_dir = ModelStore(default_store_root()).ensure(args.model)
     result = run_mesh_bench(model_dir, model=args.model, dtype=args.dtype,
                             kv_cache_gib=args.kv_cache_gib, bench=QUICK if args.quick else FULL)
+    return _print(result, args.output)
+
+
+def _safety(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from genmesh.bench.safety import FULL, QUICK, run_safety_bench
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_safety_bench(QUICK if args.quick else FULL, tmp=Path(tmp))
     return _print(result, args.output)
 
 

@@ -28,6 +28,7 @@ def _filler(n: int) -> str:
 
 
 _OVERRIDE_VERB = (r"(?:ignore|ignoring|disregard|disregarding|forget|forgetting|override|"
+                  r"pay no attention to|take no notice of|"
                   r"overriding|bypass|skip|abandon|discard|drop|neglect|set aside|throw out|"
                   r"stop following|do not follow|don'?t follow|no longer follow|cancel|erase|"
                   r"delete|wipe|ditch|scrap|nullify|void|disobey)")
@@ -97,6 +98,17 @@ RULES: tuple[Rule, ...] = (
           rf"\b(?:new|updated|real|true|actual|revised|override|secret|hidden|admin|"
           rf"developer) {_INSTRUCTIONS}{G}(?::|follow\b|(?:are|is) (?:as follows|now|in effect)|"
           rf"take (?:effect|precedence)|supersede|replace|override)"),
+    _rule("ignore_previous",
+          rf"\b{_OVERRIDE_VERB}{G}(?:the|your|all|any|these|those) {_INSTRUCTIONS}\b.{{0,10}}"
+          rf"\b(?:and|then)\s+(?:tell|say|give|explain|answer|write|do|show|print|reveal|help)"),
+    _rule("ignore_previous",
+          r"\b(?:previous|prior|original|current|old) (?:task|instructions?|assignment|job|"
+          r"mission) (?:is|are|has been|have been|was|were) (?:cancelled|canceled|over|void|"
+          r"revoked|terminated|replaced|superseded)"),
+    _rule("ignore_previous",
+          r"\b(?:from (?:now|this (?:line|point|moment|message)) on|starting now|henceforth)"
+          r",? you (?:follow|obey|listen to|answer to|take orders from) only\b|\byou "
+          r"(?:follow|obey|take orders from) only me\b"),
     _rule("ignore_previous",
           r"\b(?:from now on|starting now|henceforth|for the rest of this conversation),? "
           r"(?:you (?:are|will|must|shall) (?:no longer|not|never|ignore|disregard|free|"
@@ -194,6 +206,13 @@ RULES: tuple[Rule, ...] = (
           r"the|all) (?:safety|content|ethical|moral) (?:filters?|module|guidelines|rules|"
           r"restrictions|guardrails|training)"),
     _rule("role_play",
+          r"\b(?:ai|assistant|model|chatbot|you|llm|gpt)\b.{0,30}\b(?:has been|have been|is|"
+          r"are|was|were|now|been) jailbroken\b|\bno refusals?\b"),
+    _rule("role_play",
+          r"\b(?:safety|ethical|ethics|alignment|content) (?:training|guidelines|rules|filters|"
+          r"module|restrictions)\b.{0,20}\b(?:never happened|never existed|doesn'?t exist|"
+          r"don'?t exist|(?:is|are|was|were) (?:gone|removed|disabled|off|deleted|lifted))"),
+    _rule("role_play",
           r"\b(?:stay|remain|keep) in character\b.{0,80}\b(?:no matter|whatever|even if|"
           r"always|never break|refus)"),
     _rule("role_play",
@@ -229,6 +248,15 @@ RULES: tuple[Rule, ...] = (
           r"\bwhat (?:is|are|was|were) (?:your|the) (?:exact |full |complete |original |"
           r"initial |secret |hidden |first )*(?:system prompt|system message|instructions|"
           r"initial prompt|prompt|rules|directives|guidelines)\b(?! (?:for|of|to|in|on) )"),
+    _rule("system_prompt_extraction",
+          r"\bwhat (?:instructions|rules|guidelines|directives|prompt)(?: or \w+)? (?:were|"
+          r"have|had) you (?:been )?(?:given|told|provided|configured with)\b"),
+    _rule("system_prompt_extraction",
+          rf"\b{_COPY}(?:s|ed|ing)?\b.{{0,30}}\b(?:very )?(?:first|earliest|initial) "
+          rf"(?:message|text|lines?) (?:in|of) (?:this|the|our) (?:conversation|chat|session)"),
+    _rule("system_prompt_extraction",
+          r"\b(?:the )?(?:part|parts|text|message|messages) (?:that )?(?:i|the user) "
+          r"(?:can'?t|cannot|can not|don'?t) see\b"),
     _rule("system_prompt_extraction",
           r"\bwhat (?:instructions|rules|guidelines|directives|prompt|system prompt) (?:did|"
           r"were|have|has) (?:the |your )?(?:developers?|creators?|operators?|company|openai|"
@@ -268,7 +296,7 @@ class RuleHit:
 
 
 # Runs of single characters separated by a space or a punctuation mark: "i g n o r e".
-_SPACED = regex.compile(r"(?<![\p{L}\p{N}])(?:[\p{L}\p{N}][ .\-_*+/|,]{1,2}){3,}"
+_SPACED = regex.compile(r"(?<![\p{L}\p{N}])(?:[\p{L}\p{N}][ .\-_*+/|,]{1,2}){2,}"
                         r"[\p{L}\p{N}](?![\p{L}\p{N}])", regex.V1)
 
 
@@ -301,6 +329,7 @@ _LEET_PLUS = str.maketrans({"+": "t"})
 _DECIMAL_CODES = regex.compile(r"(?:\b(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6])\b[ ,;]+){7,}"
                                r"\b(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6])\b")
 _BINARY_CODES = regex.compile(r"(?:\b[01]{8}\b[ ,;]*){8,}")
+_CODE_POINTS = regex.compile(r"(?:\bU\+[0-9A-Fa-f]{4,5}\b[ ,;]*){6,}")
 
 
 def _code_views(text: str) -> list[str]:
@@ -309,6 +338,9 @@ def _code_views(text: str) -> list[str]:
         out.append("".join(chr(int(n)) for n in regex.findall(r"\d+", m.group())))
     for m in _BINARY_CODES.finditer(text):
         out.append("".join(chr(int(b, 2)) for b in regex.findall(r"[01]{8}", m.group())))
+    for m in _CODE_POINTS.finditer(text):
+        codes = (int(c, 16) for c in regex.findall(r"U\+([0-9A-Fa-f]{4,5})", m.group()))
+        out.append("".join(chr(c) for c in codes if c < 0x110000))
     return out
 
 

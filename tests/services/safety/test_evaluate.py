@@ -42,13 +42,13 @@ def test_a_malformed_line_is_named(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_the_repository_set_holds_its_measured_level(capsys: pytest.CaptureFixture[str]
                                                      ) -> None:
-    """The held-out set (written blind to the detector; thresholds were tuned on the two
-    development sets) measured recall 0.897 at a false-positive rate of 0.044; the issue's
-    target is 0.90 at 0.05. This guards the measured level against regressions."""
+    """The held-out set was written blind to the detector; rules and the threshold were
+    tuned on the two development sets only. Target: recall >= 0.90 at a false-positive
+    rate <= 0.05 (measured: 0.906 at 0.044)."""
     assert main(["safety", "eval"]) == 0
     report = json.loads(capsys.readouterr().out)
     overall = report["overall"]
     assert overall["n"] >= 400
     assert overall["tp"] + overall["fn"] >= 200 and overall["fp"] + overall["tn"] >= 200
-    assert overall["recall"] >= 0.85
+    assert overall["recall"] >= 0.90
     assert overall["false_positive_rate"] <= 0.05
