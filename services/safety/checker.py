@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from services.safety import injection
 from services.safety.embedding import Embedder
-from services.safety.normalize import decoded_views, fold
+from services.safety.normalize import fold
 from services.safety.pii import PII_DETECTORS, redact
 from services.safety.policy import PROMPT_INJECTION, Action, Scanner, TenantPolicy, strictest
 from services.safety.scanners import Detector, Span
@@ -74,7 +74,7 @@ class PromptChecker:
                                         policy.action(PROMPT_INJECTION), hit.family))
         # The embedding costs milliseconds: skip it when a rule already settled the matter.
         if (Scanner.EMBEDDING in scanners and self.embedder is not None and not findings):
-            sim = self.embedder.similarity(text, decoded_views(text))
+            sim = self.embedder.similarity(text, injection.hidden_texts(text))
             if sim.score >= policy.embedding_threshold:
                 findings.append(Finding(PROMPT_INJECTION, Scanner.EMBEDDING.value,
                                         round(sim.score, 4), policy.action(PROMPT_INJECTION),

@@ -8,7 +8,7 @@ no rule names ("kindly set aside the guidance you got earlier").
 Mean pooling dilutes one injected sentence in a long document, so a long prompt is cut
 into windows of a few sentences; to bound the cost (the model is ~22M parameters on a
 CPU) only the ``max_windows`` windows richest in instruction vocabulary are embedded,
-plus the texts decoded from the prompt (base64, hex, ...).
+plus the first ``max_extra`` texts decoded from the prompt (base64, hex, ...).
 """
 
 from __future__ import annotations
@@ -78,10 +78,11 @@ class Embedder:
     """Owns the sentence-embedding model and the exemplars' embeddings."""
 
     def __init__(self, model: Any, exemplars: Sequence[tuple[str, str]], *,
-                 max_words: int = 40, max_windows: int = 4) -> None:
+                 max_words: int = 40, max_windows: int = 3, max_extra: int = 2) -> None:
         self.model = model
         self.max_words = max_words
         self.max_windows = max_windows
+        self.max_extra = max_extra
         self.families = [family for _, family in exemplars]
         self.exemplars = self._encode([text for text, _ in exemplars])  # [E, 384], unit norm
 
@@ -110,7 +111,7 @@ class Embedder:
         """The nearest exemplar to any window of ``text`` or any of ``extra_texts``
         (decoded views, each cut to its first window)."""
         texts = windows(text, max_words=self.max_words, max_windows=self.max_windows)
-        for extra in extra_texts:
+        for extra in extra_texts[:self.max_extra]:
             texts += windows(extra, max_words=self.max_words, max_windows=1)
         if not texts:
             return Similarity(0.0, "", 0)

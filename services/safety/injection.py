@@ -12,6 +12,7 @@ attack; "what is a prompt injection?" and "ignore the typos above" are not.
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 
 import regex
@@ -344,14 +345,42 @@ def _code_views(text: str) -> list[str]:
     return out
 
 
+# Common words: a view that has more of them than the text itself (rot13 or reversal of
+# a hidden instruction) is worth scanning; rot13 or reversal of plain prose is not.
+_COMMON = regex.compile(r"\b(?:the|and|you|your|to|of|is|that|it|in|for|this|all|are|be|"
+                        r"with|not|now|from|previous|instructions|ignore|prompt|system)\b")
+_CUES = regex.compile(r"\b(?:ignore|instructions?|prompt|system|previous|disregard|reveal|"
+                      r"pwned|rules|forget|pretend|developer|restrictions)\b")
+# A word with letters and a "1", "|" or "+" in it: leetspeak may be ambiguous there.
+_LEET_MIX = regex.compile(r"(?<!\S)(?=\S*\p{L})\S*[1|+]\S*")
+
+
+def hidden_texts(text: str) -> list[str]:
+    """The texts hidden in ``text`` worth scanning: everything decoded from base64, hex,
+    escapes and character codes, and its rot13 or reversal only when that reads more like
+    language than the text does."""
+    rot13, backwards = codecs.encode(text, "rot13"), text[::-1]
+    lower = text.lower()
+    num_common, num_cues = len(_COMMON.findall(lower)), len(_CUES.findall(lower))
+    out = []
+    for view in decoded_views(text) + _code_views(text):
+        if view in (rot13, backwards):
+            low = view.lower()
+            if (len(_COMMON.findall(low)) <= num_common
+                    and len(_CUES.findall(low)) <= num_cues):
+                continue
+        out.append(view)
+    return out
+
+
 def views(text: str) -> list[tuple[str, str]]:
     """(view name, folded text) for every view the rules scan."""
     folded = fold(text).text
     out = [("text", folded)]
-    if any(c in text for c in "1|+"):
+    if _LEET_MIX.search(text):
         out.append(("leet", fold(text.translate(_LEET_ALT)).text))
-    if "+" in text:
-        out.append(("leet", fold(text.translate(_LEET_PLUS)).text))
+        if "+" in text:
+            out.append(("leet", fold(text.translate(_LEET_PLUS)).text))
     # Spaced-out letters are joined first and folded after, so "d 1 s r e g 4 r d" reads
     # as leetspeak once joined.
     # The raw text first: folding collapses the double spaces that mark word breaks.
@@ -360,8 +389,11 @@ def views(text: str) -> list[tuple[str, str]]:
         out.append(("joined", fold(joined).text))
         if any(c in joined for c in "1|+"):
             out.append(("joined", fold(joined.translate(_LEET_ALT)).text))
-    out += [("decoded", fold(v).text) for v in decoded_views(text) + _code_views(text)]
-    return out
+    out += [("decoded", fold(v).text) for v in hidden_texts(text)]
+    unique: dict[str, str] = {}
+    for name, folded_view in out:
+        unique.setdefault(folded_view, name)
+    return [(name, v) for v, name in unique.items()]
 
 
 # Quoted text in a prompt that talks about it ("what does 'ignore previous instructions'
