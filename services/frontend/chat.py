@@ -57,6 +57,9 @@ class ChatSession:
         self.history: list[ChatMessage] = []
         self.num_turns = 0
         self.turn_task: asyncio.Task | None = None
+        # The last turn that has sent its TurnFinished (or error): the client may start the
+        # next turn while that one still releases what it held.
+        self.last_finished_turn = 0
         self.out: asyncio.Queue = asyncio.Queue()
 
     async def run(self, requests: AsyncIterator[generation_pb2.ChatRequest]
@@ -157,11 +160,18 @@ class ChatSession:
             priority=common_pb2.PRIORITY_INTERACTIVE, tenant=self.settings.tenant,
             # The system prompt and the history passed the check in an earlier turn.
             num_checked_messages=len(system) + len(self.history) if self.history else 0)
-        self.turn_task = asyncio.create_task(self._run_turn(self.num_turns, req, user))
+        previous = self.turn_task
+        self.turn_task = asyncio.create_task(self._run_turn(self.num_turns, req, user,
+                                                            previous=previous))
 
-    async def _run_turn(self, n: int, req: PipelineRequest, user: ChatMessage) -> None:
+    async def _run_turn(self, n: int, req: PipelineRequest, user: ChatMessage, *,
+                        previous: asyncio.Task | None = None) -> None:
         parts: list[str] = []
         seen = user  # the user's message as the model saw it (redacted by the policy)
+        if previous is not None and not previous.done():
+            # The last turn has finished but may still be releasing its worker request
+            # and budget; a second or so at most.
+            await asyncio.wait([previous], timeout=5.0)
         try:
             async with contextlib.aclosing(self.pipeline.run(req, timeout_s=self.timeout_s)
                                            ) as events:
@@ -174,6 +184,7 @@ class ChatSession:
                             delta=generation_pb2.TextDelta(turn=n, text=event.text)))
                     elif isinstance(event, Finished):
                         self.history += [seen, ChatMessage("assistant", "".join(parts))]
+                        self.last_finished_turn = n
                         self.out.put_nowait(generation_pb2.ChatEvent(
                             turn_finished=generation_pb2.TurnFinished(
                                 turn=n, finish_reason=event.finish_reason, usage=event.usage,
@@ -181,13 +192,18 @@ class ChatSession:
         except asyncio.CancelledError:
             # Cancelled by the client (or the session closing): closing the pipeline's
             # stream above has already aborted the worker request.
-            self.out.put_nowait(generation_pb2.ChatEvent(turn_finished=generation_pb2.TurnFinished(
-                turn=n, finish_reason=common_pb2.FINISH_REASON_ABORT)))
+            if self.last_finished_turn != n:
+                self.last_finished_turn = n
+                self.out.put_nowait(generation_pb2.ChatEvent(
+                    turn_finished=generation_pb2.TurnFinished(
+                        turn=n, finish_reason=common_pb2.FINISH_REASON_ABORT)))
         except PipelineError as exc:
+            self.last_finished_turn = n
             self._error(exc.code, exc.message, turn=n)
 
     def _is_turn_running(self) -> bool:
-        return self.turn_task is not None and not self.turn_task.done()
+        return (self.turn_task is not None and not self.turn_task.done()
+                and self.last_finished_turn != self.num_turns)
 
     async def _stop_turn(self) -> None:
         if self._is_turn_running():
