@@ -2,7 +2,7 @@
 
 - Prompt checks, in process: p50/p99 for 200- and 2,000-character prompts, rules only
   (normalization, prompt-injection rules, lexicons, secrets, PII) and with the embedding
-  signal (all-MiniLM-L6-v2 on up to 4 windows plus decoded texts).
+  signal (all-MiniLM-L6-v2 on up to 3 windows plus 2 decoded texts).
 - Streamed output: the moderator's own time per chunk, and the round trip of one chunk
   through a real safety process over gRPC (what the frontend waits for per chunk).
 """

@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 from services.safety import policy as policies
+from services.safety.checker import PromptChecker
 from services.safety.config import DEFAULT_POLICY
+from services.safety.embedding import Embedder
 from services.safety.evaluate import EVAL_FILE, evaluate, load_examples
 from services.safety.policy import Scanner
 
@@ -45,10 +47,6 @@ def _eval(args: argparse.Namespace) -> int:
     policy = dataclasses.replace(
         policy, prompt_scanners=scanners,
         embedding_threshold=args.threshold or policy.embedding_threshold)
-    # Imported here: loading torch and the model is only worth it for this command.
-    from services.safety.checker import PromptChecker
-    from services.safety.embedding import Embedder
-
     embedder = None if args.rules_only else Embedder.load()
     report = evaluate(examples, PromptChecker(embedder), policy, with_misses=args.misses)
     report = {"data": str(args.data), "embedding": embedder is not None,

@@ -120,15 +120,15 @@ class OutputModeration:
             return Moderated("")
         assert self.gate is not None
         timeout_s = self.gate.settings.timeout_s
+        request = safety_pb2.ModerateRequest(text=text, flush=final)
+        if self.call is None:
+            if final and not text:
+                return Moderated("")  # nothing was generated: nothing to moderate
+            # The opening message names the request and carries the first text with it.
+            request.request_id, request.tenant = self.request_id, self.tenant
+            self.call = self.gate.stub.Moderate()
         try:
-            if self.call is None:
-                if final and not text:
-                    return Moderated("")  # nothing was generated: nothing to moderate
-                self.call = self.gate.stub.Moderate()
-                await asyncio.wait_for(self._round_trip(safety_pb2.ModerateRequest(
-                    request_id=self.request_id, tenant=self.tenant)), timeout_s)
-            reply = await asyncio.wait_for(self._round_trip(
-                safety_pb2.ModerateRequest(text=text, flush=final)), timeout_s)
+            reply = await asyncio.wait_for(self._round_trip(request), timeout_s)
         except (grpc.aio.AioRpcError, TimeoutError, EOFError) as exc:
             self.close()
             if self.gate.settings.output_failure_mode == FailureMode.OPEN:

@@ -141,14 +141,11 @@ class Pipeline:
         tokenizing = asyncio.ensure_future(self.prompt_ids(req))
         try:
             checked = await self._check(req)
-        except BaseException:
-            tokenizing.cancel()
+            if checked == req:
+                return req, await tokenizing
+        finally:
+            tokenizing.cancel()  # blocked or redacted: its ids are not needed (no-op if done)
             await asyncio.gather(tokenizing, return_exceptions=True)
-            raise
-        if checked == req:
-            return req, await tokenizing
-        tokenizing.cancel()
-        await asyncio.gather(tokenizing, return_exceptions=True)
         return checked, await self.prompt_ids(checked)
 
     async def _check(self, req: PipelineRequest) -> PipelineRequest:

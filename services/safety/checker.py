@@ -69,9 +69,9 @@ class PromptChecker:
         scanners = policy.prompt_scanners
         findings: list[Finding] = []
         if Scanner.INJECTION in scanners:
-            for hit in injection.scan(text):
+            for family in injection.scan(text):
                 findings.append(Finding(PROMPT_INJECTION, Scanner.INJECTION.value, 1.0,
-                                        policy.action(PROMPT_INJECTION), hit.family))
+                                        policy.action(PROMPT_INJECTION), family))
         # The embedding costs milliseconds: skip it when a rule already settled the matter.
         if (Scanner.EMBEDDING in scanners and self.embedder is not None and not findings):
             sim = self.embedder.similarity(text, injection.hidden_texts(text))

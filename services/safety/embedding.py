@@ -41,7 +41,6 @@ _SENTENCE = regex.compile(r"(?<=[.!?;:\n])\s+")
 class Similarity:
     score: float  # cosine similarity to the nearest exemplar, -1..1
     family: str  # that exemplar's family
-    num_windows: int  # texts embedded for this prompt
 
 
 def windows(text: str, *, max_words: int, max_windows: int) -> list[str]:
@@ -114,8 +113,7 @@ class Embedder:
         for extra in extra_texts[:self.max_extra]:
             texts += windows(extra, max_words=self.max_words, max_windows=1)
         if not texts:
-            return Similarity(0.0, "", 0)
+            return Similarity(0.0, "")
         scores = self._encode(texts) @ self.exemplars.T  # [W, E]
         best = int(torch.argmax(scores).item())
-        return Similarity(float(scores.flatten()[best]), self.families[best % scores.shape[1]],
-                          len(texts))
+        return Similarity(float(scores.flatten()[best]), self.families[best % scores.shape[1]])

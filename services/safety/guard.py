@@ -70,7 +70,7 @@ class ModerationStream:
     moderator: StreamModerator
     request_id: str
     tenant: str
-    guard: Guard
+    audit: AuditLog
     num_findings: int = 0
 
     def feed(self, text: str) -> Release:
@@ -79,14 +79,14 @@ class ModerationStream:
     def flush(self, text: str = "") -> Release:
         release = self._audited(self.moderator.flush(text))
         if self.num_findings == 0:  # a clean stream still leaves its record
-            self.guard.audit.record(audit_records((), request_id=self.request_id,
+            self.audit.record(audit_records((), request_id=self.request_id,
                                                   tenant=self.tenant, direction="output"))
         return release
 
     def _audited(self, release: Release) -> Release:
         if release.findings:
             self.num_findings += len(release.findings)
-            self.guard.audit.record(audit_records(release.findings,
+            self.audit.record(audit_records(release.findings,
                                                   request_id=self.request_id,
                                                   tenant=self.tenant, direction="output"))
         return release
@@ -120,7 +120,7 @@ class Guard:
 
     def open_stream(self, *, request_id: str, tenant: str) -> ModerationStream:
         moderator = StreamModerator(self.policy(tenant), max_hold_chars=self.max_hold_chars)
-        return ModerationStream(moderator, request_id, tenant, self)
+        return ModerationStream(moderator, request_id, tenant, self.audit)
 
     async def close(self) -> None:
         await self.audit.close()

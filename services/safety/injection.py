@@ -290,12 +290,6 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class RuleHit:
-    family: str  # the rule's family
-    view: str  # where it matched: "text", "joined" or "decoded"
-
-
 # Runs of single characters separated by a space or a punctuation mark: "i g n o r e".
 _SPACED = regex.compile(r"(?<![\p{L}\p{N}])(?:[\p{L}\p{N}][ .\-_*+/|,]{1,2}){2,}"
                         r"[\p{L}\p{N}](?![\p{L}\p{N}])", regex.V1)
@@ -434,13 +428,12 @@ def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]]) -> bool:
     return False
 
 
-def scan(text: str) -> list[RuleHit]:
-    """The families of every rule that matches some view of ``text`` (one hit per
-    family, the first view it matched in)."""
-    hits: dict[str, RuleHit] = {}
+def scan(text: str) -> list[str]:
+    """The families of the rules that match some view of ``text``, each once."""
+    families: list[str] = []
     for view, folded in views(text):
         quotes = [] if view == "decoded" else _discussed_quotes(folded)
         for rule in RULES:
-            if rule.family not in hits and _matches(rule, folded, quotes):
-                hits[rule.family] = RuleHit(rule.family, view)
-    return list(hits.values())
+            if rule.family not in families and _matches(rule, folded, quotes):
+                families.append(rule.family)
+    return families

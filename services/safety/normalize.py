@@ -7,8 +7,7 @@ spacing it out ("i g n o r e"), or by encoding it (base64, hex, %xx, rot13, back
 
 ``fold`` undoes the character-level tricks and remembers where every folded character came
 from, so a match found on the folded text is reported (and redacted) on the original.
-``squash`` also removes the separators. ``decoded_views`` returns the texts hidden in
-encodings, for the detectors to scan as well.
+``decoded_views`` returns the texts hidden in encodings, for the detectors to scan as well.
 """
 
 from __future__ import annotations
@@ -51,14 +50,12 @@ class Folded:
 
 
 # Characters that render as nothing. fold drops every format character (category Cf:
-# zero-width and bidi controls, and the tag block used to smuggle invisible ASCII); these
-# lists name them for has_hidden_controls. The Hangul fillers are letters that render
-# blank, so they have to be named to be dropped.
+# zero-width and bidi controls, and the tag block used to smuggle invisible ASCII). The
+# Hangul fillers are letters that render blank, so they have to be named to be dropped.
 _ZERO_WIDTH = "\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff\u00ad\u180e\u034f"
 _BIDI_CONTROLS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c"
 _BLANK_LETTERS = "\u115f\u1160\u3164\uffa0"
 _DROPPED = frozenset(_ZERO_WIDTH + _BIDI_CONTROLS + _BLANK_LETTERS)
-_HIDDEN_CONTROL = re.compile(f"[{_ZERO_WIDTH}{_BIDI_CONTROLS}\U000e0000-\U000e007f]")
 
 # Look-alikes that NFKC leaves alone, mapped to the ASCII letter they imitate. Keys are
 # looked up before casefolding as well as after, because some capitals imitate a different
@@ -97,7 +94,6 @@ _ASCII_FOLD = str.maketrans(
     string.ascii_uppercase + "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f",
     string.ascii_lowercase + " " * 9)
 _SPACE_RUN = re.compile(" {2,}")
-_NOT_ALNUM = re.compile(r"[\W_]+")
 
 
 def _strip_marks(text: str) -> str:
@@ -197,18 +193,6 @@ def fold(text: str, *, leet: bool = True) -> Folded:
         folded = _unleet(folded)
     folded, offsets = _collapse_spaces(folded, offsets)
     return Folded(folded, (*offsets, len(text)))
-
-
-def squash(text: str) -> str:
-    """The folded text with everything but letters and digits removed, so a phrase spaced
-    out or punctuated ("i g n o r e", "i.g.n.o.r.e", "ig-no-re") reads as one word."""
-    return _NOT_ALNUM.sub("", fold(text).text)
-
-
-def has_hidden_controls(text: str) -> bool:
-    """Whether ``text`` holds zero-width, bidi control or Unicode tag characters. A byte
-    order mark opening the text is an encoding leftover, not hidden content."""
-    return _HIDDEN_CONTROL.search(text, 1 if text.startswith("\ufeff") else 0) is not None
 
 
 # Encoded runs worth decoding. The hex run takes pairs plain ("69676e"), separated by

@@ -4,9 +4,6 @@ stream, and linear-time scanning of adversarial input."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import pytest
 
 from services.safety.pii import (
@@ -19,6 +16,7 @@ from services.safety.pii import (
     redact,
 )
 from services.safety.scanners import Span
+from tests.services.safety.conftest import best_of_three
 
 
 def find(text: str) -> list[tuple[str, str]]:
@@ -446,12 +444,3 @@ def test_adversarial_input_scans_in_linear_time(text: str) -> None:
     assert best_of_three(lambda: [d.find(text) for d in PII_DETECTORS]) < 0.05
     assert best_of_three(lambda: [d.pending_start(text) for d in PII_DETECTORS]) < 0.05
 
-
-def best_of_three(scan: Callable[[], object]) -> float:
-    """Seconds for the fastest of three runs, so one descheduling does not fail a test."""
-    timings = []
-    for _ in range(3):
-        started = time.perf_counter()
-        scan()
-        timings.append(time.perf_counter() - started)
-    return min(timings)

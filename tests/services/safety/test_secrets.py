@@ -7,9 +7,6 @@ secret scanners (push protection would refuse it)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import pytest
 
 from services.safety.pii import redact
@@ -19,6 +16,7 @@ from services.safety.secrets import (
     is_unquoted_secret,
     looks_random,
 )
+from tests.services.safety.conftest import best_of_three
 
 RANDOM_36 = "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3hI6"
 RANDOM_40 = "Zx9Qw3Er5Ty7Ui9Op1As3Df5Gh7Jk9Lz1Xc3Vb5N"
@@ -283,12 +281,3 @@ def test_adversarial_input_scans_in_linear_time(text: str) -> None:
     assert best_of_three(lambda: [d.find(text) for d in SECRET_DETECTORS]) < 0.05
     assert best_of_three(lambda: [d.pending_start(text) for d in SECRET_DETECTORS]) < 0.05
 
-
-def best_of_three(scan: Callable[[], object]) -> float:
-    """Seconds for the fastest of three runs, so one descheduling does not fail a test."""
-    timings = []
-    for _ in range(3):
-        started = time.perf_counter()
-        scan()
-        timings.append(time.perf_counter() - started)
-    return min(timings)
