@@ -68,8 +68,9 @@ class PromptChecker:
     def check(self, text: str, policy: TenantPolicy) -> Decision:
         scanners = policy.prompt_scanners
         findings: list[Finding] = []
+        folded = fold(text) if scanners & {Scanner.INJECTION, Scanner.CONTENT} else None
         if Scanner.INJECTION in scanners:
-            for family in injection.scan(text):
+            for family in injection.scan(text, folded.text if folded else None):
                 findings.append(Finding(PROMPT_INJECTION, Scanner.INJECTION.value, 1.0,
                                         policy.action(PROMPT_INJECTION), family))
         # The embedding costs milliseconds: skip it when a rule already settled the matter.
@@ -81,7 +82,7 @@ class PromptChecker:
                                         sim.family))
         spans: list[Span] = []
         if Scanner.CONTENT in scanners:
-            spans += policy.lexicon.scan(text, fold(text))
+            spans += policy.lexicon.scan(text, folded)
         for d in detectors_for(scanners):
             spans += d.find(text)
         span_findings, redacted = apply_spans(text, spans, policy)

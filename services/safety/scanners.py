@@ -37,9 +37,16 @@ class Detector:
     pattern: regex.Pattern[str]
     label: str
     validate: Callable[[str], bool] | None = None
+    # Lower-case substrings of which every complete match (with what its lookbehind reads)
+    # holds one: a text without any of them is not scanned. Empty: always scanned.
+    anchors: tuple[str, ...] = ()
 
     def find(self, text: str, pos: int = 0, endpos: int | None = None) -> list[Span]:
         """Every complete, validated, non-overlapping match in ``text[pos:endpos]``."""
+        if self.anchors:
+            lower = text.lower()
+            if not any(a in lower for a in self.anchors):
+                return []
         end = len(text) if endpos is None else endpos
         spans = []
         for m in self.pattern.finditer(text, pos, end, overlapped=False):

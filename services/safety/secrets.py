@@ -29,6 +29,8 @@ _SECRET_NAMES = (
     r"|secret[_-]?access[_-]?key|api[_-]?key|apikey|access[_-]?token|auth[_-]?token"
     r"|private[_-]?key)"
 )
+# Every name above holds one of these.
+_NAME_ANCHORS = ("pass", "secret", "key", "token")
 # name, optional closing quote of a quoted key ("password": ...), then ":" or "=".
 # "==" never matches, so comparisons are not assignments.
 _ASSIGN = r"""["']?[ \t]{0,3}[:=][ \t]{0,3}"""
@@ -160,7 +162,7 @@ _UNQUOTED_ASSIGNMENT = regex.compile(
 
 SECRET_DETECTORS: tuple[Detector, ...] = (
     Detector(CATEGORY, SCANNER, _AWS_ACCESS_KEY_ID, LABEL),
-    Detector(CATEGORY, SCANNER, _AWS_SECRET_KEY, LABEL, looks_random),
+    Detector(CATEGORY, SCANNER, _AWS_SECRET_KEY, LABEL, looks_random, anchors=("key",)),
     Detector(CATEGORY, SCANNER, _GITHUB_TOKEN, LABEL),
     Detector(CATEGORY, SCANNER, _SLACK_TOKEN, LABEL, has_digit),
     Detector(CATEGORY, SCANNER, _STRIPE_KEY, LABEL),
@@ -168,6 +170,8 @@ SECRET_DETECTORS: tuple[Detector, ...] = (
     Detector(CATEGORY, SCANNER, _OPENAI_KEY, LABEL, looks_random),
     Detector(CATEGORY, SCANNER, _JWT, LABEL),
     Detector(CATEGORY, SCANNER, _PEM_PRIVATE_KEY, LABEL),
-    Detector(CATEGORY, SCANNER, _QUOTED_ASSIGNMENT, LABEL, is_quoted_secret),
-    Detector(CATEGORY, SCANNER, _UNQUOTED_ASSIGNMENT, LABEL, is_unquoted_secret),
+    Detector(CATEGORY, SCANNER, _QUOTED_ASSIGNMENT, LABEL, is_quoted_secret,
+             anchors=_NAME_ANCHORS),
+    Detector(CATEGORY, SCANNER, _UNQUOTED_ASSIGNMENT, LABEL, is_unquoted_secret,
+             anchors=_NAME_ANCHORS),
 )

@@ -75,3 +75,4 @@ def test_unknown_tenants_get_the_default_unless_required(tmp_path: Path) -> None
 def test_bad_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace("]", r"\]")):
         policies.load(write_policy(tmp_path, text))
+
