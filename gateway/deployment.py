@@ -110,6 +110,18 @@ class Limits:
     safety_prompt_failure_mode: FailureMode = FailureMode.CLOSED
     safety_output_failure_mode: FailureMode = FailureMode.CLOSED
     safety_timeout_s: float = 2.0  # longest wait for a prompt check or a moderated chunk
+    # The response cache (services.cache): answers kept this long, in at most this much
+    # memory (least recently used out first); a lookup or store slower than the timeout
+    # is skipped, and the request runs without the cache.
+    cache_ttl_s: int = 3600
+    cache_max_memory_mb: int = 256
+    cache_timeout_s: float = 0.25
+    # Async jobs (Redis): a job whose frontend sent no heartbeat this long is taken over;
+    # a job's record and result are kept this long after it ends.
+    job_claim_timeout_s: float = 30.0
+    job_result_ttl_s: int = 86_400
+    max_running_jobs: int = 4  # jobs one frontend runs at once
+    max_batch_inflight: int = 8  # requests of one GenerateBatch stream running at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +183,10 @@ def check(dep: Deployment) -> list[str]:
         problems.append("services.frontend has no address")
     if not dep.services.tokenizer:
         problems.append("services.tokenizer has no address")
+    for name in ("cache_ttl_s", "cache_max_memory_mb", "cache_timeout_s", "job_claim_timeout_s",
+                 "job_result_ttl_s", "max_running_jobs", "max_batch_inflight"):
+        if getattr(dep.limits, name) <= 0:
+            problems.append(f"limits.{name} must be positive, got {getattr(dep.limits, name)}")
     if dep.limits.safety_timeout_s <= 0:
         problems.append(f"limits.safety_timeout_s must be positive, got "
                         f"{dep.limits.safety_timeout_s}")
@@ -280,8 +296,9 @@ def _from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Deployment:
                  "safety_output_failure_mode"):
         if mode in limits:
             limits[mode] = FailureMode(limits[mode])
-    if "safety_timeout_s" in limits:
-        limits["safety_timeout_s"] = float(limits["safety_timeout_s"])
+    for seconds in ("safety_timeout_s", "cache_timeout_s", "job_claim_timeout_s"):
+        if seconds in limits:
+            limits[seconds] = float(limits[seconds])
     gateway = dict(data.get("gateway") or {})
     _known(gateway, "gateway", {f.name for f in dataclasses.fields(GatewaySettings)})
     return Deployment(

@@ -119,6 +119,11 @@ def worker_routes(dep: Deployment) -> list[dict[str, Any]]:
         pinned["match"]["headers"] = [{"name": metadata.MODEL_VERSION,
                                        "string_match": {"exact": v.name}}]
         routes.append(pinned)
+    for v in dep.versions:  # routed: the split already chose it (see ROUTED_VERSION)
+        routed = mirrored(hashed(route(generate, v.cluster)), dep)
+        routed["match"]["headers"] = [{"name": metadata.ROUTED_VERSION,
+                                       "string_match": {"exact": v.name}}]
+        routes.append(routed)
     main = split(route(generate, dep.rollout.primary), dep)
     main = mirrored(hashed(main), dep)
     routes.append(main)

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from genmesh.commands import bench, client, engine, mesh, models, rollout, safety
+from genmesh.commands import batch, bench, client, engine, mesh, models, rollout, safety
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)
     mesh.register(sub)
     client.register(sub)
+    batch.register(sub)
     rollout.register(sub)
     safety.register(sub)
     return parser

@@ -17,7 +17,7 @@ from genmesh.launcher.ports import free_ports
 from genmesh.launcher.supervisor import Supervisor
 from genmesh.models.store import ModelStore, default_store_root
 from services.safety.config import DEFAULT_POLICY
-from tests.procs import RedisServer
+from tests.procs import REPO_ROOT, RedisServer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Every client in the tests speaks as the `dev` tenant of deploy/local.yaml unless a test
@@ -52,11 +52,35 @@ class RunningMesh:
     def tokenizer_address(self) -> str:
         return f"{self.config.host}:{self.config.tokenizer_port}"
 
+    @property
+    def cache_address(self) -> str:  # the cache service itself, bypassing Envoy
+        return f"{self.config.host}:{self.config.cache_port}"
+
 
 # The greedy answer to this prompt says it in its first sentence; the mesh's safety policy
 # blocks the phrase for the `dev` tenant, so a test can watch an output cut mid-stream.
 CUT_PROMPT = "Describe a lighthouse keeper's evening in three sentences."
 CUT_PHRASE = "grizzled and seasoned sailor"
+
+
+# A second tenant of the test mesh (no token budget): what one tenant's calls leave behind
+# (cached answers, jobs) must never reach it.
+OTHER_API_KEY = "genmesh-other-key"
+
+
+def mesh_deployment(path: Path, *, job_claim_timeout_s: float = 3.0,
+                    budgets: bool = True) -> Path:
+    """deploy/local.yaml plus the tenant `other`; jobs are taken over after
+    ``job_claim_timeout_s``; ``budgets=False`` drops the token budgets (whose store is
+    Redis, which some tests kill)."""
+    raw = yaml.safe_load((REPO_ROOT / "deploy" / "local.yaml").read_text())
+    raw["tenants"]["other"] = {"api_keys": [OTHER_API_KEY], "requests_per_second": 50}
+    if not budgets:
+        for tenant in raw["tenants"].values():
+            tenant.pop("tokens_per_minute", None)
+    raw["limits"]["job_claim_timeout_s"] = job_claim_timeout_s
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def mesh_safety_policy(path: Path) -> Path:
@@ -78,6 +102,7 @@ def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     run_dir = tmp_path_factory.mktemp("mesh")
     config = MeshConfig(**ports, model=DEFAULT_MODEL, versions=("v1",), dtype="float32",
                         kv_cache_gib=0.25, run_dir=run_dir, log_level="INFO",
+                        deployment=mesh_deployment(run_dir / "test-deployment.yaml"),
                         safety_policy=mesh_safety_policy(run_dir / "safety-policy.yaml"))
     supervisor = Supervisor(plan(config), run_dir=config.run_dir)
     supervisor.start()

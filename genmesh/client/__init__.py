@@ -10,11 +10,14 @@ call shape of the public API: unary, server streaming, bidirectional Chat, ListM
 from genmesh.client.aio import AsyncChatSession, AsyncClient
 from genmesh.client.sync import ChatSession, Client
 from genmesh.client.types import (
+    BatchItem,
+    BatchResult,
     ChatError,
     ChatEvent,
     Chunk,
     Completion,
     GenmeshError,
+    Job,
     ModelInfo,
     TextDelta,
     TurnFinished,
@@ -22,6 +25,6 @@ from genmesh.client.types import (
     Usage,
 )
 
-__all__ = ["AsyncChatSession", "AsyncClient", "ChatError", "ChatEvent", "ChatSession",
-           "Chunk", "Client", "Completion", "GenmeshError", "ModelInfo", "TextDelta",
-           "TurnFinished", "TurnStarted", "Usage"]
+__all__ = ["AsyncChatSession", "AsyncClient", "BatchItem", "BatchResult", "ChatError",
+           "ChatEvent", "ChatSession", "Chunk", "Client", "Completion", "GenmeshError", "Job",
+           "ModelInfo", "TextDelta", "TurnFinished", "TurnStarted", "Usage"]

@@ -34,9 +34,9 @@ class AsyncClient:
     async def generate(self, prompt: str | None = None, *,
                        messages: list[dict[str, str]] | None = None, model: str = "",
                        model_version: str = "", request_id: str = "",
-                       **params: Any) -> t.Completion:
+                       skip_cache: bool = False, **params: Any) -> t.Completion:
         req = t.generate_request(prompt, messages, model=model, model_version=model_version,
-                                 request_id=request_id, params=params)
+                                 request_id=request_id, params=params, skip_cache=skip_cache)
         try:
             reply = await self.stub.Generate(req, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
@@ -46,9 +46,10 @@ class AsyncClient:
     async def generate_stream(self, prompt: str | None = None, *,
                               messages: list[dict[str, str]] | None = None, model: str = "",
                               model_version: str = "", request_id: str = "",
-                              **params: Any) -> AsyncIterator[t.Chunk]:
+                              skip_cache: bool = False, **params: Any
+                              ) -> AsyncIterator[t.Chunk]:
         req = t.generate_request(prompt, messages, model=model, model_version=model_version,
-                                 request_id=request_id, params=params)
+                                 request_id=request_id, params=params, skip_cache=skip_cache)
         call = self.stub.GenerateStream(req, timeout=self.timeout_s, metadata=self.metadata)
         try:
             async for reply in call:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -39,9 +39,10 @@ class Client:
 
     def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                  model: str = "", model_version: str = "", request_id: str = "",
-                 **params: Any) -> t.Completion:
+                 skip_cache: bool = False, **params: Any) -> t.Completion:
+        """``skip_cache``: always run inference (never a replay from the response cache)."""
         req = t.generate_request(prompt, messages, model=model, model_version=model_version,
-                                 request_id=request_id, params=params)
+                                 request_id=request_id, params=params, skip_cache=skip_cache)
         try:
             reply = self.stub.Generate(req, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as exc:
@@ -51,10 +52,10 @@ class Client:
     def generate_stream(self, prompt: str | None = None, *,
                         messages: list[dict[str, str]] | None = None, model: str = "",
                         model_version: str = "", request_id: str = "",
-                        **params: Any) -> Iterator[t.Chunk]:
+                        skip_cache: bool = False, **params: Any) -> Iterator[t.Chunk]:
         """Chunks as they are generated; closing the iterator cancels the generation."""
         req = t.generate_request(prompt, messages, model=model, model_version=model_version,
-                                 request_id=request_id, params=params)
+                                 request_id=request_id, params=params, skip_cache=skip_cache)
         call = self.stub.GenerateStream(req, timeout=self.timeout_s, metadata=self.metadata)
         try:
             for reply in call:
@@ -67,6 +68,54 @@ class Client:
     def chat(self, *, model: str = "", model_version: str = "", system_prompt: str = "",
              **params: Any) -> ChatSession:
         return ChatSession(self, t.start_request(model, model_version, system_prompt, params))
+
+    def generate_batch(self, items: Iterable[t.BatchItem], *, model: str = "",
+                       model_version: str = "") -> Iterator[t.BatchResult]:
+        """Results as they finish (in any order), one per item; ``items`` is read lazily,
+        as the server has room. Raises GenmeshError when the stream itself fails."""
+        requests = (t.batch_request(i, model=model, model_version=model_version) for i in items)
+        call = self.stub.GenerateBatch(requests, timeout=self.timeout_s, metadata=self.metadata)
+        try:
+            for reply in call:
+                yield t.batch_result_from_proto(reply)
+        except grpc.RpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    def submit_job(self, prompt: str | None = None, *,
+                   messages: list[dict[str, str]] | None = None, job_id: str = "",
+                   model: str = "", model_version: str = "", **params: Any) -> t.Job:
+        """Queues a job and returns at once; ``job_id`` (yours, optional) makes retries safe."""
+        req = t.generate_request(prompt, messages, model=model, model_version=model_version,
+                                 request_id="", params=params)
+        return self._job_call(self.stub.SubmitJob,
+                              generation_pb2.SubmitJobRequest(job_id=job_id, request=req))
+
+    def get_job(self, job_id: str) -> t.Job:
+        return self._job_call(self.stub.GetJob, generation_pb2.JobRef(job_id=job_id))
+
+    def cancel_job(self, job_id: str) -> t.Job:
+        return self._job_call(self.stub.CancelJob, generation_pb2.JobRef(job_id=job_id))
+
+    def watch_job(self, job_id: str) -> Iterator[t.Job]:
+        """The job now, then every change; the last one has ended."""
+        call = self.stub.WatchJob(generation_pb2.JobRef(job_id=job_id), timeout=self.timeout_s,
+                                  metadata=self.metadata)
+        try:
+            for reply in call:
+                yield t.job_from_proto(reply)
+        except grpc.RpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    def _job_call(self, method: Any, request: Any) -> t.Job:
+        try:
+            return t.job_from_proto(method(request, timeout=self.timeout_s,
+                                           metadata=self.metadata))
+        except grpc.RpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
 
     def list_models(self) -> list[t.ModelInfo]:
         try:

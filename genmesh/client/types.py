@@ -39,10 +39,14 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int  # prompt tokens served from the worker's prefix cache
+    # Replayed from the response cache (or shared with an identical request in flight):
+    # no inference ran, nothing was charged; the counts are the original generation's.
+    response_cached: bool = False
 
     @classmethod
     def from_proto(cls, u: common_pb2.Usage) -> Usage:
-        return cls(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+        return cls(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens,
+                   u.response_cached)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +129,13 @@ def sampling_params(*, max_tokens: int = 0, temperature: float = 0.0, top_k: int
 
 
 def generate_request(prompt: str | None, messages: list[dict[str, str]] | None, *, model: str,
-                     model_version: str, request_id: str, params: dict
-                     ) -> generation_pb2.GenerateRequest:
+                     model_version: str, request_id: str, params: dict,
+                     skip_cache: bool = False) -> generation_pb2.GenerateRequest:
     if (prompt is None) == (messages is None):
         raise ValueError("pass exactly one of prompt or messages")
     req = generation_pb2.GenerateRequest(model=model, model_version=model_version,
-                                         request_id=request_id, params=sampling_params(**params))
+                                         request_id=request_id, params=sampling_params(**params),
+                                         skip_cache=skip_cache)
     if prompt is not None:
         req.prompt = prompt
     else:
@@ -186,6 +191,72 @@ END = generation_pb2.ChatRequest(end=generation_pb2.EndSession())
 def models_from_proto(r: generation_pb2.ListModelsResponse) -> list[ModelInfo]:
     return [ModelInfo(m.name, tuple(m.versions), m.is_default, m.max_model_len,
                       m.has_chat_template) for m in r.models]
+
+
+_JOB_STATES = {
+    generation_pb2.JOB_STATE_UNSPECIFIED: "unspecified",
+    generation_pb2.JOB_STATE_QUEUED: "queued",
+    generation_pb2.JOB_STATE_RUNNING: "running",
+    generation_pb2.JOB_STATE_SUCCEEDED: "succeeded",
+    generation_pb2.JOB_STATE_FAILED: "failed",
+    generation_pb2.JOB_STATE_CANCELLED: "cancelled",
+}
+JOB_ENDED = frozenset({"succeeded", "failed", "cancelled"})
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    job_id: str
+    state: str  # "queued", "running", "succeeded", "failed" or "cancelled"
+    result: Completion | None  # with "succeeded"
+    error: GenmeshError | None  # with "failed"
+    num_attempts: int  # more than 1 when another frontend took the job over
+    created_unix_ms: int
+    updated_unix_ms: int
+
+    @property
+    def has_ended(self) -> bool:
+        return self.state in JOB_ENDED
+
+
+def job_from_proto(j: generation_pb2.Job) -> Job:
+    state = _JOB_STATES.get(j.state, "unspecified")
+    return Job(j.job_id, state,
+               completion_from_proto(j.result) if state == "succeeded" else None,
+               GenmeshError(_CODES.get(j.error_code, grpc.StatusCode.UNKNOWN), j.error)
+               if state == "failed" else None,
+               j.num_attempts, j.created_unix_ms, j.updated_unix_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One request of a batch: ``id`` is yours, echoed in its result."""
+
+    id: str
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    params: dict | None = None  # sampling keyword arguments (max_tokens, temperature, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    id: str
+    completion: Completion | None  # set when the item succeeded
+    error: GenmeshError | None = None  # set when it failed
+
+
+def batch_request(item: BatchItem, *, model: str, model_version: str
+                  ) -> generation_pb2.BatchRequest:
+    return generation_pb2.BatchRequest(id=item.id, request=generate_request(
+        item.prompt, item.messages, model=model, model_version=model_version, request_id="",
+        params=item.params or {}))
+
+
+def batch_result_from_proto(r: generation_pb2.BatchResult) -> BatchResult:
+    if r.error_code:
+        return BatchResult(r.id, None, GenmeshError(
+            _CODES.get(r.error_code, grpc.StatusCode.UNKNOWN), r.error))
+    return BatchResult(r.id, completion_from_proto(r.response))
 
 
 class TurnTracker:

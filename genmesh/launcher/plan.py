@@ -12,6 +12,7 @@ ports (each a flag of ``genmesh up``):
 | frontend | 50051 |
 | tokenizer | 50052 |
 | safety | 50053 |
+| cache | 50054 |
 | worker of the first version (v1) | 50061 |
 | worker of the second version (v2) | 50062 |
 | rate-limit service | 50071 |
@@ -61,6 +62,7 @@ class MeshConfig:
     candidate_port: int = 50062  # the worker of the deployment's second version
     ratelimit_port: int = 50071
     safety_port: int = 50053
+    cache_port: int = 50054
     redis_port: int = 6390
     deployment: Path = DEFAULT_DEPLOYMENT
     model: str | None = None  # None: the deployment's model (a name in the model store)
@@ -88,7 +90,8 @@ class MeshConfig:
 
 
 PORT_FIELDS = ("edge_port", "mesh_port", "admin_port", "frontend_port", "tokenizer_port",
-               "worker_port", "candidate_port", "ratelimit_port", "safety_port", "redis_port")
+               "worker_port", "candidate_port", "ratelimit_port", "safety_port", "cache_port",
+               "redis_port")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +134,8 @@ def localize(dep: Deployment, cfg: MeshConfig) -> Deployment:
     services = deploy.Services(
         frontend=((here, cfg.frontend_port),), tokenizer=((here, cfg.tokenizer_port),),
         ratelimit=((here, cfg.ratelimit_port),) if has_global else (),
-        safety=((here, cfg.safety_port),) if dep.services.safety else ())
+        safety=((here, cfg.safety_port),) if dep.services.safety else (),
+        cache=((here, cfg.cache_port),) if dep.services.cache else ())
     gateway = dataclasses.replace(dep.gateway, host=here, edge_port=cfg.edge_port,
                                   mesh_port=cfg.mesh_port, admin_port=cfg.admin_port)
     return deploy.require_valid(dataclasses.replace(
@@ -187,6 +191,12 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
         specs.append(_service("safety", "services.safety.main", cfg.safety_port, cfg,
                               "--num-threads", "1", "--embedding",
                               str(cfg.safety_embedding).lower(), *audit, *policy))
+    if dep.services.cache:
+        # Redis when the mesh runs one (shared by cache replicas), else memory in-process.
+        store = ("--redis-url", cfg.redis_url) if cfg.with_redis else ()
+        specs.append(_service("cache", "services.cache.main", cfg.cache_port, cfg, *store,
+                              "--default-ttl-s", str(dep.limits.cache_ttl_s),
+                              "--max-memory-mb", str(dep.limits.cache_max_memory_mb)))
     # Workers on one machine split its cores: more torch threads than cores spin against
     # each other (two 2-thread workers on 2 cores ran a 27 ms request in 1.3 s).
     threads = max(1, (os.cpu_count() or 1) // len(dep.versions))
@@ -200,7 +210,7 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
     specs += [
         _service("frontend", "services.frontend.main", cfg.frontend_port, cfg,
                  "--tokenizer-address", cfg.mesh_address, "--worker-address", cfg.mesh_address,
-                 "--safety-address", cfg.mesh_address,
+                 "--safety-address", cfg.mesh_address, "--cache-address", cfg.mesh_address,
                  "--deployment-file", str(cfg.run_dir / DEPLOYMENT_FILE)),
         ProcessSpec("envoy", tuple(envoy_command(envoy_yaml, base_id=cfg.edge_port)),
                     cfg.edge_address, EnvoyReady(f"http://{cfg.host}:{cfg.admin_port}")),

@@ -14,6 +14,10 @@ PREFIX_KEY = "x-genmesh-prefix-key"
 # Set by the frontend on worker calls: a stable number from the tenant, which Envoy uses
 # instead of a random draw when the rollout splits by tenant (A/B).
 AB_BUCKET = "x-genmesh-ab-bucket"
+# Set by the frontend on a worker call whose version the rollout's split already chose (a
+# probe through the same route, so the response cache can key on it): Envoy sends the
+# call to that version and mirrors it to the shadow as if it had split it itself.
+ROUTED_VERSION = "x-genmesh-routed-version"
 # Set by a worker on its replies: which replica (host:port) served the call.
 WORKER_ID = "x-genmesh-worker"
 # Set by Envoy on the copies of worker calls it mirrors to a shadow version: the worker

@@ -19,6 +19,8 @@ class FrontendConfig:
     # Used when the deployment names a safety service (its failure modes and timeout are
     # in the deployment's limits).
     safety_address: str = "127.0.0.1:8081"
+    # Used when the deployment names a cache service (the response cache).
+    cache_address: str = "127.0.0.1:8081"
     # The deployment description (gateway/deployment.py): model and versions, tenants and
     # their token budgets, Redis. Empty: the two fields below, no tenants, no budgets.
     deployment_file: str = ""

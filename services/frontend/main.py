@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import sys
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import redis.asyncio as aioredis
 
 from gateway import deployment
 from genmesh.v1 import (
+    cache_pb2_grpc,
     generation_pb2,
     generation_pb2_grpc,
     safety_pb2_grpc,
@@ -24,8 +29,11 @@ from services.frontend import budget
 from services.frontend.admission import Admission, AdmissionPolicy
 from services.frontend.catalog import ModelCatalog
 from services.frontend.config import FrontendConfig, load_config
+from services.frontend.job_runner import JobRunner
+from services.frontend.jobs import JobQueue, JobQueueConfig
 from services.frontend.moderation import SafetyGate, SafetySettings
 from services.frontend.pipeline import Pipeline
+from services.frontend.response_cache import CacheSettings, ResponseCache
 from services.frontend.routing import Affinity
 from services.frontend.servicer import GenerationServicer
 
@@ -41,6 +49,13 @@ class Served:
     redis_url: str | None
     budget_failure_mode: FailureMode
     safety: SafetySettings | None = None  # None: no safety service in the deployment
+    cache: CacheSettings | None = None  # None: no response cache in the deployment
+    jobs: JobQueueConfig = field(default_factory=JobQueueConfig)  # used with a redis_url
+    max_running_jobs: int = 4
+    max_batch_inflight: int = 8
+
+
+JOBS_SOCKET_TIMEOUT_S = 2.0
 
 
 def served(cfg: FrontendConfig) -> Served:
@@ -58,7 +73,13 @@ def served(cfg: FrontendConfig) -> Served:
         safety=None if not dep.services.safety else SafetySettings(
             timeout_s=dep.limits.safety_timeout_s,
             prompt_failure_mode=dep.limits.safety_prompt_failure_mode,
-            output_failure_mode=dep.limits.safety_output_failure_mode))
+            output_failure_mode=dep.limits.safety_output_failure_mode),
+        cache=None if not dep.services.cache else CacheSettings(
+            timeout_s=dep.limits.cache_timeout_s, ttl_s=dep.limits.cache_ttl_s),
+        jobs=JobQueueConfig(claim_timeout_s=dep.limits.job_claim_timeout_s,
+                            result_ttl_s=dep.limits.job_result_ttl_s),
+        max_running_jobs=dep.limits.max_running_jobs,
+        max_batch_inflight=dep.limits.max_batch_inflight)
 
 
 async def run(cfg: FrontendConfig) -> None:
@@ -76,19 +97,43 @@ async def run(cfg: FrontendConfig) -> None:
                       else grpc.aio.insecure_channel(cfg.safety_address))
     safety = (None if safety_channel is None or what.safety is None
               else SafetyGate(safety_pb2_grpc.SafetyStub(safety_channel), what.safety))
+    cache_channel = (None if what.cache is None
+                     else grpc.aio.insecure_channel(cfg.cache_address))
+    cache = (None if cache_channel is None or what.cache is None
+             else ResponseCache(cache_pb2_grpc.CacheStub(cache_channel), what.cache))
     pipeline = Pipeline(tokenizer=tokenizer, worker=worker, rpc_timeout_s=cfg.rpc_timeout_s,
-                        admission=admission, affinity=what.affinity, safety=safety)
+                        admission=admission, affinity=what.affinity, safety=safety,
+                        cache=cache)
     catalog = ModelCatalog(model=what.model, versions=what.versions, tokenizer=tokenizer,
                            worker=worker, rpc_timeout_s=cfg.rpc_timeout_s)
+    # Jobs get a client of their own: their reads block up to a second, longer than the
+    # budget client's timeout allows.
+    jobs_client = (None if what.redis_url is None else aioredis.Redis.from_url(
+        what.redis_url, socket_timeout=JOBS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=cfg.redis_timeout_s))
+    jobs = (None if jobs_client is None else JobQueue(
+        jobs_client, what.jobs, consumer=f"{socket.gethostname()}-{os.getpid()}-"
+                                         f"{uuid.uuid4().hex[:6]}"))
     servicer = GenerationServicer(pipeline=pipeline, catalog=catalog,
                                   max_generation_s=cfg.max_generation_s,
-                                  max_session_turns=cfg.max_session_turns, admission=admission)
+                                  max_session_turns=cfg.max_session_turns, admission=admission,
+                                  jobs=jobs, max_batch_inflight=what.max_batch_inflight)
+    runner = (None if jobs is None else asyncio.ensure_future(JobRunner(
+        jobs, pipeline=pipeline, catalog=catalog, max_running=what.max_running_jobs,
+        claim_timeout_s=what.jobs.claim_timeout_s, timeout_s=cfg.max_generation_s).run()))
 
     async def close_channels() -> None:
+        if runner is not None:  # running jobs stop; other frontends take them over
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        if jobs_client is not None:
+            await jobs_client.aclose()
         await tokenizer_channel.close()
         await worker_channel.close()
-        if safety_channel is not None:
-            await safety_channel.close()
+        for channel in (safety_channel, cache_channel):
+            if channel is not None:
+                await channel.close()
         if redis is not None:
             await redis.aclose()
 

@@ -3,8 +3,10 @@ token ids → incremental detokenize → stop strings → usage.
 
 The prompt check (``moderation.py``) runs beside tokenization; a redacted prompt is
 tokenized again, a blocked one never reaches a worker or a budget. Output moderation runs
-after the stop strings, on the text the client would see. The response cache slots in
-between tokenize and generate (its contract is in ``cache.proto``). Every downstream
+after the stop strings, on the text the client would see. The response cache
+(``response_cache.py``) slots in between tokenize and generate: a deterministic request
+asks the gateway which version serves it, looks its answer up (or waits for an identical
+request in flight), and otherwise stores what it generated. Every downstream
 call carries a deadline; every downstream stream is cancelled when the caller goes away,
 which frees the worker's KV blocks.
 """
@@ -23,11 +25,19 @@ from typing import TYPE_CHECKING
 import grpc
 
 from genmesh.models.chat_template import ChatMessage
-from genmesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc, worker_pb2, worker_pb2_grpc
+from genmesh.v1 import (
+    cache_pb2,
+    common_pb2,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from services.common import metadata
 from services.common.sampling import DEFAULT_MAX_TOKENS
 from services.frontend.errors import PipelineError, rpc_error
 from services.frontend.moderation import OutputModeration, SafetyGate
+from services.frontend.response_cache import ResponseCache, cache_key, is_cacheable
 from services.frontend.routing import Affinity, ab_bucket, prefix_key
 from services.frontend.stops import StopMatcher, validate_stop_strings
 
@@ -48,6 +58,10 @@ class PipelineRequest:
     tenant: str = ""  # from the gateway; isolates the worker's prefix cache and budgets
     # messages[:num_checked_messages] passed the prompt check before (a chat's history)
     num_checked_messages: int = 0
+    skip_cache: bool = False  # never answer from, or store into, the response cache
+    # model_version was chosen by the rollout's split (not pinned by the caller): the
+    # worker call goes to it the way a split call would, mirror included.
+    is_version_routed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,17 +95,29 @@ class _Generated:
     num_tokens: int = 0  # tokens the worker has generated for the request so far
 
 
+@dataclass(slots=True)
+class _Caching:
+    """A request whose answer goes into the response cache once it finishes."""
+
+    key: cache_pb2.CacheKey
+    lease_id: str  # empty: no lease (the cache was down, or the wait ran out)
+    chunks: list[str] = field(default_factory=list)  # the text as streamed
+    is_done: bool = False  # stored (or not worth storing): nothing to release
+
+
 class Pipeline:
     def __init__(self, *, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
                  worker: worker_pb2_grpc.WorkerStub, rpc_timeout_s: float,
                  admission: Admission | None = None, affinity: Affinity | None = None,
-                 safety: SafetyGate | None = None) -> None:
+                 safety: SafetyGate | None = None, cache: ResponseCache | None = None
+                 ) -> None:
         self.tokenizer = tokenizer
         self.safety = safety  # None: no prompt checks, no output moderation
         self.worker = worker
         self.rpc_timeout_s = rpc_timeout_s
         self.admission = admission  # None: no token budgets
         self.affinity = affinity or Affinity()
+        self.cache = cache  # None: no response cache
 
     async def prompt_ids(self, req: PipelineRequest) -> list[int]:
         try:
@@ -118,6 +144,20 @@ class Pipeline:
         req, prompt_ids = await self._checked_prompt(req)
         if not prompt_ids:
             raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt has no tokens")
+        caching = None
+        if self.cache is not None and not req.skip_cache and is_cacheable(req.params):
+            if not req.model_version:
+                req = dataclasses.replace(req, model_version=await self._routed_version(
+                    req, prompt_ids), is_version_routed=True)
+            key = cache_key(tenant=req.tenant, model=req.model, version=req.model_version,
+                            prompt_ids=prompt_ids, params=req.params)
+            found = await self.cache.lookup(key, deadline_s=timeout_s)
+            if found.answer is not None:
+                # A replay: no inference, no budget.
+                for event in _replay(req, len(prompt_ids), found.answer):
+                    yield event
+                return
+            caching = _Caching(key, found.lease_id)
         # A negative max_tokens is refused by the worker (INVALID_ARGUMENT), after which
         # the reservation is refunded.
         max_tokens = max(req.params.max_tokens or DEFAULT_MAX_TOKENS, 0)
@@ -127,11 +167,44 @@ class Pipeline:
         try:
             async for event in self._generate(req, prompt_ids, generated, timeout_s=timeout_s,
                                               t0=t0):
+                if caching is not None:
+                    await self._keep(caching, event)
                 yield event
         finally:
+            if caching is not None and caching.lease_id and not caching.is_done:
+                assert self.cache is not None
+                self.cache.release_soon(caching.key, caching.lease_id)
             if reservation is not None:
                 # Refund what the request did not use, however it ended.
                 await reservation.settle(len(prompt_ids) + generated.num_tokens)
+
+    async def _keep(self, caching: _Caching, event: Event) -> None:
+        """Collect the answer; on a complete finish, store it (before the client hears of
+        the finish, so that a caller who repeats the request at once finds it)."""
+        assert self.cache is not None
+        if isinstance(event, TextChunk):
+            caching.chunks.append(event.text)
+        elif isinstance(event, Finished):
+            caching.is_done = True
+            if event.finish_reason in (common_pb2.FINISH_REASON_STOP,
+                                       common_pb2.FINISH_REASON_LENGTH):
+                text = "".join(caching.chunks)
+                await self.cache.store(caching.key, cache_pb2.CachedAnswer(
+                    text=text, finish_reason=event.finish_reason, usage=event.usage,
+                    text_chunks=caching.chunks), lease_id=caching.lease_id)
+            elif caching.lease_id:
+                self.cache.release_soon(caching.key, caching.lease_id)
+
+    async def _routed_version(self, req: PipelineRequest, prompt_ids: list[int]) -> str:
+        """The version the rollout's split picks for this request: a stats call through
+        the same route and headers as Generate answers with the version it reached."""
+        try:
+            stats = await self.worker.GetStats(
+                worker_pb2.GetStatsRequest(), timeout=self.rpc_timeout_s,
+                metadata=self._worker_metadata(req, prompt_ids))
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, "worker") from None
+        return stats.model_version
 
     async def _checked_prompt(self, req: PipelineRequest) -> tuple[PipelineRequest, list[int]]:
         """The request as it may go to the model, and its token ids. The check and the
@@ -163,7 +236,8 @@ class Pipeline:
                          ) -> tuple[tuple[str, str], ...]:
         pairs = [(metadata.REQUEST_ID, req.request_id)]
         if req.model_version:
-            pairs.append((metadata.MODEL_VERSION, req.model_version))
+            pairs.append((metadata.ROUTED_VERSION if req.is_version_routed
+                          else metadata.MODEL_VERSION, req.model_version))
         key = prefix_key(req.tenant, prompt_ids, block_size=self.affinity.block_size,
                          max_blocks=self.affinity.max_blocks)
         if key is not None:
@@ -245,6 +319,18 @@ class Pipeline:
                 "request_id": req.request_id, "prompt_tokens": len(prompt_ids),
                 "completion_tokens": generated.num_tokens, "ttft_ms": round(ttft_ms or 0.0, 2),
                 "ms": round((time.perf_counter() - t0) * 1e3, 1)})
+
+
+def _replay(req: PipelineRequest, prompt_tokens: int, answer: cache_pb2.CachedAnswer
+            ) -> list[Event]:
+    """A cached answer as the events of a live generation, its usage marked cached."""
+    usage = common_pb2.Usage()
+    usage.CopyFrom(answer.usage)
+    usage.response_cached = True
+    chunks = list(answer.text_chunks) or [answer.text]
+    return [Started(req.request_id, req.model, req.model_version, prompt_tokens,
+                    req.messages if req.prompt is None else ()),
+            *(TextChunk(c) for c in chunks if c), Finished(answer.finish_reason, usage)]
 
 
 async def _detokenize(call: grpc.aio.StreamStreamCall,

@@ -9,13 +9,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
-from genmesh.models.chat_template import ChatMessage
 from genmesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.common import metadata
 from services.frontend.admission import Admission, AdmissionPolicy
+from services.frontend.batch import BatchRun
 from services.frontend.catalog import ModelCatalog
 from services.frontend.chat import ChatSession
 from services.frontend.errors import PipelineError
+from services.frontend.jobs import JobConflict, JobQueue, JobRecord, JobStoreUnavailable
 from services.frontend.pipeline import (
     Event,
     Finished,
@@ -24,34 +25,29 @@ from services.frontend.pipeline import (
     Started,
     TextChunk,
 )
+from services.frontend.requests import generate_whole, pipeline_request
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, *, pipeline: Pipeline, catalog: ModelCatalog, max_generation_s: float,
-                 max_session_turns: int, admission: Admission | None = None) -> None:
+                 max_session_turns: int, admission: Admission | None = None,
+                 jobs: JobQueue | None = None, max_batch_inflight: int = 8) -> None:
         self.pipeline = pipeline
         self.admission = admission or Admission(AdmissionPolicy(tenants={}), None)
         self.catalog = catalog
         self.max_generation_s = max_generation_s
         self.max_session_turns = max_session_turns
+        self.jobs = jobs  # None: no job store (no Redis): the job calls are UNAVAILABLE
+        self.max_batch_inflight = max_batch_inflight
 
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> generation_pb2.GenerateResponse:
-        reply = generation_pb2.GenerateResponse()
-        parts = []
-        async for event in self._events(request, context, common_pb2.PRIORITY_NORMAL):
-            if isinstance(event, Started):
-                reply.model = event.model
-                reply.model_version = event.model_version
-                reply.request_id = event.request_id
-            elif isinstance(event, TextChunk):
-                parts.append(event.text)
-            elif isinstance(event, Finished):
-                reply.finish_reason = event.finish_reason
-                reply.usage.CopyFrom(event.usage)
-                reply.finish_detail = event.detail
-        reply.text = "".join(parts)
-        return reply
+        try:
+            req = self._pipeline_request(request, context, common_pb2.PRIORITY_NORMAL)
+            return await generate_whole(self.pipeline, req, timeout_s=self._timeout(context))
+        except PipelineError as exc:
+            await context.abort(exc.code, exc.message)
+            raise  # unreachable: abort raises
 
     async def GenerateStream(self, request: generation_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext
@@ -94,6 +90,96 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             await context.abort(exc.code, exc.message)
             raise  # unreachable: abort raises
 
+    async def GenerateBatch(self, request_iterator: AsyncIterator[generation_pb2.BatchRequest],
+                            context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[generation_pb2.BatchResult]:
+        try:
+            tenant = self.admission.tenant(context.invocation_metadata())
+        except PipelineError as exc:
+            await context.abort(exc.code, exc.message)
+        run = BatchRun(pipeline=self.pipeline, catalog=self.catalog, tenant=tenant,
+                       max_inflight=self.max_batch_inflight, timeout_s=self.max_generation_s,
+                       new_request_id=lambda: uuid.uuid4().hex)
+        async for result in run.run(request_iterator):
+            yield result
+
+    async def SubmitJob(self, request: generation_pb2.SubmitJobRequest,
+                        context: grpc.aio.ServicerContext) -> generation_pb2.Job:
+        try:
+            jobs = self._job_store()
+            tenant = self.admission.tenant(context.invocation_metadata())
+            # Refuse what cannot run now, not after the job was queued.
+            pipeline_request(request.request, catalog=self.catalog, tenant=tenant,
+                             request_id="", priority=common_pb2.PRIORITY_BATCH)
+            record = await jobs.submit(request.job_id or uuid.uuid4().hex, tenant,
+                                       request.request.SerializeToString())
+            return record.to_proto()
+        except PipelineError as exc:
+            await context.abort(exc.code, exc.message)
+        except ValueError as exc:  # a malformed job id
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except JobConflict as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except JobStoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _store_down(exc))
+        raise AssertionError("unreachable: abort raises")
+
+    async def GetJob(self, request: generation_pb2.JobRef,
+                     context: grpc.aio.ServicerContext) -> generation_pb2.Job:
+        record = await self._own_job(request.job_id, context)
+        return record.to_proto()
+
+    async def WatchJob(self, request: generation_pb2.JobRef,
+                       context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[generation_pb2.Job]:
+        await self._own_job(request.job_id, context)
+        assert self.jobs is not None
+        try:
+            async for record in self.jobs.watch(request.job_id,
+                                                timeout_s=self._timeout(context)):
+                yield record.to_proto()
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                "the job did not end within the call's deadline; watch again")
+        except JobStoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _store_down(exc))
+
+    async def CancelJob(self, request: generation_pb2.JobRef,
+                        context: grpc.aio.ServicerContext) -> generation_pb2.Job:
+        await self._own_job(request.job_id, context)
+        assert self.jobs is not None
+        try:
+            record = await self.jobs.cancel(request.job_id)
+        except JobStoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _store_down(exc))
+        if record is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r}")
+            raise AssertionError("unreachable: abort raises")
+        return record.to_proto()
+
+    def _job_store(self) -> JobQueue:
+        if self.jobs is None:
+            raise PipelineError(grpc.StatusCode.UNAVAILABLE,
+                                "async jobs need a job store: this deployment names no "
+                                "redis_url")
+        return self.jobs
+
+    async def _own_job(self, job_id: str, context: grpc.aio.ServicerContext) -> JobRecord:
+        """The caller's job; NOT_FOUND for an unknown, expired or another tenant's job."""
+        try:
+            jobs = self._job_store()
+            tenant = self.admission.tenant(context.invocation_metadata())
+            record = await jobs.get(job_id) if job_id else None
+        except PipelineError as exc:
+            await context.abort(exc.code, exc.message)
+        except JobStoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _store_down(exc))
+        if record is None or record.tenant != tenant:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no job {job_id!r} (unknown, expired, or not yours)")
+            raise AssertionError("unreachable: abort raises")
+        return record
+
     async def _events(self, request: generation_pb2.GenerateRequest,
                       context: grpc.aio.ServicerContext,
                       priority: common_pb2.Priority) -> AsyncGenerator[Event, None]:
@@ -109,28 +195,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def _pipeline_request(self, request: generation_pb2.GenerateRequest,
                           context: grpc.aio.ServicerContext,
                           priority: common_pb2.Priority) -> PipelineRequest:
-        model, version = self.catalog.resolve(request.model, request.model_version)
-        kind = request.WhichOneof("input")
-        messages: tuple[ChatMessage, ...] = ()
-        if kind == "prompt" and request.prompt:
-            prompt = request.prompt
-        elif kind == "chat" and request.chat.messages:
-            prompt = None
-            messages = tuple(ChatMessage(m.role, m.content) for m in request.chat.messages)
-        else:
-            raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT,
-                                "set a non-empty prompt or chat.messages")
-        return PipelineRequest(
-            request_id=request.request_id or _edge_request_id(context) or uuid.uuid4().hex,
-            model=model, model_version=version, prompt=prompt, messages=messages,
-            params=request.params, priority=priority,
-            tenant=self.admission.tenant(context.invocation_metadata()))
+        return pipeline_request(
+            request, catalog=self.catalog, priority=priority,
+            tenant=self.admission.tenant(context.invocation_metadata()),
+            request_id=_edge_request_id(context) or uuid.uuid4().hex)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         """The caller's remaining deadline, capped by the longest generation allowed."""
         remaining = context.time_remaining()
         return self.max_generation_s if remaining is None else min(remaining,
                                                                    self.max_generation_s)
+
+
+def _store_down(exc: JobStoreUnavailable) -> str:
+    return f"the job store is unavailable ({exc}); retry shortly"
 
 
 def _edge_request_id(context: grpc.aio.ServicerContext) -> str:

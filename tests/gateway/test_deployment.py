@@ -80,8 +80,21 @@ def test_tenant_routes_stamp_the_tenant_drop_the_key_and_carry_the_limits():
 
 
 def worker_route(dep: deployment.Deployment) -> dict:
+    """The split route: Generate without a pinned or routed version."""
     return next(r for r in mesh_routes(dep)
-                if r["match"]["prefix"] == "/genmesh.v1.Worker/Generate")
+                if r["match"]["prefix"] == "/genmesh.v1.Worker/Generate"
+                and "headers" not in r["match"])
+
+
+def test_routed_generate_goes_to_its_version_and_keeps_the_mirror():
+    dep = local().with_rollout(Rollout(primary="v1", candidate="v2", canary_percent=50,
+                                       shadow_percent=20))
+    routed = {r["match"]["headers"][0]["string_match"]["exact"]: r["route"]
+              for r in mesh_routes(dep) if r["match"]["prefix"] == "/genmesh.v1.Worker/Generate"
+              and r["match"].get("headers", [{}])[0].get("name") == "x-genmesh-routed-version"}
+    assert {v: r["cluster"] for v, r in routed.items()} == {"v1": "worker-v1", "v2": "worker-v2"}
+    assert all(r["request_mirror_policies"][0]["cluster"] == "worker-v2"
+               for r in routed.values())
 
 
 def test_worker_routes_split_mirror_and_hash_by_the_rollout():
@@ -96,7 +109,8 @@ def test_worker_routes_split_mirror_and_hash_by_the_rollout():
     assert mirror["runtime_fraction"]["default_value"] == {"numerator": 2000,
                                                           "denominator": "TEN_THOUSAND"}
     assert route["hash_policy"] == [{"header": {"header_name": "x-genmesh-prefix-key"}}]
-    pinned = [r for r in mesh_routes(dep) if "headers" in r["match"]]
+    pinned = [r for r in mesh_routes(dep)
+              if r["match"].get("headers", [{}])[0].get("name") == "x-genmesh-model-version"]
     assert [(r["match"]["headers"][0]["string_match"]["exact"], r["route"]["cluster"])
             for r in pinned] == [("v1", "worker-v1"), ("v2", "worker-v2")]
     clusters = {c["name"]: c for c in build_bootstrap(dep)["static_resources"]["clusters"]}

@@ -57,7 +57,7 @@ def deployment_yaml() -> dict:
             "v1": {"workers": ["127.0.0.1:1"], "dtype": "float32"},
             "v2": {"workers": ["127.0.0.1:2"], "dtype": "bfloat16"}}},
         "services": {"frontend": ["127.0.0.1:3"], "tokenizer": ["127.0.0.1:4"],
-                     "ratelimit": ["127.0.0.1:5"]},
+                     "ratelimit": ["127.0.0.1:5"], "cache": ["127.0.0.1:7"]},
         "redis_url": "redis://127.0.0.1:6/0",
         "rollout": {"primary": "v1", "candidate": "v2"},
         "tenants": {
@@ -374,6 +374,26 @@ def test_promote_then_rollback(gw):
     time.sleep(0.5)
     with gw.client("beta") as c:
         assert c.generate("hi", max_tokens=1).model_version == "v1"
+
+
+def test_the_response_cache_never_serves_the_other_versions_answer(gw):
+    prompt = f"Name a fruit. ({uuid.uuid4().hex[:8]})"
+
+    def ask() -> tuple[str, bool]:
+        with gw.client("beta") as c:
+            r = c.generate(prompt, max_tokens=6)
+        return r.model_version, r.usage.response_cached
+
+    assert [ask(), ask()] == [("v1", False), ("v1", True)]
+    promoted = apply_change(gw.dep, Rollout(primary="v2", candidate="v1", previous_primary="v1"),
+                            gw.run_dir)
+    time.sleep(0.5)
+    try:
+        assert [ask(), ask()] == [("v2", False), ("v2", True)]  # v2's own answer, then kept
+    finally:
+        apply_change(promoted, Rollout(primary="v1", candidate="v2"), gw.run_dir)
+    time.sleep(0.5)
+    assert ask() == ("v1", True)  # rolled back: v1's answer, never v2's
 
 
 def test_an_invalid_change_is_refused_and_traffic_keeps_flowing(gw):

@@ -3,9 +3,11 @@
 One token budget per step covers prefill chunks and decodes alike: a request is owed
 ``num_tokens - num_computed_tokens`` tokens and gets as many as the budget allows.
 Running requests are served first, in priority order; waiting ones are admitted after
-them. When the block pool runs dry, the lowest-priority, latest-arriving running
-request is preempted by recompute (its blocks freed, its progress reset); its cached
-full blocks usually let it resume cheaply.
+them. A waiting request of a higher class than some running ones (an online call behind
+batch work) gets its first step without them: its prefill is not slowed by their
+decodes, which resume the step after. When the block pool runs dry, the lowest-priority,
+latest-arriving running request is preempted by recompute (its blocks freed, its progress
+reset); its cached full blocks usually let it resume cheaply.
 """
 
 from __future__ import annotations
@@ -94,9 +96,13 @@ class Scheduler:
         self.running.sort(key=_order)
 
         # 1. Running requests, most important first; make room by preempting the least.
+        # Those of a lower class than an urgent newcomer sit this step out.
+        cutoff = self._urgent_priority()
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if cutoff is not None and req.priority > cutoff:
+                break  # sorted: everything from here on is of a lower class
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while self.blocks.allocate(req, num_new) is None:
                 victim = self.running[-1]
@@ -143,6 +149,21 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(req, num_cached, num_new))
             budget -= num_new
         return out
+
+    def _urgent_priority(self) -> int | None:
+        """The class of the first waiting request when it is more important than some
+        running request and can be admitted now (a free sequence slot and the blocks for
+        its prompt), else None."""
+        if not self.waiting or not self.running:
+            return None
+        req = self.waiting[0]
+        if req.priority >= max(r.priority for r in self.running):
+            return None
+        if len(self.running) >= self.max_num_seqs:
+            return None
+        if self.blocks.blocks_needed(req.num_tokens) > self.blocks.num_free_blocks:
+            return None
+        return int(req.priority)
 
     def _lower_than(self, req: Request) -> list[Request]:
         """Running requests of a strictly lower class than ``req``, least important first."""

@@ -25,10 +25,10 @@ from tests.procs import REPO_ROOT
 def test_status_of_the_running_mesh_is_all_serving(mesh, capsys):
     assert genmesh(["status", "--run-dir", str(mesh.config.run_dir)]) == 0
     table = capsys.readouterr().out
-    for name in ("redis", "ratelimit", "tokenizer", "safety", "worker-v1", "frontend",
+    for name in ("redis", "ratelimit", "tokenizer", "safety", "cache", "worker-v1", "frontend",
                  "envoy"):
         assert f"{name} " in table
-    assert table.count("NOT SERVING") == 0 and table.count("SERVING") == 7
+    assert table.count("NOT SERVING") == 0 and table.count("SERVING") == 8
 
 
 def test_status_without_a_mesh_says_how_to_start_one(tmp_path, capsys):
@@ -58,8 +58,8 @@ def test_missing_redis_names_the_fix(tmp_path, monkeypatch):
 
 def test_plan_renders_a_valid_envoy_config_and_orders_the_processes(tmp_path):
     specs = plan(MeshConfig(run_dir=tmp_path))
-    assert [s.name for s in specs] == ["redis", "ratelimit", "tokenizer", "safety", "worker-v1",
-                                       "worker-v2", "frontend", "envoy"]
+    assert [s.name for s in specs] == ["redis", "ratelimit", "tokenizer", "safety", "cache",
+                                       "worker-v1", "worker-v2", "frontend", "envoy"]
     assert (tmp_path / "envoy.yaml").exists()
     assert sorted(p.name for p in (tmp_path / "xds").iterdir()) == [
         "clusters.yaml", "listeners.yaml", "routes-edge.yaml", "routes-mesh.yaml"]
@@ -72,9 +72,12 @@ def test_plan_renders_a_valid_envoy_config_and_orders_the_processes(tmp_path):
 
 def test_plan_without_redis_keeps_local_limits_only(tmp_path):
     specs = plan(MeshConfig(run_dir=tmp_path, with_redis=False, versions=("v1",)))
-    assert [s.name for s in specs] == ["tokenizer", "safety", "worker-v1", "frontend", "envoy"]
+    assert [s.name for s in specs] == ["tokenizer", "safety", "cache", "worker-v1", "frontend",
+                                       "envoy"]
     safety = next(s for s in specs if s.name == "safety")
     assert "--audit-file" in safety.argv  # no Redis: audit records go to a JSONL file
+    cache = next(s for s in specs if s.name == "cache")
+    assert "--redis-url" not in cache.argv  # no Redis: the cache keeps answers in memory
     routes = (tmp_path / "xds" / "routes-edge.yaml").read_text()
     assert "tenant_dev" in routes and "rate_limits" not in routes
 
@@ -123,7 +126,7 @@ def test_genmesh_up_serves_then_ctrl_c_stops_every_process(tmp_path):
             proc.kill()
     assert proc.returncode == 0, err
     assert "stopped" in err
-    assert sum(" SERVING" in line for line in lines) == 8  # deploy/local.yaml: two versions
+    assert sum(" SERVING" in line for line in lines) == 9  # deploy/local.yaml: two versions
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -158,3 +158,26 @@ def test_full_sequence_slots_let_interactive_preempt_batch():
     out = s.schedule()
     assert [r.request_id for r in out.preempted] == ["b2"]
     assert plan(out) == [("b1", 4, 1), ("chat", 0, 4)]
+
+
+def test_an_online_request_behind_batch_work_gets_its_first_step_alone():
+    s = make(num_blocks=40, budget=32)
+    s.add(req("b1", 4, max_tokens=20, priority=Priority.BATCH))
+    s.add(req("b2", 4, max_tokens=20, priority=Priority.BATCH, start=50, arrival=1))
+    run_step(s)
+    assert plan(run_step(s)) == [("b1", 4, 1), ("b2", 4, 1)]
+    s.add(req("online", 6, priority=Priority.INTERACTIVE, start=100, arrival=2))
+    assert plan(run_step(s)) == [("online", 0, 6)]  # the batch decodes sit this one out
+    assert plan(run_step(s)) == [("online", 6, 1), ("b1", 5, 1), ("b2", 5, 1)]
+
+
+def test_a_newcomer_that_cannot_be_admitted_does_not_stall_the_batch():
+    s = make(num_blocks=4, budget=32)  # 16 tokens of KV in all
+    s.add(req("b1", 8, max_tokens=20, priority=Priority.BATCH))
+    run_step(s)
+    s.add(req("online", 12, priority=Priority.INTERACTIVE, start=100, arrival=1))
+    # Its prompt does not fit the free blocks: no urgent step, the usual rules apply (the
+    # batch request is preempted to make room).
+    assert s._urgent_priority() is None
+    out = run_step(s)
+    assert plan(out) == [("online", 0, 12)] and [r.request_id for r in out.preempted] == ["b1"]

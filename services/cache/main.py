@@ -1,0 +1,48 @@
+"""Entry point: ``python -m services.cache.main [--flags]`` (or GENMESH_CACHE_* env)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from genmesh.v1 import cache_pb2, cache_pb2_grpc
+from services.cache.config import CacheConfig, load_config
+from services.cache.servicer import CacheServicer
+from services.cache.store import AnswerStore, MemoryStore, StoreLimits, redis_store
+from services.common.server import serve, setup_json_logging
+
+log = logging.getLogger("genmesh.cache")
+
+
+def answer_store(cfg: CacheConfig) -> AnswerStore:
+    max_bytes = cfg.max_memory_mb * 2**20
+    limits = StoreLimits(max_bytes=max_bytes,
+                         max_entry_bytes=min(cfg.max_entry_kb * 2**10, max_bytes),
+                         default_ttl_s=cfg.default_ttl_s, default_lease_ms=cfg.default_lease_ms)
+    if cfg.redis_url:
+        return redis_store(cfg.redis_url, limits, timeout_s=cfg.redis_timeout_s)
+    return MemoryStore(limits)
+
+
+async def run(cfg: CacheConfig) -> None:
+    store = answer_store(cfg)
+    servicer = CacheServicer(store)
+    log.info("cache store ready", extra={"store": store.name, "max_memory_mb": cfg.max_memory_mb,
+                                         "default_ttl_s": cfg.default_ttl_s})
+    await serve(name="genmesh.cache", address=cfg.address,
+                register=lambda s: cache_pb2_grpc.add_CacheServicer_to_server(servicer, s),
+                service_names=[cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name],
+                grace_s=cfg.shutdown_grace_s, on_stop=store.close)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(argv, os.environ)
+    setup_json_logging("genmesh.cache", cfg.log_level)
+    asyncio.run(run(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""GenerateBatch and `genmesh batch` end to end through Envoy (the session's mesh): results
+tagged with the client's ids, bad items failing alone, batch work yielding to online
+traffic, and a resumable CLI."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from genmesh.cli import main as genmesh
+from genmesh.client import BatchItem, Client
+
+ONLINE_PROMPT = "Count to 3."  # its first token is text (some prompts end at once)
+
+
+def ttft_ms(client: Client) -> float:
+    t0 = time.perf_counter()
+    for chunk in client.generate_stream(ONLINE_PROMPT, max_tokens=4, skip_cache=True):
+        if chunk.text:
+            return (time.perf_counter() - t0) * 1e3
+    raise AssertionError("the stream produced no text")
+
+
+def test_results_come_tagged_with_the_clients_ids_and_bad_items_fail_alone(mesh):
+    items = [BatchItem(f"q{i}", prompt=f"Count to {i}.", params={"max_tokens": 6})
+             for i in range(6)]
+    items += [BatchItem("", prompt="no id"),
+              BatchItem("bad-params", prompt="x", params={"max_tokens": -1}),
+              BatchItem("chat", messages=[{"role": "user", "content": "Hi!"}],
+                        params={"max_tokens": 4})]
+    with Client(mesh.edge_address, timeout_s=120) as client:
+        results = {r.id: r for r in client.generate_batch(items)}
+    assert set(results) == {f"q{i}" for i in range(6)} | {"", "bad-params", "chat"}
+    assert all(results[f"q{i}"].completion is not None for i in range(6))
+    assert results["chat"].completion is not None and results["chat"].completion.text
+    for bad in ("", "bad-params"):
+        error = results[bad].error
+        assert error is not None and error.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_batch_of_200_leaves_online_ttft_within_twice_its_unloaded_value(mesh):
+    with Client(mesh.edge_address, timeout_s=300) as client:
+        ttft_ms(client)  # warm up
+        unloaded = statistics.median(ttft_ms(client) for _ in range(7))
+        items = [BatchItem(f"b{i}", prompt=f"Write a haiku about the number {i}.",
+                           params={"max_tokens": 16}) for i in range(200)]
+        results: list = []
+        batch = threading.Thread(target=lambda: results.extend(client.generate_batch(items)))
+        batch.start()
+        time.sleep(1.0)  # the batch is running at full width
+        loaded = []
+        while batch.is_alive() and len(loaded) < 7:
+            loaded.append(ttft_ms(client))
+            time.sleep(0.2)
+        batch.join(timeout=300)
+    print(f"online TTFT p50: unloaded {unloaded:.0f} ms, beside the batch "
+          f"{statistics.median(loaded):.0f} ms ({len(loaded)} calls)")
+    assert not batch.is_alive()
+    assert len(results) == 200 and all(r.error is None for r in results)
+    assert len(loaded) >= 5, "the batch ended before the online calls were measured"
+    assert statistics.median(loaded) <= 2 * unloaded, (unloaded, loaded)
+
+
+def test_the_cli_resumes_where_it_stopped(mesh, tmp_path: Path, capsys):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}.",
+                                          "params": {"max_tokens": 4}}) + "\n"
+                              for i in range(6)))
+    # A previous run finished p0 and p1, failed p2, and was killed mid-line.
+    out.write_text(json.dumps({"id": "p0", "text": "zero"}) + "\n"
+                   + json.dumps({"id": "p1", "text": "one"}) + "\n"
+                   + json.dumps({"id": "p2", "error": {"code": "UNAVAILABLE"}}) + "\n"
+                   + '{"id": "p3", "te')
+    argv = ["batch", str(source), "-o", str(out), "--address", mesh.edge_address,
+            "--no-progress"]
+    assert genmesh(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == [f"p{i}" for i in range(6)]
+    assert rows[0] == {"id": "p0", "text": "zero"}  # kept, not rerun
+    assert all("error" not in r for r in rows)
+    assert "4 done, 0 failed" in capsys.readouterr().err
+    assert genmesh(argv) == 0  # nothing left to do
+    assert "0 done, 0 failed" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 6
+
+
+def test_the_cli_names_a_bad_input_line(tmp_path: Path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "ok"}\n{"prompt": "a", "messages": []}\n')
+    assert genmesh(["batch", str(source), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert "in.jsonl:2: give exactly one of prompt or messages" in capsys.readouterr().err
