@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from genmesh.commands import batch, bench, client, engine, mesh, models, rollout, safety
+from genmesh.commands import batch, bench, cache, client, engine, mesh, models, rollout, safety
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     mesh.register(sub)
     client.register(sub)
     batch.register(sub)
+    cache.register(sub)
     rollout.register(sub)
     safety.register(sub)
     return parser

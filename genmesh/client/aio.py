@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -63,6 +63,60 @@ class AsyncClient:
              **params: Any) -> AsyncChatSession:
         return AsyncChatSession(self, t.start_request(model, model_version, system_prompt,
                                                       params))
+
+    async def generate_batch(self, items: Iterable[t.BatchItem] | AsyncIterable[t.BatchItem],
+                             *, model: str = "", model_version: str = ""
+                             ) -> AsyncIterator[t.BatchResult]:
+        """Results as they finish (in any order), one per item; see ``Client``."""
+        async def requests() -> AsyncIterator[generation_pb2.BatchRequest]:
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    yield t.batch_request(item, model=model, model_version=model_version)
+            else:
+                for item in items:
+                    yield t.batch_request(item, model=model, model_version=model_version)
+
+        call = self.stub.GenerateBatch(requests(), timeout=self.timeout_s,
+                                       metadata=self.metadata)
+        try:
+            async for reply in call:
+                yield t.batch_result_from_proto(reply)
+        except grpc.aio.AioRpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    async def submit_job(self, prompt: str | None = None, *,
+                         messages: list[dict[str, str]] | None = None, job_id: str = "",
+                         model: str = "", model_version: str = "", **params: Any) -> t.Job:
+        req = t.generate_request(prompt, messages, model=model, model_version=model_version,
+                                 request_id="", params=params)
+        return await self._job_call(self.stub.SubmitJob, generation_pb2.SubmitJobRequest(
+            job_id=job_id, request=req))
+
+    async def get_job(self, job_id: str) -> t.Job:
+        return await self._job_call(self.stub.GetJob, generation_pb2.JobRef(job_id=job_id))
+
+    async def cancel_job(self, job_id: str) -> t.Job:
+        return await self._job_call(self.stub.CancelJob, generation_pb2.JobRef(job_id=job_id))
+
+    async def watch_job(self, job_id: str) -> AsyncIterator[t.Job]:
+        call = self.stub.WatchJob(generation_pb2.JobRef(job_id=job_id), timeout=self.timeout_s,
+                                  metadata=self.metadata)
+        try:
+            async for reply in call:
+                yield t.job_from_proto(reply)
+        except grpc.aio.AioRpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    async def _job_call(self, method: Any, request: Any) -> t.Job:
+        try:
+            return t.job_from_proto(await method(request, timeout=self.timeout_s,
+                                                 metadata=self.metadata))
+        except grpc.aio.AioRpcError as exc:
+            raise t.GenmeshError.from_rpc(exc) from None
 
     async def list_models(self) -> list[t.ModelInfo]:
         try:

@@ -161,10 +161,12 @@ class Pipeline:
         # A negative max_tokens is refused by the worker (INVALID_ARGUMENT), after which
         # the reservation is refunded.
         max_tokens = max(req.params.max_tokens or DEFAULT_MAX_TOKENS, 0)
-        reservation = (None if self.admission is None
-                       else await self.admission.reserve(req.tenant, len(prompt_ids) + max_tokens))
+        reservation = None
         generated = _Generated()
         try:
+            if self.admission is not None:
+                reservation = await self.admission.reserve(req.tenant,
+                                                           len(prompt_ids) + max_tokens)
             async for event in self._generate(req, prompt_ids, generated, timeout_s=timeout_s,
                                               t0=t0):
                 if caching is not None:

@@ -3,12 +3,14 @@ Redis, worker), called through Envoy's edge listener."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
+from genmesh.cli import main as genmesh
 from genmesh.client import Client
 from genmesh.v1 import cache_pb2, cache_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.conftest import OTHER_API_KEY
@@ -115,3 +117,17 @@ def test_twenty_identical_concurrent_requests_run_one_inference(mesh, client):
     assert generated_tokens(mesh) - before_tokens == live[0].usage.completion_tokens
     assert after.num_leases - before.num_leases == 1
     assert after.num_shared - before.num_shared + after.num_hits - before.num_hits >= 19
+
+
+def test_genmesh_cache_stats_and_invalidate_a_tenant(mesh, capsys):
+    prompt = fresh_prompt()
+    with Client(mesh.edge_address, timeout_s=120, api_key=OTHER_API_KEY) as other:
+        other.generate(prompt, max_tokens=6)
+        assert other.generate(prompt, max_tokens=6).usage.response_cached
+        address = mesh.config.mesh_address
+        assert genmesh(["cache", "invalidate", "--tenant", "other", "--address", address]) == 0
+        assert "removed" in capsys.readouterr().out
+        assert not other.generate(prompt, max_tokens=6).usage.response_cached
+    assert genmesh(["cache", "stats", "--address", address]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["store"] == "redis" and int(stats["numHits"]) > 0
