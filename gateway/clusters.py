@@ -41,14 +41,16 @@ MAX_PENDING_REQUESTS = 4096
 MAX_REQUESTS = 4096
 
 
-def cluster(name: str, endpoints: Sequence[Endpoint], *, lb_policy: str = "ROUND_ROBIN"
-            ) -> dict[str, Any]:
+def cluster(name: str, endpoints: Sequence[Endpoint], *, lb_policy: str = "ROUND_ROBIN",
+            is_health_checked: bool = True) -> dict[str, Any]:
     """A gRPC cluster over ``endpoints``, load balanced by ``lb_policy`` (worker pools use
     RING_HASH: a route's hash policy then keeps a prompt prefix on one replica).
 
     STATIC when every host is an IP address (loopback, the local mesh); STRICT_DNS as soon
     as one is a name (docker-compose service names, Kubernetes headless services), which
     Envoy re-resolves and whose every address becomes an endpoint.
+    ``is_health_checked=False`` for what is not a genmesh service (a trace collector need
+    not serve the gRPC health service).
     """
     if not endpoints:
         raise ValueError(f"cluster {name!r} needs at least one endpoint")
@@ -71,10 +73,13 @@ def cluster(name: str, endpoints: Sequence[Endpoint], *, lb_policy: str = "ROUND
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": http2_protocol_options(),
         },
         "circuit_breakers": circuit_breakers(),
-        "health_checks": [grpc_health_check()],
-        "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
-        "outlier_detection": outlier_detection(),
     }
+    if is_health_checked:
+        config |= {
+            "health_checks": [grpc_health_check()],
+            "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+            "outlier_detection": outlier_detection(),
+        }
     return config
 
 

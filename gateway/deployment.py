@@ -125,6 +125,17 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Observability:
+    # host:port of an OTLP/gRPC trace collector (Jaeger, an OpenTelemetry Collector):
+    # Envoy's listeners and every service export spans there; "": no tracing, no cost.
+    otlp_endpoint: str = ""
+    trace_sample_percent: float = 100.0  # share of new traces kept, 0-100
+    # What an hour of a worker's device costs (USD): the workers estimate each request's
+    # cost from its share of the device's time; 0: no cost estimate.
+    price_per_device_hour: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Deployment:
     model: str  # the served model's name
     versions: tuple[ModelVersion, ...]
@@ -133,6 +144,7 @@ class Deployment:
     tenants: tuple[Tenant, ...] = ()
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     limits: Limits = field(default_factory=Limits)
+    observability: Observability = field(default_factory=Observability)
     redis_url: str | None = None  # counters, budgets, rollout records; None: none of them
     # The worker route hashes the prompt's first full KV blocks (this many, of this many
     # tokens) so prompts sharing a prefix reach the replica that caches it.
@@ -183,6 +195,18 @@ def check(dep: Deployment) -> list[str]:
         problems.append("services.frontend has no address")
     if not dep.services.tokenizer:
         problems.append("services.tokenizer has no address")
+    o = dep.observability
+    if o.otlp_endpoint:
+        try:
+            parse_endpoint(o.otlp_endpoint)
+        except DeploymentError as exc:
+            problems.append(f"observability.otlp_endpoint: {exc}")
+    if not 0 <= o.trace_sample_percent <= 100:
+        problems.append(f"observability.trace_sample_percent must be 0-100, got "
+                        f"{o.trace_sample_percent}")
+    if o.price_per_device_hour < 0:
+        problems.append(f"observability.price_per_device_hour must be >= 0, got "
+                        f"{o.price_per_device_hour}")
     for name in ("cache_ttl_s", "cache_max_memory_mb", "cache_timeout_s", "job_claim_timeout_s",
                  "job_result_ttl_s", "max_running_jobs", "max_batch_inflight"):
         if getattr(dep.limits, name) <= 0:
@@ -265,7 +289,7 @@ def from_dict(data: Mapping[str, Any], environ: Mapping[str, str] | None = None)
 
 def _from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Deployment:
     _known(data, "deployment", {"model", "services", "rollout", "tenants", "gateway", "limits",
-                                "redis_url"})
+                                "observability", "redis_url"})
     model = data["model"]
     _known(model, "model", {"name", "versions", "prefix_affinity_blocks", "kv_block_size"})
     versions = tuple(
@@ -301,10 +325,18 @@ def _from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Deployment:
             limits[seconds] = float(limits[seconds])
     gateway = dict(data.get("gateway") or {})
     _known(gateway, "gateway", {f.name for f in dataclasses.fields(GatewaySettings)})
+    observability = dict(data.get("observability") or {})
+    _known(observability, "observability",
+           {f.name for f in dataclasses.fields(Observability)})
+    for number in ("trace_sample_percent", "price_per_device_hour"):
+        if number in observability:
+            observability[number] = float(observability[number])
+    if "otlp_endpoint" in observability:
+        observability["otlp_endpoint"] = expand(str(observability["otlp_endpoint"] or ""), env)
     return Deployment(
         model=str(model["name"]), versions=versions, rollout=Rollout(**rollout), services=svc,
         tenants=tuple(tenants), gateway=GatewaySettings(**gateway), limits=Limits(**limits),
-        redis_url=data.get("redis_url"),
+        observability=Observability(**observability), redis_url=data.get("redis_url"),
         prefix_affinity_blocks=int(model.get("prefix_affinity_blocks", 4)),
         kv_block_size=int(model.get("kv_block_size", 16)))
 
@@ -332,6 +364,7 @@ def to_dict(dep: Deployment) -> dict[str, Any]:
                              "tokens_per_minute": t.tokens_per_minute} for t in dep.tenants},
         "gateway": dataclasses.asdict(dep.gateway),
         "limits": limits,
+        "observability": dataclasses.asdict(dep.observability),
         "redis_url": dep.redis_url,
     }
 

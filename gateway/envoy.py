@@ -28,11 +28,12 @@ import yaml
 from gateway import ratelimits
 from gateway.clusters import cluster
 from gateway.core import socket_address, typed
-from gateway.deployment import Deployment, GatewaySettings
-from gateway.listeners import http_connection_manager, listener, route_config
+from gateway.deployment import Deployment, GatewaySettings, parse_endpoint
+from gateway.listeners import http_connection_manager, listener, otel_tracing, route_config
 from gateway.routes import edge_routes, mesh_routes
 
 VALIDATE_TIMEOUT_S = 30.0
+TRACE_COLLECTOR = "otlp"  # the cluster of the OTLP trace collector, when one is set
 NODE = {"id": "genmesh-gateway", "cluster": "genmesh"}
 
 
@@ -53,6 +54,9 @@ def clusters(dep: Deployment) -> list[dict[str, Any]]:
         if endpoints:
             out.append(cluster(name, endpoints))
     out += [cluster(v.cluster, v.workers, lb_policy="RING_HASH") for v in dep.versions]
+    if dep.observability.otlp_endpoint:
+        out.append(cluster(TRACE_COLLECTOR, (parse_endpoint(dep.observability.otlp_endpoint),),
+                           is_health_checked=False))
     return out
 
 
@@ -71,6 +75,10 @@ def resources(dep: Deployment, *, rds_dir: Path | None = None) -> Resources:
         routes = ({"route_config": config} if rds_dir is None
                   else {"rds": rds_subscription(name, rds_dir)})
         manager = _connection_manager(g, name, routes, filters)
+        if dep.observability.otlp_endpoint:
+            manager["tracing"] = otel_tracing(
+                f"genmesh-envoy-{name}", collector_cluster=TRACE_COLLECTOR,
+                sample_percent=dep.observability.trace_sample_percent)
         listeners.append(listener(name, host=g.host, port=port, manager=manager))
     return Resources(listeners, clusters(dep), configs)
 

@@ -38,6 +38,7 @@ def http_connection_manager(
     stream_idle_timeout_s: float,
     max_request_headers_kb: int,
     access_log: bool,
+    tracing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """HTTP/1.1 or HTTP/2 (gRPC) downstream, one virtual host matching any authority.
 
@@ -47,6 +48,7 @@ def http_connection_manager(
     ``max_request_bytes`` (None: unlimited) bounds the request body of each call.
     ``routes`` is ``{"route_config": {...}}`` (inline) or ``{"rds": {...}}`` (a
     subscription); ``extra_filters`` run before the router (the edge's rate limits).
+    ``tracing``: the HCM's tracing block (``otel_tracing``), or None for no spans.
     """
     http_filters = [*extra_filters, router_filter()]
     if max_request_bytes is not None:
@@ -76,7 +78,28 @@ def http_connection_manager(
         manager["local_reply_config"] = {"mappers": mappers}
     if access_log:
         manager["access_log"] = [json_access_log(name)]
+    if tracing is not None:
+        manager["tracing"] = tracing
     return manager
+
+
+def otel_tracing(service_name: str, *, collector_cluster: str, sample_percent: float
+                 ) -> dict[str, Any]:
+    """A span per call, exported over OTLP/gRPC to ``collector_cluster``. Envoy continues
+    the caller's W3C ``traceparent`` (or starts a trace, sampled at ``sample_percent``)
+    and sends its own span's context upstream, so the services' spans are its children.
+    No request or response body is ever recorded."""
+    return {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": typed(
+                "envoy.config.trace.v3.OpenTelemetryConfig",
+                grpc_service={"envoy_grpc": {"cluster_name": collector_cluster},
+                              "timeout": "1s"},
+                service_name=service_name),
+        },
+        "random_sampling": {"value": sample_percent},
+    }
 
 
 def route_config(name: str, routes: Sequence[dict[str, Any]]) -> dict[str, Any]:

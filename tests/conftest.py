@@ -103,6 +103,7 @@ def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     config = MeshConfig(**ports, model=DEFAULT_MODEL, versions=("v1",), dtype="float32",
                         kv_cache_gib=0.25, run_dir=run_dir, log_level="INFO",
                         deployment=mesh_deployment(run_dir / "test-deployment.yaml"),
+                        scrape_interval_s=1.0,
                         safety_policy=mesh_safety_policy(run_dir / "safety-policy.yaml"))
     supervisor = Supervisor(plan(config), run_dir=config.run_dir)
     supervisor.start()

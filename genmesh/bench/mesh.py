@@ -102,10 +102,13 @@ async def _levels(run_one: Any, bench: MeshBenchPlan) -> dict[str, dict[str, flo
     out, offset = {}, 0
     for c in bench.concurrency:
         timings: list[StreamTiming] = []
+        t0 = time.perf_counter()
         for _ in range(bench.rounds[c]):
             timings += await asyncio.gather(*(run_one(q) for q in questions(c, offset)))
             offset += c
-        out[str(c)] = summarize(timings)
+        wall_s = time.perf_counter() - t0
+        out[str(c)] = summarize(timings) | {
+            "tokens_per_s": round(c * bench.rounds[c] * bench.output_len / wall_s, 2)}
     return out
 
 
@@ -139,17 +142,20 @@ def in_process(model_dir: Path, dtype: str, kv_cache_gib: float, bench: MeshBenc
         engine.shutdown()
 
 
-def through_mesh(model: str, dtype: str, kv_cache_gib: float, bench: MeshBenchPlan
-                 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+def through_mesh(model: str, dtype: str, kv_cache_gib: float, bench: MeshBenchPlan, *,
+                 otlp_endpoint: str = "") -> tuple[dict[str, dict[str, float]],
+                                                   dict[str, float]]:
     """Latencies per level, and CPU milliseconds per generated token for each process
     (the client included) over the whole run: the mesh's cost independent of how many
-    cores it shares with the engine."""
+    cores it shares with the engine. ``otlp_endpoint``: every process exports its spans
+    there (""; no tracing)."""
     with tempfile.TemporaryDirectory(prefix="genmesh-bench-") as run_dir:
         ports: dict[str, Any] = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)),
                                          strict=True))
         config = MeshConfig(**ports, model=model, versions=("v1",), dtype=dtype,
                             kv_cache_gib=kv_cache_gib, with_redis=False, run_dir=Path(run_dir),
-                            log_level="WARNING")
+                            log_level="WARNING", with_prometheus=False,
+                            otlp_endpoint=otlp_endpoint)
         supervisor = Supervisor(plan(config), run_dir=config.run_dir)
         supervisor.start()
         try:

@@ -31,6 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--kv-cache-gib", type=float, default=1.0)
     m.add_argument("--output", help="also write the JSON to this file")
     m.set_defaults(func=_mesh)
+    t = bsub.add_parser("tracing", help="what tracing (every span exported) costs the mesh")
+    t.add_argument("--quick", action="store_true", help="a small run (a minute or two)")
+    t.add_argument("--model", default="smollm2-135m-instruct", help="a model in the store")
+    t.add_argument("--dtype", default="bfloat16")
+    t.add_argument("--kv-cache-gib", type=float, default=1.0)
+    t.add_argument("--output", help="also write the JSON to this file")
+    t.set_defaults(func=_tracing)
     s = bsub.add_parser("safety", help="prompt-check latency and per-chunk moderation cost")
     s.add_argument("--quick", action="store_true", help="a small run (under a minute)")
     s.add_argument("--output", help="also write the JSON to this file")
@@ -57,6 +64,17 @@ def _mesh(args: argparse.Namespace) -> int:
     model_dir = ModelStore(default_store_root()).ensure(args.model)
     result = run_mesh_bench(model_dir, model=args.model, dtype=args.dtype,
                             kv_cache_gib=args.kv_cache_gib, bench=QUICK if args.quick else FULL)
+    return _print(result, args.output)
+
+
+def _tracing(args: argparse.Namespace) -> int:
+    from genmesh.bench.mesh import FULL, QUICK
+    from genmesh.bench.tracing import run_tracing_bench
+
+    ModelStore(default_store_root()).ensure(args.model)
+    result = run_tracing_bench(model=args.model, dtype=args.dtype,
+                               kv_cache_gib=args.kv_cache_gib,
+                               bench=QUICK if args.quick else FULL)
     return _print(result, args.output)
 
 

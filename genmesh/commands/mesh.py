@@ -38,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "deploy/safety/policy.yaml)")
     up.add_argument("--no-safety-embedding", action="store_true",
                     help="prompt-injection rules only: do not load the embedding model")
+    up.add_argument("--otlp-endpoint", default=None, metavar="HOST:PORT",
+                    help="export every process's spans to this OTLP/gRPC collector "
+                         "(default: the deployment's observability.otlp_endpoint)")
+    up.add_argument("--no-prometheus", action="store_true",
+                    help="do not start Prometheus (started when `prometheus` is installed)")
     up.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                     help="logs, Envoy's config and the state file `genmesh status` reads")
     up.add_argument("--quiet", action="store_true", help="do not stream the services' logs")
@@ -57,7 +62,8 @@ def _up(args: argparse.Namespace) -> int:
         **{name: getattr(args, name) for name in PORT_FIELDS}, deployment=args.deployment,
         model=args.model, versions=versions, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
         with_redis=not args.no_redis, run_dir=args.run_dir, safety_policy=args.safety_policy,
-        safety_embedding=not args.no_safety_embedding)
+        safety_embedding=not args.no_safety_embedding, otlp_endpoint=args.otlp_endpoint,
+        with_prometheus=False if args.no_prometheus else None)
     try:
         ModelStore(default_store_root()).path_of(cfg.model or load_deployment(cfg.deployment).model)
         specs = plan(cfg)

@@ -17,6 +17,9 @@ ports (each a flag of ``genmesh up``):
 | worker of the second version (v2) | 50062 |
 | rate-limit service | 50071 |
 | Redis | 6390 |
+| Prometheus endpoints: frontend, tokenizer, safety, cache | 9101, 9102, 9103, 9104 |
+| Prometheus endpoints: workers (v1, v2), rate-limit service | 9161, 9162, 9171 |
+| Prometheus itself (when the `prometheus` binary is installed) | 9090 |
 
 The run directory gets the localized deployment (``deployment.yaml``, which
 ``genmesh rollout`` edits), Envoy's bootstrap and its xDS files (``xds/``), and the
@@ -36,9 +39,10 @@ import yaml
 
 from gateway import deployment as deploy
 from gateway import ratelimits, xds
-from gateway.deployment import Deployment, DeploymentError
+from gateway.deployment import Deployment, DeploymentError, Observability
 from gateway.envoy import dynamic_bootstrap, envoy_binary, envoy_command
-from genmesh.launcher.probes import EnvoyReady, GrpcHealth, Probe, RedisPing
+from genmesh.launcher import prometheus
+from genmesh.launcher.probes import EnvoyReady, GrpcHealth, HttpReady, Probe, RedisPing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEPLOYMENT = REPO_ROOT / "deploy" / "local.yaml"
@@ -64,6 +68,15 @@ class MeshConfig:
     safety_port: int = 50053
     cache_port: int = 50054
     redis_port: int = 6390
+    # Each service's Prometheus endpoint (/metrics), and Prometheus's own UI/API port.
+    frontend_metrics_port: int = 9101
+    tokenizer_metrics_port: int = 9102
+    safety_metrics_port: int = 9103
+    cache_metrics_port: int = 9104
+    worker_metrics_port: int = 9161
+    candidate_metrics_port: int = 9162
+    ratelimit_metrics_port: int = 9171
+    prometheus_port: int = 9090
     deployment: Path = DEFAULT_DEPLOYMENT
     model: str | None = None  # None: the deployment's model (a name in the model store)
     versions: tuple[str, ...] | None = None  # versions to run; None: all (at most two)
@@ -73,6 +86,12 @@ class MeshConfig:
     with_redis: bool = True  # without: no global limits, token budgets or shadow records
     safety_policy: Path | None = None  # None: deploy/safety/policy.yaml
     safety_embedding: bool = True  # False: prompt-injection rules only (no model to load)
+    # Start Prometheus (scraping every service): None when its binary is installed.
+    with_prometheus: bool | None = None
+    scrape_interval_s: float = 5.0
+    # Spans to this OTLP/gRPC collector (host:port) from Envoy and every service; None:
+    # the deployment's observability.otlp_endpoint ("" there: no tracing).
+    otlp_endpoint: str | None = None
     run_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "genmesh" / "run")
     log_level: str = "INFO"
 
@@ -91,7 +110,9 @@ class MeshConfig:
 
 PORT_FIELDS = ("edge_port", "mesh_port", "admin_port", "frontend_port", "tokenizer_port",
                "worker_port", "candidate_port", "ratelimit_port", "safety_port", "cache_port",
-               "redis_port")
+               "redis_port", "frontend_metrics_port", "tokenizer_metrics_port",
+               "safety_metrics_port", "cache_metrics_port", "worker_metrics_port",
+               "candidate_metrics_port", "ratelimit_metrics_port", "prometheus_port")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +123,14 @@ class ProcessSpec:
     probe: Probe
 
 
-def _service(name: str, module: str, port: int, cfg: MeshConfig, *args: str) -> ProcessSpec:
+def _service(name: str, module: str, port: int, cfg: MeshConfig, *args: str,
+             metrics_port: int, observability: Observability) -> ProcessSpec:
+    telemetry: tuple[str, ...] = ("--metrics-port", str(metrics_port))
+    if observability.otlp_endpoint:
+        telemetry += ("--otlp-endpoint", observability.otlp_endpoint, "--trace-sample-ratio",
+                      str(observability.trace_sample_percent / 100))
     argv = (sys.executable, "-m", module, "--host", cfg.host, "--port", str(port),
-            "--log-level", cfg.log_level, *args)
+            "--log-level", cfg.log_level, *telemetry, *args)
     address = f"{cfg.host}:{port}"
     return ProcessSpec(name, argv, address, GrpcHealth(address))
 
@@ -138,9 +164,12 @@ def localize(dep: Deployment, cfg: MeshConfig) -> Deployment:
         cache=((here, cfg.cache_port),) if dep.services.cache else ())
     gateway = dataclasses.replace(dep.gateway, host=here, edge_port=cfg.edge_port,
                                   mesh_port=cfg.mesh_port, admin_port=cfg.admin_port)
+    observability = dep.observability
+    if cfg.otlp_endpoint is not None:
+        observability = dataclasses.replace(observability, otlp_endpoint=cfg.otlp_endpoint)
     return deploy.require_valid(dataclasses.replace(
         dep, model=cfg.model or dep.model, versions=versions, rollout=rollout,
-        services=services, tenants=tenants, gateway=gateway,
+        services=services, tenants=tenants, gateway=gateway, observability=observability,
         redis_url=cfg.redis_url if cfg.with_redis else None))
 
 
@@ -159,6 +188,7 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
     except FileNotFoundError as exc:
         raise MissingPieceError(str(exc)) from None
     dep = localize(deploy.load(cfg.deployment), cfg)
+    obs = dep.observability
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     deploy.save(dep, cfg.run_dir / DEPLOYMENT_FILE)
     xds.apply(dep, cfg.run_dir / XDS_DIR)  # validated by Envoy before it is written
@@ -180,9 +210,11 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
         limits = cfg.run_dir / "ratelimit.yaml"
         xds.write_atomically(limits, yaml.safe_dump(ratelimits.service_limits(dep)))
         specs.append(_service("ratelimit", "services.ratelimit.main", cfg.ratelimit_port, cfg,
-                              "--redis-url", cfg.redis_url, "--limits-file", str(limits)))
+                              "--redis-url", cfg.redis_url, "--limits-file", str(limits),
+                              metrics_port=cfg.ratelimit_metrics_port, observability=obs))
     specs.append(_service("tokenizer", "services.tokenizer.main", cfg.tokenizer_port, cfg,
-                          "--models", dep.model))
+                          "--models", dep.model, metrics_port=cfg.tokenizer_metrics_port,
+                          observability=obs))
     if dep.services.safety:
         audit = (("--audit-redis-url", cfg.redis_url) if cfg.with_redis
                  else ("--audit-file", str(cfg.run_dir / "safety-audit.jsonl")))
@@ -190,29 +222,65 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
         # One thread: the workers own the cores; a prompt check is a few milliseconds.
         specs.append(_service("safety", "services.safety.main", cfg.safety_port, cfg,
                               "--num-threads", "1", "--embedding",
-                              str(cfg.safety_embedding).lower(), *audit, *policy))
+                              str(cfg.safety_embedding).lower(), *audit, *policy,
+                              metrics_port=cfg.safety_metrics_port, observability=obs))
     if dep.services.cache:
         # Redis when the mesh runs one (shared by cache replicas), else memory in-process.
         store = ("--redis-url", cfg.redis_url) if cfg.with_redis else ()
         specs.append(_service("cache", "services.cache.main", cfg.cache_port, cfg, *store,
                               "--default-ttl-s", str(dep.limits.cache_ttl_s),
-                              "--max-memory-mb", str(dep.limits.cache_max_memory_mb)))
+                              "--max-memory-mb", str(dep.limits.cache_max_memory_mb),
+                              metrics_port=cfg.cache_metrics_port, observability=obs))
     # Workers on one machine split its cores: more torch threads than cores spin against
     # each other (two 2-thread workers on 2 cores ran a 27 ms request in 1.3 s).
     threads = max(1, (os.cpu_count() or 1) // len(dep.versions))
-    for v in dep.versions:
+    worker_metrics_ports = (cfg.worker_metrics_port, cfg.candidate_metrics_port)
+    for v, metrics_port in zip(dep.versions, worker_metrics_ports, strict=False):
         record = ("--record-redis-url", cfg.redis_url) if dep.redis_url else ()
         specs.append(_service(
             f"worker-{v.name}", "services.worker.main", v.workers[0][1], cfg,
             "--model", dep.model, "--model-version", v.name, "--dtype", v.dtype,
             "--kv-cache-gib", str(cfg.kv_cache_gib), "--num-threads", str(threads),
-            *record, *cfg.worker_args))
+            "--price-per-device-hour", str(obs.price_per_device_hour),
+            *record, *cfg.worker_args, metrics_port=metrics_port, observability=obs))
     specs += [
         _service("frontend", "services.frontend.main", cfg.frontend_port, cfg,
                  "--tokenizer-address", cfg.mesh_address, "--worker-address", cfg.mesh_address,
                  "--safety-address", cfg.mesh_address, "--cache-address", cfg.mesh_address,
-                 "--deployment-file", str(cfg.run_dir / DEPLOYMENT_FILE)),
+                 "--deployment-file", str(cfg.run_dir / DEPLOYMENT_FILE),
+                 metrics_port=cfg.frontend_metrics_port, observability=obs),
         ProcessSpec("envoy", tuple(envoy_command(envoy_yaml, base_id=cfg.edge_port)),
                     cfg.edge_address, EnvoyReady(f"http://{cfg.host}:{cfg.admin_port}")),
     ]
+    prometheus_spec = _prometheus(cfg, specs)
+    if prometheus_spec is not None:
+        specs.append(prometheus_spec)
     return specs
+
+
+def _prometheus(cfg: MeshConfig, specs: list[ProcessSpec]) -> ProcessSpec | None:
+    """Prometheus scraping every process that serves metrics, and Envoy's admin; None
+    when not wanted or not installed (``with_prometheus=True`` then raises)."""
+    binary = prometheus.prometheus_binary()
+    if cfg.with_prometheus is False or (cfg.with_prometheus is None and binary is None):
+        return None
+    if binary is None:
+        raise MissingPieceError("prometheus not found: `apt install prometheus` (Debian), "
+                                "or start without it")
+    targets = {spec.name: [f"{cfg.host}:{_metrics_port(spec)}"] for spec in specs
+               if _metrics_port(spec)}
+    config_file = cfg.run_dir / "prometheus.yml"
+    xds.write_atomically(config_file, prometheus.render(prometheus.scrape_config(
+        targets, envoy_admin=f"{cfg.host}:{cfg.admin_port}",
+        scrape_interval_s=cfg.scrape_interval_s)))
+    argv = prometheus.prometheus_argv(binary, config_file, host=cfg.host,
+                                      port=cfg.prometheus_port,
+                                      data_dir=cfg.run_dir / "prometheus-data")
+    address = f"{cfg.host}:{cfg.prometheus_port}"
+    return ProcessSpec("prometheus", argv, address, HttpReady(f"http://{address}/-/ready"))
+
+
+def _metrics_port(spec: ProcessSpec) -> int:
+    """The --metrics-port a service spec passes, else 0."""
+    argv = list(spec.argv)
+    return int(argv[argv.index("--metrics-port") + 1]) if "--metrics-port" in argv else 0

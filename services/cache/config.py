@@ -21,6 +21,11 @@ class CacheConfig:
     default_ttl_s: int = 3600  # how long an answer is kept when Store names no TTL
     default_lease_ms: int = 30_000  # how long a single-flight lease lasts by default
     shutdown_grace_s: float = 5.0
+    # Telemetry: spans to this OTLP/gRPC collector (host:port; "": none), a share of new
+    # traces kept, and the Prometheus endpoint's port (0: none).
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
+    metrics_port: int = 0
     log_level: str = "INFO"
 
     @property

@@ -12,6 +12,7 @@ from services.cache.config import CacheConfig, load_config
 from services.cache.servicer import CacheServicer
 from services.cache.store import AnswerStore, MemoryStore, StoreLimits, redis_store
 from services.common.server import serve, setup_json_logging
+from services.common.telemetry import settings_from, setup
 
 log = logging.getLogger("genmesh.cache")
 
@@ -27,14 +28,21 @@ def answer_store(cfg: CacheConfig) -> AnswerStore:
 
 
 async def run(cfg: CacheConfig) -> None:
+    telemetry = setup(settings_from("genmesh-cache", cfg))
     store = answer_store(cfg)
     servicer = CacheServicer(store)
+    gauges = asyncio.ensure_future(servicer.refresh_gauges())
     log.info("cache store ready", extra={"store": store.name, "max_memory_mb": cfg.max_memory_mb,
                                          "default_ttl_s": cfg.default_ttl_s})
+    async def stop() -> None:
+        gauges.cancel()
+        await store.close()
+
     await serve(name="genmesh.cache", address=cfg.address,
                 register=lambda s: cache_pb2_grpc.add_CacheServicer_to_server(servicer, s),
                 service_names=[cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name],
-                grace_s=cfg.shutdown_grace_s, on_stop=store.close)
+                grace_s=cfg.shutdown_grace_s, on_stop=telemetry.flush_after(stop),
+                interceptors=telemetry.server_interceptors())
 
 
 def main(argv: list[str] | None = None) -> int:

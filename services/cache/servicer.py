@@ -3,11 +3,13 @@ to UNAVAILABLE (the frontend then bypasses the cache), and counts what happened.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import grpc
 
 from genmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
+from services.cache import metrics
 from services.cache.keys import BadKeyError, entry_key
 from services.cache.store import AnswerStore, EntryKey, StoreUnavailable
 
@@ -51,7 +53,9 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
             await self._unavailable(exc, context)
         if lease_id is not None:
             self.counters.num_leases += 1
+            metrics.LOOKUPS.labels("lease").inc()
             return cache_pb2.CacheLookupResponse(lease_id=lease_id)
+        metrics.LOOKUPS.labels("miss").inc()
         return cache_pb2.CacheLookupResponse()
 
     async def Store(self, request: cache_pb2.CacheStoreRequest,
@@ -70,6 +74,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         except StoreUnavailable as exc:
             await self._unavailable(exc, context)
         self.counters.num_stores += stored
+        metrics.STORES.inc(stored)
         return cache_pb2.CacheStoreResponse(stored=stored)
 
     async def Release(self, request: cache_pb2.ReleaseRequest,
@@ -110,9 +115,23 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
             self.counters.num_store_errors += 1  # the counters above are still worth having
         return stats
 
+    async def refresh_gauges(self, every_s: float = 2.0) -> None:
+        """Keep the size gauges and the eviction count current, until cancelled."""
+        num_evictions = 0
+        while True:
+            metrics.EVICTIONS.inc(self.store.counters.num_evictions - num_evictions)
+            num_evictions = self.store.counters.num_evictions
+            try:
+                metrics.ENTRIES.set(await self.store.num_entries())
+                metrics.BYTES.set(await self.store.num_bytes())
+            except StoreUnavailable:
+                pass  # the lookups count the outage; the gauges keep their last value
+            await asyncio.sleep(every_s)
+
     def _hit(self, value: bytes, *, shared: bool) -> cache_pb2.CacheLookupResponse:
         self.counters.num_hits += 1
         self.counters.num_shared += shared
+        metrics.LOOKUPS.labels("shared" if shared else "hit").inc()
         return cache_pb2.CacheLookupResponse(hit=True, shared=shared,
                                              answer=cache_pb2.CachedAnswer.FromString(value))
 
@@ -127,6 +146,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     async def _unavailable(self, exc: StoreUnavailable, context: grpc.aio.ServicerContext
                            ) -> None:
         self.counters.num_store_errors += 1
+        metrics.STORE_ERRORS.inc()
         await context.abort(grpc.StatusCode.UNAVAILABLE,
                             f"the cache store is unavailable ({exc}); bypass the cache")
 

@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import ClassVar
 
 import grpc
@@ -49,11 +49,13 @@ def setup_json_logging(service: str, level: str = "INFO") -> None:
 
 async def serve(*, name: str, address: str, register: Callable[[grpc.aio.Server], None],
                 service_names: Iterable[str], grace_s: float,
-                on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+                on_stop: Callable[[], Awaitable[None]] | None = None,
+                interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
     """Run a grpc.aio server until SIGTERM/SIGINT, then stop accepting calls, give
-    in-flight ones ``grace_s`` seconds to finish, and return."""
+    in-flight ones ``grace_s`` seconds to finish, and return. ``interceptors``: the
+    tracing ones of ``telemetry.Telemetry``, when tracing is on."""
     log = logging.getLogger(name)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

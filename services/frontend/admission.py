@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.common import metadata
+from services.frontend import metrics
 from services.frontend.budget import (
     BudgetError,
     BudgetPolicy,
@@ -36,6 +37,10 @@ class Admission:
     def __init__(self, policy: AdmissionPolicy, budgets: TokenBudgets | None) -> None:
         self.policy = policy
         self.budgets = budgets
+        if budgets is not None:
+            for tenant, limit in policy.tenants.items():
+                if limit is not None:
+                    metrics.BUDGET_LIMIT.labels(tenant).set(limit)
 
     def tenant(self, invocation_metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
         """The caller's tenant; PipelineError UNAUTHENTICATED when one is needed and absent."""
@@ -60,4 +65,5 @@ class Admission:
         except BudgetUnavailable as exc:
             raise PipelineError(grpc.StatusCode.UNAVAILABLE, exc.message) from None
         except BudgetError as exc:  # BudgetExceeded, RequestTooLarge
+            metrics.BUDGET_REJECTIONS.labels(tenant).inc()
             raise PipelineError(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message) from None

@@ -81,7 +81,7 @@ class BatchRun:
         try:
             req = pipeline_request(item.request, catalog=self.catalog, tenant=self.tenant,
                                    request_id=self.new_request_id(),
-                                   priority=common_pb2.PRIORITY_BATCH)
+                                   priority=common_pb2.PRIORITY_BATCH, method="GenerateBatch")
             reply = await generate_whole(self.pipeline, req, timeout_s=self.timeout_s)
             self._results.put_nowait(generation_pb2.BatchResult(id=item.id, response=reply))
         except PipelineError as exc:

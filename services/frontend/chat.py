@@ -15,9 +15,12 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.context import Context
 
 from genmesh.models.chat_template import ChatMessage
 from genmesh.v1 import common_pb2, generation_pb2
+from services.common.telemetry import tracer as get_tracer
 from services.frontend.catalog import ModelCatalog
 from services.frontend.errors import PipelineError
 from services.frontend.pipeline import (
@@ -43,12 +46,17 @@ class SessionSettings:
 
 
 _END = object()  # queued after the last event of the session
+tracer = get_tracer(__name__)
 
 
 class ChatSession:
     def __init__(self, *, pipeline: Pipeline, catalog: ModelCatalog, timeout_s: float,
-                 max_turns: int, tenant: str = "") -> None:
+                 max_turns: int, tenant: str = "", trace_context: Context | None = None
+                 ) -> None:
         self.pipeline = pipeline
+        # The caller's trace (Envoy's span of the stream): each turn is a span under it,
+        # never one span for a session that may last an hour.
+        self.trace_context = trace_context
         self.tenant = tenant  # from the gateway, for the whole session
         self.catalog = catalog
         self.timeout_s = timeout_s
@@ -157,7 +165,7 @@ class ChatSession:
             model_version=self.settings.model_version, prompt=None,
             messages=(*system, *self.history, user),
             params=turn.params if turn.HasField("params") else self.settings.params,
-            priority=common_pb2.PRIORITY_INTERACTIVE, tenant=self.settings.tenant,
+            priority=common_pb2.PRIORITY_INTERACTIVE, tenant=self.settings.tenant, method="Chat",
             # The system prompt and the history passed the check in an earlier turn.
             num_checked_messages=len(system) + len(self.history) if self.history else 0)
         previous = self.turn_task
@@ -167,28 +175,15 @@ class ChatSession:
     async def _run_turn(self, n: int, req: PipelineRequest, user: ChatMessage, *,
                         previous: asyncio.Task | None = None) -> None:
         parts: list[str] = []
-        seen = user  # the user's message as the model saw it (redacted by the policy)
         if previous is not None and not previous.done():
             # The last turn has finished but may still be releasing its worker request
             # and budget; a second or so at most.
             await asyncio.wait([previous], timeout=5.0)
         try:
-            async with contextlib.aclosing(self.pipeline.run(req, timeout_s=self.timeout_s)
-                                           ) as events:
-                async for event in events:
-                    if isinstance(event, Started) and event.messages:
-                        seen = event.messages[-1]
-                    elif isinstance(event, TextChunk):
-                        parts.append(event.text)
-                        self.out.put_nowait(generation_pb2.ChatEvent(
-                            delta=generation_pb2.TextDelta(turn=n, text=event.text)))
-                    elif isinstance(event, Finished):
-                        self.history += [seen, ChatMessage("assistant", "".join(parts))]
-                        self.last_finished_turn = n
-                        self.out.put_nowait(generation_pb2.ChatEvent(
-                            turn_finished=generation_pb2.TurnFinished(
-                                turn=n, finish_reason=event.finish_reason, usage=event.usage,
-                                finish_detail=event.detail)))
+            with tracer.start_as_current_span(
+                    "genmesh.v1.Generation/Chat turn", context=self.trace_context,
+                    kind=trace.SpanKind.SERVER, attributes={"genmesh.turn": n}):
+                await self._stream_turn(n, req, user, parts)
         except asyncio.CancelledError:
             # Cancelled by the client (or the session closing): closing the pipeline's
             # stream above has already aborted the worker request.
@@ -200,6 +195,26 @@ class ChatSession:
         except PipelineError as exc:
             self.last_finished_turn = n
             self._error(exc.code, exc.message, turn=n)
+
+    async def _stream_turn(self, n: int, req: PipelineRequest, user: ChatMessage,
+                           parts: list[str]) -> None:
+        seen = user  # the user's message as the model saw it (redacted by the policy)
+        async with contextlib.aclosing(self.pipeline.run(req, timeout_s=self.timeout_s)
+                                       ) as events:
+            async for event in events:
+                if isinstance(event, Started) and event.messages:
+                    seen = event.messages[-1]
+                elif isinstance(event, TextChunk):
+                    parts.append(event.text)
+                    self.out.put_nowait(generation_pb2.ChatEvent(
+                        delta=generation_pb2.TextDelta(turn=n, text=event.text)))
+                elif isinstance(event, Finished):
+                    self.history += [seen, ChatMessage("assistant", "".join(parts))]
+                    self.last_finished_turn = n
+                    self.out.put_nowait(generation_pb2.ChatEvent(
+                        turn_finished=generation_pb2.TurnFinished(
+                            turn=n, finish_reason=event.finish_reason, usage=event.usage,
+                            finish_detail=event.detail)))
 
     def _is_turn_running(self) -> bool:
         return (self.turn_task is not None and not self.turn_task.done()

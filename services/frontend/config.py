@@ -31,6 +31,11 @@ class FrontendConfig:
     max_generation_s: float = 600.0  # longest a generation may stream (client deadlines win)
     max_session_turns: int = 256  # turns one Chat session may run
     shutdown_grace_s: float = 10.0  # how long in-flight streams may finish on SIGTERM
+    # Telemetry: spans to this OTLP/gRPC collector (host:port; "": none), a share of new
+    # traces kept, and the Prometheus endpoint's port (0: none).
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
+    metrics_port: int = 0
     log_level: str = "INFO"
 
     @property

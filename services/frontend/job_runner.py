@@ -18,6 +18,7 @@ import uuid
 import grpc
 
 from genmesh.v1 import common_pb2, generation_pb2
+from services.common import telemetry
 from services.frontend.catalog import ModelCatalog
 from services.frontend.errors import PipelineError
 from services.frontend.jobs import Claim, JobQueue, JobStoreUnavailable
@@ -25,6 +26,7 @@ from services.frontend.pipeline import Pipeline
 from services.frontend.requests import generate_whole, pipeline_request
 
 log = logging.getLogger("genmesh.frontend")
+tracer = telemetry.tracer(__name__)
 
 IDLE_RETRY_S = 1.0  # after the store failed: wait this long before asking again
 
@@ -104,8 +106,12 @@ class JobRunner:
             request = generation_pb2.GenerateRequest.FromString(claim.record.request)
             req = pipeline_request(request, catalog=self.catalog, tenant=claim.record.tenant,
                                    request_id=f"job-{claim.job_id}-{uuid.uuid4().hex[:6]}",
-                                   priority=common_pb2.PRIORITY_BATCH)
-            reply = await generate_whole(self.pipeline, req, timeout_s=self.timeout_s)
+                                   priority=common_pb2.PRIORITY_BATCH, method="Job")
+            # A job is a trace of its own (its client is gone): one per attempt.
+            with tracer.start_as_current_span("genmesh.job", attributes={
+                    "genmesh.job_id": claim.job_id,
+                    "genmesh.attempt": claim.record.num_attempts}):
+                reply = await generate_whole(self.pipeline, req, timeout_s=self.timeout_s)
         except PipelineError as exc:
             return None, exc.code.value[0], exc.message
         except Exception as exc:  # a job's bug fails the job, not the runner

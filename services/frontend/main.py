@@ -11,7 +11,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import redis.asyncio as aioredis
 
 from gateway import deployment
@@ -25,6 +24,7 @@ from genmesh.v1 import (
 )
 from services.common.failure import FailureMode
 from services.common.server import serve, setup_json_logging
+from services.common.telemetry import settings_from, setup
 from services.frontend import budget
 from services.frontend.admission import Admission, AdmissionPolicy
 from services.frontend.catalog import ModelCatalog
@@ -83,9 +83,10 @@ def served(cfg: FrontendConfig) -> Served:
 
 
 async def run(cfg: FrontendConfig) -> None:
+    telemetry = setup(settings_from("genmesh-frontend", cfg))
     what = served(cfg)
-    tokenizer_channel = grpc.aio.insecure_channel(cfg.tokenizer_address)
-    worker_channel = grpc.aio.insecure_channel(cfg.worker_address)
+    tokenizer_channel = telemetry.channel(cfg.tokenizer_address)
+    worker_channel = telemetry.channel(cfg.worker_address)
     tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
     worker = worker_pb2_grpc.WorkerStub(worker_channel)
     redis = (None if what.redis_url is None
@@ -94,11 +95,11 @@ async def run(cfg: FrontendConfig) -> None:
         redis, timeout_s=cfg.redis_timeout_s, failure_mode=what.budget_failure_mode))
     admission = Admission(what.admission, budgets)
     safety_channel = (None if what.safety is None
-                      else grpc.aio.insecure_channel(cfg.safety_address))
+                      else telemetry.channel(cfg.safety_address))
     safety = (None if safety_channel is None or what.safety is None
               else SafetyGate(safety_pb2_grpc.SafetyStub(safety_channel), what.safety))
     cache_channel = (None if what.cache is None
-                     else grpc.aio.insecure_channel(cfg.cache_address))
+                     else telemetry.channel(cfg.cache_address))
     cache = (None if cache_channel is None or what.cache is None
              else ResponseCache(cache_pb2_grpc.CacheStub(cache_channel), what.cache))
     pipeline = Pipeline(tokenizer=tokenizer, worker=worker, rpc_timeout_s=cfg.rpc_timeout_s,
@@ -134,6 +135,7 @@ async def run(cfg: FrontendConfig) -> None:
         for channel in (safety_channel, cache_channel):
             if channel is not None:
                 await channel.close()
+        telemetry.shutdown()
         if redis is not None:
             await redis.aclose()
 
@@ -142,7 +144,8 @@ async def run(cfg: FrontendConfig) -> None:
                     servicer, s),
                 service_names=[generation_pb2.DESCRIPTOR.services_by_name["Generation"]
                                .full_name],
-                grace_s=cfg.shutdown_grace_s, on_stop=close_channels)
+                grace_s=cfg.shutdown_grace_s, on_stop=close_channels,
+                interceptors=telemetry.server_interceptors())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ import grpc
 from genmesh.models.chat_template import ChatMessage
 from genmesh.v1 import safety_pb2, safety_pb2_grpc
 from services.common.failure import FailureMode
+from services.common.telemetry import trace_metadata
 from services.frontend.errors import PipelineError
 
 log = logging.getLogger("genmesh.frontend")
@@ -126,7 +127,7 @@ class OutputModeration:
                 return Moderated("")  # nothing was generated: nothing to moderate
             # The opening message names the request and carries the first text with it.
             request.request_id, request.tenant = self.request_id, self.tenant
-            self.call = self.gate.stub.Moderate()
+            self.call = self.gate.stub.Moderate(metadata=trace_metadata())
         try:
             reply = await asyncio.wait_for(self._round_trip(request), timeout_s)
         except (grpc.aio.AioRpcError, TimeoutError, EOFError) as exc:

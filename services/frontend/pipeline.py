@@ -35,8 +35,12 @@ from genmesh.v1 import (
 )
 from services.common import metadata
 from services.common.sampling import DEFAULT_MAX_TOKENS
+from services.common.telemetry import trace_metadata
+from services.frontend import metrics
 from services.frontend.errors import PipelineError, rpc_error
+from services.frontend.events import Event, Finished, Started, TextChunk
 from services.frontend.moderation import OutputModeration, SafetyGate
+from services.frontend.observe import RequestObserver, tracer
 from services.frontend.response_cache import ResponseCache, cache_key, is_cacheable
 from services.frontend.routing import Affinity, ab_bucket, prefix_key
 from services.frontend.stops import StopMatcher, validate_stop_strings
@@ -59,35 +63,14 @@ class PipelineRequest:
     # messages[:num_checked_messages] passed the prompt check before (a chat's history)
     num_checked_messages: int = 0
     skip_cache: bool = False  # never answer from, or store into, the response cache
+    # The public call it serves (Generate, GenerateStream, Chat, GenerateBatch, Job): a
+    # label of the request metrics.
+    method: str = "Generate"
     # model_version was chosen by the rollout's split (not pinned by the caller): the
     # worker call goes to it the way a split call would, mirror included.
     is_version_routed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Started:
-    request_id: str
-    model: str
-    model_version: str  # the version that serves the request
-    prompt_tokens: int
-    # The conversation as the model saw it (with the safety policy's redactions); empty
-    # for a raw prompt.
-    messages: tuple[ChatMessage, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class TextChunk:
-    text: str  # new final text
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    finish_reason: common_pb2.FinishReason
-    usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
-    detail: str = ""  # with CONTENT_FILTER: the category that cut the output
-
-
-Event = Started | TextChunk | Finished
 
 
 @dataclass(slots=True)
@@ -137,21 +120,35 @@ class Pipeline:
     async def run(self, req: PipelineRequest, *, timeout_s: float
                   ) -> AsyncGenerator[Event, None]:
         """Streams Started, then TextChunks, then Finished; raises PipelineError."""
+        observer = RequestObserver(req)
+        try:
+            async for event in self._run(req, observer, timeout_s=timeout_s):
+                observer.see(event)
+                yield event
+        except PipelineError as exc:
+            observer.failed(exc.code.name)
+            raise
+        finally:
+            observer.close()
+
+    async def _run(self, req: PipelineRequest, observer: RequestObserver, *, timeout_s: float
+                   ) -> AsyncGenerator[Event, None]:
         error = validate_stop_strings(list(req.params.stop))
         if error:
             raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT, error)
-        t0 = time.perf_counter()
-        req, prompt_ids = await self._checked_prompt(req)
+        t0 = observer.t0
+        req, prompt_ids = await self._checked_prompt(req, observer)
         if not prompt_ids:
             raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt has no tokens")
         caching = None
         if self.cache is not None and not req.skip_cache and is_cacheable(req.params):
-            if not req.model_version:
-                req = dataclasses.replace(req, model_version=await self._routed_version(
-                    req, prompt_ids), is_version_routed=True)
-            key = cache_key(tenant=req.tenant, model=req.model, version=req.model_version,
-                            prompt_ids=prompt_ids, params=req.params)
-            found = await self.cache.lookup(key, deadline_s=timeout_s)
+            with observer.stage("cache_lookup"):
+                if not req.model_version:
+                    req = dataclasses.replace(req, model_version=await self._routed_version(
+                        req, prompt_ids), is_version_routed=True)
+                key = cache_key(tenant=req.tenant, model=req.model, version=req.model_version,
+                                prompt_ids=prompt_ids, params=req.params)
+                found = await self.cache.lookup(key, deadline_s=timeout_s)
             if found.answer is not None:
                 # A replay: no inference, no budget.
                 for event in _replay(req, len(prompt_ids), found.answer):
@@ -165,10 +162,11 @@ class Pipeline:
         generated = _Generated()
         try:
             if self.admission is not None:
-                reservation = await self.admission.reserve(req.tenant,
-                                                           len(prompt_ids) + max_tokens)
-            async for event in self._generate(req, prompt_ids, generated, timeout_s=timeout_s,
-                                              t0=t0):
+                with observer.stage("budget"):
+                    reservation = await self.admission.reserve(req.tenant,
+                                                               len(prompt_ids) + max_tokens)
+            async for event in self._generate(req, prompt_ids, generated, observer,
+                                              timeout_s=timeout_s, t0=t0):
                 if caching is not None:
                     await self._keep(caching, event)
                 yield event
@@ -179,6 +177,9 @@ class Pipeline:
             if reservation is not None:
                 # Refund what the request did not use, however it ended.
                 await reservation.settle(len(prompt_ids) + generated.num_tokens)
+                if reservation.is_reserved:
+                    metrics.BUDGET_USED.labels(req.tenant).inc(
+                        len(prompt_ids) + generated.num_tokens)
 
     async def _keep(self, caching: _Caching, event: Event) -> None:
         """Collect the answer; on a complete finish, store it (before the client hears of
@@ -191,9 +192,10 @@ class Pipeline:
             if event.finish_reason in (common_pb2.FINISH_REASON_STOP,
                                        common_pb2.FINISH_REASON_LENGTH):
                 text = "".join(caching.chunks)
-                await self.cache.store(caching.key, cache_pb2.CachedAnswer(
-                    text=text, finish_reason=event.finish_reason, usage=event.usage,
-                    text_chunks=caching.chunks), lease_id=caching.lease_id)
+                with tracer.start_as_current_span("cache_store"):
+                    await self.cache.store(caching.key, cache_pb2.CachedAnswer(
+                        text=text, finish_reason=event.finish_reason, usage=event.usage,
+                        text_chunks=caching.chunks), lease_id=caching.lease_id)
             elif caching.lease_id:
                 self.cache.release_soon(caching.key, caching.lease_id)
 
@@ -208,20 +210,26 @@ class Pipeline:
             raise rpc_error(exc, "worker") from None
         return stats.model_version
 
-    async def _checked_prompt(self, req: PipelineRequest) -> tuple[PipelineRequest, list[int]]:
+    async def _checked_prompt(self, req: PipelineRequest, observer: RequestObserver
+                              ) -> tuple[PipelineRequest, list[int]]:
         """The request as it may go to the model, and its token ids. The check and the
         tokenization run together; a redacted prompt is tokenized again."""
+        async def tokenize(r: PipelineRequest) -> list[int]:
+            with observer.stage("tokenize"):
+                return await self.prompt_ids(r)
+
         if self.safety is None:
-            return req, await self.prompt_ids(req)
-        tokenizing = asyncio.ensure_future(self.prompt_ids(req))
+            return req, await tokenize(req)
+        tokenizing = asyncio.ensure_future(tokenize(req))
         try:
-            checked = await self._check(req)
+            with observer.stage("prompt_check"):
+                checked = await self._check(req)
             if checked == req:
                 return req, await tokenizing
         finally:
             tokenizing.cancel()  # blocked or redacted: its ids are not needed (no-op if done)
             await asyncio.gather(tokenizing, return_exceptions=True)
-        return checked, await self.prompt_ids(checked)
+        return checked, await tokenize(checked)
 
     async def _check(self, req: PipelineRequest) -> PipelineRequest:
         assert self.safety is not None
@@ -250,10 +258,18 @@ class Pipeline:
         return tuple(pairs)
 
     async def _generate(self, req: PipelineRequest, prompt_ids: list[int],
-                        generated: _Generated, *, timeout_s: float, t0: float
-                        ) -> AsyncGenerator[Event, None]:
+                        generated: _Generated, observer: RequestObserver, *, timeout_s: float,
+                        t0: float) -> AsyncGenerator[Event, None]:
         """The worker stream, detokenized and cut at stop strings; counts the tokens
         generated into ``generated`` as they arrive."""
+        with observer.stage("generate"):
+            async for event in self._stream(req, prompt_ids, generated, observer,
+                                            timeout_s=timeout_s, t0=t0):
+                yield event
+
+    async def _stream(self, req: PipelineRequest, prompt_ids: list[int],
+                      generated: _Generated, observer: RequestObserver, *, timeout_s: float,
+                      t0: float) -> AsyncGenerator[Event, None]:
         worker_params = common_pb2.SamplingParams()
         worker_params.CopyFrom(req.params)
         del worker_params.stop[:]  # stop strings are applied here, on text
@@ -261,8 +277,9 @@ class Pipeline:
             # The worker's id must be unique even when callers reuse theirs.
             request_id=f"{req.request_id}.{secrets.token_hex(3)}", prompt_ids=prompt_ids,
             params=worker_params, priority=req.priority, cache_salt=req.tenant),
-            timeout=timeout_s, metadata=self._worker_metadata(req, prompt_ids))
-        detok = self.tokenizer.Detokenize(timeout=timeout_s)
+            timeout=timeout_s, metadata=self._worker_metadata(req, prompt_ids)
+            + trace_metadata())
+        detok = self.tokenizer.Detokenize(timeout=timeout_s, metadata=trace_metadata())
         # Open the detokenizer stream now, so its setup overlaps the worker's prefill
         # instead of delaying the first token.
         opening = asyncio.ensure_future(_detokenize(detok, tokenizer_pb2.DetokenizeRequest(
@@ -278,18 +295,24 @@ class Pipeline:
                           req.messages if req.prompt is None else ())
             async for msg in worker_call:
                 generated.num_tokens += len(msg.token_ids)
+                observer.tokens(len(msg.token_ids))
                 if msg.finish_reason == common_pb2.FINISH_REASON_ERROR:
                     raise PipelineError(grpc.StatusCode.INTERNAL,
                                         f"generation failed: {msg.error}")
                 await opening  # done long ago but for the first token; raises its error
+                start_ns = time.time_ns()
                 text = await _detokenize(detok, tokenizer_pb2.DetokenizeRequest(
                     token_ids=msg.token_ids, flush=bool(msg.finish_reason)))
+                observer.busy("detokenize", start_ns, time.time_ns())
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - t0) * 1e3
                 cut = stops.feed(text)
                 finish = common_pb2.FINISH_REASON_STOP if cut.is_stopped else msg.finish_reason
                 piece = cut.text if cut.is_stopped or not finish else cut.text + stops.flush()
+                start_ns = time.time_ns()
                 out = await moderation.send(piece, final=bool(finish))
+                if self.safety is not None:
+                    observer.busy("moderation", start_ns, time.time_ns())
                 if out.text:
                     yield TextChunk(out.text)
                 if out.blocked:

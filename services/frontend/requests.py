@@ -15,8 +15,8 @@ from services.frontend.pipeline import Finished, Pipeline, PipelineRequest, Star
 
 
 def pipeline_request(request: generation_pb2.GenerateRequest, *, catalog: ModelCatalog,
-                     tenant: str, request_id: str, priority: common_pb2.Priority
-                     ) -> PipelineRequest:
+                     tenant: str, request_id: str, priority: common_pb2.Priority,
+                     method: str) -> PipelineRequest:
     """The pipeline's request for ``request``; PipelineError (INVALID_ARGUMENT,
     NOT_FOUND) for one that cannot run."""
     model, version = catalog.resolve(request.model, request.model_version)
@@ -33,7 +33,7 @@ def pipeline_request(request: generation_pb2.GenerateRequest, *, catalog: ModelC
     return PipelineRequest(
         request_id=request.request_id or request_id, model=model, model_version=version,
         prompt=prompt, messages=messages, params=request.params, priority=priority,
-        skip_cache=request.skip_cache, tenant=tenant)
+        skip_cache=request.skip_cache, tenant=tenant, method=method)
 
 
 async def generate_whole(pipeline: Pipeline, req: PipelineRequest, *, timeout_s: float

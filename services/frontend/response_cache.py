@@ -22,6 +22,7 @@ import grpc
 
 from genmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 from services.common.sampling import DEFAULT_MAX_TOKENS
+from services.frontend import metrics
 
 log = logging.getLogger("genmesh.frontend")
 
@@ -87,12 +88,15 @@ class ResponseCache:
                 lease_ms=int(wait_s * 1e3)), timeout=wait_s + self.settings.timeout_s)
         except grpc.aio.AioRpcError as exc:
             self._bypass("lookup", exc)
+            metrics.RESPONSE_CACHE.labels("bypass").inc()
             return Lookup()
         if reply.hit:
             self.counters.num_hits += 1
             self.counters.num_shared += reply.shared
+            metrics.RESPONSE_CACHE.labels("shared" if reply.shared else "hit").inc()
             return Lookup(answer=reply.answer, shared=reply.shared)
         self.counters.num_misses += 1
+        metrics.RESPONSE_CACHE.labels("miss").inc()
         return Lookup(lease_id=reply.lease_id)
 
     async def store(self, key: cache_pb2.CacheKey, answer: cache_pb2.CachedAnswer,

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
+from opentelemetry import propagate
 
 from genmesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.common import metadata
@@ -43,7 +44,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> generation_pb2.GenerateResponse:
         try:
-            req = self._pipeline_request(request, context, common_pb2.PRIORITY_NORMAL)
+            req = self._pipeline_request(request, context, common_pb2.PRIORITY_NORMAL,
+                                         "Generate")
             return await generate_whole(self.pipeline, req, timeout_s=self._timeout(context))
         except PipelineError as exc:
             await context.abort(exc.code, exc.message)
@@ -52,7 +54,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def GenerateStream(self, request: generation_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        async for event in self._events(request, context, common_pb2.PRIORITY_INTERACTIVE):
+        async for event in self._events(request, context, common_pb2.PRIORITY_INTERACTIVE,
+                                        "GenerateStream"):
             if isinstance(event, Started):
                 yield generation_pb2.GenerateStreamResponse(
                     model_version=event.model_version, request_id=event.request_id)
@@ -72,7 +75,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             await context.abort(exc.code, exc.message)
         session = ChatSession(pipeline=self.pipeline, catalog=self.catalog,
                               timeout_s=self._timeout(context),
-                              max_turns=self.max_session_turns, tenant=tenant)
+                              max_turns=self.max_session_turns, tenant=tenant,
+                              trace_context=propagate.extract(
+                                  dict(context.invocation_metadata() or ())))
         try:
             async with contextlib.aclosing(session.run(request_iterator)) as events:
                 async for event in events:
@@ -110,7 +115,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             tenant = self.admission.tenant(context.invocation_metadata())
             # Refuse what cannot run now, not after the job was queued.
             pipeline_request(request.request, catalog=self.catalog, tenant=tenant,
-                             request_id="", priority=common_pb2.PRIORITY_BATCH)
+                             request_id="", priority=common_pb2.PRIORITY_BATCH, method="Job")
             record = await jobs.submit(request.job_id or uuid.uuid4().hex, tenant,
                                        request.request.SerializeToString())
             return record.to_proto()
@@ -182,9 +187,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def _events(self, request: generation_pb2.GenerateRequest,
                       context: grpc.aio.ServicerContext,
-                      priority: common_pb2.Priority) -> AsyncGenerator[Event, None]:
+                      priority: common_pb2.Priority, method: str
+                      ) -> AsyncGenerator[Event, None]:
         try:
-            req = self._pipeline_request(request, context, priority)
+            req = self._pipeline_request(request, context, priority, method)
             async with contextlib.aclosing(
                     self.pipeline.run(req, timeout_s=self._timeout(context))) as events:
                 async for event in events:
@@ -194,9 +200,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     def _pipeline_request(self, request: generation_pb2.GenerateRequest,
                           context: grpc.aio.ServicerContext,
-                          priority: common_pb2.Priority) -> PipelineRequest:
+                          priority: common_pb2.Priority, method: str) -> PipelineRequest:
         return pipeline_request(
-            request, catalog=self.catalog, priority=priority,
+            request, catalog=self.catalog, priority=priority, method=method,
             tenant=self.admission.tenant(context.invocation_metadata()),
             request_id=_edge_request_id(context) or uuid.uuid4().hex)
 

@@ -21,6 +21,11 @@ class RatelimitConfig:
     # call fails with UNAVAILABLE.
     redis_timeout_s: float = 0.25
     shutdown_grace_s: float = 5.0  # how long in-flight calls may finish on SIGTERM
+    # Telemetry: spans to this OTLP/gRPC collector (host:port; "": none), a share of new
+    # traces kept, and the Prometheus endpoint's port (0: none).
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
+    metrics_port: int = 0
     log_level: str = "INFO"
 
     @property

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from genmesh.rls.v3 import rls_pb2, rls_pb2_grpc
 from services.common.server import serve, setup_json_logging
+from services.common.telemetry import settings_from, setup
 from services.ratelimit.config import RatelimitConfig, load_config
 from services.ratelimit.counters import CountersUnavailableError, RedisCounters
 from services.ratelimit.limiter import RateLimiter
@@ -23,6 +24,7 @@ SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 
 
 async def run(cfg: RatelimitConfig) -> None:
+    telemetry = setup(settings_from("genmesh-ratelimit", cfg))
     if not cfg.limits_file:
         raise ValueError("no limits file: set --limits-file (or GENMESH_RATELIMIT_LIMITS_FILE)")
     limits = LimitsFile(Path(cfg.limits_file))
@@ -38,7 +40,8 @@ async def run(cfg: RatelimitConfig) -> None:
                 register=lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
                     servicer, s),
                 service_names=[SERVICE_NAME], grace_s=cfg.shutdown_grace_s,
-                on_stop=counters.close)
+                on_stop=telemetry.flush_after(counters.close),
+                interceptors=telemetry.server_interceptors())
 
 
 def main(argv: list[str] | None = None) -> int:

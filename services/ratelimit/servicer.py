@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import grpc
 
 from genmesh.rls.v3 import rls_pb2, rls_pb2_grpc
+from services.ratelimit import metrics
 from services.ratelimit.counters import CountersUnavailableError
 from services.ratelimit.limiter import Decision, Descriptor, RateLimiter
 from services.ratelimit.limits import RateLimit, Unit
@@ -74,6 +75,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         except CountersUnavailableError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise
+        metrics.count(descriptors, decisions)
         statuses = [status_to_proto(d) for d in decisions]
         is_over = any(d.is_over_limit for d in decisions)
         return rls_pb2.RateLimitResponse(

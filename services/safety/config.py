@@ -27,6 +27,11 @@ class SafetyConfig:
     # Longest text a stream holds back while a match might still complete (characters).
     max_hold_chars: int = 256
     shutdown_grace_s: float = 5.0
+    # Telemetry: spans to this OTLP/gRPC collector (host:port; "": none), a share of new
+    # traces kept, and the Prometheus endpoint's port (0: none).
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
+    metrics_port: int = 0
     log_level: str = "INFO"
 
     @property

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.safety import metrics
 from services.safety import policy as policies
 from services.safety.audit import AuditLog, AuditRecord
 from services.safety.checker import Decision, Finding, PromptChecker
@@ -35,6 +36,12 @@ def audit_records(findings: tuple[Finding, ...], *, request_id: str, tenant: str
                             "", 0.0)]
     return [AuditRecord(now, request_id, tenant, direction, f.category, f.action.value,
                         f.scanner, f.score, f.family) for f in findings]
+
+
+def _record(audit: AuditLog, records: list[AuditRecord]) -> None:
+    """Every decision is counted (Prometheus) and audited."""
+    metrics.count_decisions(records)
+    audit.record(records)
 
 
 class PolicyFile:
@@ -79,14 +86,14 @@ class ModerationStream:
     def flush(self, text: str = "") -> Release:
         release = self._audited(self.moderator.flush(text))
         if self.num_findings == 0:  # a clean stream still leaves its record
-            self.audit.record(audit_records((), request_id=self.request_id,
+            _record(self.audit, audit_records((), request_id=self.request_id,
                                                   tenant=self.tenant, direction="output"))
         return release
 
     def _audited(self, release: Release) -> Release:
         if release.findings:
             self.num_findings += len(release.findings)
-            self.audit.record(audit_records(release.findings,
+            _record(self.audit, audit_records(release.findings,
                                                   request_id=self.request_id,
                                                   tenant=self.tenant, direction="output"))
         return release
@@ -114,7 +121,7 @@ class Guard:
         policy = self.policy(tenant)
         decision = await asyncio.get_running_loop().run_in_executor(
             self.executor, self.checker.check, text, policy)
-        self.audit.record(audit_records(decision.findings, request_id=request_id,
+        _record(self.audit, audit_records(decision.findings, request_id=request_id,
                                         tenant=tenant, direction="prompt"))
         return decision
 

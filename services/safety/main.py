@@ -12,6 +12,7 @@ import torch
 
 from genmesh.v1 import safety_pb2, safety_pb2_grpc
 from services.common.server import serve, setup_json_logging
+from services.common.telemetry import settings_from, setup
 from services.safety.audit import AuditLog, AuditStore, JsonlAuditStore, RedisAuditStore
 from services.safety.checker import PromptChecker
 from services.safety.config import SafetyConfig, load_config
@@ -31,6 +32,7 @@ def audit_store(cfg: SafetyConfig) -> AuditStore | None:
 
 
 async def run(cfg: SafetyConfig) -> None:
+    telemetry = setup(settings_from("genmesh-safety", cfg))
     torch.set_num_threads(max(cfg.num_threads, 1))
     policy_file = PolicyFile(Path(cfg.policy_file))
     embedder = Embedder.load() if cfg.embedding else None
@@ -46,7 +48,8 @@ async def run(cfg: SafetyConfig) -> None:
     await serve(name="genmesh.safety", address=cfg.address,
                 register=lambda s: safety_pb2_grpc.add_SafetyServicer_to_server(servicer, s),
                 service_names=[safety_pb2.DESCRIPTOR.services_by_name["Safety"].full_name],
-                grace_s=cfg.shutdown_grace_s, on_stop=guard.close)
+                grace_s=cfg.shutdown_grace_s, on_stop=telemetry.flush_after(guard.close),
+                interceptors=telemetry.server_interceptors())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from genmesh.v1 import safety_pb2, safety_pb2_grpc
+from services.safety import metrics
 from services.safety.checker import Finding
 from services.safety.guard import Guard, ModerationStream, UnknownTenantError
 from services.safety.policy import Action
@@ -34,8 +35,9 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
                                 f"text has {len(request.text)} characters; at most "
                                 f"{self.max_text_chars} are checked")
         try:
-            decision = await self.guard.check_prompt(request_id=request.request_id,
-                                                     tenant=request.tenant, text=request.text)
+            with metrics.CHECK_SECONDS.labels("prompt").time():
+                decision = await self.guard.check_prompt(request_id=request.request_id,
+                                                         tenant=request.tenant, text=request.text)
         except UnknownTenantError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         return safety_pb2.CheckResult(
@@ -60,7 +62,8 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
             if num_chars > self.max_text_chars:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"the stream passed {self.max_text_chars} characters")
-            release = stream.flush(msg.text) if msg.flush else stream.feed(msg.text)
+            with metrics.CHECK_SECONDS.labels("output").time():
+                release = stream.flush(msg.text) if msg.flush else stream.feed(msg.text)
             if release.blocked is not None:
                 yield safety_pb2.ModerateResponse(
                     text=release.text, verdict=safety_pb2.VERDICT_BLOCK,

@@ -10,6 +10,7 @@ import sys
 from genmesh.models.store import ModelStore, default_store_root
 from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.server import serve, setup_json_logging
+from services.common.telemetry import settings_from, setup
 from services.tokenizer.config import TokenizerConfig, load_config
 from services.tokenizer.registry import TokenizerRegistry
 from services.tokenizer.servicer import TokenizerServicer
@@ -18,6 +19,7 @@ log = logging.getLogger("genmesh.tokenizer")
 
 
 async def run(cfg: TokenizerConfig) -> None:
+    telemetry = setup(settings_from("genmesh-tokenizer", cfg))
     registry = TokenizerRegistry.from_store(ModelStore(default_store_root()), cfg.model_names)
     if not len(registry):
         raise ValueError("no models to serve: set --models")
@@ -30,7 +32,8 @@ async def run(cfg: TokenizerConfig) -> None:
                 register=lambda s: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(
                     servicer, s),
                 service_names=[tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name],
-                grace_s=cfg.shutdown_grace_s)
+                grace_s=cfg.shutdown_grace_s, interceptors=telemetry.server_interceptors(),
+                on_stop=telemetry.flush)
 
 
 def main(argv: list[str] | None = None) -> int:

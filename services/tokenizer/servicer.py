@@ -12,6 +12,7 @@ import jinja2
 
 from genmesh.models.chat_template import ChatMessage
 from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from services.tokenizer import metrics
 from services.tokenizer.detokenizer import IncrementalDetokenizer
 from services.tokenizer.registry import LoadedTokenizer, TokenizerRegistry, UnknownModelError
 
@@ -66,20 +67,24 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 
     async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> tokenizer_pb2.TokenizeResponse:
-        t = await self._get(request.model, context)
-        encoding = await _run(len(request.text), t.tokenizer.encode, request.text,
-                              add_special_tokens=request.add_special_tokens)
+        metrics.REQUESTS.labels("Tokenize").inc()
+        with metrics.LATENCY.labels("Tokenize").time():
+            t = await self._get(request.model, context)
+            encoding = await _run(len(request.text), t.tokenizer.encode, request.text,
+                                  add_special_tokens=request.add_special_tokens)
         return tokenizer_pb2.TokenizeResponse(token_ids=encoding.ids, text=request.text)
 
     async def ApplyChatTemplate(self, request: tokenizer_pb2.ChatTemplateRequest,
                                 context: grpc.aio.ServicerContext
                                 ) -> tokenizer_pb2.TokenizeResponse:
+        metrics.REQUESTS.labels("ApplyChatTemplate").inc()
         t = await self._get(request.model, context)
         try:
             messages = chat_messages(request.messages)
-            text, token_ids = await _run(
-                sum(len(m.content) for m in messages), apply_chat_template, t, messages,
-                add_generation_prompt=request.add_generation_prompt)
+            with metrics.LATENCY.labels("ApplyChatTemplate").time():
+                text, token_ids = await _run(
+                    sum(len(m.content) for m in messages), apply_chat_template, t, messages,
+                    add_generation_prompt=request.add_generation_prompt)
         except NoChatTemplateError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
@@ -104,13 +109,15 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 t = await self._get(request.model, context)
                 detokenizer = IncrementalDetokenizer(
                     t.tokenizer, skip_special_tokens=request.skip_special_tokens)
+            metrics.REQUESTS.labels("Detokenize").inc()
             try:
                 check_token_ids(request.token_ids, t)
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            text = detokenizer.push(request.token_ids)
-            if request.flush:
-                text += detokenizer.flush()
+            with metrics.LATENCY.labels("Detokenize").time():
+                text = detokenizer.push(request.token_ids)
+                if request.flush:
+                    text += detokenizer.flush()
             yield tokenizer_pb2.DetokenizeResponse(text=text)
 
     async def DescribeModel(self, request: tokenizer_pb2.DescribeModelRequest,

@@ -30,6 +30,12 @@ class WorkerConfig:
     # so a shadow version can be compared with the primary; empty: nothing is recorded.
     record_redis_url: str = ""
     shutdown_grace_s: float = 10.0  # how long in-flight streams may finish on SIGTERM
+    otlp_endpoint: str = ""  # host:port of an OTLP/gRPC trace collector; "": no tracing
+    trace_sample_ratio: float = 1.0  # share of new traces kept (a caller's choice wins)
+    metrics_port: int = 0  # the Prometheus endpoint on `host`; 0: none
+    # USD per hour of this worker's device, for the cost estimate; 0: no cost series
+    # (device seconds are still counted).
+    price_per_device_hour: float = 0.0
     log_level: str = "INFO"
 
     @property
@@ -39,6 +45,11 @@ class WorkerConfig:
     @property
     def served_name(self) -> str:
         return self.model_name or self.model
+
+    @property
+    def is_gpu(self) -> bool:
+        """Whether this worker computes on a GPU (then its metrics include NVML's)."""
+        return self.backend is Backend.TENSORRT_LLM or self.device.startswith("cuda")
 
 
 ENV_PREFIX = "GENMESH_WORKER_"

@@ -9,9 +9,12 @@ import sys
 from genmesh.models.store import ModelStore, default_store_root
 from genmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.common.server import serve, setup_json_logging
+from services.common.telemetry import settings_from, setup
 from services.worker.config import WorkerConfig, load_config
 from services.worker.engine.api import create_engine
 from services.worker.engine.config import EngineConfig
+from services.worker.gpu import Nvml
+from services.worker.metrics import WorkerMetrics
 from services.worker.records import RecordSink
 from services.worker.servicer import WorkerServicer
 
@@ -25,24 +28,37 @@ def engine_config(cfg: WorkerConfig, model_path: str) -> EngineConfig:
 
 
 async def run(cfg: WorkerConfig) -> None:
+    # One trace service per model version, so a trace shows which version answered.
+    telemetry = setup(settings_from(f"genmesh-worker-{cfg.model_version}", cfg))
     model_path = cfg.model
     if cfg.load_format != "dummy":
         model_path = str(ModelStore(default_store_root()).path_of(cfg.model))
     engine = create_engine(engine_config(cfg, model_path))
     records = RecordSink(cfg.record_redis_url) if cfg.record_redis_url else None
+    gpus = Nvml.open() if cfg.metrics_port and cfg.is_gpu else None
+    metrics, refresher = None, None
+    if cfg.metrics_port:
+        metrics = WorkerMetrics(model=cfg.served_name, version=cfg.model_version,
+                                price_per_device_hour=cfg.price_per_device_hour, gpus=gpus)
+        refresher = asyncio.create_task(metrics.refresh_forever(engine))
     servicer = WorkerServicer(engine, model_name=cfg.served_name,
                               model_version=cfg.model_version, worker_id=cfg.address,
-                              records=records)
+                              records=records, metrics=metrics)
 
     async def stop_engine() -> None:
+        if refresher is not None:
+            refresher.cancel()
         engine.shutdown()
+        if gpus is not None:
+            gpus.close()
         if records is not None:
             await records.close()
 
     await serve(name="genmesh.worker", address=cfg.address,
                 register=lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
                 service_names=[worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
-                grace_s=cfg.shutdown_grace_s, on_stop=stop_engine)
+                grace_s=cfg.shutdown_grace_s, on_stop=telemetry.flush_after(stop_engine),
+                interceptors=telemetry.server_interceptors())
 
 
 def main(argv: list[str] | None = None) -> int:

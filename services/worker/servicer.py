@@ -6,13 +6,16 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from genmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common import metadata
 from services.common.sampling import DEFAULT_MAX_TOKENS
+from services.worker import tracing
 from services.worker.engine.api import Engine
 from services.worker.engine.outputs import Delta, FinishReason
 from services.worker.engine.params import InvalidRequestError, Priority, SamplingParams
+from services.worker.metrics import WorkerMetrics
 from services.worker.records import GenerationRecord, RecordSink, Timing
 
 log = logging.getLogger("genmesh.worker")
@@ -65,20 +68,27 @@ def delta_to_proto(d: Delta) -> worker_pb2.WorkerGenerateResponse:
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: Engine, *, model_name: str, model_version: str,
-                 worker_id: str = "", records: RecordSink | None = None) -> None:
+                 worker_id: str = "", records: RecordSink | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.model_version = model_version
         self.worker_id = worker_id  # this replica's address, sent back to callers
         self.records = records  # None: finished generations are not recorded
+        self.metrics = metrics  # None: no Prometheus endpoint
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         timing = Timing()
+        params = params_from_proto(request.params)
+        span = trace.get_current_span()  # the interceptor's server span (or a no-op one)
+        if span.is_recording():
+            tracing.describe_request(span, model=self.model_name, version=self.model_version,
+                                     params=params)
         try:
             stream = self.engine.submit(
-                list(request.prompt_ids), params_from_proto(request.params),
+                list(request.prompt_ids), params,
                 request_id=request.request_id or None,
                 priority=_PRIORITY.get(request.priority, Priority.NORMAL),
                 cache_salt=request.cache_salt)
@@ -98,6 +108,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if self.records is not None:
                     timing.tokens(len(delta.new_token_ids))
                     token_ids += delta.new_token_ids
+                if delta.finished:  # before the last reply, while the server span is open
+                    self._observe_finish(span, delta)
                 yield delta_to_proto(delta)
                 if delta.finish_reason is FinishReason.ERROR:
                     log.error("generation failed",
@@ -111,6 +123,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             # Cancelled by the caller (or the server stopping): free the KV blocks now.
             await stream.aclose()  # type: ignore[attr-defined]
+
+    def _observe_finish(self, span: trace.Span, last: Delta) -> None:
+        if self.metrics is not None and last.timings is not None:
+            self.metrics.observe_finished(last.timings)
+        if span.is_recording():
+            tracing.record_finish(span, last)
 
     async def GetStats(self, request: worker_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStats:

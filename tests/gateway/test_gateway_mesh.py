@@ -99,7 +99,8 @@ def gw(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ga
     deployment_file = run_dir / "source.yaml"
     deployment_file.write_text(yaml.safe_dump(deployment_yaml()))
     ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
-    config = MeshConfig(**ports, deployment=deployment_file, kv_cache_gib=0.25, run_dir=run_dir)
+    config = MeshConfig(**ports, deployment=deployment_file, kv_cache_gib=0.25, run_dir=run_dir,
+                        with_prometheus=False)
     supervisor = Supervisor(plan(config), run_dir=run_dir)
     supervisor.start()
     try:

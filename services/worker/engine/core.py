@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
@@ -18,15 +19,19 @@ from services.worker.engine.params import (
 )
 from services.worker.engine.request import Request
 from services.worker.engine.sampler import Sampler
-from services.worker.engine.scheduler import Scheduler
+from services.worker.engine.scheduler import ScheduledChunk, Scheduler
 from services.worker.engine.sizing import max_model_len, num_kv_blocks
 
 STATS_WINDOW = 64  # steps averaged in batch-size and step-time stats
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, *, model_cfg: ModelConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig, *, model_cfg: ModelConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        # Every time a request records (arrival, stages, device share) comes from here;
+        # tests pass a fake one to get exact numbers.
+        self._clock = clock
         self.model_cfg = model_cfg or resolve_model_config(config)
         num_blocks = num_kv_blocks(config, self.model_cfg)
         self.max_model_len = max_model_len(config, self.model_cfg, num_blocks)
@@ -43,6 +48,7 @@ class EngineCore:
         self._generated_tokens = 0
         self._recent_batch: collections.deque[int] = collections.deque(maxlen=STATS_WINDOW)
         self._recent_ms: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
+        self._device_seconds = 0.0
 
     # -- requests --------------------------------------------------------------------
 
@@ -55,7 +61,8 @@ class EngineCore:
                         max_model_len=self.max_model_len)
         params.validate(vocab_size=self.model_cfg.vocab_size)
         return Request(request_id=request_id, prompt_ids=list(prompt_ids), params=params,
-                       priority=Priority(priority), cache_salt=cache_salt)
+                       priority=Priority(priority), cache_salt=cache_salt,
+                       arrival_time=self._clock())
 
     def add(self, req: Request) -> None:
         if req.request_id in self._requests:
@@ -81,19 +88,26 @@ class EngineCore:
     # -- one step --------------------------------------------------------------------
 
     def step(self) -> list[Delta]:
-        t0 = time.perf_counter()
+        t0 = self._clock()
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
+        for chunk in out.chunks:
+            if chunk.request.first_scheduled_time is None:
+                chunk.request.first_scheduled_time = t0
         tables = [self.blocks.block_ids(c.request.request_id) for c in out.chunks]
         logits = self.runner.execute(out.chunks, tables)
         to_sample = self.scheduler.on_step_done(out)
         requests = [c.request for c in to_sample]
         token_ids, logprobs = self.sampler.sample(logits, requests)
+        t1 = self._clock()
+        self._charge_device_time(out.chunks, t1 - t0)
 
         deltas = []
         for req, token, lp in zip(requests, token_ids, logprobs, strict=True):
             req.append_output(token)
+            if req.first_token_time is None:
+                req.first_token_time = t1
             self._generated_tokens += 1
             reason = self._stop_reason(req, token)
             if reason is None:
@@ -102,8 +116,18 @@ class EngineCore:
                 deltas.append(self._finish(req, reason, last_token=token, last_logprob=lp))
         self._num_steps += 1
         self._recent_batch.append(len(out.chunks))
-        self._recent_ms.append((time.perf_counter() - t0) * 1e3)
+        self._recent_ms.append((t1 - t0) * 1e3)
         return deltas
+
+    def _charge_device_time(self, chunks: list[ScheduledChunk], step_s: float) -> None:
+        """Split a step's wall time among its chunks in proportion to their tokens: a
+        step's cost grows with the tokens it computes, so a 500-token prefill chunk pays
+        for more of it than a 1-token decode (attention length is ignored). Aborted
+        requests are charged too: the device did the work."""
+        self._device_seconds += step_s
+        num_tokens = sum(c.num_tokens for c in chunks)
+        for chunk in chunks:
+            chunk.request.device_seconds += step_s * chunk.num_tokens / num_tokens
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
@@ -118,6 +142,7 @@ class EngineCore:
     def _finish(self, req: Request, reason: FinishReason, *, last_token: int | None = None,
                 last_logprob: TokenLogprob | None = None, error: str | None = None) -> Delta:
         self.scheduler.finish(req, reason)
+        req.finished_time = self._clock()
         self.sampler.release(req.request_id)
         del self._requests[req.request_id]
         self._num_finished += 1
@@ -131,6 +156,7 @@ class EngineCore:
             usage=usage,
             logprobs=[last_logprob] if last_logprob is not None else None,
             error=error,
+            timings=req.timings(),
         )
 
     # -- stats -----------------------------------------------------------------------
@@ -152,5 +178,6 @@ class EngineCore:
             generated_tokens=self._generated_tokens,
             mean_batch_size=sum(batches) / len(batches) if batches else 0.0,
             mean_step_ms=sum(ms) / len(ms) if ms else 0.0,
+            device_seconds=self._device_seconds,
             recent_batch_sizes=batches,
         )

@@ -28,6 +28,25 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestTimings:
+    """Where one finished request's time went. Times are ``time.monotonic()`` seconds
+    of the engine's process; the three stages are consecutive and cover arrival to finish.
+    """
+
+    arrival_time: float  # when the engine accepted the request
+    queue_s: float  # arrival -> first scheduled (arrival -> finish if never scheduled)
+    prefill_s: float  # first scheduled -> first output token sampled (-> finish if none)
+    # first token -> finished; waits after a preemption count here (the request has
+    # streamed tokens already, so that wait is seen by the caller as slow decoding)
+    decode_s: float
+    device_seconds: float  # its share of the wall time of the steps it was part of
+
+    @property
+    def finished_time(self) -> float:
+        return self.arrival_time + self.queue_s + self.prefill_s + self.decode_s
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
     """New output of one request since its previous delta."""
 
@@ -37,6 +56,8 @@ class Delta:
     usage: Usage | None = None  # set on the last delta only
     logprobs: list[TokenLogprob] | None = None  # one per new token when requested
     error: str | None = None  # set when finish_reason is ERROR
+    # Set on the last delta only; None when the request never reached the engine's queue.
+    timings: RequestTimings | None = None
 
     @property
     def finished(self) -> bool:
@@ -60,6 +81,7 @@ class EngineStats:
     generated_tokens: int
     mean_batch_size: float  # requests per step over the recent window
     mean_step_ms: float  # wall time per step over the recent window
+    device_seconds: float  # wall time of every step so far (the sum of requests' shares)
     recent_batch_sizes: list[int] = field(default_factory=list)
 
     @property

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from services.worker.engine.outputs import FinishReason
+from services.worker.engine.outputs import FinishReason, RequestTimings
 from services.worker.engine.params import Priority, SamplingParams
 
 
@@ -23,6 +23,9 @@ class Request:
     Tokens are ``prompt_ids + output_ids``; ``num_computed_tokens`` counts those whose
     KV is in the cache. Prefill and decode are the same thing: each step computes some
     of the ``num_tokens - num_computed_tokens`` tokens still missing.
+
+    The timing fields are set by the engine core, which owns the clock; all are on the
+    clock of ``arrival_time`` (``time.monotonic`` unless the core was given another).
     """
 
     request_id: str
@@ -39,6 +42,10 @@ class Request:
     finish_reason: FinishReason | None = None
     all_ids: list[int] = field(default_factory=list)  # prompt_ids + output_ids, kept in step
     block_hashes: list[bytes] = field(default_factory=list)  # hash chain of full blocks
+    first_scheduled_time: float | None = None  # start of the first step it was part of
+    first_token_time: float | None = None  # when its first output token was sampled
+    finished_time: float | None = None
+    device_seconds: float = 0.0  # its token-proportional share of its steps' wall time
 
     def __post_init__(self) -> None:
         self.all_ids = list(self.prompt_ids)
@@ -54,3 +61,16 @@ class Request:
     def append_output(self, token_id: int) -> None:
         self.output_ids.append(token_id)
         self.all_ids.append(token_id)
+
+    def timings(self) -> RequestTimings:
+        """Its stages once finished; a stage it never reached takes no time."""
+        if self.finished_time is None:
+            raise ValueError(f"request {self.request_id!r} has not finished")
+        end = self.finished_time
+        scheduled = self.first_scheduled_time if self.first_scheduled_time is not None else end
+        first_token = self.first_token_time if self.first_token_time is not None else end
+        return RequestTimings(arrival_time=self.arrival_time,
+                              queue_s=scheduled - self.arrival_time,
+                              prefill_s=first_token - scheduled,
+                              decode_s=end - first_token,
+                              device_seconds=self.device_seconds)

@@ -7,6 +7,10 @@ async-iterable ``RequestOutput`` (cumulative ``outputs[0].token_ids``, ``finishe
 stats dicts. TensorRT-LLM only runs inside NVIDIA's release container on a GPU, so this
 module cannot be exercised on the dev machines; its tests use a fake ``tensorrt_llm``.
 ``import tensorrt_llm`` happens in the constructor only.
+
+Request timings are measured here, at the stream, so some are approximate (see
+``_timings``): the runtime's own scheduling time is not visible, and device time is an
+equal share of each iteration's latency among the requests in flight.
 """
 
 from __future__ import annotations
@@ -16,13 +20,22 @@ import collections
 import itertools
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.model.config import load_model_config
-from services.worker.engine.outputs import Delta, EngineStats, FinishReason, TokenLogprob, Usage
+from services.worker.engine.outputs import (
+    Delta,
+    EngineStats,
+    FinishReason,
+    RequestTimings,
+    TokenLogprob,
+    Usage,
+)
 from services.worker.engine.params import (
     InvalidRequestError,
     Priority,
@@ -89,6 +102,10 @@ class TrtLlmEngine:
         self._recent_batch: collections.deque[int] = collections.deque(maxlen=STATS_WINDOW)
         self._recent_ms: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
         self._num_finished = self._generated = self._cache_queries = self._cache_hits = 0
+        self._device_seconds = 0.0  # the sum of every iteration's latency seen so far
+        # The sum, over iterations, of latency / requests in flight: a request's device
+        # share is this sum's growth between its arrival and its finish.
+        self._device_seconds_per_request = 0.0
 
     @property
     def max_model_len(self) -> int:
@@ -109,6 +126,7 @@ class TrtLlmEngine:
         """
         if self._closed:
             raise RuntimeError("the engine is shut down")
+        times = _StreamTimes(time.monotonic(), self._device_seconds_per_request)
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self._requests:
             raise InvalidRequestError("request_id", f"{rid!r} is already running")
@@ -124,7 +142,7 @@ class TrtLlmEngine:
         self._requests[rid] = result
         if self._stats_task is None:
             self._stats_task = loop.create_task(self._poll_stats())
-        return self._stream(rid, result, len(prompt_ids), params.logprobs)
+        return self._stream(rid, result, len(prompt_ids), params.logprobs, times)
 
     def _sampling_params(self, prompt_ids: list[int], p: SamplingParams) -> Any:
         eos = list(self.model_cfg.eos_token_ids)
@@ -153,7 +171,7 @@ class TrtLlmEngine:
         )
 
     async def _stream(self, rid: str, result: Any, num_prompt: int,
-                      want_logprobs: int) -> AsyncIterator[Delta]:
+                      want_logprobs: int, times: _StreamTimes) -> AsyncIterator[Delta]:
         sent, finished = 0, False
         try:
             try:
@@ -161,6 +179,8 @@ class TrtLlmEngine:
                     seq = out.outputs[0]
                     new = list(seq.token_ids[sent:])
                     lps = _logprobs(new, (seq.logprobs or [])[sent:], want_logprobs)
+                    if new and times.first_token_time is None:
+                        times.first_token_time = time.monotonic()
                     sent += len(new)
                     self._generated += len(new)
                     if not out.finished:
@@ -172,14 +192,16 @@ class TrtLlmEngine:
                     error = None if reason is not FinishReason.ERROR else (
                         f"TensorRT-LLM finished with reason {seq.finish_reason!r}")
                     finished = True
-                    yield self._final(rid, new, lps, reason, num_prompt, sent, seq, error)
+                    yield self._final(rid, new, lps, reason, num_prompt, sent, seq, error,
+                                      times)
                     return
                 error = "the TensorRT-LLM stream ended before the request finished"
             except Exception as exc:  # a request error from the runtime ends this stream only
                 log.exception("TensorRT-LLM request %s failed", rid)
                 error = f"engine failure: {exc}"
             finished = True
-            yield self._final(rid, [], None, FinishReason.ERROR, num_prompt, sent, None, error)
+            yield self._final(rid, [], None, FinishReason.ERROR, num_prompt, sent, None, error,
+                              times)
         finally:
             if not finished:  # the caller left early (cancel, aclose, error)
                 self.abort(rid)
@@ -189,7 +211,7 @@ class TrtLlmEngine:
 
     def _final(self, rid: str, new: list[int], lps: list[TokenLogprob] | None,
                reason: FinishReason, num_prompt: int, num_out: int, seq: Any,
-               error: str | None) -> Delta:
+               error: str | None, times: _StreamTimes) -> Delta:
         # The LLM API has no cached-token count on the output; per-request perf metrics
         # report reused KV blocks, so cached tokens = reused blocks * block size (capped).
         metrics = getattr(seq, "request_perf_metrics", None)
@@ -202,7 +224,22 @@ class TrtLlmEngine:
         self._cache_hits += cached
         return Delta(rid, new, finish_reason=reason, logprobs=lps, error=error,
                      usage=Usage(prompt_tokens=num_prompt, completion_tokens=num_out,
-                                 cached_prompt_tokens=cached))
+                                 cached_prompt_tokens=cached),
+                     timings=self._timings(times))
+
+    def _timings(self, times: _StreamTimes) -> RequestTimings:
+        """What the stream saw. Approximate, unlike the native engine's: the runtime's
+        queue is not visible, so ``queue_s`` is 0 and its wait counts as prefill; stages
+        end when the LLM API hands tokens over (after its own postprocessing); and the
+        device share is equal among the requests of an iteration (not per token),
+        counts iterations while the request was still queued, and lags by the stats
+        poll (``STATS_POLL_S``), so a request shorter than that may show 0."""
+        finished = time.monotonic()
+        first_token = times.first_token_time if times.first_token_time is not None else finished
+        return RequestTimings(
+            arrival_time=times.arrival_time, queue_s=0.0,
+            prefill_s=first_token - times.arrival_time, decode_s=finished - first_token,
+            device_seconds=self._device_seconds_per_request - times.device_share_at_arrival)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its stream ends with FinishReason.ABORT. Unknown ids are ignored."""
@@ -223,9 +260,13 @@ class TrtLlmEngine:
                 async for it in self._llm.get_stats_async(timeout=STATS_TIMEOUT_S):
                     self._last_iter = it
                     ifb = it.get("inflightBatchingStats") or {}
-                    self._recent_batch.append(int(ifb.get(
-                        "numScheduledRequests", it.get("numActiveRequests", 0))))
-                    self._recent_ms.append(float(it.get("iterLatencyMS", 0.0)))
+                    num_scheduled = int(ifb.get("numScheduledRequests",
+                                                it.get("numActiveRequests", 0)))
+                    iter_s = float(it.get("iterLatencyMS", 0.0)) / 1e3
+                    self._recent_batch.append(num_scheduled)
+                    self._recent_ms.append(iter_s * 1e3)
+                    self._device_seconds += iter_s
+                    self._device_seconds_per_request += iter_s / max(num_scheduled, 1)
             except Exception:
                 log.debug("get_stats_async failed", exc_info=True)
             await asyncio.sleep(STATS_POLL_S)
@@ -248,6 +289,7 @@ class TrtLlmEngine:
             generated_tokens=self._generated,
             mean_batch_size=sum(batches) / len(batches) if batches else 0.0,
             mean_step_ms=sum(ms) / len(ms) if ms else 0.0,
+            device_seconds=self._device_seconds,
             recent_batch_sizes=batches,
         )
 
@@ -261,6 +303,15 @@ class TrtLlmEngine:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(self._stats_task.cancel)
         self._llm.shutdown()
+
+
+@dataclass(slots=True)
+class _StreamTimes:
+    """One request's times as its stream sees them (``time.monotonic`` seconds)."""
+
+    arrival_time: float
+    device_share_at_arrival: float  # ``_device_seconds_per_request`` at arrival
+    first_token_time: float | None = None
 
 
 def _logprobs(tokens: list[int], entries: list[Any], k: int) -> list[TokenLogprob] | None:

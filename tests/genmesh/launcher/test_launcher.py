@@ -18,8 +18,11 @@ from genmesh.launcher import plan as plan_module
 from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, MissingPieceError, ProcessSpec, plan
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.probes import GrpcHealth
+from genmesh.launcher.prometheus import prometheus_binary
 from genmesh.launcher.supervisor import STATE_FILE, ProcessFailedError, Supervisor
 from tests.procs import REPO_ROOT
+
+HAS_PROMETHEUS = prometheus_binary() is not None
 
 
 def test_status_of_the_running_mesh_is_all_serving(mesh, capsys):
@@ -28,7 +31,8 @@ def test_status_of_the_running_mesh_is_all_serving(mesh, capsys):
     for name in ("redis", "ratelimit", "tokenizer", "safety", "cache", "worker-v1", "frontend",
                  "envoy"):
         assert f"{name} " in table
-    assert table.count("NOT SERVING") == 0 and table.count("SERVING") == 8
+    num_processes = 8 + HAS_PROMETHEUS  # Prometheus joins when it is installed
+    assert table.count("NOT SERVING") == 0 and table.count("SERVING") == num_processes
 
 
 def test_status_without_a_mesh_says_how_to_start_one(tmp_path, capsys):
@@ -57,7 +61,7 @@ def test_missing_redis_names_the_fix(tmp_path, monkeypatch):
 
 
 def test_plan_renders_a_valid_envoy_config_and_orders_the_processes(tmp_path):
-    specs = plan(MeshConfig(run_dir=tmp_path))
+    specs = plan(MeshConfig(run_dir=tmp_path, with_prometheus=False))
     assert [s.name for s in specs] == ["redis", "ratelimit", "tokenizer", "safety", "cache",
                                        "worker-v1", "worker-v2", "frontend", "envoy"]
     assert (tmp_path / "envoy.yaml").exists()
@@ -71,7 +75,8 @@ def test_plan_renders_a_valid_envoy_config_and_orders_the_processes(tmp_path):
 
 
 def test_plan_without_redis_keeps_local_limits_only(tmp_path):
-    specs = plan(MeshConfig(run_dir=tmp_path, with_redis=False, versions=("v1",)))
+    specs = plan(MeshConfig(run_dir=tmp_path, with_redis=False, versions=("v1",),
+                            with_prometheus=False))
     assert [s.name for s in specs] == ["tokenizer", "safety", "cache", "worker-v1", "frontend",
                                        "envoy"]
     safety = next(s for s in specs if s.name == "safety")
@@ -126,8 +131,30 @@ def test_genmesh_up_serves_then_ctrl_c_stops_every_process(tmp_path):
             proc.kill()
     assert proc.returncode == 0, err
     assert "stopped" in err
-    assert sum(" SERVING" in line for line in lines) == 9  # deploy/local.yaml: two versions
+    # deploy/local.yaml: two versions; Prometheus when it is installed.
+    assert sum(" SERVING" in line for line in lines) == 9 + HAS_PROMETHEUS
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not (tmp_path / STATE_FILE).exists()
+
+
+def test_every_service_serves_metrics_and_prometheus_scrapes_them(tmp_path):
+    specs = plan(MeshConfig(run_dir=tmp_path, with_prometheus=HAS_PROMETHEUS,
+                            otlp_endpoint="127.0.0.1:4317"))
+    for spec in specs:
+        if spec.name not in ("redis", "envoy", "prometheus"):
+            assert "--metrics-port" in spec.argv, spec.name
+            assert spec.argv[spec.argv.index("--otlp-endpoint") + 1] == "127.0.0.1:4317"
+    envoy = (tmp_path / "xds" / "listeners.yaml").read_text()
+    assert "envoy.tracers.opentelemetry" in envoy
+    if HAS_PROMETHEUS:
+        assert specs[-1].name == "prometheus"
+        config = (tmp_path / "prometheus.yml").read_text()
+        assert "127.0.0.1:9161" in config and "/stats/prometheus" in config
+
+
+def test_prometheus_wanted_but_missing_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr("genmesh.launcher.prometheus.prometheus_binary", lambda: None)
+    with pytest.raises(MissingPieceError, match="apt install prometheus"):
+        plan(MeshConfig(run_dir=tmp_path, with_prometheus=True))

@@ -72,7 +72,7 @@ def jobs_mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     run_dir = tmp_path_factory.mktemp("jobs-mesh")
     ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
     config = MeshConfig(**ports, model=DEFAULT_MODEL, versions=("v1",), kv_cache_gib=0.25,
-                        run_dir=run_dir, safety_embedding=False,
+                        run_dir=run_dir, safety_embedding=False, with_prometheus=False,
                         deployment=mesh_deployment(run_dir / "source.yaml", budgets=False,
                                                    job_claim_timeout_s=CLAIM_TIMEOUT_S))
     supervisor = Supervisor(plan(config), run_dir=run_dir)

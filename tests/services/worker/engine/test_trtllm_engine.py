@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +244,25 @@ def test_stream_yields_only_new_tokens_and_usage(fake_trt, model_dir):
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (20, 16)
     assert stats.mean_step_ms == 3.5 and stats.mean_batch_size == 2.0
 
+
+
+def test_final_delta_has_timings_measured_at_the_stream(fake_trt, model_dir):
+    async def run() -> tuple[TrtLlmEngine, list[Any], float, float]:
+        eng = make_engine(model_dir)
+        before = time.monotonic()
+        deltas = await collect(eng.submit([1, 2, 3], SamplingParams(max_tokens=3)))
+        return eng, deltas, before, time.monotonic()
+
+    eng, deltas, before, after = asyncio.run(run())
+    timings = deltas[-1].timings
+    assert all(d.timings is None for d in deltas[:-1])
+    assert timings.queue_s == 0.0  # the runtime's queue is not visible: it counts as prefill
+    assert before <= timings.arrival_time <= timings.finished_time <= after
+    assert timings.prefill_s >= 0 and timings.decode_s >= 0
+    # The one iteration the fake reports (3.5 ms, 2 requests) ran while this one was in
+    # flight: an equal half of it.
+    assert timings.device_seconds == pytest.approx(0.00175)
+    assert eng.stats().device_seconds == pytest.approx(0.0035)
 
 def test_sampling_params_mapping(fake_trt, model_dir):
     async def run() -> None:

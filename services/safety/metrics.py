@@ -1,0 +1,22 @@
+"""The safety service's Prometheus series."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Histogram
+
+from services.safety.audit import AuditRecord
+
+DECISIONS = Counter(
+    "genmesh_safety_decisions", "Safety decisions, one per finding ('none' for a clean text)",
+    ["direction", "category", "action"])
+CHECK_SECONDS = Histogram(
+    "genmesh_safety_check_seconds", "Time to check a prompt or moderate one streamed chunk",
+    ["direction"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                            1.0, 2.5))
+
+
+def count_decisions(records: Iterable[AuditRecord]) -> None:
+    for r in records:
+        DECISIONS.labels(r.direction, r.category, r.action).inc()
