@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from genmesh.client.types import API_KEY_ENV, DEV_API_KEY
-from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, plan, redis_binary
+from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, redis_binary
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.supervisor import Supervisor
 from genmesh.models.store import ModelStore, default_store_root
 from services.safety.config import DEFAULT_POLICY
-from tests.procs import REPO_ROOT, RedisServer
+from tests.procs import REPO_ROOT, RedisServer, launched
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Every client in the tests speaks as the `dev` tenant of deploy/local.yaml unless a test
@@ -105,13 +105,8 @@ def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                         deployment=mesh_deployment(run_dir / "test-deployment.yaml"),
                         scrape_interval_s=1.0,
                         safety_policy=mesh_safety_policy(run_dir / "safety-policy.yaml"))
-    supervisor = Supervisor(plan(config), run_dir=config.run_dir)
-    supervisor.start()
-    try:
-        supervisor.wait_ready(timeout_s=180)
+    with launched(config) as supervisor:
         yield RunningMesh(config, supervisor, DEFAULT_MODEL)
-    finally:
-        supervisor.stop()
 
 
 @pytest.fixture

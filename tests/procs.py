@@ -14,8 +14,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from genmesh.launcher.plan import MeshConfig, plan
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.probes import RedisPing
+from genmesh.launcher.supervisor import Supervisor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,3 +104,16 @@ class RedisServer:
     def resume(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
+
+
+@contextmanager
+def launched(config: MeshConfig, *, timeout_s: float = 180.0) -> Iterator[Supervisor]:
+    """The processes ``genmesh up`` would run for ``config``, serving, until the block
+    ends; then stopped in order."""
+    supervisor = Supervisor(plan(config), run_dir=config.run_dir)
+    supervisor.start()
+    try:
+        supervisor.wait_ready(timeout_s=timeout_s)
+        yield supervisor
+    finally:
+        supervisor.stop()

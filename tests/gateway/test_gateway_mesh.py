@@ -35,7 +35,6 @@ from genmesh.launcher.plan import (
     XDS_DIR,
     MeshConfig,
     ProcessSpec,
-    plan,
 )
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.probes import HttpReady
@@ -44,6 +43,7 @@ from genmesh.rollout_report import compare
 from genmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common import metadata
 from services.frontend.budget import budget_key
+from tests.procs import launched
 
 MODEL = "smollm2-135m-instruct"
 KEYS = {"alpha": "key-alpha", "beta": "key-beta", "gamma": "key-gamma", "delta": "key-delta"}
@@ -101,13 +101,8 @@ def gw(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ga
     ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
     config = MeshConfig(**ports, deployment=deployment_file, kv_cache_gib=0.25, run_dir=run_dir,
                         with_prometheus=False)
-    supervisor = Supervisor(plan(config), run_dir=run_dir)
-    supervisor.start()
-    try:
-        supervisor.wait_ready(timeout_s=240)
+    with launched(config, timeout_s=240) as supervisor:
         yield GatewayMesh(config, supervisor)
-    finally:
-        supervisor.stop()
 
 
 def wait_for_minute_room(seconds: float) -> None:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from genmesh.client import Client
-from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, plan
+from genmesh.launcher.plan import PORT_FIELDS, MeshConfig
 from genmesh.launcher.ports import free_ports
-from genmesh.launcher.supervisor import Supervisor
 from tests.conftest import DEFAULT_MODEL, mesh_deployment
 from tests.otlp import OtlpReceiver, ReceivedSpan
+from tests.procs import launched
 
 FRONTEND_STAGES = {"tokenize", "prompt_check", "budget", "cache_lookup", "generate",
                    "detokenize", "moderation", "cache_store"}
@@ -38,13 +38,8 @@ def traced(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                             run_dir=run_dir, safety_embedding=False, with_prometheus=False,
                             otlp_endpoint=receiver.endpoint,
                             deployment=mesh_deployment(run_dir / "source.yaml"))
-        supervisor = Supervisor(plan(config), run_dir=run_dir)
-        supervisor.start()
-        try:
-            supervisor.wait_ready(timeout_s=180)
+        with launched(config):
             yield TracedMesh(config, receiver)
-        finally:
-            supervisor.stop()
 
 
 def by_id(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan]:

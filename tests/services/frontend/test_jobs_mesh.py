@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from genmesh.client import Client, GenmeshError, Job
-from genmesh.launcher.plan import DEPLOYMENT_FILE, PORT_FIELDS, MeshConfig, plan
+from genmesh.launcher.plan import DEPLOYMENT_FILE, PORT_FIELDS, MeshConfig
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.probes import RedisPing
 from genmesh.launcher.supervisor import Supervisor
@@ -32,7 +32,7 @@ from genmesh.v1 import (
 )
 from services.common import metadata
 from tests.conftest import DEFAULT_MODEL, OTHER_API_KEY, mesh_deployment
-from tests.procs import REPO_ROOT, free_port, wait_serving
+from tests.procs import REPO_ROOT, free_port, launched, wait_serving
 
 CLAIM_TIMEOUT_S = 2.0
 ENDED = {generation_pb2.JOB_STATE_SUCCEEDED, generation_pb2.JOB_STATE_FAILED,
@@ -75,18 +75,15 @@ def jobs_mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
                         run_dir=run_dir, safety_embedding=False, with_prometheus=False,
                         deployment=mesh_deployment(run_dir / "source.yaml", budgets=False,
                                                    job_claim_timeout_s=CLAIM_TIMEOUT_S))
-    supervisor = Supervisor(plan(config), run_dir=run_dir)
-    supervisor.start()
-    mesh = JobsMesh(config, supervisor)
-    try:
-        supervisor.wait_ready(timeout_s=180)
-        yield mesh
-    finally:
-        for proc in mesh.extra:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-        supervisor.stop()
+    with launched(config) as supervisor:
+        mesh = JobsMesh(config, supervisor)
+        try:
+            yield mesh
+        finally:
+            for proc in mesh.extra:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
 
 
 def test_a_job_runs_to_its_result_and_is_watched_to_the_end(jobs_mesh):
