@@ -127,9 +127,11 @@ def run_turn(session: ChatSession, content: str) -> bool:
                 cancel_once()
         elif isinstance(event, TurnFinished):
             u = event.usage
+            replayed = "; replayed from the response cache" if u.response_cached else ""
             print(f"\n[{_finish(event.finish_reason, event.finish_detail)}: {u.prompt_tokens} "
                   f"prompt ({u.cached_prompt_tokens}"
-                  f" cached) + {u.completion_tokens} completion tokens]", file=sys.stderr)
+                  f" cached) + {u.completion_tokens} completion tokens{replayed}]",
+                  file=sys.stderr)
             return True
         elif isinstance(event, ChatError):
             raise GenmeshError(event.code, event.message)
