@@ -6,7 +6,18 @@ import argparse
 import logging
 import sys
 
-from genmesh.commands import batch, bench, cache, client, engine, mesh, models, rollout, safety
+from genmesh.commands import (
+    batch,
+    bench,
+    cache,
+    client,
+    engine,
+    gateway,
+    mesh,
+    models,
+    rollout,
+    safety,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.register(sub)
     cache.register(sub)
     rollout.register(sub)
+    gateway.register(sub)
     safety.register(sub)
     return parser
 
