@@ -9,8 +9,10 @@ import sys
 
 from genmesh.v1 import cache_pb2, cache_pb2_grpc
 from services.cache.config import CacheConfig, load_config
+from services.cache.memory_store import MemoryStore
+from services.cache.redis_store import redis_store
 from services.cache.servicer import CacheServicer
-from services.cache.store import AnswerStore, MemoryStore, StoreLimits, redis_store
+from services.cache.store import AnswerStore, StoreLimits
 from services.common.server import serve, setup_json_logging
 from services.common.telemetry import settings_from, setup
 

@@ -12,15 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from services.cache.store import (
-    AnswerStore,
-    EntryKey,
-    MemoryStore,
-    RedisStore,
-    StoreLimits,
-    StoreUnavailable,
-    redis_store,
-)
+from services.cache.memory_store import MemoryStore
+from services.cache.redis_store import RedisStore, redis_store
+from services.cache.store import AnswerStore, EntryKey, StoreLimits, StoreUnavailable
 from tests.procs import RedisServer
 
 TIMEOUT_S = 0.25  # the Redis client's socket and connect timeouts in these tests
