@@ -5,7 +5,8 @@ While a job runs, a heartbeat keeps the claim every third of the claim timeout; 
 heartbeat that finds the job ended (cancelled by the client, or finished by another
 frontend that took it over) cancels the work. A frontend that dies stops its heartbeats,
 and another one takes the job over after the timeout; the queue lets only the first
-finish count, so the client sees one result.
+finish count, so the client sees one result. A job that fails because a service was
+down or too slow is left to be taken over the same way, up to ``max_attempts`` times.
 """
 
 from __future__ import annotations
@@ -29,17 +30,23 @@ log = logging.getLogger("genmesh.frontend")
 tracer = telemetry.tracer(__name__)
 
 IDLE_RETRY_S = 1.0  # after the store failed: wait this long before asking again
+# Failures worth another attempt: a service down, or slower than its deadline.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE.value[0],
+                       grpc.StatusCode.DEADLINE_EXCEEDED.value[0]})
 
 
 class JobRunner:
     def __init__(self, queue: JobQueue, *, pipeline: Pipeline, catalog: ModelCatalog,
-                 max_running: int, claim_timeout_s: float, timeout_s: float) -> None:
+                 max_running: int, claim_timeout_s: float, timeout_s: float,
+                 max_attempts: int = 3) -> None:
         self.queue = queue
         self.pipeline = pipeline
         self.catalog = catalog
         self.max_running = max_running
         self.heartbeat_s = claim_timeout_s / 3
         self.timeout_s = timeout_s  # longest a job's generation may run
+        # Attempts a job gets when it keeps failing transiently; the last failure is final.
+        self.max_attempts = max_attempts
         self._running: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -79,6 +86,13 @@ class JobRunner:
                     log.info("job ended elsewhere; stopped", extra={"job_id": claim.job_id})
                     return
             result, code, error = work.result()
+            if code in TRANSIENT and claim.record.num_attempts < self.max_attempts:
+                # A service was down or slow: leave the claim to time out, and the job runs
+                # again (here or on another frontend), instead of failing for good.
+                log.warning("job failed for now; it will be retried", extra={
+                    "job_id": claim.job_id, "attempt": claim.record.num_attempts,
+                    "error": error})
+                return
             ended = await self.queue.finish(claim, result=result, error_code=code, error=error)
             log.info("job finished", extra={"job_id": claim.job_id, "ended_here": ended,
                                             "error": error})
