@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar
 
 import grpc
 
 from genmesh.client import types as t
 from genmesh.client.sync import DEFAULT_ADDRESS
 from genmesh.v1 import generation_pb2, generation_pb2_grpc
+
+T = TypeVar("T")
 
 
 class AsyncClient:
@@ -51,13 +53,8 @@ class AsyncClient:
         req = t.generate_request(prompt, messages, model=model, model_version=model_version,
                                  request_id=request_id, params=params, skip_cache=skip_cache)
         call = self.stub.GenerateStream(req, timeout=self.timeout_s, metadata=self.metadata)
-        try:
-            async for reply in call:
-                yield t.chunk_from_proto(reply)
-        except grpc.aio.AioRpcError as exc:
-            raise t.GenmeshError.from_rpc(exc) from None
-        finally:
-            call.cancel()
+        async for item in _streamed(call, t.chunk_from_proto):
+            yield item
 
     def chat(self, *, model: str = "", model_version: str = "", system_prompt: str = "",
              **params: Any) -> AsyncChatSession:
@@ -78,13 +75,8 @@ class AsyncClient:
 
         call = self.stub.GenerateBatch(requests(), timeout=self.timeout_s,
                                        metadata=self.metadata)
-        try:
-            async for reply in call:
-                yield t.batch_result_from_proto(reply)
-        except grpc.aio.AioRpcError as exc:
-            raise t.GenmeshError.from_rpc(exc) from None
-        finally:
-            call.cancel()
+        async for item in _streamed(call, t.batch_result_from_proto):
+            yield item
 
     async def submit_job(self, prompt: str | None = None, *,
                          messages: list[dict[str, str]] | None = None, job_id: str = "",
@@ -103,13 +95,8 @@ class AsyncClient:
     async def watch_job(self, job_id: str) -> AsyncIterator[t.Job]:
         call = self.stub.WatchJob(generation_pb2.JobRef(job_id=job_id), timeout=self.timeout_s,
                                   metadata=self.metadata)
-        try:
-            async for reply in call:
-                yield t.job_from_proto(reply)
-        except grpc.aio.AioRpcError as exc:
-            raise t.GenmeshError.from_rpc(exc) from None
-        finally:
-            call.cancel()
+        async for item in _streamed(call, t.job_from_proto):
+            yield item
 
     async def _job_call(self, method: Any, request: Any) -> t.Job:
         try:
@@ -125,6 +112,19 @@ class AsyncClient:
         except grpc.aio.AioRpcError as exc:
             raise t.GenmeshError.from_rpc(exc) from None
         return t.models_from_proto(reply)
+
+
+
+async def _streamed(call: Any, convert: Callable[[Any], T]) -> AsyncIterator[T]:
+    """A server stream's replies, converted; an RPC error raises GenmeshError, and
+    closing the iterator cancels the call."""
+    try:
+        async for reply in call:
+            yield convert(reply)
+    except grpc.aio.AioRpcError as exc:
+        raise t.GenmeshError.from_rpc(exc) from None
+    finally:
+        call.cancel()
 
 
 class AsyncChatSession:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 
 from genmesh.client import types as t
 from genmesh.v1 import generation_pb2, generation_pb2_grpc
+
+T = TypeVar("T")
 
 DEFAULT_ADDRESS = "127.0.0.1:8080"  # the Envoy edge listener of `genmesh up`
 
@@ -57,13 +59,7 @@ class Client:
         req = t.generate_request(prompt, messages, model=model, model_version=model_version,
                                  request_id=request_id, params=params, skip_cache=skip_cache)
         call = self.stub.GenerateStream(req, timeout=self.timeout_s, metadata=self.metadata)
-        try:
-            for reply in call:
-                yield t.chunk_from_proto(reply)
-        except grpc.RpcError as exc:
-            raise t.GenmeshError.from_rpc(exc) from None
-        finally:
-            call.cancel()
+        yield from _streamed(call, t.chunk_from_proto)
 
     def chat(self, *, model: str = "", model_version: str = "", system_prompt: str = "",
              **params: Any) -> ChatSession:
@@ -75,13 +71,7 @@ class Client:
         as the server has room. Raises GenmeshError when the stream itself fails."""
         requests = (t.batch_request(i, model=model, model_version=model_version) for i in items)
         call = self.stub.GenerateBatch(requests, timeout=self.timeout_s, metadata=self.metadata)
-        try:
-            for reply in call:
-                yield t.batch_result_from_proto(reply)
-        except grpc.RpcError as exc:
-            raise t.GenmeshError.from_rpc(exc) from None
-        finally:
-            call.cancel()
+        yield from _streamed(call, t.batch_result_from_proto)
 
     def submit_job(self, prompt: str | None = None, *,
                    messages: list[dict[str, str]] | None = None, job_id: str = "",
@@ -102,13 +92,7 @@ class Client:
         """The job now, then every change; the last one has ended."""
         call = self.stub.WatchJob(generation_pb2.JobRef(job_id=job_id), timeout=self.timeout_s,
                                   metadata=self.metadata)
-        try:
-            for reply in call:
-                yield t.job_from_proto(reply)
-        except grpc.RpcError as exc:
-            raise t.GenmeshError.from_rpc(exc) from None
-        finally:
-            call.cancel()
+        yield from _streamed(call, t.job_from_proto)
 
     def _job_call(self, method: Any, request: Any) -> t.Job:
         try:
@@ -201,3 +185,15 @@ class ChatSession:
                 self._events.put(_CLOSED)
             else:
                 self._events.put(t.GenmeshError.from_rpc(exc))
+
+
+def _streamed(call: Any, convert: Callable[[Any], T]) -> Iterator[T]:
+    """A server stream's replies, converted; an RPC error raises GenmeshError, and
+    closing the iterator cancels the call."""
+    try:
+        for reply in call:
+            yield convert(reply)
+    except grpc.RpcError as exc:
+        raise t.GenmeshError.from_rpc(exc) from None
+    finally:
+        call.cancel()

@@ -33,11 +33,11 @@ async def run(cfg: CacheConfig) -> None:
     telemetry = setup(settings_from("genmesh-cache", cfg))
     store = answer_store(cfg)
     servicer = CacheServicer(store)
-    gauges = asyncio.ensure_future(servicer.refresh_gauges())
+    publishing = asyncio.ensure_future(servicer.publish_metrics())
     log.info("cache store ready", extra={"store": store.name, "max_memory_mb": cfg.max_memory_mb,
                                          "default_ttl_s": cfg.default_ttl_s})
     async def stop() -> None:
-        gauges.cancel()
+        publishing.cancel()
         await store.close()
 
     await serve(name="genmesh.cache", address=cfg.address,

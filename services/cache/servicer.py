@@ -24,6 +24,7 @@ class Counters:
     num_hits: int = 0  # includes shared ones
     num_shared: int = 0
     num_leases: int = 0
+    num_misses: int = 0  # without a lease
     num_stores: int = 0
     num_store_errors: int = 0
 
@@ -53,9 +54,8 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
             await self._unavailable(exc, context)
         if lease_id is not None:
             self.counters.num_leases += 1
-            metrics.LOOKUPS.labels("lease").inc()
             return cache_pb2.CacheLookupResponse(lease_id=lease_id)
-        metrics.LOOKUPS.labels("miss").inc()
+        self.counters.num_misses += 1
         return cache_pb2.CacheLookupResponse()
 
     async def Store(self, request: cache_pb2.CacheStoreRequest,
@@ -74,7 +74,6 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         except StoreUnavailable as exc:
             await self._unavailable(exc, context)
         self.counters.num_stores += stored
-        metrics.STORES.inc(stored)
         return cache_pb2.CacheStoreResponse(stored=stored)
 
     async def Release(self, request: cache_pb2.ReleaseRequest,
@@ -115,12 +114,16 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
             self.counters.num_store_errors += 1  # the counters above are still worth having
         return stats
 
-    async def refresh_gauges(self, every_s: float = 2.0) -> None:
-        """Keep the size gauges and the eviction count current, until cancelled."""
-        num_evictions = 0
+    async def publish_metrics(self, every_s: float = 0.5) -> None:
+        """Keep the Prometheus series current with the counts, until cancelled."""
         while True:
-            metrics.EVICTIONS.inc(self.store.counters.num_evictions - num_evictions)
-            num_evictions = self.store.counters.num_evictions
+            c = self.counters
+            for result, total in (("hit", c.num_hits - c.num_shared), ("shared", c.num_shared),
+                                  ("lease", c.num_leases), ("miss", c.num_misses)):
+                metrics.LOOKUPS[result].follow(total)
+            metrics.STORES.follow(c.num_stores)
+            metrics.STORE_ERRORS.follow(c.num_store_errors)
+            metrics.EVICTIONS.follow(self.store.counters.num_evictions)
             try:
                 metrics.ENTRIES.set(await self.store.num_entries())
                 metrics.BYTES.set(await self.store.num_bytes())
@@ -131,7 +134,6 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     def _hit(self, value: bytes, *, shared: bool) -> cache_pb2.CacheLookupResponse:
         self.counters.num_hits += 1
         self.counters.num_shared += shared
-        metrics.LOOKUPS.labels("shared" if shared else "hit").inc()
         return cache_pb2.CacheLookupResponse(hit=True, shared=shared,
                                              answer=cache_pb2.CachedAnswer.FromString(value))
 
@@ -146,7 +148,6 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     async def _unavailable(self, exc: StoreUnavailable, context: grpc.aio.ServicerContext
                            ) -> None:
         self.counters.num_store_errors += 1
-        metrics.STORE_ERRORS.inc()
         await context.abort(grpc.StatusCode.UNAVAILABLE,
                             f"the cache store is unavailable ({exc}); bypass the cache")
 

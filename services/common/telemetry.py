@@ -157,6 +157,19 @@ def setup(settings: TelemetrySettings) -> Telemetry:
     return Telemetry(settings, provider)
 
 
+class FollowedTotal:
+    """A Prometheus counter that follows a running total kept elsewhere (an engine's, a
+    store's, a servicer's): each ``follow`` adds what the total grew since the last."""
+
+    def __init__(self, counter: prometheus_client.Counter) -> None:
+        self._counter = counter
+        self._last = 0.0
+
+    def follow(self, total: float) -> None:
+        self._counter.inc(max(0.0, total - self._last))
+        self._last = max(self._last, total)
+
+
 def trace_metadata() -> tuple[tuple[str, str], ...]:
     """The current span's W3C context as call metadata (empty while tracing is off), for
     the streaming calls the client interceptor leaves to their caller."""

@@ -174,7 +174,6 @@ class ChatSession:
 
     async def _run_turn(self, n: int, req: PipelineRequest, user: ChatMessage, *,
                         previous: asyncio.Task | None = None) -> None:
-        parts: list[str] = []
         if previous is not None and not previous.done():
             # The last turn has finished but may still be releasing its worker request
             # and budget; a second or so at most.
@@ -183,7 +182,7 @@ class ChatSession:
             with tracer.start_as_current_span(
                     "genmesh.v1.Generation/Chat turn", context=self.trace_context,
                     kind=trace.SpanKind.SERVER, attributes={"genmesh.turn": n}):
-                await self._stream_turn(n, req, user, parts)
+                await self._stream_turn(n, req, user)
         except asyncio.CancelledError:
             # Cancelled by the client (or the session closing): closing the pipeline's
             # stream above has already aborted the worker request.
@@ -196,8 +195,8 @@ class ChatSession:
             self.last_finished_turn = n
             self._error(exc.code, exc.message, turn=n)
 
-    async def _stream_turn(self, n: int, req: PipelineRequest, user: ChatMessage,
-                           parts: list[str]) -> None:
+    async def _stream_turn(self, n: int, req: PipelineRequest, user: ChatMessage) -> None:
+        parts: list[str] = []
         seen = user  # the user's message as the model saw it (redacted by the policy)
         async with contextlib.aclosing(self.pipeline.run(req, timeout_s=self.timeout_s)
                                        ) as events:

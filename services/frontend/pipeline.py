@@ -136,7 +136,6 @@ class Pipeline:
         error = validate_stop_strings(list(req.params.stop))
         if error:
             raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT, error)
-        t0 = observer.t0
         req, prompt_ids = await self._checked_prompt(req, observer)
         if not prompt_ids:
             raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt has no tokens")
@@ -166,7 +165,7 @@ class Pipeline:
                     reservation = await self.admission.reserve(req.tenant,
                                                                len(prompt_ids) + max_tokens)
             async for event in self._generate(req, prompt_ids, generated, observer,
-                                              timeout_s=timeout_s, t0=t0):
+                                              timeout_s=timeout_s):
                 if caching is not None:
                     await self._keep(caching, event)
                 yield event
@@ -176,10 +175,10 @@ class Pipeline:
                 self.cache.release_soon(caching.key, caching.lease_id)
             if reservation is not None:
                 # Refund what the request did not use, however it ended.
-                await reservation.settle(len(prompt_ids) + generated.num_tokens)
+                num_used = len(prompt_ids) + generated.num_tokens
+                await reservation.settle(num_used)
                 if reservation.is_reserved:
-                    metrics.BUDGET_USED.labels(req.tenant).inc(
-                        len(prompt_ids) + generated.num_tokens)
+                    metrics.BUDGET_USED.labels(req.tenant).inc(num_used)
 
     async def _keep(self, caching: _Caching, event: Event) -> None:
         """Collect the answer; on a complete finish, store it (before the client hears of
@@ -258,18 +257,18 @@ class Pipeline:
         return tuple(pairs)
 
     async def _generate(self, req: PipelineRequest, prompt_ids: list[int],
-                        generated: _Generated, observer: RequestObserver, *, timeout_s: float,
-                        t0: float) -> AsyncGenerator[Event, None]:
+                        generated: _Generated, observer: RequestObserver, *, timeout_s: float
+                        ) -> AsyncGenerator[Event, None]:
         """The worker stream, detokenized and cut at stop strings; counts the tokens
         generated into ``generated`` as they arrive."""
         with observer.stage("generate"):
             async for event in self._stream(req, prompt_ids, generated, observer,
-                                            timeout_s=timeout_s, t0=t0):
+                                            timeout_s=timeout_s):
                 yield event
 
     async def _stream(self, req: PipelineRequest, prompt_ids: list[int],
-                      generated: _Generated, observer: RequestObserver, *, timeout_s: float,
-                      t0: float) -> AsyncGenerator[Event, None]:
+                      generated: _Generated, observer: RequestObserver, *, timeout_s: float
+                      ) -> AsyncGenerator[Event, None]:
         worker_params = common_pb2.SamplingParams()
         worker_params.CopyFrom(req.params)
         del worker_params.stop[:]  # stop strings are applied here, on text
@@ -287,7 +286,6 @@ class Pipeline:
         stops = StopMatcher(list(req.params.stop))
         moderation = (OutputModeration(None) if self.safety is None
                       else self.safety.moderation(request_id=req.request_id, tenant=req.tenant))
-        ttft_ms = None
         try:
             served = dict(await worker_call.initial_metadata() or ())
             version = str(served.get(metadata.MODEL_VERSION, req.model_version))
@@ -304,8 +302,6 @@ class Pipeline:
                 text = await _detokenize(detok, tokenizer_pb2.DetokenizeRequest(
                     token_ids=msg.token_ids, flush=bool(msg.finish_reason)))
                 observer.busy("detokenize", start_ns, time.time_ns())
-                if ttft_ms is None:
-                    ttft_ms = (time.perf_counter() - t0) * 1e3
                 cut = stops.feed(text)
                 finish = common_pb2.FINISH_REASON_STOP if cut.is_stopped else msg.finish_reason
                 piece = cut.text if cut.is_stopped or not finish else cut.text + stops.flush()
@@ -340,10 +336,6 @@ class Pipeline:
                 opening.exception()  # retrieved: an error here was already reported or moot
             opening.cancel()
             detok.cancel()
-            log.info("request done", extra={
-                "request_id": req.request_id, "prompt_tokens": len(prompt_ids),
-                "completion_tokens": generated.num_tokens, "ttft_ms": round(ttft_ms or 0.0, 2),
-                "ms": round((time.perf_counter() - t0) * 1e3, 1)})
 
 
 def _replay(req: PipelineRequest, prompt_tokens: int, answer: cache_pb2.CachedAnswer

@@ -7,8 +7,9 @@ version that serves the request, so a rollout promote or rollback never replays 
 version's answers. Identical concurrent requests are coalesced (single flight): the
 first one generates under a lease, the others wait for its answer and replay it.
 
-The cache is an optimization: the service being down, slow or confused is counted and
-logged, and the request goes on without it (fail-open). No call waits longer than its
+The cache is an optimization: the service being down, slow or confused is logged (and a
+lookup counted as ``bypass`` in ``genmesh_response_cache_requests_total``), and the
+request goes on without it (fail-open). No call waits longer than its
 timeout.
 """
 
@@ -34,15 +35,6 @@ class CacheSettings:
     # Longest wait for an identical request in flight, and the lease given to the one that
     # generates (capped by the caller's deadline).
     max_wait_s: float = 120.0
-
-
-@dataclass(slots=True)
-class CacheCounters:
-    num_hits: int = 0  # answered from the cache (shared ones included)
-    num_shared: int = 0  # answered by waiting on an identical request in flight
-    num_misses: int = 0
-    num_stores: int = 0
-    num_bypassed: int = 0  # calls that failed or timed out: the request went on without
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +67,6 @@ def cache_key(*, tenant: str, model: str, version: str, prompt_ids: list[int],
 class ResponseCache:
     stub: cache_pb2_grpc.CacheStub
     settings: CacheSettings
-    counters: CacheCounters = field(default_factory=CacheCounters)
     # Releases still running after their request ended (kept so they are not collected).
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -91,24 +82,19 @@ class ResponseCache:
             metrics.RESPONSE_CACHE.labels("bypass").inc()
             return Lookup()
         if reply.hit:
-            self.counters.num_hits += 1
-            self.counters.num_shared += reply.shared
             metrics.RESPONSE_CACHE.labels("shared" if reply.shared else "hit").inc()
             return Lookup(answer=reply.answer, shared=reply.shared)
-        self.counters.num_misses += 1
         metrics.RESPONSE_CACHE.labels("miss").inc()
         return Lookup(lease_id=reply.lease_id)
 
     async def store(self, key: cache_pb2.CacheKey, answer: cache_pb2.CachedAnswer,
                     *, lease_id: str) -> None:
         try:
-            reply = await self.stub.Store(cache_pb2.CacheStoreRequest(
+            await self.stub.Store(cache_pb2.CacheStoreRequest(
                 key=key, answer=answer, ttl_s=self.settings.ttl_s, lease_id=lease_id),
                 timeout=self.settings.timeout_s)
         except grpc.aio.AioRpcError as exc:
             self._bypass("store", exc)
-            return
-        self.counters.num_stores += reply.stored
 
     def release_soon(self, key: cache_pb2.CacheKey, lease_id: str) -> None:
         """Give the lease back in the background: the request that held it is ending
@@ -126,7 +112,5 @@ class ResponseCache:
             self._bypass("release", exc)
 
     def _bypass(self, what: str, exc: grpc.aio.AioRpcError) -> None:
-        self.counters.num_bypassed += 1
         log.warning("response cache bypassed", extra={
-            "call": what, "code": exc.code().name, "detail": exc.details(),
-            "num_bypassed": self.counters.num_bypassed})
+            "call": what, "code": exc.code().name, "detail": exc.details()})

@@ -23,6 +23,7 @@ import logging
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common.telemetry import FollowedTotal
 from services.worker.engine.api import Engine
 from services.worker.engine.outputs import EngineStats, RequestTimings
 from services.worker.gpu import Nvml
@@ -37,18 +38,6 @@ TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 # A short request on a cheap device costs around a millionth of a dollar.
 COST_BUCKETS = (1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4,
                 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 1e-1)
-
-
-class _EngineTotal:
-    """A counter that follows one of the engine's running totals."""
-
-    def __init__(self, counter: Counter) -> None:
-        self._counter = counter
-        self._last = 0.0
-
-    def follow(self, total: float) -> None:
-        self._counter.inc(max(0.0, total - self._last))
-        self._last = max(self._last, total)
 
 
 class WorkerMetrics:
@@ -78,16 +67,16 @@ class WorkerMetrics:
                                           "Requests queued in the engine.")
         self.kv_cache_usage_perc = gauge("genmesh_kv_cache_usage_perc",
                                          "KV blocks in use / all KV blocks (0..1).")
-        self._prefix_cache_queries = _EngineTotal(counter(
+        self._prefix_cache_queries = FollowedTotal(counter(
             "genmesh_prefix_cache_queries_total",
             "Prompt tokens looked up in the prefix cache."))
-        self._prefix_cache_hits = _EngineTotal(counter(
+        self._prefix_cache_hits = FollowedTotal(counter(
             "genmesh_prefix_cache_hits_total",
             "Prompt tokens found in the prefix cache."))
-        self._num_preemptions = _EngineTotal(counter(
+        self._num_preemptions = FollowedTotal(counter(
             "genmesh_num_preemptions_total",
             "Running requests preempted (KV freed, recomputed later)."))
-        self._device_seconds = _EngineTotal(counter(
+        self._device_seconds = FollowedTotal(counter(
             "genmesh_device_seconds_total",
             "Wall time of the engine's steps (device busy time, all requests)."))
         cost_total = Counter("genmesh_cost_dollars_total",
@@ -99,7 +88,7 @@ class WorkerMetrics:
             LABELS, buckets=COST_BUCKETS, registry=registry)
         # With no price, the cost series stay absent rather than read as "free".
         is_costed = self.price_per_device_second > 0
-        self._cost = _EngineTotal(cost_total.labels(*values)) if is_costed else None
+        self._cost = FollowedTotal(cost_total.labels(*values)) if is_costed else None
         self.request_cost = cost_per_request.labels(*values) if is_costed else None
         self.queue_time = histogram("genmesh_request_queue_time_seconds",
                                     "Arrival to first scheduled step.", TIME_BUCKETS)

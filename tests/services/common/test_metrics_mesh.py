@@ -43,6 +43,9 @@ def test_every_service_exports_its_series_and_they_follow_known_traffic(mesh):
     ports = {"frontend": c.frontend_metrics_port, "worker": c.worker_metrics_port,
              "tokenizer": c.tokenizer_metrics_port, "safety": c.safety_metrics_port,
              "cache": c.cache_metrics_port, "ratelimit": c.ratelimit_metrics_port}
+    # The worker and the cache service publish their counts every half second: let what
+    # earlier tests did land before the first scrape, as the sleep below does after.
+    time.sleep(1.0)
     before = {name: scrape(port) for name, port in ports.items()}
     prompts = [f"Count to {i}. ({uuid.uuid4().hex[:6]})" for i in range(3)]
     with Client(mesh.edge_address, timeout_s=60) as client:
