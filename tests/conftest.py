@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from genmesh.client.types import API_KEY_ENV, DEV_API_KEY
@@ -20,10 +21,27 @@ from services.safety.config import DEFAULT_POLICY
 from tests.procs import REPO_ROOT, RedisServer, launched
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# The Triton kernels run under Triton's interpreter where there is no GPU; triton reads
+# the variable once, at its first import, so it is set before any test imports it.
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Every client in the tests speaks as the `dev` tenant of deploy/local.yaml unless a test
 # says otherwise (the SDK and the CLI read this variable).
 os.environ[API_KEY_ENV] = DEV_API_KEY
 os.environ.pop("GENMESH_DEV_API_KEY", None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need a CUDA device; elsewhere they are skipped
+    (scripts/device runs them on a lent GPU machine)."""
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run by scripts/device)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

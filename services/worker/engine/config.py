@@ -31,6 +31,13 @@ class EngineConfig:
     max_model_len: int | None = None  # context cap; None: the model's own (and the pool's)
     enable_prefix_caching: bool = True
     use_cpu_kernels: bool = True  # compiled AVX512-BF16 decode kernels (bf16 on CPU)
+    # Triton kernels (paged attention in place, fused small ops). None: on CUDA where
+    # triton imports; True on a CPU runs them under TRITON_INTERPRET=1 (tests only).
+    use_triton: bool | None = None
+    # Decode steps as CUDA graphs over padded batch sizes. None: on CUDA with Triton;
+    # True on a CPU runs the same padded static-buffer path without capture (tests).
+    cuda_graphs: bool | None = None
+    cuda_graph_max_batch_size: int = 256  # largest captured batch (capped at max_num_seqs)
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
     seed: int = 0  # dummy weights only
 
@@ -41,6 +48,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.cuda_graph_max_batch_size < 1:
+            raise ValueError("cuda_graph_max_batch_size must be >= 1")
 
     @property
     def torch_dtype(self) -> torch.dtype:

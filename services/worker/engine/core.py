@@ -48,6 +48,9 @@ class EngineCore:
         self._generated_tokens = 0
         self._recent_batch: collections.deque[int] = collections.deque(maxlen=STATS_WINDOW)
         self._recent_ms: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
+        # Host milliseconds of each step's phases (prepare, forward, sample), recent window.
+        self._recent_phases: collections.deque[tuple[float, float, float]] = (
+            collections.deque(maxlen=STATS_WINDOW))
         self._device_seconds = 0.0
 
     # -- requests --------------------------------------------------------------------
@@ -90,16 +93,25 @@ class EngineCore:
     def step(self) -> list[Delta]:
         t0 = self._clock()
         out = self.scheduler.schedule()
+        for victim in out.preempted:  # its blocks are gone; it starts over when readmitted
+            self.runner.release(victim.request_id)
         if not out.chunks:
             return []
         for chunk in out.chunks:
             if chunk.request.first_scheduled_time is None:
                 chunk.request.first_scheduled_time = t0
+        p0 = time.perf_counter()
         tables = [self.blocks.block_ids(c.request.request_id) for c in out.chunks]
-        logits = self.runner.execute(out.chunks, tables)
+        inputs = self.runner.prepare(out.chunks, tables)
+        p1 = time.perf_counter()
+        logits = self.runner.run(inputs)
+        p2 = time.perf_counter()
         to_sample = self.scheduler.on_step_done(out)
         requests = [c.request for c in to_sample]
+        # The step's one read back from the device: on CUDA this waits for the forward.
         token_ids, logprobs = self.sampler.sample(logits, requests)
+        p3 = time.perf_counter()
+        self._recent_phases.append(((p1 - p0) * 1e3, (p2 - p1) * 1e3, (p3 - p2) * 1e3))
         t1 = self._clock()
         self._charge_device_time(out.chunks, t1 - t0)
 
@@ -142,6 +154,7 @@ class EngineCore:
     def _finish(self, req: Request, reason: FinishReason, *, last_token: int | None = None,
                 last_logprob: TokenLogprob | None = None, error: str | None = None) -> Delta:
         self.scheduler.finish(req, reason)
+        self.runner.release(req.request_id)
         req.finished_time = self._clock()
         self.sampler.release(req.request_id)
         del self._requests[req.request_id]
@@ -164,6 +177,12 @@ class EngineCore:
     def stats(self) -> EngineStats:
         s = self.scheduler
         batches, ms = list(self._recent_batch), list(self._recent_ms)
+        phases = list(self._recent_phases)
+
+        def mean_phase(i: int) -> float:
+            return sum(p[i] for p in phases) / len(phases) if phases else 0.0
+
+        graphs = self.runner.graph_stats()
         return EngineStats(
             num_running=len(s.running),
             num_waiting=len(s.waiting),
@@ -178,6 +197,12 @@ class EngineCore:
             generated_tokens=self._generated_tokens,
             mean_batch_size=sum(batches) / len(batches) if batches else 0.0,
             mean_step_ms=sum(ms) / len(ms) if ms else 0.0,
+            mean_prepare_ms=mean_phase(0),
+            mean_forward_ms=mean_phase(1),
+            mean_sample_ms=mean_phase(2),
+            cuda_graph_batch_sizes=list(graphs.batch_sizes) if graphs else [],
+            cuda_graph_pool_bytes=graphs.pool_bytes if graphs else 0,
+            cuda_graph_replays=graphs.num_replays if graphs else 0,
             device_seconds=self._device_seconds,
             recent_batch_sizes=batches,
         )

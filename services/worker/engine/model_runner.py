@@ -7,32 +7,24 @@ from pathlib import Path
 import torch
 
 from services.worker.engine.config import EngineConfig
-from services.worker.engine.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from services.worker.engine.input_batch import InputBatch, StepInputs
+from services.worker.engine.model.attention import AttentionMetadata
 from services.worker.engine.model.config import (
     PRESETS,
     ModelConfig,
     load_model_config,
     preset,
 )
+from services.worker.engine.model.cuda_graphs import DecodeGraphs, GraphStats
 from services.worker.engine.model.llama import LlamaModel
 from services.worker.engine.model.loader import dummy_weights, load_hf_weights
 from services.worker.engine.scheduler import ScheduledChunk
-
-MAX_DECODE_GROUPS = 4  # decode batches split by context length to bound padding
-MIN_DECODE_GROUP = 8  # smallest group worth its own attention call
 
 
 def resolve_model_config(config: EngineConfig) -> ModelConfig:
     if config.load_format == "dummy" and config.model in PRESETS:
         return preset(config.model)
     return load_model_config(Path(config.model))
-
-
-def split_decode_groups(n: int, *, max_groups: int = MAX_DECODE_GROUPS) -> list[int]:
-    """Sizes of the groups that ``n`` decodes, sorted by context length, are cut into."""
-    num_groups = max(1, min(max_groups, n // MIN_DECODE_GROUP))
-    base, extra = divmod(n, num_groups)
-    return [base + (1 if i < extra else 0) for i in range(num_groups)]
 
 
 class ModelRunner:
@@ -52,7 +44,8 @@ class ModelRunner:
                                       device=self.device)
         self.weight_bytes_per_token = weights.num_bytes_read_per_token()
         self.model = LlamaModel(model_cfg, weights, max_positions=max_model_len,
-                                use_cpu_kernels=config.use_cpu_kernels)
+                                use_cpu_kernels=config.use_cpu_kernels,
+                                use_triton=config.use_triton)
         shape = (num_blocks, config.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         # [num_layers] x (k, v), each [num_blocks, block_size, Hkv, D]
         self.kv_caches = [
@@ -60,89 +53,51 @@ class ModelRunner:
              torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(model_cfg.num_layers)
         ]
+        ops = self.model.ops
+        max_blocks_per_seq = -(-max_model_len // config.block_size)
+        self.batch = InputBatch(max_num_seqs=config.max_num_seqs,
+                                max_blocks_per_seq=max_blocks_per_seq,
+                                max_num_tokens=config.max_num_batched_tokens,
+                                block_size=config.block_size, device=self.device,
+                                decode_kernel=ops.decode_attention is not None,
+                                varlen_prefill=ops.prefill_attention is not None)
+        self.graphs: DecodeGraphs | None = None
+        use_graphs = config.cuda_graphs
+        if use_graphs is None:
+            use_graphs = self.device.type == "cuda" and ops.rope_write_kv is not None
+        if use_graphs:
+            if ops.decode_attention is None or ops.rope_write_kv is None:
+                raise ValueError("cuda_graphs needs the Triton kernels (use_triton)")
+            self.graphs = DecodeGraphs(
+                self._forward, device=self.device, max_blocks_per_seq=max_blocks_per_seq,
+                max_batch_size=min(config.cuda_graph_max_batch_size, config.max_num_seqs),
+                capture=self.device.type == "cuda")
+            self.graphs.capture()
 
-    def execute(self, chunks: list[ScheduledChunk], block_tables: list[list[int]]) -> torch.Tensor:
-        """Run one step. Returns fp32 logits [S, V] for the chunks that complete their
-        sequence, in the order they appear in ``chunks``."""
-        bs = self.block_size
-        decode_idx = [i for i, c in enumerate(chunks) if c.num_tokens == 1 and c.start > 0]
-        decode_set = set(decode_idx)
-        # Decodes first, sorted by context length so groups pad little; then prefills.
-        decode_idx.sort(key=lambda i: chunks[i].start)
-        order = decode_idx + [i for i in range(len(chunks)) if i not in decode_set]
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
+        return self.model.forward(input_ids, positions, meta, self.kv_caches, logits_indices)
 
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        row_of_last_token: dict[int, int] = {}
-        prefills: list[PrefillChunk] = []
-        for i in order:
-            c, table = chunks[i], block_tables[i]
-            row = len(input_ids)
-            end = c.start + c.num_tokens
-            input_ids.extend(c.request.all_ids[c.start:end])
-            positions.extend(range(c.start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(c.start, end))
-            row_of_last_token[i] = len(input_ids) - 1
-            if i not in decode_set:
-                prefills.append(self._prefill_meta(row, c, table))
+    def release(self, request_id: str) -> None:
+        """A request finished or was preempted: its blocks are no longer its own."""
+        self.batch.release(request_id)
 
-        decode_groups = []
-        row = 0
-        # A decode kernel reads blocks in place: no padding, so one group serves all.
-        max_groups = 1 if self.model.decode_attention is not None else MAX_DECODE_GROUPS
-        sizes = split_decode_groups(len(decode_idx), max_groups=max_groups) if decode_idx else []
-        for size in sizes:
-            members = decode_idx[row:row + size]
-            decode_groups.append(self._decode_group(row, [chunks[i] for i in members],
-                                                    [block_tables[i] for i in members]))
-            row += size
+    def prepare(self, chunks: list[ScheduledChunk], block_tables: list[list[int]]
+                ) -> StepInputs:
+        return self.batch.prepare(chunks, block_tables)
 
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            decode_groups=decode_groups,
-            prefills=prefills,
-        )
-        logits_rows = [row_of_last_token[i] for i, c in enumerate(chunks)
-                       if c.completes_sequence]
-        return self.model.forward(
-            torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True),
-            torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True),
-            meta,
-            self.kv_caches,
-            torch.tensor(logits_rows, dtype=torch.int64).to(dev, non_blocking=True),
-        )
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Fp32 logits [S, V] for the chunks that complete their sequence, in the order
+        they were scheduled."""
+        if self.graphs is not None and self.graphs.can_run(inputs):
+            return self.graphs.run(inputs)
+        return self._forward(inputs.input_ids, inputs.positions, inputs.meta,
+                             inputs.logits_indices)
 
-    def _decode_group(self, row: int, chunks: list[ScheduledChunk],
-                      tables: list[list[int]]) -> DecodeGroup:
-        ctx_lens = [c.start + 1 for c in chunks]
-        max_blocks = -(-max(ctx_lens) // self.block_size)
-        padded = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables]
-        lens = torch.tensor(ctx_lens, dtype=torch.int64)
-        mask = None
-        if self.model.decode_attention is None:
-            span = torch.arange(max_blocks * self.block_size)
-            mask = (span.unsqueeze(0) < lens.unsqueeze(1)).view(len(chunks), 1, 1, -1)
-            mask = mask.to(self.device)
-        return DecodeGroup(
-            token_slice=slice(row, row + len(chunks)),
-            block_table=torch.tensor(padded, dtype=torch.int64).to(self.device),
-            ctx_lens=lens.to(self.device),
-            mask=mask,
-        )
+    def execute(self, chunks: list[ScheduledChunk], block_tables: list[list[int]]
+                ) -> torch.Tensor:
+        """Run one step: ``prepare`` then ``run``."""
+        return self.run(self.prepare(chunks, block_tables))
 
-    def _prefill_meta(self, row: int, c: ScheduledChunk, table: list[int]) -> PrefillChunk:
-        token_slice = slice(row, row + c.num_tokens)
-        if c.start == 0:
-            return PrefillChunk(token_slice=token_slice, start=0, block_ids=None, mask=None)
-        ctx = c.start + c.num_tokens
-        num_blocks = -(-ctx // self.block_size)
-        q_pos = torch.arange(c.start, ctx).unsqueeze(1)
-        mask = torch.arange(ctx).unsqueeze(0) <= q_pos  # [n, ctx]
-        return PrefillChunk(
-            token_slice=token_slice,
-            start=c.start,
-            block_ids=torch.tensor(table[:num_blocks], dtype=torch.int64).to(self.device),
-            mask=mask.to(self.device),
-        )
+    def graph_stats(self) -> GraphStats | None:
+        return self.graphs.stats() if self.graphs is not None else None

@@ -83,6 +83,14 @@ class EngineStats:
     mean_step_ms: float  # wall time per step over the recent window
     device_seconds: float  # wall time of every step so far (the sum of requests' shares)
     recent_batch_sizes: list[int] = field(default_factory=list)
+    # Where a step's host time goes, over the recent window. On CUDA the forward only
+    # launches work; the wait for the device shows in sampling, which reads tokens back.
+    mean_prepare_ms: float = 0.0  # scheduling output -> device inputs (persistent batch)
+    mean_forward_ms: float = 0.0  # the model's forward (a graph replay or eager launches)
+    mean_sample_ms: float = 0.0  # sampling and the read back of the sampled ids
+    cuda_graph_batch_sizes: list[int] = field(default_factory=list)  # captured; [] = none
+    cuda_graph_pool_bytes: int = 0  # device memory the captured graphs hold
+    cuda_graph_replays: int = 0  # decode steps served by a graph
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -17,6 +17,7 @@ def test_quick_engine_bench_prints_the_ratios(tmp_path, model_dir):
     result = json.loads(out.read_text())
     ratios = result["ratios"]
     assert set(ratios) == {"vs_hf_one_at_a_time", "vs_hf_static_batch",
-                           "warm_prefix_ttft_speedup", "single_stream_roofline_fraction"}
+                           "single_stream_vs_hf_one_at_a_time", "warm_prefix_ttft_speedup",
+                           "single_stream_roofline_fraction"}
     assert all(isinstance(v, float) and v > 0 for v in ratios.values())
     assert set(result["engine"]["throughput"]) == {"1", "8", "32", "64"}

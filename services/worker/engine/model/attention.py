@@ -9,7 +9,9 @@ chunks. New keys/values are written to their slots first (``write_kv``); then
   gathers its blocks into a padded ``[B, kv_heads, L, D]`` view for one SDPA call, with
   the query heads that share a KV head laid out as extra query rows (no KV repeat);
 - each prefill chunk runs one causal SDPA call, over its own fresh K/V when it starts
-  at position 0, else over its gathered prefix plus chunk with an offset causal mask.
+  at position 0, else over its gathered prefix plus chunk with an offset causal mask;
+  or, with a varlen prefill kernel (Triton on CUDA), all chunks go to one call that
+  reads prefix and chunk from the cache in place (``PrefillBatch``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ import torch.nn.functional as F
 # ctx_lens, scale) -> [B, H, D]; reads the paged cache directly.
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                          float], torch.Tensor]
+
+# A varlen causal prefill kernel: (q [T, H, D], k_cache, v_cache, block_table [S, W],
+# cu_seqlens_q [S + 1], ctx_lens [S], scale, max_query_len) -> [T, H, D]; the chunks'
+# own K/V are already in the cache.
+PrefillKernel = Callable[..., torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -43,10 +50,26 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class PrefillBatch:
+    """Every prefill chunk of a step, for one varlen kernel call."""
+
+    token_slice: slice  # rows of the flat batch holding all the chunks, back to back
+    block_table: torch.Tensor  # [S, max_blocks] int64, padded with 0
+    cu_seqlens_q: torch.Tensor  # [S + 1] int64: chunk s is rows [cu[s], cu[s+1]) of the slice
+    ctx_lens: torch.Tensor  # [S] int64: cached prefix + chunk length
+    max_query_len: int  # the longest chunk (sizes the kernel's grid; a host int)
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) per token
     decode_groups: list[DecodeGroup]
-    prefills: list[PrefillChunk]
+    prefills: list[PrefillChunk]  # one SDPA call each (no varlen kernel)
+    prefill_batch: PrefillBatch | None = None  # with a varlen kernel, instead of prefills
+
+    @property
+    def has_prefills(self) -> bool:
+        return bool(self.prefills) or self.prefill_batch is not None
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -69,12 +92,13 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, *, scale: float,
-                    decode_kernel: DecodeKernel | None = None) -> torch.Tensor:
+                    decode_kernel: DecodeKernel | None = None,
+                    prefill_kernel: PrefillKernel | None = None) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D] (this step's, already written to the cache).
     Returns [T, H, D]."""
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
     group = num_heads // num_kv_heads
-    if decode_kernel is not None and not meta.prefills and len(meta.decode_groups) == 1:
+    if decode_kernel is not None and not meta.has_prefills and len(meta.decode_groups) == 1:
         g = meta.decode_groups[0]  # a pure decode step: the kernel's output is the answer
         return decode_kernel(q, k_cache, v_cache, g.block_table, g.ctx_lens, scale)
     out = torch.empty_like(q)
@@ -106,4 +130,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale,
                                                enable_gqa=group > 1)
         out[p.token_slice] = o.squeeze(0).transpose(0, 1)
+
+    b = meta.prefill_batch
+    if b is not None:
+        if prefill_kernel is None:
+            raise ValueError("a PrefillBatch needs a varlen prefill kernel")
+        out[b.token_slice] = prefill_kernel(q[b.token_slice], k_cache, v_cache, b.block_table,
+                                            b.cu_seqlens_q, b.ctx_lens, scale,
+                                            max_query_len=b.max_query_len)
     return out

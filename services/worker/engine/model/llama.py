@@ -94,13 +94,13 @@ class RotaryTable:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, max_positions: int,
-                 use_cpu_kernels: bool = True) -> None:
+                 use_cpu_kernels: bool = True, use_triton: bool | None = None) -> None:
         self.cfg = cfg
         self.w = weights
         self.ops = pick_ops(linear_weights=weights.linear_weights(),
                             hidden_size=cfg.hidden_size, head_dim=cfg.head_dim,
                             intermediate_size=cfg.intermediate_size,
-                            use_cpu_kernels=use_cpu_kernels)
+                            use_cpu_kernels=use_cpu_kernels, use_triton=use_triton)
         self.rope = RotaryTable(cfg, max_positions, device=weights.embed.device,
                                 dtype=weights.embed.dtype)
         self.scale = cfg.head_dim ** -0.5
@@ -118,7 +118,7 @@ class LlamaModel:
 
     def _can_decode_in_one_call(self, meta: AttentionMetadata, num_tokens: int) -> bool:
         return (self.ops.decode_layers is not None and num_tokens <= SKINNY_MAX_ROWS
-                and not meta.prefills and len(meta.decode_groups) == 1
+                and not meta.has_prefills and len(meta.decode_groups) == 1
                 and self.w.layers[0].qkv_bias is None)
 
     @torch.inference_mode()
@@ -144,12 +144,20 @@ class LlamaModel:
             qkv = ops.linear(h, layer.qkv)  # [T, (H + 2 Hkv) D]
             if layer.qkv_bias is not None:
                 qkv = qkv + layer.qkv_bias
-            qk = ops.rope(qkv, cos, sin, h_q + h_kv, d)  # [T, H + Hkv, D]
-            q, k = qk[:, :h_q], qk[:, h_q:]
-            v = qkv[:, (h_q + h_kv) * d:].view(-1, h_kv, d)
-            ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            if ops.rope_write_kv is not None:
+                q = ops.rope_write_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
+                                      h_q, h_kv, d)  # [T, H, D]
+                # k, v are in the cache already; the Triton kernels read them there.
+                k = qkv[:, h_q * d:(h_q + h_kv) * d].view(-1, h_kv, d)
+                v = qkv[:, (h_q + h_kv) * d:].view(-1, h_kv, d)
+            else:
+                qk = ops.rope(qkv, cos, sin, h_q + h_kv, d)  # [T, H + Hkv, D]
+                q, k = qk[:, :h_q], qk[:, h_q:]
+                v = qkv[:, (h_q + h_kv) * d:].view(-1, h_kv, d)
+                ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             attn = paged_attention(q, k, v, k_cache, v_cache, meta, scale=self.scale,
-                                   decode_kernel=ops.decode_attention)
+                                   decode_kernel=ops.decode_attention,
+                                   prefill_kernel=ops.prefill_attention)
             x, h = ops.add_rms_norm(x, ops.linear(attn.view(attn.shape[0], -1), layer.o),
                                     layer.post_norm, eps)
             mlp = ops.linear(ops.silu_mul(ops.linear(h, layer.gate_up)), layer.down)

@@ -6,18 +6,21 @@ of many small PyTorch ops, not arithmetic, dominates a step."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from services.worker.engine.model import cpu_kernels
-from services.worker.engine.model.attention import DecodeKernel, write_kv
+from services.worker.engine.model.attention import DecodeKernel, PrefillKernel, write_kv
 
 Tensor = torch.Tensor
 SKINNY_MAX_ROWS = 2  # up to this many rows the bf16 CPU kernel beats oneDNN (measured)
 PACK_HINT_ROWS = 512  # oneDNN's packing hint; 1..512 rows all run well with it (measured)
+# Decode attention programs that keep a large GPU busy (two waves on an H100/H200's 132
+# SMs): the context is split into at most this many programs' worth of pieces.
+TARGET_DECODE_PROGRAMS = 264
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,13 @@ class LayerOps:
     # Every layer of a pure-decode step of at most SKINNY_MAX_ROWS tokens in one call
     # (cpu_kernels.cpp: decode_layers_bf16); None: the Python layer loop.
     decode_layers: Callable[..., Tensor] | None = None
+    # All prefill chunks of a step in one varlen call reading the cache in place
+    # (attention.PrefillKernel); None: one SDPA call per chunk over gathered blocks.
+    prefill_attention: PrefillKernel | None = None
+    # (qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
+    # -> q [T, H, D]: rope and write_kv in one kernel (slots of -1 are skipped); None:
+    # rope, then write_kv.
+    rope_write_kv: Callable[..., Tensor] | None = None
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -110,11 +120,47 @@ def _cpu_bf16_ops(k: ModuleType, *, weights: list[Tensor], hidden_size: int, hea
     )
 
 
+def triton_ops() -> LayerOps:
+    """Triton kernels for everything but the matmuls: paged attention that reads the
+    cache in place (decode with split-K, varlen prefill) and the fused small ops. Made
+    for CUDA; on the CPU they run only under TRITON_INTERPRET=1 (tests)."""
+    from services.worker.engine.model import triton_attention, triton_ops
+
+    def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                         ctx_lens: Tensor, scale: float) -> Tensor:
+        # Split the context only as far as it takes to give the GPU enough programs:
+        # at large batch the (batch x kv heads) programs fill it, and splits would only
+        # add partials to combine. Host shapes only, so graphs capture it as is.
+        programs = q.shape[0] * k_cache.shape[2]
+        width = block_table.shape[1] * k_cache.shape[1]
+        splits = max(1, min(-(-width // triton_attention.PARTITION_SIZE),
+                            TARGET_DECODE_PROGRAMS // max(programs, 1)))
+        return triton_attention.paged_decode_attention(q, k_cache, v_cache, block_table,
+                                                       ctx_lens, scale, num_splits=splits)
+
+    return triton_ops.make_layer_ops(replace(
+        TORCH_OPS,
+        decode_attention=decode_attention,
+        prefill_attention=triton_attention.paged_prefill_attention,
+    ))
+
+
+def has_triton() -> bool:
+    from services.worker.engine.model import triton_attention, triton_ops
+
+    return triton_attention.HAS_TRITON and triton_ops.HAS_TRITON
+
+
 def pick_ops(*, linear_weights: list[Tensor], hidden_size: int, head_dim: int,
-             intermediate_size: int, use_cpu_kernels: bool) -> LayerOps:
-    """The fused CPU set for bf16 on the CPU where the kernels build, else TORCH_OPS.
-    ``linear_weights`` are every weight ``linear`` will be called with."""
+             intermediate_size: int, use_cpu_kernels: bool,
+             use_triton: bool | None = None) -> LayerOps:
+    """The Triton set on CUDA (``use_triton`` None: where triton imports; True: also on
+    the CPU, for tests under TRITON_INTERPRET=1); the fused CPU set for bf16 on the CPU
+    where the kernels build; else TORCH_OPS. ``linear_weights`` are every weight
+    ``linear`` will be called with."""
     w = linear_weights[0]
+    if use_triton or (use_triton is None and w.device.type == "cuda" and has_triton()):
+        return triton_ops()
     if use_cpu_kernels and w.device.type == "cpu" and w.dtype == torch.bfloat16:
         k = cpu_kernels.load()
         if k is not None:

@@ -27,14 +27,14 @@ def clocked() -> tuple[EngineCore, FakeClock]:
     core = EngineCore(EngineConfig(model="tiny-llama", load_format="dummy", dtype="float32",
                                    num_kv_blocks=16, block_size=4, max_num_batched_tokens=3),
                       clock=clock)
-    execute = core.runner.execute
+    run = core.runner.run
 
-    def slow_execute(*args, **kwargs):  # type: ignore[no-untyped-def]
-        logits = execute(*args, **kwargs)
+    def slow_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        logits = run(*args, **kwargs)
         clock.now += STEP_S
         return logits
 
-    core.runner.execute = slow_execute  # type: ignore[method-assign]
+    core.runner.run = slow_run  # type: ignore[method-assign]
     return core, clock
 
 
