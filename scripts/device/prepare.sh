@@ -22,6 +22,7 @@ PACKAGES=(
   opentelemetry-exporter-otlp-common opentelemetry-exporter-otlp-proto-common
   opentelemetry-exporter-otlp-proto-grpc opentelemetry-instrumentation
   opentelemetry-instrumentation-grpc
+  pytest pluggy iniconfig packaging pygments
 )
 
 rm -rf "$DEST"

@@ -43,10 +43,10 @@ LOG=$OUT/run.log
 export PYTHONUNBUFFERED=1
 
 # Stage timeouts (s), sized so env + tests + both benches end inside ~8 minutes.
-TESTS_TIMEOUT=${GENMESH_DEVICE_TESTS_TIMEOUT:-90}
+TESTS_TIMEOUT=${GENMESH_DEVICE_TESTS_TIMEOUT:-100}
 bench_timeout() {
   case "$1" in
-    llama-3-8b) echo "${GENMESH_DEVICE_BENCH_TIMEOUT:-210}" ;;
+    llama-3-8b) echo "${GENMESH_DEVICE_BENCH_TIMEOUT:-200}" ;;
     *) echo "${GENMESH_DEVICE_BENCH_TIMEOUT:-165}" ;;
   esac
 }
@@ -133,7 +133,8 @@ fi
 
 # -- the GPU tests ----------------------------------------------------------------------
 if has_stage tests; then
-  run_stage tests "$TESTS_TIMEOUT" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
+  run_stage tests "$TESTS_TIMEOUT" "$PY" -m pytest -m gpu -q -p no:cacheprovider -x \
+    tests/services/worker/engine/test_cuda_path.py \
     --junitxml="$OUT/pytest-junit.xml"
 fi
 

@@ -38,6 +38,10 @@ class EngineConfig:
     # True on a CPU runs the same padded static-buffer path without capture (tests).
     cuda_graphs: bool | None = None
     cuda_graph_max_batch_size: int = 256  # largest captured batch (capped at max_num_seqs)
+    # Schedule and launch step N+1 before reading step N's tokens back, so the host's
+    # work overlaps the device's. None: on CUDA (on a CPU the forward is synchronous and
+    # there is nothing to overlap; True there is for tests).
+    async_scheduling: bool | None = None
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
     seed: int = 0  # dummy weights only
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
+from services.worker.engine.input_batch import PendingTokens
 from services.worker.engine.model.config import ModelConfig
 from services.worker.engine.model_runner import ModelRunner, resolve_model_config
 from services.worker.engine.outputs import Delta, EngineStats, FinishReason, TokenLogprob, Usage
@@ -17,12 +19,23 @@ from services.worker.engine.params import (
     SamplingParams,
     validate_prompt,
 )
-from services.worker.engine.request import Request
-from services.worker.engine.sampler import Sampler
-from services.worker.engine.scheduler import ScheduledChunk, Scheduler
+from services.worker.engine.request import Request, RequestStatus
+from services.worker.engine.sampler import SampledTokens, Sampler
+from services.worker.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from services.worker.engine.sizing import max_model_len, num_kv_blocks
 
 STATS_WINDOW = 64  # steps averaged in batch-size and step-time stats
+
+
+@dataclass(slots=True)
+class _LaunchedStep:
+    """A step whose model run and sampling are queued on the device."""
+
+    out: SchedulerOutput
+    requests: list[Request]  # those it samples a token for, in the rows of ``sampled``
+    sampled: SampledTokens  # their tokens, on the device until read
+    start_time: float  # the clock when it was scheduled
+    phases_ms: tuple[float, float, float]  # host ms: prepare, forward, sampling launched
 
 
 class EngineCore:
@@ -52,6 +65,10 @@ class EngineCore:
         self._recent_phases: collections.deque[tuple[float, float, float]] = (
             collections.deque(maxlen=STATS_WINDOW))
         self._device_seconds = 0.0
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.runner.device.type == "cuda")
+        self._inflight: _LaunchedStep | None = None  # launched, not read back yet
+        self._last_completed_time = float("-inf")
 
     # -- requests --------------------------------------------------------------------
 
@@ -82,41 +99,94 @@ class EngineCore:
 
     def fail_all(self, message: str) -> list[Delta]:
         """End every request with an error (after an engine failure)."""
+        self._inflight = None
         return [self._finish(r, FinishReason.ERROR, error=message)
                 for r in list(self._requests.values())]
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # -- one step --------------------------------------------------------------------
 
     def step(self) -> list[Delta]:
+        """Schedule and launch a step; return the deltas of the step that completes: this
+        one, or with async scheduling the one launched before it (whose tokens were
+        sampled on the device while this one was being scheduled and prepared)."""
+        if not self.async_scheduling:
+            launched = self._launch()
+            if launched is None:
+                return []
+            self.scheduler.on_step_done(launched.out)
+            return self._complete(launched)
+        deltas: list[Delta] = []
+        launched = self._launch(settle=lambda: deltas.extend(self._settle()))
+        deltas.extend(self._settle())
+        if launched is not None:
+            # After the step before was read back: blocks are hashed over real token ids.
+            self.scheduler.on_step_done(launched.out)
+            for req in launched.requests:
+                if req.status is not RequestStatus.FINISHED:
+                    req.append_placeholder()
+            self._inflight = launched
+        return deltas
+
+    def _settle(self) -> list[Delta]:
+        """Read back and post-process the step in flight, if any."""
+        done, self._inflight = self._inflight, None
+        return self._complete(done) if done is not None else []
+
+    def _launch(self, settle: Callable[[], None] | None = None) -> _LaunchedStep | None:
+        """Schedule a step, prepare its inputs, run the model and sample on the device;
+        nothing is read back. ``settle`` completes the step in flight, for the rare step
+        that needs its tokens on the host first."""
         t0 = self._clock()
         out = self.scheduler.schedule()
         for victim in out.preempted:  # its blocks are gone; it starts over when readmitted
             self.runner.release(victim.request_id)
         if not out.chunks:
-            return []
+            return None
         for chunk in out.chunks:
             if chunk.request.first_scheduled_time is None:
                 chunk.request.first_scheduled_time = t0
         p0 = time.perf_counter()
         tables = [self.blocks.block_ids(c.request.request_id) for c in out.chunks]
-        inputs = self.runner.prepare(out.chunks, tables)
+        inflight = self._inflight
+        pending = None
+        if inflight is not None:
+            pending = PendingTokens(inflight.sampled.token_ids,
+                                    {r.request_id: i for i, r in enumerate(inflight.requests)})
+        inputs = self.runner.prepare(out.chunks, tables, pending)
         p1 = time.perf_counter()
         logits = self.runner.run(inputs)
         p2 = time.perf_counter()
-        to_sample = self.scheduler.on_step_done(out)
-        requests = [c.request for c in to_sample]
-        # The step's one read back from the device: on CUDA this waits for the forward.
-        token_ids, logprobs = self.sampler.sample(logits, requests)
+        requests = [c.request for c in out.chunks if c.completes_sequence]
+        if settle is not None and inflight is not None and any(
+                r.params.repetition_penalty != 1.0 and r.has_placeholder for r in requests):
+            settle()  # the penalty reads the whole history, the pending token included
+        sampled = self.sampler.launch(logits, requests)
         p3 = time.perf_counter()
-        self._recent_phases.append(((p1 - p0) * 1e3, (p2 - p1) * 1e3, (p3 - p2) * 1e3))
+        return _LaunchedStep(out=out, requests=requests, sampled=sampled, start_time=t0,
+                             phases_ms=((p1 - p0) * 1e3, (p2 - p1) * 1e3, (p3 - p2) * 1e3))
+
+    def _complete(self, step: _LaunchedStep) -> list[Delta]:
+        """Read the step's tokens back (its one synchronization with the device), then
+        append them and apply the stop rules."""
+        r0 = time.perf_counter()
+        token_ids, logprobs = step.sampled.read()
+        prepare_ms, forward_ms, sample_ms = step.phases_ms
+        self._recent_phases.append(
+            (prepare_ms, forward_ms, sample_ms + (time.perf_counter() - r0) * 1e3))
         t1 = self._clock()
-        self._charge_device_time(out.chunks, t1 - t0)
+        # With a step in flight, steps overlap: each is charged from when the one before
+        # it completed, so that the charges add up to the wall time.
+        self._charge_device_time(step.out.chunks,
+                                 t1 - max(step.start_time, self._last_completed_time))
+        self._last_completed_time = t1
 
         deltas = []
-        for req, token, lp in zip(requests, token_ids, logprobs, strict=True):
+        for req, token, lp in zip(step.requests, token_ids, logprobs, strict=True):
+            if req.status is RequestStatus.FINISHED:
+                continue  # aborted, or ended by the step before, while this one ran
             req.append_output(token)
             if req.first_token_time is None:
                 req.first_token_time = t1
@@ -127,19 +197,21 @@ class EngineCore:
             else:
                 deltas.append(self._finish(req, reason, last_token=token, last_logprob=lp))
         self._num_steps += 1
-        self._recent_batch.append(len(out.chunks))
-        self._recent_ms.append((t1 - t0) * 1e3)
+        self._recent_batch.append(len(step.out.chunks))
+        self._recent_ms.append((t1 - step.start_time) * 1e3)
         return deltas
 
     def _charge_device_time(self, chunks: list[ScheduledChunk], step_s: float) -> None:
         """Split a step's wall time among its chunks in proportion to their tokens: a
         step's cost grows with the tokens it computes, so a 500-token prefill chunk pays
-        for more of it than a 1-token decode (attention length is ignored). Aborted
-        requests are charged too: the device did the work."""
+        for more of it than a 1-token decode (attention length is ignored). With async
+        scheduling a step may hold requests that ended (their last delta was sent) while
+        it ran: their share of it is wasted work, counted in the engine's total only."""
         self._device_seconds += step_s
         num_tokens = sum(c.num_tokens for c in chunks)
         for chunk in chunks:
-            chunk.request.device_seconds += step_s * chunk.num_tokens / num_tokens
+            if chunk.request.status is not RequestStatus.FINISHED:
+                chunk.request.device_seconds += step_s * chunk.num_tokens / num_tokens
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
@@ -154,6 +226,7 @@ class EngineCore:
     def _finish(self, req: Request, reason: FinishReason, *, last_token: int | None = None,
                 last_logprob: TokenLogprob | None = None, error: str | None = None) -> Delta:
         self.scheduler.finish(req, reason)
+        req.drop_placeholder()
         self.runner.release(req.request_id)
         req.finished_time = self._clock()
         self.sampler.release(req.request_id)

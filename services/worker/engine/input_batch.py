@@ -45,6 +45,16 @@ def split_decode_groups(n: int, *, max_groups: int = MAX_DECODE_GROUPS) -> list[
 
 
 @dataclass(slots=True)
+class PendingTokens:
+    """Tokens the step in flight sampled, not yet read back (async scheduling). Their
+    requests hold a placeholder as their last token; a chunk that reaches it takes the
+    real id from the device instead."""
+
+    token_ids: torch.Tensor  # [S] int64 on the device
+    index: dict[str, int]  # request id -> its row of token_ids
+
+
+@dataclass(slots=True)
 class StepInputs:
     """Everything the model's forward takes for one step (tensors on the device)."""
 
@@ -116,8 +126,8 @@ class InputBatch:
 
     # -- one step --------------------------------------------------------------------
 
-    def prepare(self, chunks: Sequence[ScheduledChunk],
-                tables: Sequence[list[int]]) -> StepInputs:
+    def prepare(self, chunks: Sequence[ScheduledChunk], tables: Sequence[list[int]],
+                pending: PendingTokens | None = None) -> StepInputs:
         n = len(chunks)
         bs = self.block_size
         self._stager.reset()
@@ -142,9 +152,16 @@ class InputBatch:
         slots = self.block_table[token_rows, positions // bs] * bs + positions % bs
 
         input_ids: list[int] = []
+        fix_rows: list[int] = []  # rows holding a placeholder, and where its id is
+        fix_from: list[int] = []
         for i in order.tolist():
             c = chunks[i]
             input_ids.extend(c.request.all_ids[c.start:c.start + c.num_tokens])
+            if pending is not None and c.completes_sequence:
+                j = pending.index.get(c.request.request_id)
+                if j is not None:
+                    fix_rows.append(len(input_ids) - 1)
+                    fix_from.append(j)
 
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
@@ -165,8 +182,14 @@ class InputBatch:
             meta.prefills = [self._prefill_chunk(int(firsts[k]), int(o_starts[k]),
                                                  int(o_lens[k]), int(o_rows[k]))
                              for k in prefill_order]
+        ids = self._stager.put(np.asarray(input_ids, dtype=np.int64))
+        if fix_rows:
+            assert pending is not None
+            rows_t = self._stager.put(np.asarray(fix_rows, dtype=np.int64))
+            from_t = self._stager.put(np.asarray(fix_from, dtype=np.int64))
+            ids.index_copy_(0, rows_t, pending.token_ids.index_select(0, from_t))
         return StepInputs(
-            input_ids=self._stager.put(np.asarray(input_ids, dtype=np.int64)),
+            input_ids=ids,
             positions=self._stager.put(positions),
             meta=meta,
             logits_indices=self._stager.put(logits_rows),
@@ -232,18 +255,26 @@ class InputBatch:
 
 
 class _Stager:
-    """Host int64 arrays to the device. On CUDA each goes through its own region of one
-    pinned buffer (reset every step) and a non-blocking copy: a pageable copy would make
-    the host wait for the device. On the CPU the array itself is returned as a tensor."""
+    """Host int64 arrays to the device. On CUDA each goes through its own region of a
+    pinned buffer and a non-blocking copy: a pageable copy would make the host wait for
+    the device. Two buffers alternate by step: with one step in flight (async
+    scheduling), a step's copies are done by the time its buffer comes round again,
+    because the step before it was read back in between. On the CPU the array itself is
+    returned as a tensor."""
 
     def __init__(self, device: torch.device, *, capacity: int) -> None:
         self.device = device
         self._pinned = device.type == "cuda"
-        self._buffer = torch.empty(capacity if self._pinned else 0, dtype=torch.int64,
-                                   pin_memory=self._pinned)
+        self._buffers = [torch.empty(capacity if self._pinned else 0, dtype=torch.int64,
+                                     pin_memory=self._pinned) for _ in range(2)]
+        self._buffer = self._buffers[0]
+        self._step = 0
         self._cursor = 0
 
     def reset(self) -> None:
+        """Start a step: its arrays go to the other buffer."""
+        self._step += 1
+        self._buffer = self._buffers[self._step % 2]
         self._cursor = 0
 
     def put(self, values: np.ndarray) -> torch.Tensor:
@@ -252,7 +283,7 @@ class _Stager:
             return host.to(self.device)
         n = host.numel()
         if self._cursor + n > self._buffer.numel():  # never expected: sized for a step
-            return host.to(self.device)
+            return host.pin_memory().to(self.device, non_blocking=True)
         staged = self._buffer[self._cursor:self._cursor + n].view(host.shape)
         self._cursor += n
         staged.copy_(host)

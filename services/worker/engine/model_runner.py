@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from services.worker.engine.config import EngineConfig
-from services.worker.engine.input_batch import InputBatch, StepInputs
+from services.worker.engine.input_batch import InputBatch, PendingTokens, StepInputs
 from services.worker.engine.model.attention import AttentionMetadata
 from services.worker.engine.model.config import (
     PRESETS,
@@ -82,9 +82,9 @@ class ModelRunner:
         """A request finished or was preempted: its blocks are no longer its own."""
         self.batch.release(request_id)
 
-    def prepare(self, chunks: list[ScheduledChunk], block_tables: list[list[int]]
-                ) -> StepInputs:
-        return self.batch.prepare(chunks, block_tables)
+    def prepare(self, chunks: list[ScheduledChunk], block_tables: list[list[int]],
+                pending: PendingTokens | None = None) -> StepInputs:
+        return self.batch.prepare(chunks, block_tables, pending)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Fp32 logits [S, V] for the chunks that complete their sequence, in the order

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from services.worker.engine.outputs import FinishReason, RequestTimings
 from services.worker.engine.params import Priority, SamplingParams
 
+PLACEHOLDER_TOKEN = -1  # a sampled token still on the device (see append_placeholder)
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued; holds no blocks
@@ -46,6 +48,7 @@ class Request:
     first_token_time: float | None = None  # when its first output token was sampled
     finished_time: float | None = None
     device_seconds: float = 0.0  # its token-proportional share of its steps' wall time
+    has_placeholder: bool = False  # the last token is PLACEHOLDER_TOKEN (not read back yet)
 
     def __post_init__(self) -> None:
         self.all_ids = list(self.prompt_ids)
@@ -59,8 +62,27 @@ class Request:
         return len(self.prompt_ids)
 
     def append_output(self, token_id: int) -> None:
+        if self.has_placeholder:
+            self.output_ids[-1] = self.all_ids[-1] = token_id
+            self.has_placeholder = False
+            return
         self.output_ids.append(token_id)
         self.all_ids.append(token_id)
+
+    def append_placeholder(self) -> None:
+        """Count the token the step in flight samples before it is read back (async
+        scheduling): the scheduler can then schedule its decode; ``append_output`` fills
+        it in."""
+        self.output_ids.append(PLACEHOLDER_TOKEN)
+        self.all_ids.append(PLACEHOLDER_TOKEN)
+        self.has_placeholder = True
+
+    def drop_placeholder(self) -> None:
+        """Forget a token that will never be read back (the request ended first)."""
+        if self.has_placeholder:
+            self.output_ids.pop()
+            self.all_ids.pop()
+            self.has_placeholder = False
 
     def timings(self) -> RequestTimings:
         """Its stages once finished; a stage it never reached takes no time."""

@@ -149,7 +149,7 @@ class DecodeGraphs:
         return logits[inputs.logits_indices]
 
     def stats(self) -> GraphStats:
-        return GraphStats(batch_sizes=tuple(self._graphs) if self._graphs else (),
+        return GraphStats(batch_sizes=tuple(sorted(self._graphs)),
                           pool_bytes=self._pool_bytes, capture_s=self._capture_s,
                           num_replays=self._num_replays,
                           num_padded_rows=self._num_padded_rows)

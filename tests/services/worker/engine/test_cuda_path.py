@@ -116,9 +116,27 @@ def test_graph_path_equals_eager_token_for_token_in_fp32():
 
 
 @pytest.mark.gpu
+def test_triton_kernels_give_the_torch_engines_tokens_on_cuda():
+    prompts = {k: v for k, v in PROMPTS.items() if k != "e"}
+    torch_ops = run_to_end(_cuda(use_triton=False, cuda_graphs=False), prompts, max_tokens=24)
+    assert run_to_end(_cuda(use_triton=True, cuda_graphs=False), prompts,
+                      max_tokens=24) == torch_ops
+
+
+@pytest.mark.gpu
+def test_async_scheduling_on_cuda_gives_the_synchronous_tokens():
+    prompts = {k: v for k, v in PROMPTS.items() if k != "e"}
+    sync = run_to_end(_cuda(async_scheduling=False), prompts, max_tokens=24)
+    assert run_to_end(_cuda(async_scheduling=True), prompts, max_tokens=24) == sync
+
+
+@pytest.mark.gpu
 def test_graph_logits_agree_with_eager_in_bf16():
-    eager = _cuda(dtype="bfloat16", cuda_graphs=False, model="smollm2-135m")
-    graphs = _cuda(dtype="bfloat16", cuda_graphs=True, model="smollm2-135m")
+    # Synchronous steps: the prefill's token must be on the host before the decode below.
+    eager = _cuda(dtype="bfloat16", cuda_graphs=False, model="smollm2-135m",
+                  async_scheduling=False)
+    graphs = _cuda(dtype="bfloat16", cuda_graphs=True, model="smollm2-135m",
+                   async_scheduling=False)
     for core in (eager, graphs):
         core.add(core.make_request("x", list(range(100, 140)),
                                    SamplingParams(max_tokens=2, ignore_eos=True)))
