@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from genmesh.models.store import ModelStore, default_store_root
 from services.worker.engine.config import EngineConfig
@@ -64,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--quick", action="store_true", help="a small run (under a minute)")
     s.add_argument("--output", help="also write the JSON to this file")
     s.set_defaults(func=_safety)
+    _register_serve(bsub)
 
 
 def _engine(args: argparse.Namespace) -> int:
@@ -126,6 +128,113 @@ def _safety(args: argparse.Namespace) -> int:
         result = run_safety_bench(QUICK if args.quick else FULL, tmp=Path(tmp))
     return _print(result, args.output)
 
+
+
+def _register_serve(bsub: argparse._SubParsersAction) -> None:
+    v = bsub.add_parser("serve", help="load sweeps against a running mesh (and the seed "
+                                      "FastAPI pattern): latency, throughput, goodput")
+    where = v.add_mutually_exclusive_group()
+    where.add_argument("--target", metavar="HOST:PORT",
+                       help="the mesh's edge (default: genmesh up's, 127.0.0.1:8080)")
+    where.add_argument("--start-mesh", action="store_true",
+                       help="start the mesh as genmesh up does (first version only), and "
+                            "stop it after")
+    v.add_argument("--api-key", help="the tenant's key (default: $GENMESH_API_KEY, else the "
+                                     "local mesh's dev key)")
+    v.add_argument("--baseline", choices=("seed-fastapi",),
+                   help="also run the same load against this baseline (started here)")
+    v.add_argument("--model", default="smollm2-135m-instruct",
+                   help="a model in the store: the baseline loads it, a started mesh serves it")
+    v.add_argument("--dtype", default="bfloat16",
+                   help="the baseline's (and a started mesh's) dtype (genmesh up's v1 is "
+                        "bfloat16)")
+    v.add_argument("--kv-cache-gib", type=float, default=1.0, help="a started mesh's KV pool")
+    v.add_argument("--workload", choices=("mixed", "chat"), default="mixed",
+                   help="mixed: single-turn prompts of spread-out lengths; chat: multi-turn "
+                        "conversations sharing a system prompt and their history")
+    load = v.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", metavar="N,N,...",
+                      help="fixed-concurrency levels: conversations in flight (default 1,4,8)")
+    load.add_argument("--request-rate", metavar="R,R,...",
+                      help="Poisson levels: conversations started per second (inf: all at once)")
+    v.add_argument("--num-prompts", type=int, default=24,
+                   help="requests per level (chat: conversations x turns)")
+    v.add_argument("--num-turns", type=int, default=3, help="chat: user turns per conversation")
+    v.add_argument("--min-input-words", type=int, default=16, help="mixed: shortest prompt")
+    v.add_argument("--max-input-words", type=int, default=256, help="mixed: longest prompt")
+    v.add_argument("--max-tokens", type=int, default=64,
+                   help="output tokens of every request (EOS ignored, greedy)")
+    v.add_argument("--slo-ttft-ms", type=float, default=1000.0,
+                   help="goodput counts requests whose TTFT is at most this ...")
+    v.add_argument("--slo-tpot-ms", type=float, default=100.0,
+                   help="... and whose time per output token is at most this")
+    v.add_argument("--seed", type=int, default=0, help="prompts and Poisson arrivals")
+    v.add_argument("--duration-limit-s", type=float, default=120.0,
+                   help="per level and target: requests still running then are cancelled")
+    v.add_argument("--request-timeout-s", type=float, default=120.0)
+    v.add_argument("--num-warmups", type=int, default=2,
+                   help="unmeasured requests before each target's first level")
+    v.add_argument("--output", help="also write the JSON to this file")
+    v.add_argument("--plot-dir", help="write latency.png and goodput.png here")
+    v.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import math
+    from pathlib import Path
+
+    from genmesh.bench.engine import parse_concurrency
+
+    try:
+        from genmesh.bench.serve import LoadLevel, ServeBenchConfig, run_serve_bench
+    except ImportError as exc:  # httpx, fastapi, matplotlib: the dev extra
+        print(f"genmesh: bench serve needs the dev extra (pip install -e '.[dev]'): {exc}",
+              file=sys.stderr)
+        return 2
+    from genmesh.bench.serve_metrics import Slo
+    from genmesh.bench.serve_workload import WorkloadSpec
+    from genmesh.client.types import DEV_API_KEY
+
+    try:
+        if args.request_rate:
+            bad = ValueError(f"--request-rate wants comma-separated positive numbers (or "
+                             f"inf), got {args.request_rate!r}")
+            try:
+                rates = sorted({float(r) for r in args.request_rate.split(",") if r.strip()})
+            except ValueError:
+                raise bad from None
+            if not rates or min(rates) <= 0 or any(math.isnan(r) for r in rates):
+                raise bad
+            levels = tuple(LoadLevel(request_rate=r) for r in rates)
+        else:
+            levels = tuple(LoadLevel(concurrency=c)
+                           for c in parse_concurrency(args.concurrency or "1,4,8"))
+        if min(args.num_prompts, args.num_turns, args.max_tokens, args.min_input_words) < 1:
+            raise ValueError("--num-prompts, --num-turns, --max-tokens and "
+                             "--min-input-words must be at least 1")
+        if args.max_input_words < args.min_input_words:
+            raise ValueError("--max-input-words must be at least --min-input-words")
+    except ValueError as exc:
+        print(f"genmesh: {exc}", file=sys.stderr)
+        return 2
+    config = ServeBenchConfig(
+        levels=levels,
+        workload=WorkloadSpec(args.workload, num_requests=args.num_prompts,
+                              min_input_words=args.min_input_words,
+                              max_input_words=args.max_input_words, num_turns=args.num_turns),
+        max_tokens=args.max_tokens, slo=Slo(args.slo_ttft_ms, args.slo_tpot_ms),
+        seed=args.seed, duration_limit_s=args.duration_limit_s,
+        request_timeout_s=args.request_timeout_s, num_warmups=args.num_warmups,
+        model=args.model, dtype=args.dtype)
+    target = None if args.start_mesh else (args.target or "127.0.0.1:8080")
+    api_key = args.api_key or os.environ.get("GENMESH_API_KEY") or DEV_API_KEY
+    result = run_serve_bench(config, target=target, api_key=api_key, baseline=args.baseline,
+                             kv_cache_gib=args.kv_cache_gib)
+    if args.plot_dir:
+        from genmesh.bench.plots import write_plots
+
+        result["plots"] = [str(p) for p in write_plots(result, Path(args.plot_dir))]
+    return _print(result, args.output)
 
 def _print(result: dict, output: str | None) -> int:
     text = json.dumps(result, indent=2)
