@@ -46,6 +46,9 @@ PARTITION_SIZE = 512
 _LOG2E = 1.4426950408889634
 # Positions per K/V tile: several 16-token blocks per load, and N >= 16 for tl.dot.
 _BLOCK_N = 64
+# Decode launch shape (scripts/device/tune_attention.py sweeps these on a GPU).
+_DECODE_NUM_WARPS = 4
+_DECODE_NUM_STAGES = 2
 # Prefill rows per program (query tokens x padded GQA group) and warps: sized so that
 # head_dim 128 compiles for sm_90 without register spills; fp32 dots need more registers,
 # so fp32 caches use half the rows.
@@ -363,7 +366,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         NUM_HEADS=num_heads, GROUP=group, GROUP_P=max(16, _next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=_BLOCK_N,
         SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        DOT_FP32=_dot_fp32(k_cache), num_warps=4, num_stages=2)
+        DOT_FP32=_dot_fp32(k_cache), num_warps=_DECODE_NUM_WARPS,
+        num_stages=_DECODE_NUM_STAGES)
     if not single:
         _combine_splits_kernel[(batch, num_heads)](
             part_acc, part_l, part_m, ctx_lens, out, out.stride(0), out.stride(1),
