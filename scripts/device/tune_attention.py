@@ -82,6 +82,7 @@ def sweep_decode(shape: str, device: torch.device, dtype: torch.dtype, *, smoke:
     grid = ([(64, 4, 2)] if smoke else
             list(itertools.product((32, 64, 128), (2, 4, 8), (1, 3))))
     out = []
+    ta.DECODE_OVERRIDE = None
     for case in decode_cases(smoke):
         b, ctx = case["batch"], case["ctx"]
         k_cache, v_cache, table, ctx_lens = _paged(b, ctx, hkv, d, device=device, dtype=dtype,
@@ -98,7 +99,7 @@ def sweep_decode(shape: str, device: torch.device, dtype: torch.dtype, *, smoke:
                           iters=iters, device=device)
         rows = []
         for block_n, warps, stages in grid:
-            ta._BLOCK_N, ta._DECODE_NUM_WARPS, ta._DECODE_NUM_STAGES = block_n, warps, stages
+            ta.DECODE_OVERRIDE = (block_n, warps, stages)
             try:
                 ms = _time_ms(functools.partial(
                     ta.paged_decode_attention, q, k_cache, v_cache, table, ctx_lens,
@@ -141,7 +142,7 @@ def sweep_prefill(shape: str, device: torch.device, dtype: torch.dtype, *, smoke
                           iters=iters, device=device)
         rows = []
         for block_m, block_n, warps in grid:
-            ta._PREFILL_BLOCK_M, ta._BLOCK_N, ta._PREFILL_NUM_WARPS = block_m, block_n, warps
+            ta.PREFILL_OVERRIDE = (block_m, block_n, warps)
             try:
                 ms = _time_ms(functools.partial(
                     ta.paged_prefill_attention, q, k_cache, v_cache, table, cu, ctx_lens,
@@ -167,8 +168,9 @@ def main() -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     iters = 2 if args.smoke else 30
-    defaults = (ta._BLOCK_N, ta._DECODE_NUM_WARPS, ta._DECODE_NUM_STAGES,
-                ta._PREFILL_BLOCK_M, ta._PREFILL_NUM_WARPS)
+    defaults = {"decode_d128": [ta._DECODE_D128_MANY, ta._DECODE_D128_FEW],
+                "decode_small_d": ta._DECODE_SMALL_D,
+                "prefill": [ta._PREFILL_D128, ta._PREFILL_SMALL_D]}
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if not args.smoke
                               else "cpu", "dtype": str(dtype), "defaults": defaults,
                               "decode": [], "prefill": []}

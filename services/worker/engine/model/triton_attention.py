@@ -44,16 +44,41 @@ except ImportError:  # CPU-only installs: the torch SDPA path in attention.py is
 # 512 keeps a split's work well above the combine cost while giving a 4k context 8 splits.
 PARTITION_SIZE = 512
 _LOG2E = 1.4426950408889634
-# Positions per K/V tile: several 16-token blocks per load, and N >= 16 for tl.dot.
-_BLOCK_N = 64
-# Decode launch shape (scripts/device/tune_attention.py sweeps these on a GPU).
-_DECODE_NUM_WARPS = 4
-_DECODE_NUM_STAGES = 2
-# Prefill rows per program (query tokens x padded GQA group) and warps: sized so that
-# head_dim 128 compiles for sm_90 without register spills; fp32 dots need more registers,
-# so fp32 caches use half the rows.
-_PREFILL_BLOCK_M = 64
-_PREFILL_NUM_WARPS = 8
+# Launch shapes, chosen from a sweep on an H200 (scripts/device/tune_attention.py, bf16;
+# tiles of positions are >= 16 for tl.dot). Decode, as (positions per K/V tile, warps,
+# pipeline stages): head_dim 128 with many programs streams best in small tiles of few
+# warps; with few programs (small batch, long context) in large tiles of many warps;
+# head_dim 64 in large tiles of 2 warps.
+_DECODE_MANY_PROGRAMS = 1024  # batch * kv_heads from which a head_dim-128 step has "many"
+_DECODE_D128_MANY = (32, 2, 3)
+_DECODE_D128_FEW = (128, 8, 3)
+_DECODE_SMALL_D = (128, 2, 1)
+# Prefill, as (rows per program: query tokens x padded GQA group, positions per tile,
+# warps). fp32 dots need more registers, so fp32 caches use half the rows.
+_PREFILL_D128 = (128, 32, 4)
+_PREFILL_SMALL_D = (64, 64, 4)
+# Tests and the tuning script may pin a launch shape: (block_n, warps, stages) for
+# decode, (block_m, block_n, warps) for prefill; None: the rules above.
+DECODE_OVERRIDE: tuple[int, int, int] | None = None
+PREFILL_OVERRIDE: tuple[int, int, int] | None = None
+
+
+def _decode_config(head_dim: int, num_programs: int) -> tuple[int, int, int]:
+    if DECODE_OVERRIDE is not None:
+        return DECODE_OVERRIDE
+    if head_dim < 128:
+        return _DECODE_SMALL_D
+    return _DECODE_D128_MANY if num_programs >= _DECODE_MANY_PROGRAMS else _DECODE_D128_FEW
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    block_m, block_n, warps = (PREFILL_OVERRIDE or
+                               (_PREFILL_D128 if head_dim >= 128 else _PREFILL_SMALL_D))
+    if dtype == torch.float32 and PREFILL_OVERRIDE is None:
+        block_m //= 2
+    return block_m, block_n, warps
+
+
 # Splits combined per step of the reduce kernel.
 _MAX_SPLIT_TILE = 16
 
@@ -356,6 +381,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_m = torch.empty_like(part_l)
 
     block_d = _next_power_of_2(head_dim)
+    block_n, num_warps, num_stages = _decode_config(head_dim, batch * num_kv_heads)
     max_ctx_len = max_blocks * block_size
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_table, ctx_lens, out, part_acc, part_l, part_m,
@@ -364,10 +390,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0), max_ctx_len, partition_size, num_splits, scale * _LOG2E,
         NUM_HEADS=num_heads, GROUP=group, GROUP_P=max(16, _next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=_BLOCK_N,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(k_cache.dtype),
-        DOT_FP32=_dot_fp32(k_cache), num_warps=_DECODE_NUM_WARPS,
-        num_stages=_DECODE_NUM_STAGES)
+        DOT_FP32=_dot_fp32(k_cache), num_warps=num_warps, num_stages=num_stages)
     if not single:
         _combine_splits_kernel[(batch, num_heads)](
             part_acc, part_l, part_m, ctx_lens, out, out.stride(0), out.stride(1),
@@ -403,7 +428,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out
 
     group_p = _next_power_of_2(group)
-    block_m = _PREFILL_BLOCK_M // 2 if q.dtype == torch.float32 else _PREFILL_BLOCK_M
+    block_m, block_n, num_warps = _prefill_config(head_dim, q.dtype)
     block_q = max(block_m // group_p, 1)  # rows = block_q * group_p >= 16
     grid = (-(-max_query_len // block_q), num_seqs, num_kv_heads)
     _prefill_kernel[grid](
@@ -413,7 +438,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0), block_table.shape[1] * block_size, scale * _LOG2E,
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=_next_power_of_2(head_dim),
-        BLOCK_Q=block_q, BLOCK_SIZE=block_size, BLOCK_N=_BLOCK_N,
+        BLOCK_Q=block_q, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(k_cache.dtype), DOT_FP32=_dot_fp32(k_cache),
-        num_warps=_PREFILL_NUM_WARPS, num_stages=2)
+        num_warps=num_warps, num_stages=2)
     return out
