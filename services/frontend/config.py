@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.common.config import parse_config
+from services.frontend.detokenize import DetokenizeMode
+from services.frontend.moderation import ModerationMode
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +28,17 @@ class FrontendConfig:
     deployment_file: str = ""
     model: str = "smollm2-135m-instruct"  # the model served (and the default)
     model_versions: str = "v1"  # comma-separated versions of the model; the first is default
+    # Where generated token ids become text: in-process from the model store's
+    # tokenizer.json (the tokenizer service's file), or the tokenizer service's Detokenize
+    # stream; auto: in-process when the store has the model. Chosen once at start.
+    detokenize: DetokenizeMode = DetokenizeMode.AUTO
+    model_store: str = ""  # the model store's root; "": $GENMESH_MODEL_STORE or the default
+    # How generated text goes through the safety service's Moderate stream (with a safety
+    # service in the deployment): pipelined, window (gathered for up to window_ms or
+    # window_chars), or lockstep (a round trip per piece).
+    moderation: ModerationMode = ModerationMode.PIPELINED
+    moderation_window_ms: float = 20.0
+    moderation_window_chars: int = 64
     redis_timeout_s: float = 0.25  # longest wait for Redis when reserving a token budget
     rpc_timeout_s: float = 10.0  # deadline of each unary call to an internal service
     max_generation_s: float = 600.0  # longest a generation may stream (client deadlines win)

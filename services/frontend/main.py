@@ -14,6 +14,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from gateway import deployment
+from genmesh.models.store import default_store_root
 from genmesh.v1 import (
     cache_pb2_grpc,
     generation_pb2,
@@ -29,6 +30,7 @@ from services.frontend import budget
 from services.frontend.admission import Admission, AdmissionPolicy
 from services.frontend.catalog import ModelCatalog
 from services.frontend.config import FrontendConfig, load_config
+from services.frontend.detokenize import choose
 from services.frontend.job_runner import JobRunner
 from services.frontend.jobs import JobQueue, JobQueueConfig
 from services.frontend.moderation import SafetyGate, SafetySettings
@@ -73,7 +75,9 @@ def served(cfg: FrontendConfig) -> Served:
         safety=None if not dep.services.safety else SafetySettings(
             timeout_s=dep.limits.safety_timeout_s,
             prompt_failure_mode=dep.limits.safety_prompt_failure_mode,
-            output_failure_mode=dep.limits.safety_output_failure_mode),
+            output_failure_mode=dep.limits.safety_output_failure_mode,
+            moderation_mode=cfg.moderation, window_s=cfg.moderation_window_ms / 1000,
+            window_chars=cfg.moderation_window_chars),
         cache=None if not dep.services.cache else CacheSettings(
             timeout_s=dep.limits.cache_timeout_s, ttl_s=dep.limits.cache_ttl_s),
         jobs=JobQueueConfig(claim_timeout_s=dep.limits.job_claim_timeout_s,
@@ -102,9 +106,12 @@ async def run(cfg: FrontendConfig) -> None:
                      else telemetry.channel(cfg.cache_address))
     cache = (None if cache_channel is None or what.cache is None
              else ResponseCache(cache_pb2_grpc.CacheStub(cache_channel), what.cache))
+    detokenizers = choose(cfg.detokenize, store_root=Path(cfg.model_store)
+                          if cfg.model_store else default_store_root(), models=[what.model],
+                          stub=tokenizer)
     pipeline = Pipeline(tokenizer=tokenizer, worker=worker, rpc_timeout_s=cfg.rpc_timeout_s,
-                        admission=admission, affinity=what.affinity, safety=safety,
-                        cache=cache)
+                        detokenizers=detokenizers, admission=admission,
+                        affinity=what.affinity, safety=safety, cache=cache)
     catalog = ModelCatalog(model=what.model, versions=what.versions, tokenizer=tokenizer,
                            worker=worker, rpc_timeout_s=cfg.rpc_timeout_s)
     # Jobs get a client of their own: their reads block up to a second, longer than the

@@ -3,8 +3,12 @@ moderation of the output while it streams.
 
 A blocked prompt is refused with PERMISSION_DENIED naming the category (never the text)
 and never reaches a worker. A redacted prompt replaces the original. Output text goes to
-the service over one Moderate stream per generation, in lock step (each message answered
-by one reply); what comes back is what the client may see.
+the service over one Moderate stream per generation; what comes back is what the client
+may see. The service answers every message with one reply, in order, so the frontend
+need not wait for a verdict before sending the next text: it sends each piece as it is
+generated and releases text as the verdicts arrive (``ModerationMode``). No text reaches
+the client without its verdict, and the service's hold-back bound is unchanged; what
+pipelining removes is the round trip each token used to wait for.
 
 The service being down or slower than ``timeout_s`` is handled per failure mode: closed
 refuses the prompt (or ends the stream) with UNAVAILABLE; open lets it through unchecked,
@@ -14,9 +18,13 @@ logged. Nothing waits longer than ``timeout_s``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import time
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 import grpc
 
@@ -33,11 +41,34 @@ log = logging.getLogger("genmesh.frontend")
 CHECKED_ROLES = frozenset({"user", "system"})
 
 
+class ModerationMode(StrEnum):
+    # Each piece goes to the service as it is generated; its text is released when its
+    # verdict arrives.
+    PIPELINED = "pipelined"
+    # As pipelined, but pieces are gathered into one message for up to window_s or
+    # window_chars (fewer messages, each piece later by up to window_s).
+    WINDOW = "window"
+    # Each piece waits for its verdict before the next is read: a round trip per piece
+    # (the behaviour before pipelining; kept to measure against).
+    LOCKSTEP = "lockstep"
+
+
 @dataclass(frozen=True, slots=True)
 class SafetySettings:
-    timeout_s: float = 2.0
+    timeout_s: float = 2.0  # longest wait for a prompt check, or for one output verdict
     prompt_failure_mode: FailureMode = FailureMode.CLOSED
     output_failure_mode: FailureMode = FailureMode.CLOSED
+    moderation_mode: ModerationMode = ModerationMode.PIPELINED
+    window_s: float = 0.02  # WINDOW: longest a piece waits for others to join it
+    window_chars: int = 64  # WINDOW: a message is sent once it has this many characters
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Generated text on its way to moderation (after the stop strings)."""
+
+    text: str  # new text since the previous piece (may be empty)
+    is_final: bool = False  # the generation's last piece: moderation releases the rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +134,18 @@ class SafetyGate:
         return OutputModeration(self, request_id=request_id, tenant=tenant)
 
 
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """A piece written to the Moderate stream (or passed on unmoderated, fail-open)."""
+
+    text: str
+    sent_ns: int  # time.time_ns() when it was written
+    error: BaseException | None = None  # the write failed: its verdict will not come
+
+
+_Queued = _Sent | BaseException | None  # None: every piece was sent
+
+
 class OutputModeration:
     """One generation's Moderate stream, opened on the first text."""
 
@@ -114,46 +157,157 @@ class OutputModeration:
         self.call: grpc.aio.StreamStreamCall | None = None
         self.is_bypassed = gate is None  # fail-open after an error: pass text unmoderated
 
-    async def send(self, text: str, *, final: bool) -> Moderated:
+    async def moderate(self, pieces: AsyncGenerator[Piece, None], *,
+                       on_verdict: Callable[[int, int], None] | None = None
+                       ) -> AsyncGenerator[Moderated, None]:
+        """What the client may see of ``pieces``, in order. Ends after the final piece's
+        verdict, or after a Moderated with ``blocked`` set. ``on_verdict(sent_ns,
+        answered_ns)`` hears of each verdict. Errors of ``pieces`` are raised here."""
+        if self.gate is None:
+            async for piece in pieces:
+                yield Moderated(piece.text)
+            return
+        settings = self.gate.settings
+        if settings.moderation_mode == ModerationMode.LOCKSTEP:
+            async for piece in pieces:
+                sent = await self._send(piece)
+                if sent is not None:
+                    out = await self._verdict(sent, on_verdict)
+                    yield out
+                    if out.blocked:
+                        return
+            return
+        if settings.moderation_mode == ModerationMode.WINDOW:
+            pieces = _windows(pieces, window_s=settings.window_s,
+                              window_chars=settings.window_chars)
+        queue: asyncio.Queue[_Queued] = asyncio.Queue()
+        writer = asyncio.ensure_future(self._send_all(pieces, queue))
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                out = await self._verdict(item, on_verdict)
+                yield out
+                if out.blocked:
+                    return
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    async def _send_all(self, pieces: AsyncGenerator[Piece, None],
+                        queue: asyncio.Queue[_Queued]) -> None:
+        """Sends every piece without waiting for verdicts; queues what was sent, then
+        None (or the error ``pieces`` raised)."""
+        try:
+            async for piece in pieces:
+                sent = await self._send(piece)
+                if sent is not None:
+                    queue.put_nowait(sent)
+            queue.put_nowait(None)
+        except Exception as exc:  # the generation's error, raised to the reader
+            queue.put_nowait(exc)
+        finally:
+            await pieces.aclose()  # cancelled mid-write: end the generation's side too
+
+    async def _send(self, piece: Piece) -> _Sent | None:
+        """Writes a piece; None when there is nothing to moderate."""
+        if not piece.text and (not piece.is_final or self.call is None):
+            return None  # nothing new (or nothing was generated at all)
+        now_ns = time.time_ns()
         if self.is_bypassed:
-            return Moderated(text)
-        if not text and not final:
-            return Moderated("")
+            return _Sent(piece.text, now_ns)
         assert self.gate is not None
-        timeout_s = self.gate.settings.timeout_s
-        request = safety_pb2.ModerateRequest(text=text, flush=final)
+        request = safety_pb2.ModerateRequest(text=piece.text, flush=piece.is_final)
         if self.call is None:
-            if final and not text:
-                return Moderated("")  # nothing was generated: nothing to moderate
             # The opening message names the request and carries the first text with it.
             request.request_id, request.tenant = self.request_id, self.tenant
             self.call = self.gate.stub.Moderate(metadata=trace_metadata())
         try:
-            reply = await asyncio.wait_for(self._round_trip(request), timeout_s)
-        except (grpc.aio.AioRpcError, TimeoutError, EOFError) as exc:
+            await self.call.write(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            return _Sent(piece.text, now_ns, error=exc)
+        return _Sent(piece.text, now_ns)
+
+    async def _verdict(self, sent: _Sent, on_verdict: Callable[[int, int], None] | None
+                       ) -> Moderated:
+        """The text of ``sent`` the client may see, once the service has answered."""
+        if self.is_bypassed:
+            return Moderated(sent.text)
+        assert self.gate is not None and self.call is not None
+        try:
+            if sent.error is not None:
+                raise sent.error
+            async with asyncio.timeout(self.gate.settings.timeout_s):
+                reply = await self.call.read()
+            if reply is grpc.aio.EOF:
+                raise EOFError("the safety service closed the moderation stream")
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError,
+                EOFError) as exc:
             self.close()
             if self.gate.settings.output_failure_mode == FailureMode.OPEN:
                 log.warning("output no longer moderated: the safety service failed "
                             "(fail-open)", extra={"request_id": self.request_id,
                                                   "error": type(exc).__name__})
                 self.is_bypassed = True
-                return Moderated(text)
+                return Moderated(sent.text)
             raise _unavailable("the output cannot be moderated", exc) from None
+        if on_verdict is not None:
+            on_verdict(sent.sent_ns, time.time_ns())
         if reply.verdict == safety_pb2.VERDICT_BLOCK:
             self.close()
             return Moderated(reply.text, blocked=reply.reason or "content_filter")
         return Moderated(reply.text)
 
-    async def _round_trip(self, request: safety_pb2.ModerateRequest
-                          ) -> safety_pb2.ModerateResponse:
-        assert self.call is not None
-        await self.call.write(request)
-        reply = await self.call.read()
-        if reply is grpc.aio.EOF:
-            raise EOFError("the safety service closed the moderation stream")
-        return reply
-
     def close(self) -> None:
         if self.call is not None:
             self.call.cancel()
             self.call = None
+
+
+async def _windows(pieces: AsyncGenerator[Piece, None], *, window_s: float,
+                   window_chars: int) -> AsyncGenerator[Piece, None]:
+    """``pieces`` gathered: a piece waits at most ``window_s`` for others to join it, and
+    goes as soon as the gathered text has ``window_chars`` characters or is final."""
+    queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for piece in pieces:
+                queue.put_nowait(piece)
+            queue.put_nowait(None)
+        except Exception as exc:
+            queue.put_nowait(exc)
+        finally:
+            await pieces.aclose()
+
+    pumping = asyncio.ensure_future(pump())
+    loop = asyncio.get_running_loop()
+    text, deadline = "", None
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await queue.get()
+            except TimeoutError:
+                yield Piece(text)
+                text, deadline = "", None
+                continue
+            if item is None:
+                if text:
+                    yield Piece(text)
+                return
+            if isinstance(item, BaseException):
+                raise item
+            text += item.text
+            if item.is_final or len(text) >= window_chars:
+                yield Piece(text, is_final=item.is_final)
+                if item.is_final:
+                    return
+                text, deadline = "", None
+            elif text and deadline is None:
+                deadline = loop.time() + window_s
+    finally:
+        pumping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pumping

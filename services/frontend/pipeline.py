@@ -1,5 +1,6 @@
 """The generation pipeline: tokenize (or render the chat template) → worker stream of
-token ids → incremental detokenize → stop strings → usage.
+token ids → incremental detokenize (in-process, ``detokenize.py``) → stop strings →
+output moderation (pipelined) → usage.
 
 The prompt check (``moderation.py``) runs beside tokenization; a redacted prompt is
 tokenized again, a blocked one never reaches a worker or a budget. Output moderation runs
@@ -14,11 +15,13 @@ which frees the worker's KV blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,9 +40,10 @@ from services.common import metadata
 from services.common.sampling import DEFAULT_MAX_TOKENS
 from services.common.telemetry import trace_metadata
 from services.frontend import metrics
+from services.frontend.detokenize import Detokenizers, Detokenizing, RemoteDetokenizers
 from services.frontend.errors import PipelineError, rpc_error
 from services.frontend.events import Event, Finished, Started, TextChunk
-from services.frontend.moderation import OutputModeration, SafetyGate
+from services.frontend.moderation import OutputModeration, Piece, SafetyGate
 from services.frontend.observe import RequestObserver, tracer
 from services.frontend.response_cache import ResponseCache, cache_key, is_cacheable
 from services.frontend.routing import Affinity, ab_bucket, prefix_key
@@ -79,6 +83,15 @@ class _Generated:
 
 
 @dataclass(slots=True)
+class _Ending:
+    """How the worker stream finished; set with the final piece."""
+
+    finish_reason: common_pb2.FinishReason = common_pb2.FINISH_REASON_UNSPECIFIED
+    # The worker's usage, or the tokens counted up to a stop string.
+    usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+
+
+@dataclass(slots=True)
 class _Caching:
     """A request whose answer goes into the response cache once it finishes."""
 
@@ -91,10 +104,13 @@ class _Caching:
 class Pipeline:
     def __init__(self, *, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
                  worker: worker_pb2_grpc.WorkerStub, rpc_timeout_s: float,
+                 detokenizers: Detokenizers | None = None,
                  admission: Admission | None = None, affinity: Affinity | None = None,
                  safety: SafetyGate | None = None, cache: ResponseCache | None = None
                  ) -> None:
         self.tokenizer = tokenizer
+        # Chosen once at start-up (detokenize.choose); None: the tokenizer service's stream.
+        self.detokenizers = detokenizers or RemoteDetokenizers(tokenizer)
         self.safety = safety  # None: no prompt checks, no output moderation
         self.worker = worker
         self.rpc_timeout_s = rpc_timeout_s
@@ -278,64 +294,71 @@ class Pipeline:
             params=worker_params, priority=req.priority, cache_salt=req.tenant),
             timeout=timeout_s, metadata=self._worker_metadata(req, prompt_ids)
             + trace_metadata())
-        detok = self.tokenizer.Detokenize(timeout=timeout_s, metadata=trace_metadata())
-        # Open the detokenizer stream now, so its setup overlaps the worker's prefill
-        # instead of delaying the first token.
-        opening = asyncio.ensure_future(_detokenize(detok, tokenizer_pb2.DetokenizeRequest(
-            model=req.model, skip_special_tokens=True)))
-        stops = StopMatcher(list(req.params.stop))
+        detok = self.detokenizers.open(req.model, timeout_s=timeout_s)
         moderation = (OutputModeration(None) if self.safety is None
                       else self.safety.moderation(request_id=req.request_id, tenant=req.tenant))
+        ending = _Ending()
         try:
             served = dict(await worker_call.initial_metadata() or ())
             version = str(served.get(metadata.MODEL_VERSION, req.model_version))
             yield Started(req.request_id, req.model, version, len(prompt_ids),
                           req.messages if req.prompt is None else ())
-            async for msg in worker_call:
-                generated.num_tokens += len(msg.token_ids)
-                observer.tokens(len(msg.token_ids))
-                if msg.finish_reason == common_pb2.FINISH_REASON_ERROR:
-                    raise PipelineError(grpc.StatusCode.INTERNAL,
-                                        f"generation failed: {msg.error}")
-                await opening  # done long ago but for the first token; raises its error
-                start_ns = time.time_ns()
-                text = await _detokenize(detok, tokenizer_pb2.DetokenizeRequest(
-                    token_ids=msg.token_ids, flush=bool(msg.finish_reason)))
-                observer.busy("detokenize", start_ns, time.time_ns())
-                cut = stops.feed(text)
-                finish = common_pb2.FINISH_REASON_STOP if cut.is_stopped else msg.finish_reason
-                piece = cut.text if cut.is_stopped or not finish else cut.text + stops.flush()
-                start_ns = time.time_ns()
-                out = await moderation.send(piece, final=bool(finish))
-                if self.safety is not None:
-                    observer.busy("moderation", start_ns, time.time_ns())
-                if out.text:
-                    yield TextChunk(out.text)
-                if out.blocked:
-                    yield Finished(common_pb2.FINISH_REASON_CONTENT_FILTER, common_pb2.Usage(
-                        prompt_tokens=len(prompt_ids), completion_tokens=generated.num_tokens),
-                        detail=out.blocked)
-                    return
-                if cut.is_stopped:
-                    yield Finished(finish, common_pb2.Usage(
-                        prompt_tokens=len(prompt_ids), completion_tokens=generated.num_tokens))
-                    return
-                if finish:
-                    yield Finished(finish, msg.usage)
-                    return
-            raise PipelineError(grpc.StatusCode.UNAVAILABLE,
-                                "the worker stream ended without a finish; retry")
+            # Moderation reads the pieces as the worker streams them and hands back what
+            # the client may see; with a safety service it runs ahead of its verdicts.
+            pieces = self._pieces(req, worker_call, detok, len(prompt_ids), generated,
+                                  observer, ending)
+            async with contextlib.aclosing(moderation.moderate(
+                    pieces, on_verdict=None if self.safety is None
+                    else functools.partial(observer.busy, "moderation"))) as moderated:
+                async for out in moderated:
+                    if out.text:
+                        yield TextChunk(out.text)
+                    if out.blocked:
+                        yield Finished(common_pb2.FINISH_REASON_CONTENT_FILTER,
+                                       common_pb2.Usage(prompt_tokens=len(prompt_ids),
+                                                        completion_tokens=generated.num_tokens),
+                                       detail=out.blocked)
+                        return
+            yield Finished(ending.finish_reason, ending.usage)
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, "worker") from None
         finally:
             # Whatever ended the request (done, stop string, caller gone, error): release
-            # the worker's request (and its KV blocks) and the detokenizer stream now.
+            # the worker's request (and its KV blocks), moderation and detokenizer streams.
             worker_call.cancel()
             moderation.close()
-            if opening.done() and not opening.cancelled():
-                opening.exception()  # retrieved: an error here was already reported or moot
-            opening.cancel()
-            detok.cancel()
+            detok.close()
+
+    async def _pieces(self, req: PipelineRequest, worker_call: AsyncIterator[
+                          worker_pb2.WorkerGenerateResponse], detok: Detokenizing,
+                      num_prompt_tokens: int, generated: _Generated,
+                      observer: RequestObserver, ending: _Ending
+                      ) -> AsyncGenerator[Piece, None]:
+        """The worker stream as text, cut at stop strings; the last piece is final and
+        ``ending`` then says how the generation finished."""
+        stops = StopMatcher(list(req.params.stop))
+        async for msg in worker_call:
+            generated.num_tokens += len(msg.token_ids)
+            observer.tokens(len(msg.token_ids))
+            if msg.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                raise PipelineError(grpc.StatusCode.INTERNAL, f"generation failed: {msg.error}")
+            start_ns = time.time_ns()
+            text = await detok.text(msg.token_ids, final=bool(msg.finish_reason))
+            observer.busy("detokenize", start_ns, time.time_ns())
+            cut = stops.feed(text)
+            if cut.is_stopped:
+                ending.finish_reason = common_pb2.FINISH_REASON_STOP
+                ending.usage = common_pb2.Usage(prompt_tokens=num_prompt_tokens,
+                                                completion_tokens=generated.num_tokens)
+                yield Piece(cut.text, is_final=True)
+                return
+            if msg.finish_reason:
+                ending.finish_reason, ending.usage = msg.finish_reason, msg.usage
+                yield Piece(cut.text + stops.flush(), is_final=True)
+                return
+            yield Piece(cut.text)
+        raise PipelineError(grpc.StatusCode.UNAVAILABLE,
+                            "the worker stream ended without a finish; retry")
 
 
 def _replay(req: PipelineRequest, prompt_tokens: int, answer: cache_pb2.CachedAnswer
@@ -348,17 +371,3 @@ def _replay(req: PipelineRequest, prompt_tokens: int, answer: cache_pb2.CachedAn
     return [Started(req.request_id, req.model, req.model_version, prompt_tokens,
                     req.messages if req.prompt is None else ()),
             *(TextChunk(c) for c in chunks if c), Finished(answer.finish_reason, usage)]
-
-
-async def _detokenize(call: grpc.aio.StreamStreamCall,
-                      request: tokenizer_pb2.DetokenizeRequest) -> str:
-    """One Detokenize round trip: every request message is answered by one message."""
-    try:
-        await call.write(request)
-        reply = await call.read()
-    except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc, "tokenizer") from None
-    if reply is grpc.aio.EOF:
-        raise PipelineError(grpc.StatusCode.UNAVAILABLE,
-                            "the tokenizer closed the detokenize stream; retry")
-    return reply.text

@@ -11,9 +11,9 @@ import grpc
 import jinja2
 
 from genmesh.models.chat_template import ChatMessage
+from genmesh.models.detokenizer import IncrementalDetokenizer
 from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.tokenizer import metrics
-from services.tokenizer.detokenizer import IncrementalDetokenizer
 from services.tokenizer.registry import LoadedTokenizer, TokenizerRegistry, UnknownModelError
 
 CHAT_ROLES = ("system", "user", "assistant")

@@ -7,7 +7,7 @@ import random
 import pytest
 from tokenizers import Tokenizer
 
-from services.tokenizer.detokenizer import (
+from genmesh.models.detokenizer import (
     REPLACEMENT_CHAR,
     IncrementalDetokenizer,
     special_token_ids,
@@ -108,34 +108,67 @@ def test_special_tokens_skipped_or_kept(tokenizer, skip_special_tokens, expected
     assert expected == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-class CountingTokenizer:
-    """Wraps a tokenizer, recording how many ids each decode call gets."""
+class ReferenceDetokenizer:
+    """The tokenizer service's detokenizer before it stepped with DecodeStream (vLLM's
+    prefix/read-offset algorithm in Python): the oracle for each message's text."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.decode_lengths: list[int] = []
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool) -> None:
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.skipped_ids = special_token_ids(tokenizer) if skip_special_tokens else set()
+        self.window_ids: list[int] = []
+        self.num_context_ids, self.context_text = 0, ""
 
-    def get_added_tokens_decoder(self):
-        return self.tokenizer.get_added_tokens_decoder()
+    def push(self, token_ids: list[int]) -> str:
+        self.window_ids += [i for i in token_ids if i not in self.skipped_ids]
+        return self._release(is_final=False)
 
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        self.decode_lengths.append(len(ids))
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    def flush(self) -> str:
+        text = self._release(is_final=True)
+        self.window_ids, self.num_context_ids, self.context_text = [], 0, ""
+        return text
+
+    def _release(self, *, is_final: bool) -> str:
+        if len(self.window_ids) == self.num_context_ids:
+            return ""
+        text = self.tokenizer.decode(self.window_ids, skip_special_tokens=self.skip)
+        if len(text) <= len(self.context_text) or (
+                text.endswith(REPLACEMENT_CHAR) and not is_final):
+            return ""
+        new_text = text[len(self.context_text):]
+        del self.window_ids[:self.num_context_ids]
+        self.num_context_ids = len(self.window_ids)
+        self.context_text = self.tokenizer.decode(self.window_ids, skip_special_tokens=self.skip)
+        return new_text
 
 
-def test_each_step_decodes_a_few_tokens_not_the_whole_sequence(tokenizer):
-    counting = CountingTokenizer(tokenizer)
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_every_message_equals_the_reference_algorithm(tokenizer, skip_special_tokens):
+    rng = random.Random(11)
+    pool = [i for text in MULTILINGUAL for i in tokenizer.encode(text).ids]
+    pool += sorted(special_token_ids(tokenizer))
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    for _ in range(500):
+        ids = [rng.choice(pool) if rng.random() < 0.7 else rng.randrange(vocab_size)
+               for _ in range(rng.randint(1, 60))]
+        sizes = [rng.randint(1, 4) for _ in ids]
+        ours = stream(IncrementalDetokenizer(tokenizer,
+                                             skip_special_tokens=skip_special_tokens),
+                      ids, sizes)
+        reference = stream(ReferenceDetokenizer(  # type: ignore[arg-type]
+            tokenizer, skip_special_tokens=skip_special_tokens), ids, sizes)
+        assert ours == reference, ids
+
+
+def test_a_long_sequence_streams_whole(tokenizer):
     ids = tokenizer.encode(" ".join(MULTILINGUAL) * 40).ids
     assert len(ids) > 2000
-    chunks = stream(IncrementalDetokenizer(counting), ids)  # type: ignore[arg-type]
+    chunks = stream(IncrementalDetokenizer(tokenizer), ids)
     assert "".join(chunks) == tokenizer.decode(ids)
-    assert max(counting.decode_lengths) <= 8
-    assert len(counting.decode_lengths) <= 2 * len(ids) + 1
 
 
-def test_skipped_special_tokens_never_enter_the_decode_window(tokenizer):
-    counting = CountingTokenizer(tokenizer)
-    ids = [*tokenizer.encode("Hi").ids, *[2] * 50, *tokenizer.encode(" there").ids]
-    chunks = stream(IncrementalDetokenizer(counting), ids)  # type: ignore[arg-type]
-    assert "".join(chunks) == "Hi there"
-    assert max(counting.decode_lengths) <= 2
+def test_skipped_special_tokens_release_nothing_and_leave_the_text_whole(tokenizer):
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    assert detokenizer.push(tokenizer.encode("Hi").ids) == "Hi"
+    assert detokenizer.push([2] * 50) == ""
+    assert detokenizer.push(tokenizer.encode(" there").ids) == " there"
+    assert detokenizer.flush() == ""
