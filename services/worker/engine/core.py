@@ -1,4 +1,9 @@
-"""The synchronous engine: one ``step()`` is schedule -> run -> sample -> postprocess."""
+"""The engine core: one ``step()`` is schedule -> run -> sample -> postprocess.
+
+With async scheduling (the default on CUDA) a step's postprocessing waits one step: the
+next step is scheduled and launched before this one's tokens are read back, so the host
+prepares step N+1 while the device runs step N.
+"""
 
 from __future__ import annotations
 
