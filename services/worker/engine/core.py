@@ -8,6 +8,7 @@ prepares step N+1 while the device runs step N.
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ class EngineCore:
         self.blocks = BlockManager(num_blocks=num_blocks, block_size=config.block_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(block_manager=self.blocks, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens)
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_model_len=self.max_model_len)
         self.runner = ModelRunner(config, self.model_cfg, num_blocks=num_blocks,
                                   max_model_len=self.max_model_len)
         self.sampler = Sampler(self.runner.device)
@@ -104,7 +106,11 @@ class EngineCore:
 
     def fail_all(self, message: str) -> list[Delta]:
         """End every request with an error (after an engine failure)."""
-        self._inflight = None
+        if self._inflight is not None:
+            # Wait for the step in flight: its staging buffer is about to be reused.
+            with contextlib.suppress(Exception):
+                self._inflight.sampled.read()
+            self._inflight = None
         return [self._finish(r, FinishReason.ERROR, error=message)
                 for r in list(self._requests.values())]
 
@@ -169,6 +175,9 @@ class EngineCore:
                 r.params.repetition_penalty != 1.0 and r.has_placeholder for r in requests):
             settle()  # the penalty reads the whole history, the pending token included
         sampled = self.sampler.launch(logits, requests)
+        for req in requests:  # ended by the settle above: forget what launch re-created
+            if req.status is RequestStatus.FINISHED:
+                self.sampler.release(req.request_id)
         p3 = time.perf_counter()
         return _LaunchedStep(out=out, requests=requests, sampled=sampled, start_time=t0,
                              phases_ms=((p1 - p0) * 1e3, (p2 - p1) * 1e3, (p3 - p2) * 1e3))
@@ -184,8 +193,8 @@ class EngineCore:
         t1 = self._clock()
         # With a step in flight, steps overlap: each is charged from when the one before
         # it completed, so that the charges add up to the wall time.
-        self._charge_device_time(step.out.chunks,
-                                 t1 - max(step.start_time, self._last_completed_time))
+        step_s = t1 - max(step.start_time, self._last_completed_time)
+        self._charge_device_time(step.out.chunks, step_s)
         self._last_completed_time = t1
 
         deltas = []
@@ -203,7 +212,7 @@ class EngineCore:
                 deltas.append(self._finish(req, reason, last_token=token, last_logprob=lp))
         self._num_steps += 1
         self._recent_batch.append(len(step.out.chunks))
-        self._recent_ms.append((t1 - step.start_time) * 1e3)
+        self._recent_ms.append(step_s * 1e3)  # overlapping steps: from the last one's end
         return deltas
 
     def _charge_device_time(self, chunks: list[ScheduledChunk], step_s: float) -> None:

@@ -8,9 +8,9 @@ numpy, not token by token in Python; the only per-request Python left is reading
 chunk's fields and slicing its token ids.
 
 On CUDA the host arrays go through pinned staging buffers and one non-blocking copy
-each, so preparing a step never waits for the device. The staging buffers are reused
-every step: that is safe because the engine reads the sampled ids back (a
-synchronization) before it prepares the next step.
+each, so preparing a step never waits for the device. Two staging buffers alternate by
+step: with at most one step in flight, a buffer's copies are done before it comes round
+again (see ``_Stager``).
 
 The row order of a step is: decodes first (one query each), sorted by context length
 so that groups pad little, then prefill chunks in scheduling order. The logits rows
@@ -86,8 +86,8 @@ class InputBatch:
         self.device = device
         self.decode_kernel = decode_kernel
         self.varlen_prefill = varlen_prefill
-        # Preemption can briefly leave a request's row taken while its successor is
-        # admitted in the same step: keep a few spare rows.
+        # Rows are released before a step is prepared, so max_num_seqs would do; a few
+        # spares cost nothing and keep a bookkeeping slip from failing a step.
         num_rows = max_num_seqs + 8
         self.block_table = np.zeros((num_rows, max_blocks_per_seq), dtype=np.int64)
         self._num_blocks = np.zeros(num_rows, dtype=np.int64)  # entries filled per row
@@ -157,7 +157,8 @@ class InputBatch:
         for i in order.tolist():
             c = chunks[i]
             input_ids.extend(c.request.all_ids[c.start:c.start + c.num_tokens])
-            if pending is not None and c.completes_sequence:
+            # has_placeholder: not a new request that reuses an id of one in flight.
+            if pending is not None and c.completes_sequence and c.request.has_placeholder:
                 j = pending.index.get(c.request.request_id)
                 if j is not None:
                     fix_rows.append(len(input_ids) - 1)

@@ -32,6 +32,17 @@ _GOLDEN64 = 0x9E3779B97F4A7C15
 _MAX_UNIFORM = 1.0 - 2.0**-24
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor. On CUDA through pinned memory and a
+    non-blocking copy: ``torch.tensor(..., device=cuda)`` waits for the device (a
+    pageable copy synchronizes the stream), which would stall async scheduling. The
+    caching host allocator keeps the pinned block until the copy is done."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -68,10 +79,10 @@ class Sampler:
             seen = [sorted(set(requests[i].all_ids)) for i in penalized]
             width = max(len(s) for s in seen)
             # A row's padding repeats its first id: writing that penalized value twice is harmless.
-            ids = torch.tensor([s + s[:1] * (width - len(s)) for s in seen], device=device)
-            penalties = torch.tensor([requests[i].params.repetition_penalty for i in penalized],
-                                     device=device)
-            apply_repetition_penalty(processed, torch.tensor(penalized, device=device),
+            ids = to_device([s + s[:1] * (width - len(s)) for s in seen], torch.int64, device)
+            penalties = to_device([requests[i].params.repetition_penalty for i in penalized],
+                                  torch.float32, device)
+            apply_repetition_penalty(processed, to_device(penalized, torch.int64, device),
                                      ids, penalties)
 
         tokens = processed.argmax(dim=-1)  # [S]; greedy for every row, sampled rows overwritten
@@ -83,7 +94,7 @@ class Sampler:
             if len(sampled) == len(requests):
                 tokens = _sample_rows(processed, tensors)
             else:
-                rows = torch.tensor(sampled, device=device)
+                rows = to_device(sampled, torch.int64, device)
                 tokens[rows] = _sample_rows(processed[rows], tensors)
         return SampledTokens.of(logits, tokens, [r.params.logprobs for r in requests])
 
@@ -106,7 +117,7 @@ class SampledTokens:
         if len(want) == len(num_logprobs):
             rows_logits, rows_tokens = logits, tokens
         else:
-            rows = torch.tensor(want, device=logits.device)
+            rows = to_device(want, torch.int64, logits.device)
             rows_logits, rows_tokens = logits[rows], tokens[rows]
         raw = torch.log_softmax(rows_logits, dim=-1)  # [W, V]
         top = raw.topk(max(num_logprobs), dim=-1)  # [W, max_n] each
@@ -156,13 +167,13 @@ class SamplingTensors:
         keys = [draw_key(seed, len(r.output_ids)) for r, seed in zip(requests, seeds, strict=True)]
         nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
         # Two host-to-device copies: R rows of per-row knobs, then one row per top-p row.
-        floats = torch.tensor(
+        floats = to_device(
             [[max(p.temperature, MIN_TEMPERATURE),
               math.log(p.min_p) if p.min_p > 0.0 else -math.inf] for p in params]
-            + [[params[i].top_p, 0.0] for i in nucleus], dtype=torch.float32, device=device)
-        ints = torch.tensor([[p.top_k, k & _MASK32, k >> 32] for p, k in zip(params, keys,
-                                                                              strict=True)]
-                            + [[i, 0, 0] for i in nucleus], dtype=torch.int64, device=device)
+            + [[params[i].top_p, 0.0] for i in nucleus], torch.float32, device)
+        ints = to_device([[p.top_k, k & _MASK32, k >> 32] for p, k in zip(params, keys,
+                                                                           strict=True)]
+                         + [[i, 0, 0] for i in nucleus], torch.int64, device)
         num_rows = len(requests)
         max_top_k = max(p.top_k for p in params)
         return SamplingTensors(

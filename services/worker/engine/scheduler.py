@@ -50,8 +50,9 @@ def _order(req: Request) -> tuple[int, float]:
 
 class Scheduler:
     def __init__(self, *, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, max_model_len: int | None = None) -> None:
         self.blocks = block_manager
+        self.max_model_len = max_model_len  # None: no request ends by the context's length
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Request] = []  # sorted by (priority, arrival)
@@ -103,6 +104,9 @@ class Scheduler:
             req = self.running[i]
             if cutoff is not None and req.priority > cutoff:
                 break  # sorted: everything from here on is of a lower class
+            if self._ends_with_pending_token(req):
+                i += 1  # its last token is in flight: a step more would be thrown away
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while self.blocks.allocate(req, num_new) is None:
                 victim = self.running[-1]
@@ -149,6 +153,14 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(req, num_cached, num_new))
             budget -= num_new
         return out
+
+    def _ends_with_pending_token(self, req: Request) -> bool:
+        """Async scheduling: the token in flight (a placeholder) is known to end the
+        request by length, whatever it turns out to be."""
+        if not req.has_placeholder:
+            return False
+        return (len(req.output_ids) >= req.params.max_tokens
+                or (self.max_model_len is not None and req.num_tokens >= self.max_model_len))
 
     def _urgent_priority(self) -> int | None:
         """The class of the first waiting request when it is more important than some

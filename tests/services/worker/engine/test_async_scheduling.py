@@ -119,3 +119,39 @@ def test_overlapping_steps_charge_each_second_once():
     # The lookahead steps of requests that had ended are wasted work: in the total only.
     assert sum(shares) <= eng.stats().device_seconds
     assert not eng.has_work()
+
+
+def test_a_new_request_reusing_an_id_in_flight_keeps_its_own_prompt():
+    def reuse(engine: EngineCore) -> list[int]:
+        engine.add(engine.make_request("x", [1, 2, 3, 4], greedy(20)))
+        for _ in range(4):
+            engine.step()
+        assert engine.abort("x") is not None  # its last step is still in flight
+        out = run(engine, {"x": ([50, 60, 70], greedy(6))})
+        return [t for d in out["x"] for t in d.new_token_ids]
+
+    fresh = summary(run(core(async_scheduling=False), {"x": ([50, 60, 70], greedy(6))}))
+    assert reuse(core(async_scheduling=True)) == fresh["x"][0]
+
+
+def computed_tokens(engine: EngineCore) -> list[int]:
+    """Records the number of tokens every model run computes."""
+    counts: list[int] = []
+    run_model = engine.runner.run
+
+    def counting(inputs):  # type: ignore[no-untyped-def]
+        counts.append(inputs.num_tokens)
+        return run_model(inputs)
+
+    engine.runner.run = counting  # type: ignore[method-assign]
+    return counts
+
+
+def test_no_lookahead_step_for_a_request_its_pending_token_ends():
+    reqs = {f"r{i}": ([30 + i] * (3 + i), greedy(4 + i)) for i in range(5)}
+    sync, fast = core(async_scheduling=False), core(async_scheduling=True)
+    sync_counts, fast_counts = computed_tokens(sync), computed_tokens(fast)
+    assert summary(run(fast, reqs)) == summary(run(sync, reqs))
+    # Every request ends by length: async computes exactly the tokens sync does.
+    assert sum(fast_counts) == sum(sync_counts)
+    assert fast.sampler._unseeded == {}
