@@ -194,8 +194,8 @@ def run_mesh_bench(model_dir: Path, *, model: str, dtype: str, kv_cache_gib: flo
     top = str(max(bench.concurrency))
     return {
         "model": model, "dtype": dtype, "output_tokens": bench.output_len,
-        "path": "client → Envoy edge → frontend → tokenizer (template, bidi detokenize) "
-                "→ Envoy mesh → worker",
+        "path": "client → Envoy edge → frontend (tokenizer: template; detokenize in "
+                "process; safety: pipelined moderation) → Envoy mesh → worker",
         "in_process": direct, "mesh": meshed, "added": added,
         "added_ttft_ms_p50": added[top]["ttft_ms_p50"],
         "added_per_token_ms_p50": added[top]["per_token_ms_p50"],
