@@ -51,7 +51,10 @@ QUICK = MeshBenchPlan(concurrency=(1, 32), rounds={1: 4, 32: 1}, output_len=16)
 @dataclass(frozen=True, slots=True)
 class StreamTiming:
     ttft_s: float
-    gaps_s: list[float]  # between consecutive token arrivals
+    gaps_s: list[float]  # between consecutive arrivals of text (a chunk may hold tokens)
+    # Time per output token from token counts: (last arrival - first) / (tokens - 1);
+    # None for a stream of one token.
+    tpot_s: float | None = None
 
 
 def questions(n: int, offset: int) -> list[str]:
@@ -80,20 +83,32 @@ def _self_cpu_s() -> float:
 def summarize(timings: list[StreamTiming]) -> dict[str, float]:
     ttfts = [t.ttft_s * 1e3 for t in timings]
     gaps = [g * 1e3 for t in timings for g in t.gaps_s]
-    return {"ttft_ms_p50": round(statistics.median(ttfts), 3),
-            "ttft_ms_p99": round(_pct(ttfts, 0.99), 3),
-            "per_token_ms_p50": round(statistics.median(gaps), 3),
-            "per_token_ms_p99": round(_pct(gaps, 0.99), 3),
-            "num_streams": len(timings), "num_gaps": len(gaps)}
+    tpots = [t.tpot_s * 1e3 for t in timings if t.tpot_s is not None]
+    out = {"ttft_ms_p50": round(statistics.median(ttfts), 3),
+           "ttft_ms_p99": round(_pct(ttfts, 0.99), 3),
+           "per_token_ms_p50": round(statistics.median(gaps), 3),
+           "per_token_ms_p99": round(_pct(gaps, 0.99), 3),
+           "num_streams": len(timings), "num_gaps": len(gaps)}
+    if tpots:
+        out |= {"tpot_ms_p50": round(statistics.median(tpots), 3),
+                "tpot_ms_p99": round(_pct(tpots, 0.99), 3)}
+    return out
 
 
-async def _timed(stream: Any, has_token: Any) -> StreamTiming:
+async def _timed(stream: Any, has_token: Any, count_tokens: Any) -> StreamTiming:
+    """``has_token(item)``: the item carries text; ``count_tokens(item)``: the tokens it
+    accounts for (a delta's ids, or the completion tokens of the final usage)."""
     t0 = time.perf_counter()
     arrivals = []
+    num_tokens = 0
     async for item in stream:
         if has_token(item):
             arrivals.append(time.perf_counter())
-    return StreamTiming(arrivals[0] - t0, [b - a for a, b in itertools.pairwise(arrivals)])
+        num_tokens += count_tokens(item)
+    tpot = ((arrivals[-1] - arrivals[0]) / (num_tokens - 1)
+            if num_tokens > 1 and len(arrivals) > 1 else None)
+    return StreamTiming(arrivals[0] - t0, [b - a for a, b in itertools.pairwise(arrivals)],
+                        tpot)
 
 
 async def _levels(run_one: Any, bench: MeshBenchPlan) -> dict[str, dict[str, float]]:
@@ -117,7 +132,8 @@ def _tokens(bench: MeshBenchPlan) -> int:
     return bench.output_len * (4 + sum(c * bench.rounds[c] for c in bench.concurrency))
 
 
-def in_process(model_dir: Path, dtype: str, kv_cache_gib: float, bench: MeshBenchPlan
+def in_process(model_dir: Path, dtype: str, kv_cache_gib: float, bench: MeshBenchPlan, *,
+               device: str = "cpu", dummy: bool = False
                ) -> tuple[dict[str, dict[str, float]], float]:
     """Latencies per level, and this process's CPU milliseconds per generated token."""
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -125,14 +141,16 @@ def in_process(model_dir: Path, dtype: str, kv_cache_gib: float, bench: MeshBenc
     assert source is not None, "the benchmark model needs a chat template"
     template = ChatTemplate(source)
     params = SamplingParams(max_tokens=bench.output_len, ignore_eos=True)
-    engine = AsyncEngine(EngineConfig(model=str(model_dir), dtype=dtype,
+    engine = AsyncEngine(EngineConfig(model=str(model_dir), dtype=dtype, device=device,
+                                      load_format="dummy" if dummy else "auto",
                                       kv_cache_memory_gib=kv_cache_gib))
 
     async def run_one(question: str) -> StreamTiming:
         # What the tokenizer service does for a chat: render the template, then encode.
         text = template.render([ChatMessage("user", question)])
         ids = tokenizer.encode(text, add_special_tokens=False).ids
-        return await _timed(engine.submit(ids, params), lambda d: bool(d.new_token_ids))
+        return await _timed(engine.submit(ids, params), lambda d: bool(d.new_token_ids),
+                            lambda d: len(d.new_token_ids))
 
     try:
         before = _self_cpu_s()
@@ -143,8 +161,8 @@ def in_process(model_dir: Path, dtype: str, kv_cache_gib: float, bench: MeshBenc
 
 
 def through_mesh(model: str, dtype: str, kv_cache_gib: float, bench: MeshBenchPlan, *,
-                 otlp_endpoint: str = "") -> tuple[dict[str, dict[str, float]],
-                                                   dict[str, float]]:
+                 otlp_endpoint: str = "", device: str = "cpu", dummy: bool = False
+                 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Latencies per level, and CPU milliseconds per generated token for each process
     (the client included) over the whole run: the mesh's cost independent of how many
     cores it shares with the engine. ``otlp_endpoint``: every process exports its spans
@@ -155,7 +173,8 @@ def through_mesh(model: str, dtype: str, kv_cache_gib: float, bench: MeshBenchPl
         config = MeshConfig(**ports, model=model, versions=("v1",), dtype=dtype,
                             kv_cache_gib=kv_cache_gib, with_redis=False, run_dir=Path(run_dir),
                             log_level="WARNING", with_prometheus=False,
-                            otlp_endpoint=otlp_endpoint)
+                            otlp_endpoint=otlp_endpoint,
+                            worker_args=worker_flags(device=device, dummy=dummy))
         supervisor = Supervisor(plan(config), run_dir=config.run_dir)
         supervisor.start()
         try:
@@ -179,26 +198,43 @@ async def _mesh_levels(address: str, bench: MeshBenchPlan) -> dict[str, dict[str
             stream = client.generate_stream(
                 messages=[{"role": "user", "content": question}],
                 max_tokens=bench.output_len, ignore_eos=True)
-            return await _timed(stream, lambda chunk: bool(chunk.text))
+            return await _timed(stream, lambda chunk: bool(chunk.text),
+                                lambda chunk: chunk.usage.completion_tokens if chunk.usage
+                                else 0)
 
         return await _levels(run_one, bench)
 
 
+def worker_flags(*, device: str, dummy: bool) -> tuple[str, ...]:
+    """The workers' extra flags for a device and random weights."""
+    flags: tuple[str, ...] = ("--device", device) if device != "cpu" else ()
+    return flags + (("--load-format", "dummy") if dummy else ())
+
+
 def run_mesh_bench(model_dir: Path, *, model: str, dtype: str, kv_cache_gib: float,
-                   bench: MeshBenchPlan) -> dict[str, Any]:
-    direct, direct_cpu_ms_per_token = in_process(model_dir, dtype, kv_cache_gib, bench)
-    meshed, cpu_ms_per_token = through_mesh(model, dtype, kv_cache_gib, bench)
-    added = {c: {k: round(meshed[c][k] - direct[c][k], 3)
-                 for k in ("ttft_ms_p50", "ttft_ms_p99", "per_token_ms_p50",
-                           "per_token_ms_p99")} for c in direct}
+                   bench: MeshBenchPlan, device: str = "cpu", dummy: bool = False
+                   ) -> dict[str, Any]:
+    direct, direct_cpu_ms_per_token = in_process(model_dir, dtype, kv_cache_gib, bench,
+                                                 device=device, dummy=dummy)
+    meshed, cpu_ms_per_token = through_mesh(model, dtype, kv_cache_gib, bench, device=device,
+                                            dummy=dummy)
+    keys = ("ttft_ms_p50", "ttft_ms_p99", "per_token_ms_p50", "per_token_ms_p99",
+            "tpot_ms_p50", "tpot_ms_p99")
+    added = {c: {k: round(meshed[c][k] - direct[c][k], 3) for k in keys
+                 if k in meshed[c] and k in direct[c]} for c in direct}
     top = str(max(bench.concurrency))
     return {
-        "model": model, "dtype": dtype, "output_tokens": bench.output_len,
+        "model": model, "dtype": dtype, "device": device, "dummy_weights": dummy,
+        "output_tokens": bench.output_len,
         "path": "client → Envoy edge → frontend (tokenizer: template; detokenize in "
                 "process; safety: pipelined moderation) → Envoy mesh → worker",
         "in_process": direct, "mesh": meshed, "added": added,
         "added_ttft_ms_p50": added[top]["ttft_ms_p50"],
         "added_per_token_ms_p50": added[top]["per_token_ms_p50"],
+        "added_tpot_ms_p50": added[top].get("tpot_ms_p50"),
+        # Throughput through the mesh over in-process, at the top concurrency.
+        "throughput_ratio": round(meshed[top]["tokens_per_s"] / direct[top]["tokens_per_s"],
+                                  3),
         # Where the CPU went, per generated token: the engine alone in-process vs each
         # process of the mesh. On a machine whose cores the engine saturates, every
         # millisecond the other processes take is taken from the engine's steps.

@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--model", default="smollm2-135m-instruct", help="a model in the store")
     m.add_argument("--dtype", default="bfloat16")
     m.add_argument("--kv-cache-gib", type=float, default=1.0)
+    m.add_argument("--device", default="cpu", help="the worker's device (e.g. cuda)")
+    m.add_argument("--dummy", action="store_true",
+                   help="random weights of the model's shape in the worker (no weights needed)")
     m.add_argument("--output", help="also write the JSON to this file")
     m.set_defaults(func=_mesh)
     t = bsub.add_parser("tracing", help="what tracing (every span exported) costs the mesh")
@@ -103,7 +106,8 @@ def _mesh(args: argparse.Namespace) -> int:
 
     model_dir = ModelStore(default_store_root()).ensure(args.model)
     result = run_mesh_bench(model_dir, model=args.model, dtype=args.dtype,
-                            kv_cache_gib=args.kv_cache_gib, bench=QUICK if args.quick else FULL)
+                            kv_cache_gib=args.kv_cache_gib, bench=QUICK if args.quick else FULL,
+                            device=args.device, dummy=args.dummy)
     return _print(result, args.output)
 
 

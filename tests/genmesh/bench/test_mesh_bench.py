@@ -1,0 +1,49 @@
+"""`genmesh bench mesh`'s pieces: stream timing from token counts, summaries, flags."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from unittest import mock
+
+import pytest
+
+from genmesh.bench import mesh
+from genmesh.bench.mesh import StreamTiming, summarize, worker_flags
+
+
+@dataclass
+class Item:
+    text: str
+    tokens: int
+
+
+def test_time_per_output_token_comes_from_token_counts_not_chunks():
+    # Three chunks of text at t = 1.0, 1.2, 1.5 carrying 1, 2 and 3 tokens, then a final
+    # message with no text: (1.5 - 1.0) / (6 - 1) = 0.1 s per token.
+    items = [Item("a", 1), Item("bc", 2), Item("def", 3), Item("", 0)]
+    clock = iter([0.5, 1.0, 1.2, 1.5])
+
+    async def stream():  # type: ignore[no-untyped-def]
+        for item in items:
+            yield item
+
+    with mock.patch.object(mesh.time, "perf_counter", side_effect=lambda: next(clock)):
+        timing = asyncio.run(mesh._timed(stream(), lambda i: bool(i.text), lambda i: i.tokens))
+    assert timing.ttft_s == pytest.approx(0.5)
+    assert timing.gaps_s == pytest.approx([0.2, 0.3])
+    assert timing.tpot_s == pytest.approx(0.1)
+
+
+def test_summaries_carry_tpot_only_when_streams_have_it():
+    with_tpot = summarize([StreamTiming(0.01, [0.002, 0.004], 0.003),
+                           StreamTiming(0.03, [0.006], 0.005)])
+    assert with_tpot["tpot_ms_p50"] == 4.0 and with_tpot["tpot_ms_p99"] == 5.0
+    assert with_tpot["ttft_ms_p50"] == 20.0 and with_tpot["num_gaps"] == 3
+    assert "tpot_ms_p50" not in summarize([StreamTiming(0.01, [0.002], None)])
+
+
+def test_worker_flags():
+    assert worker_flags(device="cpu", dummy=False) == ()
+    assert worker_flags(device="cuda", dummy=True) == ("--device", "cuda", "--load-format",
+                                                       "dummy")
