@@ -34,9 +34,13 @@ class FrontendConfig:
     detokenize: DetokenizeMode = DetokenizeMode.AUTO
     model_store: str = ""  # the model store's root; "": $GENMESH_MODEL_STORE or the default
     # How generated text goes through the safety service's Moderate stream (with a safety
-    # service in the deployment): pipelined, window (gathered for up to window_ms or
-    # window_chars), or lockstep (a round trip per piece).
-    moderation: ModerationMode = ModerationMode.PIPELINED
+    # service in the deployment), GENMESH_FRONTEND_MODERATION: adaptive (a piece goes at
+    # once while fewer than moderation_max_in_flight messages await their verdicts; what
+    # comes meanwhile goes as one message when a verdict returns), pipelined (every piece
+    # at once), window (gathered for up to window_ms or window_chars), or lockstep (a
+    # round trip per piece).
+    moderation: ModerationMode = ModerationMode.ADAPTIVE
+    moderation_max_in_flight: int = 1
     moderation_window_ms: float = 20.0
     moderation_window_chars: int = 64
     redis_timeout_s: float = 0.25  # longest wait for Redis when reserving a token budget
@@ -50,6 +54,14 @@ class FrontendConfig:
     trace_sample_ratio: float = 1.0
     metrics_port: int = 0
     log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.moderation_max_in_flight < 1:
+            raise ValueError("moderation_max_in_flight must be >= 1, got "
+                             f"{self.moderation_max_in_flight}")
+        if self.moderation_window_ms <= 0 or self.moderation_window_chars < 1:
+            raise ValueError("moderation_window_ms must be > 0 and moderation_window_chars "
+                             ">= 1")
 
     @property
     def address(self) -> str:

@@ -77,7 +77,8 @@ def served(cfg: FrontendConfig) -> Served:
             prompt_failure_mode=dep.limits.safety_prompt_failure_mode,
             output_failure_mode=dep.limits.safety_output_failure_mode,
             moderation_mode=cfg.moderation, window_s=cfg.moderation_window_ms / 1000,
-            window_chars=cfg.moderation_window_chars),
+            window_chars=cfg.moderation_window_chars,
+            max_in_flight=cfg.moderation_max_in_flight),
         cache=None if not dep.services.cache else CacheSettings(
             timeout_s=dep.limits.cache_timeout_s, ttl_s=dep.limits.cache_ttl_s),
         jobs=JobQueueConfig(claim_timeout_s=dep.limits.job_claim_timeout_s,

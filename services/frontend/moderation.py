@@ -5,10 +5,13 @@ A blocked prompt is refused with PERMISSION_DENIED naming the category (never th
 and never reaches a worker. A redacted prompt replaces the original. Output text goes to
 the service over one Moderate stream per generation; what comes back is what the client
 may see. The service answers every message with one reply, in order, so the frontend
-need not wait for a verdict before sending the next text: it sends each piece as it is
-generated and releases text as the verdicts arrive (``ModerationMode``). No text reaches
-the client without its verdict, and the service's hold-back bound is unchanged; what
-pipelining removes is the round trip each token used to wait for.
+need not wait for a verdict before sending the next text, and releases text as the
+verdicts arrive (``ModerationMode``). By default (adaptive) a piece goes at once when no
+verdict is outstanding, and the pieces generated while one is are gathered into one
+message, sent when it comes back (Nagle's algorithm): a message per token while the
+service keeps up, fewer when it does not, and no piece waits longer than a verdict. No
+text reaches the client without its verdict, and the service's hold-back bound is
+unchanged.
 
 The service being down or slower than ``timeout_s`` is handled per failure mode: closed
 refuses the prompt (or ends the stream) with UNAVAILABLE; open lets it through unchecked,
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -42,6 +46,10 @@ CHECKED_ROLES = frozenset({"user", "system"})
 
 
 class ModerationMode(StrEnum):
+    # A piece goes at once while fewer than max_in_flight messages await their verdicts;
+    # pieces that come meanwhile are gathered and go as one message when a verdict comes
+    # back (the final piece with them, flushed).
+    ADAPTIVE = "adaptive"
     # Each piece goes to the service as it is generated; its text is released when its
     # verdict arrives.
     PIPELINED = "pipelined"
@@ -58,9 +66,14 @@ class SafetySettings:
     timeout_s: float = 2.0  # longest wait for a prompt check, or for one output verdict
     prompt_failure_mode: FailureMode = FailureMode.CLOSED
     output_failure_mode: FailureMode = FailureMode.CLOSED
-    moderation_mode: ModerationMode = ModerationMode.PIPELINED
+    moderation_mode: ModerationMode = ModerationMode.ADAPTIVE
+    max_in_flight: int = 1  # ADAPTIVE: messages that may await their verdicts at once
     window_s: float = 0.02  # WINDOW: longest a piece waits for others to join it
     window_chars: int = 64  # WINDOW: a message is sent once it has this many characters
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +159,29 @@ class _Sent:
 _Queued = _Sent | BaseException | None  # None: every piece was sent
 
 
+@dataclass(slots=True)
+class _Outbox:
+    """The sending side of one stream (every mode but lockstep): how many messages await
+    their verdicts, and what is held back until one comes back (ADAPTIVE).
+
+    Every write and every put on ``queue`` happens under ``lock``, so the queue's order is
+    the stream's. Text is held only while ``max_in_flight`` messages are in flight, so a
+    verdict to come sends it."""
+
+    queue: asyncio.Queue[_Queued]  # to the reader: each message sent, then the end
+    max_in_flight: int  # sys.maxsize: every piece goes at once (PIPELINED, WINDOW)
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    num_in_flight: int = 0  # messages being written or awaiting their verdicts
+    held_text: str = ""  # pieces generated while max_in_flight were in flight, in order
+    is_final_held: bool = False  # the final piece is among them: they go with flush
+    is_ended: bool = False  # the pieces ended while some were held
+    end: BaseException | None = None  # then: how they ended (queued after the held)
+
+    @property
+    def is_holding(self) -> bool:
+        return bool(self.held_text) or self.is_final_held
+
+
 class OutputModeration:
     """One generation's Moderate stream, opened on the first text."""
 
@@ -180,35 +216,69 @@ class OutputModeration:
         if settings.moderation_mode == ModerationMode.WINDOW:
             pieces = _windows(pieces, window_s=settings.window_s,
                               window_chars=settings.window_chars)
-        queue: asyncio.Queue[_Queued] = asyncio.Queue()
-        writer = asyncio.ensure_future(self._send_all(pieces, queue))
+        outbox = _Outbox(asyncio.Queue(), max_in_flight=(
+            settings.max_in_flight if settings.moderation_mode == ModerationMode.ADAPTIVE
+            else sys.maxsize))
+        writer = asyncio.ensure_future(self._send_all(pieces, outbox))
         try:
-            while (item := await queue.get()) is not None:
+            while (item := await outbox.queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 out = await self._verdict(item, on_verdict)
-                yield out
                 if out.blocked:
+                    yield out
                     return
+                outbox.num_in_flight -= 1
+                if outbox.is_holding:  # on its way before the client takes this text
+                    await self._send_held(outbox)
+                yield out
         finally:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
 
-    async def _send_all(self, pieces: AsyncGenerator[Piece, None],
-                        queue: asyncio.Queue[_Queued]) -> None:
-        """Sends every piece without waiting for verdicts; queues what was sent, then
-        None (or the error ``pieces`` raised)."""
+    async def _send_all(self, pieces: AsyncGenerator[Piece, None], outbox: _Outbox
+                        ) -> None:
+        """Sends each piece without waiting for verdicts while fewer than
+        ``max_in_flight`` are in flight, else holds it for ``_send_held``; queues what
+        was sent, then None (or the error ``pieces`` raised) after anything held."""
+        end: BaseException | None = None
         try:
             async for piece in pieces:
-                sent = await self._send(piece)
-                if sent is not None:
-                    queue.put_nowait(sent)
-            queue.put_nowait(None)
+                if outbox.is_holding or outbox.num_in_flight >= outbox.max_in_flight:
+                    outbox.held_text += piece.text
+                    outbox.is_final_held |= piece.is_final
+                elif piece.text or piece.is_final:
+                    await self._send_queued(piece, outbox)
         except Exception as exc:  # the generation's error, raised to the reader
-            queue.put_nowait(exc)
+            end = exc
         finally:
             await pieces.aclose()  # cancelled mid-write: end the generation's side too
+        async with outbox.lock:
+            if outbox.is_holding:
+                outbox.is_ended, outbox.end = True, end
+            else:
+                outbox.queue.put_nowait(end)
+
+    async def _send_held(self, outbox: _Outbox) -> None:
+        """A verdict came back: what was held goes as one message (then the end of the
+        pieces, if they ended meanwhile and nothing more is held)."""
+        piece = Piece(outbox.held_text, is_final=outbox.is_final_held)
+        outbox.held_text, outbox.is_final_held = "", False
+        await self._send_queued(piece, outbox)
+        async with outbox.lock:
+            if outbox.is_ended and not outbox.is_holding:
+                outbox.is_ended = False
+                outbox.queue.put_nowait(outbox.end)
+
+    async def _send_queued(self, piece: Piece, outbox: _Outbox) -> None:
+        outbox.num_in_flight += 1  # counted before the write: pieces hold meanwhile
+        async with outbox.lock:
+            sent = await self._send(piece)
+            if sent is None:
+                outbox.num_in_flight -= 1
+            else:
+                outbox.queue.put_nowait(sent)
 
     async def _send(self, piece: Piece) -> _Sent | None:
         """Writes a piece; None when there is nothing to moderate."""

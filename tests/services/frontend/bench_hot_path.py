@@ -1,7 +1,7 @@
 """The frontend's per-token cost: detokenizing remotely vs in-process, and moderating in
-lock step vs pipelined vs in windows. Under a minute on the 2-core machine.
+lock step vs pipelined vs adaptive vs in windows. Under a minute on the 2-core machine.
 
-    .venv/bin/python -m tests.services.frontend.bench_hot_path [--json FILE]
+    .venv/bin/python -m tests.services.frontend.bench_hot_path [--json FILE] [--only TEXT]
 
 The real tokenizer and safety services run as their own processes on loopback (their CPU
 is read from /proc, not counted as the frontend's); this process runs the frontend's real
@@ -109,12 +109,16 @@ class Variant:
     moderation: ModerationMode | None  # None: no safety service
     window_s: float = 0.02
     window_chars: int = 64
+    max_in_flight: int = 1  # ADAPTIVE
 
 
 VARIANTS = [
     Variant("before: remote detok + lockstep moderation", False, ModerationMode.LOCKSTEP),
     Variant("in-process detok + lockstep moderation", True, ModerationMode.LOCKSTEP),
     Variant("in-process detok + pipelined moderation", True, ModerationMode.PIPELINED),
+    Variant("in-process detok + adaptive, 1 in flight", True, ModerationMode.ADAPTIVE),
+    Variant("in-process detok + adaptive, 2 in flight", True, ModerationMode.ADAPTIVE,
+            max_in_flight=2),
     Variant("in-process detok + window 20 ms/64 chars", True, ModerationMode.WINDOW),
     Variant("in-process detok + window 5 ms/16 chars", True, ModerationMode.WINDOW,
             window_s=0.005, window_chars=16),
@@ -134,6 +138,11 @@ class Result:
     moderation_messages_per_token: float = 0.0
     tokens_per_s: float = 0.0  # the CPU phase's throughput (8 streams, no pacing)
     lag_ms_p50_16_streams: float = 0.0  # the latency phase with 16 streams
+    lag_ms_p90_16_streams: float = 0.0
+    # The 16-stream latency phase (paced like a decode step): Moderate messages and safety
+    # CPU per token there, where verdicts mostly come back before the next token.
+    moderation_messages_per_token_16_streams: float = 0.0
+    safety_cpu_us_per_token_16_streams: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -197,6 +206,7 @@ async def measure(variant: Variant, *, tokenizer: Tokenizer, token_ids: list[int
         gate = None if variant.moderation is None else SafetyGate(
             counting, SafetySettings(timeout_s=5.0, output_failure_mode=FailureMode.CLOSED,
                                      moderation_mode=variant.moderation,
+                                     max_in_flight=variant.max_in_flight,
                                      window_s=variant.window_s,
                                      window_chars=variant.window_chars))
         detokenizers = (LocalDetokenizers({MODEL: tokenizer}) if variant.is_local
@@ -227,7 +237,10 @@ async def measure(variant: Variant, *, tokenizer: Tokenizer, token_ids: list[int
         # Latency phase: 4 streams, then 16.
         for num_streams in (4, 16):
             worker = FakeWorker(token_ids[:128], 0.004)
+            counting.num_messages = 0
+            safety_before = proc_cpu_s(pids["safety"])
             streams = await run_streams(pipeline(worker), num_streams, tag="lat")
+            num_tokens = num_streams * len(worker.token_ids)
             lags = [lag for call, received in zip(worker.calls, streams, strict=True)
                     for lag in char_lags_ms(received, call.emitted, char_ends)]
             if num_streams == 4:
@@ -235,6 +248,11 @@ async def measure(variant: Variant, *, tokenizer: Tokenizer, token_ids: list[int
                 result.lag_ms_p90 = statistics.quantiles(lags, n=10)[-1]
             else:
                 result.lag_ms_p50_16_streams = statistics.median(lags)
+                result.lag_ms_p90_16_streams = statistics.quantiles(lags, n=10)[-1]
+                result.moderation_messages_per_token_16_streams = (
+                    counting.num_messages / num_tokens)
+                result.safety_cpu_us_per_token_16_streams = (
+                    proc_cpu_s(pids["safety"]) - safety_before) / num_tokens * 1e6
     return result
 
 
@@ -261,7 +279,7 @@ class CountingSafety:
         return call
 
 
-async def main_async(json_path: Path | None) -> list[Result]:
+async def main_async(json_path: Path | None, only: str = "") -> list[Result]:
     folder = ModelStore(default_store_root()).ensure(MODEL)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     token_ids = tokenizer.encode(TEXT).ids
@@ -287,7 +305,7 @@ async def main_async(json_path: Path | None) -> list[Result]:
             await tokenizer_pb2_grpc.TokenizerStub(ch).DescribeModel(
                 tokenizer_pb2.DescribeModelRequest(model=MODEL), timeout=60)
         results = []
-        for variant in VARIANTS:
+        for variant in [v for v in VARIANTS if only in v.name]:
             results.append(await measure(
                 variant, tokenizer=tokenizer, token_ids=token_ids, char_ends=char_ends,
                 tokenizer_address=t_addr, safety_address=s_addr,
@@ -297,8 +315,11 @@ async def main_async(json_path: Path | None) -> list[Result]:
                   f" tokenizer {r.tokenizer_cpu_us_per_token:4.0f} safety "
                   f"{r.safety_cpu_us_per_token:4.0f} | {r.tokens_per_s:6.0f} tok/s | lag ms "
                   f"p50 {r.lag_ms_p50:5.2f} p90 {r.lag_ms_p90:5.2f} 16 streams p50 "
-                  f"{r.lag_ms_p50_16_streams:5.2f} | msgs/tok "
-                  f"{r.moderation_messages_per_token:.2f}", flush=True)
+                  f"{r.lag_ms_p50_16_streams:5.2f} p90 {r.lag_ms_p90_16_streams:5.2f} | "
+                  "msgs/tok "
+                  f"{r.moderation_messages_per_token:.2f} (16 paced streams "
+                  f"{r.moderation_messages_per_token_16_streams:.2f}, safety "
+                  f"{r.safety_cpu_us_per_token_16_streams:4.0f} us/tok)", flush=True)
         if json_path is not None:
             json_path.write_text(json.dumps([asdict(r) for r in results], indent=2))
         return results
@@ -312,8 +333,9 @@ async def main_async(json_path: Path | None) -> list[Result]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--only", default="", help="only the variants whose name has this")
     args = parser.parse_args()
-    asyncio.run(main_async(args.json))
+    asyncio.run(main_async(args.json, args.only))
     return 0
 
 

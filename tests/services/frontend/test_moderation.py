@@ -1,6 +1,8 @@
-"""Output moderation with a fake Moderate stream whose verdicts the test releases: text is
-sent as it is generated, and reaches the client only with its verdict, in order; a block
-ends the output; lockstep and window modes; failures per failure mode."""
+"""Output moderation with a fake Moderate stream whose verdicts the test releases: text
+reaches the client only with its verdict, in order; a block ends the output. Adaptive
+mode (the default) sends a piece at once when no verdict is outstanding and gathers what
+comes meanwhile into one message; pipelined, lockstep and window modes; failures per
+failure mode."""
 
 from __future__ import annotations
 
@@ -70,18 +72,22 @@ class Generation:
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Piece | Exception] = asyncio.Queue()
+        self.is_closed = False  # the generator was closed (ended or left)
 
     def emit(self, text: str, *, final: bool = False) -> None:
         self.queue.put_nowait(Piece(text, is_final=final))
 
     async def pieces(self) -> AsyncGenerator[Piece, None]:
-        while True:
-            item = await self.queue.get()
-            if isinstance(item, Exception):
-                raise item
-            yield item
-            if item.is_final:
-                return
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.is_final:
+                    return
+        finally:
+            self.is_closed = True
 
 
 class Client:
@@ -105,6 +111,10 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+def written(call: FakeCall) -> list[tuple[str, bool]]:
+    return [(m.text, m.flush) for m in call.written]
+
+
 def moderation(stub: FakeStub, **settings: object) -> OutputModeration:
     gate = SafetyGate(stub, SafetySettings(**settings))  # type: ignore[arg-type]
     return gate.moderation(request_id="r1", tenant="acme")
@@ -113,7 +123,7 @@ def moderation(stub: FakeStub, **settings: object) -> OutputModeration:
 def test_text_is_sent_at_once_and_released_only_with_its_verdict_in_order():
     async def run() -> None:
         stub, gen = FakeStub(), Generation()
-        client = Client(moderation(stub), gen)
+        client = Client(moderation(stub, moderation_mode=ModerationMode.PIPELINED), gen)
         gen.emit("")  # nothing new: nothing sent, nothing opened
         await settle()
         assert stub.calls == []
@@ -139,7 +149,7 @@ def test_text_is_sent_at_once_and_released_only_with_its_verdict_in_order():
 def test_a_block_mid_stream_releases_nothing_after_it():
     async def run() -> None:
         stub, gen = FakeStub(), Generation()
-        client = Client(moderation(stub), gen)
+        client = Client(moderation(stub, moderation_mode=ModerationMode.PIPELINED), gen)
         gen.emit("one ")
         gen.emit(f"two {BLOCKED} three")
         gen.emit(" four")  # sent ahead of the block's verdict: never released
@@ -154,10 +164,12 @@ def test_a_block_mid_stream_releases_nothing_after_it():
     asyncio.run(run())
 
 
-def test_an_empty_generation_opens_no_stream():
+@pytest.mark.parametrize("mode", list(ModerationMode))
+def test_an_empty_generation_opens_no_stream(mode):
     async def run() -> None:
         stub, gen = FakeStub(), Generation()
-        client = Client(moderation(stub), gen)
+        client = Client(moderation(stub, moderation_mode=mode), gen)
+        gen.emit("")
         gen.emit("", final=True)
         await asyncio.wait_for(client.task, 1)
         assert stub.calls == [] and client.seen == []
@@ -214,10 +226,11 @@ def test_a_window_gathers_pieces_by_size_and_by_time():
     asyncio.run(run())
 
 
-def test_the_generation_s_error_comes_after_the_verdicts_of_what_came_before():
+@pytest.mark.parametrize("mode", [ModerationMode.ADAPTIVE, ModerationMode.PIPELINED])
+def test_the_generation_s_error_comes_after_the_verdicts_of_what_came_before(mode):
     async def run() -> None:
         stub, gen = FakeStub(), Generation()
-        client = Client(moderation(stub), gen)
+        client = Client(moderation(stub, moderation_mode=mode), gen)
         gen.emit("a")
         gen.queue.put_nowait(PipelineError(grpc.StatusCode.INTERNAL, "generation failed"))
         await settle()
@@ -230,11 +243,14 @@ def test_the_generation_s_error_comes_after_the_verdicts_of_what_came_before():
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("moderation_mode", [ModerationMode.ADAPTIVE,
+                                             ModerationMode.PIPELINED])
 @pytest.mark.parametrize("mode", [FailureMode.CLOSED, FailureMode.OPEN])
-def test_a_verdict_that_does_not_come_in_time(mode):
+def test_a_verdict_that_does_not_come_in_time(mode, moderation_mode):
     async def run() -> None:
         stub, gen = FakeStub(), Generation()
-        client = Client(moderation(stub, timeout_s=0.05, output_failure_mode=mode), gen)
+        client = Client(moderation(stub, timeout_s=0.05, output_failure_mode=mode,
+                                   moderation_mode=moderation_mode), gen)
         gen.emit("a")
         gen.emit("b", final=True)
         if mode == FailureMode.CLOSED:
@@ -248,3 +264,180 @@ def test_a_verdict_that_does_not_come_in_time(mode):
         assert stub.calls[0].is_cancelled
 
     asyncio.run(run())
+
+
+def test_adaptive_sends_at_once_and_gathers_what_comes_while_a_verdict_is_outstanding():
+    async def run() -> None:
+        stub, gen = FakeStub(), Generation()
+        client = Client(moderation(stub), gen)  # adaptive, one message in flight
+        gen.emit("")  # nothing new: nothing sent, nothing opened
+        await settle()
+        assert stub.calls == []
+        gen.emit("Hel")  # no verdict outstanding: sent at once
+        await settle()
+        call = stub.calls[0]
+        assert [(m.request_id, m.tenant) for m in call.written] == [("r1", "acme")]
+        assert written(call) == [("Hel", False)]
+        gen.emit("lo")
+        gen.emit(" wor")
+        await settle()
+        assert written(call) == [("Hel", False)]  # held: "Hel" awaits its verdict
+        assert client.seen == []
+        call.release()  # "Hel"'s verdict: what was held goes as one message
+        await settle()
+        assert client.texts == ["Hel"]
+        assert written(call) == [("Hel", False), ("lo wor", False)]
+        assert call.written[1].request_id == ""  # only the opening message names it
+        call.release()
+        await settle()
+        assert client.texts == ["Hel", "lo wor"]
+        gen.emit("ld")  # no verdict outstanding again: at once
+        await settle()
+        assert written(call) == [("Hel", False), ("lo wor", False), ("ld", False)]
+        gen.emit("!")
+        gen.emit("", final=True)  # held with "!": both go, flushed, with the verdict
+        await settle()
+        assert len(call.written) == 3
+        call.release()
+        await settle()
+        assert written(call) == [("Hel", False), ("lo wor", False), ("ld", False),
+                                 ("!", True)]
+        call.release()
+        await asyncio.wait_for(client.task, 1)
+        assert client.texts == ["Hel", "lo wor", "ld", "!"]
+        assert all(not m.blocked for m in client.seen)
+        assert gen.is_closed
+
+    asyncio.run(run())
+
+
+def test_adaptive_sends_a_final_piece_that_finds_no_verdict_outstanding_at_once():
+    async def run() -> None:
+        stub, gen = FakeStub(), Generation()
+        client = Client(moderation(stub), gen)
+        gen.emit("a")
+        await settle()
+        call = stub.calls[0]
+        call.release()
+        await settle()
+        gen.emit("b", final=True)
+        await settle()
+        assert written(call) == [("a", False), ("b", True)]
+        call.release()
+        await asyncio.wait_for(client.task, 1)
+        assert client.texts == ["a", "b"]
+
+    asyncio.run(run())
+
+
+def test_adaptive_with_two_in_flight_holds_only_the_third():
+    async def run() -> None:
+        stub, gen = FakeStub(), Generation()
+        client = Client(moderation(stub, max_in_flight=2), gen)
+        for text in ("a", "b", "c", "d"):
+            gen.emit(text)
+        gen.emit("e", final=True)
+        await settle()
+        call = stub.calls[0]
+        assert written(call) == [("a", False), ("b", False)]
+        call.release()  # "a": one in flight, "cde" joins it
+        await settle()
+        assert client.texts == ["a"]
+        assert written(call) == [("a", False), ("b", False), ("cde", True)]
+        call.release(2)
+        await asyncio.wait_for(client.task, 1)
+        assert client.texts == ["a", "b", "cde"]
+
+    asyncio.run(run())
+
+
+def test_adaptive_block_mid_stream_sends_and_releases_nothing_after_it():
+    async def run() -> None:
+        stub, gen = FakeStub(), Generation()
+        client = Client(moderation(stub), gen)
+        gen.emit("one ")
+        await settle()
+        call = stub.calls[0]
+        gen.emit(f"two {BLOCKED}")
+        gen.emit(" three")
+        await settle()
+        call.release()
+        await settle()
+        assert written(call) == [("one ", False), (f"two {BLOCKED} three", False)]
+        gen.emit(" four")  # held behind the block's verdict: never sent
+        gen.emit(" five", final=True)
+        await settle()
+        call.release()
+        await asyncio.wait_for(client.task, 1)
+        assert client.seen == [Moderated("one "), Moderated("two ", blocked="violence")]
+        assert len(call.written) == 2
+        assert call.is_cancelled and gen.is_closed
+
+    asyncio.run(run())
+
+
+def test_adaptive_text_held_when_the_generation_fails_is_moderated_before_the_error():
+    async def run() -> None:
+        stub, gen = FakeStub(), Generation()
+        client = Client(moderation(stub), gen)
+        gen.emit("a")
+        gen.emit("b")
+        gen.queue.put_nowait(PipelineError(grpc.StatusCode.INTERNAL, "generation failed"))
+        await settle()
+        call = stub.calls[0]
+        assert written(call) == [("a", False)]
+        call.release()
+        await settle()
+        assert written(call) == [("a", False), ("b", False)]
+        assert client.texts == ["a"] and not client.task.done()
+        call.release()
+        with pytest.raises(PipelineError, match="generation failed"):
+            await asyncio.wait_for(client.task, 1)
+        assert client.texts == ["a", "b"]
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", [FailureMode.CLOSED, FailureMode.OPEN])
+def test_adaptive_held_text_when_the_verdict_does_not_come_in_time(mode):
+    async def run() -> None:
+        stub, gen = FakeStub(), Generation()
+        client = Client(moderation(stub, timeout_s=0.05, output_failure_mode=mode), gen)
+        gen.emit("a")
+        gen.emit("b")
+        gen.emit("c", final=True)
+        if mode == FailureMode.CLOSED:  # refused; what was held is never sent
+            with pytest.raises(PipelineError) as err:
+                await asyncio.wait_for(client.task, 1)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+            assert client.seen == []
+        else:  # the held text is passed on unmoderated, logged
+            await asyncio.wait_for(client.task, 1)
+            assert client.texts == ["a", "bc"]
+        assert written(stub.calls[0]) == [("a", False)]
+        assert stub.calls[0].is_cancelled
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", [ModerationMode.ADAPTIVE, ModerationMode.PIPELINED])
+def test_cancelling_the_consumer_ends_the_writer_and_the_generation(mode):
+    async def run() -> None:
+        stub, gen = FakeStub(), Generation()
+        client = Client(moderation(stub, moderation_mode=mode), gen)
+        gen.emit("a")
+        gen.emit("b")
+        await settle()
+        client.task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await client.task
+        await settle()
+        assert gen.is_closed and client.seen == []
+        assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+    asyncio.run(run())
+
+
+def test_max_in_flight_below_one_is_refused():
+    with pytest.raises(ValueError, match="max_in_flight"):
+        SafetySettings(max_in_flight=0)
