@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from genmesh.launcher.plan import MeshConfig, plan
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.probes import RedisPing
-from genmesh.launcher.supervisor import Supervisor
+from genmesh.launcher.supervisor import Supervisor, terminate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,13 +58,7 @@ def service(module: str, args: list[str], *, port: int, log_path: Path,
             wait_serving(f"127.0.0.1:{port}", proc=proc)
             yield proc
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
+            terminate(proc, grace_s=20)
 
 
 class RedisServer:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from genmesh.launcher.ports import free_ports
+from genmesh.launcher.supervisor import terminate
 
 
 class Message(BaseModel):
@@ -188,13 +188,7 @@ def seed_server(model_dir: Path, *, dtype: str, log_path: Path,
         _wait_healthy(url, proc, timeout_s=timeout_s, log_path=log_path)
         yield url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        terminate(proc, grace_s=20)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, *, timeout_s: float,

@@ -24,6 +24,18 @@ LogSink = Callable[[str, str], None]  # (process name, one line of its output)
 STATE_FILE = "mesh.json"
 
 
+def terminate(proc: subprocess.Popen, *, grace_s: float) -> None:
+    """SIGTERM, ``grace_s`` seconds to exit (a graceful drain), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
 class ProcessFailedError(RuntimeError):
     """A process exited while the mesh was starting or running."""
 
@@ -101,14 +113,8 @@ class Supervisor:
         """SIGTERM in reverse start order, so the edge closes before what it calls."""
         for spec in reversed(self.specs):
             proc = self.procs.get(spec.name)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            if proc is not None:
+                terminate(proc, grace_s=grace_s)
         for copier in self._copiers:
             copier.join(timeout=2)
         (self.run_dir / STATE_FILE).unlink(missing_ok=True)
