@@ -68,6 +68,36 @@ def _paged(batch: int, ctx: int, hkv: int, d: int, *, width_blocks: int,
     return k_cache, v_cache, table, ctx_lens
 
 
+def _sweep(names: tuple[str, ...], grid: list[tuple[int, int, int]], pin: Any, call: Any,
+           *, iters: int, device: torch.device, per_ms: Any = None
+           ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Time ``call`` under each launch shape of ``grid`` (``pin(shape)`` pins it; ``pin(None)``
+    restores the rules after). Returns every row and the fastest."""
+    rows = []
+    try:
+        for config in grid:
+            pin(config)
+            row: dict[str, Any] = dict(zip(names, config, strict=True))
+            try:
+                ms = _time_ms(call, iters=iters, device=device)
+            except Exception as exc:  # a shape that does not compile: say so, go on
+                rows.append(row | {"error": str(exc)[:200]})
+                continue
+            rows.append(row | {"ms": round(ms, 4)} | (per_ms(ms) if per_ms else {}))
+    finally:
+        pin(None)
+    best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"], default=None)
+    return rows, best
+
+
+def _pin_decode(config: tuple[int, int, int] | None) -> None:
+    ta.DECODE_OVERRIDE = config
+
+
+def _pin_prefill(config: tuple[int, int, int] | None) -> None:
+    ta.PREFILL_OVERRIDE = config
+
+
 def decode_cases(smoke: bool) -> list[dict[str, int]]:
     if smoke:
         return [{"batch": 2, "ctx": 40, "width_blocks": 4}]
@@ -82,35 +112,24 @@ def sweep_decode(shape: str, device: torch.device, dtype: torch.dtype, *, smoke:
     grid = ([(64, 4, 2)] if smoke else
             list(itertools.product((32, 64, 128), (2, 4, 8), (1, 3))))
     out = []
-    ta.DECODE_OVERRIDE = None
     for case in decode_cases(smoke):
         b, ctx = case["batch"], case["ctx"]
         k_cache, v_cache, table, ctx_lens = _paged(b, ctx, hkv, d, device=device, dtype=dtype,
                                                    width_blocks=case["width_blocks"])
         q = torch.randn(b, hq, d, device=device, dtype=dtype)
-        # The engine's split choice (ops.triton_ops): enough programs, no more.
-        splits = max(1, min(-(-table.shape[1] * BLOCK_SIZE // ta.PARTITION_SIZE),
-                            264 // (b * hkv)))
+        splits = ta.decode_splits(b * hkv, table.shape[1] * BLOCK_SIZE)  # as the engine does
         kv_bytes = 2 * b * ctx * hkv * d * k_cache.element_size()
         # Reference: SDPA over the same context laid out densely.
         kd = torch.randn(b, hkv, ctx, d, device=device, dtype=dtype)
         ref_ms = _time_ms(functools.partial(F.scaled_dot_product_attention,
                                             q.view(b, hkv, hq // hkv, d), kd, kd),
                           iters=iters, device=device)
-        rows = []
-        for block_n, warps, stages in grid:
-            ta.DECODE_OVERRIDE = (block_n, warps, stages)
-            try:
-                ms = _time_ms(functools.partial(
-                    ta.paged_decode_attention, q, k_cache, v_cache, table, ctx_lens,
-                    d ** -0.5, num_splits=splits), iters=iters, device=device)
-            except Exception as exc:  # a shape that does not compile: say so, go on
-                rows.append({"block_n": block_n, "warps": warps, "stages": stages,
-                             "error": str(exc)[:200]})
-                continue
-            rows.append({"block_n": block_n, "warps": warps, "stages": stages,
-                         "ms": round(ms, 4), "gb_s": round(kv_bytes / ms / 1e6, 1)})
-        best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"], default=None)
+        rows, best = _sweep(
+            ("block_n", "warps", "stages"), grid, _pin_decode,
+            functools.partial(ta.paged_decode_attention, q, k_cache, v_cache, table,
+                              ctx_lens, d ** -0.5, num_splits=splits),
+            iters=iters, device=device,
+            per_ms=lambda ms, n=kv_bytes: {"gb_s": round(n / ms / 1e6, 1)})
         out.append({"shape": shape, **case, "num_splits": splits, "sdpa_dense_ms":
                     round(ref_ms, 4), "best": best, "configs": rows})
         print(f"decode {shape} b={b} ctx={ctx}: best {best} (dense SDPA {ref_ms:.4f} ms)",
@@ -140,20 +159,11 @@ def sweep_prefill(shape: str, device: torch.device, dtype: torch.dtype, *, smoke
         ref_ms = _time_ms(functools.partial(F.scaled_dot_product_attention, qd, kd, kd,
                                             is_causal=prefix == 0),
                           iters=iters, device=device)
-        rows = []
-        for block_m, block_n, warps in grid:
-            ta.PREFILL_OVERRIDE = (block_m, block_n, warps)
-            try:
-                ms = _time_ms(functools.partial(
-                    ta.paged_prefill_attention, q, k_cache, v_cache, table, cu, ctx_lens,
-                    d ** -0.5, max_query_len=n), iters=iters, device=device)
-            except Exception as exc:
-                rows.append({"block_m": block_m, "block_n": block_n, "warps": warps,
-                             "error": str(exc)[:200]})
-                continue
-            rows.append({"block_m": block_m, "block_n": block_n, "warps": warps,
-                         "ms": round(ms, 4)})
-        best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"], default=None)
+        rows, best = _sweep(
+            ("block_m", "block_n", "warps"), grid, _pin_prefill,
+            functools.partial(ta.paged_prefill_attention, q, k_cache, v_cache, table, cu,
+                              ctx_lens, d ** -0.5, max_query_len=n),
+            iters=iters, device=device)
         out.append({"shape": shape, **case, "sdpa_dense_ms": round(ref_ms, 4), "best": best,
                     "configs": rows})
         print(f"prefill {shape} {case}: best {best} (dense SDPA {ref_ms:.4f} ms)", flush=True)

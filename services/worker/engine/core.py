@@ -233,7 +233,7 @@ class EngineCore:
             return FinishReason.STOP
         if not p.ignore_eos and token in self.model_cfg.eos_token_ids:
             return FinishReason.STOP
-        if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+        if req.is_at_length_limit(self.max_model_len):
             return FinishReason.LENGTH
         return None
 

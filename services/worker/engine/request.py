@@ -61,6 +61,11 @@ class Request:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
+    def is_at_length_limit(self, max_model_len: int) -> bool:
+        """Its output reached max_tokens, or the sequence the context (a placeholder
+        counts: its token ends the request whatever it turns out to be)."""
+        return len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len
+
     def append_output(self, token_id: int) -> None:
         if self.has_placeholder:
             self.output_ids[-1] = self.all_ids[-1] = token_id

@@ -50,9 +50,9 @@ def _order(req: Request) -> tuple[int, float]:
 
 class Scheduler:
     def __init__(self, *, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int | None = None) -> None:
+                 max_num_batched_tokens: int, max_model_len: int = 2**62) -> None:
         self.blocks = block_manager
-        self.max_model_len = max_model_len  # None: no request ends by the context's length
+        self.max_model_len = max_model_len  # the default: no request ends by the context
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Request] = []  # sorted by (priority, arrival)
@@ -157,10 +157,7 @@ class Scheduler:
     def _ends_with_pending_token(self, req: Request) -> bool:
         """Async scheduling: the token in flight (a placeholder) is known to end the
         request by length, whatever it turns out to be."""
-        if not req.has_placeholder:
-            return False
-        return (len(req.output_ids) >= req.params.max_tokens
-                or (self.max_model_len is not None and req.num_tokens >= self.max_model_len))
+        return req.has_placeholder and req.is_at_length_limit(self.max_model_len)
 
     def _urgent_priority(self) -> int | None:
         """The class of the first waiting request when it is more important than some

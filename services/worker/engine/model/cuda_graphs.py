@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,8 +97,6 @@ class DecodeGraphs:
         """Capture every size, largest first, into one pool (CUDA only)."""
         if not self._capture:
             return
-        import time
-
         t0 = time.perf_counter()
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)

@@ -18,9 +18,6 @@ from services.worker.engine.model.attention import DecodeKernel, PrefillKernel, 
 Tensor = torch.Tensor
 SKINNY_MAX_ROWS = 2  # up to this many rows the bf16 CPU kernel beats oneDNN (measured)
 PACK_HINT_ROWS = 512  # oneDNN's packing hint; 1..512 rows all run well with it (measured)
-# Decode attention programs that keep a large GPU busy (two waves on an H100/H200's 132
-# SMs): the context is split into at most this many programs' worth of pieces.
-TARGET_DECODE_PROGRAMS = 264
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,21 +123,9 @@ def triton_ops() -> LayerOps:
     for CUDA; on the CPU they run only under TRITON_INTERPRET=1 (tests)."""
     from services.worker.engine.model import triton_attention, triton_ops
 
-    def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
-                         ctx_lens: Tensor, scale: float) -> Tensor:
-        # Split the context only as far as it takes to give the GPU enough programs:
-        # at large batch the (batch x kv heads) programs fill it, and splits would only
-        # add partials to combine. Host shapes only, so graphs capture it as is.
-        programs = q.shape[0] * k_cache.shape[2]
-        width = block_table.shape[1] * k_cache.shape[1]
-        splits = max(1, min(-(-width // triton_attention.PARTITION_SIZE),
-                            TARGET_DECODE_PROGRAMS // max(programs, 1)))
-        return triton_attention.paged_decode_attention(q, k_cache, v_cache, block_table,
-                                                       ctx_lens, scale, num_splits=splits)
-
     return triton_ops.make_layer_ops(replace(
         TORCH_OPS,
-        decode_attention=decode_attention,
+        decode_attention=triton_attention.paged_decode_attention,
         prefill_attention=triton_attention.paged_prefill_attention,
     ))
 

@@ -40,9 +40,13 @@ try:
 except ImportError:  # CPU-only installs: the torch SDPA path in attention.py is used instead
     HAS_TRITON = False
 
-# Decode: context positions per split when the caller does not fix the number of splits.
-# 512 keeps a split's work well above the combine cost while giving a 4k context 8 splits.
+# Decode: the context is split into pieces of at least this many positions (512 keeps a
+# split's work well above the combine cost while giving a 4k context 8 splits), and only
+# as far as it takes to give the GPU this many programs (two waves on an H100/H200's 132
+# SMs): at large batch the batch x kv-heads programs fill it, and splits would only add
+# partials to combine.
 PARTITION_SIZE = 512
+TARGET_DECODE_PROGRAMS = 264
 _LOG2E = 1.4426950408889634
 # Launch shapes, chosen from a sweep on an H200 (scripts/device/tune_attention.py, bf16;
 # tiles of positions are >= 16 for tl.dot). Decode, as (positions per K/V tile, warps,
@@ -336,6 +340,14 @@ def _dot_fp32(cache: torch.Tensor) -> bool:
     return cache.device.type == "cpu"
 
 
+def decode_splits(num_programs: int, table_width: int) -> int:
+    """Splits of each sequence's context for ``num_programs`` (batch x kv heads) programs
+    over a block table ``table_width`` positions wide: one per PARTITION_SIZE positions,
+    but no more than it takes to reach TARGET_DECODE_PROGRAMS programs."""
+    return max(1, min(-(-table_width // PARTITION_SIZE),
+                      TARGET_DECODE_PROGRAMS // max(num_programs, 1)))
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_table: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
                            *, out: torch.Tensor | None = None,
@@ -345,11 +357,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_table:
     [B, max_blocks] int32/int64 (entries past a row's blocks are never read); ctx_lens: [B]
     int, positions each query attends to, itself included (0: the row's output is 0).
-    num_splits: context splits per sequence; None gives one per PARTITION_SIZE positions
-    of the table's width. Either way the grid depends only on shapes, so the call can be
-    captured in a CUDA graph. With more than one split the partials take
-    B * H * num_splits * (D + 2) fp32 of scratch: at large batch over a very wide table
-    (where B * Hkv programs fill the GPU anyway) pass a small num_splits.
+    num_splits: context splits per sequence; None: ``decode_splits`` of the shapes.
+    Either way the grid depends only on shapes, so the call can be captured in a CUDA
+    graph. With more than one split the partials take B * H * num_splits * (D + 2) fp32
+    of scratch.
     out: [B, H, D] to write into (e.g. a graph's static buffer).
     """
     _require_triton()
@@ -363,13 +374,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if batch == 0 or max_blocks == 0:
         return out.zero_()
 
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if num_splits is None:
-        partition_size = max(PARTITION_SIZE // block_size, 1) * block_size
-        num_splits = -(-max_blocks * block_size // partition_size)
-    else:  # a multiple of block_size: splits cover the whole table
-        partition_size = -(-max_blocks // num_splits) * block_size
+        num_splits = decode_splits(batch * num_kv_heads, max_blocks * block_size)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    # A multiple of block_size: the splits cover the whole table.
+    partition_size = -(-max_blocks // num_splits) * block_size
     single = num_splits == 1
     if single:  # no partials: the kernel normalizes and writes out itself
         part_acc = part_l = part_m = out

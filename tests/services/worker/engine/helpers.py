@@ -7,6 +7,7 @@ from pathlib import Path
 
 from services.worker.engine.async_engine import AsyncEngine
 from services.worker.engine.config import EngineConfig
+from services.worker.engine.core import EngineCore
 from services.worker.engine.outputs import Delta
 from services.worker.engine.params import SamplingParams
 
@@ -59,3 +60,35 @@ def run_all(eng: AsyncEngine, prompts: list[list[int]], params: SamplingParams, 
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
     return asyncio.run(main())
+
+
+def tiny_core(**overrides: object) -> EngineCore:
+    """An EngineCore on the tiny-llama preset (random weights, fp32, a 64-block pool of
+    4-token blocks), stepped by hand."""
+    options: dict[str, object] = {
+        "model": "tiny-llama", "load_format": "dummy", "dtype": "float32",
+        "num_kv_blocks": 64, "block_size": 4, "max_num_seqs": 8,
+    }
+    options.update(overrides)
+    return EngineCore(EngineConfig(**options))  # type: ignore[arg-type]
+
+
+def run_core(engine: EngineCore, requests: dict[str, tuple[list[int], SamplingParams]], *,
+             abort_after: dict[str, int] | None = None) -> dict[str, list[Delta]]:
+    """Step until every request is done; their deltas. ``abort_after[rid] = n`` aborts
+    rid once it has n tokens."""
+    for rid, (prompt, params) in requests.items():
+        engine.add(engine.make_request(rid, prompt, params))
+    out: dict[str, list[Delta]] = {rid: [] for rid in requests}
+    for _ in range(1000):
+        if not engine.has_work():
+            return out
+        for d in engine.step():
+            out[d.request_id].append(d)
+        for rid, n in (abort_after or {}).items():
+            got = sum(len(d.new_token_ids) for d in out[rid])
+            if got >= n and not (out[rid] and out[rid][-1].finished):
+                final = engine.abort(rid)
+                assert final is not None
+                out[rid].append(final)
+    raise AssertionError("the engine did not finish")

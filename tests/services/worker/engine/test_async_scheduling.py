@@ -7,40 +7,18 @@ from __future__ import annotations
 
 import pytest
 
-from services.worker.engine.config import EngineConfig
 from services.worker.engine.core import EngineCore
 from services.worker.engine.outputs import Delta, FinishReason
 from services.worker.engine.params import SamplingParams
+from tests.services.worker.engine.helpers import run_core, tiny_core
 
 
 def core(*, async_scheduling: bool, **overrides: object) -> EngineCore:
-    options: dict[str, object] = {
-        "model": "tiny-llama", "load_format": "dummy", "dtype": "float32",
-        "num_kv_blocks": 64, "block_size": 4, "max_num_batched_tokens": 32,
-        "max_num_seqs": 8, "async_scheduling": async_scheduling,
-    }
-    options.update(overrides)
-    return EngineCore(EngineConfig(**options))  # type: ignore[arg-type]
+    return tiny_core(**{"max_num_batched_tokens": 32, "async_scheduling": async_scheduling,
+                        **overrides})
 
 
-def run(engine: EngineCore, requests: dict[str, tuple[list[int], SamplingParams]], *,
-        abort_after: dict[str, int] | None = None) -> dict[str, list[Delta]]:
-    """Every request's deltas; ``abort_after[rid] = n`` aborts rid once it has n tokens."""
-    for rid, (prompt, params) in requests.items():
-        engine.add(engine.make_request(rid, prompt, params))
-    out: dict[str, list[Delta]] = {rid: [] for rid in requests}
-    for _ in range(1000):
-        if not engine.has_work():
-            return out
-        for d in engine.step():
-            out[d.request_id].append(d)
-        for rid, n in (abort_after or {}).items():
-            got = sum(len(d.new_token_ids) for d in out[rid])
-            if got >= n and not (out[rid] and out[rid][-1].finished):
-                final = engine.abort(rid)
-                assert final is not None
-                out[rid].append(final)
-    raise AssertionError("the engine did not finish")
+run = run_core
 
 
 def summary(deltas: dict[str, list[Delta]]) -> dict[str, tuple]:

@@ -12,36 +12,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.worker.engine.config import EngineConfig
 from services.worker.engine.core import EngineCore
 from services.worker.engine.model.cuda_graphs import batch_size_ladder
 from services.worker.engine.params import SamplingParams
+from tests.services.worker.engine.helpers import run_core, tiny_core
 
 triton = pytest.importorskip("triton")
 
 
 def run_to_end(core: EngineCore, prompts: dict[str, list[int]], max_tokens: int
                ) -> dict[str, list[int]]:
+    """Every prompt greedy to ``max_tokens``; each one's tokens."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    for rid, prompt in prompts.items():
-        core.add(core.make_request(rid, prompt, params))
-    out: dict[str, list[int]] = {rid: [] for rid in prompts}
-    for _ in range(500):
-        if not core.has_work():
-            return out
-        for delta in core.step():
-            out[delta.request_id].extend(delta.new_token_ids)
-    raise AssertionError("the engine did not finish")
+    deltas = run_core(core, {rid: (prompt, params) for rid, prompt in prompts.items()})
+    return {rid: [t for d in ds for t in d.new_token_ids] for rid, ds in deltas.items()}
 
 
 def tiny(**overrides: object) -> EngineCore:
-    options: dict[str, object] = {
-        "model": "tiny-llama", "load_format": "dummy", "dtype": "float32",
-        "num_kv_blocks": 64, "block_size": 4, "max_num_batched_tokens": 48,
-        "max_num_seqs": 8,
-    }
-    options.update(overrides)
-    return EngineCore(EngineConfig(**options))  # type: ignore[arg-type]
+    return tiny_core(**{"max_num_batched_tokens": 48, **overrides})
 
 
 PROMPTS = {  # lengths across block boundaries (block_size 4); b and e share a prefix

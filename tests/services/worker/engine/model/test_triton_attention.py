@@ -122,7 +122,8 @@ def test_decode_4k_context_splits_by_partition(dtype):
     k_cache, v_cache = _caches(256 + 157, 1, 64, dtype, seed=7)
     tables, block_table = _block_tables(ctx_lens, 256 + 157, seed=8)
     q = torch.randn(2, 2, 64, generator=torch.Generator().manual_seed(9)).to(dtype)
-    # num_splits None: one per PARTITION_SIZE positions of the 4096-wide table.
+    # num_splits None: one per PARTITION_SIZE positions of the 4096-wide table (2
+    # programs are far from the GPU's fill target).
     assert 4096 // triton_attention.PARTITION_SIZE > 1
     got = paged_decode_attention(q, k_cache, v_cache, block_table, torch.tensor(ctx_lens),
                                  64 ** -0.5)
