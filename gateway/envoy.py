@@ -6,6 +6,9 @@ Two listeners on one Envoy (DESIGN.md §1):
   reflection, all to the frontend; request bodies limited to ``max_request_bytes``.
 - mesh (service to service): each internal gRPC service to its cluster, the worker pools
   split, mirrored and hashed by the rollout state (``gateway/routes.py``).
+With ``gateway.metrics_port`` a third, ``metrics``, passes admin's ``/stats/prometheus``
+and ``/ready`` alone to Prometheus and probes (``gateway/metrics.py``); the admin
+interface itself listens on ``gateway.admin_host`` (loopback).
 
 The same resources render two ways: ``build_bootstrap`` puts everything inline (what
 ``envoy --mode validate`` can check), ``dynamic_bootstrap`` points Envoy at xDS files that
@@ -25,12 +28,12 @@ from typing import Any
 
 import yaml
 
-from gateway import ratelimits
+from gateway import metrics, ratelimits
 from gateway.clusters import cluster
 from gateway.core import socket_address, typed
-from gateway.deployment import Deployment, GatewaySettings, parse_endpoint
 from gateway.listeners import http_connection_manager, listener, otel_tracing, route_config
 from gateway.routes import edge_routes, mesh_routes
+from genmesh.core.deployment import Deployment, GatewaySettings, parse_endpoint
 
 VALIDATE_TIMEOUT_S = 30.0
 TRACE_COLLECTOR = "otlp"  # the cluster of the OTLP trace collector, when one is set
@@ -47,7 +50,8 @@ class Resources:
 
 
 def clusters(dep: Deployment) -> list[dict[str, Any]]:
-    """One cluster per service, one per model version (its worker pool)."""
+    """One cluster per service, one per model version (its worker pool), and admin's own
+    when the metrics listener passes requests to it."""
     out = [cluster("frontend", dep.services.frontend), cluster("tokenizer", dep.services.tokenizer)]
     for name in ("safety", "cache", "ratelimit"):
         endpoints = getattr(dep.services, name)
@@ -57,6 +61,8 @@ def clusters(dep: Deployment) -> list[dict[str, Any]]:
     if dep.observability.otlp_endpoint:
         out.append(cluster(TRACE_COLLECTOR, (parse_endpoint(dep.observability.otlp_endpoint),),
                            is_health_checked=False))
+    if dep.gateway.metrics_port:
+        out.append(metrics.admin_cluster(dep.gateway))
     return out
 
 
@@ -79,7 +85,10 @@ def resources(dep: Deployment, *, rds_dir: Path | None = None) -> Resources:
             manager["tracing"] = otel_tracing(
                 f"genmesh-envoy-{name}", collector_cluster=TRACE_COLLECTOR,
                 sample_percent=dep.observability.trace_sample_percent)
-        listeners.append(listener(name, host=g.host, port=port, manager=manager))
+        listeners.append(listener(name, host=g.host, port=port, manager=manager,
+                                  is_inbound=name == "edge"))
+    if g.metrics_port:
+        listeners.append(metrics.metrics_listener(g))
     return Resources(listeners, clusters(dep), configs)
 
 
@@ -111,7 +120,7 @@ def rds_subscription(name: str, rds_dir: Path) -> dict[str, Any]:
 
 def _base(g: GatewaySettings) -> dict[str, Any]:
     return {
-        "admin": {"address": socket_address(g.host, g.admin_port)},
+        "admin": {"address": socket_address(g.admin_host, g.admin_port)},
         "overload_manager": {
             "resource_monitors": [{
                 "name": "envoy.resource_monitors.global_downstream_max_connections",
@@ -177,9 +186,15 @@ def envoy_command(config_path: Path, *, base_id: int, log_level: str = "warning"
     ("unable to bind domain socket"); with it off the id no longer has to be unique, but
     give each Envoy its own anyway. Envoy does not stop when its parent exits: the
     supervisor must terminate it.
+
+    ``--drain-strategy immediate``: a drain tells every connection of a listener at once
+    (HTTP/2 GOAWAY) instead of spreading it over ``--drain-time-s``; with it, an admin
+    ``POST /drain_listeners?inboundonly`` closes the edge to new connections at once
+    while the mesh listener keeps serving (without it, Envoy 1.40 kept accepting), which
+    is the first step of a graceful stop of the mesh.
     """
     return [str(envoy_binary()), "-c", str(config_path), "--base-id", str(base_id),
-            "--disable-hot-restart", "--log-level", log_level]
+            "--disable-hot-restart", "--drain-strategy", "immediate", "--log-level", log_level]
 
 
 # "[2026-01-01 00:00:00.000][1234][critical][main] [source/server/x.cc:76] message"

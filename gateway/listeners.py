@@ -16,16 +16,21 @@ from gateway.core import duration, socket_address, typed
 RESOURCE_EXHAUSTED = 8  # grpc-status code
 
 
-def listener(name: str, *, host: str, port: int, manager: dict[str, Any]) -> dict[str, Any]:
-    """A TCP listener whose only filter is the HTTP connection manager ``manager``."""
-    return {
-        "name": name,
-        "address": socket_address(host, port),
-        "filter_chains": [{
-            "filters": [{"name": "envoy.filters.network.http_connection_manager",
-                         "typed_config": manager}],
-        }],
-    }
+def listener(name: str, *, host: str, port: int, manager: dict[str, Any],
+             is_inbound: bool = False) -> dict[str, Any]:
+    """A TCP listener whose only filter is the HTTP connection manager ``manager``.
+
+    ``is_inbound`` marks the edge (``traffic_direction: INBOUND``): Envoy's admin
+    ``/drain_listeners?inboundonly`` then stops it alone, and the mesh listener keeps
+    carrying the in-flight streams' calls while the mesh stops."""
+    config: dict[str, Any] = {"name": name, "address": socket_address(host, port)}
+    if is_inbound:
+        config["traffic_direction"] = "INBOUND"
+    config["filter_chains"] = [{
+        "filters": [{"name": "envoy.filters.network.http_connection_manager",
+                     "typed_config": manager}],
+    }]
+    return config
 
 
 def http_connection_manager(

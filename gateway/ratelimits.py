@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.core import duration, typed
-from gateway.deployment import Deployment, FailureMode, Tenant
+from genmesh.core.deployment import Deployment, Tenant
+from genmesh.core.failure import FailureMode
 
 DOMAIN = "genmesh"  # the rate-limit service's domain for every edge descriptor
 TENANT_KEY = "tenant"  # descriptor key

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from gateway.deployment import DeploymentError, Rollout
+from genmesh.core.deployment import DeploymentError, Rollout
 
 
 def canary(r: Rollout, percent: float) -> Rollout:

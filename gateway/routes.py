@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway import ratelimits
-from gateway.deployment import Deployment, SplitMode, Tenant
-from services.common import metadata
+from genmesh.core import metadata
+from genmesh.core.deployment import Deployment, SplitMode, Tenant
 
 WEIGHT_SCALE = 10_000  # weights are in hundredths of a percent
 # Methods safe to retry: they change nothing and answer from a fixed input.

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from gateway.deployment import Deployment, DeploymentError, check
 from gateway.envoy import render, resources, validate
+from genmesh.core.deployment import Deployment, DeploymentError, check
 
 TYPES = {
     "clusters": "envoy.config.cluster.v3.Cluster",

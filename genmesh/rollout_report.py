@@ -1,6 +1,6 @@
 """`genmesh rollout report`: how the shadow version's answers compare with the primary's.
 
-Pairs the workers' generation records (``services/worker/records.py``) by request id:
+Pairs the workers' generation records (``genmesh/core/records.py``) by request id:
 each mirrored call has one record from the primary and one from the shadow. Reports
 exact-match rate, token-level agreement, and the shadow's TTFT and decode speed against
 the primary's.
@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from services.worker.records import GenerationRecord
+from genmesh.core.records import GenerationRecord
 
 
 def token_agreement(a: tuple[int, ...], b: tuple[int, ...]) -> float:

@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from genmesh.client.types import API_KEY_ENV, DEV_API_KEY
+from genmesh.core.models.store import ModelStore, default_store_root
 from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, redis_binary
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.supervisor import Supervisor
-from genmesh.models.store import ModelStore, default_store_root
 from services.safety.config import DEFAULT_POLICY
 from tests.procs import REPO_ROOT, RedisServer, launched
 

@@ -199,7 +199,7 @@ def run_serve_bench(config: ServeBenchConfig, *, target: str | None, api_key: st
                     baseline: str | None, kv_cache_gib: float = 1.0) -> dict[str, Any]:
     """The whole run: the mesh at ``target`` (None: start one, and stop it after), then
     the baseline if asked; the JSON-ready result."""
-    from genmesh.models.store import ModelStore, default_store_root
+    from genmesh.core.models.store import ModelStore, default_store_root
 
     result: dict[str, Any] = {
         "bench": "serve", "model": config.model, "dtype": config.dtype,

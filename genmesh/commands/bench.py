@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
-from genmesh.models.store import ModelStore, default_store_root
+from genmesh.core.models.store import ModelStore, default_store_root
 from services.worker.engine.config import EngineConfig
 
 # Engine sizes for the bench when not given: the CPU ones are the dev machines'; the GPU
@@ -55,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--device", default="cpu", help="the worker's device (e.g. cuda)")
     m.add_argument("--dummy", action="store_true",
                    help="random weights of the model's shape in the worker (no weights needed)")
+    m.add_argument("--output-len", type=int, default=0,
+                   help="tokens per stream (default: the plan's, 64)")
+    m.add_argument("--engine-thread", action="store_true",
+                   help="the worker's engine core on a thread (default: its own process)")
     m.add_argument("--output", help="also write the JSON to this file")
     m.set_defaults(func=_mesh)
     t = bsub.add_parser("tracing", help="what tracing (every span exported) costs the mesh")
@@ -105,9 +110,13 @@ def _mesh(args: argparse.Namespace) -> int:
     from genmesh.bench.mesh import FULL, QUICK, run_mesh_bench
 
     model_dir = ModelStore(default_store_root()).ensure(args.model)
+    bench = QUICK if args.quick else FULL
+    if args.output_len:
+        bench = dataclasses.replace(bench, output_len=args.output_len)
     result = run_mesh_bench(model_dir, model=args.model, dtype=args.dtype,
-                            kv_cache_gib=args.kv_cache_gib, bench=QUICK if args.quick else FULL,
-                            device=args.device, dummy=args.dummy)
+                            kv_cache_gib=args.kv_cache_gib, bench=bench,
+                            device=args.device, dummy=args.dummy,
+                            engine_process=not args.engine_thread)
     return _print(result, args.output)
 
 

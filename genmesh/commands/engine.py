@@ -7,8 +7,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from genmesh.models.chat_template import ChatMessage, ChatTemplate, load_chat_template
-from genmesh.models.store import ModelStore, default_store_root
+from genmesh.core.models.chat_template import ChatMessage, ChatTemplate, load_chat_template
+from genmesh.core.models.store import ModelStore, default_store_root
 from services.worker.engine.api import create_engine
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.params import SamplingParams

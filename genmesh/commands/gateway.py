@@ -28,12 +28,12 @@ from pathlib import Path
 
 import yaml
 
-from gateway import deployment as deploy
 from gateway import ratelimits, xds
-from gateway.deployment import Deployment, DeploymentError
 from gateway.envoy import dynamic_bootstrap, envoy_command, render, validate
 from genmesh.commands import rollout
 from genmesh.commands.mesh import DEFAULT_RUN_DIR
+from genmesh.core import deployment as deploy
+from genmesh.core.deployment import Deployment, DeploymentError
 from genmesh.launcher.plan import DEPLOYMENT_FILE, XDS_DIR
 
 ENVOY_FILE = "envoy.yaml"  # the dynamic bootstrap, in the run directory

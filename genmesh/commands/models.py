@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from genmesh.models.store import ModelStore, default_store_root, known_sources
+from genmesh.core.models.store import ModelStore, default_store_root, known_sources
 
 
 def register(sub: argparse._SubParsersAction) -> None:

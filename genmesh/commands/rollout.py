@@ -23,13 +23,14 @@ from pathlib import Path
 
 import redis
 
-from gateway import deployment as deploy
 from gateway import rollout, xds
-from gateway.deployment import Deployment, DeploymentError, Rollout
+from gateway.metrics import admin_dial_host
 from genmesh.commands.mesh import DEFAULT_RUN_DIR, no_mesh_message
+from genmesh.core import deployment as deploy
+from genmesh.core.deployment import Deployment, DeploymentError, Rollout
+from genmesh.core.records import STREAM, GenerationRecord
 from genmesh.launcher.plan import DEPLOYMENT_FILE, XDS_DIR
 from genmesh.rollout_report import compare
-from services.worker.records import STREAM, GenerationRecord
 
 ADMIN_TIMEOUT_S = 2.0
 REDIS_TIMEOUT_S = 5.0
@@ -95,7 +96,7 @@ def _with_split(r: Rollout, split: str | None) -> Rollout:
 def requests_per_version(dep: Deployment) -> dict[str, int]:
     """Calls Envoy has sent to each version's pool since it started (admin stats)."""
     g = dep.gateway
-    url = f"http://{g.host}:{g.admin_port}/stats?filter=upstream_rq_total$"
+    url = f"http://{admin_dial_host(g.admin_host)}:{g.admin_port}/stats?filter=upstream_rq_total$"
     with urllib.request.urlopen(url, timeout=ADMIN_TIMEOUT_S) as reply:
         lines = reply.read().decode().splitlines()
     counts = {}

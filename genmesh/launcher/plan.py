@@ -29,6 +29,7 @@ rate-limit service's limits.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import shutil
 import sys
@@ -37,10 +38,10 @@ from pathlib import Path
 
 import yaml
 
-from gateway import deployment as deploy
 from gateway import ratelimits, xds
-from gateway.deployment import Deployment, DeploymentError, Observability
 from gateway.envoy import dynamic_bootstrap, envoy_binary, envoy_command
+from genmesh.core import deployment as deploy
+from genmesh.core.deployment import Deployment, DeploymentError, Observability
 from genmesh.launcher import prometheus
 from genmesh.launcher.probes import EnvoyReady, GrpcHealth, HttpReady, Probe, RedisPing
 
@@ -92,6 +93,9 @@ class MeshConfig:
     # Spans to this OTLP/gRPC collector (host:port) from Envoy and every service; None:
     # the deployment's observability.otlp_endpoint ("" there: no tracing).
     otlp_endpoint: str | None = None
+    # How long in-flight streams may finish when the mesh stops (the frontends' and the
+    # workers' --shutdown-grace-s); each then has STOP_MARGIN_S more before SIGKILL.
+    stream_grace_s: float = 10.0
     run_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "genmesh" / "run")
     log_level: str = "INFO"
 
@@ -115,24 +119,51 @@ PORT_FIELDS = ("edge_port", "mesh_port", "admin_port", "frontend_port", "tokeniz
                "candidate_metrics_port", "ratelimit_metrics_port", "prometheus_port")
 
 
+# After its own grace, what a service may take to stop: closing channels, its engine
+# process, flushing spans. Then it is killed with its whole process group.
+STOP_MARGIN_S = 5.0
+SERVICE_GRACE_S = 5.0  # a service's default --shutdown-grace-s (genmesh/core/config.py)
+
+
+class StopStage(enum.IntEnum):
+    """The order of a graceful stop of the mesh, lowest first; a stage's processes stop
+    together. Before any of them the gateway's edge stops taking new calls
+    (``ProcessSpec.drain_url``), so in-flight streams finish and no new one starts."""
+
+    FRONTEND = 1  # drains its in-flight streams within its grace
+    WORKER = 2  # after the frontends: no stream loses its worker
+    SERVICE = 3  # tokenizer, safety, cache, rate limit, Prometheus
+    STORE = 4  # Redis: after the services that write to it on their way out
+    GATEWAY = 5  # Envoy: its mesh listener carries the services' calls to the end
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessSpec:
     name: str
     argv: tuple[str, ...]
     endpoint: str  # what the status table shows
     probe: Probe
+    stop_stage: StopStage = StopStage.SERVICE
+    stop_timeout_s: float = SERVICE_GRACE_S + STOP_MARGIN_S  # SIGTERM to SIGKILL
+    drain_url: str | None = None  # POSTed when the mesh stops, before any SIGTERM
 
 
 def _service(name: str, module: str, port: int, cfg: MeshConfig, *args: str,
-             metrics_port: int, observability: Observability) -> ProcessSpec:
+             metrics_port: int, observability: Observability,
+             stop_stage: StopStage = StopStage.SERVICE) -> ProcessSpec:
     telemetry: tuple[str, ...] = ("--metrics-port", str(metrics_port))
     if observability.otlp_endpoint:
         telemetry += ("--otlp-endpoint", observability.otlp_endpoint, "--trace-sample-ratio",
                       str(observability.trace_sample_percent / 100))
+    grace_s = SERVICE_GRACE_S
+    if stop_stage in (StopStage.FRONTEND, StopStage.WORKER):  # where streams run long
+        grace_s = cfg.stream_grace_s
+        args = ("--shutdown-grace-s", str(grace_s), *args)
     argv = (sys.executable, "-m", module, "--host", cfg.host, "--port", str(port),
             "--log-level", cfg.log_level, *telemetry, *args)
     address = f"{cfg.host}:{port}"
-    return ProcessSpec(name, argv, address, GrpcHealth(address))
+    return ProcessSpec(name, argv, address, GrpcHealth(address), stop_stage=stop_stage,
+                       stop_timeout_s=grace_s + STOP_MARGIN_S)
 
 
 def localize(dep: Deployment, cfg: MeshConfig) -> Deployment:
@@ -205,7 +236,8 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
         specs.append(ProcessSpec(
             "redis", (str(redis), "--bind", cfg.host, "--port", str(cfg.redis_port),
                       "--save", "", "--appendonly", "no", "--dir", str(cfg.run_dir)),
-            f"{cfg.host}:{cfg.redis_port}", RedisPing(cfg.host, cfg.redis_port)))
+            f"{cfg.host}:{cfg.redis_port}", RedisPing(cfg.host, cfg.redis_port),
+            stop_stage=StopStage.STORE))
     if dep.services.ratelimit:
         limits = cfg.run_dir / "ratelimit.yaml"
         xds.write_atomically(limits, yaml.safe_dump(ratelimits.service_limits(dep)))
@@ -242,15 +274,21 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
             "--model", dep.model, "--model-version", v.name, "--dtype", v.dtype,
             "--kv-cache-gib", str(cfg.kv_cache_gib), "--num-threads", str(threads),
             "--price-per-device-hour", str(obs.price_per_device_hour),
-            *record, *cfg.worker_args, metrics_port=metrics_port, observability=obs))
+            *record, *cfg.worker_args, metrics_port=metrics_port, observability=obs,
+            stop_stage=StopStage.WORKER))
     specs += [
         _service("frontend", "services.frontend.main", cfg.frontend_port, cfg,
                  "--tokenizer-address", cfg.mesh_address, "--worker-address", cfg.mesh_address,
                  "--safety-address", cfg.mesh_address, "--cache-address", cfg.mesh_address,
                  "--deployment-file", str(cfg.run_dir / DEPLOYMENT_FILE),
-                 metrics_port=cfg.frontend_metrics_port, observability=obs),
+                 metrics_port=cfg.frontend_metrics_port, observability=obs,
+                 stop_stage=StopStage.FRONTEND),
+        # Stopping, the edge (the inbound listener) first refuses new connections; the
+        # mesh listener serves until Envoy exits, last.
         ProcessSpec("envoy", tuple(envoy_command(envoy_yaml, base_id=cfg.edge_port)),
-                    cfg.edge_address, EnvoyReady(f"http://{cfg.host}:{cfg.admin_port}")),
+                    cfg.edge_address, EnvoyReady(f"http://{cfg.host}:{cfg.admin_port}"),
+                    stop_stage=StopStage.GATEWAY,
+                    drain_url=f"http://{cfg.host}:{cfg.admin_port}/drain_listeners?inboundonly"),
     ]
     prometheus_spec = _prometheus(cfg, specs)
     if prometheus_spec is not None:

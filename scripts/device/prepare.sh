@@ -55,7 +55,7 @@ cp genmesh/v1/*_pb2.py genmesh/v1/*_pb2_grpc.py "$DEST/protos/"
 
 # 3. The default model's small files (tokenizer, chat template, configs); no weights.
 model_dir=$("$PY" -c "
-from genmesh.models.store import ModelStore, default_store_root
+from genmesh.core.models.store import ModelStore, default_store_root
 print(ModelStore(default_store_root()).ensure('$MODEL'))")
 mkdir -p "$DEST/store/$MODEL"
 for f in config.json tokenizer.json tokenizer_config.json chat_template.jinja \

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 
 from genmesh.v1 import cache_pb2, cache_pb2_grpc
-from services.cache.config import CacheConfig, load_config
+from services.cache.config import CacheConfig
 from services.cache.memory_store import MemoryStore
 from services.cache.redis_store import redis_store
 from services.cache.servicer import CacheServicer
 from services.cache.store import AnswerStore, StoreLimits
-from services.common.server import serve, setup_json_logging
+from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
 
 log = logging.getLogger("genmesh.cache")
@@ -48,10 +47,7 @@ async def run(cfg: CacheConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(argv, os.environ)
-    setup_json_logging("genmesh.cache", cfg.log_level)
-    asyncio.run(run(cfg))
-    return 0
+    return run_service(CacheConfig, run, argv)
 
 
 if __name__ == "__main__":

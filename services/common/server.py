@@ -1,20 +1,25 @@
-"""What every genmesh gRPC server shares: health and reflection services, socket
-options, JSON logs, and a graceful stop on SIGTERM/SIGINT."""
+"""What every genmesh gRPC server shares: the entry point (``run_service``), health and
+reflection services, socket options, JSON logs, and a graceful stop on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import ClassVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from genmesh.core.config import ServerConfig
+
+C = TypeVar("C", bound=ServerConfig)
 
 # A stale process on the same port must make bind fail loudly, not share traffic.
 SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
@@ -38,6 +43,18 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+def run_service(config: type[C], run: Callable[[C], Coroutine[Any, Any, None]],
+                argv: list[str] | None = None) -> int:
+    """A service's whole entry point (its ``main``): ``config`` built from defaults,
+    ``GENMESH_<SERVICE>_<FIELD>`` variables and ``argv``'s flags, JSON logs at its
+    ``log_level``, then ``run(cfg)`` (which serves until SIGTERM/SIGINT). Returns the
+    exit status."""
+    cfg = config.load(argv, os.environ)
+    setup_json_logging(f"genmesh.{config.SERVICE}", cfg.log_level)
+    asyncio.run(run(cfg))
+    return 0
 
 
 def setup_json_logging(service: str, level: str = "INFO") -> None:

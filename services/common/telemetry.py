@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import grpc
 import prometheus_client
@@ -33,6 +32,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from genmesh.core.config import ServerConfig
 
 log = logging.getLogger("genmesh.telemetry")
 
@@ -73,20 +74,7 @@ class TelemetrySettings:
     metrics_port: int = 0  # the Prometheus endpoint; 0: none
 
 
-class TelemetryFields(Protocol):
-    """The telemetry fields every service config has (read-only: configs are frozen)."""
-
-    @property
-    def host(self) -> str: ...
-    @property
-    def otlp_endpoint(self) -> str: ...
-    @property
-    def trace_sample_ratio(self) -> float: ...
-    @property
-    def metrics_port(self) -> int: ...
-
-
-def settings_from(service: str, cfg: TelemetryFields) -> TelemetrySettings:
+def settings_from(service: str, cfg: ServerConfig) -> TelemetrySettings:
     return TelemetrySettings(service=service, otlp_endpoint=cfg.otlp_endpoint,
                              trace_sample_ratio=cfg.trace_sample_ratio,
                              metrics_host=cfg.host, metrics_port=cfg.metrics_port)

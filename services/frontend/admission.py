@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.common import metadata
+from genmesh.core import metadata
 from services.frontend import metrics
 from services.frontend.budget import (
     BudgetError,
@@ -54,12 +54,16 @@ class Admission:
                 f"'{self.policy.api_key_header}' metadata (through the gateway)")
         return name
 
-    async def reserve(self, tenant: str, num_tokens: int) -> Reservation | None:
-        """Take ``num_tokens`` (prompt + max_tokens) from the tenant's budget; None when the
-        tenant has no budget. Raises PipelineError with the code the caller should see."""
+    def has_budget(self, tenant: str) -> bool:
+        """Whether the tenant's requests reserve tokens before they run."""
+        return self.budgets is not None and self.policy.tenants.get(tenant) is not None
+
+    async def reserve(self, tenant: str, num_tokens: int) -> Reservation:
+        """Take ``num_tokens`` (prompt + max_tokens) from the budget of a tenant that has
+        one (``has_budget``). Raises PipelineError with the code the caller should see."""
         limit = self.policy.tenants.get(tenant)
         if limit is None or self.budgets is None:
-            return None
+            raise ValueError(f"tenant {tenant!r} has no token budget")
         try:
             return await self.budgets.reserve(tenant, num_tokens, BudgetPolicy(limit))
         except BudgetUnavailable as exc:

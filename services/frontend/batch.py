@@ -17,9 +17,9 @@ import grpc
 
 from genmesh.v1 import common_pb2, generation_pb2
 from services.frontend.catalog import ModelCatalog
-from services.frontend.errors import PipelineError
 from services.frontend.pipeline import Pipeline
 from services.frontend.requests import generate_whole, pipeline_request
+from services.frontend.status import status_of
 
 log = logging.getLogger("genmesh.frontend")
 
@@ -84,11 +84,12 @@ class BatchRun:
                                    priority=common_pb2.PRIORITY_BATCH, method="GenerateBatch")
             reply = await generate_whole(self.pipeline, req, timeout_s=self.timeout_s)
             self._results.put_nowait(generation_pb2.BatchResult(id=item.id, response=reply))
-        except PipelineError as exc:
-            self._fail(item.id, exc.code, exc.message)
-        except Exception as exc:  # one item's bug must not end the batch
-            log.exception("batch item failed", extra={"item": item.id})
-            self._fail(item.id, grpc.StatusCode.INTERNAL, f"the item failed: {exc}")
+        except Exception as exc:
+            status = status_of(exc)
+            if status is None:  # one item's bug must not end the batch
+                log.exception("batch item failed", extra={"item": item.id})
+                status = grpc.StatusCode.INTERNAL, f"the item failed: {exc}"
+            self._fail(item.id, *status)
         finally:
             with contextlib.suppress(KeyError):
                 del self._running[item.id]

@@ -42,7 +42,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.common.failure import FailureMode
+from genmesh.core.failure import FailureMode
 
 log = logging.getLogger("genmesh.frontend.budget")
 

@@ -18,18 +18,13 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from genmesh.models.chat_template import ChatMessage
+from genmesh.core.models.chat_template import ChatMessage
 from genmesh.v1 import common_pb2, generation_pb2
 from services.common.telemetry import tracer as get_tracer
 from services.frontend.catalog import ModelCatalog
 from services.frontend.errors import PipelineError
-from services.frontend.pipeline import (
-    Finished,
-    Pipeline,
-    PipelineRequest,
-    Started,
-    TextChunk,
-)
+from services.frontend.events import Finished, Started, TextChunk
+from services.frontend.pipeline import Pipeline, PipelineRequest
 
 
 class SessionError(PipelineError):

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
-from services.common.config import parse_config
+from genmesh.core.config import ServerConfig
 from services.frontend.detokenize import DetokenizeMode
 from services.frontend.moderation import ModerationMode
 
 
 @dataclass(frozen=True, slots=True)
-class FrontendConfig:
-    host: str = "127.0.0.1"
+class FrontendConfig(ServerConfig):
+    SERVICE: ClassVar[str] = "frontend"
+    DESCRIPTION: ClassVar[str] = "the public API and its pipeline"
+
     port: int = 50051
+    shutdown_grace_s: float = 10.0  # how long in-flight streams may finish on SIGTERM
     # Where the internal services are reached: Envoy's mesh listener by default, which
     # routes by gRPC service name (a service's own address works too).
     tokenizer_address: str = "127.0.0.1:8081"
@@ -23,7 +26,7 @@ class FrontendConfig:
     safety_address: str = "127.0.0.1:8081"
     # Used when the deployment names a cache service (the response cache).
     cache_address: str = "127.0.0.1:8081"
-    # The deployment description (gateway/deployment.py): model and versions, tenants and
+    # The deployment description (genmesh/core/deployment.py): model and versions, tenants and
     # their token budgets, Redis. Empty: the two fields below, no tenants, no budgets.
     deployment_file: str = ""
     model: str = "smollm2-135m-instruct"  # the model served (and the default)
@@ -47,13 +50,6 @@ class FrontendConfig:
     rpc_timeout_s: float = 10.0  # deadline of each unary call to an internal service
     max_generation_s: float = 600.0  # longest a generation may stream (client deadlines win)
     max_session_turns: int = 256  # turns one Chat session may run
-    shutdown_grace_s: float = 10.0  # how long in-flight streams may finish on SIGTERM
-    # Telemetry: spans to this OTLP/gRPC collector (host:port; "": none), a share of new
-    # traces kept, and the Prometheus endpoint's port (0: none).
-    otlp_endpoint: str = ""
-    trace_sample_ratio: float = 1.0
-    metrics_port: int = 0
-    log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         if self.moderation_max_in_flight < 1:
@@ -64,18 +60,5 @@ class FrontendConfig:
                              ">= 1")
 
     @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
     def versions(self) -> tuple[str, ...]:
         return tuple(v.strip() for v in self.model_versions.split(",") if v.strip())
-
-
-ENV_PREFIX = "GENMESH_FRONTEND_"
-
-
-def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> FrontendConfig:
-    """Defaults, overridden by ``GENMESH_FRONTEND_<FIELD>`` variables, then by flags."""
-    return parse_config(FrontendConfig, env_prefix=ENV_PREFIX, prog="genmesh-frontend",
-                        description="the public API and its pipeline", argv=argv, environ=environ)

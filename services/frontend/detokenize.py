@@ -21,8 +21,8 @@ from typing import Protocol
 import grpc
 from tokenizers import Tokenizer
 
-from genmesh.models.detokenizer import IncrementalDetokenizer
-from genmesh.models.store import ModelNotFoundError, ModelStore
+from genmesh.core.models.detokenizer import IncrementalDetokenizer
+from genmesh.core.models.store import ModelNotFoundError, ModelStore
 from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.telemetry import trace_metadata
 from services.frontend.errors import PipelineError, rpc_error

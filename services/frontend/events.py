@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from genmesh.models.chat_template import ChatMessage
+from genmesh.core.models.chat_template import ChatMessage
 from genmesh.v1 import common_pb2
 
 
@@ -21,7 +21,10 @@ class Started:
 
 @dataclass(frozen=True, slots=True)
 class TextChunk:
-    text: str  # new final text
+    text: str  # new final text; never empty
+    # The generation's last text: a Finished comes next. Set inside the chain, by the
+    # stages before moderation, so that moderation sends it with the flush.
+    is_final: bool = False
 
 
 @dataclass(frozen=True, slots=True)

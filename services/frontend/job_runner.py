@@ -21,10 +21,10 @@ import grpc
 from genmesh.v1 import common_pb2, generation_pb2
 from services.common import telemetry
 from services.frontend.catalog import ModelCatalog
-from services.frontend.errors import PipelineError
 from services.frontend.jobs import Claim, JobQueue, JobStoreUnavailable
 from services.frontend.pipeline import Pipeline
 from services.frontend.requests import generate_whole, pipeline_request
+from services.frontend.status import status_of
 
 log = logging.getLogger("genmesh.frontend")
 tracer = telemetry.tracer(__name__)
@@ -126,9 +126,10 @@ class JobRunner:
                     "genmesh.job_id": claim.job_id,
                     "genmesh.attempt": claim.record.num_attempts}):
                 reply = await generate_whole(self.pipeline, req, timeout_s=self.timeout_s)
-        except PipelineError as exc:
-            return None, exc.code.value[0], exc.message
-        except Exception as exc:  # a job's bug fails the job, not the runner
-            log.exception("job failed", extra={"job_id": claim.job_id})
-            return None, grpc.StatusCode.INTERNAL.value[0], f"the job failed: {exc}"
+        except Exception as exc:
+            status = status_of(exc)
+            if status is None:  # a job's bug fails the job, not the runner
+                log.exception("job failed", extra={"job_id": claim.job_id})
+                status = grpc.StatusCode.INTERNAL, f"the job failed: {exc}"
+            return None, status[0].value[0], status[1]
         return reply.SerializeToString(), 0, ""

@@ -225,6 +225,14 @@ class JobStoreUnavailable(Exception):
     """Redis failed or did not answer in time; the message says which and why."""
 
 
+class InvalidJobId(ValueError):
+    """A job id that is empty, too long, or not printable without whitespace."""
+
+
+class WatchTimeout(TimeoutError):
+    """The watched job did not end within the watch's time."""
+
+
 class _NoGroup(JobStoreUnavailable):
     """The consumer group is gone (Redis restarted empty): take() makes it again."""
 
@@ -304,7 +312,7 @@ class JobQueue:
     async def watch(self, job_id: str, *, timeout_s: float) -> AsyncIterator[JobRecord]:
         """Yields the record now, then the record after every change (a takeover is a change:
         RUNNING again, one more attempt), and stops after a terminal one. Yields nothing for
-        an unknown job. Raises TimeoutError when the job has not ended within ``timeout_s``
+        an unknown job. Raises WatchTimeout when the job has not ended within ``timeout_s``
         (each read of the events blocks for a bounded time, never indefinitely)."""
         _check_job_id(job_id)
         loop = asyncio.get_running_loop()
@@ -317,7 +325,7 @@ class JobQueue:
         while record.state not in TERMINAL:
             left_ms = math.ceil((deadline - loop.time()) * 1000)
             if left_ms <= 0:
-                raise TimeoutError(f"job {job_id!r} did not end within {timeout_s:g} s")
+                raise WatchTimeout(f"job {job_id!r} did not end within {timeout_s:g} s")
             block_ms = min(left_ms, self._max_block_ms)
             reply = await self._call("watching a job", self.client.xread(
                 {events_key: last_event_id}, count=_MAX_NUM_EVENTS, block=block_ms),
@@ -490,10 +498,10 @@ class JobQueue:
 
 def _check_job_id(job_id: str) -> None:
     if not job_id or len(job_id) > MAX_JOB_ID_CHARS:
-        raise ValueError(f"a job id must have 1 to {MAX_JOB_ID_CHARS} characters, "
+        raise InvalidJobId(f"a job id must have 1 to {MAX_JOB_ID_CHARS} characters, "
                          f"got {len(job_id)}")
     if not job_id.isprintable() or any(c.isspace() for c in job_id):
-        raise ValueError(f"a job id must be printable with no whitespace, got {job_id!r}")
+        raise InvalidJobId(f"a job id must be printable with no whitespace, got {job_id!r}")
 
 
 def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from gateway import deployment
-from genmesh.models.store import default_store_root
+from genmesh.core import deployment
+from genmesh.core.failure import FailureMode
+from genmesh.core.models.store import default_store_root
 from genmesh.v1 import (
     cache_pb2_grpc,
     generation_pb2,
@@ -23,18 +24,17 @@ from genmesh.v1 import (
     tokenizer_pb2_grpc,
     worker_pb2_grpc,
 )
-from services.common.failure import FailureMode
-from services.common.server import serve, setup_json_logging
+from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
 from services.frontend import budget
 from services.frontend.admission import Admission, AdmissionPolicy
 from services.frontend.catalog import ModelCatalog
-from services.frontend.config import FrontendConfig, load_config
+from services.frontend.config import FrontendConfig
 from services.frontend.detokenize import choose
 from services.frontend.job_runner import JobRunner
 from services.frontend.jobs import JobQueue, JobQueueConfig
 from services.frontend.moderation import SafetyGate, SafetySettings
-from services.frontend.pipeline import Pipeline
+from services.frontend.pipeline import build_pipeline
 from services.frontend.response_cache import CacheSettings, ResponseCache
 from services.frontend.routing import Affinity
 from services.frontend.servicer import GenerationServicer
@@ -110,9 +110,11 @@ async def run(cfg: FrontendConfig) -> None:
     detokenizers = choose(cfg.detokenize, store_root=Path(cfg.model_store)
                           if cfg.model_store else default_store_root(), models=[what.model],
                           stub=tokenizer)
-    pipeline = Pipeline(tokenizer=tokenizer, worker=worker, rpc_timeout_s=cfg.rpc_timeout_s,
-                        detokenizers=detokenizers, admission=admission,
-                        affinity=what.affinity, safety=safety, cache=cache)
+    # The chain of stages, chosen once: what the deployment lacks, the chain lacks.
+    pipeline = build_pipeline(tokenizer=tokenizer, worker=worker,
+                              rpc_timeout_s=cfg.rpc_timeout_s, detokenizers=detokenizers,
+                              admission=admission, affinity=what.affinity, safety=safety,
+                              cache=cache)
     catalog = ModelCatalog(model=what.model, versions=what.versions, tokenizer=tokenizer,
                            worker=worker, rpc_timeout_s=cfg.rpc_timeout_s)
     # Jobs get a client of their own: their reads block up to a second, longer than the
@@ -157,10 +159,7 @@ async def run(cfg: FrontendConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(argv, os.environ)
-    setup_json_logging("genmesh.frontend", cfg.log_level)
-    asyncio.run(run(cfg))
-    return 0
+    return run_service(FrontendConfig, run, argv)
 
 
 if __name__ == "__main__":

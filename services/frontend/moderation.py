@@ -32,9 +32,9 @@ from enum import StrEnum
 
 import grpc
 
-from genmesh.models.chat_template import ChatMessage
+from genmesh.core.failure import FailureMode
+from genmesh.core.models.chat_template import ChatMessage
 from genmesh.v1 import safety_pb2, safety_pb2_grpc
-from services.common.failure import FailureMode
 from services.common.telemetry import trace_metadata
 from services.frontend.errors import PipelineError
 

@@ -25,6 +25,7 @@ from services.frontend.events import Event, Finished, Started, TextChunk
 
 if TYPE_CHECKING:
     from services.frontend.pipeline import PipelineRequest
+    from services.frontend.stages.call import TokenCount
 
 log = logging.getLogger("genmesh.frontend")
 tracer = telemetry.tracer(__name__)
@@ -56,13 +57,12 @@ class _Busy:
 
 
 class RequestObserver:
-    def __init__(self, req: PipelineRequest) -> None:
+    def __init__(self, req: PipelineRequest, count: TokenCount) -> None:
         self.req = req
+        self.count = count  # the request's token count (the generate stage adds to it)
         self.t0 = time.perf_counter()
         self.version = req.model_version
         self.ttft_s: float | None = None
-        self.prompt_tokens = 0
-        self.num_generated = 0  # tokens the worker streamed
         self._last_tokens_at: float | None = None
         self._busy = {"detokenize": _Busy(), "moderation": _Busy()}
         self._is_done = False
@@ -89,9 +89,8 @@ class RequestObserver:
         self._busy[kind].add(start_ns, end_ns)
 
     def tokens(self, num_tokens: int) -> None:
-        """The worker streamed ``num_tokens`` more tokens."""
+        """The worker streamed ``num_tokens`` more tokens (counted in ``count``)."""
         now = time.perf_counter()
-        self.num_generated += num_tokens
         if self._last_tokens_at is not None and num_tokens > 0:
             gap = (now - self._last_tokens_at) / num_tokens
             labels = metrics.ITL.labels(self.req.model, self.version)
@@ -102,7 +101,6 @@ class RequestObserver:
     def see(self, event: Event) -> None:
         if isinstance(event, Started):
             self.version = event.model_version
-            self.prompt_tokens = event.prompt_tokens
         elif isinstance(event, TextChunk) and self.ttft_s is None:
             self.ttft_s = time.perf_counter() - self.t0
             metrics.TTFT.labels(self.req.model, self.version).observe(self.ttft_s)
@@ -118,8 +116,8 @@ class RequestObserver:
         """The request ended, however: its log line, and its per-token work as spans."""
         metrics.IN_FLIGHT.labels(self.req.method).dec()
         log.info("request done", extra={
-            "request_id": self.req.request_id, "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.num_generated,
+            "request_id": self.req.request_id, "prompt_tokens": self.count.num_prompt,
+            "completion_tokens": self.count.num_generated,
             "ttft_ms": round((self.ttft_s or 0.0) * 1e3, 2),
             "ms": round((time.perf_counter() - self.t0) * 1e3, 1)})
         for kind, busy in self._busy.items():

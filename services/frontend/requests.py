@@ -7,11 +7,12 @@ import contextlib
 
 import grpc
 
-from genmesh.models.chat_template import ChatMessage
+from genmesh.core.models.chat_template import ChatMessage
 from genmesh.v1 import common_pb2, generation_pb2
 from services.frontend.catalog import ModelCatalog
 from services.frontend.errors import PipelineError
-from services.frontend.pipeline import Finished, Pipeline, PipelineRequest, Started, TextChunk
+from services.frontend.events import Finished, Started, TextChunk
+from services.frontend.pipeline import Pipeline, PipelineRequest
 
 
 def pipeline_request(request: generation_pb2.GenerateRequest, *, catalog: ModelCatalog,

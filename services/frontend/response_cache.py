@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from genmesh.core.sampling import DEFAULT_MAX_TOKENS
 from genmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
-from services.common.sampling import DEFAULT_MAX_TOKENS
 from services.frontend import metrics
 
 log = logging.getLogger("genmesh.frontend")

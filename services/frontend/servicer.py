@@ -1,32 +1,28 @@
-"""The public Generation service: translates protos to pipeline requests and pipeline
-errors to gRPC status codes. The pipeline and the chat session hold the logic."""
+"""The public Generation service: translates protos to pipeline requests and events back
+to protos. The pipeline and the chat session hold the logic; every handler's errors
+become status codes in one place (``status.maps_errors``)."""
 
 from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import propagate
 
+from genmesh.core import metadata
 from genmesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from services.common import metadata
 from services.frontend.admission import Admission, AdmissionPolicy
 from services.frontend.batch import BatchRun
 from services.frontend.catalog import ModelCatalog
 from services.frontend.chat import ChatSession
 from services.frontend.errors import PipelineError
-from services.frontend.jobs import JobConflict, JobQueue, JobRecord, JobStoreUnavailable
-from services.frontend.pipeline import (
-    Event,
-    Finished,
-    Pipeline,
-    PipelineRequest,
-    Started,
-    TextChunk,
-)
+from services.frontend.events import Finished, Started, TextChunk
+from services.frontend.jobs import JobQueue, JobRecord
+from services.frontend.pipeline import Pipeline, PipelineRequest
 from services.frontend.requests import generate_whole, pipeline_request
+from services.frontend.status import maps_errors
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -41,125 +37,97 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.jobs = jobs  # None: no job store (no Redis): the job calls are UNAVAILABLE
         self.max_batch_inflight = max_batch_inflight
 
+    @maps_errors
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> generation_pb2.GenerateResponse:
-        try:
-            req = self._pipeline_request(request, context, common_pb2.PRIORITY_NORMAL,
-                                         "Generate")
-            return await generate_whole(self.pipeline, req, timeout_s=self._timeout(context))
-        except PipelineError as exc:
-            await context.abort(exc.code, exc.message)
-            raise  # unreachable: abort raises
+        req = self._pipeline_request(request, context, common_pb2.PRIORITY_NORMAL, "Generate")
+        return await generate_whole(self.pipeline, req, timeout_s=self._timeout(context))
 
+    @maps_errors
     async def GenerateStream(self, request: generation_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        async for event in self._events(request, context, common_pb2.PRIORITY_INTERACTIVE,
-                                        "GenerateStream"):
-            if isinstance(event, Started):
-                yield generation_pb2.GenerateStreamResponse(
-                    model_version=event.model_version, request_id=event.request_id)
-            elif isinstance(event, TextChunk):
-                yield generation_pb2.GenerateStreamResponse(text=event.text)
-            elif isinstance(event, Finished):
-                yield generation_pb2.GenerateStreamResponse(finish_reason=event.finish_reason,
-                                                            usage=event.usage,
-                                                            finish_detail=event.detail)
+        req = self._pipeline_request(request, context, common_pb2.PRIORITY_INTERACTIVE,
+                                     "GenerateStream")
+        async with contextlib.aclosing(
+                self.pipeline.run(req, timeout_s=self._timeout(context))) as events:
+            async for event in events:
+                if type(event) is TextChunk:
+                    yield generation_pb2.GenerateStreamResponse(text=event.text)
+                elif type(event) is Started:
+                    yield generation_pb2.GenerateStreamResponse(
+                        model_version=event.model_version, request_id=event.request_id)
+                elif type(event) is Finished:
+                    yield generation_pb2.GenerateStreamResponse(
+                        finish_reason=event.finish_reason, usage=event.usage,
+                        finish_detail=event.detail)
 
+    @maps_errors
     async def Chat(self, request_iterator: AsyncIterator[generation_pb2.ChatRequest],
                    context: grpc.aio.ServicerContext
                    ) -> AsyncIterator[generation_pb2.ChatEvent]:
-        try:
-            tenant = self.admission.tenant(context.invocation_metadata())
-        except PipelineError as exc:
-            await context.abort(exc.code, exc.message)
+        tenant = self.admission.tenant(context.invocation_metadata())
         session = ChatSession(pipeline=self.pipeline, catalog=self.catalog,
                               timeout_s=self._timeout(context),
                               max_turns=self.max_session_turns, tenant=tenant,
                               trace_context=propagate.extract(
                                   dict(context.invocation_metadata() or ())))
-        try:
-            async with contextlib.aclosing(session.run(request_iterator)) as events:
-                async for event in events:
-                    yield event
-        except PipelineError as exc:
-            await context.abort(exc.code, exc.message)
+        async with contextlib.aclosing(session.run(request_iterator)) as events:
+            async for event in events:
+                yield event
 
+    @maps_errors
     async def ListModels(self, request: generation_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext
                          ) -> generation_pb2.ListModelsResponse:
-        try:
-            self.admission.tenant(context.invocation_metadata())
-            return await self.catalog.list_models()
-        except PipelineError as exc:
-            await context.abort(exc.code, exc.message)
-            raise  # unreachable: abort raises
+        self.admission.tenant(context.invocation_metadata())
+        return await self.catalog.list_models()
 
+    @maps_errors
     async def GenerateBatch(self, request_iterator: AsyncIterator[generation_pb2.BatchRequest],
                             context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[generation_pb2.BatchResult]:
-        try:
-            tenant = self.admission.tenant(context.invocation_metadata())
-        except PipelineError as exc:
-            await context.abort(exc.code, exc.message)
+        tenant = self.admission.tenant(context.invocation_metadata())
         run = BatchRun(pipeline=self.pipeline, catalog=self.catalog, tenant=tenant,
                        max_inflight=self.max_batch_inflight, timeout_s=self.max_generation_s,
                        new_request_id=lambda: uuid.uuid4().hex)
         async for result in run.run(request_iterator):
             yield result
 
+    @maps_errors
     async def SubmitJob(self, request: generation_pb2.SubmitJobRequest,
                         context: grpc.aio.ServicerContext) -> generation_pb2.Job:
-        try:
-            jobs = self._job_store()
-            tenant = self.admission.tenant(context.invocation_metadata())
-            # Refuse what cannot run now, not after the job was queued.
-            pipeline_request(request.request, catalog=self.catalog, tenant=tenant,
-                             request_id="", priority=common_pb2.PRIORITY_BATCH, method="Job")
-            record = await jobs.submit(request.job_id or uuid.uuid4().hex, tenant,
-                                       request.request.SerializeToString())
-            return record.to_proto()
-        except PipelineError as exc:
-            await context.abort(exc.code, exc.message)
-        except ValueError as exc:  # a malformed job id
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except JobConflict as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except JobStoreUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, _store_down(exc))
-        raise AssertionError("unreachable: abort raises")
+        jobs = self._job_store()
+        tenant = self.admission.tenant(context.invocation_metadata())
+        # Refuse what cannot run now, not after the job was queued.
+        pipeline_request(request.request, catalog=self.catalog, tenant=tenant,
+                         request_id="", priority=common_pb2.PRIORITY_BATCH, method="Job")
+        record = await jobs.submit(request.job_id or uuid.uuid4().hex, tenant,
+                                   request.request.SerializeToString())
+        return record.to_proto()
 
+    @maps_errors
     async def GetJob(self, request: generation_pb2.JobRef,
                      context: grpc.aio.ServicerContext) -> generation_pb2.Job:
         record = await self._own_job(request.job_id, context)
         return record.to_proto()
 
+    @maps_errors
     async def WatchJob(self, request: generation_pb2.JobRef,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generation_pb2.Job]:
         await self._own_job(request.job_id, context)
-        assert self.jobs is not None
-        try:
-            async for record in self.jobs.watch(request.job_id,
-                                                timeout_s=self._timeout(context)):
-                yield record.to_proto()
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                "the job did not end within the call's deadline; watch again")
-        except JobStoreUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, _store_down(exc))
+        async for record in self._job_store().watch(request.job_id,
+                                                    timeout_s=self._timeout(context)):
+            yield record.to_proto()
 
+    @maps_errors
     async def CancelJob(self, request: generation_pb2.JobRef,
                         context: grpc.aio.ServicerContext) -> generation_pb2.Job:
         await self._own_job(request.job_id, context)
-        assert self.jobs is not None
-        try:
-            record = await self.jobs.cancel(request.job_id)
-        except JobStoreUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, _store_down(exc))
+        record = await self._job_store().cancel(request.job_id)
         if record is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r}")
-            raise AssertionError("unreachable: abort raises")
+            raise PipelineError(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r}")
         return record.to_proto()
 
     def _job_store(self) -> JobQueue:
@@ -171,32 +139,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def _own_job(self, job_id: str, context: grpc.aio.ServicerContext) -> JobRecord:
         """The caller's job; NOT_FOUND for an unknown, expired or another tenant's job."""
-        try:
-            jobs = self._job_store()
-            tenant = self.admission.tenant(context.invocation_metadata())
-            record = await jobs.get(job_id) if job_id else None
-        except PipelineError as exc:
-            await context.abort(exc.code, exc.message)
-        except JobStoreUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, _store_down(exc))
+        jobs = self._job_store()
+        tenant = self.admission.tenant(context.invocation_metadata())
+        record = await jobs.get(job_id) if job_id else None
         if record is None or record.tenant != tenant:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
+            raise PipelineError(grpc.StatusCode.NOT_FOUND,
                                 f"no job {job_id!r} (unknown, expired, or not yours)")
-            raise AssertionError("unreachable: abort raises")
         return record
-
-    async def _events(self, request: generation_pb2.GenerateRequest,
-                      context: grpc.aio.ServicerContext,
-                      priority: common_pb2.Priority, method: str
-                      ) -> AsyncGenerator[Event, None]:
-        try:
-            req = self._pipeline_request(request, context, priority, method)
-            async with contextlib.aclosing(
-                    self.pipeline.run(req, timeout_s=self._timeout(context))) as events:
-                async for event in events:
-                    yield event
-        except PipelineError as exc:
-            await context.abort(exc.code, exc.message)
 
     def _pipeline_request(self, request: generation_pb2.GenerateRequest,
                           context: grpc.aio.ServicerContext,
@@ -213,10 +162,5 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                                                    self.max_generation_s)
 
 
-def _store_down(exc: JobStoreUnavailable) -> str:
-    return f"the job store is unavailable ({exc}); retry shortly"
-
-
 def _edge_request_id(context: grpc.aio.ServicerContext) -> str:
     return str(dict(context.invocation_metadata() or ()).get(metadata.REQUEST_ID, ""))
-

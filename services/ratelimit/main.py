@@ -3,17 +3,15 @@ GENMESH_RATELIMIT_* env)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 
 from genmesh.rls.v3 import rls_pb2, rls_pb2_grpc
-from services.common.server import serve, setup_json_logging
+from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
-from services.ratelimit.config import RatelimitConfig, load_config
+from services.ratelimit.config import RatelimitConfig
 from services.ratelimit.counters import CountersUnavailableError, RedisCounters
 from services.ratelimit.limiter import RateLimiter
 from services.ratelimit.limits import LimitsFile
@@ -45,10 +43,7 @@ async def run(cfg: RatelimitConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(argv, os.environ)
-    setup_json_logging("genmesh.ratelimit", cfg.log_level)
-    asyncio.run(run(cfg))
-    return 0
+    return run_service(RatelimitConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
 """Checks a whole text (a prompt) against a tenant's policy: every scanner the policy
 names, one decision. The stream moderator (``stream.py``) does the same for generated
-text arriving in chunks."""
+text arriving in chunks.
+
+A check runs in two steps so that prompts checked together share one embedding call
+(``batcher.py``): ``scan`` runs the rule scanners on one prompt and says which texts the
+embedding signal needs; ``check_many`` embeds every scanned prompt's texts at once and
+decides each prompt. ``check`` is the same for one prompt.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.safety import injection
-from services.safety.embedding import Embedder
+from services.safety.embedding import Embedder, Similarity
 from services.safety.normalize import fold
 from services.safety.pii import PII_DETECTORS, redact
 from services.safety.policy import PROMPT_INJECTION, Action, Scanner, TenantPolicy, strictest
@@ -59,6 +66,20 @@ def apply_spans(text: str, spans: list[Span], policy: TenantPolicy) -> tuple[lis
     return findings, (redact(text, redacted) if redacted else text)
 
 
+@dataclass(frozen=True, slots=True)
+class RuleScan:
+    """One prompt after the rule scanners: all its decision but the embedding signal."""
+
+    policy: TenantPolicy
+    rule_findings: tuple[Finding, ...]  # the prompt-injection rules' findings
+    span_findings: tuple[Finding, ...]  # content, secrets and PII
+    text: str  # the text to use: the input, with the spans the policy redacts redacted
+    # The texts the embedding signal compares with the exemplars (``Embedder.texts_for``;
+    # may be empty); None when it does not run: no model, not in the policy, or a rule
+    # already settled the matter.
+    embedding_texts: tuple[str, ...] | None
+
+
 class PromptChecker:
     """Scans prompts; owns the (optional) embedding model."""
 
@@ -66,24 +87,45 @@ class PromptChecker:
         self.embedder = embedder
 
     def check(self, text: str, policy: TenantPolicy) -> Decision:
+        return self.check_many([self.scan(text, policy)])[0]
+
+    def scan(self, text: str, policy: TenantPolicy) -> RuleScan:
         scanners = policy.prompt_scanners
-        findings: list[Finding] = []
+        rule_findings: list[Finding] = []
         folded = fold(text) if scanners & {Scanner.INJECTION, Scanner.CONTENT} else None
         if Scanner.INJECTION in scanners:
             for family in injection.scan(text, folded.text if folded else None):
-                findings.append(Finding(PROMPT_INJECTION, Scanner.INJECTION.value, 1.0,
-                                        policy.action(PROMPT_INJECTION), family))
+                rule_findings.append(Finding(PROMPT_INJECTION, Scanner.INJECTION.value, 1.0,
+                                             policy.action(PROMPT_INJECTION), family))
         # The embedding costs milliseconds: skip it when a rule already settled the matter.
-        if (Scanner.EMBEDDING in scanners and self.embedder is not None and not findings):
-            sim = self.embedder.similarity(text, injection.hidden_texts(text))
-            if sim.score >= policy.embedding_threshold:
-                findings.append(Finding(PROMPT_INJECTION, Scanner.EMBEDDING.value,
-                                        round(sim.score, 4), policy.action(PROMPT_INJECTION),
-                                        sim.family))
+        embedding_texts = None
+        if Scanner.EMBEDDING in scanners and self.embedder is not None and not rule_findings:
+            embedding_texts = tuple(self.embedder.texts_for(text, injection.hidden_texts(text)))
         spans: list[Span] = []
         if Scanner.CONTENT in scanners:
             spans += policy.lexicon.scan(text, folded)
         for d in detectors_for(scanners):
             spans += d.find(text)
         span_findings, redacted = apply_spans(text, spans, policy)
-        return Decision.of(findings + span_findings, redacted)
+        return RuleScan(policy, tuple(rule_findings), tuple(span_findings), redacted,
+                        embedding_texts)
+
+    def check_many(self, scans: Sequence[RuleScan]) -> list[Decision]:
+        """The decision for each of ``scans``, with one embedding call for the texts of
+        all of them that need it."""
+        needing = [s.embedding_texts for s in scans if s.embedding_texts is not None]
+        similarities = iter(self.embedder.nearest(needing)
+                            if needing and self.embedder is not None else ())
+        return [decide(s, None if s.embedding_texts is None else next(similarities))
+                for s in scans]
+
+
+def decide(scan: RuleScan, similarity: Similarity | None) -> Decision:
+    """``scan``'s decision, given the embedding signal's result (None: it did not run)."""
+    policy = scan.policy
+    findings = list(scan.rule_findings)
+    if similarity is not None and similarity.score >= policy.embedding_threshold:
+        findings.append(Finding(PROMPT_INJECTION, Scanner.EMBEDDING.value,
+                                round(similarity.score, 4), policy.action(PROMPT_INJECTION),
+                                similarity.family))
+    return Decision.of(findings + list(scan.span_findings), scan.text)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from services.common.config import parse_config
+from genmesh.core.config import ServerConfig
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "deploy" / "safety" / "policy.yaml"
 
 
 @dataclass(frozen=True, slots=True)
-class SafetyConfig:
-    host: str = "127.0.0.1"
+class SafetyConfig(ServerConfig):
+    SERVICE: ClassVar[str] = "safety"
+    DESCRIPTION: ClassVar[str] = "the safety service"
+
     port: int = 50053
     policy_file: str = str(DEFAULT_POLICY)  # per-tenant policy (YAML)
     # The learned prompt-injection signal (all-MiniLM-L6-v2, ~90 MB, ~3 s to load).
@@ -26,23 +28,3 @@ class SafetyConfig:
     max_text_chars: int = 100_000  # longest prompt or stream accepted (INVALID_ARGUMENT)
     # Longest text a stream holds back while a match might still complete (characters).
     max_hold_chars: int = 256
-    shutdown_grace_s: float = 5.0
-    # Telemetry: spans to this OTLP/gRPC collector (host:port; "": none), a share of new
-    # traces kept, and the Prometheus endpoint's port (0: none).
-    otlp_endpoint: str = ""
-    trace_sample_ratio: float = 1.0
-    metrics_port: int = 0
-    log_level: str = "INFO"
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-ENV_PREFIX = "GENMESH_SAFETY_"
-
-
-def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> SafetyConfig:
-    """Defaults, overridden by ``GENMESH_SAFETY_<FIELD>`` variables, then by flags."""
-    return parse_config(SafetyConfig, env_prefix=ENV_PREFIX, prog="genmesh-safety",
-                        description="the safety service", argv=argv, environ=environ)

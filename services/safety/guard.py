@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.safety import metrics
 from services.safety import policy as policies
 from services.safety.audit import AuditLog, AuditRecord
+from services.safety.batcher import CheckBatcher
 from services.safety.checker import Decision, Finding, PromptChecker
 from services.safety.policy import Action, PolicySet, TenantPolicy
 from services.safety.stream import Release, StreamModerator
@@ -101,14 +101,15 @@ class ModerationStream:
 
 class Guard:
     def __init__(self, policy_file: PolicyFile, checker: PromptChecker, audit: AuditLog, *,
-                 max_hold_chars: int = 256) -> None:
+                 max_hold_chars: int = 256, check_timeout_s: float = 30.0) -> None:
         self.policy_file = policy_file
-        self.checker = checker
         self.audit = audit
         self.max_hold_chars = max_hold_chars
-        # One thread runs the checks: the embedding model already uses every thread it
-        # is given, and the event loop stays free for streams meanwhile.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety-check")
+        # Longest a prompt check may wait and run (a backstop: a queue of 32 short
+        # prompts clears in well under a second).
+        self.check_timeout_s = check_timeout_s
+        # The checks run off the event loop (free for streams meanwhile), batched.
+        self.batcher = CheckBatcher(checker)
 
     def policy(self, tenant: str) -> TenantPolicy:
         found = self.policy_file.current().for_tenant(tenant)
@@ -119,8 +120,8 @@ class Guard:
 
     async def check_prompt(self, *, request_id: str, tenant: str, text: str) -> Decision:
         policy = self.policy(tenant)
-        decision = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.checker.check, text, policy)
+        decision = await asyncio.wait_for(asyncio.wrap_future(self.batcher.submit(text, policy)),
+                                          self.check_timeout_s)
         _record(self.audit, audit_records(decision.findings, request_id=request_id,
                                         tenant=tenant, direction="prompt"))
         return decision
@@ -130,5 +131,7 @@ class Guard:
         return ModerationStream(moderator, request_id, tenant, self.audit)
 
     async def close(self) -> None:
+        """Fails the prompt checks still waiting (CheckerClosedError), then flushes the
+        audit log."""
+        await asyncio.to_thread(self.batcher.close)
         await self.audit.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from genmesh.v1 import safety_pb2, safety_pb2_grpc
-from services.common.server import serve, setup_json_logging
+from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
 from services.safety.audit import AuditLog, AuditStore, JsonlAuditStore, RedisAuditStore
 from services.safety.checker import PromptChecker
-from services.safety.config import SafetyConfig, load_config
+from services.safety.config import SafetyConfig
 from services.safety.embedding import Embedder
 from services.safety.guard import Guard, PolicyFile
 from services.safety.servicer import SafetyServicer
@@ -53,10 +51,7 @@ async def run(cfg: SafetyConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(argv, os.environ)
-    setup_json_logging("genmesh.safety", cfg.log_level)
-    asyncio.run(run(cfg))
-    return 0
+    return run_service(SafetyConfig, run, argv)
 
 
 if __name__ == "__main__":

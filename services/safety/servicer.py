@@ -8,6 +8,7 @@ import grpc
 
 from genmesh.v1 import safety_pb2, safety_pb2_grpc
 from services.safety import metrics
+from services.safety.batcher import CheckerClosedError
 from services.safety.checker import Finding
 from services.safety.guard import Guard, ModerationStream, UnknownTenantError
 from services.safety.policy import Action
@@ -40,6 +41,12 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
                                                          tenant=request.tenant, text=request.text)
         except UnknownTenantError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "the safety check did not finish in time (the service is "
+                                "overloaded); retry shortly")
+        except CheckerClosedError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return safety_pb2.CheckResult(
             verdict=VERDICTS[decision.action],
             redacted_text=decision.text if decision.action == Action.REDACT else "",

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import sys
 
-from genmesh.models.store import ModelStore, default_store_root
+from genmesh.core.models.store import ModelStore, default_store_root
 from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from services.common.server import serve, setup_json_logging
+from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
-from services.tokenizer.config import TokenizerConfig, load_config
+from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.registry import TokenizerRegistry
 from services.tokenizer.servicer import TokenizerServicer
 
@@ -37,10 +35,7 @@ async def run(cfg: TokenizerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(argv, os.environ)
-    setup_json_logging("genmesh.tokenizer", cfg.log_level)
-    asyncio.run(run(cfg))
-    return 0
+    return run_service(TokenizerConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from genmesh.models.chat_template import ChatTemplate, load_chat_template
-from genmesh.models.store import ModelStore
+from genmesh.core.models.chat_template import ChatTemplate, load_chat_template
+from genmesh.core.models.store import ModelStore
 
 
 class UnknownModelError(KeyError):

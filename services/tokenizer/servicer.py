@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 import grpc
 import jinja2
 
-from genmesh.models.chat_template import ChatMessage
-from genmesh.models.detokenizer import IncrementalDetokenizer
+from genmesh.core.models.chat_template import ChatMessage
+from genmesh.core.models.detokenizer import IncrementalDetokenizer
 from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.tokenizer import metrics
 from services.tokenizer.registry import LoadedTokenizer, TokenizerRegistry, UnknownModelError

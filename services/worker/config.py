@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
-from services.common.config import parse_config
+from genmesh.core.config import ServerConfig
 from services.worker.engine.config import Backend
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerConfig:
-    host: str = "127.0.0.1"
+class WorkerConfig(ServerConfig):
+    SERVICE: ClassVar[str] = "worker"
+    DESCRIPTION: ClassVar[str] = "the worker service"
+
     port: int = 50061
+    shutdown_grace_s: float = 10.0  # how long in-flight streams may finish on SIGTERM
     model: str = "smollm2-135m-instruct"  # store name, HF folder, or a preset with dummy
     model_name: str = ""  # the name served to clients; empty: the model's store name
     model_version: str = "v1"  # the version label of this worker pool
@@ -26,21 +29,15 @@ class WorkerConfig:
     num_threads: int = 0
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 512
+    # The engine core in a process of its own (True) or a thread of the worker (False):
+    # a process keeps the gRPC loop's Python off the step loop's GIL.
+    engine_process: bool = True
     # Where every finished generation's tokens and timings are recorded (a Redis stream),
     # so a shadow version can be compared with the primary; empty: nothing is recorded.
     record_redis_url: str = ""
-    shutdown_grace_s: float = 10.0  # how long in-flight streams may finish on SIGTERM
-    otlp_endpoint: str = ""  # host:port of an OTLP/gRPC trace collector; "": no tracing
-    trace_sample_ratio: float = 1.0  # share of new traces kept (a caller's choice wins)
-    metrics_port: int = 0  # the Prometheus endpoint on `host`; 0: none
     # USD per hour of this worker's device, for the cost estimate; 0: no cost series
     # (device seconds are still counted).
     price_per_device_hour: float = 0.0
-    log_level: str = "INFO"
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     @property
     def served_name(self) -> str:
@@ -50,12 +47,3 @@ class WorkerConfig:
     def is_gpu(self) -> bool:
         """Whether this worker computes on a GPU (then its metrics include NVML's)."""
         return self.backend is Backend.TENSORRT_LLM or self.device.startswith("cuda")
-
-
-ENV_PREFIX = "GENMESH_WORKER_"
-
-
-def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> WorkerConfig:
-    """Defaults, overridden by ``GENMESH_WORKER_<FIELD>`` variables, then by flags."""
-    return parse_config(WorkerConfig, env_prefix=ENV_PREFIX, prog="genmesh-worker",
-                        description="the worker service", argv=argv, environ=environ)

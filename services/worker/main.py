@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 
-from genmesh.models.store import ModelStore, default_store_root
+from genmesh.core.models.store import ModelStore, default_store_root
 from genmesh.v1 import worker_pb2, worker_pb2_grpc
-from services.common.server import serve, setup_json_logging
+from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
-from services.worker.config import WorkerConfig, load_config
+from services.worker.config import WorkerConfig
 from services.worker.engine.api import create_engine
 from services.worker.engine.config import EngineConfig
 from services.worker.gpu import Nvml
@@ -33,7 +34,16 @@ async def run(cfg: WorkerConfig) -> None:
     model_path = cfg.model
     if cfg.load_format != "dummy":
         model_path = str(ModelStore(default_store_root()).path_of(cfg.model))
-    engine = create_engine(engine_config(cfg, model_path))
+    core_exits: list[str] = []
+
+    def core_exited(reason: str) -> None:
+        # A worker without its engine serves nothing: drain and exit non-zero, so the
+        # health check fails at once and a supervisor restarts the worker.
+        core_exits.append(reason)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    engine = create_engine(engine_config(cfg, model_path), core_process=cfg.engine_process,
+                           on_core_exit=core_exited)
     records = RecordSink(cfg.record_redis_url) if cfg.record_redis_url else None
     gpus = Nvml.open() if cfg.metrics_port and cfg.is_gpu else None
     metrics, refresher = None, None
@@ -59,13 +69,12 @@ async def run(cfg: WorkerConfig) -> None:
                 service_names=[worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
                 grace_s=cfg.shutdown_grace_s, on_stop=telemetry.flush_after(stop_engine),
                 interceptors=telemetry.server_interceptors())
+    if core_exits:
+        raise SystemExit(f"genmesh-worker: {core_exits[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(argv, os.environ)
-    setup_json_logging("genmesh.worker", cfg.log_level)
-    asyncio.run(run(cfg))
-    return 0
+    return run_service(WorkerConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Generation records: what each finished request produced and how fast, kept in a capped
-Redis stream so a shadow version's answers can be compared with the primary's.
+"""Generation records on the worker's side: each request's token timings, and the sink
+that appends finished records to a capped Redis stream so a shadow version's answers can
+be compared with the primary's (the record format: ``genmesh/core/records.py``).
 
 Envoy mirrors a share of Generate calls to the candidate version (``x-genmesh-shadow``);
 both workers see the same worker request id. ``genmesh rollout report`` pairs the records
@@ -12,40 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass
 
 import redis.asyncio as redis
 
+from genmesh.core.records import STREAM, GenerationRecord
+
 log = logging.getLogger("genmesh.worker")
 
-STREAM = "genmesh:rollout:records"
 MAX_RECORDS = 20_000  # the stream is trimmed to about this many entries
 WRITE_TIMEOUT_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationRecord:
-    request_id: str  # the worker request id: equal on the primary and its shadow copy
-    model_version: str
-    is_shadow: bool
-    token_ids: tuple[int, ...]  # every generated token
-    finish_reason: str
-    ttft_ms: float  # call start → first token
-    decode_tokens_per_s: float  # after the first token; 0 with one token or fewer
-
-    def to_fields(self) -> dict[str, str]:
-        fields = asdict(self)
-        fields["is_shadow"] = "1" if self.is_shadow else "0"
-        fields["token_ids"] = ",".join(map(str, self.token_ids))
-        return {k: str(v) for k, v in fields.items()}
-
-    @classmethod
-    def from_fields(cls, fields: dict[str, str]) -> GenerationRecord:
-        return cls(request_id=fields["request_id"], model_version=fields["model_version"],
-                   is_shadow=fields["is_shadow"] == "1",
-                   token_ids=tuple(int(t) for t in fields["token_ids"].split(",") if t),
-                   finish_reason=fields["finish_reason"], ttft_ms=float(fields["ttft_ms"]),
-                   decode_tokens_per_s=float(fields["decode_tokens_per_s"]))
 
 
 class Timing:

@@ -8,15 +8,22 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import trace
 
+from genmesh.core import metadata
+from genmesh.core.records import GenerationRecord
+from genmesh.core.sampling import DEFAULT_MAX_TOKENS
 from genmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from services.common import metadata
-from services.common.sampling import DEFAULT_MAX_TOKENS
 from services.worker import tracing
 from services.worker.engine.api import Engine
-from services.worker.engine.outputs import Delta, FinishReason
-from services.worker.engine.params import InvalidRequestError, Priority, SamplingParams
+from services.worker.engine.outputs import Delta, FinishReason, merge_deltas
+from services.worker.engine.params import (
+    Constraint,
+    ConstraintKind,
+    InvalidRequestError,
+    Priority,
+    SamplingParams,
+)
 from services.worker.metrics import WorkerMetrics
-from services.worker.records import GenerationRecord, RecordSink, Timing
+from services.worker.records import RecordSink, Timing
 
 log = logging.getLogger("genmesh.worker")
 
@@ -47,7 +54,27 @@ def params_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        logit_bias=tuple(sorted(p.logit_bias.items())),
+        min_tokens=p.min_tokens,
+        constraint=constraint_from_proto(p.constraint) if p.HasField("constraint") else None,
     )
+
+
+def constraint_from_proto(c: common_pb2.Constraint) -> Constraint | None:
+    """None when no kind is set (an empty Constraint means free text)."""
+    kind = c.WhichOneof("kind")
+    if kind == "json_object":
+        return Constraint(ConstraintKind.JSON_OBJECT)
+    if kind == "json_schema":
+        strict = c.json_schema.strict if c.json_schema.HasField("strict") else True
+        return Constraint(ConstraintKind.JSON_SCHEMA, c.json_schema.schema, strict=strict)
+    if kind == "regex":
+        return Constraint(ConstraintKind.REGEX, c.regex)
+    if kind == "grammar":
+        return Constraint(ConstraintKind.GRAMMAR, c.grammar)
+    return None
 
 
 def delta_to_proto(d: Delta) -> worker_pb2.WorkerGenerateResponse:
@@ -100,11 +127,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except RuntimeError as exc:  # shut down
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         token_ids: list[int] = []
+        # The native engines' streams can hand over what is already waiting; others
+        # (TensorRT-LLM) deliver one delta at a time.
+        take_ready = getattr(stream, "take_ready", list)
         try:
             # Tells the caller which version (and replica) answered before the first token.
             await context.send_initial_metadata(((metadata.MODEL_VERSION, self.model_version),
                                                  (metadata.WORKER_ID, self.worker_id)))
-            async for delta in stream:
+            async for first in stream:
+                # Deltas that piled up while the last reply was being sent go out as one.
+                delta = merge_deltas([first, *take_ready()])
                 if self.records is not None:
                     timing.tokens(len(delta.new_token_ids))
                     token_ids += delta.new_token_ids

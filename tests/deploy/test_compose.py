@@ -1,7 +1,7 @@
 """docker-compose.yml against the code it runs: no drift.
 
 Every service runs a module that exists; every GENMESH_* variable is a field of that
-service's config (parsed by the service's own ``load_config``) or a variable the
+service's config (parsed by the service's own config class) or a variable the
 deployment description reads; ports are the deployment's and the launcher's; volumes are
 declared; health checks and ``depends_on`` conditions name real things; the compose
 deployment description renders through ``gateway/`` and Envoy accepts it. Then the file
@@ -26,18 +26,18 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import deployment as deploy
 from gateway import ratelimits
-from gateway.deployment import Deployment
 from gateway.envoy import clusters, render, validate
 from genmesh.commands import gateway as gateway_command
+from genmesh.core import deployment as deploy
+from genmesh.core.deployment import Deployment
 from genmesh.launcher import prometheus
 from genmesh.launcher.plan import MeshConfig
 from tests.deploy.test_dockerfiles import (
     DOCKERFILE,
     GPU_DOCKERFILE,
     SERVICE_PORTS,
-    config_module,
+    config_class,
     healthcheck_argv,
     parse_dockerfile,
 )
@@ -50,7 +50,7 @@ COMPOSE = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 VERSION = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
 # Variables read outside the services' config dataclasses, by where they are read.
-STORE_VARIABLE = "GENMESH_MODEL_STORE"  # genmesh/models/store.py:default_store_root
+STORE_VARIABLE = "GENMESH_MODEL_STORE"  # genmesh/core/models/store.py:default_store_root
 DEPLOYMENT_MOUNT = "/etc/genmesh/deployment.yaml"
 SECRET_NAME = re.compile(r"(?:^|_)(?:KEY|PASSWORD|SECRET|TOKEN)$")
 
@@ -104,22 +104,22 @@ def load_deployment(path: Path) -> Deployment:
 
 def check_service_env(module: str, env: Mapping[str, str], *, deployment_vars: set[str]
                       ) -> Any:
-    """The config ``module``'s service builds from ``env`` with its own ``load_config``,
+    """The config ``module``'s service builds from ``env`` with its own config class,
     after checking that every GENMESH_* variable is one of its fields, the model store's,
     or one the deployment description reads."""
-    config = config_module(module)
-    fields = {f.name for f in dataclasses.fields(config.load_config([], {}))}
+    config = config_class(module)
+    fields = {f.name for f in dataclasses.fields(config)}
     for key in env:
         if not key.startswith("GENMESH_"):
             continue
-        if key.startswith(config.ENV_PREFIX):
-            field_name = key.removeprefix(config.ENV_PREFIX).lower()
+        if key.startswith(config.env_prefix()):
+            field_name = key.removeprefix(config.env_prefix()).lower()
             assert field_name in fields, (
                 f"{key}: {module} has no setting {field_name!r} (fields: {sorted(fields)})")
         else:
             assert key == STORE_VARIABLE or key in deployment_vars, (
                 f"{key} is read neither by {module}'s config nor by the deployment description")
-    return config.load_config([], dict(env))
+    return config.load([], dict(env))
 
 
 def deployment_ports(dep: Deployment) -> dict[str, list[tuple[str, int]]]:
@@ -406,7 +406,7 @@ def test_volumes_are_declared_and_mounted_where_the_code_looks():
             assert mounts(service)[env[STORE_VARIABLE]] == ("model-store", True), name
             assert service["depends_on"]["model-store"] == {
                 "condition": "service_completed_successfully"}, name
-    assert "GENMESH_MODEL_STORE" in (REPO_ROOT / "genmesh/models/store.py").read_text()
+    assert "GENMESH_MODEL_STORE" in (REPO_ROOT / "genmesh/core/models/store.py").read_text()
 
 
 def test_health_checks_probe_each_services_own_port():

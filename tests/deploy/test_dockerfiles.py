@@ -32,8 +32,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from genmesh.core.config import ServerConfig
 from genmesh.launcher.plan import MeshConfig
 from genmesh.launcher.ports import free_ports
+from services.worker.config import WorkerConfig
 from tests.procs import REPO_ROOT
 
 DOCKER_DIR = REPO_ROOT / "deploy" / "docker"
@@ -152,9 +154,12 @@ def service_targets(stages: dict[str, Stage]) -> dict[str, Stage]:
             and not name.startswith("#")}
 
 
-def config_module(entry: str) -> ModuleType:
-    """``services.X.config`` for the entry module ``services.X.main``."""
-    return importlib.import_module(entry.rsplit(".", 1)[0] + ".config")
+def config_class(entry: str) -> type[ServerConfig]:
+    """The config class in ``services.X.config`` for the entry module ``services.X.main``."""
+    module = importlib.import_module(entry.rsplit(".", 1)[0] + ".config")
+    [cls] = [v for v in vars(module).values() if isinstance(v, type)
+             and issubclass(v, ServerConfig) and v.__module__ == module.__name__]
+    return cls
 
 
 # ---- .dockerignore ------------------------------------------------------------------------
@@ -241,15 +246,15 @@ def test_service_targets_listen_everywhere_on_the_launchers_ports():
         module = entry_module(stage)
         if module not in SERVICE_PORTS:
             continue
-        config = config_module(module)
+        config = config_class(module)
         prefixed = {k: v for k, v in stage.env.items() if k.startswith("GENMESH_")}
         for key in prefixed:
-            if key.startswith(config.ENV_PREFIX):
-                field_name = key.removeprefix(config.ENV_PREFIX).lower()
+            if key.startswith(config.env_prefix()):
+                field_name = key.removeprefix(config.env_prefix()).lower()
                 assert field_name in _fields(config), f"{name}: {key} is no config field"
             else:
                 assert key == "GENMESH_MODEL_STORE", f"{name}: {key} is not read by {module}"
-        cfg = config.load_config([], stage.env)
+        cfg = config.load([], stage.env)
         port_field, metrics_field = SERVICE_PORTS[module]
         assert cfg.host == "0.0.0.0", f"{name} must listen on every interface in a container"
         assert cfg.port == getattr(defaults, port_field), name
@@ -260,13 +265,12 @@ def test_service_targets_listen_everywhere_on_the_launchers_ports():
     assert sorted(gateway.expose) == sorted([defaults.edge_port, defaults.mesh_port,
                                              defaults.admin_port])
     assert healthcheck_argv(gateway)[-1] == f"http://127.0.0.1:{defaults.admin_port}/ready"
-    gpu = config_module("services.worker.main").load_config([], stages["worker-gpu"].env)
+    gpu = WorkerConfig.load([], stages["worker-gpu"].env)
     assert gpu.backend.value == "tensorrt_llm" and gpu.device == "cuda"
 
 
-def _fields(config: ModuleType) -> set[str]:
-    cfg = config.load_config([], {})
-    return {f.name for f in dataclasses.fields(cfg)}
+def _fields(config: type[ServerConfig]) -> set[str]:
+    return {f.name for f in dataclasses.fields(config)}
 
 
 def test_the_cpu_images_install_pytorchs_cpu_build_pinned_first():

@@ -15,11 +15,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,11 @@ import pytest
 import yaml
 
 from gateway import ratelimits
-from gateway.envoy import render
+from gateway.envoy import build_bootstrap, render
+from gateway.metrics import ADMIN_CLUSTER
 from genmesh.commands import gateway as gateway_command
+from genmesh.core import deployment as deploy
+from genmesh.core.deployment import Deployment
 from genmesh.launcher.plan import MeshConfig
 from tests.deploy.test_compose import (
     LAUNCHER_WORKER_PORTS,
@@ -45,7 +50,7 @@ from tests.deploy.test_dockerfiles import (
     DOCKERFILE,
     GPU_DOCKERFILE,
     SERVICE_PORTS,
-    config_module,
+    config_class,
     entry_module,
     parse_dockerfile,
 )
@@ -233,7 +238,7 @@ def image_stage(image: str) -> Any:
     return stages[target]
 
 
-PREFIXES = {config_module(m).ENV_PREFIX: config_module(m) for m in SERVICE_PORTS}
+PREFIXES = {config_class(m).env_prefix(): config_class(m) for m in SERVICE_PORTS}
 
 
 def container_env(objects: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
@@ -242,7 +247,7 @@ def container_env(objects: list[dict[str, Any]], container: dict[str, Any]) -> d
     carries the others' settings too: each must be a setting of its own service, and is
     left out here."""
     module = entry_module(image_stage(container["image"]))
-    own = config_module(module).ENV_PREFIX if module in SERVICE_PORTS else None
+    own = config_class(module).env_prefix() if module in SERVICE_PORTS else None
     env = {k: v for k, v in image_stage(container["image"]).env.items()
            if k.startswith("GENMESH_")}
     for source in container.get("envFrom", []):
@@ -263,7 +268,7 @@ def container_env(objects: list[dict[str, Any]], container: dict[str, Any]) -> d
 
 
 def _field_names(config: Any) -> set[str]:
-    return {f.name for f in dataclasses.fields(config.load_config([], {}))}
+    return {f.name for f in dataclasses.fields(config)}
 
 
 def secret_refs(container: dict[str, Any]) -> set[str]:
@@ -279,7 +284,7 @@ def main_container(workload: dict[str, Any]) -> dict[str, Any]:
 
 
 def service_config(objects: list[dict[str, Any]], name: str) -> Any:
-    """The config the workload's service builds from its environment (its own load_config),
+    """The config the workload's service builds from its environment (its own config class),
     after every GENMESH_* variable was checked to be one of its settings."""
     container = main_container(workloads(objects)[name])
     env = container_env(objects, container)
@@ -392,9 +397,9 @@ def test_probes_and_resources(overlay):
                 if probe in container:
                     assert container[probe]["grpc"] == {"port": ports["grpc"]}, (name, probe)
     envoy = main_container(workloads(objects)["envoy"])
-    assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "admin"}
+    assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
     assert named_ports(envoy) == {"edge": DEP.gateway.edge_port, "mesh": DEP.gateway.mesh_port,
-                                  "admin": DEP.gateway.admin_port}
+                                  "metrics": DEP.gateway.metrics_port}
 
 
 def test_every_deployment_has_a_disruption_budget(overlay):
@@ -466,7 +471,8 @@ def test_gateway_renders_envoys_config_from_the_deployment_config_map(overlay, t
     # gateway/ renders it, Envoy accepts it, and the edge reaches nothing but the frontend.
     routed = validated_routes(DEP, tmp_path)
     assert routed == {"edge": {"frontend"},
-                      "mesh": {"tokenizer", "safety", "cache", "worker-v1", "worker-v2"}}
+                      "mesh": {"tokenizer", "safety", "cache", "worker-v1", "worker-v2"},
+                      "metrics": {ADMIN_CLUSTER}}
 
 
 def _mounted_config_maps(workload: dict[str, Any]) -> dict[str, str]:
@@ -579,14 +585,44 @@ class Pod:
     ports: Mapping[str, int] = dataclasses.field(default_factory=dict)  # name -> number
 
 
+MONITORING = "monitoring"  # the namespace of the cluster's Prometheus
+PROMETHEUS_LABELS = {"app.kubernetes.io/name": "prometheus"}
+
+
 def _pods(objects: list[dict[str, Any]]) -> list[Pod]:
+    """The mesh's pods, and pods elsewhere that might try to reach them. Envoy's pod also
+    lists its admin port ("admin"), which it has no container port for: it listens on the
+    pod's loopback, and no policy may open that port should it ever listen wider."""
     pods = [Pod(name, NAMESPACE, pod_labels(w),
                 {k: v for c in pod_specs(w)[0]["containers"] for k, v in named_ports(c).items()})
             for name, w in workloads(objects).items()]
+    admin_port = mesh_deployment(objects).gateway.admin_port
+    pods = [dataclasses.replace(p, ports={**p.ports, "admin": admin_port}) if p.name == "envoy"
+            else p for p in pods]
     return [*pods,
             Pod("outside", "default", {}),  # any client of the cluster
             Pod("stranger", NAMESPACE, {"app.kubernetes.io/name": "debug"}),
-            Pod("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"})]
+            Pod("prometheus", MONITORING, PROMETHEUS_LABELS),
+            Pod("other-prometheus", "default", PROMETHEUS_LABELS),  # any team's, anywhere
+            Pod("monitoring-neighbour", MONITORING, {"app.kubernetes.io/name": "grafana"})]
+
+
+def mesh_deployment(objects: list[dict[str, Any]]) -> Deployment:
+    """The description in the ConfigMap genmesh-deployment, as the gateway loads it (each
+    ${VAR} set to a test value)."""
+    text = config_map(objects, "genmesh-deployment")["data"]["deployment.yaml"]
+    variables = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text))
+    return deploy.from_dict(yaml.safe_load(text),
+                            environ={v: f"test-{v.lower()}" for v in variables})
+
+
+def reachable(objects: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    """(pod, port name) -> the pods the NetworkPolicies let open a connection to it."""
+    policies = list(by_kind(objects, "NetworkPolicy").values())
+    pods = _pods(objects)
+    return {(target.name, port): {s.name for s in pods
+                                  if s is not target and allowed(policies, s, target, port)}
+            for target in pods for port in target.ports}
 
 
 def allowed(policies: list[dict[str, Any]], source: Pod, target: Pod, port: str) -> bool:
@@ -621,19 +657,13 @@ def _peer(peer: Mapping[str, Any], source: Pod, namespace: str) -> bool:
 
 def test_network_policies_let_only_the_gateway_reach_the_frontend_and_only_the_frontend_reach_internal_services(overlay):  # noqa: E501
     _, objects = overlay
-    policies = list(by_kind(objects, "NetworkPolicy").values())
-    pods = _pods(objects)
-    reachable = {}
-    for target in pods:
-        for port in target.ports:
-            reachable[(target.name, port)] = {
-                s.name for s in pods if s is not target and allowed(policies, s, target, port)}
-    everyone = {p.name for p in pods} - {"envoy"}
+    everyone = {p.name for p in _pods(objects)} - {"envoy"}
     internal = ("tokenizer", "safety", "cache", "ratelimit", "worker-v1", "worker-v2")
     expected = {
         ("envoy", "edge"): everyone,  # the public API
         ("envoy", "mesh"): {"frontend"},  # the frontend's only way to internal services
-        ("envoy", "admin"): {"prometheus"},
+        ("envoy", "metrics"): {"prometheus"},  # GET /stats/prometheus and /ready only
+        ("envoy", "admin"): set(),
         ("frontend", "grpc"): {"envoy"},
         ("frontend", "metrics"): {"prometheus"},
         ("redis", "redis"): {"frontend", "safety", "cache", "ratelimit", "worker-v1",
@@ -642,7 +672,7 @@ def test_network_policies_let_only_the_gateway_reach_the_frontend_and_only_the_f
     for name in internal:
         expected[(name, "grpc")] = {"envoy"}
         expected[(name, "metrics")] = {"prometheus"}
-    assert reachable == expected
+    assert reachable(objects) == expected
     # The gateway sends the mesh listener's calls to exactly those internal services.
     static = yaml.safe_load(render(DEP))["static_resources"]
     mesh = next(ln for ln in static["listeners"] if ln["name"] == "mesh")
@@ -650,3 +680,139 @@ def test_network_policies_let_only_the_gateway_reach_the_frontend_and_only_the_f
     clusters = {c for vh in routes["virtual_hosts"] for r in vh["routes"]
                 for c in route_clusters(r)}
     assert clusters | {"ratelimit"} == set(internal)  # ratelimit: Envoy's own RLS calls
+
+
+# ---- Envoy's admin stays in the pod, Prometheus scrapes its metrics listener ---------------
+
+def check_envoy_admin_is_closed_and_its_metrics_scraped(objects: list[dict[str, Any]]) -> None:
+    """AssertionError unless Envoy's admin interface is reachable from inside its pod only,
+    while the monitoring namespace's Prometheus (and nothing else) scrapes Envoy's metrics
+    and every service's: followed from the pod's annotations through the NetworkPolicies
+    to the Envoy config the gateway renders from the ConfigMap."""
+    dep = mesh_deployment(objects)
+    g = dep.gateway
+    bootstrap = build_bootstrap(dep)
+    static = bootstrap["static_resources"]
+    admin = bootstrap["admin"]["address"]["socket_address"]
+    assert ipaddress.ip_address(admin["address"]).is_loopback, (
+        f"Envoy's admin listens on {admin['address']}, beyond the pod")
+    # Admin's port is no policy's to open, for any peer; only Prometheus reaches /metrics.
+    for (target, port), sources in reachable(objects).items():
+        if port == "admin":
+            assert not sources, f"{sorted(sources)} may connect to {target}'s admin port"
+        if port == "metrics":
+            assert sources == {"prometheus"}, f"{target}'s metrics port: {sorted(sources)}"
+    adapter = yaml.safe_load((K8S / "extras" / "prometheus-adapter-values.yaml").read_text())
+    assert urllib.parse.urlsplit(adapter["prometheus"]["url"]).hostname.split(".")[1] == (
+        MONITORING), "the policy admits Prometheus from the namespace the adapter reads from"
+    # Prometheus scrapes the annotated port and path: Envoy's metrics listener, on every
+    # address of the pod, which passes that path (and /ready) to admin and nothing else.
+    envoy = workloads(objects)["envoy"]
+    container = main_container(envoy)
+    ports = named_ports(container)
+    assert g.admin_port not in ports.values(), "the admin port is declared on the container"
+    annotations = envoy["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == ports["metrics"] == g.metrics_port, (
+        f"Prometheus scrapes port {annotations['prometheus.io/port']}")
+    [metrics] = [ln for ln in static["listeners"] if ln["name"] == "metrics"]
+    assert metrics["address"]["socket_address"] == {"address": g.host,
+                                                    "port_value": g.metrics_port}
+    assert ipaddress.ip_address(g.host).is_unspecified, "other pods must reach the listener"
+    routes = [r for vh in metrics["filter_chains"][0]["filters"][0]["typed_config"][
+        "route_config"]["virtual_hosts"] for r in vh["routes"]]
+    to_admin = {r["match"].get("path"): r["match"] for r in routes if route_clusters(r)}
+    assert set(to_admin) == {"/stats/prometheus", "/ready"}, f"admin gets {sorted(to_admin)}"
+    assert all(route_clusters(r) == {ADMIN_CLUSTER} for r in routes if route_clusters(r))
+    assert annotations["prometheus.io/path"] in to_admin
+    [cluster] = [c for c in static["clusters"] if c["name"] == ADMIN_CLUSTER]
+    [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"]["socket_address"] == admin
+    # The kubelet probes through the metrics listener; the preStop drain runs in the pod.
+    readiness = container["readinessProbe"]["httpGet"]
+    assert readiness["port"] in ("metrics", g.metrics_port) and readiness["path"] in to_admin, (
+        f"the kubelet cannot reach {readiness} (admin is on the pod's loopback)")
+    assert container["livenessProbe"]["tcpSocket"]["port"] in ("metrics", g.metrics_port)
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    drain = urllib.parse.urlsplit(command[command.index("drain") + 1])
+    assert (drain.hostname, drain.port) == (admin["address"], g.admin_port)
+
+
+def test_envoy_admin_is_closed_and_prometheus_scrapes_its_metrics(overlay):
+    _, objects = overlay
+    check_envoy_admin_is_closed_and_its_metrics_scraped(objects)
+
+
+Mutation = Callable[[list[dict[str, Any]]], None]
+
+
+def _patched(kind: str, name: str, *ops: dict[str, Any]) -> Mutation:
+    """JSON patch operations on the object ``kind/name``."""
+    def mutate(objects: list[dict[str, Any]]) -> None:
+        [obj] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+        for op in ops:
+            json_patch(obj, op)
+    return mutate
+
+
+def _deployment_edited(old: str, new: str) -> Mutation:
+    """``old`` replaced by ``new`` in the ConfigMap genmesh-deployment's description."""
+    def mutate(objects: list[dict[str, Any]]) -> None:
+        data = config_map(objects, "genmesh-deployment")["data"]
+        assert old in data["deployment.yaml"], f"{old!r} is no longer in the description"
+        data["deployment.yaml"] = data["deployment.yaml"].replace(old, new)
+    return mutate
+
+
+_PEER = "/spec/ingress/0/from/0"
+_ENVOY_POD = "/spec/template/spec/containers/0"
+# Each breaks what the check above guards; the check must notice every one.
+MUTATIONS: dict[str, Mutation] = {
+    "prometheus from any namespace": _patched(
+        "NetworkPolicy", "metrics-from-prometheus",
+        {"op": "replace", "path": f"{_PEER}/namespaceSelector", "value": {}}),
+    "prometheus only from the mesh's own namespace": _patched(
+        "NetworkPolicy", "metrics-from-prometheus",
+        {"op": "remove", "path": f"{_PEER}/namespaceSelector"}),
+    "a second prometheus peer in any namespace": _patched(
+        "NetworkPolicy", "metrics-from-prometheus",
+        {"op": "add", "path": "/spec/ingress/0/from/-", "value": {
+            "namespaceSelector": {}, "podSelector": {"matchLabels": PROMETHEUS_LABELS}}}),
+    "any pod of the monitoring namespace": _patched(
+        "NetworkPolicy", "metrics-from-prometheus",
+        {"op": "remove", "path": f"{_PEER}/podSelector"}),
+    "the admin port back, by name": _patched(
+        "NetworkPolicy", "metrics-from-prometheus",
+        {"op": "add", "path": "/spec/ingress/0/ports/-", "value": {"protocol": "TCP",
+                                                                   "port": "admin"}}),
+    "the admin port back, by number": _patched(
+        "NetworkPolicy", "metrics-from-prometheus",
+        {"op": "add", "path": "/spec/ingress/0/ports/-", "value": {"protocol": "TCP",
+                                                                   "port": 9901}}),
+    "prometheus on every port": _patched(
+        "NetworkPolicy", "metrics-from-prometheus",
+        {"op": "remove", "path": "/spec/ingress/0/ports"}),
+    "the public rule on every port of the gateway": _patched(
+        "NetworkPolicy", "gateway", {"op": "remove", "path": "/spec/ingress/0/ports"}),
+    "admin on every address of the pod": _deployment_edited(
+        "admin_host: 127.0.0.1", "admin_host: 0.0.0.0"),
+    "no metrics listener": _deployment_edited("metrics_port: 9902", "metrics_port: 0"),
+    "prometheus scrapes the admin port": _patched(
+        "Deployment", "envoy", {"op": "replace", "value": "9901",
+                                "path": "/spec/template/metadata/annotations/prometheus.io~1port"}),
+    "the admin port declared on the container": _patched(
+        "Deployment", "envoy", {"op": "add", "path": f"{_ENVOY_POD}/ports/-",
+                                "value": {"name": "admin", "containerPort": 9901}}),
+    "the readiness probe on the admin port": _patched(
+        "Deployment", "envoy", {"op": "replace", "value": 9901,
+                                "path": f"{_ENVOY_POD}/readinessProbe/httpGet/port"}),
+}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_the_admin_and_metrics_check_catches_each_mutation(overlay, mutation):
+    _, objects = overlay
+    mutated = copy.deepcopy(objects)
+    MUTATIONS[mutation](mutated)  # outside pytest.raises: a mutation that no longer applies fails
+    with pytest.raises(AssertionError):
+        check_envoy_admin_is_closed_and_its_metrics_scraped(mutated)

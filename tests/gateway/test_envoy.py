@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway import deployment
 from gateway.clusters import cluster
 from gateway.core import duration
-from gateway.deployment import Deployment
 from gateway.envoy import build_bootstrap, envoy_binary, envoy_command, render, validate
+from genmesh.core import deployment
+from genmesh.core.deployment import Deployment
 
 GOLDEN = Path(__file__).parent / "golden" / "local.yaml"
 LOCAL = Path(__file__).parents[2] / "deploy" / "local.yaml"
@@ -139,11 +139,12 @@ def test_duration_spelling():
         duration(-1)
 
 
-def test_envoy_command_disables_hot_restart(tmp_path):
+def test_envoy_command_disables_hot_restart_and_drains_at_once(tmp_path):
     argv = envoy_command(tmp_path / "envoy.yaml", base_id=7, log_level="info")
     assert argv[0] == str(envoy_binary())
     assert argv[1:] == ["-c", str(tmp_path / "envoy.yaml"), "--base-id", "7",
-                        "--disable-hot-restart", "--log-level", "info"]
+                        "--disable-hot-restart", "--drain-strategy", "immediate",
+                        "--log-level", "info"]
 
 
 def test_missing_envoy_binary_says_how_to_install_it(monkeypatch, tmp_path):

@@ -23,8 +23,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway.deployment import Deployment, GatewaySettings, ModelVersion, Rollout, Services
 from gateway.envoy import envoy_command, render, validate
+from genmesh.core.deployment import Deployment, GatewaySettings, ModelVersion, Rollout, Services
 from tests.procs import free_port
 
 MAX_REQUEST_BYTES = 64 * 1024

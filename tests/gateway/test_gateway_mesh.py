@@ -23,12 +23,13 @@ import pytest
 import redis
 import yaml
 
-from gateway import deployment as deploy
 from gateway import xds
-from gateway.deployment import DeploymentError, Rollout
 from gateway.envoy import dynamic_bootstrap, envoy_command
 from genmesh.client import Client, GenmeshError
 from genmesh.commands.rollout import apply_change, read_records, requests_per_version
+from genmesh.core import deployment as deploy
+from genmesh.core import metadata
+from genmesh.core.deployment import DeploymentError, Rollout
 from genmesh.launcher.plan import (
     DEPLOYMENT_FILE,
     PORT_FIELDS,
@@ -41,7 +42,6 @@ from genmesh.launcher.probes import HttpReady
 from genmesh.launcher.supervisor import Supervisor
 from genmesh.rollout_report import compare
 from genmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from services.common import metadata
 from services.frontend.budget import budget_key
 from tests.procs import launched
 

@@ -9,11 +9,11 @@ import sys
 import pytest
 import yaml
 
-from gateway import deployment as deploy
 from gateway import ratelimits
 from gateway.envoy import envoy_command, render, validate
 from genmesh import cli
 from genmesh.commands import gateway as gateway_command
+from genmesh.core import deployment as deploy
 from tests.procs import REPO_ROOT
 
 COMPOSE_DEPLOYMENT = REPO_ROOT / "deploy" / "compose" / "deployment.yaml"

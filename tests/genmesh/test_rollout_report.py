@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from genmesh.core.records import GenerationRecord
 from genmesh.rollout_report import common_prefix, compare, token_agreement
-from services.worker.records import GenerationRecord
 
 
 def record(rid: str, shadow: bool, tokens: tuple[int, ...], ttft: float, speed: float

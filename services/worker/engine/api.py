@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from services.worker.engine.config import Backend, EngineConfig
@@ -37,12 +37,20 @@ class Engine(Protocol):
     def shutdown(self, timeout: float = 5.0) -> None: ...
 
 
-def create_engine(config: EngineConfig) -> Engine:
-    """Build the engine ``config.backend`` names; heavy imports happen only here."""
+def create_engine(config: EngineConfig, *, core_process: bool = False,
+                  on_core_exit: Callable[[str], None] | None = None) -> Engine:
+    """Build the engine ``config.backend`` names; heavy imports happen only here.
+    ``core_process``: the native engine's core runs in a child process (ProcessEngine)
+    instead of a thread of this one (AsyncEngine); ``on_core_exit(reason)`` is called
+    (from another thread) if that process exits while serving."""
     if config.backend is Backend.TENSORRT_LLM:
         from services.worker.engine.trtllm_engine import TrtLlmEngine
 
         return TrtLlmEngine(config)
+    if core_process:
+        from services.worker.engine.process_engine import ProcessEngine
+
+        return ProcessEngine(config, on_exit=on_core_exit)
     from services.worker.engine.async_engine import AsyncEngine
 
     return AsyncEngine(config)

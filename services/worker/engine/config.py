@@ -43,6 +43,9 @@ class EngineConfig:
     # there is nothing to overlap; True there is for tests).
     async_scheduling: bool | None = None
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
+    # Folder whose tokenizer.json enforces constraints (structured output); None: the
+    # model folder. A model without one serves free text only.
+    tokenizer: str | None = None
     seed: int = 0  # dummy weights only
 
     def __post_init__(self) -> None:

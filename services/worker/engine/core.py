@@ -12,25 +12,27 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.input_batch import PendingTokens
-from services.worker.engine.model.config import ModelConfig
+from services.worker.engine.model.config import PRESETS, ModelConfig
 from services.worker.engine.model_runner import ModelRunner, resolve_model_config
 from services.worker.engine.outputs import Delta, EngineStats, FinishReason, TokenLogprob, Usage
 from services.worker.engine.params import (
     InvalidRequestError,
     Priority,
     SamplingParams,
-    validate_prompt,
 )
-from services.worker.engine.request import Request, RequestStatus
+from services.worker.engine.request import Request, RequestStatus, new_request
 from services.worker.engine.sampler import SampledTokens, Sampler
 from services.worker.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from services.worker.engine.sizing import max_model_len, num_kv_blocks
+from services.worker.engine.structured_output import StructuredOutput
 
 STATS_WINDOW = 64  # steps averaged in batch-size and step-time stats
+GRAMMAR_WAIT_S = 0.05  # an otherwise idle step waits this long for a grammar being built
 
 
 @dataclass(slots=True)
@@ -61,7 +63,12 @@ class EngineCore:
                                    max_model_len=self.max_model_len)
         self.runner = ModelRunner(config, self.model_cfg, num_blocks=num_blocks,
                                   max_model_len=self.max_model_len)
-        self.sampler = Sampler(self.runner.device)
+        self.sampler = Sampler(self.runner.device, eos_token_ids=self.model_cfg.eos_token_ids)
+        self.structured = StructuredOutput(tokenizer_file(config),
+                                           vocab_size=self.model_cfg.vocab_size,
+                                           eos_token_ids=self.model_cfg.eos_token_ids)
+        # Constrained requests whose grammar is being built: not in the scheduler yet.
+        self._awaiting_grammar: dict[str, Request] = {}
         self._requests: dict[str, Request] = {}
         self._num_steps = 0
         self._num_finished = 0
@@ -82,18 +89,24 @@ class EngineCore:
     def make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
                      priority: Priority = Priority.NORMAL, cache_salt: str = "") -> Request:
         """Validate and build a request (raises InvalidRequestError; queues nothing)."""
-        if not request_id:
-            raise InvalidRequestError("request_id", "must not be empty")
-        validate_prompt(prompt_ids, vocab_size=self.model_cfg.vocab_size,
-                        max_model_len=self.max_model_len)
-        params.validate(vocab_size=self.model_cfg.vocab_size)
-        return Request(request_id=request_id, prompt_ids=list(prompt_ids), params=params,
-                       priority=Priority(priority), cache_salt=cache_salt,
-                       arrival_time=self._clock())
+        if params.constraint is not None and not self.structured.is_available:
+            raise InvalidRequestError(
+                "constraint", "this model has no tokenizer.json, so constraints cannot be "
+                "enforced")
+        return new_request(request_id, prompt_ids, params, vocab_size=self.model_cfg.vocab_size,
+                           max_model_len=self.max_model_len, priority=priority,
+                           cache_salt=cache_salt, arrival_time=self._clock())
 
     def add(self, req: Request) -> None:
+        """Queue a request; a constrained one first waits for its grammar (see step)."""
         if req.request_id in self._requests:
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
+        if req.params.constraint is not None:
+            self.structured.start(req.request_id, req.params.constraint)
+            req.status = RequestStatus.WAITING_FOR_GRAMMAR
+            self._requests[req.request_id] = req
+            self._awaiting_grammar[req.request_id] = req
+            return
         self._requests[req.request_id] = req
         self.scheduler.add(req)
 
@@ -115,14 +128,35 @@ class EngineCore:
                 for r in list(self._requests.values())]
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        return (self.scheduler.has_work() or self._inflight is not None
+                or bool(self._awaiting_grammar))
 
     # -- one step --------------------------------------------------------------------
 
     def step(self) -> list[Delta]:
         """Schedule and launch a step; return the deltas of the step that completes: this
         one, or with async scheduling the one launched before it (whose tokens were
-        sampled on the device while this one was being scheduled and prepared)."""
+        sampled on the device while this one was being scheduled and prepared).
+        Constrained requests whose grammar is now built join the queues first."""
+        deltas = self._admit_constrained()
+        return deltas + self._step()
+
+    def _admit_constrained(self) -> list[Delta]:
+        """Queue the requests whose grammar is built; fail those whose grammar failed.
+        With nothing else to do, wait a little for a grammar instead of spinning."""
+        if not self._awaiting_grammar:
+            return []
+        if not self.scheduler.has_work() and self._inflight is None:
+            self.structured.wait(GRAMMAR_WAIT_S)
+        ready, failed = self.structured.take_ready()
+        for request_id in ready:
+            req = self._awaiting_grammar.pop(request_id)
+            req.status = RequestStatus.WAITING
+            self.scheduler.add(req)
+        return [self._finish(self._requests[rid], FinishReason.ERROR, error=error)
+                for rid, error in failed.items()]
+
+    def _step(self) -> list[Delta]:
         if not self.async_scheduling:
             launched = self._launch()
             if launched is None:
@@ -172,9 +206,10 @@ class EngineCore:
         p2 = time.perf_counter()
         requests = [c.request for c in out.chunks if c.completes_sequence]
         if settle is not None and inflight is not None and any(
-                r.params.repetition_penalty != 1.0 and r.has_placeholder for r in requests):
-            settle()  # the penalty reads the whole history, the pending token included
-        sampled = self.sampler.launch(logits, requests)
+                r.params.reads_output and r.has_placeholder for r in requests):
+            settle()  # penalties and grammars read the whole output, the pending token included
+        bitmask = self.structured.bitmask([r.request_id for r in requests])
+        sampled = self.sampler.launch(logits, requests, bitmask=bitmask)
         for req in requests:  # ended by the settle above: forget what launch re-created
             if req.status is RequestStatus.FINISHED:
                 self.sampler.release(req.request_id)
@@ -205,6 +240,11 @@ class EngineCore:
             if req.first_token_time is None:
                 req.first_token_time = t1
             self._generated_tokens += 1
+            if not self.structured.accept(req.request_id, token):
+                deltas.append(self._finish(req, FinishReason.ERROR, last_token=token,
+                                           error=f"the constraint's grammar rejected token "
+                                                 f"{token}"))
+                continue
             reason = self._stop_reason(req, token)
             if reason is None:
                 deltas.append(Delta(req.request_id, [token], logprobs=[lp] if lp else None))
@@ -233,6 +273,8 @@ class EngineCore:
             return FinishReason.STOP
         if not p.ignore_eos and token in self.model_cfg.eos_token_ids:
             return FinishReason.STOP
+        if self.structured.is_finished(req.request_id):  # the grammar allows nothing more
+            return FinishReason.STOP
         if req.is_at_length_limit(self.max_model_len):
             return FinishReason.LENGTH
         return None
@@ -244,6 +286,8 @@ class EngineCore:
         self.runner.release(req.request_id)
         req.finished_time = self._clock()
         self.sampler.release(req.request_id)
+        self.structured.release(req.request_id)
+        self._awaiting_grammar.pop(req.request_id, None)
         del self._requests[req.request_id]
         self._num_finished += 1
         usage = Usage(prompt_tokens=req.num_prompt_tokens,
@@ -293,3 +337,15 @@ class EngineCore:
             device_seconds=self._device_seconds,
             recent_batch_sizes=batches,
         )
+
+
+def tokenizer_file(config: EngineConfig) -> Path | None:
+    """The tokenizer.json that enforces constraints: in ``config.tokenizer``, else in the
+    model folder (a dummy preset has none); None when there is none."""
+    folder = config.tokenizer
+    if folder is None and not (config.load_format == "dummy" and config.model in PRESETS):
+        folder = config.model
+    if folder is None:
+        return None
+    path = Path(folder) / "tokenizer.json"
+    return path if path.is_file() else None

@@ -64,6 +64,20 @@ class Delta:
         return self.finish_reason is not None
 
 
+def merge_deltas(deltas: list[Delta]) -> Delta:
+    """Consecutive deltas of one request as one: their tokens (and logprobs) in order,
+    the last one's finish, usage, error and timings."""
+    if len(deltas) == 1:
+        return deltas[0]
+    last = deltas[-1]
+    has_logprobs = any(d.logprobs for d in deltas)
+    return Delta(last.request_id, [t for d in deltas for t in d.new_token_ids],
+                 finish_reason=last.finish_reason, usage=last.usage,
+                 logprobs=[lp for d in deltas for lp in d.logprobs or []] if has_logprobs
+                 else None,
+                 error=last.error, timings=last.timings)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     """A snapshot of the engine's load and caches."""

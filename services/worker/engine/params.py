@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
+
+MAX_ABS_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)
+MAX_ABS_LOGIT_BIAS = 100.0  # a logit bias lies in [-100, 100] (OpenAI's range)
 
 
 class InvalidRequestError(ValueError):
@@ -26,6 +30,37 @@ class Priority(enum.IntEnum):
     BATCH = 2  # offline batch and async jobs
 
 
+class ConstraintKind(enum.Enum):
+    """The language a constrained output must belong to."""
+
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # a JSON value that validates against a JSON Schema
+    REGEX = "regex"  # text that matches a regular expression in full
+    GRAMMAR = "grammar"  # text in the language of a context-free grammar
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """What the generated text must be, enforced token by token while decoding: a token
+    the grammar cannot continue with is never sampled, and the end token only once the
+    text is complete. Equal constraints share one compiled grammar.
+
+    JSON is generated in one layout: ``json.dumps``'s default separators (", " and ": ")
+    and no other whitespace, so a model cannot stall in whitespace.
+    """
+
+    kind: ConstraintKind
+    # JSON_SCHEMA: the schema as JSON text; REGEX: the pattern (Rust ``regex`` syntax,
+    # anchored at both ends); GRAMMAR: a Lark grammar (llguidance's dialect, rule
+    # ``start``) or a GBNF one (rule ``root``); JSON_OBJECT: unused, "".
+    spec: str = ""
+    # JSON_SCHEMA only. True: keywords the grammar engine cannot enforce are an error, and
+    # an object schema without ``additionalProperties`` allows no other properties (as
+    # OpenAI's strict mode). False: such keywords are ignored, and properties the schema
+    # does not close are allowed, as JSON Schema says.
+    strict: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick each next token and when to stop.
@@ -44,10 +79,26 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end generation (kept in output)
     ignore_eos: bool = False  # keep going past the model's end tokens
     logprobs: int = 0  # number of top alternatives (with their logprobs) to return per token
+    # OpenAI's penalties over the generated tokens (not the prompt), in [-2, 2]: a token's
+    # logit loses presence_penalty once it has appeared, frequency_penalty per appearance.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, bias) pairs, each id once: the bias, in [-100, 100], is added to that
+    # token's logit before sampling (-100 in effect bans it, 100 forces it).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # the end and stop tokens cannot be sampled before this many tokens
+    constraint: Constraint | None = None  # None: free text
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def reads_output(self) -> bool:
+        """Its next token depends on the tokens generated so far (a penalty or a
+        constraint), so the previous one must be on the host before it is sampled."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0 or self.constraint is not None)
 
     def validate(self, *, vocab_size: int) -> None:
         """Raise InvalidRequestError naming the first bad field."""
@@ -74,6 +125,35 @@ class SamplingParams:
             raise InvalidRequestError(
                 "stop_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {vocab_size})"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY:  # also rejects NaN
+                raise InvalidRequestError(name, f"must be in [-2, 2], got {value}")
+        self._validate_logit_bias(vocab_size)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                "min_tokens", f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        if self.constraint is not None:
+            # Imported here: only constrained requests need the grammar engine.
+            from services.worker.engine.grammar import grammar_of
+
+            grammar_of(self.constraint)  # raises InvalidRequestError("constraint", ...)
+
+    def _validate_logit_bias(self, vocab_size: int) -> None:
+        seen: set[int] = set()
+        for token_id, bias in self.logit_bias:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequestError(
+                    "logit_bias",
+                    f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
+            if token_id in seen:
+                raise InvalidRequestError("logit_bias", f"token id {token_id} appears twice")
+            seen.add(token_id)
+            if not (math.isfinite(bias) and abs(bias) <= MAX_ABS_LOGIT_BIAS):
+                raise InvalidRequestError(
+                    "logit_bias", f"the bias of token {token_id} must be in [-100, 100], "
+                    f"got {bias}")
 
 
 def validate_prompt(prompt_ids: list[int], *, vocab_size: int, max_model_len: int) -> None:

@@ -7,12 +7,19 @@ import time
 from dataclasses import dataclass, field
 
 from services.worker.engine.outputs import FinishReason, RequestTimings
-from services.worker.engine.params import Priority, SamplingParams
+from services.worker.engine.params import (
+    InvalidRequestError,
+    Priority,
+    SamplingParams,
+    validate_prompt,
+)
 
 PLACEHOLDER_TOKEN = -1  # a sampled token still on the device (see append_placeholder)
 
 
 class RequestStatus(enum.Enum):
+    WAITING_FOR_GRAMMAR = "waiting_for_grammar"  # its constraint's grammar is being built;
+    # held by the engine core, not in the scheduler's queues yet
     WAITING = "waiting"  # queued; holds no blocks
     RUNNING = "running"  # scheduled; holds blocks
     FINISHED = "finished"  # done; blocks released
@@ -101,3 +108,16 @@ class Request:
                               prefill_s=first_token - scheduled,
                               decode_s=end - first_token,
                               device_seconds=self.device_seconds)
+
+
+def new_request(request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+                vocab_size: int, max_model_len: int, priority: Priority, cache_salt: str,
+                arrival_time: float) -> Request:
+    """Validate and build a request (raises InvalidRequestError naming the field)."""
+    if not request_id:
+        raise InvalidRequestError("request_id", "must not be empty")
+    validate_prompt(prompt_ids, vocab_size=vocab_size, max_model_len=max_model_len)
+    params.validate(vocab_size=vocab_size)
+    return Request(request_id=request_id, prompt_ids=list(prompt_ids), params=params,
+                   priority=Priority(priority), cache_salt=cache_salt,
+                   arrival_time=arrival_time)

@@ -1,7 +1,8 @@
 """Turn a step's logits into next tokens, one row per request, in a fixed number of
 batched tensor ops whatever the batch's mix.
 
-Greedy rows take the argmax of the (repetition-penalized) logits. Sampled rows apply
+The logits first go through logits_processors.py (logit bias, min-tokens, penalties, a
+grammar's token mask). Greedy rows then take the argmax of the processed logits. Sampled rows apply
 temperature, top-k, top-p and min-p as batched masks, then race exponential clocks:
 argmax_j p_j / E_j with E_j ~ Exp(1) draws j with probability p_j. The clocks come from
 a counter-based generator: a hash of (seed, number of output tokens so far, token id)
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.worker.engine.logits_processors import TokenBitmask, process_logits, to_device
 from services.worker.engine.outputs import TokenLogprob
 from services.worker.engine.request import Request
 
@@ -32,20 +34,10 @@ _GOLDEN64 = 0x9E3779B97F4A7C15
 _MAX_UNIFORM = 1.0 - 2.0**-24
 
 
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a device tensor. On CUDA through pinned memory and a
-    non-blocking copy: ``torch.tensor(..., device=cuda)`` waits for the device (a
-    pageable copy synchronizes the stream), which would stall async scheduling. The
-    caching host allocator keeps the pinned block until the copy is done."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 class Sampler:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, eos_token_ids: tuple[int, ...] = ()) -> None:
         self.device = device
+        self.eos_token_ids = eos_token_ids  # the model's end tokens (banned before min_tokens)
         self._unseeded: dict[str, int] = {}  # request id -> seed drawn for a seed=None request
 
     def release(self, request_id: str) -> None:
@@ -59,32 +51,24 @@ class Sampler:
             seed = self._unseeded[req.request_id] = random.getrandbits(63)
         return seed
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]
+    def sample(self, logits: torch.Tensor, requests: list[Request], *,
+               bitmask: TokenBitmask | None = None
                ) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits: [S, V] fp32, row i for requests[i]. Returns token ids and logprobs."""
-        return self.launch(logits, requests).read()
+        return self.launch(logits, requests, bitmask=bitmask).read()
 
     @torch.inference_mode()
-    def launch(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
+    def launch(self, logits: torch.Tensor, requests: list[Request], *,
+               bitmask: TokenBitmask | None = None) -> SampledTokens:
         """Queue one step's sampling on the logits' device; nothing is read back.
 
-        logits: [S, V] fp32, row i for requests[i]. A request's draw is number
-        len(output_ids) of its seed, so a placeholder for a token still in flight counts.
+        logits: [S, V] fp32, row i for requests[i]; ``bitmask``: the tokens the
+        constrained rows may take. A request's draw is number len(output_ids) of its
+        seed, so a placeholder for a token still in flight counts.
         """
         device = logits.device
-        processed = logits
-        penalized = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
-        if penalized:
-            processed = logits.clone()
-            seen = [sorted(set(requests[i].all_ids)) for i in penalized]
-            width = max(len(s) for s in seen)
-            # A row's padding repeats its first id: writing that penalized value twice is harmless.
-            ids = to_device([s + s[:1] * (width - len(s)) for s in seen], torch.int64, device)
-            penalties = to_device([requests[i].params.repetition_penalty for i in penalized],
-                                  torch.float32, device)
-            apply_repetition_penalty(processed, to_device(penalized, torch.int64, device),
-                                     ids, penalties)
-
+        processed = process_logits(logits, requests, eos_token_ids=self.eos_token_ids,
+                                   bitmask=bitmask)
         tokens = processed.argmax(dim=-1)  # [S]; greedy for every row, sampled rows overwritten
         sampled = [i for i, r in enumerate(requests) if not r.params.is_greedy]
         if sampled:
@@ -187,7 +171,7 @@ class SamplingTensors:
 
 
 def _sample_rows(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
-    """[R, V] penalized logits of sampled rows -> [R] drawn token ids."""
+    """[R, V] processed logits of sampled rows -> [R] drawn token ids."""
     scaled = filter_logits(logits, tensors)
     token_ids = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)  # [1, V]
     # argmax p / E = argmax log p - log E, E = -log(1 - u): small u, the likely winners'
@@ -238,19 +222,6 @@ def filter_logits(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tenso
     if drop is not None:
         scaled = scaled.masked_fill(drop, -math.inf)
     return scaled
-
-
-def apply_repetition_penalty(logits: torch.Tensor, rows: torch.Tensor, seen_ids: torch.Tensor,
-                             penalties: torch.Tensor) -> None:
-    """In place, as in the CTRL paper / HF: divide positive logits, multiply negative.
-
-    logits: [S, V]; rows: [P] the penalized rows; seen_ids: [P, L] each row's seen ids
-    (an id may repeat); penalties: [P].
-    """
-    index = (rows.unsqueeze(1), seen_ids)
-    seen = logits[index]  # [P, L]
-    penalty = penalties.unsqueeze(1).to(logits.dtype)
-    logits[index] = torch.where(seen > 0, seen / penalty, seen * penalty)
 
 
 def draw_key(seed: int, counter: int) -> int:

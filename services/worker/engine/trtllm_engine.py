@@ -132,6 +132,7 @@ class TrtLlmEngine:
             raise InvalidRequestError("request_id", f"{rid!r} is already running")
         validate_prompt(prompt_ids, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
         params.validate(vocab_size=self.vocab_size)
+        _refuse_unmapped(params)
         loop = asyncio.get_running_loop()  # before queueing: the stream needs this loop
         try:
             sampling = self._sampling_params(prompt_ids, params)
@@ -325,3 +326,18 @@ def _logprobs(tokens: list[int], entries: list[Any], k: int) -> list[TokenLogpro
         own = entry.get(token)
         out.append(TokenLogprob(token, float(own.logprob) if own else float("nan"), top))
     return out
+
+
+def _refuse_unmapped(p: SamplingParams) -> None:
+    """The knobs this adapter does not pass to TensorRT-LLM yet are refused, naming the
+    field, rather than silently ignored."""
+    unmapped = {
+        "presence_penalty": p.presence_penalty != 0.0,
+        "frequency_penalty": p.frequency_penalty != 0.0,
+        "logit_bias": bool(p.logit_bias),
+        "min_tokens": p.min_tokens != 0,
+        "constraint": p.constraint is not None,
+    }
+    for name, is_set in unmapped.items():
+        if is_set:
+            raise InvalidRequestError(name, "is not supported by the tensorrt_llm backend yet")

@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 
 from genmesh.bench import mesh
-from genmesh.bench.mesh import StreamTiming, summarize, worker_flags
+from genmesh.bench.mesh import StreamTiming, non_engine_cpu_ms, summarize, worker_flags
 
 
 @dataclass
@@ -44,6 +44,16 @@ def test_summaries_carry_tpot_only_when_streams_have_it():
 
 
 def test_worker_flags():
-    assert worker_flags(device="cpu", dummy=False) == ()
-    assert worker_flags(device="cuda", dummy=True) == ("--device", "cuda", "--load-format",
-                                                       "dummy")
+    assert worker_flags(device="cpu", dummy=False) == ("--engine-process", "true")
+    assert worker_flags(device="cuda", dummy=True, engine_process=False) == (
+        "--device", "cuda", "--engine-process", "false", "--load-format", "dummy")
+
+
+def test_non_engine_cpu_leaves_out_the_engine_and_the_client():
+    with_core_process = {"frontend": 0.2, "safety": 0.1, "worker-v1": 0.05,
+                         "worker-v1/engine": 4.0, "worker-v1/tracker": 0.0, "client": 0.3}
+    assert non_engine_cpu_ms(with_core_process, engine_alone=3.9) == 0.35
+    # A core on a thread: the worker is charged what it uses beyond the engine alone.
+    on_a_thread = {"frontend": 0.2, "worker-v1": 4.5, "client": 0.3}
+    assert non_engine_cpu_ms(on_a_thread, engine_alone=4.0) == 0.7
+    assert non_engine_cpu_ms(on_a_thread, engine_alone=5.0) == 0.2

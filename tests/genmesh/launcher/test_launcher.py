@@ -74,6 +74,23 @@ def test_plan_renders_a_valid_envoy_config_and_orders_the_processes(tmp_path):
     assert "bfloat16" in workers["worker-v1"] and "float32" in workers["worker-v2"]
 
 
+def test_plan_sets_the_stop_order_the_stream_grace_and_the_edge_drain(tmp_path):
+    specs = plan(MeshConfig(run_dir=tmp_path, with_prometheus=False, stream_grace_s=30.0,
+                            admin_port=9911))
+    stages = {s.name: s.stop_stage.name for s in specs}
+    assert stages == {"redis": "STORE", "ratelimit": "SERVICE", "tokenizer": "SERVICE",
+                      "safety": "SERVICE", "cache": "SERVICE", "worker-v1": "WORKER",
+                      "worker-v2": "WORKER", "frontend": "FRONTEND", "envoy": "GATEWAY"}
+    by_name = {s.name: s for s in specs}
+    for name in ("frontend", "worker-v1"):
+        argv = list(by_name[name].argv)
+        assert argv[argv.index("--shutdown-grace-s") + 1] == "30.0"
+        assert by_name[name].stop_timeout_s == 35.0  # the grace, then 5 s to wind up
+    assert "--shutdown-grace-s" not in by_name["tokenizer"].argv  # its own 5 s
+    assert [s.drain_url for s in specs if s.drain_url] == [
+        "http://127.0.0.1:9911/drain_listeners?inboundonly"]
+
+
 def test_plan_without_redis_keeps_local_limits_only(tmp_path):
     specs = plan(MeshConfig(run_dir=tmp_path, with_redis=False, versions=("v1",),
                             with_prometheus=False))

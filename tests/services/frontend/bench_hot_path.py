@@ -5,8 +5,8 @@ lock step vs pipelined vs adaptive vs in windows. Under a minute on the 2-core m
 
 The real tokenizer and safety services run as their own processes on loopback (their CPU
 is read from /proc, not counted as the frontend's); this process runs the frontend's real
-Pipeline against a fake worker stub that streams one token id per message. Two phases per
-variant:
+pipeline (the chain of stages ``build_pipeline`` chooses) against a fake worker stub that
+streams one token id per message. Two phases per variant:
 
 - CPU: 8 concurrent streams of 256 tokens as fast as the pipeline takes them; CPU seconds
   of this process per token (the fake worker's share is in every variant alike: compare
@@ -34,8 +34,9 @@ from pathlib import Path
 import grpc
 from tokenizers import Tokenizer
 
+from genmesh.core.failure import FailureMode
+from genmesh.core.models.store import ModelStore, default_store_root
 from genmesh.launcher.ports import free_ports
-from genmesh.models.store import ModelStore, default_store_root
 from genmesh.v1 import (
     common_pb2,
     safety_pb2,
@@ -44,11 +45,10 @@ from genmesh.v1 import (
     tokenizer_pb2_grpc,
     worker_pb2,
 )
-from services.common.failure import FailureMode
 from services.frontend.detokenize import LocalDetokenizers, RemoteDetokenizers
 from services.frontend.events import TextChunk
 from services.frontend.moderation import ModerationMode, SafetyGate, SafetySettings
-from services.frontend.pipeline import Pipeline, PipelineRequest
+from services.frontend.pipeline import Pipeline, PipelineRequest, build_pipeline
 
 MODEL = "smollm2-135m-instruct"
 TENANT = "dev"
@@ -213,8 +213,9 @@ async def measure(variant: Variant, *, tokenizer: Tokenizer, token_ids: list[int
                         else RemoteDetokenizers(tokenizer_stub))
 
         def pipeline(worker: FakeWorker) -> Pipeline:
-            return Pipeline(tokenizer=tokenizer_stub, worker=worker,  # type: ignore[arg-type]
-                            rpc_timeout_s=10, detokenizers=detokenizers, safety=gate)
+            return build_pipeline(tokenizer=tokenizer_stub,
+                                  worker=worker,  # type: ignore[arg-type]
+                                  rpc_timeout_s=10, detokenizers=detokenizers, safety=gate)
 
         await run_streams(pipeline(FakeWorker(token_ids[:16], 0)), 2, tag="warm")
         # CPU phase.

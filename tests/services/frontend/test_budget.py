@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from services.common.failure import FailureMode
+from genmesh.core.failure import FailureMode
 from services.frontend.budget import (
     BudgetExceeded,
     BudgetPolicy,

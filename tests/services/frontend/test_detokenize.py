@@ -15,8 +15,8 @@ import grpc
 import pytest
 from tokenizers import Tokenizer
 
-from genmesh.models.detokenizer import special_token_ids
-from genmesh.models.store import ModelNotFoundError
+from genmesh.core.models.detokenizer import special_token_ids
+from genmesh.core.models.store import ModelNotFoundError
 from genmesh.v1 import tokenizer_pb2_grpc
 from services.frontend.detokenize import (
     DetokenizeMode,

@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from genmesh.client import Client, GenmeshError, Job
+from genmesh.core import metadata
 from genmesh.launcher.plan import DEPLOYMENT_FILE, PORT_FIELDS, MeshConfig
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.probes import RedisPing
@@ -30,7 +31,6 @@ from genmesh.v1 import (
     generation_pb2,
     generation_pb2_grpc,
 )
-from services.common import metadata
 from tests.conftest import DEFAULT_MODEL, OTHER_API_KEY, mesh_deployment
 from tests.procs import REPO_ROOT, free_port, launched, wait_serving
 

@@ -12,8 +12,8 @@ from collections.abc import AsyncGenerator
 import grpc
 import pytest
 
+from genmesh.core.failure import FailureMode
 from genmesh.v1 import safety_pb2
-from services.common.failure import FailureMode
 from services.frontend.errors import PipelineError
 from services.frontend.moderation import (
     Moderated,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from genmesh.models.store import ModelNotFoundError, ModelStore
+from genmesh.core.models.store import ModelNotFoundError, ModelStore
 from services.tokenizer.registry import (
     TokenizerRegistry,
     UnknownModelError,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -33,7 +35,9 @@ def test_generate_streams_tokens_then_finish_and_usage(worker):
         request_id="t1", prompt_ids=[5, 6, 7, 8],
         params=common_pb2.SamplingParams(max_tokens=6, ignore_eos=True))
     replies = list(stub(address).Generate(req, timeout=30))
-    assert [len(r.token_ids) for r in replies] == [1] * 6
+    # One token per step; tokens of steps that piled up behind a send share a reply.
+    assert sum(len(r.token_ids) for r in replies) == 6
+    assert all(r.token_ids for r in replies)
     assert replies[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert (replies[-1].usage.prompt_tokens, replies[-1].usage.completion_tokens) == (4, 6)
 
@@ -90,3 +94,34 @@ def test_logs_are_json_and_sigterm_lets_in_flight_streams_finish(tmp_path):
         assert proc.wait(timeout=20) == 0
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert {"serving", "stopping", "stopped"} <= {entry["msg"] for entry in lines}
+
+
+def test_a_dead_engine_core_ends_streams_and_the_worker_exits_non_zero(tmp_path):
+    """The core runs in a child process; if it dies, the open stream ends with an error
+    delta and the worker stops (non-zero) so its supervisor restarts it."""
+    port = free_port()
+    log = tmp_path / "worker.log"
+    args = ["--port", str(port), "--model", "tiny-llama", "--load-format", "dummy",
+            "--dtype", "float32"]
+    with service("services.worker.main", args, port=port, log_path=log) as proc:
+        core = [pid for pid in _children(proc.pid) if b"spawn_main" in _cmdline(pid)]
+        assert len(core) == 1
+        call = stub(f"127.0.0.1:{port}").Generate(worker_pb2.WorkerGenerateRequest(
+            prompt_ids=[5, 6], params=common_pb2.SamplingParams(max_tokens=100_000,
+                                                                ignore_eos=True)), timeout=60)
+        next(call)
+        os.kill(core[0], signal.SIGKILL)
+        last = list(call)[-1]
+        assert last.finish_reason == common_pb2.FINISH_REASON_ERROR
+        assert last.error == "the engine process exited (code -9)"
+        assert proc.wait(timeout=20) == 1
+    assert "the engine process exited (code -9)" in log.read_text()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()

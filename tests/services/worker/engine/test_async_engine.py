@@ -236,7 +236,7 @@ def test_a_late_abort_from_a_finished_stream_spares_a_new_request_with_the_same_
         assert deltas[-1].finished
         second = eng.submit([1000, 1001], SamplingParams(max_tokens=6, ignore_eos=True),
                             request_id="job-1")
-        eng._abort_stream("job-1", first._sink)  # what a stale close of `first` sends
+        eng._close_stream("job-1", first._sink)  # what a stale close of `first` sends
         return await collect(second)
 
     tokens, last = asyncio.run(main())

@@ -8,7 +8,13 @@ import pytest
 
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.core import EngineCore
-from services.worker.engine.params import InvalidRequestError, SamplingParams, validate_prompt
+from services.worker.engine.params import (
+    Constraint,
+    ConstraintKind,
+    InvalidRequestError,
+    SamplingParams,
+    validate_prompt,
+)
 
 VOCAB = 49152  # the smollm2-135m preset's, so the engine tests reuse the same cases
 MAX_LEN = 64
@@ -30,6 +36,28 @@ BAD_PARAMS = [
     ({"seed": 2**63}, "seed"),
     ({"stop_token_ids": (5, VOCAB)}, "stop_token_ids"),
     ({"stop_token_ids": (-1,)}, "stop_token_ids"),
+    ({"presence_penalty": 2.01}, "presence_penalty"),
+    ({"frequency_penalty": math.nan}, "frequency_penalty"),
+    ({"logit_bias": ((VOCAB, 1.0),)}, "logit_bias"),
+    ({"logit_bias": ((1, 100.5),)}, "logit_bias"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"constraint": Constraint(ConstraintKind.REGEX, "([")}, "constraint"),
+]
+
+# Each new knob's exact message.
+MESSAGES = [
+    ({"presence_penalty": -2.5}, "presence_penalty: must be in [-2, 2], got -2.5"),
+    ({"frequency_penalty": 3.0}, "frequency_penalty: must be in [-2, 2], got 3.0"),
+    ({"frequency_penalty": math.inf}, "frequency_penalty: must be in [-2, 2], got inf"),
+    ({"logit_bias": ((-1, 1.0),)},
+     f"logit_bias: token id -1 is outside the vocabulary [0, {VOCAB})"),
+    ({"logit_bias": ((7, 1.0), (7, 2.0))}, "logit_bias: token id 7 appears twice"),
+    ({"logit_bias": ((7, -101.0),)},
+     "logit_bias: the bias of token 7 must be in [-100, 100], got -101.0"),
+    ({"logit_bias": ((7, math.nan),)},
+     "logit_bias: the bias of token 7 must be in [-100, 100], got nan"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens: must be in [0, max_tokens=4], got 5"),
+    ({"min_tokens": -1}, "min_tokens: must be in [0, max_tokens=128], got -1"),
 ]
 
 BAD_PROMPTS = [
@@ -54,6 +82,29 @@ def test_defaults_and_edge_values_are_valid():
                    seed=2**63 - 1, stop_token_ids=(0, VOCAB - 1)).validate(vocab_size=VOCAB)
     SamplingParams(temperature=2.0, top_k=1, top_p=1e-3, min_p=0.99, repetition_penalty=0.5,
                    logprobs=0, seed=0).validate(vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize(("overrides", "message"), MESSAGES)
+def test_bad_sampling_knobs_say_what_is_allowed(overrides, message):
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**overrides).validate(vocab_size=VOCAB)
+    assert str(err.value) == message
+
+
+def test_new_knobs_at_their_limits_are_valid():
+    SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0,
+                   logit_bias=((0, -100.0), (VOCAB - 1, 100.0)), min_tokens=128,
+                   constraint=Constraint(ConstraintKind.JSON_OBJECT)).validate(vocab_size=VOCAB)
+
+
+def test_params_with_every_knob_pickle():
+    # Requests cross to the engine process pickled.
+    import pickle
+
+    params = SamplingParams(presence_penalty=0.5, logit_bias=((3, 1.5),), min_tokens=2,
+                            constraint=Constraint(ConstraintKind.JSON_SCHEMA, '{"type": "object"}',
+                                                  strict=False))
+    assert pickle.loads(pickle.dumps(params)) == params
 
 
 @pytest.mark.parametrize(("prompt_ids", "message"), BAD_PROMPTS)
@@ -97,6 +148,14 @@ def test_make_request_rejects_bad_params(core, overrides, field):
         core.make_request("r", [1, 2, 3], SamplingParams(**overrides))
     assert err.value.field == field
     assert not core.has_work()
+
+
+def test_a_model_without_a_tokenizer_refuses_constraints(core):
+    with pytest.raises(InvalidRequestError) as err:
+        core.make_request("r", [1, 2], SamplingParams(
+            constraint=Constraint(ConstraintKind.JSON_OBJECT)))
+    assert str(err.value) == ("constraint: this model has no tokenizer.json, so constraints "
+                              "cannot be enforced")
 
 
 def test_make_request_rejects_an_empty_request_id(core):

@@ -9,12 +9,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import RepetitionPenaltyLogitsProcessor
 
+from services.worker.engine.logits_processors import apply_repetition_penalty
 from services.worker.engine.params import SamplingParams
 from services.worker.engine.request import Request
 from services.worker.engine.sampler import (
     Sampler,
     SamplingTensors,
-    apply_repetition_penalty,
     draw_key,
     filter_logits,
     uniforms,

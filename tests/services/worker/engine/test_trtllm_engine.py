@@ -25,7 +25,12 @@ from services.worker.engine.api import create_engine
 from services.worker.engine.config import Backend, EngineConfig
 from services.worker.engine.model.config import PRESETS
 from services.worker.engine.outputs import FinishReason
-from services.worker.engine.params import InvalidRequestError, SamplingParams
+from services.worker.engine.params import (
+    Constraint,
+    ConstraintKind,
+    InvalidRequestError,
+    SamplingParams,
+)
 from services.worker.engine.trtllm_engine import BackendUnavailableError, TrtLlmEngine
 
 EOS = PRESETS["smollm2-135m"].eos_token_ids[0]
@@ -366,6 +371,11 @@ def test_request_id_is_free_after_the_final_delta(fake_trt, model_dir):
     ([1], SamplingParams(max_tokens=0), "max_tokens"),
     ([1], SamplingParams(stop_token_ids=(10**6,)), "stop_token_ids"),
     ([1], SamplingParams(logprobs=21), "logprobs"),
+    # Knobs the adapter does not map yet are refused, not ignored.
+    ([1], SamplingParams(presence_penalty=0.5), "presence_penalty"),
+    ([1], SamplingParams(logit_bias=((5, 1.0),)), "logit_bias"),
+    ([1], SamplingParams(min_tokens=2), "min_tokens"),
+    ([1], SamplingParams(constraint=Constraint(ConstraintKind.JSON_OBJECT)), "constraint"),
 ])
 def test_invalid_input_raises_before_queueing(fake_trt, model_dir, prompt, params, field_name):
     async def run() -> None:

@@ -16,6 +16,7 @@ workers, weights out of range, a limit of zero): ``load`` refuses such a file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from services.common.failure import FailureMode
+from genmesh.core.failure import FailureMode
 
 # (host, port) of one backend process. The host is an IP address or a DNS name.
 Endpoint = tuple[str, int]
@@ -47,6 +48,13 @@ class GatewaySettings:
     edge_port: int = 8080  # public listener: what clients dial
     mesh_port: int = 8081  # service-to-service listener: what the frontend dials
     admin_port: int = 9901  # admin interface (GET /ready, /stats, /clusters); no auth
+    # Where the admin interface listens, an IP address. It has no authentication:
+    # /config_dump holds the tenants' keys and POST /quitquitquit stops Envoy, so keep it
+    # on loopback and let others reach the metrics listener instead.
+    admin_host: str = "127.0.0.1"
+    # A listener on `host` serving only admin's GET /stats/prometheus and GET /ready (for
+    # Prometheus and readiness probes from outside the host or pod); 0: none.
+    metrics_port: int = 0
     # A call with no message in either direction for this long is reset (both listeners).
     stream_idle_timeout_s: float = 300.0
     # Most bytes a client may send on one edge call (all messages of a bidi stream).
@@ -241,11 +249,24 @@ def check(dep: Deployment) -> list[str]:
         problems.append("prefix_affinity_blocks must be >= 0 and kv_block_size > 0")
     g = dep.gateway
     ports = [g.edge_port, g.mesh_port, g.admin_port]
+    if g.metrics_port:  # 0: no metrics listener
+        ports.append(g.metrics_port)
     if len(set(ports)) != len(ports):
-        problems.append(f"gateway edge, mesh and admin ports must differ, got {ports}")
+        problems.append(f"gateway edge, mesh, admin and metrics ports must differ, got {ports}")
+    if not _is_ip_address(g.admin_host):
+        problems.append(f"gateway admin_host must be an IP address (Envoy's admin resolves no "
+                        f"names), got {g.admin_host!r}")
     if g.max_request_bytes <= 0:
         problems.append(f"gateway max_request_bytes must be positive, got {g.max_request_bytes}")
     return problems
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def require_valid(dep: Deployment) -> Deployment:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from genmesh.models.chat_template import ChatMessage, ChatTemplate, load_chat_template
+from genmesh.core.models.chat_template import ChatMessage, ChatTemplate, load_chat_template
 
 
 def test_rendering_matches_transformers_apply_chat_template(model_dir):

@@ -54,7 +54,7 @@ class StoredModel:
 
 def _sources() -> dict[str, ModelSource]:
     # Imported lazily: the converters need transformers/gguf, the store listing does not.
-    from genmesh.models.convert import build_smollm2_135m_instruct
+    from genmesh.core.models.convert import build_smollm2_135m_instruct
 
     sources = [
         ModelSource(

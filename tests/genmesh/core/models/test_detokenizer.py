@@ -7,7 +7,7 @@ import random
 import pytest
 from tokenizers import Tokenizer
 
-from genmesh.models.detokenizer import (
+from genmesh.core.models.detokenizer import (
     REPLACEMENT_CHAR,
     IncrementalDetokenizer,
     special_token_ids,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from genmesh.cli import main
-from genmesh.models.store import ModelNotFoundError, ModelStore
+from genmesh.core.models.store import ModelNotFoundError, ModelStore
 
 
 def test_empty_store_lists_nothing_and_names_known_models(tmp_path, capsys, monkeypatch):

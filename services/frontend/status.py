@@ -1,0 +1,72 @@
+"""The one place where the frontend's errors become gRPC status codes.
+
+``status_of`` maps an error to the code and message a caller sees; ``maps_errors`` wraps a
+handler of the public API, unary or streaming, so that such an error ends the call with
+that status. GenerateBatch items and async jobs record the same mapping in their results.
+An error with no mapping is a bug: it is raised on (the call ends UNKNOWN, and is logged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from typing import Any, TypeVar, cast
+
+import grpc
+
+from services.frontend.errors import PipelineError
+from services.frontend.jobs import InvalidJobId, JobConflict, JobStoreUnavailable, WatchTimeout
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status a caller sees for ``exc``; None for an error that is a bug."""
+    if isinstance(exc, PipelineError):
+        return exc.code, exc.message
+    if isinstance(exc, JobStoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, f"the job store is unavailable ({exc}); retry shortly"
+    if isinstance(exc, JobConflict):
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, InvalidJobId):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, WatchTimeout):
+        return (grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the job did not end within the call's deadline; watch again")
+    return None
+
+
+def maps_errors(handler: Handler) -> Handler:
+    """``handler`` (a servicer method: ``(self, request or request iterator, context)``)
+    ending the call with ``status_of`` its error."""
+    if inspect.isasyncgenfunction(handler):
+        @functools.wraps(handler)
+        async def streaming(self: object, request: Any, context: grpc.aio.ServicerContext
+                            ) -> AsyncGenerator[Any, None]:
+            try:
+                async with contextlib.aclosing(handler(self, request, context)) as replies:
+                    async for reply in replies:
+                        yield reply
+            except Exception as exc:
+                status = status_of(exc)
+                if status is None:
+                    raise
+                await context.abort(*status)
+
+        return cast(Handler, streaming)
+
+    @functools.wraps(handler)
+    async def unary(self: object, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await cast(Callable[..., Coroutine[Any, Any, Any]], handler)(
+                self, request, context)
+        except Exception as exc:
+            status = status_of(exc)
+            if status is None:
+                raise
+            await context.abort(*status)
+            raise AssertionError("unreachable: abort raises") from exc
+
+    return cast(Handler, unary)
