@@ -75,7 +75,7 @@ class JobRunner:
             await asyncio.gather(*self._running, return_exceptions=True)
 
     async def _run_job(self, claim: Claim) -> None:
-        log.info("job started", extra={"job_id": claim.job_id,
+        log.info("job started", extra={"tenant": claim.tenant, "job_id": claim.job_id,
                                        "attempt": claim.record.num_attempts})
         work = asyncio.ensure_future(self._generate(claim))
         try:
@@ -118,7 +118,7 @@ class JobRunner:
         """(serialized GenerateResponse, 0, "") or (None, grpc code, message)."""
         try:
             request = generation_pb2.GenerateRequest.FromString(claim.record.request)
-            req = pipeline_request(request, catalog=self.catalog, tenant=claim.record.tenant,
+            req = pipeline_request(request, catalog=self.catalog, tenant=claim.tenant,
                                    request_id=f"job-{claim.job_id}-{uuid.uuid4().hex[:6]}",
                                    priority=common_pb2.PRIORITY_BATCH, method="Job")
             # A job is a trace of its own (its client is gone): one per attempt.

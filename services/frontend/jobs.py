@@ -4,16 +4,23 @@ Frontends are both producers (the API submits, reads, watches and cancels jobs) 
 consumers (a runner takes jobs, keeps them alive with heartbeats and finishes them).
 Everything lives in one Redis:
 
-- ``{prefix}:stream``: the queue, a stream whose entries carry only ``job_id``, read by
-  the consumer group ``group``. A taken entry is pending (in the group's PEL) under its
+A job is named by its tenant and its id: job ids are the tenant's own, so the same id in
+two tenants is two jobs, and no call of one tenant reads, blocks or touches another's.
+
+- ``{prefix}:stream``: the queue, a stream whose entries carry ``tenant`` and ``job_id``,
+  read by the consumer group ``group``. A taken entry is pending (in the group's PEL) under its
   consumer until that consumer finishes it; an entry idle for ``claim_timeout_s`` (no
   heartbeat) is taken over by another consumer (XAUTOCLAIM). Entries are acknowledged and
   deleted when their job ends, so the stream holds only queued and running work.
-- ``{prefix}:job:{job_id}``: a hash, the job record (JobRecord's fields, plus the queue
-  entry that runs it, the consumer holding it, and which claim ended it).
-- ``{prefix}:job:{job_id}:events``: a stream of the record's changes, without the result
-  (QUEUED, RUNNING once per attempt, then one terminal event), at most _MAX_NUM_EVENTS
-  long; WatchJob reads it.
+- ``{prefix}:job:{tenant}:{job_id}``: a hash, the job record (JobRecord's fields, plus the
+  queue entry that runs it, the consumer holding it, and which claim ended it).
+- ``{prefix}:events:{tenant}:{job_id}``: a stream of the record's changes, without the
+  result (QUEUED, RUNNING once per attempt, then one terminal event), at most
+  _MAX_NUM_EVENTS long; WatchJob reads it.
+
+The tenant in a key is percent-encoded (it holds no ``:``), so a key names one (tenant,
+job id) pair however either is spelled. A queue entry written before job ids were scoped
+(no ``tenant``) names no record under these keys: a consumer drops it as a stale entry.
 
 Why exactly-once holds: every change of a record is one Lua script that checks the state
 and writes the hash and its event together, and no script moves a terminal job anywhere.
@@ -32,10 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass, replace
 from string import Template
 from typing import Any, TypeVar, cast
+from urllib.parse import quote
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError, ResponseError
@@ -76,19 +84,19 @@ local function owns_entry(stream, group, consumer, entry_id)
 end
 """
 
-# KEYS: job, events, stream. ARGV: tenant, request, job id.
+# KEYS: job, events, stream (the keys are the tenant's). ARGV: tenant, request, job id.
 # Returns {1, record} when created, {0, record} when it existed as submitted, {-1} on conflict.
 _SUBMIT_LUA = """
-local found = redis.call('HMGET', KEYS[1], 'tenant', 'request')
-if found[1] then
-  if found[1] == ARGV[1] and found[2] == ARGV[2] then
+local found = redis.call('HGET', KEYS[1], 'request')
+if found then
+  if found == ARGV[2] then
     return {0, redis.call('HGETALL', KEYS[1])}
   end
   return {-1}
 end
 local now = now_ms()
 redis.call('DEL', KEYS[2])  -- events of an expired job of the same id
-local entry_id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[3])
+local entry_id = redis.call('XADD', KEYS[3], '*', 'tenant', ARGV[1], 'job_id', ARGV[3])
 redis.call('HSET', KEYS[1], 'tenant', ARGV[1], 'request', ARGV[2], 'state', $QUEUED,
            'result', '', 'error_code', 0, 'error', '', 'created_ms', now, 'updated_ms', now,
            'num_attempts', 0, 'entry_id', entry_id, 'consumer', '', 'ended_by', '')
@@ -212,13 +220,14 @@ class JobRecord:
 class Claim:
     """A job a consumer has taken; heartbeat and finish it on the JobQueue that took it."""
 
+    tenant: str  # whose job it is; with job_id, what names the job
     job_id: str
     entry_id: str  # the queue entry (what XACK and XCLAIM name)
     record: JobRecord  # RUNNING, num_attempts already counting this attempt
 
 
 class JobConflict(Exception):
-    """A job id already used by a different request or tenant."""
+    """A job id the same tenant already used for a different request."""
 
 
 class JobStoreUnavailable(Exception):
@@ -283,45 +292,51 @@ class JobQueue:
 
     # Producer / API side.
 
-    async def submit(self, job_id: str, tenant: str, request: bytes) -> JobRecord:
-        """Queues a job, or returns the existing one when ``job_id`` was submitted before by
-        the same tenant with the same request bytes (serialize deterministically). Raises
-        JobConflict otherwise. An id whose job expired may be used again."""
+    async def submit(self, job_id: str, request: bytes, *, tenant: str) -> JobRecord:
+        """Queues the tenant's job ``job_id``, or returns the existing one when the tenant
+        submitted that id before with the same request bytes (serialize deterministically).
+        Raises JobConflict when the tenant used the id for a different request; another
+        tenant's jobs never matter. An id whose job expired may be used again."""
         _check_job_id(job_id)
         reply = await self._call("submitting a job", self._submit_script(
-            keys=self._job_keys(job_id), args=[tenant, request, job_id]))
+            keys=self._job_keys(tenant, job_id), args=[tenant, request, job_id]))
         if int(reply[0]) < 0:
             raise JobConflict(f"job id {job_id!r} is already used by a different request; "
                               "submit this request under a new job id")
         return _record(job_id, reply[1])
 
-    async def get(self, job_id: str) -> JobRecord | None:
-        """The job's record; None when it is unknown or expired."""
+    async def get(self, job_id: str, *, tenant: str) -> JobRecord | None:
+        """The tenant's job's record; None when the tenant has no such job (unknown or
+        expired)."""
         _check_job_id(job_id)
-        fields = await self._call("reading a job", self.client.hgetall(self._job_key(job_id)))
+        record_key, _ = job_keys(self.config.prefix, tenant, job_id)
+        fields = await self._call("reading a job", self.client.hgetall(record_key))
         return _record(job_id, fields) if fields else None
 
-    async def cancel(self, job_id: str) -> JobRecord | None:
-        """Cancels a queued or running job (the runner learns it from its next heartbeat);
-        a job that ended is returned unchanged; None when it is unknown."""
+    async def cancel(self, job_id: str, *, tenant: str) -> JobRecord | None:
+        """Cancels the tenant's queued or running job (the runner learns it from its next
+        heartbeat); a job that ended is returned unchanged; None when the tenant has no
+        such job."""
         _check_job_id(job_id)
         reply = await self._call("cancelling a job", self._cancel_script(
-            keys=self._job_keys(job_id)[:2], args=[self.config.result_ttl_s]))
+            keys=self._job_keys(tenant, job_id)[:2], args=[self.config.result_ttl_s]))
         return _record(job_id, reply[0]) if reply else None
 
-    async def watch(self, job_id: str, *, timeout_s: float) -> AsyncIterator[JobRecord]:
-        """Yields the record now, then the record after every change (a takeover is a change:
-        RUNNING again, one more attempt), and stops after a terminal one. Yields nothing for
-        an unknown job. Raises WatchTimeout when the job has not ended within ``timeout_s``
-        (each read of the events blocks for a bounded time, never indefinitely)."""
+    async def watch(self, job_id: str, *, tenant: str, timeout_s: float
+                    ) -> AsyncGenerator[JobRecord, None]:
+        """Yields the tenant's job's record now, then the record after every change (a
+        takeover is a change: RUNNING again, one more attempt), and stops after a terminal
+        one. Yields nothing when the tenant has no such job. Raises WatchTimeout when the
+        job has not ended within ``timeout_s`` (each read of the events blocks for a
+        bounded time, never indefinitely)."""
         _check_job_id(job_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        record, last_event_id = await self._snapshot(job_id)
+        record, last_event_id = await self._snapshot(tenant, job_id)
         if record is None:
             return
         yield record
-        events_key = self._job_keys(job_id)[1]
+        _, events_key = job_keys(self.config.prefix, tenant, job_id)
         while record.state not in TERMINAL:
             left_ms = math.ceil((deadline - loop.time()) * 1000)
             if left_ms <= 0:
@@ -334,7 +349,7 @@ class JobQueue:
                 last_event_id = event_id
                 record = _with_event(record, event)
                 if record.state in TERMINAL:  # the result is only in the record
-                    record = await self.get(job_id) or record
+                    record = await self.get(job_id, tenant=tenant) or record
                 yield record
                 if record.state in TERMINAL:
                     return
@@ -374,7 +389,7 @@ class JobQueue:
         claim_timeout_s / 3 or so. False when it is no longer this runner's to finish: the
         job ended (cancelled, or finished elsewhere) or another consumer took it over. The
         runner then stops working on it."""
-        job_key, _, stream = self._job_keys(claim.job_id)
+        job_key, _, stream = self._job_keys(claim.tenant, claim.job_id)
         is_kept = await self._call("sending a heartbeat", self._heartbeat_script(
             keys=[job_key, stream], args=[self.config.group, self.consumer, claim.entry_id,
                                           claim.record.num_attempts]))
@@ -395,7 +410,7 @@ class JobQueue:
         # Names this claim in the record, so a retried finish still answers True.
         token = f"{self.consumer}:{claim.record.num_attempts}"
         is_ended_here = await self._call("finishing a job", self._finish_script(
-            keys=self._job_keys(claim.job_id),
+            keys=self._job_keys(claim.tenant, claim.job_id),
             args=[self.config.group, claim.entry_id, state, result or b"", error_code, error,
                   self.config.result_ttl_s, token]))
         return bool(is_ended_here)
@@ -440,18 +455,20 @@ class JobQueue:
         return None
 
     async def _start(self, entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> Claim | None:
+        tenant = _text(fields.get(b"tenant", b""))
         job_id = _text(fields.get(b"job_id", b""))
         entry = _text(entry_id)
         reply = await self._call("starting a job", self._start_script(
-            keys=self._job_keys(job_id), args=[self.config.group, self.consumer, entry]))
+            keys=self._job_keys(tenant, job_id),
+            args=[self.config.group, self.consumer, entry]))
         if int(reply[0]) != _STARTED:
             return None
-        return Claim(job_id, entry, _record(job_id, reply[1]))
+        return Claim(tenant, job_id, entry, _record(job_id, reply[1]))
 
-    async def _snapshot(self, job_id: str) -> tuple[JobRecord | None, bytes]:
+    async def _snapshot(self, tenant: str, job_id: str) -> tuple[JobRecord | None, bytes]:
         """The record and the id of its latest event, read in one transaction: events after
         that id are exactly the changes the record does not show yet."""
-        job_key, events_key, _ = self._job_keys(job_id)
+        job_key, events_key = job_keys(self.config.prefix, tenant, job_id)
 
         async def read() -> list[Any]:
             async with self.client.pipeline(transaction=True) as pipe:
@@ -464,13 +481,9 @@ class JobQueue:
             return None, b"0-0"
         return _record(job_id, fields), latest[0][0] if latest else b"0-0"
 
-    def _job_key(self, job_id: str) -> str:
-        return f"{self.config.prefix}:job:{job_id}"
-
-    def _job_keys(self, job_id: str) -> list[str]:
+    def _job_keys(self, tenant: str, job_id: str) -> list[str]:
         """[record, events, queue], as the scripts take them."""
-        job_key = self._job_key(job_id)
-        return [job_key, f"{job_key}:events", self._stream]
+        return [*job_keys(self.config.prefix, tenant, job_id), self._stream]
 
     async def _call(self, doing: str, call: Awaitable[T], *, block_ms: int = 0) -> T:
         task = asyncio.current_task()
@@ -494,6 +507,13 @@ class JobQueue:
         if isinstance(exc, TimeoutError | RedisTimeoutError):
             return f"no reply from Redis within {self.config.timeout_s + block_ms / 1000:g} s"
         return f"{type(exc).__name__}: {exc}"
+
+
+def job_keys(prefix: str, tenant: str, job_id: str) -> tuple[str, str]:
+    """The Redis keys of the tenant's job ``job_id``: (record, events). Record and events
+    live under different names, so no job id can name another job's events."""
+    scope = f"{quote(tenant, safe='')}:{job_id}"  # the quoted tenant holds no ':'
+    return f"{prefix}:job:{scope}", f"{prefix}:events:{scope}"
 
 
 def _check_job_id(job_id: str) -> None:

@@ -97,38 +97,43 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     @maps_errors
     async def SubmitJob(self, request: generation_pb2.SubmitJobRequest,
                         context: grpc.aio.ServicerContext) -> generation_pb2.Job:
-        jobs = self._job_store()
-        tenant = self.admission.tenant(context.invocation_metadata())
+        jobs, tenant = self._job_store(), self._tenant(context)
         # Refuse what cannot run now, not after the job was queued.
         pipeline_request(request.request, catalog=self.catalog, tenant=tenant,
                          request_id="", priority=common_pb2.PRIORITY_BATCH, method="Job")
-        record = await jobs.submit(request.job_id or uuid.uuid4().hex, tenant,
-                                   request.request.SerializeToString())
+        record = await jobs.submit(request.job_id or uuid.uuid4().hex,
+                                   request.request.SerializeToString(), tenant=tenant)
         return record.to_proto()
 
     @maps_errors
     async def GetJob(self, request: generation_pb2.JobRef,
                      context: grpc.aio.ServicerContext) -> generation_pb2.Job:
-        record = await self._own_job(request.job_id, context)
-        return record.to_proto()
+        jobs, tenant = self._job_store(), self._tenant(context)
+        record = await jobs.get(request.job_id, tenant=tenant) if request.job_id else None
+        return _found(record, request.job_id).to_proto()
 
     @maps_errors
     async def WatchJob(self, request: generation_pb2.JobRef,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generation_pb2.Job]:
-        await self._own_job(request.job_id, context)
-        async for record in self._job_store().watch(request.job_id,
-                                                    timeout_s=self._timeout(context)):
-            yield record.to_proto()
+        jobs, tenant = self._job_store(), self._tenant(context)
+        if not request.job_id:
+            raise _not_found(request.job_id)
+        is_found = False
+        async with contextlib.aclosing(jobs.watch(
+                request.job_id, tenant=tenant, timeout_s=self._timeout(context))) as records:
+            async for record in records:  # nothing when the tenant has no such job
+                is_found = True
+                yield record.to_proto()
+        if not is_found:
+            raise _not_found(request.job_id)
 
     @maps_errors
     async def CancelJob(self, request: generation_pb2.JobRef,
                         context: grpc.aio.ServicerContext) -> generation_pb2.Job:
-        await self._own_job(request.job_id, context)
-        record = await self._job_store().cancel(request.job_id)
-        if record is None:
-            raise PipelineError(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r}")
-        return record.to_proto()
+        jobs, tenant = self._job_store(), self._tenant(context)
+        record = await jobs.cancel(request.job_id, tenant=tenant) if request.job_id else None
+        return _found(record, request.job_id).to_proto()
 
     def _job_store(self) -> JobQueue:
         if self.jobs is None:
@@ -137,15 +142,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                 "redis_url")
         return self.jobs
 
-    async def _own_job(self, job_id: str, context: grpc.aio.ServicerContext) -> JobRecord:
-        """The caller's job; NOT_FOUND for an unknown, expired or another tenant's job."""
-        jobs = self._job_store()
-        tenant = self.admission.tenant(context.invocation_metadata())
-        record = await jobs.get(job_id) if job_id else None
-        if record is None or record.tenant != tenant:
-            raise PipelineError(grpc.StatusCode.NOT_FOUND,
-                                f"no job {job_id!r} (unknown, expired, or not yours)")
-        return record
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        return self.admission.tenant(context.invocation_metadata())
 
     def _pipeline_request(self, request: generation_pb2.GenerateRequest,
                           context: grpc.aio.ServicerContext,
@@ -160,6 +158,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         remaining = context.time_remaining()
         return self.max_generation_s if remaining is None else min(remaining,
                                                                    self.max_generation_s)
+
+
+def _found(record: JobRecord | None, job_id: str) -> JobRecord:
+    """The caller's job, or NOT_FOUND."""
+    if record is None:
+        raise _not_found(job_id)
+    return record
+
+
+def _not_found(job_id: str) -> PipelineError:
+    # Job ids are each tenant's own: another tenant's job of the same id is another job,
+    # which the caller's lookups never reach, so it is not named here either.
+    return PipelineError(grpc.StatusCode.NOT_FOUND,
+                         f"you have no job {job_id!r} (unknown, or expired)")
 
 
 def _edge_request_id(context: grpc.aio.ServicerContext) -> str:

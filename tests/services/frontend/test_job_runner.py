@@ -55,12 +55,12 @@ def run_job(redis_server: RedisServer, failures: list[grpc.StatusCode]
         runner = JobRunner(queue, pipeline=pipeline, catalog=Catalog(),  # type: ignore[arg-type]
                            max_running=1, claim_timeout_s=CLAIM_TIMEOUT_S, timeout_s=5)
         request = generation_pb2.GenerateRequest(prompt="hi").SerializeToString()
-        await queue.submit("job-1", "acme", request)
+        await queue.submit("job-1", request, tenant="acme")
         task = asyncio.ensure_future(runner.run())
         deadline = time.monotonic() + 20
         try:
             while True:
-                record = await queue.get("job-1")
+                record = await queue.get("job-1", tenant="acme")
                 assert record is not None
                 if record.state in (JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED):
                     return record, pipeline.num_runs

@@ -1,6 +1,6 @@
-"""The async jobs queue against a real redis-server: idempotent submit, take/finish/cancel,
-watching, expiry, takeover of a dead consumer's job, a chaos run of consumers killed at
-random, and Redis failing (killed, hung, restarted empty)."""
+"""The async jobs queue against a real redis-server: idempotent submit, job ids scoped by
+tenant, take/finish/cancel, watching, expiry, takeover of a dead consumer's job, a chaos
+run of consumers killed at random, and Redis failing (killed, hung, restarted empty)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from services.frontend.jobs import (
     JobRecord,
     JobState,
     JobStoreUnavailable,
+    job_keys,
 )
 from tests.procs import RedisServer
 
@@ -60,9 +61,9 @@ async def queue_on(server: RedisServer, *, consumer: str = "frontend-a",
         yield JobQueue(client, config, consumer=consumer)
 
 
-async def events_of(queue: JobQueue, job_id: str) -> list[int]:
+async def events_of(queue: JobQueue, job_id: str, tenant: str = "acme") -> list[int]:
     """The states in the job's events stream, oldest first."""
-    entries = await queue.client.xrange(f"{PREFIX}:job:{job_id}:events")
+    entries = await queue.client.xrange(job_keys(PREFIX, tenant, job_id)[1])
     return [int(fields[b"state"]) for _, fields in entries]
 
 
@@ -79,33 +80,88 @@ async def collect(records: AsyncIterator[JobRecord]) -> list[JobRecord]:
 def test_submit_queues_a_job_once_per_id(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            record = await queue.submit("job-1", "acme", request())
+            record = await queue.submit("job-1", request(), tenant="acme")
             assert (record.job_id, record.tenant, record.state) == ("job-1", "acme", QUEUED)
             assert (record.request, record.result, record.num_attempts) == (request(), b"", 0)
             assert (record.error_code, record.error) == (0, "")
             assert abs(record.created_ms - time.time() * 1000) < 5000  # Redis's clock
             assert record.updated_ms == record.created_ms
-            assert await queue.submit("job-1", "acme", request()) == record
-            assert await queue.get("job-1") == record
+            assert await queue.submit("job-1", request(), tenant="acme") == record
+            assert await queue.get("job-1", tenant="acme") == record
             assert await queue.client.xlen(f"{PREFIX}:stream") == 1
             assert await events_of(queue, "job-1") == [QUEUED]
-            assert await queue.get("job-2") is None
+            assert await queue.get("job-2", tenant="acme") is None
 
     asyncio.run(main())
 
 
-def test_a_job_id_reused_by_another_request_or_tenant_conflicts(redis_server):
+def test_a_job_id_reused_by_the_same_tenant_for_another_request_conflicts(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            original = await queue.submit("job-1", "acme", request("one"))
+            original = await queue.submit("job-1", request("one"), tenant="acme")
             with pytest.raises(JobConflict, match="'job-1' is already used"):
-                await queue.submit("job-1", "acme", request("two"))
-            with pytest.raises(JobConflict):
-                await queue.submit("job-1", "globex", request("one"))
-            assert await queue.get("job-1") == original
+                await queue.submit("job-1", request("two"), tenant="acme")
+            assert await queue.submit("job-1", request("one"), tenant="acme") == original
+            assert await queue.get("job-1", tenant="acme") == original
             assert await queue.client.xlen(f"{PREFIX}:stream") == 1
 
     asyncio.run(main())
+
+
+def test_the_same_job_id_in_two_tenants_is_two_independent_jobs(redis_server):
+    async def main() -> None:
+        async with queue_on(redis_server) as queue:
+            acme = await queue.submit("report-X", request("acme's"), tenant="acme")
+            # Neither ALREADY_EXISTS nor acme's job: globex's own, new job.
+            globex = await queue.submit("report-X", request("globex's"), tenant="globex")
+            assert (globex.tenant, globex.request, globex.state) == (
+                "globex", request("globex's"), QUEUED)
+            assert await queue.submit("report-X", request("globex's"), tenant="globex") == globex
+            with pytest.raises(JobConflict):  # conflicts stay within a tenant
+                await queue.submit("report-X", request("acme's"), tenant="globex")
+            assert await queue.get("report-X", tenant="acme") == acme
+            assert await queue.get("report-X", tenant="globex") == globex
+            assert await queue.get("report-X", tenant="initech") is None
+            assert await queue.client.xlen(f"{PREFIX}:stream") == 2
+
+            # Each runs and ends on its own, with its own result.
+            claims = {c.tenant: c for c in [await take_now(queue), await take_now(queue)]}
+            assert sorted(claims) == ["acme", "globex"]
+            assert claims["acme"].record.request == request("acme's")
+            assert claims["globex"].record.request == request("globex's")
+            assert await queue.finish(claims["globex"], result=response("globex's")) is True
+            done = await queue.get("report-X", tenant="globex")
+            assert done is not None and (done.state, done.result) == (
+                SUCCEEDED, response("globex's"))
+            running = await queue.get("report-X", tenant="acme")
+            assert running is not None and (running.state, running.result) == (RUNNING, b"")
+            assert await queue.heartbeat(claims["acme"]) is True
+
+            # A cancel or a watch reaches only the caller's tenant's job.
+            assert await queue.cancel("report-X", tenant="initech") is None
+            assert await collect(queue.watch("report-X", tenant="initech", timeout_s=1)) == []
+            cancelled = await queue.cancel("report-X", tenant="acme")
+            assert cancelled is not None and cancelled.state == CANCELLED
+            assert await queue.get("report-X", tenant="globex") == done
+            assert await collect(queue.watch("report-X", tenant="globex", timeout_s=1)) == [
+                done]
+            assert await queue.finish(claims["acme"], result=response("late")) is False
+            assert await events_of(queue, "report-X", "acme") == [QUEUED, RUNNING, CANCELLED]
+            assert await events_of(queue, "report-X", "globex") == [QUEUED, RUNNING, SUCCEEDED]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("tenant_a", "id_a", "tenant_b", "id_b"), [
+    ("a:b", "c", "a", "b:c"),  # the same text once joined with ':'
+    ("a", "b", "a%3A", "b"),  # a tenant that looks like another one quoted
+    ("", "x", "x", ""),
+])
+def test_job_keys_never_name_two_jobs_alike(tenant_a, id_a, tenant_b, id_b):
+    keys = {*job_keys(PREFIX, tenant_a, id_a), *job_keys(PREFIX, tenant_b, id_b)}
+    assert len(keys) == 4
+    # No job id names another job's events.
+    assert job_keys(PREFIX, "t", "x:events")[0] != job_keys(PREFIX, "t", "x")[1]
 
 
 @pytest.mark.parametrize("job_id", ["", "x" * 129, "has space", "tab\there", "new\nline",
@@ -114,13 +170,13 @@ def test_bad_job_ids_are_refused(job_id):
     async def main() -> None:
         queue = JobQueue(redis.Redis(), JobQueueConfig(), consumer="a")  # never connects
         with pytest.raises(ValueError, match="job id must"):
-            await queue.submit(job_id, "acme", request())
+            await queue.submit(job_id, request(), tenant="acme")
         with pytest.raises(ValueError, match="job id must"):
-            await queue.get(job_id)
+            await queue.get(job_id, tenant="acme")
         with pytest.raises(ValueError, match="job id must"):
-            await queue.cancel(job_id)
+            await queue.cancel(job_id, tenant="acme")
         with pytest.raises(ValueError, match="job id must"):
-            await anext(queue.watch(job_id, timeout_s=1))
+            await anext(queue.watch(job_id, tenant="acme", timeout_s=1))
 
     asyncio.run(main())
 
@@ -128,17 +184,17 @@ def test_bad_job_ids_are_refused(job_id):
 def test_take_runs_a_job_and_the_first_finish_ends_it(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            submitted = await queue.submit("x" * 128, "acme", request())  # longest id
+            submitted = await queue.submit("x" * 128, request(), tenant="acme")  # longest id
             claim = await take_now(queue)
             assert (claim.job_id, claim.record.state, claim.record.num_attempts) == (
                 "x" * 128, RUNNING, 1)
             assert claim.record.created_ms == submitted.created_ms
-            assert await queue.get("x" * 128) == claim.record
+            assert await queue.get("x" * 128, tenant="acme") == claim.record
             assert await queue.heartbeat(claim)
             assert await queue.take(block_ms=50) is None  # nothing else queued
 
             assert await queue.finish(claim, result=response()) is True
-            record = await queue.get("x" * 128)
+            record = await queue.get("x" * 128, tenant="acme")
             assert record is not None
             assert (record.state, record.result, record.num_attempts) == (
                 SUCCEEDED, response(), 1)
@@ -150,7 +206,7 @@ def test_take_runs_a_job_and_the_first_finish_ends_it(redis_server):
 
             assert await queue.finish(claim, result=response("again")) is True  # a retry
             assert await queue.finish(claim, error_code=13, error="late") is True
-            assert await queue.get("x" * 128) == record
+            assert await queue.get("x" * 128, tenant="acme") == record
             assert await queue.heartbeat(claim) is False
             assert await events_of(queue, "x" * 128) == [QUEUED, RUNNING, SUCCEEDED]
             # The entry is acknowledged and gone: the queue holds only unfinished work.
@@ -165,13 +221,13 @@ def test_a_second_finish_from_another_claim_returns_false(redis_server):
     async def main() -> None:
         async with (queue_on(redis_server, consumer="a", claim_timeout_s=0.2) as a,
                     queue_on(redis_server, consumer="b", claim_timeout_s=0.2) as b):
-            await a.submit("job-1", "acme", request())
+            await a.submit("job-1", request(), tenant="acme")
             first = await take_now(a)
             await asyncio.sleep(0.3)
             second = await take_now(b)
             assert await b.finish(second, result=response("b")) is True
             assert await a.finish(first, result=response("a")) is False
-            record = await a.get("job-1")
+            record = await a.get("job-1", tenant="acme")
             assert record is not None and record.result == response("b")
 
     asyncio.run(main())
@@ -180,14 +236,14 @@ def test_a_second_finish_from_another_claim_returns_false(redis_server):
 def test_a_failed_job_keeps_its_error(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            await queue.submit("job-1", "acme", request())
+            await queue.submit("job-1", request(), tenant="acme")
             claim = await take_now(queue)
             with pytest.raises(ValueError, match="non-zero"):
                 await queue.finish(claim)
             with pytest.raises(ValueError, match="either succeeds"):
                 await queue.finish(claim, result=response(), error_code=13)
             assert await queue.finish(claim, error_code=13, error="the worker crashed")
-            record = await queue.get("job-1")
+            record = await queue.get("job-1", tenant="acme")
             assert record is not None
             assert (record.state, record.error_code, record.error, record.result) == (
                 FAILED, 13, "the worker crashed", b"")
@@ -202,14 +258,15 @@ def test_a_failed_job_keeps_its_error(redis_server):
 def test_a_job_cancelled_while_queued_is_never_run(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            await queue.submit("job-1", "acme", request())
-            cancelled = await queue.cancel("job-1")
+            await queue.submit("job-1", request(), tenant="acme")
+            cancelled = await queue.cancel("job-1", tenant="acme")
             assert cancelled is not None and cancelled.state == CANCELLED
-            assert await queue.cancel("job-1") == cancelled  # ended: returned unchanged
-            assert await queue.cancel("unknown") is None
+            # Ended: returned unchanged.
+            assert await queue.cancel("job-1", tenant="acme") == cancelled
+            assert await queue.cancel("unknown", tenant="acme") is None
             assert await queue.take(block_ms=50) is None  # skips it and drops its entry
             assert await queue.client.xlen(f"{PREFIX}:stream") == 0
-            assert await queue.get("job-1") == cancelled
+            assert await queue.get("job-1", tenant="acme") == cancelled
             assert await events_of(queue, "job-1") == [QUEUED, CANCELLED]
 
     asyncio.run(main())
@@ -218,14 +275,14 @@ def test_a_job_cancelled_while_queued_is_never_run(redis_server):
 def test_a_job_cancelled_while_running_stops_its_runner(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            await queue.submit("job-1", "acme", request())
+            await queue.submit("job-1", request(), tenant="acme")
             claim = await take_now(queue)
-            cancelled = await queue.cancel("job-1")
+            cancelled = await queue.cancel("job-1", tenant="acme")
             assert cancelled is not None
             assert (cancelled.state, cancelled.num_attempts) == (CANCELLED, 1)
             assert await queue.heartbeat(claim) is False
             assert await queue.finish(claim, result=response()) is False
-            assert await queue.get("job-1") == cancelled
+            assert await queue.get("job-1", tenant="acme") == cancelled
             assert await events_of(queue, "job-1") == [QUEUED, RUNNING, CANCELLED]
             assert await queue.client.xlen(f"{PREFIX}:stream") == 0  # finish acknowledged it
 
@@ -235,7 +292,7 @@ def test_a_job_cancelled_while_running_stops_its_runner(redis_server):
 def test_watch_from_the_start_sees_every_change(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            await queue.submit("job-1", "acme", request())
+            await queue.submit("job-1", request(), tenant="acme")
 
             async def run() -> None:
                 await asyncio.sleep(0.1)
@@ -244,11 +301,11 @@ def test_watch_from_the_start_sees_every_change(redis_server):
                 await queue.finish(claim, result=response())
 
             runner = asyncio.create_task(run())
-            records = await collect(queue.watch("job-1", timeout_s=5))
+            records = await collect(queue.watch("job-1", tenant="acme", timeout_s=5))
             await runner
             assert [r.state for r in records] == [QUEUED, RUNNING, SUCCEEDED]
             assert [r.num_attempts for r in records] == [0, 1, 1]
-            assert records[-1] == await queue.get("job-1")
+            assert records[-1] == await queue.get("job-1", tenant="acme")
             assert records[-1].result == response()
             assert records[0].updated_ms <= records[1].updated_ms <= records[2].updated_ms
 
@@ -258,9 +315,9 @@ def test_watch_from_the_start_sees_every_change(redis_server):
 def test_a_watcher_that_starts_late_misses_nothing_after_its_first_record(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            await queue.submit("job-1", "acme", request())
+            await queue.submit("job-1", request(), tenant="acme")
             claim = await take_now(queue)
-            records = queue.watch("job-1", timeout_s=5)
+            records = queue.watch("job-1", tenant="acme", timeout_s=5)
             assert (await anext(records)).state == RUNNING
             await queue.finish(claim, result=response())  # before the watcher reads on
             rest = await collect(records)
@@ -272,14 +329,14 @@ def test_a_watcher_that_starts_late_misses_nothing_after_its_first_record(redis_
 def test_watch_after_the_end_gets_the_final_record_at_once(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            await queue.submit("job-1", "acme", request())
+            await queue.submit("job-1", request(), tenant="acme")
             await queue.finish(await take_now(queue), result=response())
             t0 = time.monotonic()
-            records = await collect(queue.watch("job-1", timeout_s=5))
+            records = await collect(queue.watch("job-1", tenant="acme", timeout_s=5))
             assert time.monotonic() - t0 < 0.1
-            assert records == [await queue.get("job-1")]
+            assert records == [await queue.get("job-1", tenant="acme")]
             assert records[0].state == SUCCEEDED
-            assert await collect(queue.watch("unknown", timeout_s=5)) == []
+            assert await collect(queue.watch("unknown", tenant="acme", timeout_s=5)) == []
 
     asyncio.run(main())
 
@@ -287,8 +344,8 @@ def test_watch_after_the_end_gets_the_final_record_at_once(redis_server):
 def test_watch_times_out_when_the_job_does_not_end(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            await queue.submit("job-1", "acme", request())
-            records = queue.watch("job-1", timeout_s=0.4)
+            await queue.submit("job-1", request(), tenant="acme")
+            records = queue.watch("job-1", tenant="acme", timeout_s=0.4)
             assert (await anext(records)).state == QUEUED
             t0 = time.monotonic()
             with pytest.raises(TimeoutError, match=r"did not end within 0\.4 s"):
@@ -302,22 +359,22 @@ def test_ended_jobs_expire_after_the_ttl_and_unended_ones_do_not(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
             for job_id in ("done", "cancelled", "running", "queued"):
-                await queue.submit(job_id, "acme", request())
+                await queue.submit(job_id, request(), tenant="acme")
             done = await take_now(queue)
             running = await take_now(queue)
             assert (done.job_id, running.job_id) == ("done", "cancelled")
             await queue.finish(done, result=response())
-            await queue.cancel("cancelled")
+            await queue.cancel("cancelled", tenant="acme")
             for job_id in ("done", "cancelled"):
-                for key in (f"{PREFIX}:job:{job_id}", f"{PREFIX}:job:{job_id}:events"):
+                for key in job_keys(PREFIX, "acme", job_id):
                     assert 59_000 < await queue.client.pttl(key) <= 60_000
-            await queue.cancel("queued")
+            await queue.cancel("queued", tenant="acme")
             await take_now(queue)  # "running" (the cancelled one's entry is dropped)
-            for key in (f"{PREFIX}:job:running", f"{PREFIX}:job:running:events"):
+            for key in job_keys(PREFIX, "acme", "running"):
                 assert await queue.client.pttl(key) == -1
             # Once expired, the id is free for a new job.
-            await queue.client.delete(f"{PREFIX}:job:done", f"{PREFIX}:job:done:events")
-            again = await queue.submit("done", "acme", request("another"))
+            await queue.client.delete(*job_keys(PREFIX, "acme", "done"))
+            again = await queue.submit("done", request("another"), tenant="acme")
             assert (again.state, again.num_attempts) == (QUEUED, 0)
             assert await events_of(queue, "done") == [QUEUED]
 
@@ -328,8 +385,8 @@ def test_a_dead_consumers_job_is_taken_over_and_ends_once(redis_server):
     async def main() -> None:
         async with (queue_on(redis_server, consumer="a", claim_timeout_s=0.5) as a,
                     queue_on(redis_server, consumer="b", claim_timeout_s=0.5) as b):
-            await a.submit("job-1", "acme", request())
-            records = a.watch("job-1", timeout_s=5)
+            await a.submit("job-1", request(), tenant="acme")
+            records = a.watch("job-1", tenant="acme", timeout_s=5)
             first = await anext(records)
             watcher = asyncio.create_task(collect(records))
             lost = await take_now(a)  # then a stops heartbeating
@@ -356,14 +413,14 @@ def test_a_presumed_dead_consumer_that_finishes_first_wins(redis_server):
     async def main() -> None:
         async with (queue_on(redis_server, consumer="a", claim_timeout_s=0.2) as a,
                     queue_on(redis_server, consumer="b", claim_timeout_s=0.2) as b):
-            await a.submit("job-1", "acme", request())
+            await a.submit("job-1", request(), tenant="acme")
             slow = await take_now(a)
             await asyncio.sleep(0.3)
             taken = await take_now(b)
             assert await a.finish(slow, result=response("a")) is True
             assert await b.heartbeat(taken) is False
             assert await b.finish(taken, result=response("b")) is False
-            record = await a.get("job-1")
+            record = await a.get("job-1", tenant="acme")
             assert record is not None
             assert (record.state, record.result, record.num_attempts) == (
                 SUCCEEDED, response("a"), 2)
@@ -376,14 +433,14 @@ def test_a_heartbeating_consumer_keeps_its_job(redis_server):
     async def main() -> None:
         async with (queue_on(redis_server, consumer="a", claim_timeout_s=0.3) as a,
                     queue_on(redis_server, consumer="b", claim_timeout_s=0.3) as b):
-            await a.submit("job-1", "acme", request())
+            await a.submit("job-1", request(), tenant="acme")
             claim = await take_now(a)
             t0 = time.monotonic()
             while time.monotonic() - t0 < 1.0:
                 assert await a.heartbeat(claim)
                 assert await b.take(block_ms=100) is None
             assert await a.finish(claim, result=response()) is True
-            record = await a.get("job-1")
+            record = await a.get("job-1", tenant="acme")
             assert record is not None and record.num_attempts == 1
 
     asyncio.run(main())
@@ -392,10 +449,12 @@ def test_a_heartbeating_consumer_keeps_its_job(redis_server):
 def test_an_entry_left_by_an_expired_job_does_not_run_its_successor_twice(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            await queue.submit("job-1", "acme", request("old"))
-            await queue.cancel("job-1")  # its queue entry stays until a consumer reads it
-            await queue.client.delete(f"{PREFIX}:job:job-1", f"{PREFIX}:job:job-1:events")
-            await queue.submit("job-1", "acme", request("new"))  # the id was free again
+            await queue.submit("job-1", request("old"), tenant="acme")
+            # Its queue entry stays until a consumer reads it.
+            await queue.cancel("job-1", tenant="acme")
+            await queue.client.delete(*job_keys(PREFIX, "acme", "job-1"))
+            # The id is free again.
+            await queue.submit("job-1", request("new"), tenant="acme")
             claim = await take_now(queue)  # the old entry is dropped, the new one runs
             assert (claim.record.request, claim.record.num_attempts) == (request("new"), 1)
             assert await queue.take(block_ms=50) is None
@@ -416,7 +475,7 @@ def test_a_cancelled_caller_stops_even_if_the_redis_client_swallows_the_cancella
         client = redis.Redis()  # never connects
         client.hgetall = hgetall_swallowing_cancellation  # type: ignore[method-assign]
         queue = JobQueue(client, JobQueueConfig(), consumer="a")
-        reading = asyncio.create_task(queue.get("job-1"))
+        reading = asyncio.create_task(queue.get("job-1", tenant="acme"))
         await asyncio.sleep(0.01)
         reading.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -462,7 +521,7 @@ def test_chaos_consumers_killed_at_random_every_job_ends_exactly_once(redis_serv
 
             producer = JobQueue(client, config, consumer="producer")
             for job_id in job_ids:
-                await producer.submit(job_id, "acme", request(job_id))
+                await producer.submit(job_id, request(job_id), tenant="acme")
             consumers = {f"c{i}": start(f"c{i}") for i in range(num_consumers)}
             killed: list[asyncio.Task] = []
             deadline = time.monotonic() + 20
@@ -482,7 +541,7 @@ def test_chaos_consumers_killed_at_random_every_job_ends_exactly_once(redis_serv
             assert not alive
 
             assert sorted(won) == job_ids  # exactly one True per job
-            records = [await producer.get(job_id) for job_id in job_ids]
+            records = [await producer.get(job_id, tenant="acme") for job_id in job_ids]
             assert all(r is not None and r.state == SUCCEEDED for r in records)
             assert all(r is not None and r.result == response(r.job_id) for r in records)
             for job_id in job_ids:
@@ -499,13 +558,14 @@ def test_chaos_consumers_killed_at_random_every_job_ends_exactly_once(redis_serv
 def test_redis_killed_every_call_fails_fast_with_unavailable(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            await queue.submit("job-1", "acme", request())
+            await queue.submit("job-1", request(), tenant="acme")
             claim = await take_now(queue)
             redis_server.kill()
-            calls = [queue.submit("job-2", "acme", request()), queue.get("job-1"),
-                     queue.cancel("job-1"), queue.take(block_ms=1000), queue.heartbeat(claim),
+            calls = [queue.submit("job-2", request(), tenant="acme"),
+                     queue.get("job-1", tenant="acme"), queue.cancel("job-1", tenant="acme"),
+                     queue.take(block_ms=1000), queue.heartbeat(claim),
                      queue.finish(claim, result=response()),
-                     anext(queue.watch("job-1", timeout_s=5))]
+                     anext(queue.watch("job-1", tenant="acme", timeout_s=5))]
             for call in calls:
                 t0 = time.monotonic()
                 with pytest.raises(JobStoreUnavailable, match="the job store failed while"):
@@ -518,8 +578,8 @@ def test_redis_killed_every_call_fails_fast_with_unavailable(redis_server):
 def test_a_hung_redis_fails_within_the_timeout_and_a_watcher_does_not_hang(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            await queue.submit("job-1", "acme", request())
-            records = queue.watch("job-1", timeout_s=30)
+            await queue.submit("job-1", request(), tenant="acme")
+            records = queue.watch("job-1", tenant="acme", timeout_s=30)
             assert (await anext(records)).state == QUEUED  # now blocked reading events
             redis_server.pause()
             try:
@@ -527,13 +587,13 @@ def test_a_hung_redis_fails_within_the_timeout_and_a_watcher_does_not_hang(redis
                 with pytest.raises(JobStoreUnavailable):
                     await anext(records)
                 with pytest.raises(JobStoreUnavailable, match="while reading a job"):
-                    await queue.get("job-1")
+                    await queue.get("job-1", tenant="acme")
                 with pytest.raises(JobStoreUnavailable):
                     await queue.take(block_ms=100)
                 assert time.monotonic() - t0 < 3 * (2 * TIMEOUT_S + 0.15)
             finally:
                 redis_server.resume()
-            record = await queue.get("job-1")
+            record = await queue.get("job-1", tenant="acme")
             assert record is not None and record.state == QUEUED
 
     asyncio.run(main())
@@ -542,14 +602,14 @@ def test_a_hung_redis_fails_within_the_timeout_and_a_watcher_does_not_hang(redis
 def test_the_queue_recovers_after_redis_restarts_empty(redis_server):
     async def main() -> None:
         async with queue_on(redis_server) as queue:
-            await queue.submit("job-1", "acme", request())
+            await queue.submit("job-1", request(), tenant="acme")
             assert await queue.take(block_ms=50) is not None  # the group exists now
             redis_server.kill()
             with pytest.raises(JobStoreUnavailable):
                 await queue.take(block_ms=50)
             redis_server.start()  # same port, empty: no jobs, no group, no scripts
-            assert await queue.get("job-1") is None
-            await queue.submit("job-2", "acme", request())
+            assert await queue.get("job-1", tenant="acme") is None
+            await queue.submit("job-2", request(), tenant="acme")
             claim = await take_now(queue)  # makes the group again
             assert (claim.job_id, claim.record.num_attempts) == ("job-2", 1)
             assert await queue.finish(claim, result=response())

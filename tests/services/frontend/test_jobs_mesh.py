@@ -31,6 +31,7 @@ from genmesh.v1 import (
     generation_pb2,
     generation_pb2_grpc,
 )
+from services.frontend.jobs import JobQueueConfig, job_keys
 from tests.conftest import DEFAULT_MODEL, OTHER_API_KEY, mesh_deployment
 from tests.procs import REPO_ROOT, free_port, launched, wait_serving
 
@@ -114,10 +115,18 @@ def test_job_ids_are_idempotent_and_private_to_their_tenant(jobs_mesh):
             client.submit_job("x", max_tokens=4, model="no-such-model")
         assert bad_request.value.code == grpc.StatusCode.NOT_FOUND
     with jobs_mesh.client(api_key=OTHER_API_KEY) as other:
-        for call in (other.get_job, other.cancel_job):
+        for call in (other.get_job, other.cancel_job, lambda j: list(other.watch_job(j))):
             with pytest.raises(GenmeshError) as hidden:
                 call(job_id)
             assert hidden.value.code == grpc.StatusCode.NOT_FOUND
+            assert "unknown, or expired" in hidden.value.message
+        # The id is the other tenant's own too: a new job, not ALREADY_EXISTS.
+        theirs = other.submit_job("Something else.", job_id=job_id, max_tokens=4)
+        assert (theirs.job_id, theirs.state) == (job_id, "queued")
+        assert other.cancel_job(job_id).state == "cancelled"
+    with jobs_mesh.client() as client:
+        mine = client.get_job(job_id)  # untouched by the other tenant's cancel
+        assert mine.created_unix_ms == first.created_unix_ms and mine.state != "cancelled"
 
 
 def test_a_cancelled_job_stays_cancelled(jobs_mesh):
@@ -179,7 +188,7 @@ def test_100_jobs_finish_once_while_frontends_are_killed_at_random(jobs_mesh, tm
     r = redis.Redis.from_url(jobs_mesh.config.redis_url)
     try:
         for job_id in job_ids:
-            events = r.xrange(f"genmesh:jobs:job:{job_id}:events")
+            events = r.xrange(job_keys(JobQueueConfig().prefix, "dev", job_id)[1])
             terminal = [e for _, e in events if int(e[b"state"]) in ENDED]
             assert len(terminal) == 1, (job_id, events)
     finally:
