@@ -2,10 +2,11 @@
 
 The same chat prompts run twice: first against the engine in this process (the floor),
 then through the whole mesh started by the launcher (Envoy edge → frontend → tokenizer
-→ Envoy mesh → worker, with detokenization through the tokenizer's bidi stream). Both
-see identical prompts in the same order, at 1 and 32 concurrent streams. Reported:
-time to first token and per-token latency (gap between consecutive tokens) p50/p99,
-and the difference, which is the mesh's overhead.
+and safety → Envoy mesh → worker, whose engine core runs in its own process unless
+``engine_process=False``). Both see identical prompts in the same order, at 1 and 32
+concurrent streams. Reported: time to first token, per-token latency (gap between
+consecutive arrivals) and time per output token p50/p99, the differences, throughput,
+and the CPU per token of every process (the engine apart from the rest).
 """
 
 from __future__ import annotations
@@ -277,7 +278,8 @@ def run_mesh_bench(model_dir: Path, *, model: str, dtype: str, kv_cache_gib: flo
         "model": model, "dtype": dtype, "device": device, "dummy_weights": dummy,
         "output_tokens": bench.output_len, "engine_process": engine_process,
         "path": "client → Envoy edge → frontend (tokenizer: template; detokenize in "
-                "process; safety: pipelined moderation) → Envoy mesh → worker",
+                "process; safety: prompt check, adaptive moderation) → Envoy mesh → "
+                "worker" + (" → its engine process" if engine_process else ""),
         "in_process": direct, "mesh": meshed, "added": added,
         "added_ttft_ms_p50": added[top]["ttft_ms_p50"],
         "added_per_token_ms_p50": added[top]["per_token_ms_p50"],
