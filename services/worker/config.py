@@ -32,6 +32,15 @@ class WorkerConfig(ServerConfig):
     # The engine core in a process of its own (True) or a thread of the worker (False):
     # a process keeps the gRPC loop's Python off the step loop's GIL.
     engine_process: bool = True
+    # Under load (at least stream_interval_min_batch requests running) a stream's tokens
+    # go out several at a time, so a step's tokens leave in about
+    # stream_replies_per_step replies (at most stream_interval tokens in one), none held
+    # longer than stream_interval_max_hold_ms; the first and last replies never wait
+    # (services/worker/stream_interval.py). stream_interval 1: every step's tokens at once.
+    stream_interval: int = 16
+    stream_replies_per_step: int = 4
+    stream_interval_min_batch: int = 8
+    stream_interval_max_hold_ms: float = 250.0
     # Where every finished generation's tokens and timings are recorded (a Redis stream),
     # so a shadow version can be compared with the primary; empty: nothing is recorded.
     record_redis_url: str = ""

@@ -18,6 +18,7 @@ from services.worker.gpu import Nvml
 from services.worker.metrics import WorkerMetrics
 from services.worker.records import RecordSink
 from services.worker.servicer import WorkerServicer
+from services.worker.stream_interval import StreamInterval
 
 
 def engine_config(cfg: WorkerConfig, model_path: str) -> EngineConfig:
@@ -53,7 +54,11 @@ async def run(cfg: WorkerConfig) -> None:
         refresher = asyncio.create_task(metrics.refresh_forever(engine))
     servicer = WorkerServicer(engine, model_name=cfg.served_name,
                               model_version=cfg.model_version, worker_id=cfg.address,
-                              records=records, metrics=metrics)
+                              records=records, metrics=metrics,
+                              stream_interval=StreamInterval(
+                                  cfg.stream_interval, cfg.stream_replies_per_step,
+                                  cfg.stream_interval_min_batch,
+                                  cfg.stream_interval_max_hold_ms))
 
     async def stop_engine() -> None:
         if refresher is not None:

@@ -24,6 +24,7 @@ from services.worker.engine.params import (
 )
 from services.worker.metrics import WorkerMetrics
 from services.worker.records import RecordSink, Timing
+from services.worker.stream_interval import ReplyGate, StreamInterval
 
 log = logging.getLogger("genmesh.worker")
 
@@ -96,8 +97,10 @@ def delta_to_proto(d: Delta) -> worker_pb2.WorkerGenerateResponse:
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: Engine, *, model_name: str, model_version: str,
                  worker_id: str = "", records: RecordSink | None = None,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None,
+                 stream_interval: StreamInterval | None = None) -> None:
         self.engine = engine
+        self.stream_interval = stream_interval or StreamInterval(max_interval=1)
         self.model_name = model_name
         self.model_version = model_version
         self.worker_id = worker_id  # this replica's address, sent back to callers
@@ -134,9 +137,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             # Tells the caller which version (and replica) answered before the first token.
             await context.send_initial_metadata(((metadata.MODEL_VERSION, self.model_version),
                                                  (metadata.WORKER_ID, self.worker_id)))
+            gate = ReplyGate(self.stream_interval, self._num_running)
             async for first in stream:
-                # Deltas that piled up while the last reply was being sent go out as one.
-                delta = merge_deltas([first, *take_ready()])
+                # Deltas that piled up while the last reply was being sent go out as one;
+                # under load, a few steps' tokens go out as one (stream_interval.py).
+                due = gate.add([first, *take_ready()])
+                if due is None:
+                    continue
+                delta = merge_deltas(due)
                 if self.records is not None:
                     timing.tokens(len(delta.new_token_ids))
                     token_ids += delta.new_token_ids
@@ -155,6 +163,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             # Cancelled by the caller (or the server stopping): free the KV blocks now.
             await stream.aclose()  # type: ignore[attr-defined]
+
+    def _num_running(self) -> int:
+        return self.engine.stats().num_running
 
     def _observe_finish(self, span: trace.Span, last: Delta) -> None:
         if self.metrics is not None and last.timings is not None:
