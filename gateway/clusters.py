@@ -1,15 +1,18 @@
-"""Upstream clusters: one per gRPC service, HTTP/2 to every endpoint, actively health checked.
+"""Upstream clusters: one per service, actively health checked. The gRPC services speak
+HTTP/2; the HTTP API (``http_cluster``) speaks HTTP/1.1 and is probed with ``GET /healthz``.
 
 Health checking, as Envoy does it and as genmesh relies on it:
 - Every endpoint is probed with the standard ``grpc.health.v1.Health/Check`` (service "",
-  the server as a whole) once a second, with or without traffic (``no_traffic_interval``
-  would otherwise slow probing of an idle cluster to once a minute).
+  the server as a whole; an HTTP service: ``GET /healthz``) once a second, with or
+  without traffic (``no_traffic_interval`` would otherwise slow probing of an idle
+  cluster to once a minute).
 - A host starts unhealthy and receives no traffic until its first probe answers SERVING.
   At boot Envoy finishes that first round before ``/ready`` answers 200, so a backend that
   is down at boot stays out of rotation until a later probe (at most ~1 s after it serves).
-- An answer of NOT_SERVING takes a host out at that probe (a definite answer, Envoy
-  skips the threshold); two network failures in a row (no answer within 1 s, refused
-  connection) do too. One SERVING answer puts it back; a host the probes took out is
+- An answer of NOT_SERVING (HTTP: any status but 200, e.g. the 503 of a draining HTTP
+  API) takes a host out at that probe (a definite answer, Envoy skips the threshold);
+  two network failures in a row (no answer within 1 s, refused connection) do too.
+  One SERVING answer puts it back; a host the probes took out is
   probed every 0.25 s, so a replica that `genmesh up` (or a container runtime) restarted
   takes calls again within 0.25 s of serving. (One that outlier detection ejected, below,
   comes back at its next good probe, within the 1 s interval.)
@@ -44,6 +47,12 @@ MAX_CONNECTIONS = 1024
 MAX_PENDING_REQUESTS = 4096
 MAX_REQUESTS = 4096
 
+HEALTH_CHECK_PATH = "/healthz"  # what an HTTP service answers 200 on while it serves
+# An idle HTTP/1.1 connection to an HTTP service is closed by Envoy after this long, before
+# the service closes it itself (uvicorn's keep-alive in services/httpapi: 75 s): a request
+# written onto a connection the server is closing would fail with 503 (reset, no retry).
+HTTP_IDLE_TIMEOUT_S = 60.0
+
 
 def cluster(name: str, endpoints: Sequence[Endpoint], *, lb_policy: str = "ROUND_ROBIN",
             is_health_checked: bool = True) -> dict[str, Any]:
@@ -56,6 +65,27 @@ def cluster(name: str, endpoints: Sequence[Endpoint], *, lb_policy: str = "ROUND
     ``is_health_checked=False`` for what is not a genmesh service (a trace collector need
     not serve the gRPC health service).
     """
+    config = _upstream(name, endpoints, lb_policy=lb_policy,
+                       protocol_options=http2_protocol_options())
+    if is_health_checked:
+        config |= _health_checked(grpc_health_check())
+    return config
+
+
+def http_cluster(name: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
+    """An HTTP/1.1 cluster over ``endpoints`` (the HTTP API), round robin, probed with
+    ``GET /healthz`` (200: in rotation), otherwise health checked like the gRPC clusters.
+
+    HTTP/1.1 carries one request per connection at a time, so MAX_CONNECTIONS also bounds
+    the requests in flight to the cluster; the next MAX_PENDING_REQUESTS wait for one."""
+    config = _upstream(name, endpoints, lb_policy="ROUND_ROBIN",
+                       protocol_options=http1_protocol_options())
+    return config | _health_checked(http_health_check(HEALTH_CHECK_PATH))
+
+
+def _upstream(name: str, endpoints: Sequence[Endpoint], *, lb_policy: str,
+              protocol_options: dict[str, Any]) -> dict[str, Any]:
+    """What every cluster has: endpoints, discovery, balancing, protocol, circuit breakers."""
     if not endpoints:
         raise ValueError(f"cluster {name!r} needs at least one endpoint")
     is_static = all(_is_ip(host) for host, _ in endpoints)
@@ -67,24 +97,26 @@ def cluster(name: str, endpoints: Sequence[Endpoint], *, lb_policy: str = "ROUND
     if not is_static:
         # Container networks are IPv4; AUTO would try AAAA records first.
         config["dns_lookup_family"] = "V4_PREFERRED"
-    config |= {
+    return config | {
         "lb_policy": lb_policy,
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [_lb_endpoint(host, port) for host, port in endpoints]}],
         },
         "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": http2_protocol_options(),
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": protocol_options,
         },
         "circuit_breakers": circuit_breakers(),
     }
-    if is_health_checked:
-        config |= {
-            "health_checks": [grpc_health_check()],
-            "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
-            "outlier_detection": outlier_detection(),
-        }
-    return config
+
+
+def _health_checked(health_check: dict[str, Any]) -> dict[str, Any]:
+    """Active probing, no panic mode, passive ejection (see the module docstring)."""
+    return {
+        "health_checks": [health_check],
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+        "outlier_detection": outlier_detection(),
+    }
 
 
 def outlier_detection() -> dict[str, Any]:
@@ -112,6 +144,15 @@ def http2_protocol_options() -> dict[str, Any]:
     )
 
 
+def http1_protocol_options() -> dict[str, Any]:
+    """Speak HTTP/1.1 to the upstream, closing idle connections before the server does."""
+    return typed(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        common_http_protocol_options={"idle_timeout": duration(HTTP_IDLE_TIMEOUT_S)},
+        explicit_http_config={"http_protocol_options": {}},
+    )
+
+
 def circuit_breakers() -> dict[str, Any]:
     return {
         "thresholds": [{
@@ -125,6 +166,17 @@ def circuit_breakers() -> dict[str, Any]:
 
 def grpc_health_check() -> dict[str, Any]:
     """Active ``grpc.health.v1.Health/Check`` of every endpoint (see the module docstring)."""
+    return _health_check_timing() | {"grpc_health_check": {}}
+
+
+def http_health_check(path: str) -> dict[str, Any]:
+    """Active ``GET path`` of every endpoint: 200 is healthy, any other status takes the
+    host out at once (Envoy treats it as definite, like NOT_SERVING)."""
+    return _health_check_timing() | {"http_health_check": {
+        "path": path, "expected_statuses": [{"start": 200, "end": 201}]}}
+
+
+def _health_check_timing() -> dict[str, Any]:
     return {
         "timeout": duration(HEALTH_CHECK_TIMEOUT_S),
         "interval": duration(HEALTH_CHECK_INTERVAL_S),
@@ -132,7 +184,6 @@ def grpc_health_check() -> dict[str, Any]:
         "unhealthy_interval": duration(UNHEALTHY_INTERVAL_S),
         "unhealthy_threshold": UNHEALTHY_THRESHOLD,
         "healthy_threshold": HEALTHY_THRESHOLD,
-        "grpc_health_check": {},
     }
 
 

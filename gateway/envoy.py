@@ -3,7 +3,9 @@ to run and validate Envoy.
 
 Two listeners on one Envoy (DESIGN.md §1):
 - edge (public): ``genmesh.v1.Generation`` per tenant with its rate limits, health and
-  reflection, all to the frontend; request bodies limited to ``max_request_bytes``.
+  reflection, all to the frontend; with ``services.httpapi``, the OpenAI-compatible
+  ``/v1/`` paths per tenant, with its rate limits too, to the HTTP API; request bodies
+  limited to ``max_request_bytes``.
 - mesh (service to service): each internal gRPC service to its cluster, the worker pools
   split, mirrored and hashed by the rollout state (``gateway/routes.py``).
 With ``gateway.metrics_port`` a third, ``metrics``, passes admin's ``/stats/prometheus``
@@ -29,10 +31,10 @@ from typing import Any
 import yaml
 
 from gateway import metrics, ratelimits
-from gateway.clusters import cluster
+from gateway.clusters import cluster, http_cluster
 from gateway.core import socket_address, typed
 from gateway.listeners import http_connection_manager, listener, otel_tracing, route_config
-from gateway.routes import edge_routes, mesh_routes
+from gateway.routes import HTTP_API_PREFIX, edge_routes, mesh_routes
 from genmesh.core.deployment import Deployment, GatewaySettings, parse_endpoint
 
 VALIDATE_TIMEOUT_S = 30.0
@@ -57,6 +59,8 @@ def clusters(dep: Deployment) -> list[dict[str, Any]]:
         endpoints = getattr(dep.services, name)
         if endpoints:
             out.append(cluster(name, endpoints))
+    if dep.services.httpapi:
+        out.append(http_cluster("httpapi", dep.services.httpapi))
     out += [cluster(v.cluster, v.workers, lb_policy="RING_HASH") for v in dep.versions]
     if dep.observability.otlp_endpoint:
         out.append(cluster(TRACE_COLLECTOR, (parse_endpoint(dep.observability.otlp_endpoint),),
@@ -71,7 +75,7 @@ def resources(dep: Deployment, *, rds_dir: Path | None = None) -> Resources:
     there (``routes-edge.yaml``, ``routes-mesh.yaml``) instead of carrying them."""
     configs = [route_config("edge", edge_routes(dep)), route_config("mesh", mesh_routes(dep))]
     g = dep.gateway
-    edge_filters = [ratelimits.local_filter()]
+    edge_filters = ratelimits.local_filters(dep.tenants)
     if dep.services.ratelimit:
         edge_filters.append(ratelimits.global_filter("ratelimit", dep.limits.global_failure_mode))
     listeners = []
@@ -80,7 +84,8 @@ def resources(dep: Deployment, *, rds_dir: Path | None = None) -> Resources:
         name = config["name"]
         routes = ({"route_config": config} if rds_dir is None
                   else {"rds": rds_subscription(name, rds_dir)})
-        manager = _connection_manager(g, name, routes, filters)
+        http_api_prefix = HTTP_API_PREFIX if name == "edge" and dep.services.httpapi else None
+        manager = _connection_manager(g, name, routes, filters, http_api_prefix=http_api_prefix)
         if dep.observability.otlp_endpoint:
             manager["tracing"] = otel_tracing(
                 f"genmesh-envoy-{name}", collector_cluster=TRACE_COLLECTOR,
@@ -134,13 +139,15 @@ def _base(g: GatewaySettings) -> dict[str, Any]:
 
 
 def _connection_manager(g: GatewaySettings, name: str, routes: dict[str, Any],
-                        filters: list[dict[str, Any]]) -> dict[str, Any]:
+                        filters: list[dict[str, Any]], *, http_api_prefix: str | None
+                        ) -> dict[str, Any]:
     is_edge = name == "edge"
     return http_connection_manager(
         name, routes=routes, extra_filters=filters, is_edge=is_edge,
         max_request_bytes=g.max_request_bytes if is_edge else None,
         stream_idle_timeout_s=g.stream_idle_timeout_s,
-        max_request_headers_kb=g.max_request_headers_kb, access_log=g.access_log)
+        max_request_headers_kb=g.max_request_headers_kb, access_log=g.access_log,
+        http_api_prefix=http_api_prefix)
 
 
 def render(dep: Deployment) -> str:

@@ -1,6 +1,9 @@
 """Listeners, their HTTP connection managers and gRPC routes.
 
 A stream that sends nothing in either direction for ``stream_idle_timeout`` is reset.
+Envoy's own replies (a limit, a backend it cannot reach) are rewritten by
+``local_reply_config``: on the HTTP API's paths into OpenAI's error object, on every other
+path into the gRPC status a gRPC server itself would have answered.
 Routes are built in ``gateway/routes.py``; a listener either carries them inline (the
 static rendering that ``envoy --mode validate`` checks) or subscribes to them as an RDS
 file, which is how a live mesh changes its routes without touching its connections.
@@ -12,8 +15,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.core import duration, socket_address, typed
+from gateway.ratelimits import LOCAL_REFUSAL_MESSAGE
 
 RESOURCE_EXHAUSTED = 8  # grpc-status code
+# Response flags of a request Envoy could not deliver to its upstream: no healthy host,
+# connection failed, circuit breaker open, reset or closed before the response headers.
+UPSTREAM_UNAVAILABLE_FLAGS = ("UH", "UF", "UO", "UR", "UC")
+# Envoy's response code details of a request its local rate-limit filter refused.
+LOCAL_RATE_LIMITED = "local_rate_limited"
 
 
 def listener(name: str, *, host: str, port: int, manager: dict[str, Any],
@@ -44,6 +53,7 @@ def http_connection_manager(
     max_request_headers_kb: int,
     access_log: bool,
     tracing: dict[str, Any] | None = None,
+    http_api_prefix: str | None = None,
 ) -> dict[str, Any]:
     """HTTP/1.1 or HTTP/2 (gRPC) downstream, one virtual host matching any authority.
 
@@ -54,6 +64,8 @@ def http_connection_manager(
     ``routes`` is ``{"route_config": {...}}`` (inline) or ``{"rds": {...}}`` (a
     subscription); ``extra_filters`` run before the router (the edge's rate limits).
     ``tracing``: the HCM's tracing block (``otel_tracing``), or None for no spans.
+    ``http_api_prefix``: the paths of the OpenAI-compatible HTTP API (``/v1/``), whose
+    local replies become OpenAI error objects (``http_api_errors``); None: none served.
     """
     http_filters = [*extra_filters, router_filter()]
     if max_request_bytes is not None:
@@ -76,9 +88,13 @@ def http_connection_manager(
             "preserve_external_request_id": True,
             "always_set_request_id_in_response": True,
         }
-    mappers = [payload_too_large(max_request_bytes)] if max_request_bytes is not None else []
+    # The first mapper whose filter matches rewrites the reply: the HTTP API's come first.
+    mappers = ([] if http_api_prefix is None
+               else http_api_errors(http_api_prefix, max_request_bytes))
+    if max_request_bytes is not None:
+        mappers.append(payload_too_large(max_request_bytes))
     if is_edge:
-        mappers.append(rate_limit_service_down())
+        mappers += [local_rate_limited(), rate_limit_service_down()]
     if mappers:
         manager["local_reply_config"] = {"mappers": mappers}
     if access_log:
@@ -146,6 +162,17 @@ def payload_too_large(max_request_bytes: int) -> dict[str, Any]:
     }
 
 
+def local_rate_limited() -> dict[str, Any]:
+    """A call refused by its tenant's local bucket: the message names the limit and when
+    the bucket has room again (``gateway/ratelimits.py``), as a gRPC client reads it in
+    grpc-message. Envoy's own body is ``local_rate_limited``. (A global refusal needs no
+    mapper: its body is the rate-limit service's message.)"""
+    return {
+        "filter": _cel(f"response.code_details == '{LOCAL_RATE_LIMITED}'"),
+        "body_format_override": {"text_format": LOCAL_REFUSAL_MESSAGE},
+    }
+
+
 def rate_limit_service_down() -> dict[str, Any]:
     """A call refused because the rate-limit service did not answer (failure mode closed):
     HTTP 503, which a gRPC client reads as UNAVAILABLE (Envoy's own 500 reads UNKNOWN)."""
@@ -155,6 +182,89 @@ def rate_limit_service_down() -> dict[str, Any]:
         "body": {"inline_string": "the rate-limit service is unavailable and the gateway "
                                   "fails closed; retry shortly"},
     }
+
+
+def http_api_errors(prefix: str, max_request_bytes: int | None) -> list[dict[str, Any]]:
+    """Envoy's own replies to requests under ``prefix`` as OpenAI error objects, so an
+    OpenAI SDK reads a limit or an outage as it would from OpenAI (its 429 and 503 are
+    retried, after ``retry-after`` seconds when given). Replies of the HTTP API itself
+    are not local replies and pass untouched.
+
+    - 429 from the tenant's local bucket or from the global limit: the message names the
+      limit and when it has room again; ``retry-after`` and ``x-ratelimit-*`` come from
+      the refusing filter (``gateway/ratelimits.py``): the bucket's are fixed, the global
+      limit's are the rate-limit service's, as is its message (the refusal's body);
+    - 413 over ``max_request_bytes``;
+    - 503 when the rate-limit service is down and the gateway fails closed (Envoy's 500),
+      or when the HTTP API cannot be reached (no healthy host, refused, reset): Envoy's
+      own reason is quoted.
+    """
+    rate_limited = "requests", "rate_limit_exceeded"
+    unavailable = "server_error", "service_unavailable"
+    mappers = [
+        openai_error(_cel(f"response.code_details == '{LOCAL_RATE_LIMITED}'"), *rate_limited,
+                     LOCAL_REFUSAL_MESSAGE),
+        openai_error(_status_is(429, "genmesh.http_api.rate_limited_code"), *rate_limited,
+                     "%LOCAL_REPLY_BODY%"),
+    ]
+    if max_request_bytes is not None:
+        mappers.append(openai_error(
+            _status_is(413, "genmesh.http_api.payload_too_large_code"),
+            "invalid_request_error", "request_too_large",
+            f"request body larger than {max_request_bytes} bytes, the gateway's limit "
+            "(max_request_bytes)"))
+    mappers += [
+        openai_error(
+            {"response_flag_filter": {"flags": ["RLSE"]}}, *unavailable,
+            "the rate-limit service is unavailable and the gateway fails closed; retry "
+            "shortly", retry_after_s=1, status_code=503),
+        openai_error(
+            {"response_flag_filter": {"flags": list(UPSTREAM_UNAVAILABLE_FLAGS)}}, *unavailable,
+            "the HTTP API service is unavailable (%LOCAL_REPLY_BODY%); retry shortly",
+            retry_after_s=1, status_code=503),
+    ]
+    for mapper in mappers:
+        mapper["filter"] = {"and_filter": {"filters": [mapper["filter"], _path_starts(prefix)]}}
+    return mappers
+
+
+def openai_error(reply_filter: dict[str, Any], error_type: str, code: str, message: str, *,
+                 retry_after_s: int | None = None, status_code: int | None = None
+                 ) -> dict[str, Any]:
+    """A local reply mapper: replies matching ``reply_filter`` get OpenAI's error object
+    as a JSON body (``message`` may hold Envoy's command operators), ``retry-after`` when
+    given, and ``status_code`` instead of Envoy's own when given."""
+    mapper: dict[str, Any] = {"filter": reply_filter}
+    if status_code is not None:
+        mapper["status_code"] = status_code
+    if retry_after_s is not None:
+        mapper["headers_to_add"] = [{
+            "header": {"key": "retry-after", "value": str(retry_after_s)},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }]
+    mapper["body_format_override"] = {
+        "json_format": {"error": {"message": message, "type": error_type, "param": None,
+                                  "code": code}},
+        "content_type": "application/json",
+    }
+    return mapper
+
+
+def _status_is(status: int, runtime_key: str) -> dict[str, Any]:
+    return {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": status, "runtime_key": runtime_key}}}}
+
+
+def _path_starts(prefix: str) -> dict[str, Any]:
+    return {"header_filter": {"header": {"name": ":path", "string_match": {"prefix": prefix}}}}
+
+
+def _cel(expression: str) -> dict[str, Any]:
+    """A filter on a CEL expression over the request's attributes (``response.*`` too)."""
+    return {"extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": typed("envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                              expression=expression)}}
 
 
 def router_filter() -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Routes of both listeners, built from the deployment.
 
-Edge (clients → frontend):
+Edge (clients → frontend, and → the HTTP API when deployed):
 - health and reflection pass without a key;
 - one route per tenant matches ``genmesh.v1.Generation`` calls carrying one of the
   tenant's API keys. It stamps ``x-genmesh-tenant`` (overwriting whatever the client
@@ -8,6 +8,13 @@ Edge (clients → frontend):
   tenant's local bucket and global descriptor (``gateway/ratelimits.py``);
 - any other Generation call (no key, an unknown key) reaches the frontend with no
   tenant header, and the frontend answers UNAUTHENTICATED.
+- With ``services.httpapi``, the OpenAI-compatible HTTP API (``/v1/``, HTTP/1.1) is
+  authenticated the same way: per tenant, one route for ``Authorization: Bearer <key>``
+  (what OpenAI's SDKs send) and one for the API key header, each stamping the tenant,
+  dropping both credentials and carrying the tenant's limits; any other ``/v1/`` request
+  reaches the HTTP API with no tenant (nor credential), which answers 401. A tenant's
+  three routes (gRPC, Bearer, key header) switch on the same local filter, so its
+  ``requests_per_second`` is one bucket over all three; the global limit is one counter.
 
 Mesh (frontend → internal services):
 - Tokenizer: its unary calls are retried on a refused or reset connection (they are
@@ -19,7 +26,8 @@ Mesh (frontend → internal services):
   ``x-genmesh-prefix-key`` (the prompt's first full KV blocks, set by the frontend) so a
   shared prefix keeps reaching the replica that caches it.
 
-Timeouts: ``timeout: 0s`` on every route, the caller's gRPC deadline rules (see ``route``).
+Timeouts: ``timeout: 0s`` on every route, the caller's gRPC deadline rules (see ``route``);
+an HTTP API request is bounded by the stream idle timeout and the service's own limit.
 Unknown paths get HTTP 404, which gRPC reads as UNIMPLEMENTED, naming what is served.
 """
 
@@ -38,6 +46,8 @@ WEIGHT_SCALE = 10_000  # weights are in hundredths of a percent
 IDEMPOTENT_TOKENIZER_METHODS = ("Tokenize", "ApplyChatTemplate", "DescribeModel")
 RETRY_ON = "connect-failure,refused-stream,reset,unavailable"
 NUM_RETRIES = 2
+HTTP_API_PREFIX = "/v1/"  # the OpenAI-compatible paths, served by services/httpapi
+AUTHORIZATION = "authorization"  # HTTP's own credential header: "Bearer <API key>"
 
 
 def route(prefix: str, cluster: str) -> dict[str, Any]:
@@ -66,28 +76,58 @@ def unrouted(listener_name: str, services: Sequence[str]) -> dict[str, Any]:
 def edge_routes(dep: Deployment) -> list[dict[str, Any]]:
     generation = "/genmesh.v1.Generation/"
     key_header = dep.limits.api_key_header
+    has_global = bool(dep.services.ratelimit)
     routes = [route("/grpc.health.v1.Health/", "frontend"),
               route("/grpc.reflection.", "frontend")]  # v1 and v1alpha
-    routes += [tenant_route(generation, t, key_header,
-                            has_global=bool(dep.services.ratelimit)) for t in dep.tenants]
+    routes += [tenant_route(generation, "frontend", t, key_match(key_header, t),
+                            credentials=[key_header], has_global=has_global)
+               for t in dep.tenants]
     anonymous = route(generation, "frontend")
     anonymous["request_headers_to_remove"] = [metadata.TENANT, key_header]
     routes.append(anonymous)
-    return [*routes, unrouted("edge", ["genmesh.v1.Generation", "grpc.health.v1.Health",
-                                        "grpc.reflection"])]
+    served = ["genmesh.v1.Generation", "grpc.health.v1.Health", "grpc.reflection"]
+    if dep.services.httpapi:
+        routes += http_api_routes(dep)
+        served.append(f"the OpenAI-compatible HTTP API ({HTTP_API_PREFIX})")
+    return [*routes, unrouted("edge", served)]
 
 
-def tenant_route(prefix: str, tenant: Tenant, key_header: str, *, has_global: bool
-                 ) -> dict[str, Any]:
+def http_api_routes(dep: Deployment) -> list[dict[str, Any]]:
+    """``/v1/`` to the HTTP API: per tenant its Bearer route and its key header route, then
+    everyone else with no tenant. Both credentials are dropped on every route."""
+    key_header = dep.limits.api_key_header
+    credentials = [AUTHORIZATION, key_header]
+    has_global = bool(dep.services.ratelimit)
+    routes = []
+    for t in dep.tenants:
+        for match in (key_match(AUTHORIZATION, t, scheme="Bearer "), key_match(key_header, t)):
+            routes.append(tenant_route(HTTP_API_PREFIX, "httpapi", t, match,
+                                       credentials=credentials, has_global=has_global))
+    anonymous = route(HTTP_API_PREFIX, "httpapi")
+    anonymous["request_headers_to_remove"] = [metadata.TENANT, *credentials]
+    return [*routes, anonymous]
+
+
+def key_match(header: str, tenant: Tenant, *, scheme: str = "") -> dict[str, Any]:
+    """A header matcher: ``header`` is ``scheme`` (regex text, e.g. "Bearer ") followed by
+    exactly one of the tenant's keys."""
     keys = "|".join(re.escape(k) for k in tenant.api_keys)
-    r = route(prefix, "frontend")
-    r["match"]["headers"] = [{"name": key_header,
-                              "string_match": {"safe_regex": {"regex": f"^(?:{keys})$"}}}]
+    return {"name": header, "string_match": {"safe_regex": {"regex": f"^{scheme}(?:{keys})$"}}}
+
+
+def tenant_route(prefix: str, cluster: str, tenant: Tenant, credential: dict[str, Any], *,
+                 credentials: Sequence[str], has_global: bool) -> dict[str, Any]:
+    """Calls under ``prefix`` whose ``credential`` (a header matcher) holds one of the tenant's
+    keys: to ``cluster`` with the tenant header stamped (over whatever the client sent) and
+    the ``credentials`` headers removed, counted by the tenant's local bucket (one for all
+    its routes) and global descriptor."""
+    r = route(prefix, cluster)
+    r["match"]["headers"] = [credential]
     r["request_headers_to_add"] = [{
         "header": {"key": metadata.TENANT, "value": tenant.name},
         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
-    r["request_headers_to_remove"] = [key_header]
-    r["typed_per_filter_config"] = {ratelimits.LOCAL_FILTER: ratelimits.local_bucket(tenant)}
+    r["request_headers_to_remove"] = list(credentials)
+    r["typed_per_filter_config"] = ratelimits.local_filter_on(tenant)
     if has_global and tenant.requests_per_minute is not None:
         r["route"]["rate_limits"] = ratelimits.tenant_descriptors(tenant)
     return r

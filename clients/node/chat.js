@@ -6,16 +6,20 @@
 //
 //   node chat.js --address 127.0.0.1:8080 --model NAME --max-tokens N \
 //       --turn "first message" --turn "second message" \
-//       [--cancel-after-deltas K] [--timeout-ms 60000] \
+//       [--cancel-after-deltas K] [--logprobs K] [--timeout-ms 60000] \
 //       [--metadata key=value ...] [--protos DIR]
 //
 // It opens the session, sends each turn only after the previous one has
 // finished (TurnFinished or a ChatError), then ends the session and waits for
 // the server to close the stream. With --cancel-after-deltas K it cancels the
 // first turn after K deltas and expects it to finish with FINISH_REASON_ABORT.
+// With --logprobs K the session asks for each token's logprob with its K most
+// likely alternatives (SamplingParams.return_logprobs and .logprobs), and each
+// turn lists the tokens its deltas carried, as OpenAI does ("bytes" as numbers).
 //
 // Output: one JSON object on stdout,
-//   {"turns": [{"turn", "text", "deltas", "finish_reason", "usage", "request_id"}],
+//   {"turns": [{"turn", "text", "deltas", "finish_reason", "usage", "request_id",
+//               "logprobs": [{"token", "bytes", "logprob", "top_logprobs"}]}],
 //    "errors": [{"source": "server"|"client", "code", "message", "turn"}]}
 // and exit status 0 whenever the call itself ended with status OK; ChatError
 // events and client-side findings (a cancelled turn that did not abort, a
@@ -35,8 +39,8 @@ const REPO_ROOT = path.resolve(__dirname, '..', '..');
 
 const USAGE = `usage: node chat.js --address HOST:PORT [--model NAME] [--max-tokens N]
                     --turn TEXT [--turn TEXT ...] [--cancel-after-deltas K]
-                    [--timeout-ms MS] [--api-key KEY] [--metadata KEY=VALUE ...]
-                    [--protos DIR]
+                    [--logprobs K] [--timeout-ms MS] [--api-key KEY]
+                    [--metadata KEY=VALUE ...] [--protos DIR]
 The API key (sent as x-api-key) defaults to $GENMESH_API_KEY.`;
 
 function usageError(message) {
@@ -63,6 +67,7 @@ function parseCli(argv) {
         'max-tokens': { type: 'string' },
         turn: { type: 'string', multiple: true, default: [] },
         'cancel-after-deltas': { type: 'string' },
+        logprobs: { type: 'string' },
         'timeout-ms': { type: 'string' },
         'api-key': { type: 'string', default: process.env.GENMESH_API_KEY || '' },
         metadata: { type: 'string', multiple: true, default: [] },
@@ -101,6 +106,7 @@ function parseCli(argv) {
     maxTokens: intFlag(v, 'max-tokens', 0), // 0: the server's default
     turns: v.turn,
     cancelAfter,
+    logprobs: intFlag(v, 'logprobs', null), // null: no logprobs asked
     timeoutMs,
     metadata,
     protosDir: v.protos,
@@ -120,6 +126,12 @@ function loadGenerationService(protosDir) {
     includeDirs: [protosDir],
   });
   return grpc.loadPackageDefinition(definition).genmesh.v1.Generation;
+}
+
+// An OutputLogprob as OpenAI's logprobs list it: bytes as an array of numbers.
+function tokenLogprob(lp) {
+  const entry = (t) => ({ token: t.token, bytes: Array.from(t.token_bytes), logprob: t.logprob });
+  return { ...entry(lp), top_logprobs: lp.top_logprobs.map(entry) };
 }
 
 function runSession(opts) {
@@ -181,6 +193,7 @@ function runSession(opts) {
         finish_reason: null,
         usage: null,
         request_id: null,
+        logprobs: [],
       };
       result.turns.push(pending);
       send({ turn: { content: opts.turns[index] } });
@@ -228,6 +241,7 @@ function runSession(opts) {
         if (!pending) break;
         pending.text += event.delta.text;
         pending.deltas += 1;
+        for (const lp of event.delta.logprobs) pending.logprobs.push(tokenLogprob(lp));
         if (
           opts.cancelAfter !== null &&
           pending === result.turns[0] &&
@@ -294,6 +308,10 @@ function runSession(opts) {
   });
 
   const params = opts.maxTokens > 0 ? { max_tokens: opts.maxTokens } : {};
+  if (opts.logprobs !== null) {
+    params.return_logprobs = true;
+    params.logprobs = opts.logprobs;
+  }
   send({ start: { model: opts.model, params } });
   sendNextTurnOrEnd();
 }

@@ -2,6 +2,7 @@
 
     python deploy/docker/probe.py grpc 127.0.0.1:50051     gRPC health: exit 0 when SERVING
     python deploy/docker/probe.py http http://127.0.0.1:9901/ready    exit 0 on HTTP 200
+    python deploy/docker/probe.py http http://127.0.0.1:50055/healthz     (the HTTP API)
     python deploy/docker/probe.py drain http://127.0.0.1:9901 --seconds 15
 
 ``drain`` (Envoy's preStop in Kubernetes) asks Envoy to drain its listeners gracefully
@@ -9,7 +10,9 @@
 before the pod's SIGTERM.
 
 The images' HEALTHCHECK, docker-compose's healthchecks and the Kubernetes probes of Envoy
-use it; Kubernetes probes the gRPC services natively. Exit status 1 means unhealthy.
+use it; Kubernetes probes the gRPC services natively, and the HTTP API with an httpGet of
+its /healthz (200 while it serves, 503 while it drains). Exit status 1 means unhealthy:
+any status but 200 (urllib raises on 503), a refused connection or a timeout.
 """
 
 from __future__ import annotations

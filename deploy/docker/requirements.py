@@ -5,9 +5,10 @@
 prints one requirement a line for ``pip install -r``. pyproject.toml stays the only list
 of dependencies; a profile only leaves some out:
 
-- ``light``: frontend, tokenizer, cache, rate limit and the gateway. None of them imports
-  PyTorch or the embedding model (tests/deploy/test_dockerfiles.py imports each with those
-  blocked), and leaving them out makes these images about a tenth of the size.
+- ``light``: frontend, HTTP API, tokenizer, cache, rate limit and the gateway. None of
+  them imports PyTorch or the embedding model (tests/deploy/test_dockerfiles.py imports
+  each with those blocked), and leaving them out makes these images about a tenth of the
+  size.
 - ``full``: worker and safety. PyTorch is left out here too: the Dockerfile installs the
   CPU build first, pinned, as the Makefile does, so nothing resolves it to a multi-GB CUDA
   build.

@@ -10,7 +10,9 @@ are cancelled and counted as such. Targets run one after the other, never at onc
 small machine they share the cores.
 
 With ``--baseline seed-fastapi`` the result holds ``goodput_ratio``: the mesh's goodput
-over the baseline's, per level and at each one's best level.
+over the baseline's, per level and at each one's best level. With ``--http`` the same
+load also goes through the mesh's OpenAI-compatible HTTP API (target ``mesh-http``), and
+``http_goodput_ratio`` is its goodput over the gRPC API's.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from genmesh.bench.serve_clients import Backend, MeshBackend, SeedBackend
+from genmesh.bench.serve_clients import Backend, MeshBackend, OpenAIBackend, SeedBackend
 from genmesh.bench.serve_metrics import RequestRecord, RequestStatus, Slo, summarize_level
 from genmesh.bench.serve_workload import (
     Conversation,
@@ -37,7 +39,7 @@ from genmesh.bench.serve_workload import (
 )
 from genmesh.client import AsyncClient
 
-MESH, SEED_FASTAPI = "mesh", "seed-fastapi"
+MESH, MESH_HTTP, SEED_FASTAPI = "mesh", "mesh-http", "seed-fastapi"
 BASELINES = (SEED_FASTAPI,)
 
 
@@ -145,6 +147,16 @@ async def sweep_mesh(address: str, config: ServeBenchConfig, *, api_key: str | N
                            name=MESH)
 
 
+async def sweep_http(address: str, config: ServeBenchConfig, *, api_key: str | None
+                     ) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=f"http://{address}/v1", timeout=(
+            config.request_timeout_s), limits=limits,
+            headers={"authorization": f"Bearer {api_key}"} if api_key else {}) as http:
+        return await sweep(OpenAIBackend(http, model=config.model,
+                                         max_tokens=config.max_tokens), config, name=MESH_HTTP)
+
+
 async def sweep_seed(url: str, config: ServeBenchConfig) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url, timeout=config.request_timeout_s,
@@ -196,9 +208,10 @@ def goodput_ratios(mesh: dict[str, Any], baseline: dict[str, Any]) -> dict[str, 
 
 
 def run_serve_bench(config: ServeBenchConfig, *, target: str | None, api_key: str | None,
-                    baseline: str | None, kv_cache_gib: float = 1.0) -> dict[str, Any]:
-    """The whole run: the mesh at ``target`` (None: start one, and stop it after), then
-    the baseline if asked; the JSON-ready result."""
+                    baseline: str | None, kv_cache_gib: float = 1.0,
+                    http: bool = False) -> dict[str, Any]:
+    """The whole run: the mesh at ``target`` (None: start one, and stop it after), its
+    HTTP API too with ``http``, then the baseline if asked; the JSON-ready result."""
     from genmesh.core.models.store import ModelStore, default_store_root
 
     result: dict[str, Any] = {
@@ -210,14 +223,19 @@ def run_serve_bench(config: ServeBenchConfig, *, target: str | None, api_key: st
         "duration_limit_s": config.duration_limit_s, "targets": {},
     }
     with tempfile.TemporaryDirectory(prefix="genmesh-bench-serve-") as tmp:
-        if target is None:
-            with started_mesh(config, kv_cache_gib=kv_cache_gib, run_dir=Path(tmp)) as address:
-                mesh = asyncio.run(sweep_mesh(address, config, api_key=api_key))
-        else:
-            address = target
+        with (started_mesh(config, kv_cache_gib=kv_cache_gib, run_dir=Path(tmp))
+              if target is None else contextlib.nullcontext(target)) as address:
             mesh = asyncio.run(sweep_mesh(address, config, api_key=api_key))
+            if http:
+                over_http = asyncio.run(sweep_http(address, config, api_key=api_key))
         result["targets"][MESH] = {"address": address, "started_here": target is None,
                                    "levels": mesh}
+        if http:
+            result["targets"][MESH_HTTP] = {"address": f"http://{address}/v1",
+                                            "levels": over_http}
+            result["http_goodput_ratio"] = {
+                k: round(over_http[k]["goodput"] / mesh[k]["goodput"], 2)
+                if mesh[k]["goodput"] > 0 else None for k in mesh}
         if baseline == SEED_FASTAPI:
             from genmesh.bench.seed_fastapi import seed_server
 

@@ -7,6 +7,9 @@ driver accounts for the turns never sent).
 - ``MeshBackend``: the mesh's public gRPC API through the SDK. A one-turn conversation is
   a streaming Generate (``skip_cache``: the response cache must not answer a benchmark);
   a multi-turn one is a bidi Chat session, whose history lives in the frontend.
+- ``OpenAIBackend``: the mesh's OpenAI-compatible HTTP API through the same edge, one
+  streamed ``/v1/chat/completions`` per turn (Server-Sent Events, usage in the last
+  event), carrying the whole history as the client keeps it.
 - ``SeedBackend``: the seed-fastapi baseline over HTTP, one streamed POST per turn,
   carrying the whole history as the client keeps it.
 """
@@ -111,14 +114,9 @@ class MeshBackend:
         return False
 
 
-class SeedBackend:
-    """POST /generate_stream of the seed-fastapi app: newline-delimited JSON, one
-    ``{"text": ...}`` line per generated token, then one line with the finish reason and
-    the token counts."""
-
-    def __init__(self, http: httpx.AsyncClient, *, max_tokens: int) -> None:
-        self.http = http
-        self.max_tokens = max_tokens
+class _HistoryBackend:
+    """A backend over HTTP whose server keeps no conversation: each turn is one request
+    carrying the whole history, as the client keeps it."""
 
     async def converse(self, conversation: Conversation, on_record: OnRecord) -> None:
         replies: list[str] = []
@@ -128,6 +126,64 @@ class SeedBackend:
             if not record.is_ok:
                 return
             replies.append(reply)
+
+    async def _turn(self, messages: list[dict[str, str]]) -> tuple[RequestRecord, str]:
+        raise NotImplementedError
+
+
+class OpenAIBackend(_HistoryBackend):
+    """Streamed chat completions over HTTP (``skip_cache`` is not an OpenAI field: each
+    request's prompt is its own, so the response cache does not answer either)."""
+
+    def __init__(self, http: httpx.AsyncClient, *, model: str, max_tokens: int) -> None:
+        self.http = http  # base_url: the edge's /v1, with the tenant's Bearer key
+        self.model = model
+        self.max_tokens = max_tokens
+
+    async def _turn(self, messages: list[dict[str, str]]) -> tuple[RequestRecord, str]:
+        body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        chunk_times: list[float] = []
+        parts: list[str] = []
+        finish: str | None = None
+        start = time.perf_counter()
+        try:
+            async with self.http.stream("POST", "/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    return _failed(start, chunk_times,
+                                   f"HTTP {response.status_code}: {response.text[:200]}"), ""
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        return _failed(start, chunk_times, str(event["error"])), ""
+                    for choice in event.get("choices", ()):
+                        if choice["delta"].get("content"):
+                            chunk_times.append(time.perf_counter())
+                            parts.append(choice["delta"]["content"])
+                        finish = choice.get("finish_reason") or finish
+                    usage = event.get("usage")
+                    if usage:
+                        return _finished(start, chunk_times, finish_reason=finish,
+                                         prompt_tokens=usage["prompt_tokens"],
+                                         output_tokens=usage["completion_tokens"]), "".join(
+                                             parts)
+        except httpx.HTTPError as exc:
+            return _failed(start, chunk_times, f"{type(exc).__name__}: {exc}"), ""
+        return _failed(start, chunk_times, "the stream ended without its usage"), ""
+
+
+class SeedBackend(_HistoryBackend):
+    """POST /generate_stream of the seed-fastapi app: newline-delimited JSON, one
+    ``{"text": ...}`` line per generated token, then one line with the finish reason and
+    the token counts."""
+
+    def __init__(self, http: httpx.AsyncClient, *, max_tokens: int) -> None:
+        self.http = http
+        self.max_tokens = max_tokens
 
     async def _turn(self, messages: list[dict[str, str]]) -> tuple[RequestRecord, str]:
         body = {"messages": messages, "max_tokens": self.max_tokens, "ignore_eos": True}

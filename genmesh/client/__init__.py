@@ -14,17 +14,21 @@ from genmesh.client.types import (
     BatchResult,
     ChatError,
     ChatEvent,
+    Choice,
     Chunk,
     Completion,
     GenmeshError,
     Job,
     ModelInfo,
     TextDelta,
+    TokenLogprob,
+    TopLogprob,
     TurnFinished,
     TurnStarted,
     Usage,
 )
 
 __all__ = ["AsyncChatSession", "AsyncClient", "BatchItem", "BatchResult", "ChatError",
-           "ChatEvent", "ChatSession", "Chunk", "Client", "Completion", "GenmeshError", "Job",
-           "ModelInfo", "TextDelta", "TurnFinished", "TurnStarted", "Usage"]
+           "ChatEvent", "ChatSession", "Choice", "Chunk", "Client", "Completion",
+           "GenmeshError", "Job", "ModelInfo", "TextDelta", "TokenLogprob", "TopLogprob",
+           "TurnFinished", "TurnStarted", "Usage"]

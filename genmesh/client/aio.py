@@ -36,9 +36,11 @@ class AsyncClient:
     async def generate(self, prompt: str | None = None, *,
                        messages: list[dict[str, str]] | None = None, model: str = "",
                        model_version: str = "", request_id: str = "",
-                       skip_cache: bool = False, **params: Any) -> t.Completion:
+                       skip_cache: bool = False, n: int = 0, priority: str = "",
+                       **params: Any) -> t.Completion:
         req = t.generate_request(prompt, messages, model=model, model_version=model_version,
-                                 request_id=request_id, params=params, skip_cache=skip_cache)
+                                 request_id=request_id, params=params, skip_cache=skip_cache,
+                                 n=n, priority=priority)
         try:
             reply = await self.stub.Generate(req, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
@@ -48,10 +50,11 @@ class AsyncClient:
     async def generate_stream(self, prompt: str | None = None, *,
                               messages: list[dict[str, str]] | None = None, model: str = "",
                               model_version: str = "", request_id: str = "",
-                              skip_cache: bool = False, **params: Any
-                              ) -> AsyncIterator[t.Chunk]:
+                              skip_cache: bool = False, n: int = 0, priority: str = "",
+                              **params: Any) -> AsyncIterator[t.Chunk]:
         req = t.generate_request(prompt, messages, model=model, model_version=model_version,
-                                 request_id=request_id, params=params, skip_cache=skip_cache)
+                                 request_id=request_id, params=params, skip_cache=skip_cache,
+                                 n=n, priority=priority)
         call = self.stub.GenerateStream(req, timeout=self.timeout_s, metadata=self.metadata)
         async for item in _streamed(call, t.chunk_from_proto):
             yield item
@@ -80,9 +83,10 @@ class AsyncClient:
 
     async def submit_job(self, prompt: str | None = None, *,
                          messages: list[dict[str, str]] | None = None, job_id: str = "",
-                         model: str = "", model_version: str = "", **params: Any) -> t.Job:
+                         model: str = "", model_version: str = "", n: int = 0,
+                   priority: str = "", **params: Any) -> t.Job:
         req = t.generate_request(prompt, messages, model=model, model_version=model_version,
-                                 request_id="", params=params)
+                                 request_id="", params=params, n=n, priority=priority)
         return await self._job_call(self.stub.SubmitJob, generation_pb2.SubmitJobRequest(
             job_id=job_id, request=req))
 

@@ -41,10 +41,14 @@ class Client:
 
     def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                  model: str = "", model_version: str = "", request_id: str = "",
-                 skip_cache: bool = False, **params: Any) -> t.Completion:
-        """``skip_cache``: always run inference (never a replay from the response cache)."""
+                 skip_cache: bool = False, n: int = 0, priority: str = "",
+                 **params: Any) -> t.Completion:
+        """``skip_cache``: always run inference (never a replay from the response cache).
+        ``n``: choices to generate (0: one; the Completion's ``choices`` has them);
+        ``priority``: "interactive", "normal" or "batch" ("": the call's, normal)."""
         req = t.generate_request(prompt, messages, model=model, model_version=model_version,
-                                 request_id=request_id, params=params, skip_cache=skip_cache)
+                                 request_id=request_id, params=params, skip_cache=skip_cache,
+                                 n=n, priority=priority)
         try:
             reply = self.stub.Generate(req, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as exc:
@@ -54,10 +58,13 @@ class Client:
     def generate_stream(self, prompt: str | None = None, *,
                         messages: list[dict[str, str]] | None = None, model: str = "",
                         model_version: str = "", request_id: str = "",
-                        skip_cache: bool = False, **params: Any) -> Iterator[t.Chunk]:
-        """Chunks as they are generated; closing the iterator cancels the generation."""
+                        skip_cache: bool = False, n: int = 0, priority: str = "",
+                        **params: Any) -> Iterator[t.Chunk]:
+        """Chunks as they are generated; closing the iterator cancels the generation.
+        With ``n`` > 1 the choices' chunks interleave, each with its ``index``."""
         req = t.generate_request(prompt, messages, model=model, model_version=model_version,
-                                 request_id=request_id, params=params, skip_cache=skip_cache)
+                                 request_id=request_id, params=params, skip_cache=skip_cache,
+                                 n=n, priority=priority)
         call = self.stub.GenerateStream(req, timeout=self.timeout_s, metadata=self.metadata)
         yield from _streamed(call, t.chunk_from_proto)
 
@@ -75,10 +82,11 @@ class Client:
 
     def submit_job(self, prompt: str | None = None, *,
                    messages: list[dict[str, str]] | None = None, job_id: str = "",
-                   model: str = "", model_version: str = "", **params: Any) -> t.Job:
+                   model: str = "", model_version: str = "", n: int = 0,
+                   priority: str = "", **params: Any) -> t.Job:
         """Queues a job and returns at once; ``job_id`` (yours, optional) makes retries safe."""
         req = t.generate_request(prompt, messages, model=model, model_version=model_version,
-                                 request_id="", params=params)
+                                 request_id="", params=params, n=n, priority=priority)
         return self._job_call(self.stub.SubmitJob,
                               generation_pb2.SubmitJobRequest(job_id=job_id, request=req))
 

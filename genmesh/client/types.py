@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -50,14 +51,66 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One of the most likely tokens at a position."""
+
+    token_id: int
+    token: str  # the token's own text (U+FFFD for a part of a UTF-8 character)
+    token_bytes: bytes  # the bytes it adds to the text
+    logprob: float
+
+    @classmethod
+    def from_proto(cls, t: generation_pb2.OutputTopLogprob) -> TopLogprob:
+        return cls(t.token_id, t.token, t.token_bytes, t.logprob)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token with its logprob (natural log of its probability) and the most
+    likely tokens at its position (asked with ``return_logprobs`` / ``logprobs=k``)."""
+
+    token_id: int
+    token: str  # the token's own text (U+FFFD for a part of a UTF-8 character)
+    token_bytes: bytes  # the bytes it adds to the text
+    logprob: float
+    top_logprobs: tuple[TopLogprob, ...] = ()  # most likely first
+
+    @classmethod
+    def from_proto(cls, t: generation_pb2.OutputLogprob) -> TokenLogprob:
+        return cls(t.token_id, t.token, t.token_bytes, t.logprob,
+                   tuple(TopLogprob.from_proto(top) for top in t.top_logprobs))
+
+
+def logprobs_from_proto(logprobs: Iterable[generation_pb2.OutputLogprob]
+                        ) -> tuple[TokenLogprob, ...]:
+    return tuple(TokenLogprob.from_proto(t) for t in logprobs)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One of the n completions of a request (``n=``)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    usage: Usage  # this choice's own counts
+    finish_detail: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     text: str
     finish_reason: str | None  # "stop", "length", "abort", "content_filter", "error"
-    usage: Usage
+    usage: Usage  # with n > 1: the prompt once, every choice's completion tokens
     model: str
     model_version: str
     request_id: str
     finish_detail: str = ""  # with "content_filter": the category that cut the output
+    # With logprobs asked: each token of ``text`` that reached you, in order.
+    logprobs: tuple[TokenLogprob, ...] = ()
+    # With n > 1: every choice (text, finish_reason, ... above are choices[0]'s).
+    choices: tuple[Choice, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +118,13 @@ class Chunk:
     """One message of a streamed generation."""
 
     text: str  # new text ("" on the first and last messages)
-    finish_reason: str | None = None  # set on the last message
-    usage: Usage | None = None  # set on the last message
+    finish_reason: str | None = None  # set on the last message (of each choice)
+    usage: Usage | None = None  # set on the last message (of each choice: its own)
     model_version: str = ""  # set on the first message
     request_id: str = ""  # set on the first message
     finish_detail: str = ""  # set on the last message; see Completion
+    logprobs: tuple[TokenLogprob, ...] = ()  # with logprobs asked: the tokens of ``text``
+    index: int = 0  # the choice it belongs to (with n > 1 the choices interleave)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +137,7 @@ class TurnStarted:
 class TextDelta:
     turn: int
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # with logprobs asked: the tokens of ``text``
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,25 +173,48 @@ def sampling_params(*, max_tokens: int = 0, temperature: float = 0.0, top_k: int
                     top_p: float = 0.0, min_p: float = 0.0, repetition_penalty: float = 0.0,
                     seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
                     stop_token_ids: list[int] | tuple[int, ...] = (), ignore_eos: bool = False,
-                    logprobs: int = 0) -> common_pb2.SamplingParams:
-    """Keyword arguments of every call, as the proto; zero values mean the defaults."""
+                    logprobs: int = 0, return_logprobs: bool = False
+                    ) -> common_pb2.SamplingParams:
+    """Keyword arguments of every call, as the proto; zero values mean the defaults.
+    ``return_logprobs``: each token's logprob comes back; ``logprobs=k`` (0..20): with
+    its k most likely alternatives (k > 0 implies return_logprobs)."""
     params = common_pb2.SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, stop=list(stop),
-        stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, logprobs=logprobs)
+        stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, logprobs=logprobs,
+        return_logprobs=return_logprobs)
     if seed is not None:
         params.seed = seed
     return params
 
 
+_PRIORITIES = {
+    "": common_pb2.PRIORITY_UNSPECIFIED,
+    "interactive": common_pb2.PRIORITY_INTERACTIVE,
+    "normal": common_pb2.PRIORITY_NORMAL,
+    "batch": common_pb2.PRIORITY_BATCH,
+}
+
+
+def priority_of(name: str) -> common_pb2.Priority:
+    """"interactive", "normal" or "batch"; "" leaves it to the call."""
+    try:
+        return _PRIORITIES[name]
+    except KeyError:
+        raise ValueError(f"priority must be one of {sorted(_PRIORITIES)}, got {name!r}") from None
+
+
 def generate_request(prompt: str | None, messages: list[dict[str, str]] | None, *, model: str,
                      model_version: str, request_id: str, params: dict,
-                     skip_cache: bool = False) -> generation_pb2.GenerateRequest:
+                     skip_cache: bool = False, n: int = 0, priority: str = ""
+                     ) -> generation_pb2.GenerateRequest:
+    """``n``: choices to generate (0: one); ``priority``: see ``priority_of``."""
     if (prompt is None) == (messages is None):
         raise ValueError("pass exactly one of prompt or messages")
     req = generation_pb2.GenerateRequest(model=model, model_version=model_version,
                                          request_id=request_id, params=sampling_params(**params),
-                                         skip_cache=skip_cache)
+                                         skip_cache=skip_cache, n=n,
+                                         priority=priority_of(priority))
     if prompt is not None:
         req.prompt = prompt
     else:
@@ -147,13 +226,18 @@ def generate_request(prompt: str | None, messages: list[dict[str, str]] | None, 
 
 def completion_from_proto(r: generation_pb2.GenerateResponse) -> Completion:
     return Completion(r.text, _FINISH[r.finish_reason], Usage.from_proto(r.usage), r.model,
-                      r.model_version, r.request_id, r.finish_detail)
+                      r.model_version, r.request_id, r.finish_detail,
+                      logprobs_from_proto(r.logprobs),
+                      tuple(Choice(c.index, c.text, _FINISH[c.finish_reason],
+                                   Usage.from_proto(c.usage), c.finish_detail,
+                                   logprobs_from_proto(c.logprobs)) for c in r.choices))
 
 
 def chunk_from_proto(r: generation_pb2.GenerateStreamResponse) -> Chunk:
     return Chunk(r.text, _FINISH[r.finish_reason],
                  Usage.from_proto(r.usage) if r.HasField("usage") else None,
-                 r.model_version, r.request_id, r.finish_detail)
+                 r.model_version, r.request_id, r.finish_detail,
+                 logprobs_from_proto(r.logprobs), r.index)
 
 
 def chat_event_from_proto(e: generation_pb2.ChatEvent) -> ChatEvent:
@@ -161,7 +245,7 @@ def chat_event_from_proto(e: generation_pb2.ChatEvent) -> ChatEvent:
     if kind == "turn_started":
         return TurnStarted(e.turn_started.turn, e.turn_started.request_id)
     if kind == "delta":
-        return TextDelta(e.delta.turn, e.delta.text)
+        return TextDelta(e.delta.turn, e.delta.text, logprobs_from_proto(e.delta.logprobs))
     if kind == "turn_finished":
         f = e.turn_finished
         return TurnFinished(f.turn, _FINISH[f.finish_reason], Usage.from_proto(f.usage),
@@ -236,6 +320,8 @@ class BatchItem:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     params: dict | None = None  # sampling keyword arguments (max_tokens, temperature, ...)
+    n: int = 0  # choices to generate (0: one)
+    priority: str = ""  # "interactive", "normal" or "batch" ("": batch, the call's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +335,7 @@ def batch_request(item: BatchItem, *, model: str, model_version: str
                   ) -> generation_pb2.BatchRequest:
     return generation_pb2.BatchRequest(id=item.id, request=generate_request(
         item.prompt, item.messages, model=model, model_version=model_version, request_id="",
-        params=item.params or {}))
+        params=item.params or {}, n=item.n, priority=item.priority))
 
 
 def batch_result_from_proto(r: generation_pb2.BatchResult) -> BatchResult:

@@ -154,6 +154,9 @@ def _register_serve(bsub: argparse._SubParsersAction) -> None:
                             "stop it after")
     v.add_argument("--api-key", help="the tenant's key (default: $GENMESH_API_KEY, else the "
                                      "local mesh's dev key)")
+    v.add_argument("--http", action="store_true",
+                   help="also run the same load through the mesh's OpenAI-compatible HTTP "
+                        "API (same edge), and report its goodput over the gRPC API's")
     v.add_argument("--baseline", choices=("seed-fastapi",),
                    help="also run the same load against this baseline (started here)")
     v.add_argument("--model", default="smollm2-135m-instruct",
@@ -242,7 +245,7 @@ def _serve(args: argparse.Namespace) -> int:
     target = None if args.start_mesh else (args.target or "127.0.0.1:8080")
     api_key = args.api_key or os.environ.get("GENMESH_API_KEY") or DEV_API_KEY
     result = run_serve_bench(config, target=target, api_key=api_key, baseline=args.baseline,
-                             kv_cache_gib=args.kv_cache_gib)
+                             kv_cache_gib=args.kv_cache_gib, http=args.http)
     if args.plot_dir:
         from genmesh.bench.plots import write_plots
 

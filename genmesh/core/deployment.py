@@ -73,6 +73,8 @@ class Services:
     ratelimit: tuple[Endpoint, ...] = ()  # Envoy's global rate-limit service (RLS v3)
     safety: tuple[Endpoint, ...] = ()
     cache: tuple[Endpoint, ...] = ()
+    # The OpenAI-compatible HTTP API (services/httpapi, HTTP/1.1); the edge routes /v1/ to it.
+    httpapi: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,15 @@ class Limits:
     job_result_ttl_s: int = 86_400
     max_running_jobs: int = 4  # jobs one frontend runs at once
     max_batch_inflight: int = 8  # requests of one GenerateBatch stream running at once
+    # The size of one request, refused by the frontend (INVALID_ARGUMENT naming the limit)
+    # before any downstream call: messages of a chat (history and system prompt
+    # included), and characters of a prompt or of all a chat's messages. 256 Ki
+    # characters are at most 1 MiB of UTF-8, well inside the edge's max_request_bytes,
+    # and ~64k tokens of prose: more than most models' context, which the worker checks
+    # once the tokens are known. The tokenizer and safety services have bounds of their
+    # own (their --max-* flags), at least these by default.
+    max_chat_messages: int = 512
+    max_prompt_chars: int = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,9 +227,14 @@ def check(dep: Deployment) -> list[str]:
         problems.append(f"observability.price_per_device_hour must be >= 0, got "
                         f"{o.price_per_device_hour}")
     for name in ("cache_ttl_s", "cache_max_memory_mb", "cache_timeout_s", "job_claim_timeout_s",
-                 "job_result_ttl_s", "max_running_jobs", "max_batch_inflight"):
+                 "job_result_ttl_s", "max_running_jobs", "max_batch_inflight",
+                 "max_chat_messages", "max_prompt_chars"):
         if getattr(dep.limits, name) <= 0:
             problems.append(f"limits.{name} must be positive, got {getattr(dep.limits, name)}")
+    if dep.limits.max_prompt_chars > dep.gateway.max_request_bytes:
+        problems.append(f"limits.max_prompt_chars ({dep.limits.max_prompt_chars}) is more than "
+                        f"gateway.max_request_bytes ({dep.gateway.max_request_bytes}): prompts "
+                        "at the limit could not pass the edge")
     if dep.limits.safety_timeout_s <= 0:
         problems.append(f"limits.safety_timeout_s must be positive, got "
                         f"{dep.limits.safety_timeout_s}")

@@ -23,3 +23,13 @@ WORKER_ID = "x-genmesh-worker"
 # Set by Envoy on the copies of worker calls it mirrors to a shadow version: the worker
 # records the shadow's output and timings; its reply is thrown away by Envoy.
 SHADOW = "x-genmesh-shadow"
+
+# Trailing metadata of a refusal a retry can get past (a token budget's window resets):
+# whole seconds to wait, as HTTP's Retry-After. The HTTP API returns it as that header.
+RETRY_AFTER = "retry-after"
+# The limit that refused a call, as the gateway's refusals carry them (headers there,
+# trailing metadata from the frontend's token budget): its value, what is left now, and
+# the seconds until it resets.
+RATE_LIMIT_LIMIT = "x-ratelimit-limit"
+RATE_LIMIT_REMAINING = "x-ratelimit-remaining"
+RATE_LIMIT_RESET = "x-ratelimit-reset"

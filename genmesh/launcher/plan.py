@@ -68,12 +68,14 @@ class MeshConfig:
     ratelimit_port: int = 50071
     safety_port: int = 50053
     cache_port: int = 50054
+    httpapi_port: int = 50055  # the OpenAI-compatible HTTP API, behind the edge's /v1/
     redis_port: int = 6390
     # Each service's Prometheus endpoint (/metrics), and Prometheus's own UI/API port.
     frontend_metrics_port: int = 9101
     tokenizer_metrics_port: int = 9102
     safety_metrics_port: int = 9103
     cache_metrics_port: int = 9104
+    httpapi_metrics_port: int = 9105
     worker_metrics_port: int = 9161
     candidate_metrics_port: int = 9162
     ratelimit_metrics_port: int = 9171
@@ -114,9 +116,10 @@ class MeshConfig:
 
 PORT_FIELDS = ("edge_port", "mesh_port", "admin_port", "frontend_port", "tokenizer_port",
                "worker_port", "candidate_port", "ratelimit_port", "safety_port", "cache_port",
-               "redis_port", "frontend_metrics_port", "tokenizer_metrics_port",
-               "safety_metrics_port", "cache_metrics_port", "worker_metrics_port",
-               "candidate_metrics_port", "ratelimit_metrics_port", "prometheus_port")
+               "httpapi_port", "redis_port", "frontend_metrics_port", "tokenizer_metrics_port",
+               "safety_metrics_port", "cache_metrics_port", "httpapi_metrics_port",
+               "worker_metrics_port", "candidate_metrics_port", "ratelimit_metrics_port",
+               "prometheus_port")
 
 
 # After its own grace, what a service may take to stop: closing channels, its engine
@@ -150,7 +153,10 @@ class ProcessSpec:
 
 def _service(name: str, module: str, port: int, cfg: MeshConfig, *args: str,
              metrics_port: int, observability: Observability,
-             stop_stage: StopStage = StopStage.SERVICE) -> ProcessSpec:
+             stop_stage: StopStage = StopStage.SERVICE, health_path: str | None = None
+             ) -> ProcessSpec:
+    """A genmesh service's process; ready when its gRPC health service says SERVING, or
+    (an HTTP server) when ``health_path`` answers 200."""
     telemetry: tuple[str, ...] = ("--metrics-port", str(metrics_port))
     if observability.otlp_endpoint:
         telemetry += ("--otlp-endpoint", observability.otlp_endpoint, "--trace-sample-ratio",
@@ -162,7 +168,9 @@ def _service(name: str, module: str, port: int, cfg: MeshConfig, *args: str,
     argv = (sys.executable, "-m", module, "--host", cfg.host, "--port", str(port),
             "--log-level", cfg.log_level, *telemetry, *args)
     address = f"{cfg.host}:{port}"
-    return ProcessSpec(name, argv, address, GrpcHealth(address), stop_stage=stop_stage,
+    probe: Probe = (GrpcHealth(address) if health_path is None
+                    else HttpReady(f"http://{address}{health_path}"))
+    return ProcessSpec(name, argv, address, probe, stop_stage=stop_stage,
                        stop_timeout_s=grace_s + STOP_MARGIN_S)
 
 
@@ -192,7 +200,8 @@ def localize(dep: Deployment, cfg: MeshConfig) -> Deployment:
         frontend=((here, cfg.frontend_port),), tokenizer=((here, cfg.tokenizer_port),),
         ratelimit=((here, cfg.ratelimit_port),) if has_global else (),
         safety=((here, cfg.safety_port),) if dep.services.safety else (),
-        cache=((here, cfg.cache_port),) if dep.services.cache else ())
+        cache=((here, cfg.cache_port),) if dep.services.cache else (),
+        httpapi=((here, cfg.httpapi_port),) if dep.services.httpapi else ())
     gateway = dataclasses.replace(dep.gateway, host=here, edge_port=cfg.edge_port,
                                   mesh_port=cfg.mesh_port, admin_port=cfg.admin_port)
     observability = dep.observability
@@ -283,6 +292,11 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
                  "--deployment-file", str(cfg.run_dir / DEPLOYMENT_FILE),
                  metrics_port=cfg.frontend_metrics_port, observability=obs,
                  stop_stage=StopStage.FRONTEND),
+        *([_service("httpapi", "services.httpapi.main", cfg.httpapi_port, cfg,
+                    "--frontend-address", f"{cfg.host}:{cfg.frontend_port}",
+                    metrics_port=cfg.httpapi_metrics_port, observability=obs,
+                    stop_stage=StopStage.FRONTEND, health_path="/healthz")]
+          if dep.services.httpapi else []),
         # Stopping, the edge (the inbound listener) first refuses new connections; the
         # mesh listener serves until Envoy exits, last.
         ProcessSpec("envoy", tuple(envoy_command(envoy_yaml, base_id=cfg.edge_port)),

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from genmesh.core.config import ServerConfig
+from services.common import streams
 
 C = TypeVar("C", bound=ServerConfig)
 
@@ -64,6 +65,13 @@ def setup_json_logging(service: str, level: str = "INFO") -> None:
     logging.getLogger(service).debug("logging configured")
 
 
+def new_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """A grpc.aio server as every genmesh service runs one: ``interceptors`` inside the
+    two that end a stream its caller left within its own call (``streams.py``)."""
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=streams.interceptors(
+        interceptors))
+
+
 async def serve(*, name: str, address: str, register: Callable[[grpc.aio.Server], None],
                 service_names: Iterable[str], grace_s: float,
                 on_stop: Callable[[], Awaitable[None]] | None = None,
@@ -72,7 +80,7 @@ async def serve(*, name: str, address: str, register: Callable[[grpc.aio.Server]
     in-flight ones ``grace_s`` seconds to finish, and return. ``interceptors``: the
     tracing ones of ``telemetry.Telemetry``, when tracing is on."""
     log = logging.getLogger(name)
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+    server = new_server(interceptors)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

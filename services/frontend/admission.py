@@ -18,6 +18,7 @@ from genmesh.core import metadata
 from services.frontend import metrics
 from services.frontend.budget import (
     BudgetError,
+    BudgetExceeded,
     BudgetPolicy,
     BudgetUnavailable,
     Reservation,
@@ -70,4 +71,8 @@ class Admission:
             raise PipelineError(grpc.StatusCode.UNAVAILABLE, exc.message) from None
         except BudgetError as exc:  # BudgetExceeded, RequestTooLarge
             metrics.BUDGET_REJECTIONS.labels(tenant).inc()
+            if isinstance(exc, BudgetExceeded):
+                raise PipelineError(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message,
+                                    retry_after_s=exc.reset_in_s,
+                                    rate_limit=(exc.limit, exc.num_free_tokens)) from None
             raise PipelineError(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message) from None

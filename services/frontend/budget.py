@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -119,8 +120,9 @@ class BudgetExceeded(BudgetError):
                  num_free_tokens: int, reset_in_s: float) -> None:
         super().__init__(
             f"tenant {tenant!r} has {num_free_tokens} of its {limit} tokens per minute left "
-            f"and this request needs {num_requested_tokens} (prompt + max_tokens); "
-            f"the budget resets in {reset_in_s:.1f} s")
+            f"(its tokens_per_minute limit) and this request needs {num_requested_tokens} "
+            f"(prompt + max_tokens); retry in {math.ceil(reset_in_s)} s, when the budget "
+            f"resets")
         self.tenant = tenant
         self.limit = limit
         self.num_requested_tokens = num_requested_tokens
@@ -134,8 +136,9 @@ class RequestTooLarge(BudgetError):
     def __init__(self, tenant: str, *, limit: int, num_requested_tokens: int) -> None:
         super().__init__(
             f"this request needs {num_requested_tokens} tokens (prompt + max_tokens) but "
-            f"tenant {tenant!r} may use only {limit} per minute; lower max_tokens (or "
-            f"shorten the prompt) so that prompt + max_tokens <= {limit}")
+            f"tenant {tenant!r} may use only {limit} per minute (its tokens_per_minute "
+            f"limit); lower max_tokens (or shorten the prompt) so that prompt + max_tokens "
+            f"<= {limit}")
         self.tenant = tenant
         self.limit = limit
         self.num_requested_tokens = num_requested_tokens

@@ -201,7 +201,9 @@ class ChatSession:
                 elif isinstance(event, TextChunk):
                     parts.append(event.text)
                     self.out.put_nowait(generation_pb2.ChatEvent(
-                        delta=generation_pb2.TextDelta(turn=n, text=event.text)))
+                        delta=generation_pb2.TextDelta(
+                            turn=n, text=event.text,
+                            logprobs=[c.logprob for c in event.logprobs])))
                 elif isinstance(event, Finished):
                     self.history += [seen, ChatMessage("assistant", "".join(parts))]
                     self.last_finished_turn = n

@@ -7,6 +7,7 @@ one Detokenize stream to the tokenizer service per generation, one round trip pe
 message, for deployments whose frontend cannot see the model store.
 
 Both give the same text for the same ids (tests/services/frontend/test_detokenize.py).
+Only in-process detokenizers know the tokens' own strings, which logprobs report.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tokenizers import Tokenizer
 
 from genmesh.core.models.detokenizer import IncrementalDetokenizer
 from genmesh.core.models.store import ModelNotFoundError, ModelStore
+from genmesh.core.models.token_strings import TokenStrings
 from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.telemetry import trace_metadata
 from services.frontend.errors import PipelineError, rpc_error
@@ -43,6 +45,13 @@ class Detokenizing(Protocol):
         """The text that became final with these ids; ``final`` releases the rest."""
         ...
 
+    async def token_texts(self, token_ids: Sequence[int], *, final: bool
+                          ) -> tuple[list[str], str]:
+        """As ``text``, token by token: per id the text that became final with it (empty
+        while its character is incomplete), and with ``final`` the rest the flush
+        released. Joined, they are ``text``'s."""
+        ...
+
     def close(self) -> None:
         ...
 
@@ -50,6 +59,10 @@ class Detokenizing(Protocol):
 class Detokenizers(Protocol):
     def open(self, model: str, *, timeout_s: float) -> Detokenizing:
         """A detokenizer for one generation of ``model`` (skipping special tokens)."""
+        ...
+
+    def token_strings(self, model: str) -> TokenStrings | None:
+        """The tokens' own strings of ``model``; None where they are not known here."""
         ...
 
 
@@ -61,6 +74,12 @@ class _Local:
         text = self.detokenizer.push(token_ids)
         return text + self.detokenizer.flush() if final else text
 
+    async def token_texts(self, token_ids: Sequence[int], *, final: bool
+                          ) -> tuple[list[str], str]:
+        # One step per id: as cheap as a step of several (the common case is one id).
+        texts = [self.detokenizer.push((token_id,)) for token_id in token_ids]
+        return texts, self.detokenizer.flush() if final else ""
+
     def close(self) -> None:
         pass
 
@@ -70,6 +89,7 @@ class LocalDetokenizers:
 
     def __init__(self, tokenizers: Mapping[str, Tokenizer]) -> None:
         self.tokenizers = dict(tokenizers)
+        self._strings: dict[str, TokenStrings] = {}  # by model, made on first use
 
     @classmethod
     def from_store(cls, store: ModelStore, models: Sequence[str]) -> LocalDetokenizers:
@@ -84,8 +104,17 @@ class LocalDetokenizers:
         return cls(tokenizers)
 
     def open(self, model: str, *, timeout_s: float) -> Detokenizing:
+        return _Local(self._tokenizer(model))
+
+    def token_strings(self, model: str) -> TokenStrings:
+        strings = self._strings.get(model)
+        if strings is None:
+            strings = self._strings[model] = TokenStrings(self._tokenizer(model))
+        return strings
+
+    def _tokenizer(self, model: str) -> Tokenizer:
         try:
-            return _Local(self.tokenizers[model])
+            return self.tokenizers[model]
         except KeyError:
             raise PipelineError(grpc.StatusCode.NOT_FOUND,
                                 f"model {model!r} is not served here") from None
@@ -106,6 +135,14 @@ class _Remote:
         await self.opening  # done long ago but for the first token; raises its error
         return await self._round_trip(tokenizer_pb2.DetokenizeRequest(
             token_ids=token_ids, flush=final))
+
+    async def token_texts(self, token_ids: Sequence[int], *, final: bool
+                          ) -> tuple[list[str], str]:
+        # One round trip per message, not per token: its text ends with its last token.
+        text = await self.text(token_ids, final=final)
+        if not token_ids:
+            return [], text
+        return [""] * (len(token_ids) - 1) + [text], ""
 
     async def _round_trip(self, request: tokenizer_pb2.DetokenizeRequest) -> str:
         try:
@@ -133,6 +170,9 @@ class RemoteDetokenizers:
 
     def open(self, model: str, *, timeout_s: float) -> Detokenizing:
         return _Remote(self.stub, model, timeout_s=timeout_s)
+
+    def token_strings(self, model: str) -> None:
+        return None  # the tokenizer is in another process
 
 
 def choose(mode: DetokenizeMode, *, store_root: Path, models: Sequence[str],

@@ -33,6 +33,7 @@ from services.frontend.config import FrontendConfig
 from services.frontend.detokenize import choose
 from services.frontend.job_runner import JobRunner
 from services.frontend.jobs import JobQueue, JobQueueConfig
+from services.frontend.limits import RequestLimits
 from services.frontend.moderation import SafetyGate, SafetySettings
 from services.frontend.pipeline import build_pipeline
 from services.frontend.response_cache import CacheSettings, ResponseCache
@@ -55,6 +56,7 @@ class Served:
     jobs: JobQueueConfig = field(default_factory=JobQueueConfig)  # used with a redis_url
     max_running_jobs: int = 4
     max_batch_inflight: int = 8
+    limits: RequestLimits = field(default_factory=RequestLimits)  # the size of a request
 
 
 JOBS_SOCKET_TIMEOUT_S = 2.0
@@ -84,7 +86,9 @@ def served(cfg: FrontendConfig) -> Served:
         jobs=JobQueueConfig(claim_timeout_s=dep.limits.job_claim_timeout_s,
                             result_ttl_s=dep.limits.job_result_ttl_s),
         max_running_jobs=dep.limits.max_running_jobs,
-        max_batch_inflight=dep.limits.max_batch_inflight)
+        max_batch_inflight=dep.limits.max_batch_inflight,
+        limits=RequestLimits(max_chat_messages=dep.limits.max_chat_messages,
+                             max_prompt_chars=dep.limits.max_prompt_chars))
 
 
 async def run(cfg: FrontendConfig) -> None:
@@ -114,7 +118,7 @@ async def run(cfg: FrontendConfig) -> None:
     pipeline = build_pipeline(tokenizer=tokenizer, worker=worker,
                               rpc_timeout_s=cfg.rpc_timeout_s, detokenizers=detokenizers,
                               admission=admission, affinity=what.affinity, safety=safety,
-                              cache=cache)
+                              cache=cache, limits=what.limits)
     catalog = ModelCatalog(model=what.model, versions=what.versions, tokenizer=tokenizer,
                            worker=worker, rpc_timeout_s=cfg.rpc_timeout_s)
     # Jobs get a client of their own: their reads block up to a second, longer than the

@@ -43,6 +43,12 @@ log = logging.getLogger("genmesh.frontend")
 # Roles whose text comes from the caller and is checked; assistant turns are the model's
 # own output, already moderated when they streamed.
 CHECKED_ROLES = frozenset({"user", "system"})
+# The prompt checks of one chat in flight at once (one CheckPrompt per message): what the
+# safety service batches at a time. A chat that runs out of time then cancels at most
+# this many calls: Envoy closes a connection on which most calls are reset early (its
+# defence against rapid resets), failing every other request on it.
+MAX_CHECKS_IN_FLIGHT = 32
+_MIN_TIMEOUT_S = 0.001  # a call past the shared deadline fails at once (DEADLINE_EXCEEDED)
 
 
 class ModerationMode(StrEnum):
@@ -88,6 +94,15 @@ class Piece:
 class Moderated:
     text: str  # what the client may see now
     blocked: str = ""  # set when the output was cut: the category
+    # Characters of the text sent that ``text`` stands for (``text``'s own length but
+    # where redacted; with a block, the text before its match).
+    num_input_chars: int = 0
+    is_redacted: bool = False  # ``text`` is not the text sent: part of it was redacted
+
+    @classmethod
+    def unchanged(cls, text: str) -> Moderated:
+        """``text`` passed as it was sent."""
+        return cls(text, num_input_chars=len(text))
 
 
 def _unavailable(what: str, exc: BaseException) -> PipelineError:
@@ -102,13 +117,15 @@ class SafetyGate:
         self.stub = stub
         self.settings = settings
 
-    async def check_text(self, text: str, *, request_id: str, tenant: str, model: str) -> str:
+    async def check_text(self, text: str, *, request_id: str, tenant: str, model: str,
+                         timeout_s: float | None = None) -> str:
         """``text`` as it may go to the model (redacted if the policy says so); raises
-        PipelineError when it is blocked or cannot be checked (fail-closed)."""
+        PipelineError when it is blocked or cannot be checked (fail-closed) within
+        ``timeout_s`` (default: the settings')."""
         try:
             result = await self.stub.CheckPrompt(safety_pb2.CheckPromptRequest(
                 request_id=request_id, tenant=tenant, model=model, text=text),
-                timeout=self.settings.timeout_s)
+                timeout=self.settings.timeout_s if timeout_s is None else timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise PipelineError(exc.code(), exc.details() or "") from None
@@ -130,13 +147,27 @@ class SafetyGate:
     async def check_messages(self, messages: tuple[ChatMessage, ...], *, first: int,
                              request_id: str, tenant: str, model: str
                              ) -> tuple[ChatMessage, ...]:
-        """Checks the caller's messages from index ``first`` on, concurrently; the
-        conversation with redactions applied."""
+        """Checks the caller's messages from index ``first`` on, at most
+        MAX_CHECKS_IN_FLIGHT at a time and all within the settings' ``timeout_s``; the
+        conversation with redactions applied. The first message refused stops the rest."""
         indices = [i for i in range(first, len(messages))
                    if messages[i].role in CHECKED_ROLES and messages[i].content.strip()]
-        texts = await asyncio.gather(*(self.check_text(
-            messages[i].content, request_id=request_id, tenant=tenant, model=model)
-            for i in indices))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.timeout_s
+        in_flight = asyncio.Semaphore(MAX_CHECKS_IN_FLIGHT)
+
+        async def check(i: int) -> str:
+            async with in_flight:
+                return await self.check_text(
+                    messages[i].content, request_id=request_id, tenant=tenant, model=model,
+                    timeout_s=max(deadline - loop.time(), _MIN_TIMEOUT_S))
+
+        checks = [asyncio.ensure_future(check(i)) for i in indices]
+        try:
+            texts = await asyncio.gather(*checks)
+        finally:
+            for task in checks:  # a message refused, or the caller gone: the rest stop
+                task.cancel()
         out = list(messages)
         for i, text in zip(indices, texts, strict=True):
             if text != out[i].content:
@@ -201,7 +232,7 @@ class OutputModeration:
         answered_ns)`` hears of each verdict. Errors of ``pieces`` are raised here."""
         if self.gate is None:
             async for piece in pieces:
-                yield Moderated(piece.text)
+                yield Moderated.unchanged(piece.text)
             return
         settings = self.gate.settings
         if settings.moderation_mode == ModerationMode.LOCKSTEP:
@@ -303,7 +334,7 @@ class OutputModeration:
                        ) -> Moderated:
         """The text of ``sent`` the client may see, once the service has answered."""
         if self.is_bypassed:
-            return Moderated(sent.text)
+            return Moderated.unchanged(sent.text)
         assert self.gate is not None and self.call is not None
         try:
             if sent.error is not None:
@@ -320,14 +351,20 @@ class OutputModeration:
                             "(fail-open)", extra={"request_id": self.request_id,
                                                   "error": type(exc).__name__})
                 self.is_bypassed = True
-                return Moderated(sent.text)
+                return Moderated.unchanged(sent.text)
             raise _unavailable("the output cannot be moderated", exc) from None
         if on_verdict is not None:
             on_verdict(sent.sent_ns, time.time_ns())
+        # A service that does not count its input (older than num_input_chars) allows
+        # text unchanged.
+        num_input_chars = reply.num_input_chars or len(reply.text)
+        is_redacted = reply.verdict == safety_pb2.VERDICT_REDACT or any(
+            f.action == safety_pb2.VERDICT_REDACT for f in reply.findings)
         if reply.verdict == safety_pb2.VERDICT_BLOCK:
             self.close()
-            return Moderated(reply.text, blocked=reply.reason or "content_filter")
-        return Moderated(reply.text)
+            return Moderated(reply.text, blocked=reply.reason or "content_filter",
+                             num_input_chars=num_input_chars, is_redacted=is_redacted)
+        return Moderated(reply.text, num_input_chars=num_input_chars, is_redacted=is_redacted)
 
     def close(self) -> None:
         if self.call is not None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from opentelemetry import trace
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("genmesh.frontend")
 tracer = telemetry.tracer(__name__)
+T = TypeVar("T")
 
 FINISH_NAMES = {
     common_pb2.FINISH_REASON_UNSPECIFIED: "none",
@@ -66,6 +67,8 @@ class RequestObserver:
         self._last_tokens_at: float | None = None
         self._busy = {"detokenize": _Busy(), "moderation": _Busy()}
         self._is_done = False
+        # The finishes seen so far, by choice (one per choice with n > 1).
+        self._finished_choices: dict[int, Finished] = {}
         self.span = trace.get_current_span()  # the call's span (or the chat turn's)
         if self.span.is_recording():
             p = req.params
@@ -81,8 +84,30 @@ class RequestObserver:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        """A span around a step that awaits (never around a ``yield``: see
+        ``streamed_stage``)."""
         with tracer.start_as_current_span(name):
             yield
+
+    async def streamed_stage(self, name: str, events: AsyncGenerator[T, None]
+                             ) -> AsyncGenerator[T, None]:
+        """``events`` under the span ``name``, which is current while the next event is
+        awaited (the calls made meanwhile are its children) and never across a yield: a
+        context attached there would stay current for the consumer, and could be detached
+        only in the context that attached it, while a stream may be closed from another
+        (OpenTelemetry's "Failed to detach context")."""
+        span = tracer.start_span(name)
+        try:
+            async with contextlib.aclosing(events):
+                while True:
+                    with trace.use_span(span):
+                        try:
+                            event = await anext(events)
+                        except StopAsyncIteration:
+                            return
+                    yield event
+        finally:
+            span.end()
 
     def busy(self, kind: str, start_ns: int, end_ns: int) -> None:
         """One detokenize or moderation call took [start_ns, end_ns) (time.time_ns())."""
@@ -128,23 +153,31 @@ class RequestObserver:
                 span.end(end_time=busy.last_ns)
 
     def _finished(self, event: Finished) -> None:
+        """Each choice's tokens count as they finish; the request, once all have."""
         req, usage = self.req, event.usage
-        reason = FINISH_NAMES.get(event.finish_reason, "none")
-        if self.ttft_s is None:  # finished without text: the finish is the first answer
-            metrics.TTFT.labels(req.model, self.version).observe(time.perf_counter() - self.t0)
-        metrics.E2E.labels(req.model, self.version).observe(time.perf_counter() - self.t0)
-        metrics.REQUESTS.labels(req.model, req.tenant, req.method, reason).inc()
         if not usage.response_cached:  # inference ran: its tokens count as throughput
+            # Per worker request: with n > 1 each choice's prompt, mostly from the cache.
             metrics.PROMPT_TOKENS.labels(req.model, req.tenant).inc(usage.prompt_tokens)
             metrics.GENERATION_TOKENS.labels(req.model, req.tenant).inc(usage.completion_tokens)
             metrics.CACHED_PROMPT_TOKENS.labels(req.model, req.tenant).inc(
                 usage.cached_prompt_tokens)
+        self._finished_choices[event.index] = event
+        if len(self._finished_choices) < req.n:
+            return
+        first = self._finished_choices.get(0, event)
+        reasons = [FINISH_NAMES.get(f.finish_reason, "none")
+                   for _, f in sorted(self._finished_choices.items())]
+        if self.ttft_s is None:  # finished without text: the finish is the first answer
+            metrics.TTFT.labels(req.model, self.version).observe(time.perf_counter() - self.t0)
+        metrics.E2E.labels(req.model, self.version).observe(time.perf_counter() - self.t0)
+        metrics.REQUESTS.labels(req.model, req.tenant, req.method, reasons[0]).inc()
         if self.span.is_recording():
             self.span.set_attributes({
                 telemetry.GEN_AI_RESPONSE_MODEL: req.model,
-                telemetry.GEN_AI_USAGE_INPUT_TOKENS: usage.prompt_tokens,
-                telemetry.GEN_AI_USAGE_OUTPUT_TOKENS: usage.completion_tokens,
-                telemetry.GEN_AI_RESPONSE_FINISH_REASONS: [reason],
+                telemetry.GEN_AI_USAGE_INPUT_TOKENS: first.usage.prompt_tokens,
+                telemetry.GEN_AI_USAGE_OUTPUT_TOKENS: sum(
+                    f.usage.completion_tokens for f in self._finished_choices.values()),
+                telemetry.GEN_AI_RESPONSE_FINISH_REASONS: reasons,
                 "genmesh.model_version": self.version,
-                "genmesh.cached_prompt_tokens": usage.cached_prompt_tokens,
-                "genmesh.response_cached": usage.response_cached})
+                "genmesh.cached_prompt_tokens": first.usage.cached_prompt_tokens,
+                "genmesh.response_cached": first.usage.response_cached})

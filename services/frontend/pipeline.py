@@ -14,6 +14,9 @@ moderation and the worker's stream are closed, the budget refunds what was not u
 cache stores a complete answer (or gives its lease back); the observer records the
 usage. Every downstream call carries a deadline; leaving the stream early closes every
 stage, which cancels the worker's request and frees its KV blocks.
+
+A request for n > 1 choices meets the request stages once and the output stages once per
+choice, side by side (``choices.py``).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import grpc
 from genmesh.core.models.chat_template import ChatMessage
 from genmesh.v1 import common_pb2, tokenizer_pb2_grpc, worker_pb2_grpc
 from services.frontend.admission import Admission
+from services.frontend.choices import run_choices
 from services.frontend.detokenize import Detokenizers, RemoteDetokenizers
 from services.frontend.errors import PipelineError
 from services.frontend.events import Event
+from services.frontend.limits import DEFAULT_LIMITS, RequestLimits
 from services.frontend.moderation import SafetyGate
 from services.frontend.observe import RequestObserver
 from services.frontend.response_cache import ResponseCache
@@ -69,19 +74,26 @@ class PipelineRequest:
     # model_version was chosen by the rollout's split (not pinned by the caller): the
     # worker call goes to it the way a split call would, mirror included.
     is_version_routed: bool = False
+    # Choices to generate, 1..choices.MAX_NUM_CHOICES: the output stages run once per
+    # choice, and the events of each carry its index.
+    n: int = 1
 
 
 class Pipeline:
     def __init__(self, *, request_stages: Sequence[Stage], generate: Generate,
-                 output_stages: Sequence[Stage]) -> None:
+                 output_stages: Sequence[Stage], limits: RequestLimits = DEFAULT_LIMITS
+                 ) -> None:
         """``request_stages`` in the order a request meets them, ``output_stages`` in the
-        order the output meets them; composed here, once."""
+        order the output meets them; composed here, once. ``limits`` refuse a request
+        before any stage runs."""
+        self.limits = limits
         self.stage_names = tuple(type(s).__name__ for s in (
             *request_stages, generate, *output_stages))
         output: Next = generate.run
         for stage in output_stages:
             output = functools.partial(stage.run, rest=output)
         self._output = output
+        self._routed_version = generate.routed_version
         entry: Next = self._generation
         for stage in reversed(request_stages):
             entry = functools.partial(stage.run, rest=entry)
@@ -89,13 +101,15 @@ class Pipeline:
 
     async def run(self, req: PipelineRequest, *, timeout_s: float
                   ) -> AsyncGenerator[Event, None]:
-        """Streams Started, then TextChunks, then Finished; raises PipelineError."""
+        """Streams Started, then TextChunks, then Finished (with n > 1: each choice's,
+        tagged with its index, the choices' interleaved); raises PipelineError."""
         count = TokenCount()
         observer = RequestObserver(req, count)
         try:
             error = validate_stop_strings(list(req.params.stop))
             if error:
                 raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT, error)
+            self.limits.check(req)
             call = Call(req, timeout_s=timeout_s, observer=observer, tokens=count)
             # The detokenize stage has turned every worker message into text.
             events = cast(AsyncGenerator[Event, None], self._entry(call))
@@ -112,17 +126,20 @@ class Pipeline:
     async def _generation(self, call: Call) -> AsyncGenerator[StageEvent, None]:
         """The worker's stream through the output stages, under one span: the worker's,
         detokenizer's and moderation's calls are its children."""
-        with call.observer.stage("generate"):
-            async with contextlib.aclosing(self._output(call)) as events:
-                async for event in events:
-                    yield event
+        async with contextlib.aclosing(call.observer.streamed_stage(
+                "generate", self._output(call) if call.req.n == 1
+                else run_choices(call, self._output, routed_version=self._routed_version))
+                ) as events:
+            async for event in events:
+                yield event
 
 
 def build_pipeline(*, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
                    worker: worker_pb2_grpc.WorkerStub, rpc_timeout_s: float,
                    detokenizers: Detokenizers | None = None, admission: Admission | None = None,
                    affinity: Affinity | None = None, safety: SafetyGate | None = None,
-                   cache: ResponseCache | None = None) -> Pipeline:
+                   cache: ResponseCache | None = None,
+                   limits: RequestLimits = DEFAULT_LIMITS) -> Pipeline:
     """The chain for what this deployment has: ``detokenizers`` as chosen at start-up
     (default: the tokenizer service's stream); without ``safety``, ``cache``, or budgets
     in ``admission``, the stages they need are left out."""
@@ -139,6 +156,6 @@ def build_pipeline(*, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
     if safety is not None:
         output_stages.append(Moderate(safety))
     pipeline = Pipeline(request_stages=request_stages, generate=generate,
-                        output_stages=output_stages)
+                        output_stages=output_stages, limits=limits)
     log.info("pipeline stages", extra={"stages": list(pipeline.stage_names)})
     return pipeline

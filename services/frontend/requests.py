@@ -10,16 +10,19 @@ import grpc
 from genmesh.core.models.chat_template import ChatMessage
 from genmesh.v1 import common_pb2, generation_pb2
 from services.frontend.catalog import ModelCatalog
+from services.frontend.choices import MAX_NUM_CHOICES
 from services.frontend.errors import PipelineError
 from services.frontend.events import Finished, Started, TextChunk
 from services.frontend.pipeline import Pipeline, PipelineRequest
+
+_PRIORITIES = frozenset(common_pb2.Priority.values())
 
 
 def pipeline_request(request: generation_pb2.GenerateRequest, *, catalog: ModelCatalog,
                      tenant: str, request_id: str, priority: common_pb2.Priority,
                      method: str) -> PipelineRequest:
-    """The pipeline's request for ``request``; PipelineError (INVALID_ARGUMENT,
-    NOT_FOUND) for one that cannot run."""
+    """The pipeline's request for ``request``, at ``priority`` unless it names its own;
+    PipelineError (INVALID_ARGUMENT, NOT_FOUND) for one that cannot run."""
     model, version = catalog.resolve(request.model, request.model_version)
     kind = request.WhichOneof("input")
     messages: tuple[ChatMessage, ...] = ()
@@ -31,17 +34,25 @@ def pipeline_request(request: generation_pb2.GenerateRequest, *, catalog: ModelC
     else:
         raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT,
                             "set a non-empty prompt or chat.messages")
+    if not 0 <= request.n <= MAX_NUM_CHOICES:
+        raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"n: must be in [0, {MAX_NUM_CHOICES}] (0 means 1), got {request.n}")
+    if request.priority not in _PRIORITIES:
+        raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"priority: unknown value {request.priority}; use one of "
+                            f"{', '.join(common_pb2.Priority.keys())}")
     return PipelineRequest(
         request_id=request.request_id or request_id, model=model, model_version=version,
-        prompt=prompt, messages=messages, params=request.params, priority=priority,
-        skip_cache=request.skip_cache, tenant=tenant, method=method)
+        prompt=prompt, messages=messages, params=request.params,
+        priority=request.priority or priority, skip_cache=request.skip_cache, tenant=tenant,
+        method=method, n=request.n or 1)
 
 
 async def generate_whole(pipeline: Pipeline, req: PipelineRequest, *, timeout_s: float
                          ) -> generation_pb2.GenerateResponse:
     """Run ``req`` to the end; raises PipelineError."""
     reply = generation_pb2.GenerateResponse()
-    parts = []
+    choices = [_Choice() for _ in range(req.n)]
     async with contextlib.aclosing(pipeline.run(req, timeout_s=timeout_s)) as events:
         async for event in events:
             if isinstance(event, Started):
@@ -49,10 +60,34 @@ async def generate_whole(pipeline: Pipeline, req: PipelineRequest, *, timeout_s:
                 reply.model_version = event.model_version
                 reply.request_id = event.request_id
             elif isinstance(event, TextChunk):
-                parts.append(event.text)
+                choice = choices[event.index]
+                choice.parts.append(event.text)
+                choice.logprobs += (c.logprob for c in event.logprobs)
             elif isinstance(event, Finished):
-                reply.finish_reason = event.finish_reason
-                reply.usage.CopyFrom(event.usage)
-                reply.finish_detail = event.detail
-    reply.text = "".join(parts)
+                choices[event.index].finished = event
+    first = choices[0]
+    reply.text = "".join(first.parts)
+    reply.logprobs.extend(first.logprobs)
+    reply.finish_reason = first.finished.finish_reason
+    reply.finish_detail = first.finished.detail
+    if req.n == 1:
+        reply.usage.CopyFrom(first.finished.usage)
+        return reply
+    for index, choice in enumerate(choices):
+        reply.choices.add(index=index, text="".join(choice.parts),
+                          finish_reason=choice.finished.finish_reason,
+                          finish_detail=choice.finished.detail, logprobs=choice.logprobs,
+                          usage=choice.finished.usage)
+    # The prompt once, as the first choice ran it; every choice's completion.
+    reply.usage.CopyFrom(first.finished.usage)
+    reply.usage.completion_tokens = sum(c.finished.usage.completion_tokens for c in choices)
     return reply
+
+
+class _Choice:
+    """One choice's answer as its events come."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.logprobs: list[generation_pb2.OutputLogprob] = []
+        self.finished = Finished(common_pb2.FINISH_REASON_UNSPECIFIED)  # until it finishes

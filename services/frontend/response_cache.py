@@ -46,7 +46,8 @@ class Lookup:
 
 def is_cacheable(params: common_pb2.SamplingParams) -> bool:
     """Deterministic requests only: greedy, or sampled with a seed; no logprobs."""
-    return (params.temperature == 0 or params.HasField("seed")) and params.logprobs == 0
+    return ((params.temperature == 0 or params.HasField("seed")) and params.logprobs == 0
+            and not params.return_logprobs)
 
 
 def cache_key(*, tenant: str, model: str, version: str, prompt_ids: list[int],

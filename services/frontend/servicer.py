@@ -53,14 +53,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 self.pipeline.run(req, timeout_s=self._timeout(context))) as events:
             async for event in events:
                 if type(event) is TextChunk:
-                    yield generation_pb2.GenerateStreamResponse(text=event.text)
+                    yield generation_pb2.GenerateStreamResponse(
+                        text=event.text, index=event.index,
+                        logprobs=[c.logprob for c in event.logprobs])
                 elif type(event) is Started:
                     yield generation_pb2.GenerateStreamResponse(
                         model_version=event.model_version, request_id=event.request_id)
                 elif type(event) is Finished:
                     yield generation_pb2.GenerateStreamResponse(
                         finish_reason=event.finish_reason, usage=event.usage,
-                        finish_detail=event.detail)
+                        finish_detail=event.detail, index=event.index)
 
     @maps_errors
     async def Chat(self, request_iterator: AsyncIterator[generation_pb2.ChatRequest],
@@ -99,8 +101,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         context: grpc.aio.ServicerContext) -> generation_pb2.Job:
         jobs, tenant = self._job_store(), self._tenant(context)
         # Refuse what cannot run now, not after the job was queued.
-        pipeline_request(request.request, catalog=self.catalog, tenant=tenant,
-                         request_id="", priority=common_pb2.PRIORITY_BATCH, method="Job")
+        self.pipeline.limits.check(pipeline_request(
+            request.request, catalog=self.catalog, tenant=tenant, request_id="",
+            priority=common_pb2.PRIORITY_BATCH, method="Job"))
         record = await jobs.submit(request.job_id or uuid.uuid4().hex,
                                    request.request.SerializeToString(), tenant=tenant)
         return record.to_proto()

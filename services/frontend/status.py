@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 import grpc
 
+from genmesh.core import metadata
 from services.frontend.errors import PipelineError
 from services.frontend.jobs import InvalidJobId, JobConflict, JobStoreUnavailable, WatchTimeout
 
@@ -38,6 +40,32 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+def trailers_of(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata for ``exc``'s status: ``retry-after`` (whole seconds) when the
+    error says when a retry can succeed, and the ``x-ratelimit-*`` of the limit that
+    refused (a token budget), as the gateway's refusals carry them."""
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is None:
+        return ()
+    wait = str(max(1, math.ceil(retry_after_s)))
+    trailers: tuple[tuple[str, str], ...] = ((metadata.RETRY_AFTER, wait),)
+    rate_limit = getattr(exc, "rate_limit", None)
+    if rate_limit is not None:
+        limit, remaining = rate_limit
+        trailers += ((metadata.RATE_LIMIT_LIMIT, str(limit)),
+                     (metadata.RATE_LIMIT_REMAINING, str(remaining)),
+                     (metadata.RATE_LIMIT_RESET, wait))
+    return trailers
+
+
+async def _abort(context: grpc.aio.ServicerContext, status: tuple[grpc.StatusCode, str],
+                 exc: BaseException) -> None:
+    trailers = trailers_of(exc)
+    if trailers:
+        await context.abort(*status, trailing_metadata=trailers)
+    await context.abort(*status)
+
+
 def maps_errors(handler: Handler) -> Handler:
     """``handler`` (a servicer method: ``(self, request or request iterator, context)``)
     ending the call with ``status_of`` its error."""
@@ -53,7 +81,7 @@ def maps_errors(handler: Handler) -> Handler:
                 status = status_of(exc)
                 if status is None:
                     raise
-                await context.abort(*status)
+                await _abort(context, status, exc)
 
         return cast(Handler, streaming)
 
@@ -66,7 +94,7 @@ def maps_errors(handler: Handler) -> Handler:
             status = status_of(exc)
             if status is None:
                 raise
-            await context.abort(*status)
+            await _abort(context, status, exc)
             raise AssertionError("unreachable: abort raises") from exc
 
     return cast(Handler, unary)

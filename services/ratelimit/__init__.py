@@ -7,6 +7,8 @@ this service.
 - ``counters``: fixed windows aligned to the Unix epoch, counted in Redis on Redis's
   clock, one round trip per request.
 - ``limiter``: a request's descriptors -> matched limits -> counts -> decisions.
+- ``refusal``: what a request over its limit is told: a message naming the limit and
+  when its window ends (Envoy's body of the 429), ``x-ratelimit-*`` and ``retry-after``.
 - ``servicer``: protos <-> the limiter, errors -> gRPC status codes.
 
 When Redis is down or slow, calls fail with UNAVAILABLE within ``redis_timeout_s``;

@@ -1,5 +1,5 @@
 """Envoy's RateLimitService: translates protos to the limiter and its errors to status
-codes."""
+codes, and a refusal (``refusal.py``) to the answer's body and headers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from services.ratelimit import metrics
 from services.ratelimit.counters import CountersUnavailableError
 from services.ratelimit.limiter import Decision, Descriptor, RateLimiter
 from services.ratelimit.limits import RateLimit, Unit
+from services.ratelimit.refusal import refusal
 
 Status = rls_pb2.RateLimitResponse.DescriptorStatus
 Code = rls_pb2.RateLimitResponse.Code
@@ -77,6 +78,10 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             raise
         metrics.count(descriptors, decisions)
         statuses = [status_to_proto(d) for d in decisions]
-        is_over = any(d.is_over_limit for d in decisions)
+        refused = refusal(descriptors, decisions)
+        if refused is None:
+            return rls_pb2.RateLimitResponse(overall_code=Code.OK, statuses=statuses)
         return rls_pb2.RateLimitResponse(
-            overall_code=Code.OVER_LIMIT if is_over else Code.OK, statuses=statuses)
+            overall_code=Code.OVER_LIMIT, statuses=statuses, raw_body=refused.message.encode(),
+            response_headers_to_add=[rls_pb2.HeaderValue(key=name, value=value)
+                                     for name, value in refused.headers])

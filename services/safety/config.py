@@ -25,6 +25,9 @@ class SafetyConfig(ServerConfig):
     # Where audit records go: a Redis URL (a capped stream), else a JSONL file, else none.
     audit_redis_url: str = ""
     audit_file: str = ""
-    max_text_chars: int = 100_000  # longest prompt or stream accepted (INVALID_ARGUMENT)
+    # Longest prompt or stream accepted (INVALID_ARGUMENT beyond): the deployment's default
+    # limits.max_prompt_chars. A check is linear in it (~1-2 us a character for the rules;
+    # the embedding reads at most a few windows), so ~0.5 s at most.
+    max_text_chars: int = 256 * 1024
     # Longest text a stream holds back while a match might still complete (characters).
     max_hold_chars: int = 256

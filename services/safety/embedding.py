@@ -63,13 +63,14 @@ def windows(text: str, *, max_words: int, max_windows: int) -> list[str]:
     chunks: list[list[str]] = [[]]
     for sentence in _SENTENCE.split(text):
         words = sentence.split()
-        while words:
+        taken = 0  # words of this sentence already in chunks (an index: no copies)
+        while taken < len(words):
             room = max_words - len(chunks[-1])
             if room <= 0:
                 chunks.append([])
                 continue
-            chunks[-1] += words[:room]
-            words = words[room:]
+            chunks[-1] += words[taken:taken + room]
+            taken += room
     texts = [" ".join(c) for c in chunks if c]
     if len(texts) <= max_windows:
         return texts

@@ -12,7 +12,9 @@ attack; "what is a prompt injection?" and "ignore the typos above" are not.
 
 from __future__ import annotations
 
+import bisect
 import codecs
+import re
 from dataclasses import dataclass
 
 import regex
@@ -401,19 +403,36 @@ def join_spaced(text: str) -> str:
 RULE_REACH = 320
 
 
+_NON_SPACE_RUN = re.compile(r"\S*")
+
+
+def _word_end(text: str, i: int) -> int:
+    """Where the run of non-space characters at ``i`` ends (``i`` at a space)."""
+    m = _NON_SPACE_RUN.match(text, i)
+    return i if m is None else m.end()
+
+
 def windows(text: str, spans: list[tuple[int, int]], reach: int = RULE_REACH
             ) -> list[tuple[int, int]]:
     """The parts of ``text`` within ``reach`` characters of ``spans`` (sorted), merged
-    where they overlap and widened to whole words: their [start, end)."""
+    where they overlap and widened to whole words: their [start, end).
+
+    Linear in ``len(text)``: a text without spaces makes every window one huge word, so
+    no character is walked over twice (a window's start is widened only down to the end
+    of the one before it, where the two merge anyway, and its end only from past it)."""
     merged: list[list[int]] = []
     for start, end in spans:
         a, b = max(0, start - reach), min(len(text), end + reach)
-        while a > 0 and not text[a - 1].isspace():
-            a -= 1
-        while b < len(text) and not text[b].isspace():
-            b += 1
         if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(b, merged[-1][1])
+            if b > merged[-1][1]:
+                merged[-1][1] = _word_end(text, b)
+            continue
+        floor = merged[-1][1] if merged else 0
+        while a > floor and not text[a - 1].isspace():
+            a -= 1
+        b = _word_end(text, b)
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = b
         else:
             merged.append([a, b])
     return [(a, b) for a, b in merged]
@@ -484,9 +503,10 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
     # around them.
     leet_words = [m.span() for m in _LEET_MIX.finditer(text)
                   if m.end() - m.start() <= _MAX_LEET_WORD]
+    plus_starts = [s for s, e in leet_words if "+" in text[s:e]]  # sorted
     for a, b in windows(text, leet_words):
         out.append(("leet", fold(text[a:b].translate(_LEET_ALT)).text))
-        if any("+" in text[s:e] for s, e in leet_words if a <= s < b):
+        if bisect.bisect_left(plus_starts, b) > bisect.bisect_left(plus_starts, a):
             out.append(("leet", fold(text[a:b].translate(_LEET_PLUS)).text))
     # Spaced-out letters are joined first and folded after, so "d 1 s r e g 4 r d" reads
     # as leetspeak once joined.
@@ -534,10 +554,14 @@ def _discussed_quotes(folded: str) -> list[tuple[int, int]]:
 
 
 def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]]) -> bool:
+    """Whether ``rule`` matches ``folded`` outside the discussed ``quotes`` (sorted, not
+    overlapping: a match is inside one only if inside the last quote starting before it)."""
     if rule.is_quote_proof:
         quotes = []
+    starts = [a for a, _ in quotes]
     for m in rule.pattern.finditer(folded, overlapped=False):
-        if not any(a <= m.start() and m.end() <= b for a, b in quotes):
+        i = bisect.bisect_right(starts, m.start()) - 1
+        if i < 0 or m.end() > quotes[i][1]:
             return True
     return False
 

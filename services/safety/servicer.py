@@ -34,7 +34,8 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
         if len(request.text) > self.max_text_chars:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"text has {len(request.text)} characters; at most "
-                                f"{self.max_text_chars} are checked")
+                                f"{self.max_text_chars} are checked (the safety service's "
+                                "--max-text-chars)")
         try:
             with metrics.CHECK_SECONDS.labels("prompt").time():
                 decision = await self.guard.check_prompt(request_id=request.request_id,
@@ -68,19 +69,21 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
             num_chars += len(msg.text)
             if num_chars > self.max_text_chars:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"the stream passed {self.max_text_chars} characters")
+                                    f"the stream passed {self.max_text_chars} characters "
+                                    "(the safety service's --max-text-chars)")
             with metrics.CHECK_SECONDS.labels("output").time():
                 release = stream.flush(msg.text) if msg.flush else stream.feed(msg.text)
             if release.blocked is not None:
                 yield safety_pb2.ModerateResponse(
                     text=release.text, verdict=safety_pb2.VERDICT_BLOCK,
                     findings=[finding_pb(f) for f in release.findings],
-                    reason=release.blocked.category)
+                    reason=release.blocked.category, num_input_chars=release.num_raw_chars)
                 return
             redacted = any(f.action == Action.REDACT for f in release.findings)
             yield safety_pb2.ModerateResponse(
                 text=release.text,
                 verdict=safety_pb2.VERDICT_REDACT if redacted else safety_pb2.VERDICT_ALLOW,
-                findings=[finding_pb(f) for f in release.findings])
+                findings=[finding_pb(f) for f in release.findings],
+                num_input_chars=release.num_raw_chars)
             if msg.flush:
                 return

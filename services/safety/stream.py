@@ -27,6 +27,8 @@ class Release:
     text: str  # text now safe to send on (redacted where the policy says so)
     findings: tuple[Finding, ...]  # findings in the released text
     blocked: Finding | None = None  # set when the stream must end here
+    # Characters of the text fed (before redaction) that ``text`` stands for.
+    num_raw_chars: int = 0
 
 
 class StreamModerator:
@@ -109,5 +111,5 @@ class StreamModerator:
             self.is_blocked = True
             self.pending = ""
             blocked = finding(block, self.policy)
-            return Release(text, (*findings, blocked), blocked)
-        return Release(text, tuple(findings))
+            return Release(text, (*findings, blocked), blocked, num_raw_chars=hold - base)
+        return Release(text, tuple(findings), num_raw_chars=hold - base)

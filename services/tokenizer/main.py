@@ -25,7 +25,8 @@ async def run(cfg: TokenizerConfig) -> None:
         log.info("loaded tokenizer", extra={"model": t.name, "vocab_size": t.vocab_size,
                                             "has_chat_template": t.chat_template is not None,
                                             "eos_token_ids": list(t.eos_token_ids)})
-    servicer = TokenizerServicer(registry)
+    servicer = TokenizerServicer(registry, max_text_chars=cfg.max_text_chars,
+                                 max_chat_messages=cfg.max_chat_messages)
     await serve(name="genmesh.tokenizer", address=cfg.address,
                 register=lambda s: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(
                     servicer, s),

@@ -4,7 +4,7 @@ codes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -14,13 +14,33 @@ from genmesh.core.models.chat_template import ChatMessage
 from genmesh.core.models.detokenizer import IncrementalDetokenizer
 from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.tokenizer import metrics
+from services.tokenizer.config import MAX_CHAT_MESSAGES, MAX_TEXT_CHARS
 from services.tokenizer.registry import LoadedTokenizer, TokenizerRegistry, UnknownModelError
 
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-def chat_messages(messages: Iterable[tokenizer_pb2.ChatMessage]) -> list[ChatMessage]:
-    """The conversation as domain messages; ValueError if empty or a role is unknown."""
+class OverLimitError(ValueError):
+    """A call asks for more than this service's bounds (INVALID_ARGUMENT, naming them)."""
+
+
+def check_text_size(num_chars: int, *, max_text_chars: int, what: str) -> None:
+    """OverLimitError when ``num_chars`` characters (of ``what``) are too many."""
+    if num_chars > max_text_chars:
+        raise OverLimitError(f"{what} {num_chars} characters; the tokenizer takes at most "
+                             f"{max_text_chars} (its --max-text-chars)")
+
+
+def chat_messages(messages: Sequence[tokenizer_pb2.ChatMessage], *,
+                  max_chat_messages: int, max_text_chars: int) -> list[ChatMessage]:
+    """The conversation as domain messages; ValueError if empty or a role is unknown,
+    OverLimitError if it has too many messages or characters (checked first: nothing is
+    converted then)."""
+    if len(messages) > max_chat_messages:
+        raise OverLimitError(f"the chat has {len(messages)} messages; the tokenizer takes at "
+                             f"most {max_chat_messages} (its --max-chat-messages)")
+    check_text_size(sum(len(m.content) for m in messages), max_text_chars=max_text_chars,
+                    what="the chat's messages have")
     converted = [ChatMessage(role=m.role, content=m.content) for m in messages]
     if not converted:
         raise ValueError("messages is empty: a chat needs at least one message")
@@ -55,8 +75,11 @@ def apply_chat_template(t: LoadedTokenizer, messages: list[ChatMessage], *,
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
-    def __init__(self, registry: TokenizerRegistry) -> None:
+    def __init__(self, registry: TokenizerRegistry, *, max_text_chars: int = MAX_TEXT_CHARS,
+                 max_chat_messages: int = MAX_CHAT_MESSAGES) -> None:
         self.registry = registry
+        self.max_text_chars = max_text_chars  # TokenizerConfig's bounds of one call
+        self.max_chat_messages = max_chat_messages
 
     async def _get(self, model: str, context: grpc.aio.ServicerContext) -> LoadedTokenizer:
         try:
@@ -68,6 +91,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> tokenizer_pb2.TokenizeResponse:
         metrics.REQUESTS.labels("Tokenize").inc()
+        try:
+            check_text_size(len(request.text), max_text_chars=self.max_text_chars,
+                            what="the text has")
+        except OverLimitError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         with metrics.LATENCY.labels("Tokenize").time():
             t = await self._get(request.model, context)
             encoding = await _run(len(request.text), t.tokenizer.encode, request.text,
@@ -80,7 +108,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         metrics.REQUESTS.labels("ApplyChatTemplate").inc()
         t = await self._get(request.model, context)
         try:
-            messages = chat_messages(request.messages)
+            messages = chat_messages(request.messages, max_chat_messages=self.max_chat_messages,
+                                     max_text_chars=self.max_text_chars)
             with metrics.LATENCY.labels("ApplyChatTemplate").time():
                 text, token_ids = await _run(
                     sum(len(m.content) for m in messages), apply_chat_template, t, messages,

@@ -82,3 +82,20 @@ def test_cancelled_turn_aborts_and_the_session_goes_on(mesh):
     # The cancel goes out after the second delta; a few more may be in flight.
     assert first["deltas"] >= 2, first
     assert_completed(second)
+
+
+def test_logprobs_come_with_the_deltas_of_every_turn(mesh):
+    result = run_chat(mesh, "--max-tokens", "12", "--logprobs", "2")
+
+    assert result["errors"] == []
+    for turn in result["turns"]:
+        assert_completed(turn)
+        logprobs = turn["logprobs"]
+        # Every token whose text reached the client, its bytes those of the text; the
+        # end token (when it stopped the turn) is not among them.
+        assert b"".join(bytes(t["bytes"]) for t in logprobs) == turn["text"].encode()
+        num_tokens = turn["usage"]["completion_tokens"]
+        assert len(logprobs) in (num_tokens, num_tokens - 1), turn
+        for token in logprobs:
+            assert token["logprob"] <= 0 and len(token["top_logprobs"]) == 2, token
+            assert token["top_logprobs"][0]["logprob"] >= token["logprob"] - 1e-4, token

@@ -36,8 +36,10 @@ from genmesh.launcher.plan import MeshConfig
 from tests.deploy.test_dockerfiles import (
     DOCKERFILE,
     GPU_DOCKERFILE,
+    HTTP_HEALTH_PATHS,
     SERVICE_PORTS,
     config_class,
+    health_probe,
     healthcheck_argv,
     parse_dockerfile,
 )
@@ -211,11 +213,13 @@ DEFAULTS = MeshConfig()
 # ---- the tests ---------------------------------------------------------------------------
 
 def test_compose_runs_every_process_of_the_mesh():
-    assert {"envoy", "frontend", "tokenizer", "safety", "cache", "worker", "worker-candidate",
-            "ratelimit", "redis", "jaeger", "prometheus", "grafana"} <= set(SERVICES)
-    assert set(SERVICES) - {"envoy", "frontend", "tokenizer", "safety", "cache", "worker",
-                            "worker-candidate", "ratelimit", "redis", "jaeger", "prometheus",
-                            "grafana"} == {"worker-gpu", "worker-candidate-gpu", "model-store"}
+    assert {"envoy", "frontend", "httpapi", "tokenizer", "safety", "cache", "worker",
+            "worker-candidate", "ratelimit", "redis", "jaeger", "prometheus",
+            "grafana"} <= set(SERVICES)
+    assert set(SERVICES) - {"envoy", "frontend", "httpapi", "tokenizer", "safety", "cache",
+                            "worker", "worker-candidate", "ratelimit", "redis", "jaeger",
+                            "prometheus", "grafana"} == {"worker-gpu", "worker-candidate-gpu",
+                                                        "model-store"}
 
 
 def test_every_genmesh_service_runs_a_module_that_exists_from_a_real_target():
@@ -261,7 +265,7 @@ def _config(name: str) -> Any:
 
 def test_service_ports_are_the_deployments_and_the_launchers():
     endpoints = deployment_ports(DEP)
-    for name in ("frontend", "tokenizer", "safety", "cache", "ratelimit"):
+    for name in ("frontend", "httpapi", "tokenizer", "safety", "cache", "ratelimit"):
         cfg = _config(name)
         port_field, metrics_field = SERVICE_PORTS[f"services.{name}.main"]
         assert cfg.host == "0.0.0.0", name
@@ -281,6 +285,42 @@ def test_service_ports_are_the_deployments_and_the_launchers():
     assert frontend.deployment_file == DEPLOYMENT_MOUNT
     assert mounts(SERVICES["frontend"])[DEPLOYMENT_MOUNT] == ("./deploy/compose/deployment.yaml",
                                                               True)
+
+
+def test_http_api_calls_the_frontend_and_envoy_probes_what_compose_probes():
+    """The HTTP API (HTTP/1.1, behind the edge's /v1/): its own image and entry module, the
+    frontend's own address (not Envoy's: the edge has already checked the key), started
+    once the frontend is healthy, its health checked on GET /healthz by Docker and by
+    Envoy alike, and given longer than its drain to stop."""
+    service = SERVICES["httpapi"]
+    assert service["build"] == {"context": ".", "dockerfile": "deploy/docker/Dockerfile",
+                                "target": "httpapi"}
+    assert service["image"] == "genmesh/httpapi:${IMAGE_TAG:-0.1.0}"
+    assert entrypoint_and_command(service) == ["python", "-m", "services.httpapi.main"]
+    cfg = _config("httpapi")
+    [(frontend_host, frontend_port)] = DEP.services.frontend
+    assert cfg.frontend_address == f"{frontend_host}:{frontend_port}" == "frontend:50051"
+    assert (cfg.host, cfg.port, cfg.metrics_port) == (
+        "0.0.0.0", DEFAULTS.httpapi_port, DEFAULTS.httpapi_metrics_port)
+    assert DEP.services.httpapi == (("httpapi", cfg.port),)
+    # Reached through Envoy only: exposed on the compose network, published nowhere.
+    assert exposed(service) == {cfg.port, cfg.metrics_port} and not published(service)
+    assert service["depends_on"] == {"frontend": {"condition": "service_healthy"}}
+    health_path = HTTP_HEALTH_PATHS["services.httpapi.main"]
+    assert service["healthcheck"]["test"] == [
+        "CMD", "python", "/app/deploy/docker/probe.py", "http",
+        f"http://127.0.0.1:{cfg.port}{health_path}"]
+    [envoy_cluster] = [c for c in clusters(DEP) if c["name"] == "httpapi"]
+    [envoy_check] = envoy_cluster["health_checks"]
+    assert envoy_check["http_health_check"]["path"] == health_path
+    [endpoint] = envoy_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {
+        "address": "httpapi", "port_value": cfg.port}
+    grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
+    assert grace is not None and int(grace.group(1)) > cfg.shutdown_grace_s
+    # No keys, no files: the edge stamps the tenant, the frontend holds the rest.
+    assert "volumes" not in service
+    assert not [k for k in service["environment"] if SECRET_NAME.search(k)]
 
 
 def test_workers_serve_the_deployments_versions_in_both_profiles():
@@ -352,7 +392,7 @@ def test_rate_limit_file_is_what_gateway_renders():
 
 def test_prometheus_scrapes_every_service_as_the_launcher_names_them():
     targets: dict[str, list[str]] = {}
-    for name in ("frontend", "tokenizer", "safety", "cache"):
+    for name in ("frontend", "tokenizer", "safety", "cache", "httpapi"):
         targets[name] = [f"{name}:{_config(name).metrics_port}"]
     for v in DEP.versions:
         [(host, _)] = v.workers
@@ -418,7 +458,7 @@ def test_health_checks_probe_each_services_own_port():
         assert argv[0] == "CMD" and argv[2] == "/app/deploy/docker/probe.py", name
         module = runs_module(service)
         if module in SERVICE_PORTS:
-            assert argv[3:] == ["grpc", f"127.0.0.1:{_config(name).port}"], name
+            assert argv[3:] == health_probe(module, _config(name).port), name
         else:
             assert argv[3:] == ["http", f"http://127.0.0.1:{DEP.gateway.admin_port}/ready"]
         image_env = image_stage(service).env
@@ -466,9 +506,10 @@ def test_compose_deployment_renders_through_gateway_and_envoy_accepts_it(tmp_pat
         for host, _ in endpoints:
             assert host in names, f"{service_name}: {host} is no compose service"
     assert {c["type"] for c in clusters(DEP)} == {"STRICT_DNS"}  # names, re-resolved
-    # The edge routes to the frontend only; the mesh reaches every internal service.
+    # The edge routes to the frontend and the HTTP API only; the mesh reaches every
+    # internal service.
     routed = validated_routes(DEP, tmp_path)
-    assert routed["edge"] == {"frontend"}
+    assert routed["edge"] == {"frontend", "httpapi"}
     assert routed["mesh"] == {"tokenizer", "safety", "cache", "worker-v1", "worker-v2"}
 
 

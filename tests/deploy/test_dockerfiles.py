@@ -32,6 +32,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from gateway.clusters import HEALTH_CHECK_PATH
 from genmesh.core.config import ServerConfig
 from genmesh.launcher.plan import MeshConfig
 from genmesh.launcher.ports import free_ports
@@ -52,7 +53,19 @@ SERVICE_PORTS = {  # entry module -> (MeshConfig port field, metrics port field)
     "services.cache.main": ("cache_port", "cache_metrics_port"),
     "services.ratelimit.main": ("ratelimit_port", "ratelimit_metrics_port"),
     "services.worker.main": ("worker_port", "worker_metrics_port"),
+    "services.httpapi.main": ("httpapi_port", "httpapi_metrics_port"),
 }
+# The entry modules that serve HTTP, not gRPC, and the path of their health check: the
+# same path Envoy's cluster probes (gateway/clusters.py).
+HTTP_HEALTH_PATHS = {"services.httpapi.main": HEALTH_CHECK_PATH}
+
+
+def health_probe(module: str, port: int) -> list[str]:
+    """probe.py's arguments that check ``module``'s server on ``port`` from its own
+    container: the gRPC health service, or an HTTP service's health path."""
+    if module in HTTP_HEALTH_PATHS:
+        return ["http", f"http://127.0.0.1:{port}{HTTP_HEALTH_PATHS[module]}"]
+    return ["grpc", f"127.0.0.1:{port}"]
 
 
 # ---- a Dockerfile, parsed ------------------------------------------------------------------
@@ -225,15 +238,16 @@ def test_hadolint_passes(dockerfile):
 def test_every_service_target_runs_real_code_as_non_root_with_a_health_check():
     stages = parse_dockerfile(DOCKERFILE) | parse_dockerfile(GPU_DOCKERFILE)
     targets = service_targets(stages)
-    assert set(targets) == {"frontend", "tokenizer", "safety", "cache", "ratelimit", "gateway",
-                            "worker", "worker-gpu"}
+    assert set(targets) == {"frontend", "httpapi", "tokenizer", "safety", "cache", "ratelimit",
+                            "gateway", "worker", "worker-gpu"}
     for name, stage in targets.items():
         module = entry_module(stage)
         assert module is not None and importlib.util.find_spec(module) is not None, name
         assert stage.user.split(":")[0] == NON_ROOT_UID, f"{name} runs as {stage.user!r}"
         probe = healthcheck_argv(stage)
-        assert probe[1:3] == ["/app/deploy/docker/probe.py", "grpc" if name != "gateway"
-                              else "http"], f"{name}: {probe}"
+        is_http = name == "gateway" or module in HTTP_HEALTH_PATHS
+        assert probe[1:3] == ["/app/deploy/docker/probe.py", "http" if is_http else "grpc"], (
+            f"{name}: {probe}")
     tools = stages["tools"]
     assert entry_module(tools) == "genmesh.cli" and tools.user.startswith(NON_ROOT_UID)
     assert tools.healthcheck == "NONE"  # a one-shot job, not a server
@@ -260,7 +274,7 @@ def test_service_targets_listen_everywhere_on_the_launchers_ports():
         assert cfg.port == getattr(defaults, port_field), name
         assert cfg.metrics_port == getattr(defaults, metrics_field), name
         assert sorted(stage.expose) == sorted([cfg.port, cfg.metrics_port]), name
-        assert healthcheck_argv(stage)[-1] == f"127.0.0.1:{cfg.port}", name
+        assert healthcheck_argv(stage)[2:] == health_probe(module, cfg.port), name
     gateway = stages["gateway"]
     assert sorted(gateway.expose) == sorted([defaults.edge_port, defaults.mesh_port,
                                              defaults.admin_port])
@@ -372,9 +386,9 @@ def test_light_images_import_without_pytorch():
     stages = parse_dockerfile(DOCKERFILE)
     light = [entry_module(s) for s in stages.values()
              if _inherits(stages, s, "runtime-light") and entry_module(s)]
-    assert set(light) == {"services.frontend.main", "services.tokenizer.main",
-                          "services.cache.main", "services.ratelimit.main",
-                          "genmesh.commands.gateway"}
+    assert set(light) == {"services.frontend.main", "services.httpapi.main",
+                          "services.tokenizer.main", "services.cache.main",
+                          "services.ratelimit.main", "genmesh.commands.gateway"}
     blocked = [m for modules in LIGHT_BLOCKED.values() for m in modules]
     script = ("import importlib, runpy, sys\n"
               f"for name in {blocked!r}: sys.modules[name] = None\n"

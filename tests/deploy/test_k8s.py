@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from gateway import ratelimits
-from gateway.envoy import build_bootstrap, render
+from gateway.envoy import build_bootstrap, clusters, render
 from gateway.metrics import ADMIN_CLUSTER
 from genmesh.commands import gateway as gateway_command
 from genmesh.core import deployment as deploy
@@ -49,6 +49,7 @@ from tests.deploy.test_compose import (
 from tests.deploy.test_dockerfiles import (
     DOCKERFILE,
     GPU_DOCKERFILE,
+    HTTP_HEALTH_PATHS,
     SERVICE_PORTS,
     config_class,
     entry_module,
@@ -358,7 +359,8 @@ def test_every_service_runs_as_configured_on_the_launchers_ports(overlay):
         assert cfg.host == "0.0.0.0", name
         assert cfg.port == getattr(DEFAULTS, port_field), name
         assert cfg.metrics_port == getattr(DEFAULTS, metrics_field), name
-        assert named_ports(container) == {"grpc": cfg.port, "metrics": cfg.metrics_port}, name
+        serving = "http" if module in HTTP_HEALTH_PATHS else "grpc"  # the HTTP API: HTTP/1.1
+        assert named_ports(container) == {serving: cfg.port, "metrics": cfg.metrics_port}, name
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(cfg.metrics_port), name
         # The deployment description reaches it by its headless Service, on its port.
@@ -368,7 +370,7 @@ def test_every_service_runs_as_configured_on_the_launchers_ports(overlay):
         assert service["spec"]["clusterIP"] == "None", f"{host}: Envoy needs every pod (headless)"
         assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels(workload))
         assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
-            (port, "grpc")], host
+            (port, serving)], host
         assert cfg.otlp_endpoint == DEP.observability.otlp_endpoint, name
         assert cfg.trace_sample_ratio == DEP.observability.trace_sample_percent / 100, name
 
@@ -396,6 +398,12 @@ def test_probes_and_resources(overlay):
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                 if probe in container:
                     assert container[probe]["grpc"] == {"port": ports["grpc"]}, (name, probe)
+        elif "http" in ports:  # a genmesh HTTP service: GET its health path
+            path = HTTP_HEALTH_PATHS[entry_module(image_stage(container["image"])) or ""]
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                if probe in container:
+                    assert container[probe]["httpGet"] == {"path": path, "port": "http"}, (
+                        name, probe)
     envoy = main_container(workloads(objects)["envoy"])
     assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
     assert named_ports(envoy) == {"edge": DEP.gateway.edge_port, "mesh": DEP.gateway.mesh_port,
@@ -468,9 +476,10 @@ def test_gateway_renders_envoys_config_from_the_deployment_config_map(overlay, t
     mesh_service = by_kind(objects, "Service")["envoy-mesh"]
     assert [(p["port"], p["targetPort"]) for p in mesh_service["spec"]["ports"]] == [
         (DEP.gateway.mesh_port, "mesh")]
-    # gateway/ renders it, Envoy accepts it, and the edge reaches nothing but the frontend.
+    # gateway/ renders it, Envoy accepts it, and the edge reaches nothing but the frontend
+    # and the HTTP API.
     routed = validated_routes(DEP, tmp_path)
-    assert routed == {"edge": {"frontend"},
+    assert routed == {"edge": {"frontend", "httpapi"},
                       "mesh": {"tokenizer", "safety", "cache", "worker-v1", "worker-v2"},
                       "metrics": {ADMIN_CLUSTER}}
 
@@ -575,6 +584,54 @@ def test_the_overlays_pick_the_engine(overlay):
             assert volume["emptyDir"]["medium"] == "Memory"
 
 
+def test_http_api_calls_the_frontend_and_drains_within_its_grace(overlay):
+    """The HTTP API: the frontend's headless Service as its upstream (not Envoy's: the edge
+    has already checked the key), GET /healthz for the kubelet as for Envoy, longer to stop
+    than it takes to drain, and the frontend's resources and security settings."""
+    _, objects = overlay
+    workload = workloads(objects)["httpapi"]
+    frontend_workload = workloads(objects)["frontend"]
+    container = main_container(workload)
+    assert container["image"] == f"genmesh/httpapi:{VERSION}"
+    assert entry_module(image_stage(container["image"])) == "services.httpapi.main"
+    assert "command" not in container and "args" not in container  # the image's entry point
+    cfg = service_config(objects, "httpapi")
+    dep = mesh_deployment(objects)
+    [(frontend_host, frontend_port)] = dep.services.frontend
+    assert cfg.frontend_address == f"{frontend_host}:{frontend_port}" == "frontend:50051"
+    frontend_service = by_kind(objects, "Service")[frontend_host]
+    assert selects({"matchLabels": frontend_service["spec"]["selector"]},
+                   pod_labels(frontend_workload))
+    assert dep.services.httpapi == (("httpapi", cfg.port),)
+    # The kubelet and Envoy probe the same path; 503 while draining takes a pod out of both.
+    path = HTTP_HEALTH_PATHS["services.httpapi.main"]
+    assert container["readinessProbe"]["httpGet"] == {"path": path, "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": path, "port": "http"}
+    [envoy_cluster] = [c for c in clusters(dep) if c["name"] == "httpapi"]
+    [envoy_check] = envoy_cluster["health_checks"]
+    assert envoy_check["http_health_check"]["path"] == path
+    # Stopping: preStop's sleep, then the service's drain, both within the pod's grace; a
+    # drain's 503s never add up to a liveness failure.
+    pod = pod_specs(workload)[0]
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] > float(sleep[1]) + cfg.shutdown_grace_s
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > cfg.shutdown_grace_s
+    # In line with the frontend: resources, pod and container security.
+    frontend = main_container(frontend_workload)
+    assert container["resources"] == frontend["resources"]
+    assert container["securityContext"] == frontend["securityContext"]
+    assert pod["securityContext"] == pod_specs(frontend_workload)[0]["securityContext"]
+    # No keys, no Redis, no model store: the edge stamps the tenant, the frontend does the rest.
+    assert not secret_refs(container)
+    assert "genmesh.io/redis-client" not in pod_labels(workload)
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/tmp"]
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true",
+                           "prometheus.io/port": str(cfg.metrics_port)}
+
+
 # ---- NetworkPolicies, evaluated ------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -655,7 +712,7 @@ def _peer(peer: Mapping[str, Any], source: Pod, namespace: str) -> bool:
     return in_namespace and selects(peer.get("podSelector"), source.labels)
 
 
-def test_network_policies_let_only_the_gateway_reach_the_frontend_and_only_the_frontend_reach_internal_services(overlay):  # noqa: E501
+def test_network_policies_let_only_the_gateway_and_the_http_api_reach_the_frontend_and_only_the_frontend_reach_internal_services(overlay):  # noqa: E501
     _, objects = overlay
     everyone = {p.name for p in _pods(objects)} - {"envoy"}
     internal = ("tokenizer", "safety", "cache", "ratelimit", "worker-v1", "worker-v2")
@@ -664,8 +721,10 @@ def test_network_policies_let_only_the_gateway_reach_the_frontend_and_only_the_f
         ("envoy", "mesh"): {"frontend"},  # the frontend's only way to internal services
         ("envoy", "metrics"): {"prometheus"},  # GET /stats/prometheus and /ready only
         ("envoy", "admin"): set(),
-        ("frontend", "grpc"): {"envoy"},
+        ("frontend", "grpc"): {"envoy", "httpapi"},  # the HTTP API calls it directly
         ("frontend", "metrics"): {"prometheus"},
+        ("httpapi", "http"): {"envoy"},  # the edge's /v1/ routes
+        ("httpapi", "metrics"): {"prometheus"},
         ("redis", "redis"): {"frontend", "safety", "cache", "ratelimit", "worker-v1",
                              "worker-v2"},
     }
@@ -673,6 +732,11 @@ def test_network_policies_let_only_the_gateway_reach_the_frontend_and_only_the_f
         expected[(name, "grpc")] = {"envoy"}
         expected[(name, "metrics")] = {"prometheus"}
     assert reachable(objects) == expected
+    # Only ingress is policed: what a pod may call (the HTTP API -> the frontend) is up to
+    # the callee's rules above, never cut off at the caller.
+    for policy in by_kind(objects, "NetworkPolicy").values():
+        assert policy["spec"]["policyTypes"] == ["Ingress"], policy["metadata"]["name"]
+        assert "egress" not in policy["spec"], policy["metadata"]["name"]
     # The gateway sends the mesh listener's calls to exactly those internal services.
     static = yaml.safe_load(render(DEP))["static_resources"]
     mesh = next(ln for ln in static["listeners"] if ln["name"] == "mesh")

@@ -19,12 +19,14 @@ GOLDEN = Path(__file__).parent / "golden" / "local.yaml"
 LOCAL = Path(__file__).parents[2] / "deploy" / "local.yaml"
 
 
-def local_config(*, safety: bool = True, cache: bool = True, **gateway) -> Deployment:
-    """deploy/local.yaml on its default ports, safety and cache deployed too."""
+def local_config(*, safety: bool = True, cache: bool = True, httpapi: bool = True,
+                 **gateway) -> Deployment:
+    """deploy/local.yaml on its default ports, safety, cache and the HTTP API deployed too."""
     dep = deployment.load(LOCAL, environ={})
     services = dataclasses.replace(
         dep.services, safety=(("127.0.0.1", 50054),) if safety else (),
-        cache=(("127.0.0.1", 50055),) if cache else ())
+        cache=(("127.0.0.1", 50055),) if cache else (),
+        httpapi=(("127.0.0.1", 50055),) if httpapi else ())
     return dataclasses.replace(dep, services=services,
                                gateway=dataclasses.replace(dep.gateway, **gateway))
 
@@ -51,7 +53,8 @@ def test_render_matches_golden_file():
 
 
 def test_envoy_accepts_the_rendered_config(tmp_path):
-    for cfg in (local_config(), local_config(safety=False, cache=False, access_log=False)):
+    for cfg in (local_config(),
+                local_config(safety=False, cache=False, httpapi=False, access_log=False)):
         path = tmp_path / "envoy.yaml"
         path.write_text(render(cfg))
         validate(path)
@@ -74,8 +77,8 @@ def test_edge_serves_health_and_reflection_then_tenants_then_anonymous_callers()
     bootstrap = build_bootstrap(local_config())
     assert prefixes(bootstrap, "edge") == [
         "/grpc.health.v1.Health/", "/grpc.reflection.", "/genmesh.v1.Generation/",
-        "/genmesh.v1.Generation/", "/"]
-    health, reflection, dev, anonymous, rest = routes_of(bootstrap, "edge")
+        "/genmesh.v1.Generation/", "/v1/", "/v1/", "/v1/", "/"]
+    health, reflection, dev, anonymous, *_, rest = routes_of(bootstrap, "edge")
     assert {r["route"]["cluster"] for r in (health, reflection, dev, anonymous)} == {"frontend"}
     assert "headers" not in health["match"] and "headers" not in anonymous["match"]
     assert rest["direct_response"]["status"] == 404
@@ -84,12 +87,39 @@ def test_edge_serves_health_and_reflection_then_tenants_then_anonymous_callers()
 def test_safety_and_cache_are_routed_only_when_configured():
     full = build_bootstrap(local_config())
     assert prefixes(full, "mesh")[-3:] == ["/genmesh.v1.Safety/", "/genmesh.v1.Cache/", "/"]
-    bootstrap = build_bootstrap(local_config(safety=False, cache=False))
+    bootstrap = build_bootstrap(local_config(safety=False, cache=False, httpapi=False))
     assert "/genmesh.v1.Safety/" not in prefixes(bootstrap, "mesh")
     cluster_names = [c["name"] for c in bootstrap["static_resources"]["clusters"]]
     assert cluster_names == ["frontend", "tokenizer", "ratelimit", "worker-v1", "worker-v2"]
     assert "Safety" not in routes_of(bootstrap, "mesh")[-1]["direct_response"]["body"][
         "inline_string"]
+
+
+def test_the_http_api_is_an_http1_cluster_probed_on_healthz():
+    clusters = {c["name"]: c for c in build_bootstrap(local_config())["static_resources"][
+        "clusters"]}
+    httpapi, frontend = clusters["httpapi"], clusters["frontend"]
+    options = httpapi["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert options["explicit_http_config"] == {"http_protocol_options": {}}  # HTTP/1.1
+    assert options["common_http_protocol_options"] == {"idle_timeout": "60s"}
+    [check] = httpapi["health_checks"]
+    assert check.pop("http_health_check") == {
+        "path": "/healthz", "expected_statuses": [{"start": 200, "end": 201}]}
+    [grpc_check] = frontend["health_checks"]
+    assert check == {k: v for k, v in grpc_check.items() if k != "grpc_health_check"}
+    for same in ("common_lb_config", "outlier_detection", "circuit_breakers", "connect_timeout"):
+        assert httpapi[same] == frontend[same], same
+
+
+def test_the_http_api_is_routed_only_when_configured():
+    bootstrap = build_bootstrap(local_config(httpapi=False))
+    assert "/v1/" not in prefixes(bootstrap, "edge")
+    assert "httpapi" not in [c["name"] for c in bootstrap["static_resources"]["clusters"]]
+    [edge] = [ln for ln in bootstrap["static_resources"]["listeners"] if ln["name"] == "edge"]
+    mappers = edge["filter_chains"][0]["filters"][0]["typed_config"]["local_reply_config"][
+        "mappers"]
+    assert "/v1/" not in yaml.safe_dump(mappers)
 
 
 def test_routes_have_no_envoy_timeout_and_honour_the_client_deadline():
@@ -108,7 +138,7 @@ def test_only_the_edge_limits_request_bodies():
         manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
         filters[listener["name"]] = [f["name"] for f in manager["http_filters"]]
     assert filters == {
-        "edge": ["envoy.filters.http.body_size_limit", "envoy.filters.http.local_ratelimit",
+        "edge": ["envoy.filters.http.body_size_limit", "genmesh.local_ratelimit.dev",
                  "envoy.filters.http.ratelimit", "envoy.filters.http.router"],
         "mesh": ["envoy.filters.http.router"],
     }
@@ -117,7 +147,9 @@ def test_only_the_edge_limits_request_bodies():
 
 def test_access_log_can_be_switched_off():
     bootstrap = build_bootstrap(local_config(access_log=False))
-    assert "access_log" not in yaml.safe_dump(bootstrap)
+    managers = [ln["filter_chains"][0]["filters"][0]["typed_config"]
+                for ln in bootstrap["static_resources"]["listeners"]]
+    assert managers and all("access_log" not in m for m in managers)
 
 
 def test_clusters_are_static_for_ips_and_strict_dns_for_names():

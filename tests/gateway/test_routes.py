@@ -12,9 +12,12 @@ from gateway.envoy import build_bootstrap
 from gateway.ratelimits import service_limits
 from gateway.routes import edge_routes, mesh_routes
 from genmesh.core import deployment
-from genmesh.core.deployment import DeploymentError, Rollout, SplitMode
+from genmesh.core.deployment import DeploymentError, Rollout, SplitMode, Tenant
 
 LOCAL = Path(__file__).parents[2] / "deploy" / "local.yaml"
+# What each of dev's routes carries for the local limit: dev's own filter, switched on.
+SWITCH_ON_DEV = {"genmesh.local_ratelimit.dev": {
+    "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {}}}
 
 
 def local() -> deployment.Deployment:
@@ -22,16 +25,14 @@ def local() -> deployment.Deployment:
 
 
 def test_tenant_routes_stamp_the_tenant_drop_the_key_and_carry_the_limits():
-    _, _, dev, anonymous, _ = edge_routes(local())
+    _, _, dev, anonymous, *_ = edge_routes(local())
     [key_match] = dev["match"]["headers"]
     assert key_match == {"name": "x-api-key", "string_match": {
         "safe_regex": {"regex": "^(?:genmesh\\-dev\\-key)$"}}}
     assert dev["request_headers_to_add"][0]["header"] == {"key": "x-genmesh-tenant",
                                                           "value": "dev"}
     assert dev["request_headers_to_remove"] == ["x-api-key"]
-    bucket = dev["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"]
-    assert bucket["token_bucket"]["max_tokens"] == 50
-    assert bucket["rate_limited_as_resource_exhausted"] is True
+    assert dev["typed_per_filter_config"] == SWITCH_ON_DEV
     assert dev["route"]["rate_limits"][0]["actions"][0]["generic_key"] == {
         "descriptor_key": "tenant", "descriptor_value": "dev"}
     # A caller without a (known) key reaches the frontend with no tenant: UNAUTHENTICATED.
@@ -39,6 +40,121 @@ def test_tenant_routes_stamp_the_tenant_drop_the_key_and_carry_the_limits():
     assert service_limits(local())["descriptors"] == [{
         "key": "tenant", "value": "dev",
         "rate_limit": {"unit": "minute", "requests_per_unit": 1200}}]
+
+
+def test_http_api_routes_authenticate_like_the_grpc_routes():
+    dep = local()
+    _, _, grpc_dev, _, bearer, key, anonymous, unrouted = edge_routes(dep)
+    dev = dep.tenant("dev")
+    assert dev is not None
+    as_dev = {
+        "route": {"cluster": "httpapi", "timeout": "0s", "rate_limits": [{
+            "stage": 0, "actions": [{"generic_key": {"descriptor_key": "tenant",
+                                                     "descriptor_value": "dev"}}]}]},
+        "request_headers_to_add": [{"header": {"key": "x-genmesh-tenant", "value": "dev"},
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "request_headers_to_remove": ["authorization", "x-api-key"],
+        "typed_per_filter_config": SWITCH_ON_DEV,
+    }
+    assert bearer == {"match": {"prefix": "/v1/", "headers": [{
+        "name": "authorization",
+        "string_match": {"safe_regex": {"regex": "^Bearer (?:genmesh\\-dev\\-key)$"}}}]},
+        **as_dev}
+    assert key == {"match": {"prefix": "/v1/", "headers": [{
+        "name": "x-api-key",
+        "string_match": {"safe_regex": {"regex": "^(?:genmesh\\-dev\\-key)$"}}}]},
+        **as_dev}
+    # The same limits as the tenant's gRPC route.
+    assert bearer["typed_per_filter_config"] == grpc_dev["typed_per_filter_config"]
+    assert bearer["route"]["rate_limits"] == grpc_dev["route"]["rate_limits"]
+    # Anyone else reaches the HTTP API with no tenant and no credential: it answers 401.
+    assert anonymous == {"match": {"prefix": "/v1/"},
+                         "route": {"cluster": "httpapi", "timeout": "0s"},
+                         "request_headers_to_remove": ["x-genmesh-tenant", "authorization",
+                                                       "x-api-key"]}
+    assert unrouted["direct_response"]["body"]["inline_string"] == (
+        "genmesh edge: no route for this path; served here: genmesh.v1.Generation, "
+        "grpc.health.v1.Health, grpc.reflection, the OpenAI-compatible HTTP API (/v1/)")
+
+
+def test_http_api_routes_match_every_key_of_every_tenant_escaped():
+    tenants = (Tenant("a", ("k.1", "k+2"), requests_per_second=5),
+               Tenant("b", ("k|3",), requests_per_second=7, requests_per_minute=60))
+    dep = dataclasses.replace(local(), tenants=tenants)
+    v1 = [r for r in edge_routes(dep) if r["match"]["prefix"] == "/v1/"]
+    assert [(r["match"]["headers"][0]["name"],
+             r["match"]["headers"][0]["string_match"]["safe_regex"]["regex"],
+             r["request_headers_to_add"][0]["header"]["value"],
+             list(r["typed_per_filter_config"]),
+             "rate_limits" in r["route"]) for r in v1[:-1]] == [
+        ("authorization", r"^Bearer (?:k\.1|k\+2)$", "a", ["genmesh.local_ratelimit.a"], False),
+        ("x-api-key", r"^(?:k\.1|k\+2)$", "a", ["genmesh.local_ratelimit.a"], False),
+        ("authorization", r"^Bearer (?:k\|3)$", "b", ["genmesh.local_ratelimit.b"], True),
+        ("x-api-key", r"^(?:k\|3)$", "b", ["genmesh.local_ratelimit.b"], True),
+    ]
+    assert "headers" not in v1[-1]["match"]
+
+
+def test_each_tenant_has_one_local_bucket_which_only_its_routes_switch_on():
+    tenants = (Tenant("a", ("ka",), requests_per_second=5),
+               Tenant("b", ("kb",), requests_per_second=7, requests_per_minute=60))
+    dep = dataclasses.replace(local(), tenants=tenants)
+    [edge, _] = build_bootstrap(dep)["static_resources"]["listeners"]
+    filters = edge["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    local_filters = {f["name"]: f for f in filters if "local_ratelimit" in f["name"]}
+    assert list(local_filters) == ["genmesh.local_ratelimit.a", "genmesh.local_ratelimit.b"]
+    a = local_filters["genmesh.local_ratelimit.a"]
+    assert a["disabled"] is True  # on no route but a's own
+    assert a["typed_config"] == {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3."
+                 "LocalRateLimit",
+        "stat_prefix": "tenant_a",
+        "token_bucket": {"max_tokens": 5, "tokens_per_fill": 5, "fill_interval": "1s"},
+        "filter_enabled": {"runtime_key": "genmesh.local_ratelimit.a.enabled",
+                           "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        "filter_enforced": {"runtime_key": "genmesh.local_ratelimit.a.enforced",
+                            "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        "rate_limited_as_resource_exhausted": True,
+        # On its refusals only: the bucket's limit, empty, full again within its fill
+        # interval. Envoy's own x-ratelimit-* would go on every response (a global
+        # refusal's too) and are off.
+        "response_headers_to_add": [
+            {"header": {"key": key, "value": value},
+             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for key, value in [("x-ratelimit-limit", "5"), ("x-ratelimit-remaining", "0"),
+                               ("x-ratelimit-reset", "1"), ("retry-after", "1"),
+                               ("x-genmesh-rate-limited-by", "local"),
+                               ("x-genmesh-tenant", "a")]]}
+    assert local_filters["genmesh.local_ratelimit.b"]["typed_config"]["token_bucket"][
+        "max_tokens"] == 7
+    # gRPC, Bearer and key header: each tenant's routes switch on its filter and no other;
+    # health, reflection and anonymous callers none.
+    switched_on = [(r["match"]["prefix"], r.get("request_headers_to_add", [{}])[0]
+                    .get("header", {}).get("value"), list(r.get("typed_per_filter_config", {})))
+                   for r in edge_routes(dep)]
+    assert switched_on == [
+        ("/grpc.health.v1.Health/", None, []),
+        ("/grpc.reflection.", None, []),
+        ("/genmesh.v1.Generation/", "a", ["genmesh.local_ratelimit.a"]),
+        ("/genmesh.v1.Generation/", "b", ["genmesh.local_ratelimit.b"]),
+        ("/genmesh.v1.Generation/", None, []),
+        ("/v1/", "a", ["genmesh.local_ratelimit.a"]),
+        ("/v1/", "a", ["genmesh.local_ratelimit.a"]),
+        ("/v1/", "b", ["genmesh.local_ratelimit.b"]),
+        ("/v1/", "b", ["genmesh.local_ratelimit.b"]),
+        ("/v1/", None, []),
+        ("/", None, []),
+    ]
+
+
+def test_without_the_http_api_the_edge_has_no_v1_routes():
+    dep = local()
+    dep = dataclasses.replace(dep, services=dataclasses.replace(dep.services, httpapi=()))
+    routes = edge_routes(dep)
+    assert [r["match"]["prefix"] for r in routes] == [
+        "/grpc.health.v1.Health/", "/grpc.reflection.", "/genmesh.v1.Generation/",
+        "/genmesh.v1.Generation/", "/"]
+    assert "HTTP API" not in routes[-1]["direct_response"]["body"]["inline_string"]
 
 
 def worker_route(dep: deployment.Deployment) -> dict:

@@ -1,7 +1,7 @@
-"""The budget stage: a tenant's prompt + max_tokens are reserved from its token budget
-before the worker runs (``budget.py``: atomic in Redis, never overshooting), and on the
-way out, however the request ended, the reservation is settled: what the request did not
-use (by the request's token count) is refunded.
+"""The budget stage: a tenant's prompt + max_tokens (for each of n choices) are reserved
+from its token budget before the worker runs (``budget.py``: atomic in Redis, never
+overshooting), and on the way out, however the request ended, the reservation is settled:
+what the request did not use (by the request's token count) is refunded.
 
 Absent from a chain without a budget store; a tenant without a budget skips the stage.
 """
@@ -32,8 +32,9 @@ class ReserveBudget:
         # the reservation is refunded.
         max_tokens = max(call.req.params.max_tokens or DEFAULT_MAX_TOKENS, 0)
         with call.observer.stage("budget"):
-            reservation = await self.admission.reserve(tenant,
-                                                       call.tokens.num_prompt + max_tokens)
+            # The prompt once (as its usage counts it), every choice's tokens.
+            reservation = await self.admission.reserve(
+                tenant, call.tokens.num_prompt + call.req.n * max_tokens)
         try:
             async with contextlib.aclosing(rest(call)) as events:
                 async for event in events:

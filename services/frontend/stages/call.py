@@ -11,6 +11,7 @@ request nothing per token. A stage that iterates ``rest(call)`` closes it when i
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -58,6 +59,9 @@ class Call:
     observer: RequestObserver  # the request's metrics and spans
     tokens: TokenCount = field(default_factory=TokenCount)
     prompt_ids: list[int] = field(default_factory=list)  # set by the prompt stage
+    # Set by the generate stage at the worker's first message: the prompt's KV is
+    # computed, and its full blocks are in the worker's prefix cache for others to reuse.
+    prefilled: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 Next = Callable[[Call], AsyncGenerator[StageEvent, None]]

@@ -19,6 +19,7 @@ from genmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.telemetry import trace_metadata
 from services.frontend.errors import PipelineError, rpc_error
 from services.frontend.events import Finished, Started
+from services.frontend.logprobs import set_worker_logprobs
 from services.frontend.routing import Affinity, ab_bucket, prefix_key
 from services.frontend.stages.call import Call, StageEvent
 
@@ -35,6 +36,7 @@ class Generate:
         params = common_pb2.SamplingParams()
         params.CopyFrom(req.params)
         del params.stop[:]  # stop strings are cut from the text, in the stops stage
+        set_worker_logprobs(params)
         worker_call = self.worker.Generate(worker_pb2.WorkerGenerateRequest(
             # The worker's id must be unique even when callers reuse theirs.
             request_id=f"{req.request_id}.{secrets.token_hex(3)}", prompt_ids=call.prompt_ids,
@@ -47,6 +49,7 @@ class Generate:
                           len(call.prompt_ids), req.messages if req.prompt is None else ())
             tokens, observer = call.tokens, call.observer
             async for msg in worker_call:
+                call.prefilled.set()
                 num_tokens = len(msg.token_ids)
                 tokens.num_generated += num_tokens
                 observer.tokens(num_tokens)

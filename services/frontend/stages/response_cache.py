@@ -5,8 +5,9 @@ no inference and no budget. On a miss it collects the text as the client sees it
 stores a complete answer before the client hears of the finish, so that a caller who
 repeats the request at once finds it; an incomplete one gives its lease back.
 
-Absent from a chain without a cache service; a request that is not deterministic, or
-asks to skip the cache, skips the stage.
+Absent from a chain without a cache service; a request that is not deterministic, asks
+to skip the cache, or asks for n > 1 choices (which single flight would fold into one),
+skips the stage.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class CacheAnswers:
         self.routed_version = routed_version
 
     def run(self, call: Call, rest: Next) -> AsyncGenerator[StageEvent, None]:
-        if call.req.skip_cache or not is_cacheable(call.req.params):
+        if call.req.skip_cache or call.req.n > 1 or not is_cacheable(call.req.params):
             return rest(call)
         return self._cached(call, rest)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from genmesh.bench.serve import LoadLevel, ServeBenchConfig, sweep_mesh
+from genmesh.bench.serve import LoadLevel, ServeBenchConfig, sweep_http, sweep_mesh
 from genmesh.bench.serve_metrics import Slo
 from genmesh.bench.serve_workload import WorkloadSpec
 from genmesh.cli import main
@@ -38,6 +38,21 @@ def test_a_tiny_sweep_through_the_mesh(mesh: RunningMesh, workload: WorkloadSpec
         assert summary["input_tokens"] > 2 * 20
         assert 0 < summary["ttft_ms"]["p50"] <= summary["e2e_ms"]["p50"]
         assert summary["tpot_ms"]["p50"] > 0 and summary["goodput"] > 0
+
+
+@pytest.mark.parametrize("workload", [WorkloadSpec("mixed", num_requests=2, max_input_words=32),
+                                      WorkloadSpec("chat", num_requests=1, num_turns=2)],
+                         ids=["mixed", "chat"])
+def test_a_tiny_sweep_through_the_http_api(mesh: RunningMesh, workload: WorkloadSpec):
+    grpc_side = asyncio.run(sweep_mesh(mesh.edge_address, tiny(
+        workload, LoadLevel(concurrency=2)), api_key=None))
+    summaries = asyncio.run(sweep_http(mesh.edge_address, tiny(
+        workload, LoadLevel(concurrency=2)), api_key="genmesh-dev-key"))
+    (summary,) = summaries.values()
+    assert summary["errors"] == [] and summary["num_completed"] == 2
+    assert summary["output_tokens"] == 2 * 4
+    # The same prompts and template through either door.
+    assert summary["input_tokens"] == grpc_side["2"]["input_tokens"]
 
 
 @pytest.mark.slow

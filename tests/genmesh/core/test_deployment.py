@@ -26,6 +26,12 @@ def test_local_deployment_loads_with_keys_from_the_environment():
     assert dep.rollout == Rollout(primary="v1", candidate="v2")
 
 
+def test_request_size_limits_default_and_are_written_in_the_local_deployment():
+    assert (deployment.Limits().max_chat_messages, deployment.Limits().max_prompt_chars) == (
+        512, 262_144)
+    assert (local().limits.max_chat_messages, local().limits.max_prompt_chars) == (512, 262_144)
+
+
 def test_save_and_load_round_trip(tmp_path):
     path = tmp_path / "d.yaml"
     deployment.save(local(), path)
@@ -47,6 +53,11 @@ def test_save_and_load_round_trip(tmp_path):
      "empty API key"),
     (lambda d: {**d, "bogus": 1}, "unknown field"),
     (lambda d: {**d, "redis_url": None}, "no redis_url"),
+    (lambda d: {**d, "limits": {**d["limits"], "max_chat_messages": 0}},
+     "limits.max_chat_messages must be positive, got 0"),
+    (lambda d: {**d, "limits": {**d["limits"], "max_prompt_chars": 5_000_000}},
+     r"limits.max_prompt_chars \(5000000\) is more than gateway.max_request_bytes "
+     r"\(4194304\): prompts at the limit could not pass the edge"),
 ])
 def test_invalid_descriptions_are_refused_with_the_reason(tmp_path, change, message):
     data = yaml.safe_load(LOCAL.read_text())

@@ -29,9 +29,9 @@ def test_status_of_the_running_mesh_is_all_serving(mesh, capsys):
     assert genmesh(["status", "--run-dir", str(mesh.config.run_dir)]) == 0
     table = capsys.readouterr().out
     for name in ("redis", "ratelimit", "tokenizer", "safety", "cache", "worker-v1", "frontend",
-                 "envoy"):
+                 "httpapi", "envoy"):
         assert f"{name} " in table
-    num_processes = 8 + HAS_PROMETHEUS  # Prometheus joins when it is installed
+    num_processes = 9 + HAS_PROMETHEUS  # Prometheus joins when it is installed
     assert table.count("NOT SERVING") == 0 and table.count("SERVING") == num_processes
 
 
@@ -63,7 +63,8 @@ def test_missing_redis_names_the_fix(tmp_path, monkeypatch):
 def test_plan_renders_a_valid_envoy_config_and_orders_the_processes(tmp_path):
     specs = plan(MeshConfig(run_dir=tmp_path, with_prometheus=False))
     assert [s.name for s in specs] == ["redis", "ratelimit", "tokenizer", "safety", "cache",
-                                       "worker-v1", "worker-v2", "frontend", "envoy"]
+                                       "worker-v1", "worker-v2", "frontend", "httpapi",
+                                       "envoy"]
     assert (tmp_path / "envoy.yaml").exists()
     assert sorted(p.name for p in (tmp_path / "xds").iterdir()) == [
         "clusters.yaml", "listeners.yaml", "routes-edge.yaml", "routes-mesh.yaml"]
@@ -80,9 +81,10 @@ def test_plan_sets_the_stop_order_the_stream_grace_and_the_edge_drain(tmp_path):
     stages = {s.name: s.stop_stage.name for s in specs}
     assert stages == {"redis": "STORE", "ratelimit": "SERVICE", "tokenizer": "SERVICE",
                       "safety": "SERVICE", "cache": "SERVICE", "worker-v1": "WORKER",
-                      "worker-v2": "WORKER", "frontend": "FRONTEND", "envoy": "GATEWAY"}
+                      "worker-v2": "WORKER", "frontend": "FRONTEND", "httpapi": "FRONTEND",
+                      "envoy": "GATEWAY"}
     by_name = {s.name: s for s in specs}
-    for name in ("frontend", "worker-v1"):
+    for name in ("frontend", "httpapi", "worker-v1"):
         argv = list(by_name[name].argv)
         assert argv[argv.index("--shutdown-grace-s") + 1] == "30.0"
         assert by_name[name].stop_timeout_s == 35.0  # the grace, then 5 s to wind up
@@ -95,13 +97,14 @@ def test_plan_without_redis_keeps_local_limits_only(tmp_path):
     specs = plan(MeshConfig(run_dir=tmp_path, with_redis=False, versions=("v1",),
                             with_prometheus=False))
     assert [s.name for s in specs] == ["tokenizer", "safety", "cache", "worker-v1", "frontend",
-                                       "envoy"]
+                                       "httpapi", "envoy"]
     safety = next(s for s in specs if s.name == "safety")
     assert "--audit-file" in safety.argv  # no Redis: audit records go to a JSONL file
     cache = next(s for s in specs if s.name == "cache")
     assert "--redis-url" not in cache.argv  # no Redis: the cache keeps answers in memory
     routes = (tmp_path / "xds" / "routes-edge.yaml").read_text()
-    assert "tenant_dev" in routes and "rate_limits" not in routes
+    listeners = (tmp_path / "xds" / "listeners.yaml").read_text()
+    assert "tenant_dev" in listeners and "rate_limits" not in routes
 
 
 def test_a_process_that_dies_while_starting_is_reported_with_its_log(tmp_path):
@@ -149,7 +152,7 @@ def test_genmesh_up_serves_then_ctrl_c_stops_every_process(tmp_path):
     assert proc.returncode == 0, err
     assert "stopped" in err
     # deploy/local.yaml: two versions; Prometheus when it is installed.
-    assert sum(" SERVING" in line for line in lines) == 9 + HAS_PROMETHEUS
+    assert sum(" SERVING" in line for line in lines) == 10 + HAS_PROMETHEUS
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -111,3 +111,17 @@ def test_the_async_client_runs_batches_and_jobs(mesh):
             assert (await client.get_job(job.job_id)).state == "succeeded"
 
     asyncio.run(run())
+
+
+def test_batch_items_and_jobs_answer_with_logprobs_and_n_choices(mesh):
+    with Client(mesh.edge_address, timeout_s=120) as client:
+        [result] = client.generate_batch([BatchItem(
+            "lp", prompt="Count to 3.", n=2, priority="normal",
+            params={"max_tokens": 4, "logprobs": 1, "temperature": 0.7, "seed": 3})])
+        job = client.submit_job("Count to 5.", max_tokens=4, return_logprobs=True)
+        states = list(client.watch_job(job.job_id))
+    for completion in (result.completion, states[-1].result):
+        assert completion is not None and completion.logprobs
+        assert b"".join(t.token_bytes for t in completion.logprobs) == completion.text.encode()
+    assert result.completion is not None and len(result.completion.choices) == 2
+    assert all(len(t.top_logprobs) == 1 for c in result.completion.choices for t in c.logprobs)

@@ -105,6 +105,43 @@ def test_a_character_split_across_messages_waits_for_its_last_byte(tokenizer):
     assert texts == ["h", "é", "llo", "", " 😀", " ", "", "你", "", "好", "", "", " ✓"]
 
 
+def test_token_by_token_gives_the_same_text_and_each_token_its_share(tokenizer):
+    rng = random.Random(5)
+    pool = tokenizer.encode("héllo 😀 你好 ✓ Grüße — ½ €").ids
+    pool += sorted(special_token_ids(tokenizer))
+    local = LocalDetokenizers({MODEL: tokenizer})
+
+    async def both(messages: list[list[int]]) -> tuple[list[str], list[str]]:
+        whole, by_token = local.open(MODEL, timeout_s=1), local.open(MODEL, timeout_s=1)
+        texts, joined = [], []
+        for n, ids in enumerate(messages):
+            final = n == len(messages) - 1
+            texts.append(await whole.text(ids, final=final))
+            token_texts, flushed = await by_token.token_texts(ids, final=final)
+            assert len(token_texts) == len(ids)
+            joined.append("".join(token_texts) + flushed)
+        return texts, joined
+
+    for _ in range(100):
+        messages = random_messages(rng, pool, tokenizer.get_vocab_size())
+        texts, joined = asyncio.run(both(messages))
+        assert "".join(joined) == "".join(texts), messages
+    # A character's bytes: the text comes with the token that completes it.
+    ids = tokenizer.encode(" 😀").ids
+    texts, flushed = asyncio.run(local.open(MODEL, timeout_s=1).token_texts(ids, final=True))
+    assert (texts, flushed) == (["", " 😀"], "")
+
+
+def test_the_tokens_strings_are_known_in_process_only(tokenizer):
+    strings = LocalDetokenizers({MODEL: tokenizer}).token_strings(MODEL)
+    hello = tokenizer.encode(" hello").ids[0]
+    assert (strings(hello).text, strings(hello).raw) == (" hello", b" hello")
+    assert RemoteDetokenizers(NoStub()).token_strings(MODEL) is None  # type: ignore[arg-type]
+    with pytest.raises(PipelineError) as err:
+        LocalDetokenizers({MODEL: tokenizer}).token_strings("gpt-9")
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
 def test_special_tokens_are_skipped(tokenizer):
     ids = tokenizer.encode("<|im_start|>assistant\nHi 你好<|im_end|>").ids
     texts = asyncio.run(detokenize(LocalDetokenizers({MODEL: tokenizer}), [ids[:3], ids[3:]]))

@@ -262,3 +262,100 @@ def test_closing_a_stream_early_aborts_the_worker_request(mesh, client):
     while worker_stats(mesh).num_kv_blocks_free != idle_free:
         assert time.monotonic() - t0 < 2.0
         time.sleep(0.01)
+
+
+# ---- logprobs and n choices ---------------------------------------------------------
+
+
+def engine_tokens(mesh, messages: list[dict[str, str]], params: common_pb2.SamplingParams
+                  ) -> list[common_pb2.TokenLogprob]:
+    """The worker's own tokens (with their logprobs) for a conversation, asked directly."""
+    with grpc.insecure_channel(mesh.tokenizer_address) as ch:
+        ids = tokenizer_pb2_grpc.TokenizerStub(ch).ApplyChatTemplate(
+            tokenizer_pb2.ChatTemplateRequest(
+                model=mesh.model, add_generation_prompt=True,
+                messages=[tokenizer_pb2.ChatMessage(**m) for m in messages]),
+            timeout=30).token_ids
+    with grpc.insecure_channel(mesh.worker_address) as ch:
+        return [lp for r in worker_pb2_grpc.WorkerStub(ch).Generate(
+            worker_pb2.WorkerGenerateRequest(prompt_ids=ids, params=params), timeout=60)
+            for lp in r.logprobs]
+
+
+def test_logprobs_are_the_worker_s_own_with_each_token_s_strings(mesh, client, model_dir):
+    messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    expected = engine_tokens(mesh, messages, common_pb2.SamplingParams(max_tokens=16,
+                                                                       logprobs=3))
+    strings = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    unary = client.generate(messages=messages, max_tokens=16, logprobs=3)
+    # The end token, when it ended the answer, is no text and so not reported.
+    assert [t.token_id for t in unary.logprobs] == [
+        lp.token_id for lp in expected][:len(unary.logprobs)]
+    assert len(unary.logprobs) >= len(expected) - 1
+    for got, want in zip(unary.logprobs, expected, strict=False):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-3)
+        assert [t.token_id for t in got.top_logprobs] == [t.token_id for t in want.top]
+        assert got.token == strings.decode([got.token_id])
+    assert b"".join(t.token_bytes for t in unary.logprobs) == unary.text.encode()
+    # Streamed: each message carries the tokens whose text it ends (moderation may have
+    # released the start of a token's text before its end); without alternatives.
+    chunks = list(client.generate_stream(messages=messages, max_tokens=16,
+                                         return_logprobs=True))
+    assert "".join(c.text for c in chunks) == unary.text
+    text, token_bytes = b"", b""
+    for chunk in chunks:
+        text += chunk.text.encode()
+        token_bytes += b"".join(t.token_bytes for t in chunk.logprobs)
+        assert text.startswith(token_bytes)
+        assert all(not t.top_logprobs for t in chunk.logprobs)
+    assert token_bytes == text
+    assert [t.token_id for c in chunks for t in c.logprobs] == [
+        t.token_id for t in unary.logprobs]
+
+
+def test_a_stop_string_cuts_the_tokens_of_its_text(client):
+    full = client.generate("1, 2, 3, 4,", max_tokens=16, ignore_eos=True, return_logprobs=True)
+    stop = full.text.strip()[:3]
+    cut = client.generate("1, 2, 3, 4,", max_tokens=16, ignore_eos=True, stop=[stop],
+                          return_logprobs=True)
+    assert cut.finish_reason == "stop"
+    reported = b"".join(t.token_bytes for t in cut.logprobs)
+    assert cut.text.encode().startswith(reported)  # a token running into the stop: cut
+    assert [t.token_id for t in cut.logprobs] == [
+        t.token_id for t in full.logprobs][:len(cut.logprobs)]
+
+
+def test_n_choices_each_with_its_seed_sharing_the_prompt_s_kv_blocks(mesh, client):
+    messages = [{"role": "user", "content": "Write one sentence about a lighthouse by the "
+                                            "sea, its keeper and the evening light."}]
+    params = dict(max_tokens=12, temperature=0.9, seed=11)
+    reply = client.generate(messages=messages, n=3, logprobs=1, **params)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert (reply.text, reply.logprobs) == (reply.choices[0].text, reply.choices[0].logprobs)
+    assert reply.usage.completion_tokens == sum(c.usage.completion_tokens
+                                                for c in reply.choices)
+    assert not reply.usage.response_cached
+    # The first choice computed the prompt; the others found its full blocks cached.
+    assert all(c.usage.cached_prompt_tokens >= 16 for c in reply.choices[1:])
+    for choice in reply.choices:
+        assert choice.finish_reason in ("stop", "length") and choice.logprobs
+    # Each choice is the answer of its own seed (the request's + its index) ...
+    for choice in reply.choices:
+        alone = client.generate(messages=messages, skip_cache=True,
+                                **{**params, "seed": 11 + choice.index})
+        assert alone.text == choice.text
+    # ... and streamed, the choices interleave, each finished with its own usage.
+    chunks = list(client.generate_stream(messages=messages, n=3, **params))
+    for choice in reply.choices:
+        mine = [c for c in chunks if c.index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert mine[-1].finish_reason == choice.finish_reason
+        assert mine[-1].usage is not None
+        assert mine[-1].usage.completion_tokens == choice.usage.completion_tokens
+    assert wait_idle(mesh).num_running == 0
+
+
+def test_n_is_bounded(client):
+    with pytest.raises(GenmeshError) as err:
+        client.generate("hi", n=17)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "n:" in err.value.message

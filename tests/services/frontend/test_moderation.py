@@ -158,7 +158,8 @@ def test_a_block_mid_stream_releases_nothing_after_it():
         assert len(call.written) == 3
         call.release(3)
         await asyncio.wait_for(client.task, 1)
-        assert client.seen == [Moderated("one "), Moderated("two ", blocked="violence")]
+        assert client.seen == [Moderated.unchanged("one "),
+                               Moderated("two ", "violence", num_input_chars=4)]
         assert call.is_cancelled
 
     asyncio.run(run())
@@ -369,7 +370,8 @@ def test_adaptive_block_mid_stream_sends_and_releases_nothing_after_it():
         await settle()
         call.release()
         await asyncio.wait_for(client.task, 1)
-        assert client.seen == [Moderated("one "), Moderated("two ", blocked="violence")]
+        assert client.seen == [Moderated.unchanged("one "),
+                               Moderated("two ", "violence", num_input_chars=4)]
         assert len(call.written) == 2
         assert call.is_cancelled and gen.is_closed
 

@@ -9,10 +9,11 @@ import contextlib
 import grpc
 import pytest
 
+from genmesh.core import metadata
 from genmesh.v1 import common_pb2
 from services.frontend.admission import Admission, AdmissionPolicy
 from services.frontend.errors import PipelineError
-from services.frontend.events import Event, Finished, Started, TextChunk
+from services.frontend.events import ChunkLogprob, Event, Finished, Started, TextChunk
 from services.frontend.moderation import ModerationMode, SafetyGate, SafetySettings
 from services.frontend.pipeline import Pipeline, PipelineRequest, build_pipeline
 from services.frontend.response_cache import CacheSettings, ResponseCache
@@ -23,7 +24,9 @@ from tests.services.frontend.stages.fakes import (
     FakeSafety,
     FakeTokenizer,
     FakeWorker,
+    output_logprob,
     request,
+    rpc_error,
     tokens,
 )
 
@@ -153,3 +156,89 @@ def test_leaving_early_closes_every_stage():
     assert mesh.worker.calls[0].is_cancelled and mesh.detokenizers.opened[0].is_closed
     assert mesh.safety.calls[0].is_cancelled
     assert mesh.budgets.log[-1][0] == "settle"
+
+
+# " Hello world!" again, each message with its token's logprobs.
+HELLO_LOGPROBS = [tokens(1, logprobs=True), tokens(2, logprobs=True),
+                  tokens(3, logprobs=True), tokens(4, logprobs=True),
+                  tokens(5, finish=LENGTH, usage=USAGE, logprobs=True)]
+ASK_LOGPROBS = common_pb2.SamplingParams(max_tokens=8, return_logprobs=True, logprobs=1,
+                                         stop=["d!"])
+
+
+def test_logprobs_go_with_their_text_through_the_stops_and_skip_the_cache():
+    mesh = Mesh(HELLO_LOGPROBS, safety=False)
+    events = events_of(mesh.pipeline, request(params=ASK_LOGPROBS))
+    at = lambda end, token_id: ChunkLogprob(end, output_logprob(token_id, 1))  # noqa: E731
+    # "ld" ends in "d", which could begin the stop string: "l" goes on, without the
+    # token; "!" completes the stop string, which cuts "ld" (in part) and "!".
+    assert events == [
+        Started("r1", "m", "v1", 2), TextChunk("Hel", logprobs=(at(3, 1),)),
+        TextChunk("lo", logprobs=(at(2, 2),)), TextChunk(" wor", logprobs=(at(4, 3),)),
+        TextChunk("l"), Finished(common_pb2.FINISH_REASON_STOP,
+                                 common_pb2.Usage(prompt_tokens=2, completion_tokens=5))]
+    assert mesh.cache.keys == []
+    assert mesh.worker.requests[0].params.logprobs == 1
+
+
+@pytest.mark.parametrize("mode", list(ModerationMode))
+def test_logprobs_through_moderation_match_the_text_the_client_sees(mode):
+    mesh = Mesh(HELLO_LOGPROBS, mode=mode)
+    events = events_of(mesh.pipeline, request(params=ASK_LOGPROBS))
+    chunks = [e for e in events if isinstance(e, TextChunk)]
+    assert text_of(events) == "Hello worl"
+    assert [c.logprob.token_id for e in chunks for c in e.logprobs] == [1, 2, 3]
+    for chunk in chunks:  # each token's text ends where its chunk says
+        for c in chunk.logprobs:
+            assert chunk.text[:c.end].endswith(c.logprob.token)
+
+
+def test_n_choices_share_one_prompt_stage_and_budget_and_run_side_by_side():
+    mesh = Mesh(HELLO)
+    params = common_pb2.SamplingParams(max_tokens=8, temperature=0.5, seed=7)
+    events = events_of(mesh.pipeline, request(params=params, model_version="", n=3))
+    assert [e for e in events if isinstance(e, Started)] == [Started("r1", "m", "v1", 2)]
+    for index in range(3):
+        assert "".join(e.text for e in events
+                       if isinstance(e, TextChunk) and e.index == index) == "Hello world!"
+    assert sorted(e.index for e in events if isinstance(e, Finished)) == [0, 1, 2]
+    assert all(e.usage == USAGE for e in events if isinstance(e, Finished))
+    worker = mesh.worker
+    assert [r.params.seed for r in worker.requests] == [7, 8, 9]
+    # The others start once the first has its first token (its prompt KV is cached),
+    # all pinned to the version the rollout picked (GetStats asked which).
+    assert worker.num_read_before[0] == 0 and min(worker.num_read_before[1:]) >= 1
+    asked, *generates = worker.metadata
+    assert metadata.ROUTED_VERSION not in asked
+    assert [m.get(metadata.ROUTED_VERSION) for m in generates] == ["v2"] * 3
+    assert all(call.is_cancelled for call in worker.calls)
+    # One prompt check and tokenization, no cache, one budget for every choice.
+    assert mesh.safety.checked == ["Hello there"] and len(mesh.tokenizer.texts) == 1
+    assert mesh.cache.keys == [] and len(mesh.safety.calls) == 3
+    assert mesh.budgets.log == [("reserve", 2 + 3 * 8), ("settle", 2 + 3 * 5)]
+
+
+def test_a_failing_choice_ends_every_choice():
+    mesh = Mesh([tokens(1), tokens(2)], safety=False)
+    mesh.worker.error = rpc_error(grpc.StatusCode.UNAVAILABLE, "worker down")
+    with pytest.raises(PipelineError) as err:
+        events_of(mesh.pipeline, request(n=2))
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert mesh.worker.calls and all(call.is_cancelled for call in mesh.worker.calls)
+    assert mesh.budgets.log[-1][0] == "settle"
+
+
+def test_leaving_n_choices_early_closes_every_choice_and_settles_their_tokens():
+    mesh = Mesh(HELLO, mode=ModerationMode.LOCKSTEP)
+
+    async def leave_after_the_first_text() -> None:
+        events = mesh.pipeline.run(request(n=3), timeout_s=5.0)
+        while not isinstance(await anext(events), TextChunk):
+            pass
+        await events.aclose()
+
+    asyncio.run(leave_after_the_first_text())
+    assert mesh.worker.calls and all(call.is_cancelled for call in mesh.worker.calls)
+    assert all(d.is_closed for d in mesh.detokenizers.opened)
+    num_read = sum(call.num_read for call in mesh.worker.calls)
+    assert mesh.budgets.log == [("reserve", 2 + 3 * 8), ("settle", 2 + num_read)]

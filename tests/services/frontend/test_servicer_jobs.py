@@ -18,6 +18,7 @@ from services.frontend.admission import Admission, AdmissionPolicy
 from services.frontend.events import Event, Finished, Started, TextChunk
 from services.frontend.job_runner import JobRunner
 from services.frontend.jobs import JobQueue, JobQueueConfig
+from services.frontend.limits import DEFAULT_LIMITS
 from services.frontend.pipeline import PipelineRequest
 from services.frontend.servicer import GenerationServicer
 from tests.procs import RedisServer
@@ -51,6 +52,8 @@ class Context:
 
 class EchoPipeline:
     """Answers "<tenant>: <prompt>", so a result shows whose job made it."""
+
+    limits = DEFAULT_LIMITS  # what SubmitJob refuses before it queues a job
 
     def __init__(self) -> None:
         self.tenants: list[str] = []

@@ -23,9 +23,12 @@ class Aborted(Exception):
 class FakeContext:
     def __init__(self) -> None:
         self.status: tuple[grpc.StatusCode, str] | None = None
+        self.trailers: tuple[tuple[str, str], ...] = ()
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str,
+                    trailing_metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.status = (code, details)
+        self.trailers = trailing_metadata
         raise Aborted
 
 
@@ -119,3 +122,25 @@ def test_every_rpc_of_the_public_api_maps_its_errors():
     names = generation_pb2.DESCRIPTOR.services_by_name["Generation"].methods_by_name
     unwrapped = [n for n in names if not hasattr(getattr(GenerationServicer, n), "__wrapped__")]
     assert unwrapped == []
+
+
+@pytest.mark.parametrize(("retry_after_s", "trailers"), [
+    (None, ()), (0.2, (("retry-after", "1"),)), (2.01, (("retry-after", "3"),))])
+def test_a_refusal_that_says_when_to_retry_sends_retry_after(retry_after_s, trailers):
+    error = PipelineError(grpc.StatusCode.RESOURCE_EXHAUSTED, "budget spent",
+                          retry_after_s=retry_after_s)
+    context = FakeContext()
+    with pytest.raises(Aborted):
+        asyncio.run(Servicer(error).Unary("fail", context))
+    assert context.status == (grpc.StatusCode.RESOURCE_EXHAUSTED, "budget spent")
+    assert context.trailers == trailers
+
+
+def test_a_token_budget_refusal_names_its_limit_in_the_trailers():
+    error = PipelineError(grpc.StatusCode.RESOURCE_EXHAUSTED, "budget spent",
+                          retry_after_s=11.2, rate_limit=(600, 13))
+    context = FakeContext()
+    with pytest.raises(Aborted):
+        asyncio.run(Servicer(error).Unary("fail", context))
+    assert context.trailers == (("retry-after", "12"), ("x-ratelimit-limit", "600"),
+                                ("x-ratelimit-remaining", "13"), ("x-ratelimit-reset", "12"))

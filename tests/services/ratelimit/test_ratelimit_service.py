@@ -88,6 +88,48 @@ def test_under_the_limit_ok_then_over_limit_with_headers_fields(redis_server, li
     asyncio.run(main())
 
 
+def test_over_the_limit_the_reply_names_the_limit_and_when_its_window_ends(redis_server,
+                                                                          limits_file):
+    """The body (Envoy's 429, a gRPC client's grpc-message) names the limit and the whole
+    seconds to wait, rounded up; the headers describe the same limit."""
+    async def main() -> None:
+        async with ratelimit_stub(limits_file, redis_server.url,
+                                  clock=lambda: T0 + 0.3) as stub:
+            replies = [await stub.ShouldRateLimit(request(tenant("bob")), timeout=5)
+                       for _ in range(4)]
+            for ok in replies[:3]:  # nothing to say while under the limit
+                assert (ok.raw_body, list(ok.response_headers_to_add)) == (b"", [])
+            over = replies[3]
+            assert over.overall_code == OVER_LIMIT
+            assert over.raw_body.decode() == (
+                "tenant 'bob' is over its requests_per_minute limit of 3, shared by all "
+                "gateways; retry in 50 s")
+            assert [(h.key, h.value) for h in over.response_headers_to_add] == [
+                ("x-ratelimit-limit", "3"), ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "50"), ("retry-after", "50")]
+            assert over.statuses[0].duration_until_reset.ToTimedelta().total_seconds() == 49.7
+    asyncio.run(main())
+
+
+def test_over_several_limits_the_reply_names_the_one_that_ends_last(redis_server,
+                                                                    limits_file):
+    async def main() -> None:
+        async with ratelimit_stub(limits_file, redis_server.url, clock=lambda: T0) as stub:
+            both = request(tenant("fast"), descriptor(("tenant", "bob"), ("path", "/x"),
+                                                      override=(1, rls_pb2.HOUR)))
+            await stub.ShouldRateLimit(both, timeout=5)
+            await stub.ShouldRateLimit(both, timeout=5)
+            over = await stub.ShouldRateLimit(both, timeout=5)
+            assert [s.code for s in over.statuses] == [OVER_LIMIT, OVER_LIMIT]
+            assert over.raw_body.decode() == (
+                "tenant 'bob', path '/x' is over its requests_per_hour limit of 1, shared by "
+                "all gateways; retry in 3590 s")
+            assert [(h.key, h.value) for h in over.response_headers_to_add] == [
+                ("x-ratelimit-limit", "1"), ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "3590"), ("retry-after", "3590")]
+    asyncio.run(main())
+
+
 def test_any_descriptor_over_makes_the_request_over(redis_server, limits_file):
     async def main() -> None:
         async with ratelimit_stub(limits_file, redis_server.url, clock=lambda: T0) as stub:

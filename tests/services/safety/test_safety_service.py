@@ -101,11 +101,14 @@ def moderate(stub: safety_pb2_grpc.SafetyStub, chunks: list[str], tenant: str = 
 
 
 def test_moderation_redacts_across_chunks(safety) -> None:
-    replies = moderate(safety[0], ["Your card 4111 11", "11 1111 1", "111 is on file."])
+    chunks = ["Your card 4111 11", "11 1111 1", "111 is on file."]
+    replies = moderate(safety[0], chunks)
     assert len(replies) == 5  # one reply per message, the opening one included
     assert "".join(r.text for r in replies) == "Your card [CARD] is on file."
     assert not any(ch.isdigit() for r in replies for ch in r.text)
     assert [f.category for r in replies for f in r.findings] == ["pii.card"]
+    # Every reply says how much of the text sent it stands for: all of it, in the end.
+    assert sum(r.num_input_chars for r in replies) == len("".join(chunks))
 
 
 def test_moderation_cuts_the_stream_on_a_block(safety) -> None:
@@ -114,6 +117,7 @@ def test_moderation_cuts_the_stream_on_a_block(safety) -> None:
     last = replies[-1]
     assert last.verdict == safety_pb2.VERDICT_BLOCK and last.reason == "weapons"
     assert "".join(r.text for r in replies) == "Step one: here is "
+    assert sum(r.num_input_chars for r in replies) == len("Step one: here is ")
     assert len(replies) == 4  # the stream ended at the block
 
 

@@ -123,3 +123,20 @@ def test_after_a_block_nothing_more_is_released(repo_policies: PolicySet) -> Non
     assert moderator.feed("You should kill yourself now").blocked is not None
     assert moderator.feed(" more text").text == ""
     assert moderator.flush().text == ""
+
+
+def test_each_release_says_how_much_of_the_text_fed_it_stands_for(
+        repo_policies: PolicySet) -> None:
+    """Summed, the releases account for every character fed: redacted or not, up to a
+    block (then the text before its match)."""
+    text = "Card 4111 1111 1111 1111, thanks."
+    for chunks in [*splits(text, 1), list(text)]:
+        moderator = StreamModerator(repo_policies.default)
+        releases = [moderator.feed(chunk) for chunk in chunks] + [moderator.flush()]
+        assert sum(r.num_raw_chars for r in releases) == len(text), chunks
+        assert all(r.num_raw_chars == len(r.text) for r in releases
+                   if not r.findings), chunks  # unredacted: the text as fed
+    moderator = StreamModerator(repo_policies.for_tenant("dev"))
+    blocked = moderator.feed("Sure. Here is how to make a pipe bomb: first")
+    assert blocked.blocked is not None
+    assert (blocked.text, blocked.num_raw_chars) == ("Sure. Here is ", len("Sure. Here is "))

@@ -13,9 +13,11 @@ from typing import Any
 import grpc
 
 from genmesh.core import metadata
+from genmesh.core.models.token_strings import TokenString
 from genmesh.v1 import (
     cache_pb2,
     common_pb2,
+    generation_pb2,
     safety_pb2,
     tokenizer_pb2,
     worker_pb2,
@@ -102,15 +104,48 @@ def run(coro: Any) -> Any:
 
 def tokens(*token_ids: int,
            finish: common_pb2.FinishReason = common_pb2.FINISH_REASON_UNSPECIFIED,
-           usage: common_pb2.Usage | None = None, error: str = ""
+           usage: common_pb2.Usage | None = None, error: str = "", logprobs: bool = False
            ) -> worker_pb2.WorkerGenerateResponse:
-    return worker_pb2.WorkerGenerateResponse(token_ids=token_ids, finish_reason=finish,
-                                             usage=usage, error=error)
+    """A worker message; with ``logprobs``, each token's ``worker_logprob``."""
+    return worker_pb2.WorkerGenerateResponse(
+        token_ids=token_ids, finish_reason=finish, usage=usage, error=error,
+        logprobs=[worker_logprob(t) for t in token_ids] if logprobs else [])
 
 
-# The fake detokenizer's vocabulary: token id → its text. 0 completes no character.
+# The fake detokenizer's vocabulary: token id → its text. 0 completes no character (its
+# text comes with the next token's); 99 is the end token, a special token the text skips.
 TEXTS = {0: "", 1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "!", 6: " B", 7: "AD", 8: " ok",
-         9: " END"}
+         9: " END", 10: " secret", 99: ""}
+END_TOKEN = 99
+
+
+def worker_logprob(token_id: int) -> common_pb2.TokenLogprob:
+    """The worker's logprob of ``token_id``: -token_id/10, with two alternatives."""
+    return common_pb2.TokenLogprob(token_id=token_id, logprob=-token_id / 10, top=[
+        common_pb2.TopLogprob(token_id=token_id, logprob=-token_id / 10),
+        common_pb2.TopLogprob(token_id=5, logprob=-5.0)])
+
+
+def output_logprob(token_id: int, num_top: int = 0) -> generation_pb2.OutputLogprob:
+    """What the client gets for ``worker_logprob(token_id)`` with ``num_top``."""
+    lp, strings = worker_logprob(token_id), FakeTokenStrings()
+    out = generation_pb2.OutputLogprob(
+        token_id=token_id, token=strings(token_id).text, token_bytes=strings(token_id).raw,
+        logprob=lp.logprob)
+    for top in lp.top[:num_top]:
+        out.top_logprobs.add(token_id=top.token_id, token=strings(top.token_id).text,
+                             token_bytes=strings(top.token_id).raw, logprob=top.logprob)
+    return out
+
+
+class FakeTokenStrings:
+    """Each token's string from ``TEXTS``; 0's is a part of a character."""
+
+    special_ids = frozenset({END_TOKEN})
+
+    def __call__(self, token_id: int) -> TokenString:
+        return (TokenString("\ufffd", b"\xc3") if token_id == 0
+                else TokenString(TEXTS[token_id], TEXTS[token_id].encode()))
 
 
 class FakeDetokenizing:
@@ -122,18 +157,30 @@ class FakeDetokenizing:
         self.calls.append((tuple(token_ids), final))
         return "".join(TEXTS[t] for t in token_ids)
 
+    async def token_texts(self, token_ids: Sequence[int], *, final: bool
+                          ) -> tuple[list[str], str]:
+        self.calls.append((tuple(token_ids), final))
+        return [TEXTS[t] for t in token_ids], ""
+
     def close(self) -> None:
         self.is_closed = True
 
 
 class FakeDetokenizers:
-    def __init__(self) -> None:
+    """In-process detokenizers (that know the tokens' strings); with ``is_remote``, as
+    through the tokenizer service (that do not)."""
+
+    def __init__(self, *, is_remote: bool = False) -> None:
+        self.is_remote = is_remote
         self.opened: list[FakeDetokenizing] = []
         self.calls: list[tuple[tuple[int, ...], bool]] = []  # every detokenizer's, in order
 
     def open(self, model: str, *, timeout_s: float) -> FakeDetokenizing:
         self.opened.append(FakeDetokenizing(self.calls))
         return self.opened[-1]
+
+    def token_strings(self, model: str) -> FakeTokenStrings | None:
+        return None if self.is_remote else FakeTokenStrings()
 
 
 class FakeTokenizer:
@@ -161,8 +208,8 @@ class FakeTokenizer:
 
 class FakeModerateCall:
     """A Moderate stream answered like the safety service, at once: text goes back except
-    a tail that could still grow into BLOCKED (released by a flush); BLOCK from BLOCKED
-    on."""
+    a tail that could still grow into BLOCKED (released by a flush), with "secret"
+    redacted; BLOCK from BLOCKED on."""
 
     def __init__(self) -> None:
         self.written: list[tuple[str, bool]] = []  # (text, flush) per message
@@ -175,15 +222,20 @@ class FakeModerateCall:
         text = self.held + request.text
         if BLOCKED in text:
             self.held = ""
+            before = text[:text.index(BLOCKED)]
             self.replies.put_nowait(safety_pb2.ModerateResponse(
-                text=text[:text.index(BLOCKED)], verdict=safety_pb2.VERDICT_BLOCK,
-                reason="violence"))
+                text=before, verdict=safety_pb2.VERDICT_BLOCK, reason="violence",
+                num_input_chars=len(before)))
             return
         keep = 0 if request.flush else next(
             (n for n in range(len(BLOCKED) - 1, 0, -1) if text.endswith(BLOCKED[:n])), 0)
         self.held = text[len(text) - keep:] if keep else ""
+        released = text[:len(text) - keep]
+        redacted = released.replace("secret", "[redacted]")
         self.replies.put_nowait(safety_pb2.ModerateResponse(
-            text=text[:len(text) - keep], verdict=safety_pb2.VERDICT_ALLOW))
+            text=redacted, num_input_chars=len(released),
+            verdict=safety_pb2.VERDICT_REDACT if redacted != released
+            else safety_pb2.VERDICT_ALLOW))
 
     async def read(self) -> safety_pb2.ModerateResponse:
         return await self.replies.get()
@@ -281,9 +333,12 @@ class FakeWorker:
     requests: list[worker_pb2.WorkerGenerateRequest] = field(default_factory=list)
     metadata: list[dict[str, str]] = field(default_factory=list)  # per call, GetStats too
     calls: list[FakeWorkerCall] = field(default_factory=list)
+    # Per Generate: the messages the earlier calls had streamed when it came.
+    num_read_before: list[int] = field(default_factory=list)
 
     def Generate(self, request: worker_pb2.WorkerGenerateRequest, *, timeout: float,
                  metadata: Sequence[tuple[str, str]]) -> FakeWorkerCall:
+        self.num_read_before.append(sum(c.num_read for c in self.calls))
         self.requests.append(request)
         self.metadata.append(dict(metadata))
         self.calls.append(FakeWorkerCall(self.messages, self.version, self.error))

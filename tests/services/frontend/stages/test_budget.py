@@ -70,6 +70,14 @@ def test_a_request_that_fails_or_is_left_settles_what_it_used():
     assert upstream.is_closed
 
 
+def test_n_choices_reserve_the_prompt_once_and_every_choice_s_max_tokens():
+    budgets = FakeBudgets()
+    call = call_of(request(params=common_pb2.SamplingParams(max_tokens=20), n=3),
+                   prompt_ids=[1, 2, 3])
+    run(collect(reserving(budgets).run(call, Generating(STARTED, STOP))))
+    assert budgets.log[0] == ("reserve", 3 + 3 * 20)
+
+
 def test_max_tokens_unset_reserves_the_default():
     budgets = FakeBudgets()
     call = call_of(request(params=common_pb2.SamplingParams()), prompt_ids=[1])
@@ -83,6 +91,7 @@ def test_a_request_over_the_budget_is_refused_before_the_rest_runs():
         run(collect(reserving(budgets, limit=10).run(call_of(prompt_ids=[1, 2, 3]), upstream)))
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "has 0 of its 10 tokens per minute left" in err.value.message
+    assert err.value.retry_after_s == 1.0  # when the window resets (the fake's 1 s)
     assert budgets.log == [("reserve", 11)] and upstream.num_calls == 0
 
 

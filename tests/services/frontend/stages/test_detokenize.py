@@ -1,6 +1,6 @@
 """The detokenize stage over a scripted worker stream and fake detokenizers: a chunk per
 message with text, the last marked final, the detokenizer opened with the stream and
-closed however it ends."""
+closed however it ends; with logprobs, each token's in the chunk with its text's end."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import pytest
 
 from genmesh.v1 import common_pb2
 from services.frontend.errors import PipelineError
-from services.frontend.events import Finished, Started, TextChunk
+from services.frontend.events import ChunkLogprob, Finished, Started, TextChunk
 from services.frontend.stages.detokenize import Detokenize
 from tests.services.frontend.stages.fakes import (
+    END_TOKEN,
     FakeDetokenizers,
     Upstream,
     call_of,
     collect,
+    output_logprob,
+    request,
     run,
     tokens,
 )
@@ -73,3 +76,51 @@ def test_detokenizing_is_reported_as_busy_time():
                         Finished(common_pb2.FINISH_REASON_STOP))
     run(collect(Detokenize(FakeDetokenizers()).run(call, upstream)))
     assert call.observer.busy_kinds == ["detokenize", "detokenize"]  # type: ignore[attr-defined]
+
+
+def asking_logprobs(num_top: int = 0):
+    return call_of(request(params=common_pb2.SamplingParams(
+        max_tokens=8, return_logprobs=True, logprobs=num_top)))
+
+
+def test_each_token_s_logprobs_ride_with_the_end_of_its_text():
+    stop = common_pb2.FINISH_REASON_STOP
+    # 0 completes no character: its logprobs wait for the text after it. The end token is
+    # left out of the text, and of the logprobs.
+    upstream = Upstream(STARTED, tokens(1, 0, logprobs=True), tokens(2, 3, logprobs=True),
+                        tokens(4, END_TOKEN, finish=stop, logprobs=True), Finished(stop))
+    events = run(collect(Detokenize(FakeDetokenizers()).run(asking_logprobs(1), upstream)))
+    assert events == [
+        STARTED,
+        TextChunk("Hel", logprobs=(ChunkLogprob(3, output_logprob(1, 1)),)),
+        TextChunk("lo wor", logprobs=(ChunkLogprob(2, output_logprob(0, 1)),
+                                      ChunkLogprob(2, output_logprob(2, 1)),
+                                      ChunkLogprob(6, output_logprob(3, 1)))),
+        TextChunk("ld", is_final=True, logprobs=(ChunkLogprob(2, output_logprob(4, 1)),)),
+        Finished(stop)]
+
+
+def test_no_alternatives_asked_none_reported_and_a_text_less_end_drops_its_tokens():
+    stop = common_pb2.FINISH_REASON_STOP
+    upstream = Upstream(STARTED, tokens(1, logprobs=True),
+                        tokens(0, finish=stop, logprobs=True), Finished(stop))
+    events = run(collect(Detokenize(FakeDetokenizers()).run(asking_logprobs(0), upstream)))
+    assert events == [STARTED, TextChunk("Hel", logprobs=(ChunkLogprob(3, output_logprob(1)),)),
+                      Finished(stop)]
+    assert not output_logprob(1).top_logprobs
+
+
+def test_logprobs_without_the_tokens_strings_are_refused_before_the_worker_runs():
+    upstream = Upstream(STARTED)
+    with pytest.raises(PipelineError) as err:
+        run(collect(Detokenize(FakeDetokenizers(is_remote=True)).run(asking_logprobs(),
+                                                                      upstream)))
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "logprobs" in err.value.message and upstream.num_calls == 0
+
+
+def test_a_worker_message_without_its_logprobs_is_an_internal_error():
+    upstream = Upstream(STARTED, tokens(1, 2))
+    with pytest.raises(PipelineError) as err:
+        run(collect(Detokenize(FakeDetokenizers()).run(asking_logprobs(), upstream)))
+    assert err.value.code == grpc.StatusCode.INTERNAL

@@ -67,6 +67,20 @@ def test_the_worker_request_drops_stop_strings_and_carries_routing_headers():
     assert metadata.PREFIX_KEY in headers and metadata.AB_BUCKET in headers
 
 
+@pytest.mark.parametrize(("asked", "sent"), [
+    (dict(return_logprobs=True), dict(logprobs=1)),  # the worker reports none without one
+    (dict(return_logprobs=True, logprobs=3), dict(logprobs=3)),
+    (dict(logprobs=2), dict(logprobs=2)),
+])
+def test_the_worker_is_asked_for_the_logprobs_the_client_wants(asked, sent):
+    worker = FakeWorker([tokens(finish=common_pb2.FINISH_REASON_STOP)])
+    call = call_of(request(params=common_pb2.SamplingParams(max_tokens=8, **asked)),
+                   prompt_ids=PROMPT_IDS)
+    run(collect(generate(worker).run(call)))
+    assert worker.requests[0].params == common_pb2.SamplingParams(max_tokens=8, **sent)
+    assert call.prefilled.is_set()
+
+
 def test_a_chat_s_started_carries_the_conversation_as_sent():
     conversation = (ChatMessage("user", "hi [redacted]"),)
     req = request(prompt=None, messages=conversation)

@@ -1,6 +1,7 @@
 """The moderation stage over scripted text and a fake safety service that answers at once
 (holding back what could still grow into the blocked phrase): only text with a verdict
-reaches the client, the last text goes with the flush, and a block ends the request."""
+reaches the client, the last text goes with the flush, and a block ends the request;
+tokens' logprobs go out with the verdicts on their text, except where it was redacted."""
 
 from __future__ import annotations
 
@@ -9,10 +10,17 @@ import pytest
 
 from genmesh.v1 import common_pb2
 from services.frontend.errors import PipelineError
-from services.frontend.events import Finished, Started, TextChunk
+from services.frontend.events import ChunkLogprob, Finished, Started, TextChunk
 from services.frontend.moderation import ModerationMode, SafetyGate, SafetySettings
 from services.frontend.stages.moderation import Moderate
-from tests.services.frontend.stages.fakes import FakeSafety, Upstream, call_of, collect, run
+from tests.services.frontend.stages.fakes import (
+    FakeSafety,
+    Upstream,
+    call_of,
+    collect,
+    output_logprob,
+    run,
+)
 
 STARTED = Started("r1", "m", "v1", 2)
 LENGTH = Finished(common_pb2.FINISH_REASON_LENGTH, common_pb2.Usage(completion_tokens=9))
@@ -103,3 +111,37 @@ def test_verdicts_are_reported_as_busy_time():
     upstream = Upstream(STARTED, TextChunk("a"), TextChunk("b", is_final=True), LENGTH)
     run(collect(moderate(FakeSafety()).run(call, upstream)))
     assert call.observer.busy_kinds == ["moderation", "moderation"]  # type: ignore[attr-defined]
+
+
+def at(end: int, token_id: int) -> ChunkLogprob:
+    return ChunkLogprob(end, output_logprob(token_id))
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != ModerationMode.WINDOW])
+def test_a_token_held_by_the_service_comes_with_its_verdict(mode):
+    # " B" could begin "BAD": the service holds "B" until the flush releases it. (A
+    # window gathers the text and the flush into one message.)
+    upstream = Upstream(STARTED, TextChunk(" ok B", logprobs=(at(3, 8), at(5, 6))), LENGTH)
+    events = run(collect(moderate(FakeSafety(), mode).run(call_of(), upstream)))
+    assert events == [STARTED, TextChunk(" ok ", logprobs=(at(3, 8),)),
+                      TextChunk("B", logprobs=(at(1, 6),)), LENGTH]
+
+
+def test_the_tokens_before_a_block_are_reported_and_none_after():
+    safety = FakeSafety()
+    upstream = Upstream(STARTED, TextChunk(" ok", logprobs=(at(3, 8),)),
+                        TextChunk(" BAD!", logprobs=(at(2, 6), at(4, 7), at(5, 5))), LENGTH)
+    call = call_of(prompt_ids=[1, 2], num_generated=4)
+    events = run(collect(moderate(safety).run(call, upstream)))
+    assert events == [STARTED, TextChunk(" ok", logprobs=(at(3, 8),)), TextChunk(" "),
+                      Finished(common_pb2.FINISH_REASON_CONTENT_FILTER,
+                               common_pb2.Usage(prompt_tokens=2, completion_tokens=4),
+                               detail="violence")]
+
+
+def test_a_release_that_redacted_text_reports_none_of_its_tokens():
+    upstream = Upstream(STARTED, TextChunk(" ok secret", logprobs=(at(3, 8), at(10, 10))),
+                        TextChunk("!", is_final=True, logprobs=(at(1, 5),)), LENGTH)
+    events = run(collect(moderate(FakeSafety()).run(call_of(), upstream)))
+    assert events == [STARTED, TextChunk(" ok [redacted]"),
+                      TextChunk("!", logprobs=(at(1, 5),)), LENGTH]

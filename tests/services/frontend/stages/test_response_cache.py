@@ -55,7 +55,9 @@ async def settled(coro: object) -> object:
 @pytest.mark.parametrize("req", [
     request(params=common_pb2.SamplingParams(temperature=0.7)),  # sampled without a seed
     request(params=common_pb2.SamplingParams(logprobs=2)),
+    request(params=common_pb2.SamplingParams(return_logprobs=True)),
     request(params=GREEDY, skip_cache=True),
+    request(params=GREEDY, n=3),  # single flight would fold the choices into one
 ])
 def test_requests_that_may_not_be_cached_skip_the_stage(req):
     cache, upstream = FakeCache(), Upstream(STARTED)

@@ -1,13 +1,20 @@
 """The stops stage over scripted text: held-back text, the cut at a stop string (with the
 count's usage, closing the stream above it), the flush at the end, and no stage at all
-for a request without stop strings."""
+for a request without stop strings; tokens' logprobs held and cut with their text."""
 
 from __future__ import annotations
 
 from genmesh.v1 import common_pb2
-from services.frontend.events import Finished, Started, TextChunk
+from services.frontend.events import ChunkLogprob, Finished, Started, TextChunk
 from services.frontend.stages.stops import CutAtStops
-from tests.services.frontend.stages.fakes import Upstream, call_of, collect, request, run
+from tests.services.frontend.stages.fakes import (
+    Upstream,
+    call_of,
+    collect,
+    output_logprob,
+    request,
+    run,
+)
 
 STARTED = Started("r1", "m", "v1", 3)
 STOP = Finished(common_pb2.FINISH_REASON_STOP, common_pb2.Usage(completion_tokens=5))
@@ -51,3 +58,40 @@ def test_held_text_is_flushed_at_the_finish_when_the_last_text_was_empty():
     upstream = Upstream(STARTED, TextChunk("Hello E"), STOP)
     events = run(collect(CutAtStops().run(stopping_at("END"), upstream)))
     assert events == [STARTED, TextChunk("Hello "), TextChunk("E", is_final=True), STOP]
+
+
+def at(end: int, token_id: int) -> ChunkLogprob:
+    return ChunkLogprob(end, output_logprob(token_id))
+
+
+def test_a_token_held_back_with_its_text_goes_out_with_it():
+    # "Hel" "lo" " E" | "x" "!": " E" could begin "END" until "x" rules it out.
+    upstream = Upstream(STARTED, TextChunk("Hello E", logprobs=(at(3, 1), at(5, 2), at(7, 6))),
+                        TextChunk("x!", logprobs=(at(1, 8), at(2, 5))), STOP)
+    events = run(collect(CutAtStops().run(stopping_at("END"), upstream)))
+    assert events == [STARTED, TextChunk("Hello ", logprobs=(at(3, 1), at(5, 2))),
+                      TextChunk("Ex!", logprobs=(at(1, 6), at(2, 8), at(3, 5))), STOP]
+
+
+def test_tokens_cut_by_the_stop_string_are_not_reported_even_in_part():
+    # " ok" reaches the client; " END" is the stop string's, "D o" runs into it.
+    upstream = Upstream(STARTED, TextChunk(" ok EN", logprobs=(at(3, 8), at(6, 9))),
+                        TextChunk("D of it", logprobs=(at(3, 7), at(7, 3))), STOP)
+    events = run(collect(CutAtStops().run(stopping_at("END", num_generated=4), upstream)))
+    assert events == [STARTED, TextChunk(" ok ", logprobs=(at(3, 8),)),
+                      Finished(common_pb2.FINISH_REASON_STOP,
+                               common_pb2.Usage(prompt_tokens=3, completion_tokens=4))]
+
+
+def test_the_final_flush_releases_the_held_tokens():
+    upstream = Upstream(STARTED, TextChunk("ok E", logprobs=(at(2, 8), at(4, 6))), STOP)
+    events = run(collect(CutAtStops().run(stopping_at("END"), upstream)))
+    assert events == [STARTED, TextChunk("ok ", logprobs=(at(2, 8),)),
+                      TextChunk("E", is_final=True, logprobs=(at(1, 6),)), STOP]
+
+
+def test_a_chunk_with_nothing_held_passes_as_it_came():
+    chunk = TextChunk("Hello", logprobs=(at(3, 1), at(5, 2)))
+    upstream = Upstream(STARTED, chunk, STOP)
+    events = run(collect(CutAtStops().run(stopping_at("END"), upstream)))
+    assert events[1] is chunk
