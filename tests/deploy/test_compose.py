@@ -323,6 +323,19 @@ def test_http_api_calls_the_frontend_and_envoy_probes_what_compose_probes():
     assert not [k for k in service["environment"] if SECRET_NAME.search(k)]
 
 
+def test_every_service_drains_within_dockers_stop_grace_period():
+    """Docker SIGKILLs a service stop_grace_period after SIGTERM (10 s by default): each
+    service's own drain (shutdown_grace_s) must end before that."""
+    for name, service in genmesh_services().items():
+        module = runs_module(service)
+        if module is None or not module.startswith("services."):
+            continue
+        cfg = check_service_env(module, effective_env(service),
+                                deployment_vars=deployment_variables(DEPLOYMENT_FILE))
+        grace = re.fullmatch(r"(\d+)s", service.get("stop_grace_period", "10s"))
+        assert grace is not None and int(grace.group(1)) > cfg.shutdown_grace_s, name
+
+
 def test_workers_serve_the_deployments_versions_in_both_profiles():
     versions = {v.name: v for v in DEP.versions}
     assert set(versions) == set(LAUNCHER_WORKER_PORTS)
