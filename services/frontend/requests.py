@@ -4,6 +4,7 @@ GenerateResponse: shared by the unary call, batch items and async jobs."""
 from __future__ import annotations
 
 import contextlib
+import re
 
 import grpc
 
@@ -16,6 +17,11 @@ from services.frontend.events import Finished, Started, TextChunk
 from services.frontend.pipeline import Pipeline, PipelineRequest
 
 _PRIORITIES = frozenset(common_pb2.Priority.values())
+# The caller's request_id travels to the worker as the x-request-id header, whose value
+# gRPC takes only as printable ASCII; anything else failed the call inside grpc (the
+# client saw no status at all until its deadline).
+MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID_CHARS}}}")
 
 
 def pipeline_request(request: generation_pb2.GenerateRequest, *, catalog: ModelCatalog,
@@ -37,6 +43,10 @@ def pipeline_request(request: generation_pb2.GenerateRequest, *, catalog: ModelC
     if not 0 <= request.n <= MAX_NUM_CHOICES:
         raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"n: must be in [0, {MAX_NUM_CHOICES}] (0 means 1), got {request.n}")
+    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
+        raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request_id: at most {MAX_REQUEST_ID_CHARS} printable ASCII "
+                            "characters without whitespace (it is sent as a header)")
     if request.priority not in _PRIORITIES:
         raise PipelineError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"priority: unknown value {request.priority}; use one of "

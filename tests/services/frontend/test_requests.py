@@ -49,6 +49,17 @@ def test_n_defaults_to_one_and_is_bounded():
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "n:" in err.value.message
 
 
+@pytest.mark.parametrize("bad", ["\u00b7\u00ac\u00ff\x02", "has space", "x" * 129, "tab\t"])
+def test_a_request_id_that_cannot_travel_as_a_header_is_invalid(bad: str):
+    """Found by the fuzzer: a non-ASCII id failed inside grpc as the worker call's
+    x-request-id, and the client heard nothing until its deadline."""
+    assert translate(request_id="req-1.a_b:c").request_id == "req-1.a_b:c"
+    with pytest.raises(PipelineError) as err:
+        translate(request_id=bad)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.message.startswith("request_id:")
+
+
 def test_an_unknown_priority_is_invalid():
     with pytest.raises(PipelineError) as err:
         translate(priority=7)

@@ -174,7 +174,7 @@ def test_required_tool_choice_always_gives_a_valid_call(mesh, client, stream):
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CONVERT)}
     asks = ["What's the weather in Paris?", "Convert 20 dollars to euros.",
             "Is it raining in Oslo?", "How much is 5 EUR in USD?"]
-    for ask in asks:
+    for ask in asks[:2] if stream else asks:
         reply = client.chat.completions.create(
             model=mesh.model, messages=[{"role": "user", "content": ask}],
             tools=[WEATHER, CONVERT], tool_choice="required", max_tokens=60, temperature=0.7,
@@ -210,10 +210,10 @@ def test_auto_tool_choice_answers_with_content_or_valid_calls(mesh, client):
     """SmolLM2-135M was not trained to call tools: under auto it mostly answers in
     text. Either way the answer is well formed: calls parse and name declared functions."""
     made = 0
-    for ask in ["What's the weather in Paris? Use the tool.", "Convert 20 USD to EUR."]:
+    for ask in ["What's the weather in Paris? Use the tool."]:
         reply = client.chat.completions.create(
             model=mesh.model, messages=[{"role": "user", "content": ask}],
-            tools=[WEATHER, CONVERT], max_tokens=60, temperature=0)
+            tools=[WEATHER, CONVERT], max_tokens=40, temperature=0)
         message = reply.choices[0].message
         for call in message.tool_calls or []:
             assert call.function.name in ("get_weather", "convert")
