@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -135,38 +135,36 @@ class HttpApi:
                                                 with_logprobs=with_logprobs))
         stream = self.frontend.GenerateStream(parsed.request, metadata=md,
                                               timeout=self.max_request_s)
-        first = await self._unary_all(request, [_first(stream)], [stream])
+        first = await self._answer(request, _first(stream), stream)
         metrics.TIME_TO_FIRST_BYTE.labels(env.object).observe(
             time.perf_counter() - request.state.started)
         return StreamingResponse(
-            _events(env, stream, first[0], num_choices=max(parsed.request.n, 1),
+            _events(env, stream, first, num_choices=max(parsed.request.n, 1),
                     include_usage=parsed.include_usage, tools=parsed.tools,
                     with_logprobs=with_logprobs),
             media_type="text/event-stream", headers=_STREAM_HEADERS)
 
-    async def _unary(self, request: Request, call: Awaitable[T]) -> T:
-        return (await self._unary_all(request, [call]))[0]
+    async def _unary(self, request: Request, call: grpc.aio.UnaryUnaryCall) -> Any:
+        return await self._answer(request, call, call)
 
-    async def _unary_all(self, request: Request, calls: Sequence[Awaitable[T]],
-                         to_cancel: Sequence[grpc.aio.Call] = ()) -> list[T]:
-        """Every call's result, or ApiError for the first that fails (the others are
-        cancelled, as they all are when the client goes away meanwhile)."""
-        gathered = asyncio.ensure_future(asyncio.gather(*calls))
+    async def _answer(self, request: Request, answer: Awaitable[T], call: grpc.aio.Call
+                      ) -> T:
+        """``answer`` (an await on ``call``), or ApiError for the status ``call`` failed
+        with; ``call`` is cancelled when it fails or the client goes away meanwhile."""
+        result = asyncio.ensure_future(answer)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait((gathered, gone), return_when=asyncio.FIRST_COMPLETED)
-            if not gathered.done():
+            await asyncio.wait((result, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not result.done():
                 raise ApiError(499, "the client closed the request")
-            return await gathered
+            return result.result()
         except grpc.aio.AioRpcError as exc:
             raise from_rpc(exc) from None
         finally:
             gone.cancel()
-            if not gathered.done() or gathered.exception() is not None:
-                gathered.cancel()
-                for call in [*calls, *to_cancel]:
-                    if isinstance(call, grpc.aio.Call):
-                        call.cancel()
+            if not result.done() or result.cancelled() or result.exception() is not None:
+                result.cancel()
+                call.cancel()
 
     async def _body(self, request: Request) -> dict[str, Any]:
         declared = request.headers.get("content-length")
@@ -263,14 +261,6 @@ async def _first(stream: grpc.aio.UnaryStreamCall) -> generation_pb2.GenerateStr
     if msg is grpc.aio.EOF:
         return generation_pb2.GenerateStreamResponse()
     return msg  # type: ignore[no-any-return]
-
-
-async def _rest(stream: grpc.aio.UnaryStreamCall
-                ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-    """The messages after the first (which ``_first`` read: a call read with ``read()``
-    cannot be iterated too)."""
-    while (msg := await stream.read()) is not grpc.aio.EOF:
-        yield msg
 
 
 def _with_calls(choice: responses.ChoiceOut, tools: Tools) -> responses.ChoiceOut:
