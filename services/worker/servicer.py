@@ -150,6 +150,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     token_ids += delta.new_token_ids
                 if delta.finished:  # before the last reply, while the server span is open
                     self._observe_finish(span, delta)
+                if delta.invalid_field is not None:  # the request's fault, found late
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"{delta.invalid_field}: {delta.error}")
                 yield delta_to_proto(delta)
                 if delta.finish_reason is FinishReason.ERROR:
                     log.error("generation failed",

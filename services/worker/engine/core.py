@@ -153,7 +153,8 @@ class EngineCore:
             req = self._awaiting_grammar.pop(request_id)
             req.status = RequestStatus.WAITING
             self.scheduler.add(req)
-        return [self._finish(self._requests[rid], FinishReason.ERROR, error=error)
+        return [self._finish(self._requests[rid], FinishReason.ERROR, error=error,
+                             invalid_field="constraint")
                 for rid, error in failed.items()]
 
     def _step(self) -> list[Delta]:
@@ -240,10 +241,11 @@ class EngineCore:
             if req.first_token_time is None:
                 req.first_token_time = t1
             self._generated_tokens += 1
-            if not self.structured.accept(req.request_id, token):
-                deltas.append(self._finish(req, FinishReason.ERROR, last_token=token,
-                                           error=f"the constraint's grammar rejected token "
-                                                 f"{token}"))
+            rejection = self.structured.accept(req.request_id, token)
+            if rejection is not None:
+                deltas.append(self._finish(
+                    req, FinishReason.ERROR, error=rejection.message,
+                    invalid_field="constraint" if rejection.allowed_by_mask else None))
                 continue
             reason = self._stop_reason(req, token)
             if reason is None:
@@ -280,7 +282,8 @@ class EngineCore:
         return None
 
     def _finish(self, req: Request, reason: FinishReason, *, last_token: int | None = None,
-                last_logprob: TokenLogprob | None = None, error: str | None = None) -> Delta:
+                last_logprob: TokenLogprob | None = None, error: str | None = None,
+                invalid_field: str | None = None) -> Delta:
         self.scheduler.finish(req, reason)
         req.drop_placeholder()
         self.runner.release(req.request_id)
@@ -301,6 +304,7 @@ class EngineCore:
             logprobs=[last_logprob] if last_logprob is not None else None,
             error=error,
             timings=req.timings(),
+            invalid_field=invalid_field,
         )
 
     # -- stats -----------------------------------------------------------------------

@@ -58,6 +58,10 @@ class Delta:
     error: str | None = None  # set when finish_reason is ERROR
     # Set on the last delta only; None when the request never reached the engine's queue.
     timings: RequestTimings | None = None
+    # Set with ``error`` when the request itself is at fault, not the engine: names the
+    # offending input (a constraint whose grammar cannot build, or that asks for text the
+    # model's vocabulary cannot write). Servicers answer INVALID_ARGUMENT.
+    invalid_field: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -75,7 +79,7 @@ def merge_deltas(deltas: list[Delta]) -> Delta:
                  finish_reason=last.finish_reason, usage=last.usage,
                  logprobs=[lp for d in deltas for lp in d.logprobs or []] if has_logprobs
                  else None,
-                 error=last.error, timings=last.timings)
+                 error=last.error, timings=last.timings, invalid_field=last.invalid_field)
 
 
 @dataclass(frozen=True, slots=True)

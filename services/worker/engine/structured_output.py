@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,18 @@ NUM_CACHED_MATCHERS = 256  # distinct constraints whose start-state matcher is k
 # spin against the model's own CPU threads: with llguidance's default pool (most of the
 # cores) a 2-core machine's mean decode step at batch 32 went from ~40 ms to 70-140 ms.
 NUM_MASK_THREADS = max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A sampled token the request's grammar refused."""
+
+    message: str
+    # The token's own mask allowed it: the grammar engine's mask and its parser disagree,
+    # which happens when the grammar needs bytes no token of the vocabulary holds (e.g.
+    # a regex of one character whose UTF-8 lead byte has no token). The request asked
+    # for text this model cannot write. False: the mask was not applied (our bug).
+    allowed_by_mask: bool
 
 
 class StructuredOutput:
@@ -54,6 +67,8 @@ class StructuredOutput:
             collections.OrderedDict())
         self._building: dict[str, Future[Any]] = {}  # request id -> its grammar's future
         self._matchers: dict[str, Any] = {}  # request id -> its llguidance.LLMatcher
+        # Request id -> (the step's mask bits, its row): the last mask it was sampled under.
+        self._last_masks: dict[str, tuple[torch.Tensor, int]] = {}
         self._executor: Any = None  # llguidance.LLExecutor: masks of many rows in parallel
 
     @property
@@ -102,11 +117,21 @@ class StructuredOutput:
             concurrent.futures.wait(list(self._building.values()), timeout=timeout_s,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
 
-    def accept(self, request_id: str, token_id: int) -> bool:
-        """Advance the request's matcher by a sampled token; False if the grammar
-        rejects it (the mask should have made that impossible)."""
+    def accept(self, request_id: str, token_id: int) -> Rejection | None:
+        """Advance the request's matcher by a sampled token; a Rejection if the grammar
+        refuses it (the mask should have made that impossible)."""
         matcher = self._matchers.get(request_id)
-        return matcher is None or bool(matcher.consume_token(token_id))
+        if matcher is None or matcher.consume_token(token_id):
+            return None
+        last = self._last_masks.get(request_id)
+        allowed = last is not None and _allows(last[0][last[1]], token_id)
+        if allowed:
+            return Rejection(
+                "the constraint asks for text this model's vocabulary cannot write (its "
+                "grammar needs bytes that no token of the vocabulary holds)",
+                allowed_by_mask=True)
+        return Rejection(f"the constraint's grammar rejected token {token_id}, which its "
+                         "mask did not allow", allowed_by_mask=False)
 
     def is_finished(self, request_id: str) -> bool:
         """The request's text is complete and its grammar allows nothing more."""
@@ -116,6 +141,7 @@ class StructuredOutput:
     def release(self, request_id: str) -> None:
         self._building.pop(request_id, None)
         self._matchers.pop(request_id, None)
+        self._last_masks.pop(request_id, None)
 
     # -- one step --------------------------------------------------------------------
 
@@ -138,6 +164,8 @@ class StructuredOutput:
             self._executor.unsafe_compute_mask_ptr(
                 [(m, k) for k, m in enumerate(matchers)], bits.data_ptr(), row_bytes,
                 len(matchers))
+        for k, i in enumerate(rows):
+            self._last_masks[request_ids[i]] = (bits, k)
         return TokenBitmask(rows=rows, bits=bits)
 
     # -- grammars --------------------------------------------------------------------
@@ -182,3 +210,9 @@ class StructuredOutput:
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _allows(row: torch.Tensor, token_id: int) -> bool:
+    """Whether a mask row (int32 words, bit j of word w: token 32 w + j) allows a token."""
+    word, bit = divmod(token_id, 32)
+    return word < row.numel() and (int(row[word]) >> bit) & 1 == 1

@@ -1,12 +1,19 @@
-"""The servicer's translation of the SamplingParams proto into the engine's dataclass."""
+"""The servicer's translation of the SamplingParams proto into the engine's dataclass,
+and of the engine's failures into status codes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import types
 
-from genmesh.v1 import common_pb2
+import grpc
+import pytest
+
+from genmesh.v1 import common_pb2, worker_pb2
+from services.worker.engine.outputs import Delta, FinishReason
 from services.worker.engine.params import Constraint, ConstraintKind, SamplingParams
-from services.worker.servicer import params_from_proto
+from services.worker.servicer import WorkerServicer, params_from_proto
 
 
 def test_an_empty_proto_means_every_default():
@@ -41,3 +48,68 @@ def test_each_constraint_kind_is_mapped():
     ]
     for proto, want in cases:
         assert params_from_proto(proto).constraint == want
+
+
+class _OneDelta:
+    """An engine whose stream yields one delta."""
+
+    def __init__(self, delta: Delta) -> None:
+        self.delta = delta
+
+    def submit(self, prompt_ids: list[int], params: object, **kwargs: object) -> object:
+        delta = self.delta
+
+        class Stream:
+            def __aiter__(self) -> Stream:
+                self.left = [delta]
+                return self
+
+            async def __anext__(self) -> Delta:
+                if not self.left:
+                    raise StopAsyncIteration
+                return self.left.pop()
+
+            async def aclose(self) -> None:
+                pass
+
+        return Stream()
+
+    def stats(self) -> object:
+        return types.SimpleNamespace(num_running=1)
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    async def send_initial_metadata(self, md: object) -> None:
+        pass
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise _Aborted
+
+
+def test_a_request_found_at_fault_mid_stream_is_invalid_argument():
+    delta = Delta("r", [], finish_reason=FinishReason.ERROR, invalid_field="constraint",
+                  error="the constraint asks for text this model's vocabulary cannot write")
+    servicer = WorkerServicer(_OneDelta(delta), model_name="m",  # type: ignore[arg-type]
+                              model_version="v1")
+    context = _Context()
+
+    async def replies() -> list[object]:
+        return [r async for r in servicer.Generate(
+            worker_pb2.WorkerGenerateRequest(prompt_ids=[1]), context)]  # type: ignore[arg-type]
+
+    with pytest.raises(_Aborted):
+        asyncio.run(replies())
+    assert context.aborted == (grpc.StatusCode.INVALID_ARGUMENT,
+                               "constraint: the constraint asks for text this model's "
+                               "vocabulary cannot write")

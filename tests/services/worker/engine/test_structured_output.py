@@ -196,3 +196,17 @@ def test_a_request_aborted_while_its_grammar_builds_ends_cleanly(model_dir, chat
     assert final is not None and final.finish_reason is FinishReason.ABORT
     assert not eng.has_work()
     assert eng.structured.bitmask(["r"]) is None
+
+
+def test_a_constraint_the_vocabulary_cannot_write_is_the_requests_fault(core):
+    # U+40000 is F1 80 80 80 in UTF-8; no token of SmolLM2's vocabulary holds byte F1, and
+    # llguidance's mask then allows a token its parser refuses.
+    out = run_core(core, {"r": ([1, 2, 3, 4], SamplingParams(
+        max_tokens=8, constraint=Constraint(ConstraintKind.REGEX, "\U00040000")))})
+    last = out["r"][-1]
+    assert last.finish_reason is FinishReason.ERROR
+    assert last.invalid_field == "constraint"
+    assert last.error == ("the constraint asks for text this model's vocabulary cannot write "
+                          "(its grammar needs bytes that no token of the vocabulary holds)")
+    assert [t for d in out["r"] for t in d.new_token_ids] == []  # the refused token unsent
+    assert not core.has_work()
