@@ -45,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
     e.add_argument("--no-profile", action="store_true",
                    help="skip the profiled decode steps (CUDA only)")
+    e.add_argument("--variants", metavar="V,V,...", default=None,
+                   help="quantizations measured beside bf16 in the same run, with a quality "
+                        "section (genmesh/bench/variants.py): e.g. int8,int4; 'none' for "
+                        "none (default: int8,int4 with the full plan on a CPU, else none)")
     e.add_argument("--output", help="also write the JSON to this file (updated after each "
                                     "stage, with \"partial\": true until the run ends)")
     e.set_defaults(func=_engine)
@@ -79,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _engine(args: argparse.Namespace) -> int:
     from genmesh.bench.engine import make_plan, run_engine_bench
 
-    plan = make_plan("quick" if args.quick else (args.plan or "full"),
+    plan_name = "quick" if args.quick else (args.plan or "full")
+    plan = make_plan(plan_name,
                      concurrency=args.concurrency, hf_batch_size=args.hf_batch_size)
     model = args.model
     if not args.dummy:
@@ -100,6 +105,20 @@ def _engine(args: argparse.Namespace) -> int:
 
     result = run_engine_bench(config, plan, with_hf=not args.no_hf,
                               profile=not args.no_profile, on_progress=on_progress)
+    variants = args.variants
+    if variants is None:
+        variants = "int8,int4" if plan_name == "full" and not on_gpu else "none"
+    names = [v for v in variants.split(",") if v and v != "none"]
+    if names and not args.dummy:
+        from genmesh.bench.variants import run_variants
+
+        def on_variant(partial: dict) -> None:
+            result["variants"] = partial
+            on_progress(result)
+
+        result["variants"] = run_variants(
+            dataclasses.replace(config, max_num_seqs=max(64, config.max_num_seqs)), names,
+            on_progress=on_variant)
     print(json.dumps(result, indent=2))
     if args.output:
         _write_json(result, args.output)

@@ -49,8 +49,8 @@ class GatewaySettings:
     mesh_port: int = 8081  # service-to-service listener: what the frontend dials
     admin_port: int = 9901  # admin interface (GET /ready, /stats, /clusters); no auth
     # Where the admin interface listens, an IP address. It has no authentication:
-    # /config_dump holds the tenants' keys and POST /quitquitquit stops Envoy, so keep it
-    # on loopback and let others reach the metrics listener instead.
+    # POST /quitquitquit stops Envoy (its /config_dump holds no key), so keep it on
+    # loopback and let others reach the metrics listener instead.
     admin_host: str = "127.0.0.1"
     # A listener on `host` serving only admin's GET /stats/prometheus and GET /ready (for
     # Prometheus and readiness probes from outside the host or pod); 0: none.
@@ -82,6 +82,8 @@ class ModelVersion:
     name: str  # e.g. "v1"; the worker cluster is "worker-<name>"
     workers: tuple[Endpoint, ...]  # the replicas serving this version
     dtype: str = "bfloat16"  # what the local launcher starts the worker with
+    # Weight-only quantization the launcher starts the worker with: none, int8, int4.
+    quantization: str = "none"
 
     @property
     def cluster(self) -> str:
@@ -197,6 +199,9 @@ def check(dep: Deployment) -> list[str]:
             problems.append(f"version name {v.name!r}: use letters, digits, '.', '_', '-'")
         if not v.workers:
             problems.append(f"version {v.name} has no workers")
+        if v.quantization not in ("none", "int8", "int4"):
+            problems.append(f"version {v.name}: quantization must be none, int8 or int4, "
+                            f"got {v.quantization!r}")
     r = dep.rollout
     for role, name in (("primary", r.primary), ("candidate", r.candidate),
                        ("previous_primary", r.previous_primary)):
@@ -331,7 +336,8 @@ def _from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Deployment:
     _known(model, "model", {"name", "versions", "prefix_affinity_blocks", "kv_block_size"})
     versions = tuple(
         ModelVersion(str(name), tuple(parse_endpoint(a) for a in spec.get("workers", ())),
-                     dtype=str(spec.get("dtype", "bfloat16")))
+                     dtype=str(spec.get("dtype", "bfloat16")),
+                     quantization=str(spec.get("quantization", "none")))
         for name, spec in (model.get("versions") or {}).items())
     services = data["services"]
     _known(services, "services", {f.name for f in dataclasses.fields(Services)})
@@ -390,7 +396,8 @@ def to_dict(dep: Deployment) -> dict[str, Any]:
     return {
         "model": {"name": dep.model, "prefix_affinity_blocks": dep.prefix_affinity_blocks,
                   "kv_block_size": dep.kv_block_size,
-                  "versions": {v.name: {"workers": addresses(v.workers), "dtype": v.dtype}
+                  "versions": {v.name: {"workers": addresses(v.workers), "dtype": v.dtype,
+                                        "quantization": v.quantization}
                                for v in dep.versions}},
         "services": {f.name: addresses(getattr(dep.services, f.name))
                      for f in dataclasses.fields(Services)},

@@ -24,6 +24,11 @@ class WorkerConfig(ServerConfig):
     device: str = "cpu"
     load_format: str = "auto"  # "dummy": random weights (benchmarks, tests)
     kv_cache_gib: float = 1.0
+    # Weight-only quantization of the layers' matmuls: none, int8 or int4 (engine/model/
+    # quant.py), built at load or taken from `genmesh models pull --quant`'s file; one
+    # scale per quant_group_size input columns (0: int8 per channel, int4 in 32s).
+    quantization: str = "none"
+    quant_group_size: int = 0
     # Torch CPU threads; 0: torch's default (every core). Workers sharing a machine must
     # split its cores: threads that outnumber cores spin against each other.
     num_threads: int = 0

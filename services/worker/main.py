@@ -26,7 +26,9 @@ def engine_config(cfg: WorkerConfig, model_path: str) -> EngineConfig:
                         device=cfg.device, load_format=cfg.load_format,
                         kv_cache_memory_gib=cfg.kv_cache_gib, max_num_seqs=cfg.max_num_seqs,
                         num_threads=cfg.num_threads or None,
-                        max_num_batched_tokens=cfg.max_num_batched_tokens)
+                        max_num_batched_tokens=cfg.max_num_batched_tokens,
+                        quantization=cfg.quantization,
+                        quant_group_size=cfg.quant_group_size or None)
 
 
 async def run(cfg: WorkerConfig) -> None:

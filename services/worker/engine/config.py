@@ -47,6 +47,14 @@ class EngineConfig:
     # model folder. A model without one serves free text only.
     tokenizer: str | None = None
     seed: int = 0  # dummy weights only
+    # Weight-only quantization of the decoder layers' matmuls (model/quant.py): "none",
+    # "int8" or "int4", with one scale per quant_group_size input columns (None: int8
+    # per output channel, int4 in groups of 32, GGUF's Q4 block).
+    quantization: str = "none"
+    quant_group_size: int | None = None
+    # With quantization, the LM head too, as int8 in groups of 32 (the embedding rows
+    # stay as loaded): a small model's head is a fifth of its bytes.
+    quantize_lm_head: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -55,6 +63,13 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"quantization must be none, int8 or int4, got "
+                             f"{self.quantization!r}")
+        if self.quant_group_size is not None and (self.quant_group_size < 32
+                                                  or self.quant_group_size % 32):
+            raise ValueError(f"quant_group_size must be a multiple of 32, got "
+                             f"{self.quant_group_size}")
         if self.cuda_graph_max_batch_size < 1:
             raise ValueError("cuda_graph_max_batch_size must be >= 1")
 

@@ -8,6 +8,7 @@ import torch
 
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.input_batch import InputBatch, PendingTokens, StepInputs
+from services.worker.engine.model import prebuilt
 from services.worker.engine.model.attention import AttentionMetadata
 from services.worker.engine.model.config import (
     PRESETS,
@@ -18,6 +19,7 @@ from services.worker.engine.model.config import (
 from services.worker.engine.model.cuda_graphs import DecodeGraphs, GraphStats
 from services.worker.engine.model.llama import LlamaModel
 from services.worker.engine.model.loader import dummy_weights, load_hf_weights
+from services.worker.engine.model.quant import Quantization, quantize_model
 from services.worker.engine.scheduler import ScheduledChunk
 
 
@@ -36,12 +38,22 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         self.model_cfg = model_cfg
+        quantization = Quantization(config.quantization)
+        # Quantized weights are made from the checkpoint's fp32 (one rounding, not two).
+        load_dtype = self.dtype if quantization is Quantization.NONE else torch.float32
         if config.load_format == "dummy":
-            weights = dummy_weights(model_cfg, dtype=self.dtype, device=self.device,
+            weights = dummy_weights(model_cfg, dtype=load_dtype, device=self.device,
                                     seed=config.seed)
         else:
-            weights = load_hf_weights(Path(config.model), model_cfg, dtype=self.dtype,
+            weights = load_hf_weights(Path(config.model), model_cfg, dtype=load_dtype,
                                       device=self.device)
+        if quantization is not Quantization.NONE:
+            built = None if config.load_format == "dummy" else prebuilt.load(
+                Path(config.model), model_cfg, quantization, config.quant_group_size,
+                dtype=self.dtype, device=self.device)
+            weights = quantize_model(weights, quantization, group_size=config.quant_group_size,
+                                     lm_head=config.quantize_lm_head, dtype=self.dtype,
+                                     prebuilt=built)
         self.weight_bytes_per_token = weights.num_bytes_read_per_token()
         self.model = LlamaModel(model_cfg, weights, max_positions=max_model_len,
                                 use_cpu_kernels=config.use_cpu_kernels,

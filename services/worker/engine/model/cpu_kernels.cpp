@@ -22,9 +22,9 @@ inline float reduce(__m512 v) { return _mm512_reduce_add_ps(v); }
 // a time (TILE_M x TILE_N accumulators stay in registers).
 constexpr int64_t TILE_M = 4;
 
-void tile_rows(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y,
-               int64_t M, int64_t N, int64_t K, int64_t n0) {
-  const int64_t rows = std::min(TILE_N, N - n0);
+// wt: the tile's first weight row; y's columns [n0, n0 + rows) are written.
+void tile_rows(const at::BFloat16* x, const at::BFloat16* wt, at::BFloat16* y,
+               int64_t M, int64_t N, int64_t K, int64_t n0, int64_t rows) {
   for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
     const int64_t ms = std::min(TILE_M, M - m0);
     __m512 acc[TILE_M][TILE_N];
@@ -34,7 +34,7 @@ void tile_rows(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y,
     for (; k + 32 <= K; k += 32) {
       __m512bh wv[TILE_N];
       for (int64_t r = 0; r < rows; ++r)
-        wv[r] = (__m512bh)_mm512_loadu_si512(w + (n0 + r) * K + k);
+        wv[r] = (__m512bh)_mm512_loadu_si512(wt + r * K + k);
       for (int64_t i = 0; i < ms; ++i) {
         __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m0 + i) * K + k);
         for (int64_t r = 0; r < rows; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[r]);
@@ -45,7 +45,7 @@ void tile_rows(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y,
       for (int64_t r = 0; r < rows; ++r) {
         float s = reduce(acc[i][r]);
         for (int64_t kk = k; kk < K; ++kk)  // tail when K is not a multiple of 32
-          s += static_cast<float>(xm[kk]) * static_cast<float>(w[(n0 + r) * K + kk]);
+          s += static_cast<float>(xm[kk]) * static_cast<float>(wt[r * K + kk]);
         y[(m0 + i) * N + n0 + r] = at::BFloat16(s);
       }
     }
@@ -134,7 +134,10 @@ torch::Tensor skinny_linear_bf16(torch::Tensor x, torch::Tensor w) {
   }
   const int64_t num_tiles = (N + TILE_N - 1) / TILE_N;
   at::parallel_for(0, num_tiles, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) tile_rows(xp, wp, yp, M, N, K, t * TILE_N);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * TILE_N;
+      tile_rows(xp, wp + n0 * K, yp, M, N, K, n0, std::min(TILE_N, N - n0));
+    }
   });
   return y;
 }
@@ -480,6 +483,258 @@ void write_kv_bf16(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
 }
 
 
+// Weight-only quantized linears: y = x @ dequant(w).T, x and y bf16.
+//   int8: w int8 [N, K], scales fp16 [N, K / G]: w[n, k] = q * scales[n, k / G]
+//         (symmetric; G = K: one scale per output channel).
+//   int4: w uint8 [N, K / 2], scales and offsets fp16 [N, K / G]: w[n, k] =
+//         q * scales[n, g] + offsets[n, g] with g = k / G (asymmetric groups of G, a
+//         multiple of 32). Each 32 weights are 16 bytes: byte i holds weight i in its low
+//         nibble and weight i + 16 in its high one, so one 16-byte load unpacks into a
+//         32-lane vector in order.
+// Up to QSKINNY rows of x, the weights are read once and multiplied in registers (the
+// ints exactly as bf16, each group's scale applied to its partial sums); more rows
+// dequantize a tile of weight rows to bf16 once and multiply every row of x by it.
+namespace {
+
+constexpr int64_t QSKINNY = 2;
+constexpr int64_t QTILE = 16;  // weight rows dequantized at a time for many rows of x
+
+struct QWeight {
+  const uint8_t* q;
+  const uint16_t* scales;  // fp16 bits
+  const uint16_t* offsets;  // int4 only
+  int64_t N, K, G;
+  bool int4;
+};
+
+// Lanes 0-15: the bf16 bits of 0.0 ... 15.0 (the int4 values, as a permute table).
+inline __m512i int4_table() {
+  alignas(64) uint16_t t[32];
+  for (int i = 0; i < 32; ++i) {
+    float f = static_cast<float>(i & 15);
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    t[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  return _mm512_load_si512(t);
+}
+
+// 32 int4 weights (16 bytes) as 32 bf16 lanes holding 0..15.
+inline __m512bh unpack_int4(const uint8_t* p, __m512i table) {
+  __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
+  __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
+  __m256i hi = _mm256_srli_epi16(v, 4);
+  __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  return (__m512bh)_mm512_permutexvar_epi16(idx, table);
+}
+
+// 16 int8 weights as fp32.
+inline __m512 int8_ps(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
+constexpr int QROWS = 4;  // weight rows per register tile
+
+// Pulls the next tile's weight bytes toward the cache while this one is computed.
+inline void prefetch_bytes(const uint8_t* p, int64_t n) {
+  for (int64_t off = 0; off < n; off += 64) _mm_prefetch((const char*)(p + off), _MM_HINT_T0);
+}
+
+// One tile: weight rows [n0, n0 + R) against MM rows of x (compile-time sizes, so the
+// accumulators stay in registers). int4: xsum [MM, K / G] holds the sums of x over each
+// group (the offsets' share).
+template <int MM, int R>
+inline void q4_tile(const QWeight& w, const at::BFloat16* x, const float* xsum,
+                    at::BFloat16* y, int64_t n0, __m512i table) {
+  const int64_t K = w.K, N = w.N, G = w.G, ng = K / G, row_bytes = K / 2;
+  const uint8_t* base = w.q + n0 * row_bytes;
+  if (n0 + 2 * R <= N) prefetch_bytes(base + R * row_bytes, R * row_bytes);
+  __m512 tot[MM][R];
+  float off[MM][R];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < R; ++r) { tot[m][r] = _mm512_setzero_ps(); off[m][r] = 0.f; }
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 acc[MM][R];
+    for (int m = 0; m < MM; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+      __m512bh xv[MM];
+      for (int m = 0; m < MM; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh wv = unpack_int4(base + r * row_bytes + k / 2, table);
+        for (int m = 0; m < MM; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv[m], wv);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (n0 + r) * ng + g;
+      const __m512 sv = _mm512_set1_ps(_cvtsh_ss(w.scales[at]));
+      for (int m = 0; m < MM; ++m) {
+        tot[m][r] = _mm512_fmadd_ps(acc[m][r], sv, tot[m][r]);
+        off[m][r] += _cvtsh_ss(w.offsets[at]) * xsum[m * ng + g];
+      }
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < R; ++r)
+      y[m * N + n0 + r] = at::BFloat16(_mm512_reduce_add_ps(tot[m][r]) + off[m][r]);
+}
+
+// The same for int8; xf [MM, K] is x in fp32.
+template <int MM, int R>
+inline void q8_tile(const QWeight& w, const float* xf, at::BFloat16* y, int64_t n0) {
+  const int64_t K = w.K, N = w.N, G = w.G, ng = K / G;
+  const auto* base = reinterpret_cast<const int8_t*>(w.q) + n0 * K;
+  if (n0 + 2 * R <= N) prefetch_bytes(w.q + (n0 + R) * K, R * K);
+  __m512 tot[MM][R];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < R; ++r) tot[m][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 acc[MM][R];
+    for (int m = 0; m < MM; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+      __m512 xv[MM];
+      for (int m = 0; m < MM; ++m) xv[m] = _mm512_loadu_ps(xf + m * K + k);
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = int8_ps(base + r * K + k);
+        for (int m = 0; m < MM; ++m) acc[m][r] = _mm512_fmadd_ps(xv[m], wv, acc[m][r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 sv = _mm512_set1_ps(_cvtsh_ss(w.scales[(n0 + r) * ng + g]));
+      for (int m = 0; m < MM; ++m) tot[m][r] = _mm512_fmadd_ps(acc[m][r], sv, tot[m][r]);
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + n0 + r] = at::BFloat16(_mm512_reduce_add_ps(tot[m][r]));
+}
+
+template <int MM>
+void qskinny_rows_m(const QWeight& w, const at::BFloat16* x, const float* xf,
+                    const float* xsum, at::BFloat16* y, int64_t begin, int64_t end) {
+  int64_t n = begin;
+  if (w.int4) {
+    const __m512i table = int4_table();
+    for (; n + QROWS <= end; n += QROWS) q4_tile<MM, QROWS>(w, x, xsum, y, n, table);
+    for (; n < end; ++n) q4_tile<MM, 1>(w, x, xsum, y, n, table);
+  } else {
+    for (; n + QROWS <= end; n += QROWS) q8_tile<MM, QROWS>(w, xf, y, n);
+    for (; n < end; ++n) q8_tile<MM, 1>(w, xf, y, n);
+  }
+}
+
+// Rows [begin, end) of y for M <= QSKINNY rows of x.
+void qskinny_rows(const QWeight& w, const at::BFloat16* x, const float* xf, const float* xsum,
+                  at::BFloat16* y, int64_t M, int64_t begin, int64_t end) {
+  if (M == 1) qskinny_rows_m<1>(w, x, xf, xsum, y, begin, end);
+  else qskinny_rows_m<2>(w, x, xf, xsum, y, begin, end);
+}
+
+// Weight rows [n0, n0 + rows) dequantized into out [rows, K] (bf16).
+void dequant_rows(const QWeight& w, int64_t n0, int64_t rows, at::BFloat16* out) {
+  const int64_t K = w.K;
+  if (w.int4) {
+    const int64_t G = w.G, ng = K / G, row_bytes = K / 2;
+    const __m512i mask = _mm512_set1_epi32(0x0F);
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* src = w.q + (n0 + r) * row_bytes;
+      for (int64_t g = 0; g < ng; ++g) {
+        const __m512 sv = _mm512_set1_ps(_cvtsh_ss(w.scales[(n0 + r) * ng + g]));
+        const __m512 ov = _mm512_set1_ps(_cvtsh_ss(w.offsets[(n0 + r) * ng + g]));
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+          __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + k / 2)));
+          __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, mask)), sv, ov);
+          __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), sv, ov);
+          _mm512_storeu_si512(out + r * K + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+      }
+    }
+    return;
+  }
+  const auto* q = reinterpret_cast<const int8_t*>(w.q);
+  const int64_t G = w.G, ng = K / G;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < K; k += 32) {
+      const __m512 sv = _mm512_set1_ps(_cvtsh_ss(w.scales[(n0 + r) * ng + k / G]));
+      __m512 lo = _mm512_mul_ps(int8_ps(q + (n0 + r) * K + k), sv);
+      __m512 hi = _mm512_mul_ps(int8_ps(q + (n0 + r) * K + k + 16), sv);
+      _mm512_storeu_si512(out + r * K + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+}
+
+// The group size is K / scales.size(1): scales are [N, K / G].
+QWeight check_qweight(const torch::Tensor& w, const torch::Tensor& scales,
+                      const torch::Tensor& offsets, int64_t K) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w must be a contiguous 2-D tensor");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.dim() == 2 && scales.size(0) == w.size(0) && scales.size(1) > 0,
+              "scales must be contiguous fp16 [N, K / group size]");
+  TORCH_CHECK(K % 32 == 0, "the input width must be a multiple of 32");
+  const int64_t group_size = K / scales.size(1);
+  TORCH_CHECK(group_size % 32 == 0 && group_size > 0 && K % group_size == 0,
+              "the group size must be a multiple of 32 dividing the input width");
+  QWeight q{static_cast<const uint8_t*>(w.data_ptr()),
+            static_cast<const uint16_t*>(scales.data_ptr()), nullptr,
+            w.size(0), K,
+            group_size, w.scalar_type() == at::kByte};
+  if (q.int4) {
+    TORCH_CHECK(w.size(1) * 2 == K, "int4 weights hold two per byte");
+    TORCH_CHECK(offsets.scalar_type() == at::kHalf && offsets.is_contiguous() &&
+                    scales.numel() == q.N * (K / group_size) &&
+                    offsets.numel() == scales.numel(), "one scale and offset per group");
+    q.offsets = static_cast<const uint16_t*>(offsets.data_ptr());
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == K, "int8 weights are [N, K]");
+    TORCH_CHECK(scales.numel() == q.N * (K / group_size), "one scale per int8 group");
+  }
+  return q;
+}
+
+}  // namespace
+
+torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales,
+                               torch::Tensor offsets) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be 2-D bfloat16");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  const QWeight q = check_qweight(w, scales, offsets, K);
+  const int64_t N = q.N;
+  auto y = torch::empty({M, N}, x.options());
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  if (M == 0) return y;
+  if (M <= QSKINNY) {
+    std::vector<float> xf(q.int4 ? 0 : M * K), xsum(q.int4 ? M * (K / q.G) : 0, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = static_cast<float>(xp[m * K + k]);
+        if (q.int4) xsum[m * (K / q.G) + k / q.G] += v; else xf[m * K + k] = v;
+      }
+    at::parallel_for(0, (N + QROWS - 1) / QROWS, GEMV_GRAIN / QROWS, [&](int64_t b, int64_t e) {
+      qskinny_rows(q, xp, xf.data(), xsum.data(), yp, M, b * QROWS, std::min(N, e * QROWS));
+    });
+    return y;
+  }
+  at::parallel_for(0, (N + QTILE - 1) / QTILE, 1, [&](int64_t b, int64_t e) {
+    std::vector<at::BFloat16> tile(QTILE * K);
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n0 = t * QTILE, rows = std::min(QTILE, N - n0);
+      dequant_rows(q, n0, rows, tile.data());
+      for (int64_t r0 = 0; r0 < rows; r0 += TILE_N)
+        tile_rows(xp, tile.data() + r0 * K, yp, M, N, K, n0 + r0, std::min(TILE_N, rows - r0));
+    }
+  });
+  return y;
+}
+
+// A bf16 weight (scales undefined) or a quantized one, for few rows of x.
+torch::Tensor any_linear(const torch::Tensor& x, const torch::Tensor& w,
+                         const torch::Tensor& scales, const torch::Tensor& offsets) {
+  if (w.scalar_type() == at::kBFloat16) return skinny_linear_bf16(x, w);
+  return quantized_linear(x, w, scales, offsets);
+}
+
 // Every decoder layer of a decode step of at most SKINNY rows (1-2 tokens, no
 // prefill), in one call: the same kernels the Python loop calls, without its
 // per-op interpreter and dispatch cost (~1-2 ms of a ~16 ms single-stream step here).
@@ -495,13 +750,23 @@ torch::Tensor decode_layers_bf16(torch::Tensor x, std::vector<torch::Tensor> inp
                                  torch::Tensor sin, torch::Tensor slots,
                                  torch::Tensor block_table, torch::Tensor ctx_lens,
                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                 double eps, double scale) {
+                                 double eps, double scale,
+                                 std::vector<torch::Tensor> qparams) {
+  // qparams: empty for bf16 weights; for quantized ones, per layer the scales and
+  // offsets of qkv, o, gate_up and down in that order (8 tensors a layer; offsets of
+  // int8 weights are empty tensors).
   const int64_t L = static_cast<int64_t>(qkv_ws.size());
   const int64_t T = x.size(0), H = num_heads, Hkv = num_kv_heads, D = head_dim;
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  TORCH_CHECK(qparams.empty() || static_cast<int64_t>(qparams.size()) == 8 * L,
+              "qparams: 8 tensors a layer");
+  auto lin = [&](const torch::Tensor& in, const torch::Tensor& w, int64_t i, int j) {
+    if (qparams.empty()) return skinny_linear_bf16(in, w);
+    return any_linear(in, w, qparams[8 * i + 2 * j], qparams[8 * i + 2 * j + 1]);
+  };
   torch::Tensor h = rms_norm_bf16(x, input_norms[0], eps);
   for (int64_t i = 0; i < L; ++i) {
-    torch::Tensor qkv = skinny_linear_bf16(h, qkv_ws[i]);
+    torch::Tensor qkv = lin(h, qkv_ws[i], i, 0);
     rope_bf16_(qkv, cos, sin, H + Hkv, D);
     torch::Tensor q = qkv.narrow(1, 0, H * D).view({T, H, D});
     torch::Tensor k = qkv.narrow(1, H * D, Hkv * D).view({T, Hkv, D});
@@ -509,10 +774,8 @@ torch::Tensor decode_layers_bf16(torch::Tensor x, std::vector<torch::Tensor> inp
     write_kv_bf16(k, v, k_caches[i], v_caches[i], slots);
     torch::Tensor attn = paged_decode_attention_bf16(q, k_caches[i], v_caches[i], block_table,
                                                      ctx_lens, scale);
-    h = add_rms_norm_bf16(x, skinny_linear_bf16(attn.view({T, H * D}), o_ws[i]),
-                          post_norms[i], eps);
-    torch::Tensor mlp =
-        skinny_linear_bf16(silu_mul_bf16(skinny_linear_bf16(h, gate_up_ws[i])), down_ws[i]);
+    h = add_rms_norm_bf16(x, lin(attn.view({T, H * D}), o_ws[i], i, 1), post_norms[i], eps);
+    torch::Tensor mlp = lin(silu_mul_bf16(lin(h, gate_up_ws[i], i, 2)), down_ws[i], i, 3);
     h = add_rms_norm_bf16(x, mlp, i + 1 < L ? input_norms[i + 1] : final_norm, eps);
   }
   return h;
@@ -528,4 +791,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up (bf16)");
   m.def("write_kv_bf16", &write_kv_bf16, "store keys/values into cache slots (bf16)");
   m.def("decode_layers_bf16", &decode_layers_bf16, "all decoder layers of a 1-2 token step");
+  m.def("quantized_linear", &quantized_linear,
+        "y = x @ dequant(w).T for int8 (per row) or int4 (grouped) weights, bf16 x");
 }

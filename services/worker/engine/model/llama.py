@@ -20,17 +20,18 @@ from services.worker.engine.model.attention import (
 )
 from services.worker.engine.model.config import ModelConfig
 from services.worker.engine.model.ops import SKINNY_MAX_ROWS, pick_ops
+from services.worker.engine.model.quant import QuantizedWeight, Weight
 
 
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor  # [d]
-    qkv: torch.Tensor  # [(H + 2 Hkv) * D, d]
+    qkv: Weight  # [(H + 2 Hkv) * D, d]; the matmul weights may be quantized (quant.py)
     qkv_bias: torch.Tensor | None  # [(H + 2 Hkv) * D] (Qwen2)
-    o: torch.Tensor  # [d, H * D]
+    o: Weight  # [d, H * D]
     post_norm: torch.Tensor  # [d]
-    gate_up: torch.Tensor  # [2 I, d]
-    down: torch.Tensor  # [d, I]
+    gate_up: Weight  # [2 I, d]
+    down: Weight  # [d, I]
 
 
 @dataclass(slots=True)
@@ -38,23 +39,28 @@ class ModelWeights:
     embed: torch.Tensor  # [V, d]
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [d]
-    lm_head: torch.Tensor  # [V, d]; the same tensor as embed when tied
+    lm_head: Weight  # [V, d]; the same tensor as embed when tied (and not quantized)
 
-    def linear_weights(self) -> list[torch.Tensor]:
+    def linear_weights(self) -> list[Weight]:
         """Every weight used as a matmul operand."""
         ws = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         return [*ws, self.lm_head]
 
     def num_bytes_read_per_token(self) -> int:
         """Bytes of weights one decode step reads (the embedding row lookup excluded)."""
-        total = self.lm_head.numel() * self.lm_head.element_size()
-        total += self.final_norm.numel() * self.final_norm.element_size()
+        total = _num_bytes(self.lm_head) + _num_bytes(self.final_norm)
         for layer in self.layers:
             for t in (layer.input_norm, layer.qkv, layer.qkv_bias, layer.o, layer.post_norm,
                       layer.gate_up, layer.down):
                 if t is not None:
-                    total += t.numel() * t.element_size()
+                    total += _num_bytes(t)
         return total
+
+
+def _num_bytes(w: Weight) -> int:
+    if isinstance(w, QuantizedWeight):
+        return w.num_bytes()
+    return w.numel() * w.element_size()
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -105,12 +111,25 @@ class LlamaModel:
                                 dtype=weights.embed.dtype)
         self.scale = cfg.head_dim ** -0.5
         layers = weights.layers
-        # Per-kind weight lists for the one-call decode path (no per-step rebuilding).
+        # Per-kind weight lists for the one-call decode path (no per-step rebuilding);
+        # quantized weights go as their integers, with their scales and offsets in
+        # _qparams (8 a layer; the scales' shape gives the group size).
+        def ints(w: Weight) -> torch.Tensor:
+            return w.q if isinstance(w, QuantizedWeight) else w
+
         self._layer_lists = (
-            [w.input_norm for w in layers], [w.qkv for w in layers], [w.o for w in layers],
-            [w.post_norm for w in layers], [w.gate_up for w in layers],
-            [w.down for w in layers],
+            [w.input_norm for w in layers], [ints(w.qkv) for w in layers],
+            [ints(w.o) for w in layers], [w.post_norm for w in layers],
+            [ints(w.gate_up) for w in layers], [ints(w.down) for w in layers],
         )
+        quantized = [w for layer in layers for w in (layer.qkv, layer.o, layer.gate_up,
+                                                     layer.down)
+                     if isinstance(w, QuantizedWeight)]
+        none = torch.empty(0)
+        self._qparams = [t for w in quantized
+                         for t in (w.scales, w.offsets if w.offsets is not None else none)]
+        if quantized and len(quantized) != 4 * len(layers):
+            raise ValueError("the one-call decode path needs every matmul quantized or none")
 
     @property
     def decode_attention(self) -> DecodeKernel | None:
@@ -137,7 +156,7 @@ class LlamaModel:
             h = ops.decode_layers(x, *self._layer_lists, self.w.final_norm,
                                   [k for k, _ in kv_caches], [v for _, v in kv_caches],
                                   cos, sin, meta.slot_mapping, g.block_table, g.ctx_lens,
-                                  h_q, h_kv, d, eps, self.scale)
+                                  h_q, h_kv, d, eps, self.scale, self._qparams)
             return ops.linear(h[logits_indices], self.w.lm_head).float()
         h = ops.rms_norm(x, layers[0].input_norm, eps)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches, strict=True)):

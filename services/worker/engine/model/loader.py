@@ -13,7 +13,8 @@ from services.worker.engine.model.llama import LayerWeights, ModelWeights
 
 def _open_all(folder: Path) -> dict[str, tuple[Path, str]]:
     """Map every tensor name to its shard file."""
-    files = sorted(folder.glob("*.safetensors"))
+    # quant-*.safetensors: prebuilt quantized layers (prebuilt.py), not the checkpoint.
+    files = sorted(f for f in folder.glob("*.safetensors") if not f.name.startswith("quant-"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {folder}")
     index: dict[str, tuple[Path, str]] = {}

@@ -12,8 +12,9 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from services.worker.engine.model import cpu_kernels
+from services.worker.engine.model import cpu_kernels, quant
 from services.worker.engine.model.attention import DecodeKernel, PrefillKernel, write_kv
+from services.worker.engine.model.quant import QuantizedWeight, Weight
 
 Tensor = torch.Tensor
 SKINNY_MAX_ROWS = 2  # up to this many rows the bf16 CPU kernel beats oneDNN (measured)
@@ -22,7 +23,8 @@ PACK_HINT_ROWS = 512  # oneDNN's packing hint; 1..512 rows all run well with it 
 
 @dataclass(frozen=True, slots=True)
 class LayerOps:
-    linear: Callable[[Tensor, Tensor], Tensor]  # (x [T, in], w [out, in]) -> [T, out]
+    # (x [T, in], w [out, in], maybe quantized) -> [T, out]
+    linear: Callable[[Tensor, Weight], Tensor]
     rms_norm: Callable[[Tensor, Tensor, float], Tensor]  # (x, weight, eps)
     # (x, delta, weight, eps) -> (x + delta, rms_norm(x + delta)); may update x in place
     add_rms_norm: Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
@@ -69,18 +71,24 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-TORCH_OPS = LayerOps(linear=F.linear, rms_norm=rms_norm, add_rms_norm=add_rms_norm,
+TORCH_OPS = LayerOps(linear=quant.linear, rms_norm=rms_norm, add_rms_norm=add_rms_norm,
                      rope=rope, silu_mul=silu_mul, write_kv=write_kv, decode_attention=None)
 
 
-def _packed_linear(k: ModuleType, weights: list[Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+def _packed_linear(k: ModuleType, weights: list[Weight]) -> Callable[[Tensor, Weight], Tensor]:
     """bf16 linear for the CPU: the skinny kernel for decode-sized inputs, else oneDNN
     on weights packed once into its blocked layout (~30% faster than F.linear, which
-    re-packs per call; measured for 4-256 rows). Costs a second copy of the weights."""
-    skinny = k.skinny_linear_bf16
-    packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT_ROWS) for w in weights}
+    re-packs per call; measured for 4-256 rows). Costs a second copy of the weights.
+    Quantized weights go to the quantized kernel."""
+    skinny, quantized = k.skinny_linear_bf16, k.quantized_linear
+    packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT_ROWS)
+              for w in weights if isinstance(w, Tensor)}
+    none = torch.empty(0)
 
-    def linear(x: Tensor, weight: Tensor) -> Tensor:
+    def linear(x: Tensor, weight: Weight) -> Tensor:
+        if isinstance(weight, QuantizedWeight):
+            offsets = weight.offsets if weight.offsets is not None else none
+            return quantized(x, weight.q, weight.scales, offsets)
         if x.shape[0] <= SKINNY_MAX_ROWS:
             return skinny(x, weight)
         return torch.ops.mkldnn._linear_pointwise(x, packed[id(weight)], None, "none", [], "")
@@ -88,7 +96,7 @@ def _packed_linear(k: ModuleType, weights: list[Tensor]) -> Callable[[Tensor, Te
     return linear
 
 
-def _cpu_bf16_ops(k: ModuleType, *, weights: list[Tensor], hidden_size: int, head_dim: int,
+def _cpu_bf16_ops(k: ModuleType, *, weights: list[Weight], hidden_size: int, head_dim: int,
                   intermediate_size: int) -> LayerOps:
     linear = _packed_linear(k, weights)
 
@@ -136,7 +144,7 @@ def has_triton() -> bool:
     return triton_attention.HAS_TRITON and triton_ops.HAS_TRITON
 
 
-def pick_ops(*, linear_weights: list[Tensor], hidden_size: int, head_dim: int,
+def pick_ops(*, linear_weights: list[Weight], hidden_size: int, head_dim: int,
              intermediate_size: int, use_cpu_kernels: bool,
              use_triton: bool | None = None) -> LayerOps:
     """The Triton set on CUDA (``use_triton`` None: where triton imports; True: also on

@@ -1,4 +1,5 @@
-"""The one-call decode path computes exactly what the Python layer loop computes."""
+"""The one-call decode path computes exactly what the Python layer loop computes, with
+bf16 and with quantized weights."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from services.worker.engine.core import EngineCore
 from services.worker.engine.params import SamplingParams
 
 
-@pytest.mark.parametrize("num_requests", [1, 2])
-def test_one_call_decode_equals_the_layer_loop(model_dir, monkeypatch, num_requests):
-    core = EngineCore(EngineConfig(model=str(model_dir), dtype="bfloat16"))
+@pytest.mark.parametrize(("num_requests", "quantization"), [
+    (1, "none"), (2, "none"), (2, "int8"), (2, "int4")])
+def test_one_call_decode_equals_the_layer_loop(model_dir, monkeypatch, num_requests,
+                                               quantization):
+    core = EngineCore(EngineConfig(model=str(model_dir), dtype="bfloat16", num_kv_blocks=64,
+                                   quantization=quantization))
     model = core.runner.model
     if model.ops.decode_layers is None:
         pytest.skip("needs the CPU kernels (AVX512-BF16)")

@@ -1,0 +1,210 @@
+"""``genmesh bench engine --variants``: each quantization beside bf16, in one run.
+
+Speed: single-stream decode tokens/s (best of a few runs: the machine is shared) and
+the throughput of 64 streams at once, each as a ratio to bf16 measured in the same run.
+
+Quality, against bf16 on the same 64 prompts (chat, code and prose, 128 tokens each):
+bf16 writes each answer greedily; every variant then reads the prompt and bf16's answer
+in one prefill (teacher forcing), and at each of the 128 positions we compare its
+next-token distribution with bf16's over the same text: the top-1 agreement (the
+fraction of positions where both pick the same token) and the mean KL(bf16 || variant).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from genmesh.core.models.chat_template import ChatMessage, ChatTemplate, load_chat_template
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.core import EngineCore
+from services.worker.engine.model.attention import AttentionMetadata, PrefillChunk
+from services.worker.engine.model.llama import LlamaModel
+from services.worker.engine.outputs import Delta
+from services.worker.engine.params import SamplingParams
+
+CHAT = [
+    "What are three tips for sleeping better?", "How do I politely decline a meeting?",
+    "Explain what inflation is to a teenager.", "What should I pack for a weekend hike?",
+    "How can I learn a new language faster?", "Why do cats purr?",
+    "Give me a simple recipe for pancakes.", "What is the difference between weather and "
+    "climate?", "How do I start running if I have never run before?",
+    "What are good questions to ask in a job interview?", "How does a credit score work?",
+    "Suggest a name for a small bakery and explain it.", "How do vaccines train the "
+    "immune system?", "What is a healthy breakfast for a busy morning?",
+    "How can I make my houseplants grow better?", "Why is the ocean salty?",
+    "How do I write a thank-you note to a teacher?", "What is the best way to study for "
+    "an exam?", "How do airplanes stay in the air?", "What are the benefits of walking "
+    "every day?", "How do I deal with a noisy neighbour?", "Why do leaves change colour "
+    "in autumn?",
+]
+CODE = [
+    "Write a Python function that reverses a string.", "Write a Python function that "
+    "checks whether a number is prime.", "Write a SQL query that counts orders per "
+    "customer.", "Explain what a Python list comprehension is, with an example.",
+    "Write a JavaScript function that debounces another function.", "Write a Python "
+    "class for a simple bank account.", "How do I read a CSV file in Python?",
+    "Write a bash command that finds the ten largest files in a folder.",
+    "Write a Python function that merges two sorted lists.", "Explain the difference "
+    "between a process and a thread.", "Write a Python function that computes the "
+    "Fibonacci numbers up to n.", "Write a regular expression that matches an email "
+    "address.", "How do I handle exceptions in Python?", "Write a function in C that "
+    "swaps two integers.", "Explain what Big-O notation means.", "Write a Python "
+    "function that counts the words in a text.", "Write a Rust function that sums a "
+    "vector of integers.", "How does a hash map work?", "Write a Python generator that "
+    "yields the lines of a file.", "Write a unit test for a function that adds two "
+    "numbers.", "Explain recursion with a short example.",
+]
+PROSE = [
+    "Write a short story about a lighthouse keeper.", "Describe a busy market in the "
+    "morning.", "Write a poem about the sea.", "Describe the first day of spring in a "
+    "small village.", "Write a letter from a traveller to a friend at home.",
+    "Describe a thunderstorm over the mountains.", "Write the opening paragraph of a "
+    "mystery novel.", "Describe the smell of a bakery.", "Write a fable about a fox and "
+    "a crow.", "Describe a city at night from a rooftop.", "Write a short speech for a "
+    "graduation.", "Describe an old library.", "Write a diary entry of a sailor.",
+    "Describe a forest after the rain.", "Write a short story about a lost dog finding "
+    "its way home.", "Describe a train journey through the countryside.",
+    "Write a paragraph about the importance of friendship.", "Describe a winter morning "
+    "in the city.", "Write a haiku sequence about the moon.", "Describe a chess game "
+    "between two old friends.", "Write a short story about a robot learning to paint.",
+]
+QUALITY_PROMPTS = CHAT + CODE + PROSE  # 64
+QUALITY_TOKENS = 128
+
+
+def chat_prompts(model_dir: str, texts: Sequence[str]) -> list[list[int]]:
+    """Each text as a one-turn chat, rendered with the model's template and tokenized."""
+    tokenizer = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
+    source = load_chat_template(Path(model_dir))
+    template = ChatTemplate(source) if source else None
+    out = []
+    for text in texts:
+        rendered = (template.render([ChatMessage(role="user", content=text)])
+                    if template else text)
+        out.append(tokenizer.encode(rendered, add_special_tokens=False).ids)
+    return out
+
+
+def run_to_end(core: EngineCore, requests: dict[str, tuple[list[int], SamplingParams]]
+               ) -> dict[str, list[Delta]]:
+    """Every request's deltas, the engine stepped until all are done."""
+    out: dict[str, list[Delta]] = {rid: [] for rid in requests}
+    for rid, (prompt, params) in requests.items():
+        core.add(core.make_request(rid, prompt, params))
+    while core.has_work():
+        for delta in core.step():
+            out[delta.request_id].append(delta)
+    return out
+
+
+def tokens_of(deltas: list[Delta]) -> list[int]:
+    return [t for d in deltas for t in d.new_token_ids]
+
+
+def teacher_forced_logits(model: LlamaModel, ids: list[int], first: int) -> torch.Tensor:
+    """fp32 logits [len(ids) - first, V]: row i predicts ids[first + i] from ids before it."""
+    cfg, device = model.cfg, model.w.embed.device
+    n, block = len(ids), 16
+    shape = (-(-n // block), block, cfg.num_kv_heads, cfg.head_dim)
+    caches = [(torch.zeros(shape, dtype=model.w.embed.dtype, device=device),
+               torch.zeros(shape, dtype=model.w.embed.dtype, device=device))
+              for _ in range(cfg.num_layers)]
+    meta = AttentionMetadata(slot_mapping=torch.arange(n, device=device), decode_groups=[],
+                             prefills=[PrefillChunk(token_slice=slice(0, n), start=0,
+                                                    block_ids=None, mask=None)])
+    return model.forward(torch.tensor(ids, device=device), torch.arange(n, device=device),
+                         meta, caches, torch.arange(first - 1, n - 1, device=device))
+
+
+def compare(ref: torch.Tensor, other: torch.Tensor) -> tuple[int, float]:
+    """(positions whose top-1 agrees, the sum of KL(ref || other) over positions)."""
+    agree = int((ref.argmax(-1) == other.argmax(-1)).sum())
+    logp, logq = ref.log_softmax(-1), other.log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return agree, float(kl.sum())
+
+
+def decode_speed(core: EngineCore, prompt: list[int], *, tokens: int, repeats: int) -> float:
+    """Best single-stream decode tokens/s over ``repeats`` runs (first token excluded)."""
+    best = 0.0
+    for i in range(repeats):
+        core.add(core.make_request(f"speed{i}", prompt,
+                                   SamplingParams(max_tokens=tokens, ignore_eos=True)))
+        first = None
+        while core.has_work():
+            if core.step() and first is None:
+                first = time.perf_counter()
+        assert first is not None
+        best = max(best, (tokens - 1) / (time.perf_counter() - first))
+    return best
+
+
+def batch_throughput(core: EngineCore, prompts: list[list[int]], *, streams: int,
+                     tokens: int) -> float:
+    """Generated tokens/s of ``streams`` requests submitted at once."""
+    requests = {f"batch{i}": (prompts[i % len(prompts)],
+                              SamplingParams(max_tokens=tokens, ignore_eos=True))
+                for i in range(streams)}
+    t0 = time.perf_counter()
+    out = run_to_end(core, requests)
+    return sum(len(tokens_of(d)) for d in out.values()) / (time.perf_counter() - t0)
+
+
+def run_variants(config: EngineConfig, variants: Sequence[str], *, num_prompts: int = 64,
+                 quality_tokens: int = QUALITY_TOKENS, speed_tokens: int = 128,
+                 speed_repeats: int = 3, streams: int = 64, stream_tokens: int = 32,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None
+                 ) -> dict[str, Any]:
+    """bf16 ("none") then each variant: speed, and quality against bf16."""
+    prompts = chat_prompts(config.model, QUALITY_PROMPTS[:num_prompts])
+    result: dict[str, Any] = {"quality_prompts": len(prompts),
+                              "quality_tokens": quality_tokens, "streams": streams}
+    references: list[list[int]] = []
+    ref_logits: list[torch.Tensor] = []
+    for name in ["none", *[v for v in variants if v != "none"]]:
+        core = EngineCore(replace(config, quantization=name))
+        try:
+            entry: dict[str, Any] = {
+                "weight_bytes_per_token": core.runner.weight_bytes_per_token}
+            run_to_end(core, {"warmup": (prompts[0], SamplingParams(max_tokens=4))})
+            entry["decode_tokens_per_s"] = round(decode_speed(
+                core, prompts[0], tokens=speed_tokens, repeats=speed_repeats), 2)
+            entry["batch_tokens_per_s"] = round(batch_throughput(
+                core, prompts, streams=streams, tokens=stream_tokens), 2)
+            if name == "none":
+                out = run_to_end(core, {str(i): (p, SamplingParams(
+                    max_tokens=quality_tokens, ignore_eos=True)) for i, p in enumerate(prompts)})
+                references = [tokens_of(out[str(i)]) for i in range(len(prompts))]
+            agree, kl_sum, positions = 0, 0.0, 0
+            for i, (prompt, answer) in enumerate(zip(prompts, references, strict=True)):
+                logits = teacher_forced_logits(core.runner.model, prompt + answer, len(prompt))
+                if name == "none":
+                    ref_logits.append(logits)
+                    continue
+                a, k = compare(ref_logits[i], logits)
+                agree, kl_sum, positions = agree + a, kl_sum + k, positions + len(answer)
+            if name != "none":
+                base = result["none"]
+                entry["quality"] = {"top1_agreement": round(agree / positions, 4),
+                                    "mean_kl": round(kl_sum / positions, 5),
+                                    "positions": positions}
+                entry["decode_speedup"] = round(
+                    entry["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
+                entry["batch_ratio"] = round(
+                    entry["batch_tokens_per_s"] / base["batch_tokens_per_s"], 2)
+            result[name] = entry
+        finally:
+            core.structured.shutdown()
+            del core
+            gc.collect()
+        if on_progress is not None:
+            on_progress(result)
+    return result

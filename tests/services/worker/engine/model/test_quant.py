@@ -1,0 +1,176 @@
+"""Weight-only quantization: the formats, the CPU kernels against dequantized weights,
+and GGUF Q4_1 blocks taken as they are."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.worker.engine.model import cpu_kernels, prebuilt
+from services.worker.engine.model.config import load_model_config
+from services.worker.engine.model.quant import (
+    Quantization,
+    QuantizedWeight,
+    linear,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+
+kernels = cpu_kernels.load()
+needs_kernels = pytest.mark.skipif(kernels is None,
+                                   reason="needs an AVX512-BF16 CPU and a compiler")
+
+
+def weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
+
+
+def test_int4_packs_weights_i_and_i_plus_16_in_one_byte():
+    q = torch.arange(64, dtype=torch.uint8).remainder(16).view(1, 64)
+    packed = pack_int4(q)
+    assert packed.shape == (1, 32)
+    # block 0: byte i = q[i] | q[i + 16] << 4 with q[i] = i % 16
+    assert packed[0, :3].tolist() == [0 | 0 << 4, 1 | 1 << 4, 2 | 2 << 4]
+    assert torch.equal(unpack_int4(packed), q)
+
+
+def test_int8_per_channel_and_grouped_round_to_the_nearest_step():
+    w = weight(8, 64)
+    for group in (None, 32):
+        qw = quantize_int8(w, group)
+        assert qw.q.dtype == torch.int8 and qw.bits == 8
+        assert qw.scales.shape == ((8, 1) if group is None else (8, 2))
+        step = qw.scales.repeat_interleave(qw.group_size, dim=1)
+        assert ((qw.dequantize().float() - w.float()).abs() <= step / 2 + 1e-3).all()
+
+
+def test_int4_groups_map_min_and_max_onto_0_and_15():
+    w = weight(4, 64)
+    qw = quantize_int4(w, 32)
+    q = unpack_int4(qw.q)
+    assert q.view(4, 2, 32).amin(-1).eq(0).all() and q.view(4, 2, 32).amax(-1).eq(15).all()
+    step = qw.scales.repeat_interleave(32, dim=1)
+    assert ((qw.dequantize().float() - w.float()).abs() <= step / 2 + 1e-3).all()
+    assert qw.num_bytes() == 4 * 32 + 2 * 4 * 2 * 2  # nibbles, then fp16 scales and offsets
+
+
+@pytest.mark.parametrize("group", [0, 32])
+def test_a_group_must_be_a_multiple_of_32_dividing_the_width(group):
+    with pytest.raises(ValueError,
+                       match="group size must be a multiple of 32 dividing the input width 48"):
+        quantize_int4(weight(2, 48), group or 48)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 17])
+@pytest.mark.parametrize("make", [
+    lambda w: quantize_int8(w), lambda w: quantize_int8(w, 64), lambda w: quantize_int4(w, 32),
+    lambda w: quantize_int4(w, 64)], ids=["int8", "int8-g64", "int4-g32", "int4-g64"])
+def test_the_kernel_multiplies_by_the_dequantized_weight(rows, make):
+    w = weight(577, 1536, seed=rows)
+    qw: QuantizedWeight = make(w)
+    x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    expected = F.linear(x.float(), qw.dequantize().float())
+    offsets = qw.offsets if qw.offsets is not None else torch.empty(0)
+    got = kernels.quantized_linear(x, qw.q, qw.scales, offsets).float()
+    # fp32 sums either way; the kernel's output is rounded to bf16 once.
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+def test_the_fallback_linear_dequantizes():
+    w = weight(16, 64)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    for qw in (quantize_int8(w), quantize_int4(w, 32)):
+        expected = F.linear(x.float(), qw.dequantize().float())
+        torch.testing.assert_close(linear(x, qw).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_int4_from_the_gguf_blocks_is_the_gguf_exactly(model_dir, tmp_path):
+    """SmolLM2's layer matmuls are Q4_1 in its GGUF; the store's fp32 checkpoint is their
+    dequantization, so int4 taken from the blocks (Q and K rows put back in HF's order)
+    must give it back exactly, where re-quantizing would round again."""
+    cfg = load_model_config(model_dir)
+    gguf = prebuilt._gguf_file(model_dir)
+    assert gguf is not None
+    blocks = prebuilt.gguf_q4_1_layers(gguf, cfg)
+    assert blocks is not None and len(blocks) == 4 * cfg.num_layers
+    for layer in (0, cfg.num_layers - 1):
+        for name in prebuilt.MATMULS:
+            got = blocks[f"layers.{layer}.{name}"]
+            assert got.group_size == 32
+            assert torch.equal(_dequant_fp32(got),
+                               prebuilt._fp32_matmul(model_dir, layer, name))
+
+
+def _dequant_fp32(w: QuantizedWeight) -> torch.Tensor:
+    q = unpack_int4(w.q).float()
+    n, k = q.shape
+    assert w.offsets is not None
+    return (q.view(n, k // 32, 32) * w.scales[..., None] + w.offsets[..., None]).view(n, k)
+
+
+def test_a_prebuilt_file_is_built_once_and_loaded(model_dir, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in model_dir.iterdir():
+        if f.is_file() and not f.name.startswith("quant-"):
+            os.symlink(f, folder / f.name)
+    cfg = load_model_config(folder)
+    out, source = prebuilt.build(folder, cfg, Quantization.INT4)
+    assert (out.name, source) == ("quant-int4-g32.safetensors", "gguf")
+    loaded = prebuilt.load(folder, cfg, Quantization.INT4, None, dtype=torch.bfloat16,
+                           device=torch.device("cpu"))
+    assert loaded is not None and len(loaded) == 4 * cfg.num_layers + 1  # and the LM head
+    assert torch.equal(_dequant_fp32(loaded["layers.3.gate_up"]),
+                       prebuilt._fp32_matmul(folder, 3, "gate_up"))
+    # The tied head from the GGUF's Q8_0 blocks: exactly the checkpoint's embedding.
+    head = loaded["lm_head"]
+    assert (head.bits, head.group_size) == (8, 32)
+    in_fp32 = head.q.float().view(-1, 18, 32) * head.scales.float()[..., None]  # d * q
+    assert torch.equal(in_fp32.view_as(head.q),
+                       prebuilt._fp32_tensor(folder, "model.embed_tokens.weight"))
+    # int8 has no GGUF blocks: quantized from the fp32 checkpoint.
+    out, source = prebuilt.build(folder, cfg, Quantization.INT8)
+    assert (out.name, source) == ("quant-int8-gchannel.safetensors", "fp32")
+    assert prebuilt.load(folder, cfg, Quantization.INT8, 64, dtype=torch.bfloat16,
+                         device=torch.device("cpu")) is None  # not built for groups of 64
+    shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"quantization": "int3"}, "quantization must be none, int8 or int4, got 'int3'"),
+    ({"quantization": "int4", "quant_group_size": 48}, "multiple of 32, got 48"),
+])
+def test_the_engine_config_refuses_an_unknown_quantization(options, message):
+    from services.worker.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(model="m", **options)
+
+
+def test_a_quantized_model_reads_fewer_bytes_per_token():
+    from services.worker.engine.config import EngineConfig
+    from services.worker.engine.model_runner import ModelRunner, resolve_model_config
+
+    sizes = {}
+    for mode in ("none", "int8", "int4"):
+        config = EngineConfig(model="tiny-llama", load_format="dummy", quantization=mode)
+        runner = ModelRunner(config, resolve_model_config(config), num_blocks=4,
+                             max_model_len=64)
+        sizes[mode] = runner.weight_bytes_per_token
+    # tiny-llama: 2 layers of 36,864 matmul weights in 512 rows, a 512 x 64 tied head
+    # (int8 in groups of 32 when quantized), 640 bytes of bf16 norms.
+    layers, rows, head, norms = 2 * 36_864, 2 * 512, 512 * 64, 640
+    int8_head = head + head // 32 * 2
+    assert sizes == {
+        "none": 2 * (layers + head) + norms,
+        "int8": layers + rows * 2 + int8_head + norms,  # one fp16 scale per row
+        "int4": layers // 2 + layers // 32 * 4 + int8_head + norms,  # fp16 scale + offset
+    }
