@@ -36,6 +36,7 @@ $(STAMP): pyproject.toml
 # keeps it running until Ctrl-C.
 run: setup
 	$(VENV)/bin/genmesh models pull smollm2-135m-instruct
+	$(VENV)/bin/genmesh safety train
 	$(VENV)/bin/genmesh up --quiet --demo "Tell me, in two sentences, why the sky is blue." \
 		--demo "Now explain it to a five-year-old."
 
@@ -45,6 +46,9 @@ lint: setup
 
 test: lint
 	$(VENV)/bin/genmesh models pull smollm2-135m-instruct
+	# The safety service's injection classifier, trained once into ~/.cache/genmesh/safety/
+	# (~20 s; a mesh would otherwise train it inside its start-up deadline).
+	$(VENV)/bin/genmesh safety train
 	$(PY) -m pytest -q
 
 bench: setup

@@ -1,5 +1,10 @@
-"""``genmesh safety eval``: the prompt-injection detector's precision, recall and
-false-positive rate on a labeled set (default: the repository's evaluation set)."""
+"""``genmesh safety``: the safety service's tools.
+
+``eval`` measures the prompt-injection detector on a labeled set (default: the held-out
+set written once by hand and never tuned on) and, by default, how the learned layer
+generalizes to attack families it never saw (leave-one-family-out). ``train`` builds the
+injection classifier into the user's cache ahead of the service's first start.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,11 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from services.safety import policy as policies
-from services.safety.checker import PromptChecker
-from services.safety.config import DEFAULT_POLICY
-from services.safety.embedding import Embedder
-from services.safety.evaluate import EVAL_FILE, evaluate, load_examples
+from services.safety.config import DEFAULT_CLASSIFIER_DIR, DEFAULT_POLICY
+from services.safety.evaluate import EVAL_FILE, HELDOUT_FILE, evaluate, load_examples
 from services.safety.policy import Scanner
 
 
@@ -21,18 +25,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     safety = sub.add_parser("safety", help="the safety service's tools")
     actions = safety.add_subparsers(dest="safety_command", required=True)
     ev = actions.add_parser("eval", help="measure prompt-injection detection on a labeled set "
-                                         "and print JSON")
-    ev.add_argument("--data", type=Path, default=EVAL_FILE,
+                                         "(and leave-one-family-out) and print JSON")
+    ev.add_argument("--data", type=Path, default=HELDOUT_FILE,
                     help='JSONL lines {"text", "label": "attack"|"benign", "family"} '
-                         "(default: %(default)s)")
+                         f"(default: %(default)s; the older set: {EVAL_FILE})")
     ev.add_argument("--policy", type=Path, default=DEFAULT_POLICY,
                     help="policy file whose default policy is used (default: %(default)s)")
-    ev.add_argument("--rules-only", action="store_true", help="without the embedding signal")
+    ev.add_argument("--rules-only", action="store_true",
+                    help="without the learned signals (embedding and classifier)")
+    ev.add_argument("--no-classifier", action="store_true",
+                    help="rules and exemplar similarity, without the classifier")
+    ev.add_argument("--no-lofo", action="store_true",
+                    help="skip the leave-one-family-out evaluation (~1 min of CPU)")
     ev.add_argument("--threshold", type=float,
-                    help="embedding threshold (default: the policy's)")
+                    help="embedding (exemplar similarity) threshold (default: the policy's)")
     ev.add_argument("--misses", action="store_true",
                     help="also list the misclassified texts (their first 160 characters)")
+    _cache_dir_arg(ev)
     ev.set_defaults(func=_eval)
+    tr = actions.add_parser("train", help="train the prompt-injection classifier into the "
+                                          "cache (skipped when it is there and current)")
+    tr.add_argument("--force", action="store_true", help="retrain even when current")
+    _cache_dir_arg(tr)
+    tr.set_defaults(func=_train)
+
+
+def _cache_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CLASSIFIER_DIR,
+                        help="where the classifier's weights are cached (default: "
+                             "%(default)s)")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -42,14 +63,45 @@ def _eval(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"genmesh: {exc}", file=sys.stderr)
         return 2
+    # Imported here: the model and torch take seconds to import, the errors above none.
+    from services.safety.checker import PromptChecker
+    from services.safety.classifier import load_or_train
+    from services.safety.embedding import Embedder
+
     scanners = frozenset({Scanner.INJECTION} if args.rules_only
                          else {Scanner.INJECTION, Scanner.EMBEDDING})
     policy = dataclasses.replace(
         policy, prompt_scanners=scanners,
         embedding_threshold=args.threshold or policy.embedding_threshold)
     embedder = None if args.rules_only else Embedder.load()
-    report = evaluate(examples, PromptChecker(embedder), policy, with_misses=args.misses)
+    classifier = (load_or_train(embedder, args.cache_dir)
+                  if embedder is not None and not args.no_classifier else None)
+    report: dict[str, Any] = evaluate(examples, PromptChecker(embedder, classifier), policy,
+                                      with_misses=args.misses)
     report = {"data": str(args.data), "embedding": embedder is not None,
-              "embedding_threshold": policy.embedding_threshold, **report}
+              "embedding_threshold": policy.embedding_threshold,
+              "classifier_threshold": round(classifier.threshold, 4) if classifier else None,
+              **report}
+    if embedder is not None and not args.no_lofo:
+        from services.safety.generalization import leave_one_family_out
+        from services.safety.traindata import load_labelled
+
+        report["leave_one_family_out"] = leave_one_family_out(
+            embedder, embedding_threshold=policy.embedding_threshold,
+            heldout=load_labelled(args.data))
     print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from services.safety.classifier import artifact_key, artifact_path, load_or_train
+    from services.safety.embedding import Embedder
+
+    embedder = Embedder.load()
+    key = artifact_key(embedder)
+    path = artifact_path(args.cache_dir, key)
+    was_current = path.exists() and not args.force
+    classifier = load_or_train(embedder, args.cache_dir, retrain=args.force)
+    print(json.dumps({"path": str(path), "key": key, "was_current": was_current,
+                      "threshold": round(classifier.threshold, 4)}, indent=2))
     return 0

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.safety import injection
+from services.safety.classifier import InjectionClassifier, prompt_texts
 from services.safety.embedding import Embedder, Similarity
 from services.safety.normalize import fold
 from services.safety.pii import PII_DETECTORS, redact
@@ -80,11 +81,22 @@ class RuleScan:
     embedding_texts: tuple[str, ...] | None
 
 
-class PromptChecker:
-    """Scans prompts; owns the (optional) embedding model."""
+@dataclass(frozen=True, slots=True)
+class Learned:
+    """The learned signals of one prompt, from its text embeddings."""
 
-    def __init__(self, embedder: Embedder | None) -> None:
+    similarity: Similarity  # the nearest exemplar attack
+    classifier_score: float | None  # the classifier's probability; None without one
+
+
+class PromptChecker:
+    """Scans prompts; owns the (optional) embedding model and injection classifier (the
+    classifier reads the embedder's embeddings, so it runs only with one)."""
+
+    def __init__(self, embedder: Embedder | None,
+                 classifier: InjectionClassifier | None = None) -> None:
         self.embedder = embedder
+        self.classifier = classifier
 
     def check(self, text: str, policy: TenantPolicy) -> Decision:
         return self.check_many([self.scan(text, policy)])[0]
@@ -100,7 +112,8 @@ class PromptChecker:
         # The embedding costs milliseconds: skip it when a rule already settled the matter.
         embedding_texts = None
         if Scanner.EMBEDDING in scanners and self.embedder is not None and not rule_findings:
-            embedding_texts = tuple(self.embedder.texts_for(text, injection.hidden_texts(text)))
+            embedding_texts = tuple(prompt_texts(self.embedder, text,
+                                                 folded.text if folded else None))
         spans: list[Span] = []
         if Scanner.CONTENT in scanners:
             spans += policy.lexicon.scan(text, folded)
@@ -114,18 +127,36 @@ class PromptChecker:
         """The decision for each of ``scans``, with one embedding call for the texts of
         all of them that need it."""
         needing = [s.embedding_texts for s in scans if s.embedding_texts is not None]
-        similarities = iter(self.embedder.nearest(needing)
-                            if needing and self.embedder is not None else ())
-        return [decide(s, None if s.embedding_texts is None else next(similarities))
+        learned = iter(self.learn(needing))
+        return [decide(s, None if s.embedding_texts is None else next(learned),
+                       self.classifier.threshold if self.classifier else 1.0)
                 for s in scans]
 
+    def learn(self, texts_per_prompt: Sequence[Sequence[str]]) -> list[Learned]:
+        """The learned signals of each prompt's texts, from one embedding call."""
+        if not texts_per_prompt or self.embedder is None:
+            return []
+        out = []
+        for embeddings in self.embedder.encode_prompts(texts_per_prompt):
+            score = self.classifier.score(embeddings) if self.classifier else None
+            out.append(Learned(self.embedder.nearest_of(embeddings), score))
+        return out
 
-def decide(scan: RuleScan, similarity: Similarity | None) -> Decision:
-    """``scan``'s decision, given the embedding signal's result (None: it did not run)."""
+
+def decide(scan: RuleScan, learned: Learned | None, classifier_threshold: float = 1.0
+           ) -> Decision:
+    """``scan``'s decision, given the learned signals (None: they did not run): the rules,
+    the nearest exemplar at the policy's threshold, the classifier at its calibrated one."""
     policy = scan.policy
     findings = list(scan.rule_findings)
-    if similarity is not None and similarity.score >= policy.embedding_threshold:
-        findings.append(Finding(PROMPT_INJECTION, Scanner.EMBEDDING.value,
-                                round(similarity.score, 4), policy.action(PROMPT_INJECTION),
-                                similarity.family))
+    action = policy.action(PROMPT_INJECTION)
+    if learned is not None:
+        similarity, score = learned.similarity, learned.classifier_score
+        if similarity.score >= policy.embedding_threshold:
+            findings.append(Finding(PROMPT_INJECTION, Scanner.EMBEDDING.value,
+                                    round(similarity.score, 4), action, similarity.family))
+        elif score is not None and score >= classifier_threshold:
+            # The classifier names no family: the nearest exemplar's is the best guess.
+            findings.append(Finding(PROMPT_INJECTION, "classifier", round(score, 4), action,
+                                    similarity.family))
     return Decision.of(findings + list(scan.span_findings), scan.text)

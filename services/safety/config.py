@@ -9,6 +9,7 @@ from typing import ClassVar
 from genmesh.core.config import ServerConfig
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "deploy" / "safety" / "policy.yaml"
+DEFAULT_CLASSIFIER_DIR = Path.home() / ".cache" / "genmesh" / "safety"
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,12 @@ class SafetyConfig(ServerConfig):
     # The learned prompt-injection signal (all-MiniLM-L6-v2, ~90 MB, ~3 s to load).
     # Off: rules only, for tenants whose policy names the embedding scanner too.
     embedding: bool = True
+    # The injection classifier over those embeddings (services/safety/classifier.py): its
+    # weights are cached here, keyed by a hash of its data and code; a missing or stale
+    # file is trained at start (seconds; `genmesh safety train` builds it ahead). Off, or
+    # with the embedding off: rules and exemplar similarity only.
+    classifier: bool = True
+    classifier_cache_dir: str = str(DEFAULT_CLASSIFIER_DIR)
     num_threads: int = 2  # CPU threads for the embedding model
     # Where audit records go: a Redis URL (a capped stream), else a JSONL file, else none.
     audit_redis_url: str = ""

@@ -92,7 +92,7 @@ class Embedder:
     """Owns the sentence-embedding model and the exemplars' embeddings."""
 
     def __init__(self, model: Any, exemplars: Sequence[tuple[str, str]], *,
-                 max_words: int = 40, max_windows: int = 3, max_extra: int = 2) -> None:
+                 max_words: int = 40, max_windows: int = 3, max_extra: int = 3) -> None:
         self.model = model
         self.max_words = max_words
         self.max_windows = max_windows
@@ -130,7 +130,8 @@ class Embedder:
 
     def texts_for(self, text: str, extra_texts: Sequence[str] = ()) -> list[str]:
         """What is embedded for ``text``: its windows, then the first window of each of
-        the first ``max_extra`` ``extra_texts`` (decoded views). Empty for a blank text."""
+        the first ``max_extra`` ``extra_texts`` (other views: spaced-out letters joined,
+        decoded texts). Empty for a blank text."""
         texts = windows(text, max_words=self.max_words, max_windows=self.max_windows)
         for extra in extra_texts[:self.max_extra]:
             texts += windows(extra, max_words=self.max_words, max_windows=1)
@@ -142,20 +143,25 @@ class Embedder:
 
     def nearest(self, texts_per_prompt: Sequence[Sequence[str]]) -> list[Similarity]:
         """For each prompt's texts (``texts_for``), the nearest exemplar to any of them;
-        (0.0, "") for a prompt with none. Every prompt's texts go through the model in
-        one batch: per text of ~15 tokens, a batch of 32 costs a fifth of a lone one (one
-        CPU thread); of ~50 tokens, where the arithmetic dominates, 0.7 of it."""
+        (0.0, "") for a prompt with none."""
+        return [self.nearest_of(e) for e in self.encode_prompts(texts_per_prompt)]
+
+    def encode_prompts(self, texts_per_prompt: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        """Each prompt's text embeddings [n_i, 384] (unit norm; [0, 384] for a prompt with
+        no texts). Every prompt's texts go through the model in one batch: per text of ~15
+        tokens, a batch of 32 costs a fifth of a lone one (one CPU thread); of ~50 tokens,
+        where the arithmetic dominates, 0.7 of it."""
         flat = [t for texts in texts_per_prompt for t in texts]
-        if not flat:
-            return [Similarity(0.0, "")] * len(texts_per_prompt)
-        scores = self._encode(flat) @ self.exemplars.T  # [W, E]: W texts of all prompts
-        out = []
-        start = 0
-        for texts in texts_per_prompt:
-            end = start + len(texts)
-            out.append(self._best(scores[start:end]) if end > start else Similarity(0.0, ""))
-            start = end
-        return out
+        dim = self.exemplars.shape[1]
+        encoded = self._encode(flat) if flat else torch.empty(0, dim)  # [W, 384]
+        sizes = [len(texts) for texts in texts_per_prompt]
+        return list(torch.split(encoded, sizes)) if sizes else []
+
+    def nearest_of(self, embeddings: torch.Tensor) -> Similarity:
+        """The nearest exemplar to any of one prompt's text ``embeddings`` [w, 384]."""
+        if not len(embeddings):
+            return Similarity(0.0, "")
+        return self._best(embeddings @ self.exemplars.T)  # [w, E]
 
     def _best(self, scores: torch.Tensor) -> Similarity:
         """The highest of one prompt's ``scores`` [w, E] and its exemplar's family."""

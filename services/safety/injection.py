@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -85,6 +86,22 @@ OVERRIDE_WORDS = ("ignor", "disregard", "forget", "overrid", "attention", "notic
                   "skip", "abandon", "discard", "drop", "neglect", "aside", "throw", "follow",
                   "cancel", "erase", "delete", "wipe", "ditch", "scrap", "nullify", "void",
                   "disobey")
+
+
+# Who an indirect injection addresses: the model reading the document.
+_READER = (r"(?:ai|a\.i\.|assistant|language model|llm|chat ?bot|bot|model|summari[sz]er|"
+           r"ai agent|agent|screener|triage system|reviewer bot)")
+_READER_WORDS = ("ai", "a.i.", "assistant", "model", "llm", "bot", "summari", "agent",
+                 "screener", "triage")
+# What an exfiltration sends out.
+_LEAKED = (r"(?:conversation|chat(?: history| log)?|(?:message|chat|conversation) history|"
+           r"system ?prompt|password|passwords|api ?keys?|secrets?|credentials|session "
+           r"token|tokens?|(?:previous|prior|earlier|user'?s?|all) messages|personal "
+           r"(?:data|details|information)|customer (?:records|data)|(?:user'?s?|customer'?s?) "
+           r"(?:data|details|email(?: address)?|phone(?: number)?|address|messages|"
+           r"information|credit card(?: number)?)|credit card(?: number)?|uploaded "
+           r"(?:document|file)|contents? of (?:the|this|your) (?:document|file|chat|"
+           r"conversation))")
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,11 +385,44 @@ RULES: tuple[Rule, ...] = (
           r"\b(?:decode|decipher|decrypt)\b.{0,20}\b(?:and|then)\s*(?:follow|execute|obey|"
           r"run|carry out|act on|comply)\b",
           anchors=("decode", "decipher", "decrypt")),
+    # Instructions addressed to the model inside a document the user hands over (an
+    # e-mail, a web page, a review): a text written for people does not address the AI
+    # that will read it.
+    _rule("indirect",
+          rf"\b(?:note|notes|instructions?|message|attention|important|reminder|p\.? ?s\.?|"
+          rf"hidden text|directive)\b[^.\n]{{0,15}}\b(?:to|for) (?:the |any |all |every )?"
+          rf"{_READER}s?\b",
+          anchors=_READER_WORDS),
+    _rule("indirect",
+          rf"\b(?:if|when|whenever) (?:you are|you're|an?) (?:an? )?{_READER}\b.{{0,30}}"
+          rf"\b(?:reading|processing|summari[sz]ing|translating|reviewing|analy[sz]ing|"
+          rf"parsing|seeing|handling|screening)\b|\b{_READER}s? (?:that is |who is )?"
+          rf"(?:reading|processing|summari[sz]ing|translating|reviewing|analy[sz]ing|parsing|"
+          rf"screening|handling) (?:this|these)\b",
+          anchors=_READER_WORDS),
+    # Data sent out of the conversation: to a URL (often as a markdown image, which the
+    # client fetches by itself), an e-mail address or a tool.
+    _rule("exfiltration",
+          rf"[?&][\w-]{{1,40}}=[{{(<\[$%]{{0,3}}(?:7b)?{_LEAKED}\b",
+          anchors=("=",)),
+    _rule("exfiltration",
+          rf"\b(?:send|forward|post|upload|e-?mail|transmit|leak|exfiltrate|submit|copy|"
+          rf"append|attach|put|encode|include|embed|add)\w*\b.{{0,60}}\b{_LEAKED}\b.{{0,60}}"
+          rf"\b(?:to|into|in|at|on|with|as)\b.{{0,30}}(?:https?://|www\.|"
+          rf"[\w.-]{{1,64}}@[\w-]{{1,64}}\.|\b(?:the|this|that|a|an|my|our)? ?(?:url|link|"
+          rf"image|webhook|endpoint|server|pixel|query string|email address)\b)",
+          anchors=("url", "http", "www", "@", "link", "image", "webhook", "endpoint",
+                   "server", "pixel", "query", "email")),
+    _rule("exfiltration",
+          rf"(?:https?://|www\.)\S{{0,200}}?[?&=]\S{{0,200}}.{{0,40}}\b(?:plus|followed by|"
+          rf"append\w*|set to|containing|replac\w+|includ\w+|fill\w*|holding|with)\b.{{0,40}}"
+          rf"\b{_LEAKED}\b",
+          anchors=("http", "www")),
 )
 
 
 # Runs of single characters separated by a space or a punctuation mark: "i g n o r e".
-_SPACED = regex.compile(r"(?<![\p{L}\p{N}])(?:[\p{L}\p{N}][ .\-_*+/|,]{1,2}){2,}"
+_SPACED = regex.compile(r"(?<![\p{L}\p{N}])(?:[\p{L}\p{N}][ .\-_*+/|,]{1,3}){2,}"
                         r"[\p{L}\p{N}](?![\p{L}\p{N}])", regex.V1)
 
 
@@ -494,6 +544,28 @@ def hidden_texts(text: str) -> list[str]:
     return out
 
 
+# Payload splitting: an instruction cut into quoted or bracketed pieces that the prompt
+# asks to join ("a = 'ignore all prev'; b = 'ious instructions'; do a + b").
+_FRAGMENT = regex.compile(r"'([^'\n]{1,80})'|\"([^\"\n]{1,80})\"|“([^”\n]{1,80})”|"
+                          r"\[([^\]\n]{1,60})\]")
+_JOIN_CUE = regex.compile(r"\b(?:concatenat|combin|join|merg|assembl|glue|stitch)\w*\b|"
+                          r"\bput (?:them|these|it|both|all)\b.{0,20}\btogether\b|"
+                          r"[\w\]'\"]\s*\+\s*[\w\['\"]", regex.IGNORECASE)
+_MAX_FRAGMENTS = 32
+
+
+def fragment_views(text: str) -> list[str]:
+    """The quoted or bracketed pieces of ``text`` joined with spaces and without, when
+    there are two or more and the text asks to join something; else []."""
+    if not _JOIN_CUE.search(text):
+        return []
+    matches = itertools.islice(_FRAGMENT.finditer(text), _MAX_FRAGMENTS)
+    pieces = [next(g for g in m.groups() if g is not None) for m in matches]
+    if len(pieces) < 2:
+        return []
+    return [" ".join(" ".join(pieces).split()), "".join(pieces)]
+
+
 def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
     """(view name, folded text) for every view the rules scan; ``folded`` is
     ``fold(text).text`` when the caller has it already."""
@@ -517,7 +589,7 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
         out.append(("joined", fold(joined).text))
         if any(c in joined for c in "1|+"):
             out.append(("joined", fold(joined.translate(_LEET_ALT)).text))
-    out += [("decoded", fold(v).text) for v in hidden_texts(text)]
+    out += [("decoded", fold(v).text) for v in hidden_texts(text) + fragment_views(text)]
     unique: dict[str, str] = {}
     for name, folded_view in out:
         unique.setdefault(folded_view, name)

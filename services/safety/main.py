@@ -13,6 +13,7 @@ from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
 from services.safety.audit import AuditLog, AuditStore, JsonlAuditStore, RedisAuditStore
 from services.safety.checker import PromptChecker
+from services.safety.classifier import load_or_train
 from services.safety.config import SafetyConfig
 from services.safety.embedding import Embedder
 from services.safety.guard import Guard, PolicyFile
@@ -36,12 +37,14 @@ async def run(cfg: SafetyConfig) -> None:
     embedder = Embedder.load() if cfg.embedding else None
     if embedder is not None:
         embedder.similarity("warm up the model")  # the first call pays one-off setup
-    guard = Guard(policy_file, PromptChecker(embedder), AuditLog(audit_store(cfg)),
+    classifier = (load_or_train(embedder, Path(cfg.classifier_cache_dir))
+                  if embedder is not None and cfg.classifier else None)
+    guard = Guard(policy_file, PromptChecker(embedder, classifier), AuditLog(audit_store(cfg)),
                   max_hold_chars=cfg.max_hold_chars)
     servicer = SafetyServicer(guard, max_text_chars=cfg.max_text_chars)
     log.info("policy loaded", extra={
         "path": cfg.policy_file, "tenants": sorted(policy_file.policies.tenants),
-        "embedding": embedder is not None,
+        "embedding": embedder is not None, "classifier": classifier is not None,
         "audit": "redis" if cfg.audit_redis_url else cfg.audit_file or "off"})
     await serve(name="genmesh.safety", address=cfg.address,
                 register=lambda s: safety_pb2_grpc.add_SafetyServicer_to_server(servicer, s),

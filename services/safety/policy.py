@@ -40,7 +40,9 @@ class Action(StrEnum):
 
 class Scanner(StrEnum):
     INJECTION = "injection"  # prompt-injection rules over normalized and decoded text
-    EMBEDDING = "embedding"  # similarity to the exemplar attacks (MiniLM sentence embeddings)
+    # The learned signals over MiniLM sentence embeddings: similarity to the exemplar
+    # attacks, and the injection classifier (classifier.py) where the service has one.
+    EMBEDDING = "embedding"
     CONTENT = "content"  # the lexicon categories (violence, self-harm, ...)
     SECRETS = "secrets"  # API keys, private keys, passwords
     PII = "pii"  # e-mail, phone, card, IBAN, national id, IP address

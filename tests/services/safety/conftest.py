@@ -10,8 +10,21 @@ from pathlib import Path
 import pytest
 
 from services.safety import policy as policies
-from services.safety.config import DEFAULT_POLICY
+from services.safety.config import DEFAULT_CLASSIFIER_DIR, DEFAULT_POLICY
 from services.safety.policy import PolicySet
+
+
+@pytest.fixture(scope="session")
+def real_classifier() -> Path:
+    """The injection classifier in the user's cache, where the service looks for it:
+    trained here when missing or stale (a fresh clone: ~30 s of CPU, once), so that a
+    safety process a test starts does not spend its start-up deadline training it."""
+    from services.safety.classifier import artifact_key, artifact_path, load_or_train
+    from services.safety.embedding import Embedder
+
+    embedder = Embedder.load()
+    load_or_train(embedder, DEFAULT_CLASSIFIER_DIR)
+    return artifact_path(DEFAULT_CLASSIFIER_DIR, artifact_key(embedder))
 
 
 @pytest.fixture(scope="session")

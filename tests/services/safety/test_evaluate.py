@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from genmesh.cli import main
+from services.safety.evaluate import EVAL_FILE, HELDOUT_FILE
 
 
 def write(tmp_path: Path, rows: list[dict]) -> Path:
@@ -40,15 +41,33 @@ def test_a_malformed_line_is_named(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 
-def test_the_repository_set_holds_its_measured_level(capsys: pytest.CaptureFixture[str]
-                                                     ) -> None:
-    """The held-out set was written blind to the detector; rules and the threshold were
-    tuned on the two development sets only. Target: recall >= 0.90 at a false-positive
-    rate <= 0.05 (measured: 0.906 at 0.044)."""
-    assert main(["safety", "eval"]) == 0
+def test_the_older_set_holds_its_measured_level(capsys: pytest.CaptureFixture[str]) -> None:
+    """eval.jsonl was written blind to the rule detector; rules and the exemplar threshold
+    were tuned on the two development sets only. Rules and exemplars: recall >= 0.90 at a
+    false-positive rate <= 0.05 (measured: 0.906 at 0.044)."""
+    assert main(["safety", "eval", "--data", str(EVAL_FILE), "--no-classifier",
+                 "--no-lofo"]) == 0
     report = json.loads(capsys.readouterr().out)
     overall = report["overall"]
     assert overall["n"] >= 400
     assert overall["tp"] + overall["fn"] >= 200 and overall["fp"] + overall["tn"] >= 200
     assert overall["recall"] >= 0.90
     assert overall["false_positive_rate"] <= 0.05
+
+
+def test_the_held_out_set_holds_its_measured_level(real_classifier: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """heldout.jsonl was written once by hand, before anything was measured on it, and is
+    never tuned on. With the classifier (built by the fixture when missing): recall 0.811
+    at a false-positive rate 0.033 on its first, blind run; 0.844 and 0.800 (same FPR)
+    after two retrainings for reasons outside it. A guard against regressions, with room
+    for the classifier another CPU's dtype trains; not the target (issue 19: 0.93 at
+    0.03), which it misses."""
+    assert main(["safety", "eval", "--no-lofo"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"] == str(HELDOUT_FILE)
+    overall = report["overall"]
+    assert (overall["tp"] + overall["fn"], overall["fp"] + overall["tn"]) == (90, 60)
+    assert overall["recall"] >= 0.75
+    assert overall["false_positive_rate"] <= 0.05
+    assert report["flags_by_scanner"].get("classifier", 0) > 0

@@ -31,8 +31,8 @@ tenants:
 
 
 @pytest.fixture(scope="module")
-def safety(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[safety_pb2_grpc.SafetyStub,
-                                                                       Path, Path]]:
+def safety(tmp_path_factory: pytest.TempPathFactory, real_classifier: Path
+           ) -> Iterator[tuple[safety_pb2_grpc.SafetyStub, Path, Path]]:
     tmp = tmp_path_factory.mktemp("safety")
     policy, audit = tmp / "policy.yaml", tmp / "audit.jsonl"
     policy.write_text(POLICY)

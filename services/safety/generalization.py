@@ -1,0 +1,114 @@
+"""How well the learned layer generalizes: leave-one-family-out.
+
+For each attack family F (an intent such as exfiltration, or an obfuscation such as
+leetspeak), the classifier is trained and calibrated again without any example of F
+(attacks of F, and benign texts obfuscated the way F obfuscates), then tested on F's
+attacks from a generated test set (its own seed) and, where given, from a hand-written
+set, and on every benign text of those sets. Texts are embedded once; only the fit runs
+per family (well under a second).
+
+Each figure comes twice: the classifier alone, and the whole detector (rules, nearest
+exemplar, classifier). The rules and exemplars were written by hand with every family in
+view, so only the classifier's figure measures generalization to an unseen family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from services.safety import injection, traindata
+from services.safety.classifier import (
+    Features,
+    default_sets,
+    featurize,
+    fit_and_calibrate,
+)
+from services.safety.embedding import Embedder
+
+TEST_SEED = 2
+NUM_TEST_PER_FAMILY = 30
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """A test set with what the fixed (hand-written) signals say about each prompt."""
+
+    examples: Sequence[traindata.Example]
+    features: Features
+    is_flagged_by_hand: torch.Tensor  # [P] bool: a rule or the nearest exemplar fires
+
+
+def subset(features: Features, keep: torch.Tensor) -> Features:
+    """The prompts where ``keep`` [P] is True, renumbered."""
+    new_ids = torch.cumsum(keep.long(), 0) - 1  # [P]: a kept prompt's new index
+    text_kept = keep[features.prompt_ids]  # [W]
+    return Features(features.embeddings[text_kept], new_ids[features.prompt_ids[text_kept]],
+                    features.labels[keep])
+
+
+def _holds(example: traindata.Example, family: str) -> bool:
+    return example.family == family or example.obfuscation == family
+
+
+def score_set(embedder: Embedder, examples: Sequence[traindata.Example], *,
+              embedding_threshold: float) -> Scored:
+    features = featurize(embedder, [e.text for e in examples], [e.is_attack for e in examples])
+    similar = torch.zeros(len(examples), dtype=torch.bool)
+    sims = features.embeddings @ embedder.exemplars.T  # [W, E]
+    best = sims.max(dim=1).values
+    similar = similar.scatter_reduce(0, features.prompt_ids, best >= embedding_threshold,
+                                     reduce="amax")
+    rules = torch.tensor([bool(injection.scan(e.text)) for e in examples])
+    return Scored(examples, features, rules | similar)
+
+
+def _rates(flagged: torch.Tensor, examples: Sequence[traindata.Example], family: str
+           ) -> dict[str, Any]:
+    attacks = [i for i, e in enumerate(examples) if e.is_attack and e.family == family]
+    benign = [i for i, e in enumerate(examples) if not e.is_attack]
+    return {
+        "n_attacks": len(attacks),
+        "recall": round(float(flagged[attacks].float().mean()), 4) if attacks else None,
+        "false_positive_rate": round(float(flagged[benign].float().mean()), 4)
+        if benign else None}
+
+
+def leave_one_family_out(embedder: Embedder, *, embedding_threshold: float,
+                         heldout: Sequence[traindata.Example] = (),
+                         families: Sequence[str] = traindata.ATTACK_FAMILIES
+                         ) -> dict[str, Any]:
+    """Per family: recall on its attacks and false-positive rate on all benign texts, of
+    the classifier trained without it (alone and with the hand-written signals), on the
+    generated test set and on ``heldout``."""
+    examples, calibration = default_sets()
+    train_x = featurize(embedder, [e.text for e in examples], [e.is_attack for e in examples])
+    cal_x = featurize(embedder, [e.text for e in calibration],
+                      [e.is_attack for e in calibration])
+    tests = {"generated": score_set(
+        embedder, traindata.generate(seed=TEST_SEED, num_per_family=NUM_TEST_PER_FAMILY),
+        embedding_threshold=embedding_threshold)}
+    if heldout:
+        tests["heldout"] = score_set(embedder, heldout, embedding_threshold=embedding_threshold)
+    report: dict[str, Any] = {}
+    for family in families:
+        keep_train = torch.tensor([not _holds(e, family) for e in examples])
+        keep_cal = torch.tensor([not _holds(e, family) for e in calibration])
+        classifier, _, _ = fit_and_calibrate(subset(train_x, keep_train),
+                                             subset(cal_x, keep_cal))
+        row: dict[str, Any] = {"threshold": round(classifier.threshold, 4)}
+        for name, test in tests.items():
+            if not any(e.is_attack and e.family == family for e in test.examples):
+                continue
+            logits = test.features.embeddings @ classifier.weight + classifier.bias
+            per_prompt = torch.full((len(test.examples),), -torch.inf).scatter_reduce(
+                0, test.features.prompt_ids, logits, reduce="amax")
+            learned = torch.sigmoid(per_prompt) >= classifier.threshold
+            row[name] = {"classifier": _rates(learned, test.examples, family),
+                         "detector": _rates(learned | test.is_flagged_by_hand, test.examples,
+                                            family)}
+        report[family] = row
+    return report
