@@ -12,6 +12,7 @@ from genmesh.commands import (
     cache,
     client,
     engine,
+    fault,
     gateway,
     mesh,
     models,
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.register(sub)
     gateway.register(sub)
     safety.register(sub)
+    fault.register(sub)
     return parser
 
 

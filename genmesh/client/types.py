@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from genmesh.core.failure import is_transport_failure
 from genmesh.v1 import common_pb2, generation_pb2
 
 _FINISH = {
@@ -30,9 +31,15 @@ class GenmeshError(Exception):
 
     @classmethod
     def from_rpc(cls, exc: grpc.RpcError) -> GenmeshError:
+        """The call's status; a stream the connection dropped under it (Envoy resets a
+        call whose frontend died mid-response: INTERNAL "Stream removed (RST_STREAM ...)"
+        on the wire) is UNAVAILABLE: retryable, as a server's own UNAVAILABLE is."""
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        return cls(code, details or "")
+        details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
+        if is_transport_failure(code, details):
+            return cls(grpc.StatusCode.UNAVAILABLE,
+                       f"the connection to the mesh broke mid-call ({details}); retry")
+        return cls(code, details)
 
 
 @dataclass(frozen=True, slots=True)

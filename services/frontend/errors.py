@@ -3,9 +3,9 @@ service's failure is translated into one."""
 
 from __future__ import annotations
 
-import re
-
 import grpc
+
+from genmesh.core import failure
 
 # Downstream codes that describe the caller's request: passed through as they are.
 _CALLER_CODES = frozenset({
@@ -14,15 +14,6 @@ _CALLER_CODES = frozenset({
     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
     grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.PERMISSION_DENIED,
 })
-
-
-# How grpc's details begin when the transport failed under a call (an optional
-# "syscall:" prefix, e.g. "recvmsg:Connection reset by peer"). Envoy resets the stream of
-# a backend that died mid-response: "Stream removed (RST_STREAM (Received RST_STREAM with
-# error code 2))", INTERNAL. A proxy's HTTP error instead of a gRPC answer is one too.
-_TRANSPORT_FAILURE = re.compile(
-    r"(?:[a-z_]+:)?(?:Stream removed|Received RST_STREAM|Socket closed|Connection reset|"
-    r"Broken pipe|GOAWAY received|Transport closed|Received http2 header with status)")
 
 
 class PipelineError(Exception):
@@ -46,8 +37,7 @@ def is_transport_failure(exc: grpc.aio.AioRpcError) -> bool:
     """The call failed because the connection or the stream under it broke (the
     service died or reset it), not because the service answered with an error: grpc
     reports that as INTERNAL or UNKNOWN with details of its own."""
-    return (exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
-            and _TRANSPORT_FAILURE.match(exc.details() or "") is not None)
+    return failure.is_transport_failure(exc.code(), exc.details() or "")
 
 
 def rpc_error(exc: grpc.aio.AioRpcError, service: str) -> PipelineError:

@@ -40,9 +40,10 @@ from services.frontend.errors import PipelineError
 
 log = logging.getLogger("genmesh.frontend")
 
-# Roles whose text comes from the caller and is checked; assistant turns are the model's
-# own output, already moderated when they streamed.
-CHECKED_ROLES = frozenset({"user", "system"})
+# Roles whose text comes from the caller and is checked (a tool's result too: text from
+# outside, the classic way in for an injection); assistant turns are the model's own
+# output, already moderated when they streamed.
+CHECKED_ROLES = frozenset({"user", "system", "tool"})
 # The prompt checks of one chat in flight at once (one CheckPrompt per message): what the
 # safety service batches at a time. A chat that runs out of time then cancels at most
 # this many calls: Envoy closes a connection on which most calls are reset early (its
@@ -106,8 +107,12 @@ class Moderated:
 
 
 def _unavailable(what: str, exc: BaseException) -> PipelineError:
-    detail = (exc.details() if isinstance(exc, grpc.aio.AioRpcError)
-              else f"no answer within the deadline ({type(exc).__name__})")
+    if isinstance(exc, grpc.aio.AioRpcError):
+        detail = exc.details() or exc.code().name
+    elif isinstance(exc, TimeoutError):
+        detail = "no answer within the deadline"
+    else:  # written to or read from a stream that had ended
+        detail = f"the moderation stream ended ({type(exc).__name__})"
     return PipelineError(grpc.StatusCode.UNAVAILABLE,
                        f"the safety service is unavailable ({detail}); {what}; retry shortly")
 
@@ -187,7 +192,12 @@ class _Sent:
     error: BaseException | None = None  # the write failed: its verdict will not come
 
 
-_Queued = _Sent | BaseException | None  # None: every piece was sent
+class _StreamEnded:
+    """Queued when the Moderate stream ends, however it ends: the reader, waiting for the
+    next piece, learns at once of a safety service that died between pieces."""
+
+
+_Queued = _Sent | BaseException | _StreamEnded | None  # None: every piece was sent
 
 
 @dataclass(slots=True)
@@ -255,6 +265,9 @@ class OutputModeration:
             while (item := await outbox.queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, _StreamEnded):
+                    await self._check_ended()
+                    continue
                 out = await self._verdict(item, on_verdict)
                 if out.blocked:
                     yield out
@@ -305,7 +318,10 @@ class OutputModeration:
     async def _send_queued(self, piece: Piece, outbox: _Outbox) -> None:
         outbox.num_in_flight += 1  # counted before the write: pieces hold meanwhile
         async with outbox.lock:
+            is_opening = self.call is None and not self.is_bypassed
             sent = await self._send(piece)
+            if is_opening and self.call is not None:
+                self.call.add_done_callback(lambda _: outbox.queue.put_nowait(_StreamEnded()))
             if sent is None:
                 outbox.num_in_flight -= 1
             else:
@@ -365,6 +381,27 @@ class OutputModeration:
             return Moderated(reply.text, blocked=reply.reason or "content_filter",
                              num_input_chars=num_input_chars, is_redacted=is_redacted)
         return Moderated(reply.text, num_input_chars=num_input_chars, is_redacted=is_redacted)
+
+    async def _check_ended(self) -> None:
+        """The Moderate stream has ended: fine if the service closed it after its last
+        verdict (those queued are still read); a failure ends the output now, as a
+        verdict that cannot come would (fail-open: the rest passes unmoderated)."""
+        call = self.call
+        if call is None or self.is_bypassed:
+            return  # closed here, or moderation already bypassed
+        code = await call.code()
+        if code == grpc.StatusCode.OK:
+            return
+        exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details=await call.details())
+        self.close()
+        assert self.gate is not None
+        if self.gate.settings.output_failure_mode == FailureMode.OPEN:
+            log.warning("output no longer moderated: the safety service failed (fail-open)",
+                        extra={"request_id": self.request_id, "error": code.name})
+            self.is_bypassed = True
+            return
+        raise _unavailable("the output cannot be moderated", exc)
 
     def close(self) -> None:
         if self.call is not None:

@@ -36,6 +36,8 @@ class FakeCall:
         self.released = asyncio.Semaphore(0)  # answers the test has let through
         self.num_read = 0
         self.is_cancelled = False
+        self.status: tuple[grpc.StatusCode, str] | None = None  # set once it ended
+        self.on_done: list = []
 
     async def write(self, request: safety_pb2.ModerateRequest) -> None:
         self.written.append(request)
@@ -56,6 +58,23 @@ class FakeCall:
 
     def cancel(self) -> None:
         self.is_cancelled = True
+
+    def add_done_callback(self, callback) -> None:
+        self.on_done.append(callback)
+
+    def fail(self, code: grpc.StatusCode, details: str) -> None:
+        """The service died: the stream ends with ``code`` (nothing more is read)."""
+        self.status = (code, details)
+        for callback in self.on_done:
+            callback(self)
+
+    async def code(self) -> grpc.StatusCode:
+        assert self.status is not None
+        return self.status[0]
+
+    async def details(self) -> str:
+        assert self.status is not None
+        return self.status[1]
 
 
 class FakeStub:
@@ -263,6 +282,49 @@ def test_a_verdict_that_does_not_come_in_time(mode, moderation_mode):
             await asyncio.wait_for(client.task, 1)
             assert client.texts == ["a", "b"]
         assert stub.calls[0].is_cancelled
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", [FailureMode.CLOSED, FailureMode.OPEN])
+def test_a_stream_that_dies_between_pieces_ends_the_output_at_once(mode):
+    """The safety service dies while no verdict is outstanding: the output fails now, not
+    at its next piece (which may be seconds away on a busy worker)."""
+    async def run() -> None:
+        stub, gen = FakeStub(), Generation()
+        client = Client(moderation(stub, output_failure_mode=mode), gen)
+        gen.emit("a")
+        await settle()
+        stub.calls[0].release()
+        await settle()
+        assert client.texts == ["a"]
+        stub.calls[0].fail(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+        if mode == FailureMode.CLOSED:
+            with pytest.raises(PipelineError) as err:
+                await asyncio.wait_for(client.task, 1)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "(Socket closed)" in err.value.message
+            assert stub.calls[0].is_cancelled
+        else:  # what follows passes unmoderated
+            await settle()
+            gen.emit("b", final=True)
+            await asyncio.wait_for(client.task, 1)
+            assert client.texts == ["a", "b"]
+
+    asyncio.run(run())
+
+
+def test_a_stream_closed_after_its_last_verdict_is_a_normal_end():
+    async def run() -> None:
+        stub, gen = FakeStub(), Generation()
+        client = Client(moderation(stub), gen)
+        gen.emit("a")
+        gen.emit("b", final=True)
+        await settle()
+        stub.calls[0].release(2)
+        stub.calls[0].fail(grpc.StatusCode.OK, "")
+        await asyncio.wait_for(client.task, 1)
+        assert "".join(client.texts) == "ab"
 
     asyncio.run(run())
 

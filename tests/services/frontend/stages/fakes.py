@@ -240,6 +240,9 @@ class FakeModerateCall:
     async def read(self) -> safety_pb2.ModerateResponse:
         return await self.replies.get()
 
+    def add_done_callback(self, callback: object) -> None:
+        """The stream never ends on its own here: nothing to call back."""
+
     def cancel(self) -> None:
         self.is_cancelled = True
 
