@@ -45,6 +45,8 @@ class Finished:
     usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
     detail: str = ""  # with CONTENT_FILTER: the category that cut the output
     index: int = 0  # the choice it finishes; with n > 1 one Finished comes per choice
+    # With tools: the calls the model made in this choice (``tools.with_tool_calls``).
+    tool_calls: tuple[common_pb2.ToolCall, ...] = ()
 
 
 Event = Started | TextChunk | Finished

@@ -51,6 +51,7 @@ from services.frontend.stages.prompt import Tokenize, TokenizeAndCheck
 from services.frontend.stages.response_cache import CacheAnswers
 from services.frontend.stages.stops import CutAtStops
 from services.frontend.stops import validate_stop_strings
+from services.frontend.tools import Tools, with_tool_calls
 
 log = logging.getLogger("genmesh.frontend")
 
@@ -77,6 +78,9 @@ class PipelineRequest:
     # Choices to generate, 1..choices.MAX_NUM_CHOICES: the output stages run once per
     # choice, and the events of each carry its index.
     n: int = 1
+    # The functions shown to the model (None: none): the prompt stage renders them, and
+    # each choice's calls are parsed out of its text (``tools.py``).
+    tools: Tools | None = None
 
 
 class Pipeline:
@@ -112,10 +116,11 @@ class Pipeline:
             self.limits.check(req)
             call = Call(req, timeout_s=timeout_s, observer=observer, tokens=count)
             # The detokenize stage has turned every worker message into text.
-            events = cast(AsyncGenerator[Event, None], self._entry(call))
+            events = _observed(cast(AsyncGenerator[Event, None], self._entry(call)), observer)
+            if req.tools is not None:  # the observer sees the text the model generated
+                events = with_tool_calls(events, req.tools)
             async with contextlib.aclosing(events):
                 async for event in events:
-                    observer.see(event)
                     yield event
         except PipelineError as exc:
             observer.failed(exc.code.name)
@@ -132,6 +137,14 @@ class Pipeline:
                 ) as events:
             async for event in events:
                 yield event
+
+
+async def _observed(events: AsyncGenerator[Event, None], observer: RequestObserver
+                    ) -> AsyncGenerator[Event, None]:
+    async with contextlib.aclosing(events):
+        async for event in events:
+            observer.see(event)
+            yield event
 
 
 def build_pipeline(*, tokenizer: tokenizer_pb2_grpc.TokenizerStub,

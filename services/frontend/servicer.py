@@ -62,7 +62,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 elif type(event) is Finished:
                     yield generation_pb2.GenerateStreamResponse(
                         finish_reason=event.finish_reason, usage=event.usage,
-                        finish_detail=event.detail, index=event.index)
+                        finish_detail=event.detail, index=event.index,
+                        tool_calls=event.tool_calls)
 
     @maps_errors
     async def Chat(self, request_iterator: AsyncIterator[generation_pb2.ChatRequest],

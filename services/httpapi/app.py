@@ -45,7 +45,6 @@ from services.common.telemetry import (
 from services.httpapi import metrics, responses
 from services.httpapi.errors import ApiError, from_rpc
 from services.httpapi.schema import Parsed, chat_request, completion_request, parse_json
-from services.httpapi.tools import StreamedCalls, Tools, calls_in
 
 log = logging.getLogger("genmesh.httpapi")
 _tracer = tracer(__name__)
@@ -126,11 +125,10 @@ class HttpApi:
         if not parsed.stream:
             reply = await self._unary(request, self.frontend.Generate(
                 parsed.request, metadata=md, timeout=self.max_request_s))
-            choices = [responses.ChoiceOut(c.index, c.text, c.finish_reason, c.logprobs)
-                       for c in reply.choices] or [
-                responses.ChoiceOut(0, reply.text, reply.finish_reason, reply.logprobs)]
-            if parsed.tools is not None:
-                choices = [_with_calls(c, parsed.tools) for c in choices]
+            choices = [responses.ChoiceOut(c.index, c.text, c.finish_reason, c.logprobs,
+                                           c.tool_calls) for c in reply.choices] or [
+                responses.ChoiceOut(0, reply.text, reply.finish_reason, reply.logprobs,
+                                    reply.tool_calls)]
             return JSONResponse(responses.whole(env, choices, [reply.usage],
                                                 with_logprobs=with_logprobs))
         stream = self.frontend.GenerateStream(parsed.request, metadata=md,
@@ -140,7 +138,7 @@ class HttpApi:
             time.perf_counter() - request.state.started)
         return StreamingResponse(
             _events(env, stream, first, num_choices=max(parsed.request.n, 1),
-                    include_usage=parsed.include_usage, tools=parsed.tools,
+                    include_usage=parsed.include_usage,
                     with_logprobs=with_logprobs),
             media_type="text/event-stream", headers=_STREAM_HEADERS)
 
@@ -263,44 +261,31 @@ async def _first(stream: grpc.aio.UnaryStreamCall) -> generation_pb2.GenerateStr
     return msg  # type: ignore[no-any-return]
 
 
-def _with_calls(choice: responses.ChoiceOut, tools: Tools) -> responses.ChoiceOut:
-    content, calls = calls_in(choice.text, tools)
-    return responses.ChoiceOut(choice.index, content, choice.reason, choice.logprobs, calls)
-
-
 async def _events(env: responses.Envelope, stream: grpc.aio.UnaryStreamCall,
                   first: generation_pb2.GenerateStreamResponse, *, num_choices: int,
-                  include_usage: bool, tools: Tools | None, with_logprobs: bool
-                  ) -> AsyncIterator[bytes]:
+                  include_usage: bool, with_logprobs: bool) -> AsyncIterator[bytes]:
     """The SSE body: each choice's chunks as they come (the frontend interleaves the
     choices, each message naming its ``index``), then the usage (when asked for) and
-    ``[DONE]``; an ``error`` event ends a failed stream. With tools, each choice's text
-    passes a ``StreamedCalls``: content streams until a call starts, and the calls go out
-    as one delta when the choice ends (tool-call text carries no logprobs)."""
+    ``[DONE]``; an ``error`` event ends a failed stream. With tools, the frontend has
+    parsed the calls out of the text: they come whole on a choice's last message and go
+    out as one delta before its finish."""
     usages: list[Any] = []
-    parsers = [StreamedCalls(tools) if tools is not None else None
-               for _ in range(num_choices)]
     try:
         if env.is_chat:
             for i in range(num_choices):
                 yield responses.sse(responses.chunk(env, i, text="", role=True))
         msg = first
         while True:
-            index, parser = msg.index, parsers[msg.index]
-            text = msg.text if parser is None else parser.feed(msg.text)
-            if text:
-                tokens = msg.logprobs if with_logprobs and parser is None else None
-                yield responses.sse(responses.chunk(env, index, text=text, tokens=tokens))
+            index = msg.index
+            if msg.text:
+                tokens = msg.logprobs if with_logprobs else None
+                yield responses.sse(responses.chunk(env, index, text=msg.text, tokens=tokens))
+            if msg.tool_calls:
+                yield responses.sse(responses.chunk(env, index, calls=msg.tool_calls))
             if msg.finish_reason:
                 usages.append(msg.usage)
-                finish = responses.finish_reason(msg.finish_reason)
-                if parser is not None:
-                    rest, calls = parser.finish()
-                    if rest:
-                        yield responses.sse(responses.chunk(env, index, text=rest))
-                    if calls:
-                        yield responses.sse(responses.chunk(env, index, calls=calls))
-                        finish = "tool_calls"
+                finish = ("tool_calls" if msg.tool_calls
+                          else responses.finish_reason(msg.finish_reason))
                 yield responses.sse(responses.chunk(env, index, finish=finish))
                 if len(usages) == num_choices:
                     break

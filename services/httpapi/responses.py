@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from genmesh.v1 import common_pb2, generation_pb2
-from services.httpapi.tools import ToolCall
 
 FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -63,7 +62,7 @@ class ChoiceOut:
     text: str
     reason: int  # the frontend's FinishReason
     logprobs: Sequence[generation_pb2.OutputLogprob] = ()
-    calls: Sequence[ToolCall] = ()
+    calls: Sequence[common_pb2.ToolCall] = ()  # the frontend parsed them out of the text
 
 
 def whole(env: Envelope, choices: Sequence[ChoiceOut], usages: list[common_pb2.Usage],
@@ -77,13 +76,20 @@ def whole(env: Envelope, choices: Sequence[ChoiceOut], usages: list[common_pb2.U
                                        "content": (c.text or None) if c.calls else c.text,
                                        "refusal": None}
             if c.calls:
-                message["tool_calls"] = [call.to_openai() for call in c.calls]
+                message["tool_calls"] = [tool_call(call) for call in c.calls]
             out.append({"index": c.index, "message": message, "logprobs": lp,
                         "finish_reason": "tool_calls" if c.calls else finish_reason(c.reason)})
         else:
             out.append({"index": c.index, "text": c.text, "logprobs": lp,
                         "finish_reason": finish_reason(c.reason)})
     return env.head() | {"choices": out, "usage": usage(usages)}
+
+
+def tool_call(call: common_pb2.ToolCall, *, index: int | None = None) -> dict[str, Any]:
+    """A call as OpenAI's ``tool_calls`` list it (a streamed delta's with its index)."""
+    out: dict[str, Any] = {"id": call.id, "type": "function",
+                           "function": {"name": call.name, "arguments": call.arguments}}
+    return out if index is None else {"index": index} | out
 
 
 def logprobs(env: Envelope, tokens: Sequence[generation_pb2.OutputLogprob]
@@ -108,7 +114,7 @@ def logprobs(env: Envelope, tokens: Sequence[generation_pb2.OutputLogprob]
 
 
 def chunk(env: Envelope, index: int, *, text: str | None = None, role: bool = False,
-          finish: str | None = None, calls: list[ToolCall] | None = None,
+          finish: str | None = None, calls: Sequence[common_pb2.ToolCall] = (),
           tokens: Sequence[generation_pb2.OutputLogprob] | None = None) -> dict[str, Any]:
     """One streamed event of choice ``index``: new text (with its tokens' logprobs when
     asked for), the opening role (chat), tool calls (chat), or the finish reason
@@ -121,7 +127,7 @@ def chunk(env: Envelope, index: int, *, text: str | None = None, role: bool = Fa
         if text is not None:
             delta["content"] = text
         if calls:
-            delta["tool_calls"] = [c.to_openai(index=j) for j, c in enumerate(calls)]
+            delta["tool_calls"] = [tool_call(c, index=j) for j, c in enumerate(calls)]
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
     else:
         choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}

@@ -11,6 +11,11 @@ out of range, and what this server does not do yet (``echo``, ``suffix``,
 
 Besides OpenAI's fields, vLLM's sampling extensions are taken too: ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``.
+
+Tools (``tools``, ``tool_choice``, ``tool`` messages and assistant ``tool_calls``) map onto
+the GenerateRequest's own fields: the frontend renders them, enforces forced choices and
+parses the calls (``services/frontend/tools.py``), for this API and the gRPC one alike.
+Here only their JSON shape is checked.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from typing import Any
 
 from genmesh.v1 import common_pb2, generation_pb2
 from services.httpapi.errors import invalid
-from services.httpapi.tools import Tools, constraint, messages_with_tools, parse_tools
+
+INT32_MAX = 2 ** 31 - 1
 
 MAX_N = 16  # choices per request (the frontend's bound)
 MAX_TOP_LOGPROBS = 20  # chat: alternatives per token
@@ -31,6 +37,8 @@ MAX_COMPLETION_LOGPROBS = 5  # completions: alternatives per token (OpenAI's bou
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 ROLES = ("system", "developer", "user", "assistant", "tool")
+_TOOL_MODES = {"auto": generation_pb2.TOOL_MODE_AUTO, "none": generation_pb2.TOOL_MODE_NONE,
+               "required": generation_pb2.TOOL_MODE_REQUIRED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +47,6 @@ class Parsed:
     request: generation_pb2.GenerateRequest  # with n: the frontend runs the choices
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
-    tools: Tools | None = None  # the functions the model may call, and how
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -84,8 +91,10 @@ class _Fields:
             raise invalid(f"'{name}' must be true or false", param=name)
         return value
 
-    def integer(self, name: str, *, low: int | None = None, high: int | None = None
+    def integer(self, name: str, *, low: int | None = None, high: int | None = INT32_MAX
                 ) -> int | None:
+        """An integer field; ``high`` defaults to the largest int32, the width of every
+        integer of the gRPC API but the seed."""
         value = self.get(name)
         if value is None:
             return None
@@ -171,7 +180,8 @@ def _sampling(f: _Fields, *, default_max_tokens: int) -> common_pb2.SamplingPara
     stop_ids = f.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT32_MAX
+                for t in stop_ids):
             raise invalid("'stop_token_ids' must be a list of token ids", param="stop_token_ids")
         p.stop_token_ids.extend(stop_ids)
     return p
@@ -270,16 +280,13 @@ def chat_request(body: Mapping[str, Any]) -> Parsed:
     f = _Fields(body)
     model = f.string("model", required=True) or ""
     request = generation_pb2.GenerateRequest(model=model)
-    tools = parse_tools(f.get("tools"), f.get("tool_choice"))
-    request.chat.messages.extend(messages_with_tools(_messages(f.get("messages")), tools))
+    request.tools.extend(_tools(f.get("tools")))
+    if (choice := _tool_choice(f.get("tool_choice"))) is not None:
+        request.tool_choice.CopyFrom(choice)
+    request.chat.messages.extend(_messages(f.get("messages")))
     request.params.CopyFrom(_sampling(f, default_max_tokens=0))
-    response_format = _response_format(f.get("response_format"))
-    forced = constraint(tools) if tools is not None else None
-    if response_format is not None and forced is not None:
-        raise invalid("'response_format' and a required or named 'tool_choice' both shape "
-                      "the output: set one", param="response_format")
-    if response_format or forced:
-        request.params.constraint.CopyFrom(response_format or forced)
+    if (response_format := _response_format(f.get("response_format"))) is not None:
+        request.params.constraint.CopyFrom(response_format)
     wants = f.boolean("logprobs")
     top = f.integer("top_logprobs", low=0, high=MAX_TOP_LOGPROBS)
     if top and not wants:
@@ -294,8 +301,7 @@ def chat_request(body: Mapping[str, Any]) -> Parsed:
     include_usage = _stream_options(f, stream)
     f.refuse_unknown(_IGNORED)
     request.n = n
-    return Parsed(model, request, stream, include_usage,
-                  tools if tools is not None and tools.is_shown else None)
+    return Parsed(model, request, stream, include_usage)
 
 
 def completion_request(body: Mapping[str, Any]) -> Parsed:
@@ -330,8 +336,51 @@ def _prompt(value: Any) -> str:
     return value
 
 
-def _messages(value: Any) -> list[dict[str, Any]]:
-    """The messages, validated, as {"role", "content" (text), "tool_calls"?}."""
+def _tools(value: Any) -> list[common_pb2.Tool]:
+    """OpenAI's ``tools``: each ``{"type": "function", "function": {"name", "description"?,
+    "parameters"?}}``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise invalid("'tools' must be a list of tools", param="tools")
+    out = []
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or tool.get("type") != "function":
+            raise invalid(f"'{where}' must be {{\"type\": \"function\", \"function\": {{...}}}}",
+                          param=where)
+        name, description = fn.get("name"), fn.get("description") or ""
+        parameters = fn.get("parameters")
+        if not isinstance(name, str):
+            raise invalid(f"'{where}.function.name' must be a string", param=where)
+        if not isinstance(description, str):
+            raise invalid(f"'{where}.function.description' must be a string", param=where)
+        if parameters is not None and not isinstance(parameters, dict):
+            raise invalid(f"'{where}.function.parameters' must be a JSON Schema object",
+                          param=where)
+        out.append(common_pb2.Tool(name=name, description=description,
+                                   parameters="" if parameters is None
+                                   else json.dumps(parameters)))
+    return out
+
+
+def _tool_choice(value: Any) -> generation_pb2.ToolChoice | None:
+    """OpenAI's ``tool_choice``: a mode, or ``{"type": "function", "function": {"name"}}``."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value in _TOOL_MODES:
+        return generation_pb2.ToolChoice(mode=_TOOL_MODES[value])
+    fn = value.get("function") if isinstance(value, dict) else None
+    if (isinstance(value, dict) and value.get("type") == "function" and isinstance(fn, dict)
+            and isinstance(fn.get("name"), str)):
+        return generation_pb2.ToolChoice(function=fn["name"])
+    raise invalid("'tool_choice' must be none, auto, required or "
+                  "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
+
+
+def _messages(value: Any) -> list[generation_pb2.Message]:
+    """The messages as the frontend's: the developer role is the system's."""
     if not isinstance(value, list) or not value:
         raise invalid("'messages' is required: a non-empty list of messages",
                       param="messages")
@@ -353,33 +402,29 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         content = m.get("content")
         text = "" if content is None and (calls or role == "assistant") else _content(
             content, where)
-        message: dict[str, Any] = {"role": role, "content": text}
-        if calls:
-            message["tool_calls"] = _tool_calls(calls, where)
-        out.append(message)
+        out.append(generation_pb2.Message(
+            role="system" if role == "developer" else role, content=text,
+            tool_call_id=m["tool_call_id"] if role == "tool" else "",
+            tool_calls=_tool_calls(calls, where) if calls else ()))
     return out
 
 
-def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+def _tool_calls(calls: Any, where: str) -> list[common_pb2.ToolCall]:
     """An assistant message's calls: each {"id", "type": "function", "function":
     {"name", "arguments": JSON text of an object}}."""
     if not isinstance(calls, list):
         raise invalid(f"'{where}.tool_calls' must be a list", param=where)
+    out = []
     for call in calls:
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(
-                fn.get("arguments", "{}"), str):
-            raise invalid(f"'{where}.tool_calls' entries must be {{\"type\": \"function\", "
-                          "\"function\": {\"name\": ..., \"arguments\": \"<JSON>\"}}",
-                          param=where)
-        try:
-            args = json.loads(fn.get("arguments", "{}"))
-        except json.JSONDecodeError:
-            args = None
-        if not isinstance(args, dict):
-            raise invalid(f"'{where}.tool_calls' arguments must be the JSON text of an "
-                          "object", param=where)
-    return calls
+                fn.get("arguments", "{}"), str) or not isinstance(call.get("id", ""), str):
+            raise invalid(f"'{where}.tool_calls' entries must be {{\"id\": ..., \"type\": "
+                          "\"function\", \"function\": {\"name\": ..., \"arguments\": "
+                          "\"<JSON>\"}}", param=where)
+        out.append(common_pb2.ToolCall(id=call.get("id", ""), name=fn["name"],
+                                       arguments=fn.get("arguments", "{}")))
+    return out
 
 
 def _content(value: Any, where: str) -> str:

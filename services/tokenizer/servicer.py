@@ -4,20 +4,21 @@ codes."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import jinja2
 
-from genmesh.core.models.chat_template import ChatMessage
+from genmesh.core.models.chat_template import ChatMessage, ToolCall
 from genmesh.core.models.detokenizer import IncrementalDetokenizer
-from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from genmesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.tokenizer import metrics
 from services.tokenizer.config import MAX_CHAT_MESSAGES, MAX_TEXT_CHARS
 from services.tokenizer.registry import LoadedTokenizer, TokenizerRegistry, UnknownModelError
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class OverLimitError(ValueError):
@@ -39,9 +40,13 @@ def chat_messages(messages: Sequence[tokenizer_pb2.ChatMessage], *,
     if len(messages) > max_chat_messages:
         raise OverLimitError(f"the chat has {len(messages)} messages; the tokenizer takes at "
                              f"most {max_chat_messages} (its --max-chat-messages)")
-    check_text_size(sum(len(m.content) for m in messages), max_text_chars=max_text_chars,
+    check_text_size(sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls)
+                        for m in messages), max_text_chars=max_text_chars,
                     what="the chat's messages have")
-    converted = [ChatMessage(role=m.role, content=m.content) for m in messages]
+    converted = [ChatMessage(role=m.role, content=m.content, tool_call_id=m.tool_call_id,
+                             tool_calls=tuple(ToolCall(c.id, c.name, c.arguments)
+                                              for c in m.tool_calls))
+                 for m in messages]
     if not converted:
         raise ValueError("messages is empty: a chat needs at least one message")
     for n, m in enumerate(converted):
@@ -63,13 +68,33 @@ class NoChatTemplateError(Exception):
     """The model has no chat template."""
 
 
+def tool_specs(tools: Sequence[common_pb2.Tool]) -> list[dict[str, Any]]:
+    """The functions as a template's ``tools`` argument (HF's shape); ValueError for
+    parameters that are not the JSON text of an object."""
+    specs = []
+    for i, tool in enumerate(tools):
+        try:
+            parameters = json.loads(tool.parameters) if tool.parameters else {
+                "type": "object", "properties": {}}
+        except json.JSONDecodeError:
+            parameters = None
+        if not isinstance(parameters, dict):
+            raise ValueError(f"tools[{i}].parameters: must be the JSON text of an object")
+        specs.append({"type": "function", "function": {
+            "name": tool.name, "description": tool.description, "parameters": parameters}})
+    return specs
+
+
 def apply_chat_template(t: LoadedTokenizer, messages: list[ChatMessage], *,
-                        add_generation_prompt: bool) -> tuple[str, list[int]]:
-    """The rendered conversation and its token ids. Raises NoChatTemplateError, and
+                        add_generation_prompt: bool, tools: Sequence[dict[str, Any]] = ()
+                        ) -> tuple[str, list[int]]:
+    """The rendered conversation and its token ids. Raises NoChatTemplateError,
+    ValueError (tools for a template without them, bad call arguments), and
     jinja2.TemplateError where the template rejects the messages."""
     if t.chat_template is None:
         raise NoChatTemplateError(f"model {t.name!r} has no chat template; use Tokenize")
-    text = t.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+    text = t.chat_template.render(messages, add_generation_prompt=add_generation_prompt,
+                                  tools=tools)
     # The template writes the special tokens itself: adding them again would double them.
     return text, t.tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -110,10 +135,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         try:
             messages = chat_messages(request.messages, max_chat_messages=self.max_chat_messages,
                                      max_text_chars=self.max_text_chars)
+            tools = tool_specs(request.tools)
             with metrics.LATENCY.labels("ApplyChatTemplate").time():
                 text, token_ids = await _run(
                     sum(len(m.content) for m in messages), apply_chat_template, t, messages,
-                    add_generation_prompt=request.add_generation_prompt)
+                    add_generation_prompt=request.add_generation_prompt, tools=tools)
         except NoChatTemplateError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
@@ -155,7 +181,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         t = await self._get(request.model, context)
         return tokenizer_pb2.ModelDescription(
             model=t.name, vocab_size=t.vocab_size,
-            has_chat_template=t.chat_template is not None, eos_token_ids=t.eos_token_ids)
+            has_chat_template=t.chat_template is not None, eos_token_ids=t.eos_token_ids,
+            supports_tools=t.chat_template is not None and t.chat_template.supports_tools)
 
 
 T = TypeVar("T")

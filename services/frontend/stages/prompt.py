@@ -1,5 +1,7 @@
 """The prompt stage: the prompt's token ids (the tokenizer service tokenizes a raw prompt
 or renders a chat template), and with a safety service the prompt check beside them.
+A chat with tools, calls or their results is rendered as ``tools.template_request`` says,
+by whether the model's template takes tools (asked of the tokenizer once per model).
 
 ``Tokenize`` is the stage of a deployment without a safety service; ``TokenizeAndCheck``
 of one with it. The check and the tokenization run together: a blocked prompt never
@@ -21,6 +23,7 @@ from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.frontend.errors import PipelineError, rpc_error
 from services.frontend.moderation import SafetyGate
 from services.frontend.stages.call import Call, Next, StageEvent
+from services.frontend.tools import involves_tools, template_request
 
 if TYPE_CHECKING:
     from services.frontend.pipeline import PipelineRequest
@@ -31,6 +34,8 @@ class Tokenize:
                  ) -> None:
         self.tokenizer = tokenizer
         self.rpc_timeout_s = rpc_timeout_s  # deadline of each Tokenize call
+        # Per model: its chat template takes tools (a fact of its files, asked once).
+        self.takes_tools: dict[str, bool] = {}
 
     async def run(self, call: Call, rest: Next) -> AsyncGenerator[StageEvent, None]:
         call.req, prompt_ids = await self.checked(call)
@@ -57,13 +62,21 @@ class Tokenize:
                     model=req.model, text=req.prompt, add_special_tokens=True),
                     timeout=self.rpc_timeout_s)
             else:
-                reply = await self.tokenizer.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(
-                    model=req.model, add_generation_prompt=True,
-                    messages=[tokenizer_pb2.ChatMessage(role=m.role, content=m.content)
-                              for m in req.messages]), timeout=self.rpc_timeout_s)
+                takes_tools = (involves_tools(req.messages, req.tools)
+                               and await self._takes_tools(req.model))
+                reply = await self.tokenizer.ApplyChatTemplate(template_request(
+                    req.model, req.messages, req.tools, template_takes_tools=takes_tools),
+                    timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, "tokenizer") from None
         return list(reply.token_ids)
+
+    async def _takes_tools(self, model: str) -> bool:
+        if model not in self.takes_tools:
+            described = await self.tokenizer.DescribeModel(
+                tokenizer_pb2.DescribeModelRequest(model=model), timeout=self.rpc_timeout_s)
+            self.takes_tools[model] = described.supports_tools
+        return self.takes_tools[model]
 
 
 class TokenizeAndCheck(Tokenize):

@@ -14,12 +14,15 @@ import pytest
 
 from genmesh.core import metadata
 from genmesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from services.frontend.errors import PipelineError
+from services.frontend.tools import StreamedCalls, calls_in, tools_of
 from services.httpapi.app import HttpApi
 
 
 class FakeFrontend(generation_pb2_grpc.GenerationServicer):
     """Streams each request's words one message at a time; a prompt naming a status
-    code fails with it."""
+    code fails with it. Tools are the real frontend's (``services/frontend/tools.py``):
+    their fields are checked, and the calls parsed out of the words."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[generation_pb2.GenerateRequest, dict[str, str]]] = []
@@ -27,6 +30,10 @@ class FakeFrontend(generation_pb2_grpc.GenerationServicer):
     async def _fail_if_asked(self, request: generation_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> None:
         self.seen.append((request, dict(context.invocation_metadata() or ())))
+        try:
+            tools_of(request)
+        except PipelineError as exc:
+            await context.abort(exc.code, exc.message)
         text = request.prompt or request.chat.messages[-1].content
         if text.startswith("fail:"):
             code = grpc.StatusCode[text.split(":")[1]]
@@ -38,7 +45,8 @@ class FakeFrontend(generation_pb2_grpc.GenerationServicer):
 
     def _words(self, request: generation_pb2.GenerateRequest, index: int = 0) -> list[str]:
         call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
-        if request.params.HasField("constraint"):  # a forced tool call
+        tools = tools_of(request)
+        if tools is not None and tools.is_forced:  # the grammar makes it a call
             return [call[:10], call[10:30], call[30:]]
         if request.chat.messages and request.chat.messages[-1].content == "call":
             return ["Checking. <tool", "_call>\n" + call[:20], call[20:] + "\n</tool_call>"]
@@ -55,8 +63,11 @@ class FakeFrontend(generation_pb2_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext) -> generation_pb2.GenerateResponse:
         await self._fail_if_asked(request, context)
         n = max(request.n, 1)
+        text, calls = "".join(self._words(request)), list[common_pb2.ToolCall]()
+        if (tools := tools_of(request)) is not None and tools.is_shown:
+            text, calls = calls_in(text, tools)
         reply = generation_pb2.GenerateResponse(
-            text="".join(self._words(request)), finish_reason=common_pb2.FINISH_REASON_LENGTH,
+            text=text, tool_calls=calls, finish_reason=common_pb2.FINISH_REASON_LENGTH,
             usage=common_pb2.Usage(prompt_tokens=5, completion_tokens=3 * n,
                                    cached_prompt_tokens=2), model="m")
         if request.params.return_logprobs:
@@ -73,16 +84,21 @@ class FakeFrontend(generation_pb2_grpc.GenerationServicer):
         await self._fail_if_asked(request, context)
         n = max(request.n, 1)
         words = [self._words(request, i) for i in range(n)]
+        tools = tools_of(request)
+        parsers = [StreamedCalls(tools) if tools is not None and tools.is_shown else None
+                   for _ in range(n)]
         for step in range(3):  # the choices interleave
-            for i in range(n):
-                msg = generation_pb2.GenerateStreamResponse(text=words[i][step], index=i)
+            for i, parser in enumerate(parsers):
+                text = words[i][step] if parser is None else parser.feed(words[i][step])
+                msg = generation_pb2.GenerateStreamResponse(text=text, index=i)
                 if request.params.return_logprobs:
                     msg.logprobs.extend(self._logprobs(words[i][step]))
                 yield msg
             await asyncio.sleep(0.001)
-        for i in range(n):
+        for i, parser in enumerate(parsers):
+            rest, calls = parser.finish() if parser is not None else ("", [])
             yield generation_pb2.GenerateStreamResponse(
-                index=i, finish_reason=common_pb2.FINISH_REASON_STOP,
+                index=i, text=rest, tool_calls=calls, finish_reason=common_pb2.FINISH_REASON_STOP,
                 usage=common_pb2.Usage(prompt_tokens=5, completion_tokens=3))
 
     async def ListModels(self, request: generation_pb2.ListModelsRequest,
@@ -254,6 +270,43 @@ def test_tool_calls_streamed(content: str, choice: str, said: str) -> None:
     (call,) = with_calls["delta"]["tool_calls"]
     assert call["index"] == 0 and call["function"] == CALL
     assert deltas[-1]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize(("tools", "choice", "says"), [
+    (None, "required", "tool_choice: a required or named choice needs tools"),
+    ([WEATHER], {"type": "function", "function": {"name": "g"}},
+     "tool_choice: names a function which tools does not declare")])
+def test_the_frontends_refusal_of_tool_fields_is_400_naming_the_field(
+        tools: list[Any] | None, choice: Any, says: str) -> None:
+    body = CHAT | {"tool_choice": choice} | ({"tools": tools} if tools else {})
+    r = run(FakeFrontend(), lambda c: c.post("/v1/chat/completions", json=body))
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "message": says, "type": "invalid_request_error", "param": "tool_choice", "code": None}
+
+
+def test_tools_map_onto_the_frontends_fields() -> None:
+    frontend = FakeFrontend()
+    call = {"id": "call_1", "type": "function", "function": CALL}
+    run(frontend, lambda c: c.post("/v1/chat/completions", json={
+        "model": "m", "tools": [WEATHER], "tool_choice": "required", "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]}))
+    (request, _), = frontend.seen
+    assert list(request.tools) == [common_pb2.Tool(
+        name="get_weather", parameters='{"type": "object", "properties": {"city": {"type": '
+                                       '"string"}}}')]
+    assert request.tool_choice == generation_pb2.ToolChoice(
+        mode=generation_pb2.TOOL_MODE_REQUIRED)
+    assert list(request.chat.messages) == [
+        generation_pb2.Message(role="system", content="Be brief."),
+        generation_pb2.Message(role="user", content="Paris?"),
+        generation_pb2.Message(role="assistant", tool_calls=[common_pb2.ToolCall(
+            id="call_1", name="get_weather", arguments='{"city": "Paris"}')]),
+        generation_pb2.Message(role="tool", content="sunny", tool_call_id="call_1")]
+    assert not request.params.HasField("constraint")  # the frontend's to set
 
 
 def test_plain_text_with_tools_is_content() -> None:

@@ -109,8 +109,8 @@ def test_detokenize_flush_releases_a_broken_end_and_special_tokens_can_be_kept(s
 def test_describe_model(stub, tokenizer):
     _, model, bare, _ = tokenizer
     d = stub.DescribeModel(tokenizer_pb2.DescribeModelRequest(model=model), timeout=10)
-    assert (d.model, d.vocab_size, d.has_chat_template, list(d.eos_token_ids)) == (
-        model, 49152, True, [2])
+    assert (d.model, d.vocab_size, d.has_chat_template, list(d.eos_token_ids),
+            d.supports_tools) == (model, 49152, True, [2], False)  # its template names no tools
     assert not stub.DescribeModel(tokenizer_pb2.DescribeModelRequest(model=bare),
                                   timeout=10).has_chat_template
 
@@ -129,7 +129,7 @@ def test_unknown_model_is_not_found_listing_the_served_models(stub, tokenizer):
 
 @pytest.mark.parametrize(("messages", "detail"), [
     ([], "messages is empty"),
-    ([("user", "hi"), ("tool", "42")], "messages[1].role is 'tool'"),
+    ([("user", "hi"), ("robot", "42")], "messages[1].role is 'robot'"),
 ])
 def test_bad_conversation_is_invalid_argument(stub, tokenizer, messages, detail):
     err = rpc_error(stub.ApplyChatTemplate, chat_request(tokenizer[1], messages))
