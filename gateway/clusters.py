@@ -3,19 +3,20 @@ HTTP/2; the HTTP API (``http_cluster``) speaks HTTP/1.1 and is probed with ``GET
 
 Health checking, as Envoy does it and as genmesh relies on it:
 - Every endpoint is probed with the standard ``grpc.health.v1.Health/Check`` (service "",
-  the server as a whole; an HTTP service: ``GET /healthz``) once a second, with or
+  the server as a whole; an HTTP service: ``GET /healthz``) twice a second, with or
   without traffic (``no_traffic_interval`` would otherwise slow probing of an idle
   cluster to once a minute).
 - A host starts unhealthy and receives no traffic until its first probe answers SERVING.
   At boot Envoy finishes that first round before ``/ready`` answers 200, so a backend that
-  is down at boot stays out of rotation until a later probe (at most ~1 s after it serves).
+  is down at boot stays out of rotation until a later probe (at most ~0.5 s after it serves).
 - An answer of NOT_SERVING (HTTP: any status but 200, e.g. the 503 of a draining HTTP
   API) takes a host out at that probe (a definite answer, Envoy skips the threshold);
   two network failures in a row (no answer within 1 s, refused connection) do too.
   One SERVING answer puts it back; a host the probes took out is
   probed every 0.25 s, so a replica that `genmesh up` (or a container runtime) restarted
   takes calls again within 0.25 s of serving. (One that outlier detection ejected, below,
-  comes back at its next good probe, within the 1 s interval.)
+  comes back at its next good probe, within the 0.5 s interval: a restarted process is
+  often back before the probes noticed it gone, and this is then its wait.)
 - Panic mode is off (threshold 0 %): Envoy's default of spraying traffic over *all* hosts
   once fewer than half are healthy would send requests to a worker that is still loading
   or already gone. With no healthy host a call fails at once with UNAVAILABLE
@@ -29,12 +30,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.core import duration, socket_address, typed
+from gateway.flow_control import MESH_BUFFER_BYTES, UPSTREAM_MAX_STREAMS, http2_options
 
 # (host, port) of one backend process. The host is an IP address or a DNS name.
 Endpoint = tuple[str, int]
 
 CONNECT_TIMEOUT_S = 1.0
-HEALTH_CHECK_INTERVAL_S = 1.0
+HEALTH_CHECK_INTERVAL_S = 0.5
 HEALTH_CHECK_TIMEOUT_S = 1.0
 UNHEALTHY_INTERVAL_S = 0.25  # how often a host out of rotation is probed
 UNHEALTHY_THRESHOLD = 2  # consecutive failed probes before a host leaves rotation
@@ -107,6 +109,7 @@ def _upstream(name: str, endpoints: Sequence[Endpoint], *, lb_policy: str,
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": protocol_options,
         },
         "circuit_breakers": circuit_breakers(),
+        "per_connection_buffer_limit_bytes": MESH_BUFFER_BYTES,
     }
 
 
@@ -137,10 +140,11 @@ def outlier_detection() -> dict[str, Any]:
 
 
 def http2_protocol_options() -> dict[str, Any]:
-    """Speak HTTP/2 to the upstream: gRPC needs it, and Envoy's default there is HTTP/1.1."""
+    """Speak HTTP/2 to the upstream: gRPC needs it, and Envoy's default there is HTTP/1.1.
+    Windows, stream limit and stream-only resets: ``gateway/flow_control.py``."""
     return typed(
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        explicit_http_config={"http2_protocol_options": {}},
+        explicit_http_config={"http2_protocol_options": http2_options(UPSTREAM_MAX_STREAMS)},
     )
 
 

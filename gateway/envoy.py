@@ -2,10 +2,11 @@
 to run and validate Envoy.
 
 Two listeners on one Envoy (DESIGN.md §1):
-- edge (public): ``genmesh.v1.Generation`` per tenant with its rate limits, health and
-  reflection, all to the frontend; with ``services.httpapi``, the OpenAI-compatible
-  ``/v1/`` paths per tenant, with its rate limits too, to the HTTP API; request bodies
-  limited to ``max_request_bytes``.
+- edge (public): every call's API key checked by the frontend (ext_authz,
+  ``gateway/authz.py``: no key is in Envoy's config), ``genmesh.v1.Generation`` per
+  tenant with its rate limits, health and reflection, all to the frontend; with
+  ``services.httpapi``, the OpenAI-compatible ``/v1/`` paths per tenant, with its rate
+  limits too, to the HTTP API; request bodies limited to ``max_request_bytes``.
 - mesh (service to service): each internal gRPC service to its cluster, the worker pools
   split, mirrored and hashed by the rollout state (``gateway/routes.py``).
 With ``gateway.metrics_port`` a third, ``metrics``, passes admin's ``/stats/prometheus``
@@ -30,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from gateway import metrics, ratelimits
+from gateway import authz, metrics, ratelimits
 from gateway.clusters import cluster, http_cluster
 from gateway.core import socket_address, typed
 from gateway.listeners import http_connection_manager, listener, otel_tracing, route_config
@@ -76,6 +77,9 @@ def resources(dep: Deployment, *, rds_dir: Path | None = None) -> Resources:
     configs = [route_config("edge", edge_routes(dep)), route_config("mesh", mesh_routes(dep))]
     g = dep.gateway
     edge_filters = ratelimits.local_filters(dep.tenants)
+    if dep.tenants:  # the key check first: the rate limits count the tenant it stamps
+        edge_filters.insert(0, authz.ext_authz_filter(
+            "frontend", key_header=dep.limits.api_key_header))
     if dep.services.ratelimit:
         edge_filters.append(ratelimits.global_filter("ratelimit", dep.limits.global_failure_mode))
     listeners = []

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.core import duration, socket_address, typed
+from gateway.flow_control import downstream_options, listener_buffer_bytes
 from gateway.ratelimits import LOCAL_REFUSAL_MESSAGE
 
 RESOURCE_EXHAUSTED = 8  # grpc-status code
@@ -31,10 +32,12 @@ def listener(name: str, *, host: str, port: int, manager: dict[str, Any],
 
     ``is_inbound`` marks the edge (``traffic_direction: INBOUND``): Envoy's admin
     ``/drain_listeners?inboundonly`` then stops it alone, and the mesh listener keeps
-    carrying the in-flight streams' calls while the mesh stops."""
+    carrying the in-flight streams' calls while the mesh stops, and takes the edge's
+    smaller per-stream buffers (``gateway/flow_control.py``)."""
     config: dict[str, Any] = {"name": name, "address": socket_address(host, port)}
     if is_inbound:
         config["traffic_direction"] = "INBOUND"
+    config["per_connection_buffer_limit_bytes"] = listener_buffer_bytes(is_edge=is_inbound)
     config["filter_chains"] = [{
         "filters": [{"name": "envoy.filters.network.http_connection_manager",
                      "typed_config": manager}],
@@ -57,6 +60,8 @@ def http_connection_manager(
 ) -> dict[str, Any]:
     """HTTP/1.1 or HTTP/2 (gRPC) downstream, one virtual host matching any authority.
 
+    A malformed request resets its own stream, and a client that does not read stalls
+    only its own streams (``gateway/flow_control.py``).
     Every request carries an ``x-request-id``: kept when the caller sent one (the frontend
     forwards the edge's id on its mesh calls, clients may bring their own), generated
     otherwise. The edge also returns it in the response headers so a client can quote it.
@@ -79,6 +84,7 @@ def http_connection_manager(
         generate_request_id=True,
         stream_idle_timeout=duration(stream_idle_timeout_s),
         max_request_headers_kb=max_request_headers_kb,
+        **downstream_options(is_edge=is_edge),
     )
     if is_edge:
         manager |= {

@@ -9,9 +9,12 @@ read UNAVAILABLE).
   shared by all of the tenant's routes (gRPC, and the HTTP API's Bearer and key header
   routes) and by Envoy's worker threads: a per-Envoy-process limit. A stream costs one
   token however many messages it carries. The bucket is a filter of its own in the edge's
-  chain (``local_filters``), off by default and switched on by the tenant's routes
-  (``local_filter_on``). A bucket in a route's ``typed_per_filter_config`` would be one
-  per route: a tenant with three routes would get three times its rate. One filter per
+  chain (``local_filters``), skipped by every request but those the key check
+  (``gateway/authz.py``) stamped with the tenant's name: a matcher on the stamped header,
+  evaluated when the request reaches the filter, after the check. (Switching it on by
+  route cannot work with the check: Envoy picks a request's filters by its first route,
+  before the check stamped the tenant.) A bucket in a route's ``typed_per_filter_config``
+  would be one per route: a tenant with two routes would get twice its rate. One filter per
   tenant, rather than one filter with a descriptor per tenant, keeps the stats per tenant
   (``tenant_<name>.http_local_rate_limit.*``, which the dashboards read), the runtime
   switches per tenant, and leaves the routes' ``rate_limits`` to the global filter alone.
@@ -68,21 +71,30 @@ LOCAL_REFUSAL_MESSAGE = (
 
 
 def local_filters(tenants: Sequence[Tenant]) -> list[dict[str, Any]]:
-    """The edge's local rate-limit filters: one per tenant, holding its bucket, off on
-    every route that does not switch it on (``local_filter_on``)."""
-    return [{"name": local_filter_name(t), "typed_config": local_bucket(t), "disabled": True}
+    """The edge's local rate-limit filters: one per tenant, holding its bucket, skipped by
+    every request not stamped as the tenant's (``only_for``)."""
+    return [{"name": local_filter_name(t), "typed_config": only_for(t, local_bucket(t))}
             for t in tenants]
+
+
+def only_for(tenant: Tenant, config: dict[str, Any]) -> dict[str, Any]:
+    """The filter ``config``, skipped by a request whose tenant header (stamped by the key
+    check, which removes any a client sent) is not the tenant's name, or is absent."""
+    is_tenant = {"single_predicate": {
+        "input": {"name": "tenant", "typed_config": typed(
+            "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=metadata.TENANT)},
+        "value_match": {"exact": tenant.name}}}
+    skip = {"action": {"name": "skip", "typed_config": typed(
+        "envoy.extensions.filters.common.matcher.action.v3.SkipFilter")}}
+    return typed(
+        "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+        extension_config={"name": local_filter_name(tenant), "typed_config": config},
+        xds_matcher={"matcher_list": {"matchers": [
+            {"predicate": {"not_matcher": is_tenant}, "on_match": skip}]}})
 
 
 def local_filter_name(tenant: Tenant) -> str:
     return f"{LOCAL_FILTER_PREFIX}.{tenant.name}"
-
-
-def local_filter_on(tenant: Tenant) -> dict[str, Any]:
-    """A tenant route's ``typed_per_filter_config``: the tenant's filter, switched on with
-    the filter's own config (an empty ``config``), so every route of the tenant draws on
-    the same bucket."""
-    return {local_filter_name(tenant): typed("envoy.config.route.v3.FilterConfig", config={})}
 
 
 def local_bucket(tenant: Tenant) -> dict[str, Any]:

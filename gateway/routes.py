@@ -2,19 +2,22 @@
 
 Edge (clients → frontend, and → the HTTP API when deployed):
 - health and reflection pass without a key;
-- one route per tenant matches ``genmesh.v1.Generation`` calls carrying one of the
-  tenant's API keys. It stamps ``x-genmesh-tenant`` (overwriting whatever the client
-  sent), drops the key itself (it never reaches a backend or a log), and carries the
-  tenant's local bucket and global descriptor (``gateway/ratelimits.py``);
+- every other request is first checked by the ext_authz filter (``gateway/authz.py``):
+  the frontend's Check stamps ``x-genmesh-tenant`` for one known API key (overwriting
+  whatever the client sent), removes it otherwise, removes the credentials, and refuses
+  a request with more than one key (UNAUTHENTICATED, 401). No key is in this config.
+- one route per tenant matches ``genmesh.v1.Generation`` calls stamped with the tenant's
+  name and carries its global descriptor; the tenant's local bucket counts every request
+  stamped with its name (``gateway/ratelimits.py``); the route drops the credentials
+  again (they never reach a backend or a log);
 - any other Generation call (no key, an unknown key) reaches the frontend with no
   tenant header, and the frontend answers UNAUTHENTICATED.
 - With ``services.httpapi``, the OpenAI-compatible HTTP API (``/v1/``, HTTP/1.1) is
-  authenticated the same way: per tenant, one route for ``Authorization: Bearer <key>``
-  (what OpenAI's SDKs send) and one for the API key header, each stamping the tenant,
-  dropping both credentials and carrying the tenant's limits; any other ``/v1/`` request
-  reaches the HTTP API with no tenant (nor credential), which answers 401. A tenant's
-  three routes (gRPC, Bearer, key header) switch on the same local filter, so its
-  ``requests_per_second`` is one bucket over all three; the global limit is one counter.
+  authenticated the same way, its key as ``Authorization: Bearer <key>`` (what OpenAI's
+  SDKs send) or in the API key header: per tenant one route, then any other ``/v1/``
+  request reaches the HTTP API with no tenant (nor credential), which answers 401. The
+  tenant's ``requests_per_second`` is one bucket over both doors; the global limit is
+  one counter.
 
 Mesh (frontend → internal services):
 - Tokenizer: its unary calls are retried on a refused or reset connection (they are
@@ -33,11 +36,11 @@ Unknown paths get HTTP 404, which gRPC reads as UNIMPLEMENTED, naming what is se
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from gateway import ratelimits
+from gateway.authz import AUTHORIZATION
 from genmesh.core import metadata
 from genmesh.core.deployment import Deployment, SplitMode, Tenant
 
@@ -47,7 +50,6 @@ IDEMPOTENT_TOKENIZER_METHODS = ("Tokenize", "ApplyChatTemplate", "DescribeModel"
 RETRY_ON = "connect-failure,refused-stream,reset,unavailable"
 NUM_RETRIES = 2
 HTTP_API_PREFIX = "/v1/"  # the OpenAI-compatible paths, served by services/httpapi
-AUTHORIZATION = "authorization"  # HTTP's own credential header: "Bearer <API key>"
 
 
 def route(prefix: str, cluster: str) -> dict[str, Any]:
@@ -79,8 +81,8 @@ def edge_routes(dep: Deployment) -> list[dict[str, Any]]:
     has_global = bool(dep.services.ratelimit)
     routes = [route("/grpc.health.v1.Health/", "frontend"),
               route("/grpc.reflection.", "frontend")]  # v1 and v1alpha
-    routes += [tenant_route(generation, "frontend", t, key_match(key_header, t),
-                            credentials=[key_header], has_global=has_global)
+    routes += [tenant_route(generation, "frontend", t, credentials=[key_header, AUTHORIZATION],
+                            has_global=has_global)
                for t in dep.tenants]
     anonymous = route(generation, "frontend")
     anonymous["request_headers_to_remove"] = [metadata.TENANT, key_header]
@@ -93,41 +95,26 @@ def edge_routes(dep: Deployment) -> list[dict[str, Any]]:
 
 
 def http_api_routes(dep: Deployment) -> list[dict[str, Any]]:
-    """``/v1/`` to the HTTP API: per tenant its Bearer route and its key header route, then
-    everyone else with no tenant. Both credentials are dropped on every route."""
+    """``/v1/`` to the HTTP API: per tenant its route, then everyone else with no tenant.
+    Both credentials are dropped on every route."""
     key_header = dep.limits.api_key_header
     credentials = [AUTHORIZATION, key_header]
     has_global = bool(dep.services.ratelimit)
-    routes = []
-    for t in dep.tenants:
-        for match in (key_match(AUTHORIZATION, t, scheme="Bearer "), key_match(key_header, t)):
-            routes.append(tenant_route(HTTP_API_PREFIX, "httpapi", t, match,
-                                       credentials=credentials, has_global=has_global))
+    routes = [tenant_route(HTTP_API_PREFIX, "httpapi", t, credentials=credentials,
+                           has_global=has_global) for t in dep.tenants]
     anonymous = route(HTTP_API_PREFIX, "httpapi")
     anonymous["request_headers_to_remove"] = [metadata.TENANT, *credentials]
     return [*routes, anonymous]
 
 
-def key_match(header: str, tenant: Tenant, *, scheme: str = "") -> dict[str, Any]:
-    """A header matcher: ``header`` is ``scheme`` (regex text, e.g. "Bearer ") followed by
-    exactly one of the tenant's keys."""
-    keys = "|".join(re.escape(k) for k in tenant.api_keys)
-    return {"name": header, "string_match": {"safe_regex": {"regex": f"^{scheme}(?:{keys})$"}}}
-
-
-def tenant_route(prefix: str, cluster: str, tenant: Tenant, credential: dict[str, Any], *,
-                 credentials: Sequence[str], has_global: bool) -> dict[str, Any]:
-    """Calls under ``prefix`` whose ``credential`` (a header matcher) holds one of the tenant's
-    keys: to ``cluster`` with the tenant header stamped (over whatever the client sent) and
-    the ``credentials`` headers removed, counted by the tenant's local bucket (one for all
-    its routes) and global descriptor."""
+def tenant_route(prefix: str, cluster: str, tenant: Tenant, *, credentials: Sequence[str],
+                 has_global: bool) -> dict[str, Any]:
+    """Calls under ``prefix`` that the key check stamped as the tenant's (``gateway/
+    authz.py``; a client's own tenant header never survives it): to ``cluster`` with the
+    ``credentials`` headers removed, counted by the tenant's global descriptor."""
     r = route(prefix, cluster)
-    r["match"]["headers"] = [credential]
-    r["request_headers_to_add"] = [{
-        "header": {"key": metadata.TENANT, "value": tenant.name},
-        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    r["match"]["headers"] = [{"name": metadata.TENANT, "string_match": {"exact": tenant.name}}]
     r["request_headers_to_remove"] = list(credentials)
-    r["typed_per_filter_config"] = ratelimits.local_filter_on(tenant)
     if has_global and tenant.requests_per_minute is not None:
         r["route"]["rate_limits"] = ratelimits.tenant_descriptors(tenant)
     return r

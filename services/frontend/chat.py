@@ -24,6 +24,7 @@ from services.common.telemetry import tracer as get_tracer
 from services.frontend.catalog import ModelCatalog
 from services.frontend.errors import PipelineError
 from services.frontend.events import Finished, Started, TextChunk
+from services.frontend.fields import check_name
 from services.frontend.pipeline import Pipeline, PipelineRequest
 
 
@@ -41,6 +42,15 @@ class SessionSettings:
 
 
 _END = object()  # queued after the last event of the session
+# Events queued for a client that has not read them yet, past which the session stops
+# reading the client's messages until it reads: a client that floods messages (each
+# answered by an event) and never reads stalls itself, by HTTP/2 flow control, and holds
+# no more of the frontend's memory. A turn's own deltas are not held back (its max_tokens
+# bounds them).
+MAX_QUEUED_EVENTS = 256
+# Client messages refused in a row (empty, out of order, ...) that end the session: each
+# costs an event, and a client sending nothing else is not holding a conversation.
+MAX_REFUSED_IN_A_ROW = 64
 tracer = get_tracer(__name__)
 
 
@@ -64,6 +74,9 @@ class ChatSession:
         # next turn while that one still releases what it held.
         self.last_finished_turn = 0
         self.out: asyncio.Queue = asyncio.Queue()
+        self.has_room = asyncio.Event()  # set while out holds < MAX_QUEUED_EVENTS
+        self.has_room.set()
+        self.num_refused_in_a_row = 0  # client messages answered by an error, in a row
 
     async def run(self, requests: AsyncIterator[generation_pb2.ChatRequest]
                   ) -> AsyncGenerator[generation_pb2.ChatEvent, None]:
@@ -72,9 +85,11 @@ class ChatSession:
         try:
             while True:
                 item = await self.out.get()
+                if self.out.qsize() < MAX_QUEUED_EVENTS:
+                    self.has_room.set()
                 if item is _END:
                     return
-                if isinstance(item, SessionError):
+                if isinstance(item, Exception):  # a SessionError, or the call's abort
                     raise item
                 yield item
         finally:
@@ -87,10 +102,16 @@ class ChatSession:
     async def _read(self, requests: AsyncIterator[generation_pb2.ChatRequest]) -> None:
         try:
             async for msg in requests:
+                if self.out.qsize() >= MAX_QUEUED_EVENTS:
+                    self.has_room.clear()
+                    await self.has_room.wait()
+                num_refused = self.num_refused_in_a_row
                 if not self._handle(msg):
                     # EndSession: the running turn is cancelled (and reported) first.
                     await self._stop_turn()
                     break
+                if self.num_refused_in_a_row == num_refused:  # this one was taken
+                    self.num_refused_in_a_row = 0
             else:
                 # The client half-closed: let the running turn finish, then end.
                 if self.turn_task is not None:
@@ -98,6 +119,8 @@ class ChatSession:
             self.out.put_nowait(_END)
         except SessionError as exc:
             await self._stop_turn()
+            self.out.put_nowait(exc)
+        except Exception as exc:  # reading failed (an undecodable message aborted the call)
             self.out.put_nowait(exc)
 
     def _handle(self, msg: generation_pb2.ChatRequest) -> bool:
@@ -116,18 +139,20 @@ class ChatSession:
                 assert self.turn_task is not None
                 self.turn_task.cancel()
             else:
-                self._error(grpc.StatusCode.FAILED_PRECONDITION, "no turn is running to cancel")
+                self._refuse(grpc.StatusCode.FAILED_PRECONDITION, "no turn is running to cancel")
         elif action == "end":
             return False
         elif action == "start":
-            self._error(grpc.StatusCode.FAILED_PRECONDITION, "the session is already started")
+            self._refuse(grpc.StatusCode.FAILED_PRECONDITION, "the session is already started")
         else:
-            self._error(grpc.StatusCode.INVALID_ARGUMENT,
-                        "empty ChatRequest: set one of start, turn, cancel or end")
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                         "empty ChatRequest: set one of start, turn, cancel or end")
         return True
 
     def _start(self, start: generation_pb2.StartSession) -> None:
         try:
+            check_name("start.model", start.model)
+            check_name("start.model_version", start.model_version)
             model, version = self.catalog.resolve(start.model, start.model_version)
         except PipelineError as exc:
             raise SessionError(exc.code, exc.message) from None
@@ -137,15 +162,15 @@ class ChatSession:
 
     def _begin_turn(self, turn: generation_pb2.UserTurn) -> None:
         if self._is_turn_running():
-            self._error(grpc.StatusCode.FAILED_PRECONDITION,
-                        "a turn is already running: wait for turn_finished or send cancel")
+            self._refuse(grpc.StatusCode.FAILED_PRECONDITION,
+                         "a turn is already running: wait for turn_finished or send cancel")
             return
         if not turn.content.strip():
-            self._error(grpc.StatusCode.INVALID_ARGUMENT, "turn.content must not be empty")
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, "turn.content must not be empty")
             return
         if self.num_turns >= self.max_turns:
-            self._error(grpc.StatusCode.FAILED_PRECONDITION,
-                        f"the session has run {self.max_turns} turns; start a new session")
+            self._refuse(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"the session has run {self.max_turns} turns; start a new session")
             return
         assert self.settings is not None
         self.num_turns += 1
@@ -221,6 +246,16 @@ class ChatSession:
             assert self.turn_task is not None
             self.turn_task.cancel()
             await asyncio.wait([self.turn_task])
+
+    def _refuse(self, code: grpc.StatusCode, message: str) -> None:
+        """Answer a client message with an error event; end the session at the
+        MAX_REFUSED_IN_A_ROW-th in a row."""
+        self.num_refused_in_a_row += 1
+        if self.num_refused_in_a_row >= MAX_REFUSED_IN_A_ROW:
+            raise SessionError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{self.num_refused_in_a_row} messages in a row were refused "
+                               f"(the last: {message}); the session is ended")
+        self._error(code, message)
 
     def _error(self, code: grpc.StatusCode, message: str, *, turn: int = 0) -> None:
         self.out.put_nowait(generation_pb2.ChatEvent(error=generation_pb2.ChatError(

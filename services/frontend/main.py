@@ -11,8 +11,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import redis.asyncio as aioredis
 
+from genmesh.authz.v3 import external_auth_pb2 as authz_pb2
+from genmesh.authz.v3 import external_auth_pb2_grpc as authz_grpc
 from genmesh.core import deployment
 from genmesh.core.failure import FailureMode
 from genmesh.core.models.store import default_store_root
@@ -28,6 +31,7 @@ from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
 from services.frontend import budget
 from services.frontend.admission import Admission, AdmissionPolicy
+from services.frontend.auth import AuthorizationServicer, KeyRing
 from services.frontend.catalog import ModelCatalog
 from services.frontend.config import FrontendConfig
 from services.frontend.detokenize import choose
@@ -57,6 +61,8 @@ class Served:
     max_running_jobs: int = 4
     max_batch_inflight: int = 8
     limits: RequestLimits = field(default_factory=RequestLimits)  # the size of a request
+    # The tenants' API keys, for the edge's ext_authz Check (auth.py); empty: no tenants.
+    keys: KeyRing = field(default_factory=lambda: KeyRing(()))
 
 
 JOBS_SOCKET_TIMEOUT_S = 2.0
@@ -88,7 +94,8 @@ def served(cfg: FrontendConfig) -> Served:
         max_running_jobs=dep.limits.max_running_jobs,
         max_batch_inflight=dep.limits.max_batch_inflight,
         limits=RequestLimits(max_chat_messages=dep.limits.max_chat_messages,
-                             max_prompt_chars=dep.limits.max_prompt_chars))
+                             max_prompt_chars=dep.limits.max_prompt_chars),
+        keys=KeyRing.of({t.name: t.api_keys for t in dep.tenants}))
 
 
 async def run(cfg: FrontendConfig) -> None:
@@ -153,10 +160,17 @@ async def run(cfg: FrontendConfig) -> None:
         if redis is not None:
             await redis.aclose()
 
-    await serve(name="genmesh.frontend", address=cfg.address,
-                register=lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(
-                    servicer, s),
+    authorization = AuthorizationServicer(what.keys,
+                                          key_header=what.admission.api_key_header)
+
+    def register(server: grpc.aio.Server) -> None:
+        generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+        authz_grpc.add_AuthorizationServicer_to_server(authorization, server)
+
+    await serve(name="genmesh.frontend", address=cfg.address, register=register,
                 service_names=[generation_pb2.DESCRIPTOR.services_by_name["Generation"]
+                               .full_name,
+                               authz_pb2.DESCRIPTOR.services_by_name["Authorization"]
                                .full_name],
                 grace_s=cfg.shutdown_grace_s, on_stop=close_channels,
                 interceptors=telemetry.server_interceptors())

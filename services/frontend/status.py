@@ -22,6 +22,10 @@ from services.frontend.errors import PipelineError
 from services.frontend.jobs import InvalidJobId, JobConflict, JobStoreUnavailable, WatchTimeout
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+# The longest status message sent (grpc-message is a trailer: one that passes the
+# gateway's header limit resets the connection other calls share). Messages that quote
+# the caller's strings quote them bounded (fields.py); this catches any other.
+MAX_DETAILS_CHARS = 2048
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
@@ -63,10 +67,13 @@ async def _abort(context: grpc.aio.ServicerContext, status: tuple[grpc.StatusCod
     """End the call with ``status`` (abort raises); trailers only when there are some,
     so a context without trailer support (tests' fakes) is called as before."""
     trailers = trailers_of(exc)
+    code, details = status
+    if len(details) > MAX_DETAILS_CHARS:
+        details = details[:MAX_DETAILS_CHARS - 1] + "…"
     if trailers:
-        await context.abort(*status, trailing_metadata=trailers)
+        await context.abort(code, details, trailing_metadata=trailers)
     else:
-        await context.abort(*status)
+        await context.abort(code, details)
 
 
 def maps_errors(handler: Handler) -> Handler:

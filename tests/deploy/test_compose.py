@@ -28,6 +28,7 @@ import yaml
 
 from gateway import ratelimits
 from gateway.envoy import clusters, render, validate
+from gateway.metrics import ADMIN_CLUSTER
 from genmesh.commands import gateway as gateway_command
 from genmesh.core import deployment as deploy
 from genmesh.core.deployment import Deployment
@@ -276,9 +277,12 @@ def test_service_ports_are_the_deployments_and_the_launchers():
     g = DEP.gateway
     assert (g.host, g.edge_port, g.mesh_port, g.admin_port) == (
         "0.0.0.0", DEFAULTS.edge_port, DEFAULTS.mesh_port, DEFAULTS.admin_port)
+    # Admin (no authentication) on the container's loopback alone: published nowhere,
+    # reached by no other container; Prometheus scrapes the metrics listener.
+    assert g.admin_host == "127.0.0.1" and g.metrics_port == 9902
     envoy = SERVICES["envoy"]
-    assert published(envoy) == {g.edge_port: "127.0.0.1", g.admin_port: "127.0.0.1"}
-    assert g.mesh_port in exposed(envoy)
+    assert published(envoy) == {g.edge_port: "127.0.0.1"}
+    assert exposed(envoy) >= {g.mesh_port, g.metrics_port}
     frontend = _config("frontend")
     for field_name in ("tokenizer_address", "worker_address", "safety_address", "cache_address"):
         assert getattr(frontend, field_name) == f"envoy:{g.mesh_port}", field_name
@@ -413,7 +417,8 @@ def test_prometheus_scrapes_every_service_as_the_launcher_names_them():
                            if "cpu" in s.get("profiles", []) and host in names_of(n, s))
         targets[v.cluster] = [f"{host}:{_config(worker_name).metrics_port}"]
     targets["ratelimit"] = [f"ratelimit:{_config('ratelimit').metrics_port}"]
-    expected = prometheus.scrape_config(targets, envoy_admin=f"envoy:{DEP.gateway.admin_port}")
+    expected = prometheus.scrape_config(targets,
+                                        envoy_admin=f"envoy:{DEP.gateway.metrics_port}")
     service = SERVICES["prometheus"]
     source, _ = mounts(service)["/etc/prometheus/prometheus.yml"]
     assert yaml.safe_load((REPO_ROOT / source).read_text()) == expected, (
@@ -518,7 +523,8 @@ def test_compose_deployment_renders_through_gateway_and_envoy_accepts_it(tmp_pat
     for service_name, endpoints in deployment_ports(DEP).items():
         for host, _ in endpoints:
             assert host in names, f"{service_name}: {host} is no compose service"
-    assert {c["type"] for c in clusters(DEP)} == {"STRICT_DNS"}  # names, re-resolved
+    # Names, re-resolved; but Envoy's own admin, behind the metrics listener, on loopback.
+    assert {c["type"] for c in clusters(DEP) if c["name"] != ADMIN_CLUSTER} == {"STRICT_DNS"}
     # The edge routes to the frontend and the HTTP API only; the mesh reaches every
     # internal service.
     routed = validated_routes(DEP, tmp_path)

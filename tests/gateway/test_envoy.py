@@ -77,7 +77,7 @@ def test_edge_serves_health_and_reflection_then_tenants_then_anonymous_callers()
     bootstrap = build_bootstrap(local_config())
     assert prefixes(bootstrap, "edge") == [
         "/grpc.health.v1.Health/", "/grpc.reflection.", "/genmesh.v1.Generation/",
-        "/genmesh.v1.Generation/", "/v1/", "/v1/", "/v1/", "/"]
+        "/genmesh.v1.Generation/", "/v1/", "/v1/", "/"]
     health, reflection, dev, anonymous, *_, rest = routes_of(bootstrap, "edge")
     assert {r["route"]["cluster"] for r in (health, reflection, dev, anonymous)} == {"frontend"}
     assert "headers" not in health["match"] and "headers" not in anonymous["match"]
@@ -138,8 +138,9 @@ def test_only_the_edge_limits_request_bodies():
         manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
         filters[listener["name"]] = [f["name"] for f in manager["http_filters"]]
     assert filters == {
-        "edge": ["envoy.filters.http.body_size_limit", "genmesh.local_ratelimit.dev",
-                 "envoy.filters.http.ratelimit", "envoy.filters.http.router"],
+        "edge": ["envoy.filters.http.body_size_limit", "envoy.filters.http.ext_authz",
+                 "genmesh.local_ratelimit.dev", "envoy.filters.http.ratelimit",
+                 "envoy.filters.http.router"],
         "mesh": ["envoy.filters.http.router"],
     }
     assert "max_request_bytes: 1024" in yaml.safe_dump(bootstrap)

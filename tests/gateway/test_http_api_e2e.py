@@ -12,6 +12,7 @@ import json
 import threading
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,6 +26,7 @@ from genmesh.core.deployment import (
     Services,
     Tenant,
 )
+from tests.gateway.key_check import start_key_check
 from tests.gateway.test_envoy_e2e import running_envoy, wait_until
 from tests.procs import free_port
 
@@ -159,12 +161,15 @@ def gw(tmp_path_factory) -> Iterator[Gateway]:
     backend = Backend(free_port())
     backend.start()
     cfg = make_config(backend.port)
+    # The edge asks the frontend's key check before it routes a request.
+    key_check = start_key_check(cfg.tenants, port=cfg.services.frontend[0][1])
     try:
         with running_envoy(cfg, tmp_path_factory.mktemp("envoy")):
             gateway = Gateway(cfg, backend)
             wait_routed(gateway)
             yield gateway
     finally:
+        key_check.stop(grace=None)
         backend.stop()
 
 
@@ -197,9 +202,10 @@ def test_a_tenant_header_from_the_client_is_never_believed(gw):
 
 def test_over_the_tenants_rate_the_reply_is_an_openai_rate_limit_error(gw):
     bearer = {"Authorization": f"Bearer {BURST_KEY}"}
-    # The bucket holds one second's worth: a quick burst of twice that runs it dry.
-    replies = [gw.request("/v1/models", headers=bearer)
-               for _ in range(2 * BURST_REQUESTS_PER_SECOND + 1)]
+    # The bucket holds one second's worth: a burst of twice that at once runs it dry.
+    with ThreadPoolExecutor(2 * BURST_REQUESTS_PER_SECOND + 1) as pool:
+        replies = list(pool.map(lambda _: gw.request("/v1/models", headers=bearer),
+                                range(2 * BURST_REQUESTS_PER_SECOND + 1)))
     limited = [r for r in replies if r.status == 429]
     assert limited, [r.status for r in replies]
     reply = limited[0]
@@ -219,9 +225,11 @@ def test_a_tenants_grpc_bearer_and_key_header_routes_share_one_bucket(gw):
     }
     # Three rounds of one request on each route. A bucket per route (3 tokens each) would
     # admit all nine; the tenant's one bucket admits 3, and 3 more at most if it refills
-    # once meanwhile (the nine take well under its 1 s fill interval).
-    replies = [(name, gw.request(path, headers=headers, body=b"" if name == "grpc" else None))
-               for _ in range(3) for name, (path, headers) in routes.items()]
+    # once meanwhile (the nine, sent at once, take well under its 1 s fill interval).
+    calls = [(name, path, headers) for _ in range(3) for name, (path, headers) in routes.items()]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        replies = list(pool.map(lambda c: (c[0], gw.request(
+            c[1], headers=c[2], body=b"" if c[0] == "grpc" else None)), calls))
     limited = [(name, r) for name, r in replies if r.headers.get("x-genmesh-rate-limited-by")]
     assert len(limited) >= len(replies) - 2 * SHARED_REQUESTS_PER_SECOND, [
         (name, r.status, r.headers.get("grpc-status")) for name, r in replies]
@@ -260,10 +268,10 @@ def test_other_paths_keep_envoys_plain_replies(gw):
     reply = gw.request("/healthz")  # the HTTP API's own probe path is not public
     assert reply.status == 404
     assert b"the OpenAI-compatible HTTP API (/v1/)" in reply.body
-    # gRPC calls are still answered in gRPC's terms: a frontend that is down, a body
-    # over the limit.
+    # gRPC calls are still answered in gRPC's terms: a frontend (here a stand-in that
+    # serves only the key check) that does not serve the call, a body over the limit.
     unavailable = gw.request("/genmesh.v1.Generation/Generate", body=b"", headers=GRPC)
-    assert unavailable.headers["grpc-status"] == "14"  # UNAVAILABLE
+    assert unavailable.headers["grpc-status"] == "12"  # UNIMPLEMENTED
     too_large = gw.request("/genmesh.v1.Generation/Generate", headers=GRPC,
                            body=b"x" * (MAX_REQUEST_BYTES + 1))
     assert too_large.headers["grpc-status"] == "8"  # RESOURCE_EXHAUSTED

@@ -38,6 +38,7 @@ from genmesh.core.deployment import (
     Tenant,
 )
 from genmesh.launcher.plan import redis_binary
+from tests.gateway.key_check import add_key_check
 from tests.gateway.test_envoy_e2e import running_envoy, wait_reachable, wait_until
 from tests.procs import RedisServer, free_port, service
 
@@ -134,6 +135,7 @@ def start_frontend() -> tuple[grpc.Server, int]:
                          options=[("grpc.so_reuseport", 0)])
     port = server.add_insecure_port("127.0.0.1:0")
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    add_key_check(server, (BUCKET, MINUTE, BOTH, TOKENS, WARM))  # the edge asks it first
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         "genmesh.v1.Generation",
         {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request),

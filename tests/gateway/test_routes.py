@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway import rollout
 from gateway.envoy import build_bootstrap
@@ -15,28 +16,26 @@ from genmesh.core import deployment
 from genmesh.core.deployment import DeploymentError, Rollout, SplitMode, Tenant
 
 LOCAL = Path(__file__).parents[2] / "deploy" / "local.yaml"
-# What each of dev's routes carries for the local limit: dev's own filter, switched on.
-SWITCH_ON_DEV = {"genmesh.local_ratelimit.dev": {
-    "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {}}}
 
 
 def local() -> deployment.Deployment:
     return deployment.load(LOCAL, environ={})
 
 
-def test_tenant_routes_stamp_the_tenant_drop_the_key_and_carry_the_limits():
-    _, _, dev, anonymous, *_ = edge_routes(local())
-    [key_match] = dev["match"]["headers"]
-    assert key_match == {"name": "x-api-key", "string_match": {
-        "safe_regex": {"regex": "^(?:genmesh\\-dev\\-key)$"}}}
-    assert dev["request_headers_to_add"][0]["header"] == {"key": "x-genmesh-tenant",
-                                                          "value": "dev"}
-    assert dev["request_headers_to_remove"] == ["x-api-key"]
-    assert dev["typed_per_filter_config"] == SWITCH_ON_DEV
+def test_tenant_routes_match_the_checked_tenant_drop_the_keys_and_carry_the_limits():
+    health, reflection, dev, anonymous, *_ = edge_routes(local())
+    # The key check (ext_authz) stamped the tenant; no key is matched, or written, here.
+    assert dev["match"]["headers"] == [{"name": "x-genmesh-tenant",
+                                        "string_match": {"exact": "dev"}}]
+    assert "request_headers_to_add" not in dev
+    assert dev["request_headers_to_remove"] == ["x-api-key", "authorization"]
+    assert "typed_per_filter_config" not in dev  # the bucket follows the stamped tenant
     assert dev["route"]["rate_limits"][0]["actions"][0]["generic_key"] == {
         "descriptor_key": "tenant", "descriptor_value": "dev"}
     # A caller without a (known) key reaches the frontend with no tenant: UNAUTHENTICATED.
     assert anonymous["request_headers_to_remove"] == ["x-genmesh-tenant", "x-api-key"]
+    # Health and reflection need no key (but are checked: a tenant header is removed).
+    assert "headers" not in health["match"] and "headers" not in reflection["match"]
     assert service_limits(local())["descriptors"] == [{
         "key": "tenant", "value": "dev",
         "rate_limit": {"unit": "minute", "requests_per_unit": 1200}}]
@@ -44,29 +43,17 @@ def test_tenant_routes_stamp_the_tenant_drop_the_key_and_carry_the_limits():
 
 def test_http_api_routes_authenticate_like_the_grpc_routes():
     dep = local()
-    _, _, grpc_dev, _, bearer, key, anonymous, unrouted = edge_routes(dep)
-    dev = dep.tenant("dev")
-    assert dev is not None
-    as_dev = {
+    _, _, grpc_dev, _, http_dev, anonymous, unrouted = edge_routes(dep)
+    assert http_dev == {
+        "match": {"prefix": "/v1/", "headers": [{"name": "x-genmesh-tenant",
+                                                 "string_match": {"exact": "dev"}}]},
         "route": {"cluster": "httpapi", "timeout": "0s", "rate_limits": [{
             "stage": 0, "actions": [{"generic_key": {"descriptor_key": "tenant",
                                                      "descriptor_value": "dev"}}]}]},
-        "request_headers_to_add": [{"header": {"key": "x-genmesh-tenant", "value": "dev"},
-                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
         "request_headers_to_remove": ["authorization", "x-api-key"],
-        "typed_per_filter_config": SWITCH_ON_DEV,
     }
-    assert bearer == {"match": {"prefix": "/v1/", "headers": [{
-        "name": "authorization",
-        "string_match": {"safe_regex": {"regex": "^Bearer (?:genmesh\\-dev\\-key)$"}}}]},
-        **as_dev}
-    assert key == {"match": {"prefix": "/v1/", "headers": [{
-        "name": "x-api-key",
-        "string_match": {"safe_regex": {"regex": "^(?:genmesh\\-dev\\-key)$"}}}]},
-        **as_dev}
-    # The same limits as the tenant's gRPC route.
-    assert bearer["typed_per_filter_config"] == grpc_dev["typed_per_filter_config"]
-    assert bearer["route"]["rate_limits"] == grpc_dev["route"]["rate_limits"]
+    # The same global limit as the tenant's gRPC route (and the same local bucket).
+    assert http_dev["route"]["rate_limits"] == grpc_dev["route"]["rate_limits"]
     # Anyone else reaches the HTTP API with no tenant and no credential: it answers 401.
     assert anonymous == {"match": {"prefix": "/v1/"},
                          "route": {"cluster": "httpapi", "timeout": "0s"},
@@ -77,25 +64,32 @@ def test_http_api_routes_authenticate_like_the_grpc_routes():
         "grpc.health.v1.Health, grpc.reflection, the OpenAI-compatible HTTP API (/v1/)")
 
 
-def test_http_api_routes_match_every_key_of_every_tenant_escaped():
-    tenants = (Tenant("a", ("k.1", "k+2"), requests_per_second=5),
-               Tenant("b", ("k|3",), requests_per_second=7, requests_per_minute=60))
+def test_no_key_is_in_the_config_and_the_key_check_runs_before_the_limits():
+    tenants = (Tenant("a", ("key-of-a.1", "key-of-a+2"), requests_per_second=5),
+               Tenant("b", ("key-of-b|3",), requests_per_second=7, requests_per_minute=60))
     dep = dataclasses.replace(local(), tenants=tenants)
+    text = yaml.safe_dump(build_bootstrap(dep))
+    assert "key-of-" not in text
+    [edge, _] = build_bootstrap(dep)["static_resources"]["listeners"]
+    filters = edge["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    names = [f["name"] for f in filters]
+    assert names[:2] == ["envoy.filters.http.body_size_limit", "envoy.filters.http.ext_authz"]
+    check = filters[1]["typed_config"]
+    assert check["grpc_service"]["envoy_grpc"] == {"cluster_name": "frontend"}
+    assert (check["failure_mode_allow"], check["clear_route_cache"]) == (False, True)
+    assert check["allowed_headers"] == {"patterns": [{"exact": "x-api-key"},
+                                                     {"exact": "authorization"}]}
     v1 = [r for r in edge_routes(dep) if r["match"]["prefix"] == "/v1/"]
-    assert [(r["match"]["headers"][0]["name"],
-             r["match"]["headers"][0]["string_match"]["safe_regex"]["regex"],
-             r["request_headers_to_add"][0]["header"]["value"],
-             list(r["typed_per_filter_config"]),
-             "rate_limits" in r["route"]) for r in v1[:-1]] == [
-        ("authorization", r"^Bearer (?:k\.1|k\+2)$", "a", ["genmesh.local_ratelimit.a"], False),
-        ("x-api-key", r"^(?:k\.1|k\+2)$", "a", ["genmesh.local_ratelimit.a"], False),
-        ("authorization", r"^Bearer (?:k\|3)$", "b", ["genmesh.local_ratelimit.b"], True),
-        ("x-api-key", r"^(?:k\|3)$", "b", ["genmesh.local_ratelimit.b"], True),
-    ]
-    assert "headers" not in v1[-1]["match"]
+    assert [r["match"].get("headers") for r in v1] == [
+        [{"name": "x-genmesh-tenant", "string_match": {"exact": "a"}}],
+        [{"name": "x-genmesh-tenant", "string_match": {"exact": "b"}}], None]
+    # Without tenants nothing is checked: there is no key to check.
+    bare = dataclasses.replace(local(), tenants=())
+    [edge, _] = build_bootstrap(bare)["static_resources"]["listeners"]
+    assert "envoy.filters.http.ext_authz" not in str(edge)
 
 
-def test_each_tenant_has_one_local_bucket_which_only_its_routes_switch_on():
+def test_each_tenant_has_one_local_bucket_which_only_its_stamped_requests_reach():
     tenants = (Tenant("a", ("ka",), requests_per_second=5),
                Tenant("b", ("kb",), requests_per_second=7, requests_per_minute=60))
     dep = dataclasses.replace(local(), tenants=tenants)
@@ -103,9 +97,20 @@ def test_each_tenant_has_one_local_bucket_which_only_its_routes_switch_on():
     filters = edge["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
     local_filters = {f["name"]: f for f in filters if "local_ratelimit" in f["name"]}
     assert list(local_filters) == ["genmesh.local_ratelimit.a", "genmesh.local_ratelimit.b"]
-    a = local_filters["genmesh.local_ratelimit.a"]
-    assert a["disabled"] is True  # on no route but a's own
-    assert a["typed_config"] == {
+    a = local_filters["genmesh.local_ratelimit.a"]["typed_config"]
+    # Skipped by every request the key check did not stamp as a's (no tenant, another).
+    assert a["@type"] == ("type.googleapis.com/envoy.extensions.common.matching.v3."
+                          "ExtensionWithMatcher")
+    [skip_unless_a] = a["xds_matcher"]["matcher_list"]["matchers"]
+    assert skip_unless_a["predicate"]["not_matcher"]["single_predicate"] == {
+        "input": {"name": "tenant", "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+            "header_name": "x-genmesh-tenant"}},
+        "value_match": {"exact": "a"}}
+    assert skip_unless_a["on_match"]["action"]["typed_config"]["@type"] == (
+        "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter")
+    assert a["extension_config"]["name"] == "genmesh.local_ratelimit.a"
+    assert a["extension_config"]["typed_config"] == {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3."
                  "LocalRateLimit",
         "stat_prefix": "tenant_a",
@@ -125,26 +130,10 @@ def test_each_tenant_has_one_local_bucket_which_only_its_routes_switch_on():
                                ("x-ratelimit-reset", "1"), ("retry-after", "1"),
                                ("x-genmesh-rate-limited-by", "local"),
                                ("x-genmesh-tenant", "a")]]}
-    assert local_filters["genmesh.local_ratelimit.b"]["typed_config"]["token_bucket"][
-        "max_tokens"] == 7
-    # gRPC, Bearer and key header: each tenant's routes switch on its filter and no other;
-    # health, reflection and anonymous callers none.
-    switched_on = [(r["match"]["prefix"], r.get("request_headers_to_add", [{}])[0]
-                    .get("header", {}).get("value"), list(r.get("typed_per_filter_config", {})))
-                   for r in edge_routes(dep)]
-    assert switched_on == [
-        ("/grpc.health.v1.Health/", None, []),
-        ("/grpc.reflection.", None, []),
-        ("/genmesh.v1.Generation/", "a", ["genmesh.local_ratelimit.a"]),
-        ("/genmesh.v1.Generation/", "b", ["genmesh.local_ratelimit.b"]),
-        ("/genmesh.v1.Generation/", None, []),
-        ("/v1/", "a", ["genmesh.local_ratelimit.a"]),
-        ("/v1/", "a", ["genmesh.local_ratelimit.a"]),
-        ("/v1/", "b", ["genmesh.local_ratelimit.b"]),
-        ("/v1/", "b", ["genmesh.local_ratelimit.b"]),
-        ("/v1/", None, []),
-        ("/", None, []),
-    ]
+    b = local_filters["genmesh.local_ratelimit.b"]["typed_config"]["extension_config"]
+    assert b["typed_config"]["token_bucket"]["max_tokens"] == 7
+    # No route switches a bucket on or off: a request reaches its tenant's alone.
+    assert not any("typed_per_filter_config" in r for r in edge_routes(dep))
 
 
 def test_without_the_http_api_the_edge_has_no_v1_routes():

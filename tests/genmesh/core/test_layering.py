@@ -12,8 +12,8 @@ from pathlib import Path
 from tests.procs import REPO_ROOT
 
 # The bottom layer: genmesh/core, and the code protoc generates from protos/ (genmesh.v1,
-# genmesh.rls; present once `make protos` ran).
-BOTTOM = ("genmesh.core", "genmesh.v1", "genmesh.rls")
+# genmesh.rls, genmesh.authz; present once `make protos` ran).
+BOTTOM = ("genmesh.core", "genmesh.v1", "genmesh.rls", "genmesh.authz")
 # Every layer above it.
 ABOVE = ("services", "gateway", "tests", "scripts", "genmesh.cli", "genmesh.commands",
          "genmesh.launcher", "genmesh.bench", "genmesh.client", "genmesh.rollout_report",

@@ -83,6 +83,14 @@ def test_a_unary_handler_answers_or_aborts_with_the_status_of_its_error():
     assert context.status == (grpc.StatusCode.NOT_FOUND, "gone")
 
 
+def test_a_status_message_is_cut_to_a_size_a_trailer_can_carry():
+    message = "x" * 100_000  # say, a downstream service quoting a caller's string
+    servicer, context = Servicer(PipelineError(grpc.StatusCode.INTERNAL, message)), FakeContext()
+    with pytest.raises(Aborted):
+        asyncio.run(servicer.Unary("fail", context))
+    assert context.status == (grpc.StatusCode.INTERNAL, "x" * 2047 + "…")
+
+
 def test_a_streaming_handler_streams_then_aborts_with_the_status_of_its_error():
     servicer, context = Servicer(JobConflict("taken")), FakeContext()
     seen = []
