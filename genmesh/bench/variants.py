@@ -4,10 +4,11 @@ Speed: single-stream decode tokens/s (best of a few runs: the machine is shared)
 the throughput of 64 streams at once, each as a ratio to bf16 measured in the same run.
 
 Quality, against bf16 on the same 64 prompts (chat, code and prose, 128 tokens each):
-bf16 writes each answer greedily; every variant then reads the prompt and bf16's answer
-in one prefill (teacher forcing), and at each of the 128 positions we compare its
-next-token distribution with bf16's over the same text: the top-1 agreement (the
-fraction of positions where both pick the same token) and the mean KL(bf16 || variant).
+bf16 writes each answer greedily; every variant (bf16 too) then reads the prompt and
+bf16's answer (teacher forcing) the way a single stream is served, one decode step per
+token, and at each of the 128 positions we compare its next-token distribution with
+bf16's over the same text: the top-1 agreement (the fraction of positions where both
+pick the same token) and the mean KL(bf16 || variant).
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from tokenizers import Tokenizer
 from genmesh.core.models.chat_template import ChatMessage, ChatTemplate, load_chat_template
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.core import EngineCore
-from services.worker.engine.model.attention import AttentionMetadata, PrefillChunk
+from services.worker.engine.model.attention import (
+    AttentionMetadata,
+    DecodeGroup,
+    PrefillChunk,
+)
 from services.worker.engine.model.llama import LlamaModel
 from services.worker.engine.outputs import Delta
 from services.worker.engine.params import SamplingParams
@@ -110,18 +115,39 @@ def tokens_of(deltas: list[Delta]) -> list[int]:
 
 
 def teacher_forced_logits(model: LlamaModel, ids: list[int], first: int) -> torch.Tensor:
-    """fp32 logits [len(ids) - first, V]: row i predicts ids[first + i] from ids before it."""
+    """fp32 logits [len(ids) - first, V]: row i predicts ids[first + i] from ids before it.
+
+    The way serving computes them: ids[:first] in one prefill, then one decode step per
+    token (the single-stream path, where quantized weights go through their own kernel;
+    a prefill of many rows takes the batched path)."""
     cfg, device = model.cfg, model.w.embed.device
     n, block = len(ids), 16
-    shape = (-(-n // block), block, cfg.num_kv_heads, cfg.head_dim)
+    num_blocks = -(-n // block)
+    shape = (num_blocks, block, cfg.num_kv_heads, cfg.head_dim)
     caches = [(torch.zeros(shape, dtype=model.w.embed.dtype, device=device),
                torch.zeros(shape, dtype=model.w.embed.dtype, device=device))
               for _ in range(cfg.num_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(n, device=device), decode_groups=[],
-                             prefills=[PrefillChunk(token_slice=slice(0, n), start=0,
-                                                    block_ids=None, mask=None)])
-    return model.forward(torch.tensor(ids, device=device), torch.arange(n, device=device),
-                         meta, caches, torch.arange(first - 1, n - 1, device=device))
+    prefill = AttentionMetadata(slot_mapping=torch.arange(first, device=device),
+                                decode_groups=[],
+                                prefills=[PrefillChunk(token_slice=slice(0, first), start=0,
+                                                       block_ids=None, mask=None)])
+    rows = [model.forward(torch.tensor(ids[:first], device=device),
+                          torch.arange(first, device=device), prefill, caches,
+                          torch.tensor([first - 1], device=device))]
+    table = torch.arange(num_blocks, device=device).unsqueeze(0)
+    span = torch.arange(num_blocks * block, device=device)
+    one = torch.zeros(1, dtype=torch.int64, device=device)
+    for pos in range(first, n - 1):
+        at = torch.tensor([pos], device=device)
+        mask = None if model.decode_attention is not None else (
+            span <= pos).view(1, 1, 1, -1)  # SDPA over the gathered blocks needs one
+        step = AttentionMetadata(
+            slot_mapping=at, prefills=[],
+            decode_groups=[DecodeGroup(token_slice=slice(0, 1), block_table=table,
+                                       ctx_lens=at + 1, mask=mask)])
+        rows.append(model.forward(torch.tensor([ids[pos]], device=device), at, step, caches,
+                                  one))
+    return torch.cat(rows)
 
 
 def compare(ref: torch.Tensor, other: torch.Tensor) -> tuple[int, float]:

@@ -1,0 +1,41 @@
+"""The variants benchmark's quality measure: teacher forcing the way a stream is served,
+and the agreement/KL it reports."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from genmesh.bench.variants import compare, teacher_forced_logits
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.model.attention import AttentionMetadata, PrefillChunk
+from services.worker.engine.model_runner import ModelRunner, resolve_model_config
+
+
+def test_one_decode_step_per_token_gives_what_one_prefill_gives():
+    config = EngineConfig(model="tiny-llama", load_format="dummy", dtype="float32",
+                          use_cpu_kernels=False)
+    model = ModelRunner(config, resolve_model_config(config), num_blocks=4,
+                        max_model_len=64).model
+    ids = [5, 9, 17, 33, 2, 71, 8, 100, 3, 44, 12]
+    stepwise = teacher_forced_logits(model, ids, first=4)
+    n = len(ids)
+    shape = (1, 16, model.cfg.num_kv_heads, model.cfg.head_dim)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(model.cfg.num_layers)]
+    meta = AttentionMetadata(slot_mapping=torch.arange(n), decode_groups=[],
+                             prefills=[PrefillChunk(slice(0, n), 0, None, None)])
+    at_once = model.forward(torch.tensor(ids), torch.arange(n), meta, caches,
+                            torch.arange(3, n - 1))
+    assert stepwise.shape == (n - 4, 512)
+    torch.testing.assert_close(stepwise, at_once, rtol=1e-4, atol=1e-4)
+
+
+def test_compare_counts_agreeing_positions_and_sums_the_kl():
+    ref = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    other = torch.tensor([[2.0, 0.0], [1.0, 0.0]])
+    agree, kl = compare(ref, other)
+    assert agree == 1  # the second position's top-1 differs
+    p = torch.softmax(ref[1], -1)
+    expected = float((p * (p.log() - torch.log_softmax(other[1], -1))).sum())
+    assert math.isclose(kl, expected, rel_tol=1e-6)
