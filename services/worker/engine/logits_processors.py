@@ -88,6 +88,10 @@ def process_logits(logits: torch.Tensor, requests: list[Request], *,
                               device)
         apply_repetition_penalty(out, to_device(repeated, torch.int64, device), seen_ids,
                                  penalties)
+        # A tiny penalty (any > 0 is valid) overflows positive logits to inf, and inf plus
+        # a grammar's -inf is NaN, which argmax would pick (the fuzzer's find): keep them
+        # finite. -inf (banned) stays.
+        out.clamp_(max=torch.finfo(out.dtype).max)
     if counted and any(requests[i].output_ids for i in counted):
         outputs = [requests[i].output_ids for i in counted]
         width = max(len(o) for o in outputs)

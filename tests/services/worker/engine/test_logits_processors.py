@@ -135,6 +135,19 @@ def test_greedy_and_sampled_constrained_rows_only_take_allowed_tokens():
         assert tokens[0] == 3 and tokens[1] in allowed
 
 
+def test_a_tiny_repetition_penalty_cannot_take_a_token_the_grammar_bans():
+    # 1e-42 divides a positive logit to inf; inf + the mask's -inf would be NaN, and NaN
+    # wins argmax. Found by the fuzzer (json_object, repetition_penalty 1.02e-42).
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]] * 2)
+    allowed = {0, 2}
+    batch = [req("g", prompt_ids=(1, 2), repetition_penalty=1e-42),
+             req("s", prompt_ids=(1, 2), repetition_penalty=1e-42, temperature=1.0, seed=3)]
+    out = process_logits(logits, batch, bitmask=mask([0, 1], [allowed, allowed]))
+    assert not out.isnan().any()
+    tokens, _ = Sampler(CPU).sample(logits, batch, bitmask=mask([0, 1], [allowed, allowed]))
+    assert tokens[0] == 2 and tokens[1] in allowed  # 2: its logit grew to the float max
+
+
 def test_the_grammar_wins_over_min_tokens_when_only_the_end_is_allowed():
     logits = torch.tensor([[0.0, 1.0, 0.5, 3.0]] * 2)
     batch = [with_output(req("done", min_tokens=5), [3]),  # its text is complete: only EOS
