@@ -3,6 +3,7 @@ per session."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -139,3 +140,26 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+class Records(logging.Handler):
+    """Keeps every record of the loggers it is attached to."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def otel_errors() -> Iterator[list[logging.LogRecord]]:
+    """What OpenTelemetry's context module logs meanwhile (its detach failures)."""
+    handler = Records()
+    logger = logging.getLogger("opentelemetry.context")
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)

@@ -39,8 +39,13 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model_cfg = model_cfg
         quantization = Quantization(config.quantization)
-        # Quantized weights are made from the checkpoint's fp32 (one rounding, not two).
-        load_dtype = self.dtype if quantization is Quantization.NONE else torch.float32
+        built = None  # the quantized layers `genmesh models pull --quant` built, if any
+        if quantization is not Quantization.NONE and config.load_format != "dummy":
+            built = prebuilt.load(Path(config.model), model_cfg, quantization,
+                                  config.quant_group_size, dtype=self.dtype, device=self.device)
+        # Weights quantized here are made from the checkpoint's fp32 (one rounding, not two).
+        load_dtype = (torch.float32 if quantization is not Quantization.NONE and built is None
+                      else self.dtype)
         if config.load_format == "dummy":
             weights = dummy_weights(model_cfg, dtype=load_dtype, device=self.device,
                                     seed=config.seed)
@@ -48,9 +53,6 @@ class ModelRunner:
             weights = load_hf_weights(Path(config.model), model_cfg, dtype=load_dtype,
                                       device=self.device)
         if quantization is not Quantization.NONE:
-            built = None if config.load_format == "dummy" else prebuilt.load(
-                Path(config.model), model_cfg, quantization, config.quant_group_size,
-                dtype=self.dtype, device=self.device)
             weights = quantize_model(weights, quantization, group_size=config.quant_group_size,
                                      lm_head=config.quantize_lm_head, dtype=self.dtype,
                                      prebuilt=built)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -26,29 +25,6 @@ from services.common.telemetry import Telemetry, TelemetrySettings
 
 SERVICE = "genmesh.test.Streams"
 TRACEPARENT = ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
-
-
-class Records(logging.Handler):
-    """Keeps every record of the loggers it is attached to."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def otel_errors() -> Iterator[list[logging.LogRecord]]:
-    """What OpenTelemetry's context module logs meanwhile (its detach failures)."""
-    handler = Records()
-    logger = logging.getLogger("opentelemetry.context")
-    logger.addHandler(handler)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
 
 
 @dataclass

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -25,7 +24,6 @@ from services.frontend.catalog import ModelCatalog
 from services.frontend.moderation import SafetyGate, SafetySettings
 from services.frontend.pipeline import build_pipeline
 from services.frontend.servicer import GenerationServicer
-from tests.services.common.test_streams import Records
 from tests.services.frontend.stages.fakes import (
     FakeDetokenizers,
     FakeSafety,
@@ -77,17 +75,6 @@ def exporter(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
     monkeypatch.setattr(chat, "tracer", provider.get_tracer("chat"))
     exporter.provider = provider  # type: ignore[attr-defined]
     return exporter
-
-
-@pytest.fixture
-def otel_errors() -> Iterator[list[logging.LogRecord]]:
-    handler = Records()
-    logger = logging.getLogger("opentelemetry.context")
-    logger.addHandler(handler)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
 
 
 async def serve_and(calls, exporter: InMemorySpanExporter, worker: EndlessWorker) -> None:

@@ -22,9 +22,9 @@ inline float reduce(__m512 v) { return _mm512_reduce_add_ps(v); }
 // a time (TILE_M x TILE_N accumulators stay in registers).
 constexpr int64_t TILE_M = 4;
 
-// wt: the tile's first weight row; y's columns [n0, n0 + rows) are written.
-void tile_rows(const at::BFloat16* x, const at::BFloat16* wt, at::BFloat16* y,
-               int64_t M, int64_t N, int64_t K, int64_t n0, int64_t rows) {
+void tile_rows(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y,
+               int64_t M, int64_t N, int64_t K, int64_t n0) {
+  const int64_t rows = std::min(TILE_N, N - n0);
   for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
     const int64_t ms = std::min(TILE_M, M - m0);
     __m512 acc[TILE_M][TILE_N];
@@ -34,7 +34,7 @@ void tile_rows(const at::BFloat16* x, const at::BFloat16* wt, at::BFloat16* y,
     for (; k + 32 <= K; k += 32) {
       __m512bh wv[TILE_N];
       for (int64_t r = 0; r < rows; ++r)
-        wv[r] = (__m512bh)_mm512_loadu_si512(wt + r * K + k);
+        wv[r] = (__m512bh)_mm512_loadu_si512(w + (n0 + r) * K + k);
       for (int64_t i = 0; i < ms; ++i) {
         __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m0 + i) * K + k);
         for (int64_t r = 0; r < rows; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[r]);
@@ -45,7 +45,7 @@ void tile_rows(const at::BFloat16* x, const at::BFloat16* wt, at::BFloat16* y,
       for (int64_t r = 0; r < rows; ++r) {
         float s = reduce(acc[i][r]);
         for (int64_t kk = k; kk < K; ++kk)  // tail when K is not a multiple of 32
-          s += static_cast<float>(xm[kk]) * static_cast<float>(wt[r * K + kk]);
+          s += static_cast<float>(xm[kk]) * static_cast<float>(w[(n0 + r) * K + kk]);
         y[(m0 + i) * N + n0 + r] = at::BFloat16(s);
       }
     }
@@ -134,10 +134,7 @@ torch::Tensor skinny_linear_bf16(torch::Tensor x, torch::Tensor w) {
   }
   const int64_t num_tiles = (N + TILE_N - 1) / TILE_N;
   at::parallel_for(0, num_tiles, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * TILE_N;
-      tile_rows(xp, wp + n0 * K, yp, M, N, K, n0, std::min(TILE_N, N - n0));
-    }
+    for (int64_t t = begin; t < end; ++t) tile_rows(xp, wp, yp, M, N, K, t * TILE_N);
   });
   return y;
 }
@@ -491,13 +488,13 @@ void write_kv_bf16(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
 //         multiple of 32). Each 32 weights are 16 bytes: byte i holds weight i in its low
 //         nibble and weight i + 16 in its high one, so one 16-byte load unpacks into a
 //         32-lane vector in order.
-// Up to QSKINNY rows of x, the weights are read once and multiplied in registers (the
-// ints exactly as bf16, each group's scale applied to its partial sums); more rows
-// dequantize a tile of weight rows to bf16 once and multiply every row of x by it.
+// For up to QSKINNY rows of x (decode steps): the weights are read once and multiplied
+// in registers (the ints exactly as bf16, each group's scale applied to its partial
+// sums). More rows are bound by arithmetic, not bytes: ops.py runs them on a packed bf16
+// copy of the dequantized weights.
 namespace {
 
 constexpr int64_t QSKINNY = 2;
-constexpr int64_t QTILE = 16;  // weight rows dequantized at a time for many rows of x
 
 struct QWeight {
   const uint8_t* q;
@@ -630,39 +627,6 @@ void qskinny_rows(const QWeight& w, const at::BFloat16* x, const float* xf, cons
   else qskinny_rows_m<2>(w, x, xf, xsum, y, begin, end);
 }
 
-// Weight rows [n0, n0 + rows) dequantized into out [rows, K] (bf16).
-void dequant_rows(const QWeight& w, int64_t n0, int64_t rows, at::BFloat16* out) {
-  const int64_t K = w.K;
-  if (w.int4) {
-    const int64_t G = w.G, ng = K / G, row_bytes = K / 2;
-    const __m512i mask = _mm512_set1_epi32(0x0F);
-    for (int64_t r = 0; r < rows; ++r) {
-      const uint8_t* src = w.q + (n0 + r) * row_bytes;
-      for (int64_t g = 0; g < ng; ++g) {
-        const __m512 sv = _mm512_set1_ps(_cvtsh_ss(w.scales[(n0 + r) * ng + g]));
-        const __m512 ov = _mm512_set1_ps(_cvtsh_ss(w.offsets[(n0 + r) * ng + g]));
-        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-          __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + k / 2)));
-          __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, mask)), sv, ov);
-          __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), sv, ov);
-          _mm512_storeu_si512(out + r * K + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
-      }
-    }
-    return;
-  }
-  const auto* q = reinterpret_cast<const int8_t*>(w.q);
-  const int64_t G = w.G, ng = K / G;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t k = 0; k < K; k += 32) {
-      const __m512 sv = _mm512_set1_ps(_cvtsh_ss(w.scales[(n0 + r) * ng + k / G]));
-      __m512 lo = _mm512_mul_ps(int8_ps(q + (n0 + r) * K + k), sv);
-      __m512 hi = _mm512_mul_ps(int8_ps(q + (n0 + r) * K + k + 16), sv);
-      _mm512_storeu_si512(out + r * K + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
-  }
-}
-
 // The group size is K / scales.size(1): scales are [N, K / G].
 QWeight check_qweight(const torch::Tensor& w, const torch::Tensor& scales,
                       const torch::Tensor& offsets, int64_t K) {
@@ -704,26 +668,16 @@ torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s
   const auto* xp = x.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
   if (M == 0) return y;
-  if (M <= QSKINNY) {
-    std::vector<float> xf(q.int4 ? 0 : M * K), xsum(q.int4 ? M * (K / q.G) : 0, 0.f);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = static_cast<float>(xp[m * K + k]);
-        if (q.int4) xsum[m * (K / q.G) + k / q.G] += v; else xf[m * K + k] = v;
-      }
-    at::parallel_for(0, (N + QROWS - 1) / QROWS, GEMV_GRAIN / QROWS, [&](int64_t b, int64_t e) {
-      qskinny_rows(q, xp, xf.data(), xsum.data(), yp, M, b * QROWS, std::min(N, e * QROWS));
-    });
-    return y;
-  }
-  at::parallel_for(0, (N + QTILE - 1) / QTILE, 1, [&](int64_t b, int64_t e) {
-    std::vector<at::BFloat16> tile(QTILE * K);
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n0 = t * QTILE, rows = std::min(QTILE, N - n0);
-      dequant_rows(q, n0, rows, tile.data());
-      for (int64_t r0 = 0; r0 < rows; r0 += TILE_N)
-        tile_rows(xp, tile.data() + r0 * K, yp, M, N, K, n0 + r0, std::min(TILE_N, rows - r0));
+  TORCH_CHECK(M <= QSKINNY, "quantized_linear takes at most ", QSKINNY, " rows (decode); ",
+              "more rows run on a packed bf16 copy (ops.py)");
+  std::vector<float> xf(q.int4 ? 0 : M * K), xsum(q.int4 ? M * (K / q.G) : 0, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = static_cast<float>(xp[m * K + k]);
+      if (q.int4) xsum[m * (K / q.G) + k / q.G] += v; else xf[m * K + k] = v;
     }
+  at::parallel_for(0, (N + QROWS - 1) / QROWS, GEMV_GRAIN / QROWS, [&](int64_t b, int64_t e) {
+    qskinny_rows(q, xp, xf.data(), xsum.data(), yp, M, b * QROWS, std::min(N, e * QROWS));
   });
   return y;
 }

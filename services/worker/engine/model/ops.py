@@ -82,9 +82,9 @@ def _packed_linear(k: ModuleType, weights: list[Weight]) -> Callable[[Tensor, We
 
     Quantized weights: the quantized kernel for decode-sized inputs (bound by the bytes
     read, which quantization cuts), else oneDNN on a packed bf16 copy of the dequantized
-    weight (more rows are bound by arithmetic, where oneDNN's blocking beat the
-    kernel's dequantize-a-tile path: 64 streams ran at 0.87x bf16's throughput on it).
-    That copy is the second copy the bf16 path keeps too."""
+    weight (more rows are bound by arithmetic, where oneDNN's blocking beat a kernel
+    that dequantized a tile of rows at a time: 64 streams ran at 0.87x bf16's
+    throughput on it). That copy is the second copy the bf16 path keeps too."""
     skinny, quantized = k.skinny_linear_bf16, k.quantized_linear
     packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(
         w.dequantize() if isinstance(w, QuantizedWeight) else w, PACK_HINT_ROWS)

@@ -192,8 +192,9 @@ def quantize_model(weights: ModelWeights, mode: Quantization, *, group_size: int
             head = quantize(weights.lm_head, Quantization.INT8, LM_HEAD_GROUP_SIZE, dtype)
     elif weights.lm_head is weights.embed:
         head = embed  # tied: one tensor
+    elif isinstance(weights.lm_head, QuantizedWeight):
+        head = weights.lm_head
     else:
-        head = q(weights.lm_head) if isinstance(weights.lm_head, QuantizedWeight) else (
-            cast(weights.lm_head))
+        head = cast(weights.lm_head)
     return replace(weights, embed=embed, layers=layers, final_norm=cast(weights.final_norm),
                    lm_head=head)
