@@ -55,6 +55,22 @@ class EngineConfig:
     # With quantization, the LM head too, as int8 in groups of 32 (the embedding rows
     # stay as loaded): a small model's head is a fifth of its bytes.
     quantize_lm_head: bool = True
+    # Speculative decoding (speculative.py): "off", "ngram" (drafts looked up in the
+    # request's own prompt and output) or "draft" (a small model sharing the tokenizer
+    # proposes; speculative_draft_model is its folder, or a dummy preset). Up to
+    # num_speculative_tokens drafts a step are verified in one forward pass (fewer
+    # where a request's measured acceptance makes fewer pay, speculative.py).
+    speculative: str = "off"
+    num_speculative_tokens: int = 8
+    speculative_draft_model: str | None = None
+    speculative_draft_quantization: str = "none"  # the draft's weights: none | int8 | int4
+    # Whether a request that does not say speculates (its SamplingParams.speculative).
+    speculative_by_default: bool = True
+    # No request speculates in a step that runs more requests than this: a large batch
+    # already keeps the matmuls busy, and its verification rows would only add work.
+    speculative_max_batch: int = 4
+    ngram_min: int = 2  # n-gram lookup: the shortest suffix matched (tokens)
+    ngram_max: int = 4  # the longest tried first
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -72,6 +88,22 @@ class EngineConfig:
                              f"{self.quant_group_size}")
         if self.cuda_graph_max_batch_size < 1:
             raise ValueError("cuda_graph_max_batch_size must be >= 1")
+        if self.speculative not in ("off", "ngram", "draft"):
+            raise ValueError(f"speculative must be off, ngram or draft, got "
+                             f"{self.speculative!r}")
+        if self.speculative == "draft" and not self.speculative_draft_model:
+            raise ValueError("speculative='draft' needs speculative_draft_model")
+        if self.speculative_draft_quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"speculative_draft_quantization must be none, int8 or int4, "
+                             f"got {self.speculative_draft_quantization!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got "
+                             f"{self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, "
+                             f"{self.ngram_max}")
+        if self.speculative_max_batch < 1:
+            raise ValueError("speculative_max_batch must be >= 1")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -29,6 +29,7 @@ from services.worker.engine.request import Request, RequestStatus, new_request
 from services.worker.engine.sampler import SampledTokens, Sampler
 from services.worker.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from services.worker.engine.sizing import max_model_len, num_kv_blocks
+from services.worker.engine.speculative import Speculation, build_speculation
 from services.worker.engine.structured_output import StructuredOutput
 
 STATS_WINDOW = 64  # steps averaged in batch-size and step-time stats
@@ -44,6 +45,9 @@ class _LaunchedStep:
     sampled: SampledTokens  # their tokens, on the device until read
     start_time: float  # the clock when it was scheduled
     phases_ms: tuple[float, float, float]  # host ms: prepare, forward, sampling launched
+    # Speculation: each request's drafts, verified in ``sampled`` (None: a plain step,
+    # one row each).
+    drafts: list[tuple[int, ...]] | None = None
 
 
 class EngineCore:
@@ -81,6 +85,14 @@ class EngineCore:
         self._device_seconds = 0.0
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.runner.device.type == "cuda")
+        self.spec: Speculation | None = build_speculation(
+            config, self.model_cfg, blocks=self.blocks, device_type=self.runner.device.type,
+            max_model_len=self.max_model_len)
+        if self.spec is not None and self.async_scheduling:
+            if config.async_scheduling:
+                raise ValueError("speculative decoding runs with async_scheduling off: a "
+                                 "step's drafts need the tokens of the step before")
+            self.async_scheduling = False
         self._inflight: _LaunchedStep | None = None  # launched, not read back yet
         self._last_completed_time = float("-inf")
 
@@ -186,11 +198,17 @@ class EngineCore:
         nothing is read back. ``settle`` completes the step in flight, for the rare step
         that needs its tokens on the host first."""
         t0 = self._clock()
+        if self.spec is not None:
+            self.spec.plan(self.scheduler.running)
         out = self.scheduler.schedule()
         for victim in out.preempted:  # its blocks are gone; it starts over when readmitted
             self.runner.release(victim.request_id)
+            if self.spec is not None:
+                self.spec.proposer.release(victim.request_id)
         if not out.chunks:
             return None
+        if self.spec is not None:
+            out.chunks = self.spec.propose(out.chunks)
         for chunk in out.chunks:
             if chunk.request.first_scheduled_time is None:
                 chunk.request.first_scheduled_time = t0
@@ -205,24 +223,35 @@ class EngineCore:
         p1 = time.perf_counter()
         logits = self.runner.run(inputs)
         p2 = time.perf_counter()
-        requests = [c.request for c in out.chunks if c.completes_sequence]
+        if self.spec is not None:  # the cost model's unit: a step's forward, drafts off
+            most = max(len(c.spec_ids) for c in out.chunks)
+            self.spec.record_times(plain_step_s=(p2 - p1) / (1 + self.spec.row_cost * most))
+        completing = [c for c in out.chunks if c.completes_sequence]
+        requests = [c.request for c in completing]
         if settle is not None and inflight is not None and any(
                 r.params.reads_output and r.has_placeholder for r in requests):
             settle()  # penalties and grammars read the whole output, the pending token included
         bitmask = self.structured.bitmask([r.request_id for r in requests])
-        sampled = self.sampler.launch(logits, requests, bitmask=bitmask)
+        drafts = None
+        if any(c.spec_ids for c in completing):
+            drafts = [c.spec_ids for c in completing]
+            sampled = self.sampler.launch_verify(logits, requests, drafts,
+                                                 bitmask=bitmask)
+        else:
+            sampled = self.sampler.launch(logits, requests, bitmask=bitmask)
         for req in requests:  # ended by the settle above: forget what launch re-created
             if req.status is RequestStatus.FINISHED:
                 self.sampler.release(req.request_id)
         p3 = time.perf_counter()
         return _LaunchedStep(out=out, requests=requests, sampled=sampled, start_time=t0,
-                             phases_ms=((p1 - p0) * 1e3, (p2 - p1) * 1e3, (p3 - p2) * 1e3))
+                             phases_ms=((p1 - p0) * 1e3, (p2 - p1) * 1e3, (p3 - p2) * 1e3),
+                             drafts=drafts)
 
     def _complete(self, step: _LaunchedStep) -> list[Delta]:
         """Read the step's tokens back (its one synchronization with the device), then
         append them and apply the stop rules."""
         r0 = time.perf_counter()
-        token_ids, logprobs = step.sampled.read()
+        token_ids, logprobs, accepted = step.sampled.read_verified()
         prepare_ms, forward_ms, sample_ms = step.phases_ms
         self._recent_phases.append(
             (prepare_ms, forward_ms, sample_ms + (time.perf_counter() - r0) * 1e3))
@@ -234,28 +263,55 @@ class EngineCore:
         self._last_completed_time = t1
 
         deltas = []
-        for req, token, lp in zip(step.requests, token_ids, logprobs, strict=True):
+        row = 0
+        for i, req in enumerate(step.requests):
+            drafts = step.drafts[i] if step.drafts is not None else ()
+            rows = range(row, row + len(drafts) + 1)
+            row = rows.stop
             if req.status is RequestStatus.FINISHED:
                 continue  # aborted, or ended by the step before, while this one ran
-            req.append_output(token)
-            if req.first_token_time is None:
-                req.first_token_time = t1
-            self._generated_tokens += 1
-            rejection = self.structured.accept(req.request_id, token)
-            if rejection is not None:
-                deltas.append(self._finish(
-                    req, FinishReason.ERROR, error=rejection.message,
-                    invalid_field="constraint" if rejection.allowed_by_mask else None))
-                continue
-            reason = self._stop_reason(req, token)
-            if reason is None:
-                deltas.append(Delta(req.request_id, [token], logprobs=[lp] if lp else None))
-            else:
-                deltas.append(self._finish(req, reason, last_token=token, last_logprob=lp))
+            # The rows' tokens up to the first that rejected its draft: the accepted
+            # drafts, then the replacement (or, all accepted, the bonus token).
+            num_accepted = 0
+            while num_accepted < len(drafts) and accepted[rows[num_accepted]]:
+                num_accepted += 1
+            if drafts:
+                assert self.spec is not None
+                self.spec.observe(req, len(drafts), num_accepted)
+            delta = self._emit(req, [token_ids[r] for r in rows[:num_accepted + 1]],
+                               [logprobs[r] for r in rows[:num_accepted + 1]], t1)
+            deltas.append(delta)
+            if not delta.finished and num_accepted:
+                self.scheduler.on_drafts_accepted(req, num_accepted)
         self._num_steps += 1
         self._recent_batch.append(len(step.out.chunks))
         self._recent_ms.append(step_s * 1e3)  # overlapping steps: from the last one's end
         return deltas
+
+    def _emit(self, req: Request, tokens: list[int], logprobs: list[TokenLogprob | None],
+              now: float) -> Delta:
+        """Append a step's tokens of ``req`` one by one, applying the stop rules after
+        each (a stop drops the tokens after it); returns its delta."""
+        kept: list[int] = []
+        kept_logprobs: list[TokenLogprob] = []
+        for token, lp in zip(tokens, logprobs, strict=True):
+            req.append_output(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self._generated_tokens += 1
+            kept.append(token)
+            if lp is not None:
+                kept_logprobs.append(lp)
+            rejection = self.structured.accept(req.request_id, token)
+            if rejection is not None:
+                return self._finish(
+                    req, FinishReason.ERROR, new_tokens=kept[:-1], error=rejection.message,
+                    invalid_field="constraint" if rejection.allowed_by_mask else None)
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                return self._finish(req, reason, new_tokens=kept,
+                                    new_logprobs=kept_logprobs or None)
+        return Delta(req.request_id, kept, logprobs=kept_logprobs or None)
 
     def _charge_device_time(self, chunks: list[ScheduledChunk], step_s: float) -> None:
         """Split a step's wall time among its chunks in proportion to their tokens: a
@@ -264,10 +320,10 @@ class EngineCore:
         scheduling a step may hold requests that ended (their last delta was sent) while
         it ran: their share of it is wasted work, counted in the engine's total only."""
         self._device_seconds += step_s
-        num_tokens = sum(c.num_tokens for c in chunks)
+        num_tokens = sum(c.num_computed for c in chunks)
         for chunk in chunks:
             if chunk.request.status is not RequestStatus.FINISHED:
-                chunk.request.device_seconds += step_s * chunk.num_tokens / num_tokens
+                chunk.request.device_seconds += step_s * chunk.num_computed / num_tokens
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
@@ -281,8 +337,8 @@ class EngineCore:
             return FinishReason.LENGTH
         return None
 
-    def _finish(self, req: Request, reason: FinishReason, *, last_token: int | None = None,
-                last_logprob: TokenLogprob | None = None, error: str | None = None,
+    def _finish(self, req: Request, reason: FinishReason, *, new_tokens: list[int] | None = None,
+                new_logprobs: list[TokenLogprob] | None = None, error: str | None = None,
                 invalid_field: str | None = None) -> Delta:
         self.scheduler.finish(req, reason)
         req.drop_placeholder()
@@ -290,6 +346,8 @@ class EngineCore:
         req.finished_time = self._clock()
         self.sampler.release(req.request_id)
         self.structured.release(req.request_id)
+        if self.spec is not None:
+            self.spec.release(req.request_id)
         self._awaiting_grammar.pop(req.request_id, None)
         del self._requests[req.request_id]
         self._num_finished += 1
@@ -298,10 +356,10 @@ class EngineCore:
                       cached_prompt_tokens=max(req.num_cached_prompt_tokens, 0))
         return Delta(
             req.request_id,
-            [last_token] if last_token is not None else [],
+            list(new_tokens or []),
             finish_reason=reason,
             usage=usage,
-            logprobs=[last_logprob] if last_logprob is not None else None,
+            logprobs=new_logprobs,
             error=error,
             timings=req.timings(),
             invalid_field=invalid_field,
@@ -340,7 +398,17 @@ class EngineCore:
             cuda_graph_replays=graphs.num_replays if graphs else 0,
             device_seconds=self._device_seconds,
             recent_batch_sizes=batches,
+            **self._spec_stats(),
         )
+
+    def _spec_stats(self) -> dict[str, int]:
+        if self.spec is None:
+            return {}
+        s = self.spec.stats
+        return {"spec_proposed_tokens": s.proposed_tokens,
+                "spec_accepted_tokens": s.accepted_tokens,
+                "spec_verifications": s.verifications,
+                "spec_emitted_tokens": s.emitted_tokens}
 
 
 def tokenizer_file(config: EngineConfig) -> Path | None:

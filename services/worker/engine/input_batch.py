@@ -73,6 +73,48 @@ class StepInputs:
         return self.num_decodes == self.num_tokens
 
 
+@dataclass(slots=True)
+class _Units:
+    """A step's chunks cut into the units the batch is laid out in: a chunk is one unit,
+    except that a chunk whose drafts are verified is one single-token unit per token, so
+    that each is a decode row of its own (see ``prepare``)."""
+
+    chunk_of: list[int]  # the chunk each unit belongs to
+    starts: list[int]  # its first position
+    lens: list[int]  # its tokens
+    token_ids: list[list[int]]
+    wants_logits: list[bool]  # its last row's logits are sampled
+    has_split_drafts: bool
+
+
+def _units(chunks: Sequence[ScheduledChunk], *, split_drafts: bool) -> _Units:
+    """Speculative verification lays each token of a chunk with drafts out as a decode
+    row of its own (context: the positions up to it, all written to the cache before
+    attention runs): causal attention over the drafts without a mask, and every row
+    computed as a plain one-token decode at that position computes it, so verification
+    sees the logits plain decoding would (see AttentionMetadata.row_exact)."""
+    units = _Units([], [], [], [], [], False)
+    for i, c in enumerate(chunks):
+        ids = c.token_ids()
+        if c.spec_ids and split_drafts:
+            units.has_split_drafts = True
+            for j, token in enumerate(ids):
+                units.chunk_of.append(i)
+                units.starts.append(c.start + j)
+                units.lens.append(1)
+                units.token_ids.append([token])
+                # Logits from the last known token on: each checks the draft after it.
+                units.wants_logits.append(j >= c.num_tokens - 1)
+            continue
+        units.chunk_of.append(i)
+        units.starts.append(c.start)
+        units.lens.append(len(ids))
+        units.token_ids.append(ids)
+        # Drafts not verified: a draft model continuing its proposal from the last one.
+        units.wants_logits.append(c.completes_sequence or bool(c.spec_ids))
+    return units
+
+
 class InputBatch:
     """The persistent per-request rows and the staging buffers of step inputs."""
 
@@ -127,14 +169,20 @@ class InputBatch:
     # -- one step --------------------------------------------------------------------
 
     def prepare(self, chunks: Sequence[ScheduledChunk], tables: Sequence[list[int]],
-                pending: PendingTokens | None = None) -> StepInputs:
-        n = len(chunks)
+                pending: PendingTokens | None = None, *,
+                verify_drafts: bool = True) -> StepInputs:
+        """The step's inputs. A chunk with drafts gets logits for every one of its
+        tokens when ``verify_drafts`` (the target model checks each draft), else for its
+        last only (a draft model continuing its own proposal)."""
         bs = self.block_size
         self._stager.reset()
         rows = self._sync_rows(chunks, tables)
-        starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=n)
-        lens = np.fromiter((c.num_tokens for c in chunks), dtype=np.int64, count=n)
-        completes = np.fromiter((c.completes_sequence for c in chunks), dtype=bool, count=n)
+        units = _units(chunks, split_drafts=verify_drafts)
+        n = len(units.starts)
+        starts = np.asarray(units.starts, dtype=np.int64)
+        lens = np.asarray(units.lens, dtype=np.int64)
+        wants = np.asarray(units.wants_logits, dtype=bool)
+        unit_rows = rows[np.asarray(units.chunk_of, dtype=np.int64)]
 
         is_decode = (lens == 1) & (starts > 0)
         decodes = np.flatnonzero(is_decode)
@@ -142,11 +190,11 @@ class InputBatch:
         order = np.concatenate([decodes, np.flatnonzero(~is_decode)])
         num_decodes = len(decodes)
 
-        o_starts, o_lens, o_rows = starts[order], lens[order], rows[order]
-        ends = np.cumsum(o_lens)  # [n]: one past each chunk's last row
+        o_starts, o_lens, o_rows = starts[order], lens[order], unit_rows[order]
+        ends = np.cumsum(o_lens)  # [n]: one past each unit's last row
         num_tokens = int(ends[-1])
         firsts = ends - o_lens
-        # Position of every token: its chunk's start plus its offset within the chunk.
+        # Position of every token: its unit's start plus its offset within the unit.
         positions = np.arange(num_tokens) + np.repeat(o_starts - firsts, o_lens)
         token_rows = np.repeat(o_rows, o_lens)
         slots = self.block_table[token_rows, positions // bs] * bs + positions % bs
@@ -154,11 +202,12 @@ class InputBatch:
         input_ids: list[int] = []
         fix_rows: list[int] = []  # rows holding a placeholder, and where its id is
         fix_from: list[int] = []
-        for i in order.tolist():
-            c = chunks[i]
-            input_ids.extend(c.request.all_ids[c.start:c.start + c.num_tokens])
+        for u in order.tolist():
+            input_ids.extend(units.token_ids[u])
+            c = chunks[units.chunk_of[u]]
             # has_placeholder: not a new request that reuses an id of one in flight.
-            if pending is not None and c.completes_sequence and c.request.has_placeholder:
+            if (pending is not None and c.completes_sequence and c.request.has_placeholder
+                    and not c.spec_ids):
                 j = pending.index.get(c.request.request_id)
                 if j is not None:
                     fix_rows.append(len(input_ids) - 1)
@@ -166,12 +215,13 @@ class InputBatch:
 
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
-        logits_rows = (ends - 1)[rank[completes]]
+        logits_rows = (ends - 1)[rank[wants]]
 
         meta = AttentionMetadata(
             slot_mapping=self._stager.put(slots),
             decode_groups=self._decode_groups(o_starts[:num_decodes], o_rows[:num_decodes]),
             prefills=[],
+            row_exact=units.has_split_drafts,
         )
         prefill_order = range(num_decodes, n)
         if self.varlen_prefill and num_decodes < n:

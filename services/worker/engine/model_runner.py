@@ -97,8 +97,9 @@ class ModelRunner:
         self.batch.release(request_id)
 
     def prepare(self, chunks: list[ScheduledChunk], block_tables: list[list[int]],
-                pending: PendingTokens | None = None) -> StepInputs:
-        return self.batch.prepare(chunks, block_tables, pending)
+                pending: PendingTokens | None = None, *,
+                verify_drafts: bool = True) -> StepInputs:
+        return self.batch.prepare(chunks, block_tables, pending, verify_drafts=verify_drafts)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Fp32 logits [S, V] for the chunks that complete their sequence, in the order

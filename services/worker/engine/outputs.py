@@ -109,6 +109,24 @@ class EngineStats:
     cuda_graph_batch_sizes: list[int] = field(default_factory=list)  # captured; [] = none
     cuda_graph_pool_bytes: int = 0  # device memory the captured graphs hold
     cuda_graph_replays: int = 0  # decode steps served by a graph
+    # Speculative decoding (zeros when off): drafts verified, those accepted, the
+    # request-steps that verified drafts, and the tokens those emitted (accepted + 1).
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verifications: int = 0
+    spec_emitted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted drafts per verified draft."""
+        return self.spec_accepted_tokens / self.spec_proposed_tokens if (
+            self.spec_proposed_tokens) else 0.0
+
+    @property
+    def spec_tokens_per_step(self) -> float:
+        """Tokens a request emits per step in which it verified drafts."""
+        return self.spec_emitted_tokens / self.spec_verifications if (
+            self.spec_verifications) else 0.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -88,6 +88,16 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0  # the end and stop tokens cannot be sampled before this many tokens
     constraint: Constraint | None = None  # None: free text
+    # Speculative decoding for this request where the worker has it: None follows the
+    # deployment's default. It never changes what greedy decoding returns, and sampling
+    # keeps the model's distribution; it is skipped while a penalty, a constraint or
+    # min_tokens makes each token depend on the one before it.
+    speculative: bool | None = None
+
+    @property
+    def can_speculate(self) -> bool:
+        """Several tokens can be verified in one step: no knob reads the output."""
+        return not self.reads_output
 
     @property
     def is_greedy(self) -> bool:

@@ -56,6 +56,10 @@ class Request:
     finished_time: float | None = None
     device_seconds: float = 0.0  # its token-proportional share of its steps' wall time
     has_placeholder: bool = False  # the last token is PLACEHOLDER_TOKEN (not read back yet)
+    # Speculative decoding: draft tokens the next step may verify, set by the engine's
+    # speculation before each schedule (0: a plain step). The scheduler reserves KV
+    # slots for them with the decode's own.
+    num_lookahead: int = 0
 
     def __post_init__(self) -> None:
         self.all_ids = list(self.prompt_ids)
@@ -72,6 +76,12 @@ class Request:
         """Its output reached max_tokens, or the sequence the context (a placeholder
         counts: its token ends the request whatever it turns out to be)."""
         return len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len
+
+    def lookahead_room(self, max_model_len: int) -> int:
+        """The most drafts one step may verify: a step with k drafts can emit k + 1
+        tokens, which must fit both max_tokens and the context."""
+        return max(0, min(self.params.max_tokens - len(self.output_ids),
+                          max_model_len - self.num_tokens) - 1)
 
     def append_output(self, token_id: int) -> None:
         if self.has_placeholder:

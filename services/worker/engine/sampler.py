@@ -82,22 +82,80 @@ class Sampler:
                 tokens[rows] = _sample_rows(processed[rows], tensors)
         return SampledTokens.of(logits, tokens, [r.params.logprobs for r in requests])
 
+    @torch.inference_mode()
+    def launch_verify(self, logits: torch.Tensor, requests: list[Request],
+                      drafts: list[tuple[int, ...]], *,
+                      bitmask: TokenBitmask | None = None) -> SampledTokens:
+        """Queue speculative verification: request i has ``1 + len(drafts[i])`` rows of
+        logits, its last known token's then each draft's. Row j's token is draft j when
+        that draft is accepted, else the token that replaces it; the last row's is the
+        bonus token after all of them. ``read_verified`` tells which rows accepted.
+
+        Greedy rows accept a draft that is the argmax. Sampled rows use rejection
+        sampling against the draft as a point mass (the proposers propose one token):
+        accept draft d with probability p(d), else draw from p without d, so every
+        emitted token is distributed as plain sampling would draw it. Row j of a request
+        is draw number len(output_ids) + j of its seed, as plain decoding counts.
+        Requests with drafts must not read their output (SamplingParams.can_speculate);
+        those without (one row) may, and ``bitmask`` rows are request indices."""
+        device = logits.device
+        rows_requests = [r for r, d in zip(requests, drafts, strict=True)
+                         for _ in range(len(d) + 1)]
+        counters = [len(r.output_ids) + j for r, d in zip(requests, drafts, strict=True)
+                    for j in range(len(d) + 1)]
+        # The draft each row checks: the one after its input token; -1 for the bonus row.
+        checked = to_device([t for d in drafts for t in (*d, -1)], torch.int64, device)
+        if bitmask is not None:
+            first_row = [0]
+            for d in drafts:
+                first_row.append(first_row[-1] + len(d) + 1)
+            bitmask = TokenBitmask(rows=[first_row[i] for i in bitmask.rows], bits=bitmask.bits)
+        processed = process_logits(logits, rows_requests, eos_token_ids=self.eos_token_ids,
+                                   bitmask=bitmask)
+        tokens = processed.argmax(dim=-1)
+        accepted = tokens == checked
+        sampled = [i for i, r in enumerate(rows_requests) if not r.params.is_greedy]
+        if sampled:
+            sub = [rows_requests[i] for i in sampled]
+            tensors = SamplingTensors.of(sub, [self._seed(r) for r in sub], device,
+                                         counters=[counters[i] for i in sampled])
+            rows = None if len(sampled) == len(rows_requests) else to_device(
+                sampled, torch.int64, device)
+            sub_logits = processed if rows is None else processed[rows]
+            sub_checked = checked if rows is None else checked[rows]
+            sub_tokens, sub_accepted = _verify_sampled(sub_logits, sub_checked, tensors)
+            if rows is None:
+                tokens, accepted = sub_tokens, sub_accepted
+            else:
+                tokens[rows] = sub_tokens
+                accepted[rows] = sub_accepted
+        return SampledTokens.of(logits, tokens, [r.params.logprobs for r in rows_requests],
+                                accepted=accepted)
+
 
 @dataclass(frozen=True, slots=True)
 class SampledTokens:
     """One step's sampled tokens (and asked-for logprobs), on the device until read."""
 
     token_ids: torch.Tensor  # [S] int64 on the device
-    packed: torch.Tensor  # [S + W * (1 + 2 * max_n)] fp64: token ids, then the W rows' logprobs
+    # [S (+ S) + W * (1 + 2 * max_n)] fp64: token ids, the accepted flags of a
+    # verification, then the W rows' logprobs
+    packed: torch.Tensor
     num_logprobs: list[int]  # per row, the number of top alternatives asked (0 = none)
+    verifies: bool = False  # packed holds accepted flags (Sampler.launch_verify)
 
     @staticmethod
-    def of(logits: torch.Tensor, tokens: torch.Tensor, num_logprobs: list[int]) -> SampledTokens:
+    def of(logits: torch.Tensor, tokens: torch.Tensor, num_logprobs: list[int], *,
+           accepted: torch.Tensor | None = None) -> SampledTokens:
         """Gather the raw (unpenalized) logprobs of the rows that ask for them next to
-        the tokens, so that reading them all is one copy from the device."""
+        the tokens (and a verification's accepted flags), so that reading them all is
+        one copy from the device."""
+        head = tokens if accepted is None else torch.cat([tokens, accepted.long()])
+        verifies = accepted is not None
         want = [i for i, n in enumerate(num_logprobs) if n > 0]
         if not want:
-            return SampledTokens(token_ids=tokens, packed=tokens, num_logprobs=num_logprobs)
+            return SampledTokens(token_ids=tokens, packed=head, num_logprobs=num_logprobs,
+                                 verifies=verifies)
         if len(want) == len(num_logprobs):
             rows_logits, rows_tokens = logits, tokens
         else:
@@ -107,19 +165,30 @@ class SampledTokens:
         top = raw.topk(max(num_logprobs), dim=-1)  # [W, max_n] each
         chosen = raw.gather(1, rows_tokens.unsqueeze(1))  # [W, 1]
         # fp64 holds the ids and the fp32 logprobs exactly.
-        packed = torch.cat([tokens.double(), chosen.double().flatten(),
+        packed = torch.cat([head.double(), chosen.double().flatten(),
                             top.indices.double().flatten(), top.values.double().flatten()])
-        return SampledTokens(token_ids=tokens, packed=packed, num_logprobs=num_logprobs)
+        return SampledTokens(token_ids=tokens, packed=packed, num_logprobs=num_logprobs,
+                             verifies=verifies)
 
     def read(self) -> tuple[list[int], list[TokenLogprob | None]]:
         """The token ids and logprobs on the host: the step's one wait for the device."""
+        token_ids, logprobs, _ = self.read_verified()
+        return token_ids, logprobs
+
+    def read_verified(self) -> tuple[list[int], list[TokenLogprob | None], list[bool]]:
+        """``read``, and per row whether it accepted its draft (all False when this is
+        no verification)."""
         flat = self.packed.tolist()
         num_rows = len(self.num_logprobs)
         token_ids = [int(t) for t in flat[:num_rows]]
+        accepted = [False] * num_rows
+        if self.verifies:
+            accepted = [t != 0 for t in flat[num_rows:2 * num_rows]]
+            flat = flat[num_rows:]
         out: list[TokenLogprob | None] = [None] * num_rows
         want = [i for i, n in enumerate(self.num_logprobs) if n > 0]
         if not want:
-            return token_ids, out
+            return token_ids, out, accepted
         max_n, num_want = max(self.num_logprobs), len(want)
         chosen = flat[num_rows:num_rows + num_want]
         top_ids = flat[num_rows + num_want:num_rows + num_want * (1 + max_n)]
@@ -129,7 +198,7 @@ class SampledTokens:
             top = zip((int(t) for t in top_ids[start:start + n]), top_lps[start:start + n],
                       strict=True)
             out[i] = TokenLogprob(token_id=token_ids[i], logprob=chosen[w], top=tuple(top))
-        return token_ids, out
+        return token_ids, out, accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,10 +214,14 @@ class SamplingTensors:
     keys: torch.Tensor  # [R, 2] int64: the two 32-bit halves of draw_key(seed, counter)
 
     @staticmethod
-    def of(requests: list[Request], seeds: list[int], device: torch.device) -> SamplingTensors:
-        """seeds[i] is requests[i]'s seed; its counter is its number of output tokens."""
+    def of(requests: list[Request], seeds: list[int], device: torch.device, *,
+           counters: list[int] | None = None) -> SamplingTensors:
+        """seeds[i] is requests[i]'s seed; its counter (the draw number) is its number of
+        output tokens, or counters[i]."""
         params = [r.params for r in requests]
-        keys = [draw_key(seed, len(r.output_ids)) for r, seed in zip(requests, seeds, strict=True)]
+        if counters is None:
+            counters = [len(r.output_ids) for r in requests]
+        keys = [draw_key(seed, n) for n, seed in zip(counters, seeds, strict=True)]
         nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
         # Two host-to-device copies: R rows of per-row knobs, then one row per top-p row.
         floats = to_device(
@@ -178,6 +251,33 @@ def _sample_rows(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor
     # clocks, keep full float32 resolution where 1 - u would round.
     u = uniforms(tensors.keys, token_ids)
     return scaled.sub_(torch.log1p(u.neg_()).neg_().log_()).argmax(dim=-1)
+
+
+def _verify_sampled(logits: torch.Tensor, checked: torch.Tensor, tensors: SamplingTensors
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling of point-mass drafts. logits [R, V] processed; checked [R] the
+    draft each row checks (-1: none, a plain draw). Returns the rows' tokens and whether
+    each accepted its draft.
+
+    Accept draft d with probability p(d) (p after temperature, top-k, top-p, min-p);
+    otherwise draw from p with d removed. P(d) = p(d), and P(x) = (1 - p(d)) p(x) /
+    (1 - p(d)) = p(x) for x != d: the target distribution exactly. The acceptance
+    uniform is the draw's hash at token id V (no token has that id), so it is fixed by
+    the seed and the position, like the draw itself."""
+    scaled = filter_logits(logits, tensors)  # [R, V] log p up to a constant
+    vocab = logits.shape[1]
+    has_draft = checked >= 0
+    draft = checked.clamp(min=0).unsqueeze(1)  # [R, 1]
+    p_draft = torch.softmax(scaled, dim=-1).gather(1, draft).squeeze(1)
+    u = uniforms(tensors.keys, torch.full((1, 1), vocab, device=logits.device)).squeeze(1)
+    accepted = has_draft & (u < p_draft)
+    # The replacement: a draw from p without the draft (a plain draw for bonus rows).
+    residual = scaled.scatter(1, draft, torch.where(has_draft, -math.inf, scaled.gather(
+        1, draft).squeeze(1)).unsqueeze(1))
+    token_ids = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    noise = torch.log1p(uniforms(tensors.keys, token_ids).neg_()).neg_().log_()
+    drawn = residual.sub_(noise).argmax(dim=-1)
+    return torch.where(accepted, checked, drawn), accepted
 
 
 def filter_logits(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:

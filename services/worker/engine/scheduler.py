@@ -22,16 +22,29 @@ from services.worker.engine.request import Request, RequestStatus
 
 @dataclass(frozen=True, slots=True)
 class ScheduledChunk:
-    """The tokens one request computes this step: ``all_ids[start:start + num_tokens]``."""
+    """The tokens one request computes this step: ``all_ids[start:start + num_tokens]``,
+    then its draft tokens ``spec_ids`` (speculative decoding) at the positions after."""
 
     request: Request
     start: int  # num_computed_tokens when scheduled (the first new position)
-    num_tokens: int
+    num_tokens: int  # known tokens (the drafts not counted)
+    num_lookahead: int = 0  # KV slots reserved for drafts after the known tokens
+    spec_ids: tuple[int, ...] = ()  # the drafts proposed for them (at most num_lookahead)
 
     @property
     def completes_sequence(self) -> bool:
         """True when the chunk reaches the last known token, so a new token is sampled."""
         return self.start + self.num_tokens == self.request.num_tokens
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose KV the step computes: the known ones and the drafts."""
+        return self.num_tokens + len(self.spec_ids)
+
+    def token_ids(self) -> list[int]:
+        """The step's input tokens of this request, drafts last."""
+        ids = self.request.all_ids[self.start:self.start + self.num_tokens]
+        return ids + list(self.spec_ids) if self.spec_ids else ids
 
 
 @dataclass(slots=True)
@@ -41,7 +54,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return sum(c.num_computed for c in self.chunks)
 
 
 def _order(req: Request) -> tuple[int, float]:
@@ -108,6 +121,13 @@ class Scheduler:
                 i += 1  # its last token is in flight: a step more would be thrown away
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            lookahead = self._lookahead(req, num_new, budget)
+            if lookahead and self.blocks.allocate(req, num_new + lookahead) is not None:
+                out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, num_new,
+                                                 num_lookahead=lookahead))
+                budget -= num_new + lookahead
+                i += 1
+                continue
             while self.blocks.allocate(req, num_new) is None:
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -153,6 +173,24 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(req, num_cached, num_new))
             budget -= num_new
         return out
+
+    def _lookahead(self, req: Request, num_new: int, budget: int) -> int:
+        """Draft slots to reserve for ``req``'s decode: its ``num_lookahead`` within the
+        budget and what it may still emit; none for a prefill chunk."""
+        owed = req.num_tokens - req.num_computed_tokens
+        if req.num_lookahead <= 0 or num_new != 1 or owed != 1:
+            return 0
+        return max(0, min(req.num_lookahead, budget - 1, req.lookahead_room(self.max_model_len)))
+
+    def on_drafts_accepted(self, req: Request, num_accepted: int) -> None:
+        """Verification kept ``num_accepted`` drafts of ``req``'s last step: their KV,
+        written by that step, now counts as computed (that of the rejected ones is
+        overwritten when those positions are computed again), and blocks that became
+        full join the prefix cache."""
+        if num_accepted <= 0 or req.status is not RequestStatus.RUNNING:
+            return
+        req.num_computed_tokens += num_accepted
+        self.blocks.cache_full_blocks(req)
 
     def _ends_with_pending_token(self, req: Request) -> bool:
         """Async scheduling: the token in flight (a placeholder) is known to end the
@@ -201,7 +239,7 @@ class Scheduler:
         for i, chunk in enumerate(out.chunks):
             if chunk.request is victim:
                 del out.chunks[i]
-                return chunk.num_tokens
+                return chunk.num_tokens + chunk.num_lookahead
         return 0
 
     def on_step_done(self, out: SchedulerOutput) -> list[ScheduledChunk]:

@@ -66,6 +66,10 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]  # one SDPA call each (no varlen kernel)
     prefill_batch: PrefillBatch | None = None  # with a varlen kernel, instead of prefills
+    # Speculative verification: each row must compute what a one-token decode at its
+    # position computes, so that greedy output matches plain decoding token for token
+    # (the model takes its row-by-row decode kernels where it has them).
+    row_exact: bool = False
 
     @property
     def has_prefills(self) -> bool:

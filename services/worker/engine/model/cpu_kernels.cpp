@@ -113,6 +113,63 @@ void gemv_rows(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, in
   for (; n < end; ++n) y[n] = at::BFloat16(dot_row(x, w + n * K, K));
 }
 
+// 2 <= M rows of x, K a multiple of 32: GEMV_ROWS weight rows at a time against up to
+// GEMM_ROWS rows of x at once (the weight rows stay in L1 across the passes), with the
+// next weight rows prefetched, as gemv_rows streams them. Each (x row, weight row) dot
+// product accumulates in gemv_rows' order, so every row of y is bit for bit what a
+// one-row call gives: speculative verification of drafts relies on it.
+constexpr int GEMM_ROWS = 6;  // 6 x 4 accumulators + 6 x rows + 1 weight: 31 registers
+
+template <int MM>
+inline void gemv_group(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y,
+                       int64_t N, int64_t K, int64_t n) {
+  __m512 acc[MM][GEMV_ROWS];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < GEMV_ROWS; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh xv[MM];
+    for (int m = 0; m < MM; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (n + r) * K + k);
+      for (int m = 0; m < MM; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv[m], wv);
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < GEMV_ROWS; ++r)
+      y[m * N + n + r] = at::BFloat16(_mm512_reduce_add_ps(acc[m][r]));
+}
+
+void gemm_rows(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t M,
+               int64_t N, int64_t K, int64_t begin, int64_t end) {
+  int64_t n = begin;
+  for (; n + GEMV_ROWS <= end; n += GEMV_ROWS) {
+    if (n + 2 * GEMV_ROWS <= N) {
+      const char* next = (const char*)(w + (n + GEMV_ROWS) * K);
+      for (int64_t off = 0; off < GEMV_ROWS * K * 2; off += 64)
+        _mm_prefetch(next + off, _MM_HINT_T0);
+    }
+    // Passes of at most GEMM_ROWS rows, balanced (9 rows: 5 + 4, not 6 + 3 or 4+4+1):
+    // a pass of few rows does little arithmetic per weight load.
+    const int64_t passes = (M + GEMM_ROWS - 1) / GEMM_ROWS;
+    for (int64_t p = 0, m0 = 0; p < passes; ++p) {
+      const int64_t mm = (M - m0) / (passes - p);
+      const at::BFloat16* xm = x + m0 * K;
+      at::BFloat16* ym = y + m0 * N;
+      switch (mm) {
+        case 1: gemv_group<1>(xm, w, ym, N, K, n); break;
+        case 2: gemv_group<2>(xm, w, ym, N, K, n); break;
+        case 3: gemv_group<3>(xm, w, ym, N, K, n); break;
+        case 4: gemv_group<4>(xm, w, ym, N, K, n); break;
+        case 5: gemv_group<5>(xm, w, ym, N, K, n); break;
+        default: gemv_group<6>(xm, w, ym, N, K, n); break;
+      }
+      m0 += mm;
+    }
+  }
+  for (; n < end; ++n)
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = at::BFloat16(dot_row(x + m * K, w + n * K, K));
+}
+
 }  // namespace
 
 torch::Tensor skinny_linear_bf16(torch::Tensor x, torch::Tensor w) {
@@ -129,6 +186,12 @@ torch::Tensor skinny_linear_bf16(torch::Tensor x, torch::Tensor w) {
   if (M == 1) {
     at::parallel_for(0, N, GEMV_GRAIN, [&](int64_t begin, int64_t end) {
       gemv_rows(xp, wp, yp, N, K, begin, end);
+    });
+    return y;
+  }
+  if (K % 32 == 0) {
+    at::parallel_for(0, N, GEMV_GRAIN, [&](int64_t begin, int64_t end) {
+      gemm_rows(xp, wp, yp, M, N, K, begin, end);
     });
     return y;
   }
@@ -490,8 +553,9 @@ void write_kv_bf16(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
 //         32-lane vector in order.
 // For up to QSKINNY rows of x (decode steps): the weights are read once and multiplied
 // in registers (the ints exactly as bf16, each group's scale applied to its partial
-// sums). More rows are bound by arithmetic, not bytes: ops.py runs them on a packed bf16
-// copy of the dequantized weights.
+// sums); more rows take a pass per QSKINNY (speculative verification). Many rows are
+// bound by arithmetic, not bytes: ops.py runs them on a packed bf16 copy of the
+// dequantized weights.
 namespace {
 
 constexpr int64_t QSKINNY = 2;
@@ -668,17 +732,26 @@ torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s
   const auto* xp = x.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
   if (M == 0) return y;
-  TORCH_CHECK(M <= QSKINNY, "quantized_linear takes at most ", QSKINNY, " rows (decode); ",
-              "more rows run on a packed bf16 copy (ops.py)");
   std::vector<float> xf(q.int4 ? 0 : M * K), xsum(q.int4 ? M * (K / q.G) : 0, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) {
       const float v = static_cast<float>(xp[m * K + k]);
       if (q.int4) xsum[m * (K / q.G) + k / q.G] += v; else xf[m * K + k] = v;
     }
-  at::parallel_for(0, (N + QROWS - 1) / QROWS, GEMV_GRAIN / QROWS, [&](int64_t b, int64_t e) {
-    qskinny_rows(q, xp, xf.data(), xsum.data(), yp, M, b * QROWS, std::min(N, e * QROWS));
-  });
+  // QSKINNY rows of x per pass over the weights: a row's arithmetic is the same in
+  // every pass, so each row of y is what a one-row call gives (speculative verification
+  // relies on it). Many rows are cheaper on ops.py's packed bf16 copy.
+  const int64_t ng = K / q.G;
+  for (int64_t m0 = 0; m0 < M; m0 += QSKINNY) {
+    const int64_t mm = std::min(QSKINNY, M - m0);
+    const float* xfm = q.int4 ? nullptr : xf.data() + m0 * K;
+    const float* xsm = q.int4 ? xsum.data() + m0 * ng : nullptr;
+    at::parallel_for(0, (N + QROWS - 1) / QROWS, GEMV_GRAIN / QROWS,
+                     [&](int64_t b, int64_t e) {
+      qskinny_rows(q, xp + m0 * K, xfm, xsm, yp + m0 * N, mm, b * QROWS,
+                   std::min(N, e * QROWS));
+    });
+  }
   return y;
 }
 

@@ -19,7 +19,7 @@ from services.worker.engine.model.attention import (
     paged_attention,
 )
 from services.worker.engine.model.config import ModelConfig
-from services.worker.engine.model.ops import SKINNY_MAX_ROWS, pick_ops
+from services.worker.engine.model.ops import EXACT_MAX_ROWS, SKINNY_MAX_ROWS, pick_ops
 from services.worker.engine.model.quant import QuantizedWeight, Weight
 
 
@@ -136,7 +136,8 @@ class LlamaModel:
         return self.ops.decode_attention
 
     def _can_decode_in_one_call(self, meta: AttentionMetadata, num_tokens: int) -> bool:
-        return (self.ops.decode_layers is not None and num_tokens <= SKINNY_MAX_ROWS
+        max_rows = EXACT_MAX_ROWS if meta.row_exact else SKINNY_MAX_ROWS
+        return (self.ops.decode_layers is not None and num_tokens <= max_rows
                 and not meta.has_prefills and len(meta.decode_groups) == 1
                 and self.w.layers[0].qkv_bias is None)
 
@@ -157,7 +158,8 @@ class LlamaModel:
                                   [k for k, _ in kv_caches], [v for _, v in kv_caches],
                                   cos, sin, meta.slot_mapping, g.block_table, g.ctx_lens,
                                   h_q, h_kv, d, eps, self.scale, self._qparams)
-            return ops.linear(h[logits_indices], self.w.lm_head).float()
+            head = ops.exact_linear if meta.row_exact and ops.exact_linear else ops.linear
+            return head(h[logits_indices], self.w.lm_head).float()
         h = ops.rms_norm(x, layers[0].input_norm, eps)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches, strict=True)):
             qkv = ops.linear(h, layer.qkv)  # [T, (H + 2 Hkv) D]

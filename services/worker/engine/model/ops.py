@@ -18,6 +18,9 @@ from services.worker.engine.model.quant import QuantizedWeight, Weight
 
 Tensor = torch.Tensor
 SKINNY_MAX_ROWS = 2  # up to this many rows the bf16 CPU kernel beats oneDNN (measured)
+# Speculative verification steps up to this many rows take the row-exact decode kernels
+# (each row computed as a one-row call computes it); larger ones the batched path.
+EXACT_MAX_ROWS = 40
 PACK_HINT_ROWS = 512  # oneDNN's packing hint; 1..512 rows all run well with it (measured)
 
 
@@ -45,6 +48,9 @@ class LayerOps:
     # -> q [T, H, D]: rope and write_kv in one kernel (slots of -1 are skipped); None:
     # rope, then write_kv.
     rope_write_kv: Callable[..., Tensor] | None = None
+    # (x [T, in], w) -> [T, out] with each row exactly what a one-row call gives (the
+    # decode kernels, any number of rows); None where ``linear`` has no such guarantee.
+    exact_linear: Callable[[Tensor, Weight], Tensor] | None = None
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -75,6 +81,20 @@ TORCH_OPS = LayerOps(linear=quant.linear, rms_norm=rms_norm, add_rms_norm=add_rm
                      rope=rope, silu_mul=silu_mul, write_kv=write_kv, decode_attention=None)
 
 
+def _exact_linear(k: ModuleType) -> Callable[[Tensor, Weight], Tensor]:
+    """The decode kernels for any number of rows, each row as a one-row call computes
+    it (their per-row arithmetic does not depend on the other rows)."""
+    none = torch.empty(0)
+
+    def linear(x: Tensor, weight: Weight) -> Tensor:
+        if isinstance(weight, QuantizedWeight):
+            offsets = weight.offsets if weight.offsets is not None else none
+            return k.quantized_linear(x, weight.q, weight.scales, offsets)
+        return k.skinny_linear_bf16(x, weight)
+
+    return linear
+
+
 def _packed_linear(k: ModuleType, weights: list[Weight]) -> Callable[[Tensor, Weight], Tensor]:
     """bf16 linear for the CPU: the skinny kernel for decode-sized inputs, else oneDNN
     on weights packed once into its blocked layout (~30% faster than F.linear, which
@@ -85,18 +105,14 @@ def _packed_linear(k: ModuleType, weights: list[Weight]) -> Callable[[Tensor, We
     weight (more rows are bound by arithmetic, where oneDNN's blocking beat a kernel
     that dequantized a tile of rows at a time: 64 streams ran at 0.87x bf16's
     throughput on it). That copy is the second copy the bf16 path keeps too."""
-    skinny, quantized = k.skinny_linear_bf16, k.quantized_linear
+    exact = _exact_linear(k)
     packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(
         w.dequantize() if isinstance(w, QuantizedWeight) else w, PACK_HINT_ROWS)
         for w in weights}
-    none = torch.empty(0)
 
     def linear(x: Tensor, weight: Weight) -> Tensor:
         if x.shape[0] <= SKINNY_MAX_ROWS:
-            if isinstance(weight, QuantizedWeight):
-                offsets = weight.offsets if weight.offsets is not None else none
-                return quantized(x, weight.q, weight.scales, offsets)
-            return skinny(x, weight)
+            return exact(x, weight)
         return torch.ops.mkldnn._linear_pointwise(x, packed[id(weight)], None, "none", [], "")
 
     return linear
@@ -128,6 +144,7 @@ def _cpu_bf16_ops(k: ModuleType, *, weights: list[Weight], hidden_size: int, hea
         decode_layers=k.decode_layers_bf16
         if hidden_size % 16 == 0 and head_dim % 32 == 0 and head_dim <= 256
         and intermediate_size % 32 == 0 else None,
+        exact_linear=_exact_linear(k),
     )
 
 

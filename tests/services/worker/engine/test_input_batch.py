@@ -183,7 +183,7 @@ def test_rows_persist_and_grow_across_steps_and_are_reset_on_release():
     assert inputs.block_table[row_a].tolist() == [0] * 200
     pool.free.reverse()
     pool.tables["a"] = []
-    chunks = [pool.chunk(a, 0, 9), pool.chunk(b, 4, 1)]
+    chunks = [pool.chunk(a, 0, 8), pool.chunk(b, 4, 1)]  # all 8 of its tokens again
     b.append_output(13)
     chunks[1] = pool.chunk(b, 4, 1)
     tables = [pool.tables[c.request.request_id] for c in chunks]

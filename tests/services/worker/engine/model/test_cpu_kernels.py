@@ -12,7 +12,7 @@ kernels = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(kernels is None, reason="needs an AVX512-BF16 CPU and a compiler")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 9])
 @pytest.mark.parametrize(("n", "k"), [(3072, 576), (577, 1536), (64, 40)])
 def test_skinny_linear_matches_f_linear(rows, n, k):
     gen = torch.Generator().manual_seed(rows * n + k)
@@ -22,6 +22,18 @@ def test_skinny_linear_matches_f_linear(rows, n, k):
     got = kernels.skinny_linear_bf16(x, w).float()
     # Both accumulate in fp32; the only difference is the final rounding to bf16.
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [2, 5, 9, 13])
+@pytest.mark.parametrize(("n", "k"), [(3072, 576), (577, 1536)])
+def test_skinny_linear_gives_each_row_what_a_one_row_call_gives(rows, n, k):
+    # Bit for bit: speculative verification must see the logits plain decoding sees.
+    gen = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    many = kernels.skinny_linear_bf16(x, w)
+    for i in range(rows):
+        assert torch.equal(many[i:i + 1], kernels.skinny_linear_bf16(x[i:i + 1], w)), i
 
 
 def test_paged_decode_attention_matches_sdpa_over_gathered_blocks():

@@ -85,12 +85,17 @@ def test_the_kernel_multiplies_by_the_dequantized_weight(rows, make):
 
 
 @needs_kernels
-def test_the_kernel_takes_decode_steps_only():
-    qw = quantize_int4(weight(64, 64), 32)
-    assert qw.offsets is not None
-    with pytest.raises(RuntimeError, match="at most 2 rows"):
-        kernels.quantized_linear(torch.zeros(3, 64, dtype=torch.bfloat16), qw.q, qw.scales,
-                                 qw.offsets)
+@pytest.mark.parametrize("make", [lambda w: quantize_int8(w), lambda w: quantize_int4(w, 32)],
+                         ids=["int8", "int4-g32"])
+def test_each_row_of_many_is_what_a_one_row_call_gives(make):
+    # Speculative verification relies on it: a draft's row must match plain decoding.
+    qw: QuantizedWeight = make(weight(70, 256))
+    offsets = qw.offsets if qw.offsets is not None else torch.empty(0)
+    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    many = kernels.quantized_linear(x, qw.q, qw.scales, offsets)
+    for i in range(7):
+        one = kernels.quantized_linear(x[i:i + 1], qw.q, qw.scales, offsets)
+        assert torch.equal(many[i:i + 1], one), i
 
 
 def test_the_fallback_linear_dequantizes():

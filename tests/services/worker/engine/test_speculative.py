@@ -1,0 +1,329 @@
+"""Speculative decoding: proposers, the back-off policy, verification, and the engine
+end to end (greedy output identical to plain decoding, exact KV accounting)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.input_batch import InputBatch
+from services.worker.engine.model import cpu_kernels
+from services.worker.engine.params import SamplingParams
+from services.worker.engine.request import Request
+from services.worker.engine.sampler import Sampler
+from services.worker.engine.scheduler import ScheduledChunk, Scheduler
+from services.worker.engine.speculative import (
+    PROBE_EVERY,
+    NgramProposer,
+    Speculation,
+    best_num_drafts,
+)
+from tests.services.worker.engine.helpers import run_core, tiny_core
+
+CPU = torch.device("cpu")
+
+
+# -- n-gram lookup -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("ids", "k", "drafts"), [
+    # The longest suffix (3 tokens) recurs twice: the latest occurrence wins.
+    ([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2, (7, 8)),
+    # [1, 6, 7] never recurs; [6, 7] does.
+    ([5, 6, 7, 1, 6, 7], 2, (1, 6)),
+    # The continuation may run into the suffix itself.
+    ([4, 5, 6, 4, 5], 3, (6, 4, 5)),
+    # Fewer tokens follow the match than asked for.
+    ([4, 5, 6, 4, 5], 9, (6, 4, 5)),
+    ([1, 2, 3, 4], 3, ()),  # nothing recurs
+    ([1, 2, 1, 2], 0, ()),  # no drafts asked for
+    ([7, 7], 2, ()),  # shorter than a suffix plus a match
+])
+def test_ngram_lookup(ids, k, drafts):
+    assert NgramProposer(min_n=2, max_n=3).lookup(ids, k) == drafts
+
+
+def test_ngram_lookup_with_unigrams():
+    assert NgramProposer(min_n=1, max_n=3).lookup([3, 8, 1, 5, 8], 2) == (1, 5)
+
+
+# -- the back-off policy -------------------------------------------------------------
+
+def test_best_num_drafts():
+    assert best_num_drafts(0.1, 0.1, 8, 0.1) == 0  # nothing pays for its rows
+    assert best_num_drafts(1.0, 1.0, 8, 0.1) == 8
+    # tokens(k) = 1 + 0.7 (1 - 0.9^k) / 0.1 over 1 + 0.3 k peaks at k = 4 (1.549).
+    assert best_num_drafts(0.7, 0.9, 8, 0.3) == 4
+    assert best_num_drafts(0.7, 0.9, 8, 0.1) == 8
+
+
+def spec_req(rid: str, **params: object) -> Request:
+    req = Request(request_id=rid, prompt_ids=[1, 2, 3],
+                  params=SamplingParams(**params))  # type: ignore[arg-type]
+    req.append_output(4)
+    return req
+
+
+def speculation(**overrides: object) -> Speculation:
+    options: dict[str, object] = {"model": "tiny-llama", "load_format": "dummy",
+                                  "speculative": "ngram", "speculative_max_batch": 3}
+    options.update(overrides)
+    config = EngineConfig(**options)  # type: ignore[arg-type]
+    return Speculation(config, NgramProposer(min_n=2, max_n=4), device_type="cpu",
+                       max_model_len=1000)
+
+
+def test_plan_skips_large_batches_opted_out_requests_and_those_reading_their_output():
+    spec = speculation()
+    plain = spec_req("plain")
+    out = spec_req("out", speculative=False)
+    penalized = spec_req("pen", repetition_penalty=1.2)
+    short = spec_req("short", min_tokens=5)
+    spec.plan([plain, out, penalized])
+    # 6: the prior (first draft 0.7, each next 0.8) at 0.1 a row peaks there.
+    assert [r.num_lookahead for r in (plain, out, penalized)] == [6, 0, 0]
+    spec.plan([plain, short])
+    assert [r.num_lookahead for r in (plain, short)] == [6, 0]
+    spec.plan([plain, out, penalized, short])  # 4 running > speculative_max_batch 3
+    assert plain.num_lookahead == 0
+    off = speculation(speculative_by_default=False)
+    on = spec_req("on", speculative=True)
+    off.plan([plain, on])
+    assert [r.num_lookahead for r in (plain, on)] == [0, 6]
+
+
+def test_low_acceptance_backs_off_then_probes_with_one_draft():
+    spec = speculation()
+    req = spec_req("r")
+    for _ in range(6):  # six verifications that kept nothing
+        spec.observe(req, 8, 0)
+    looks = []
+    for _ in range(PROBE_EVERY):
+        spec.plan([req])
+        looks.append(req.num_lookahead)
+    assert looks == [0] * (PROBE_EVERY - 1) + [1]
+    for _ in range(8):  # the text turned repetitive: every draft accepted
+        spec.observe(req, 8, 8)
+    spec.plan([req])
+    assert req.num_lookahead == 8
+    s = spec.stats
+    assert (s.proposed_tokens, s.accepted_tokens, s.verifications, s.emitted_tokens) == (
+        112, 64, 14, 78)
+    assert s.accepted_histogram == [6, 0, 0, 0, 0, 0, 0, 0, 8]
+
+
+# -- scheduling and step inputs ------------------------------------------------------
+
+def test_the_scheduler_reserves_slots_for_drafts_within_budget_and_max_tokens():
+    blocks = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    s = Scheduler(block_manager=blocks, max_num_seqs=4, max_num_batched_tokens=64)
+    req = Request(request_id="r", prompt_ids=list(range(10, 16)),
+                  params=SamplingParams(max_tokens=4))
+    s.add(req)
+    out = s.schedule()
+    s.on_step_done(out)
+    req.append_output(99)  # 7 tokens, 6 computed
+    req.num_lookahead = 5
+    out = s.schedule()
+    (chunk,) = out.chunks
+    # max_tokens 4, one output so far: this step may emit 3 tokens, so 2 drafts.
+    assert (chunk.start, chunk.num_tokens, chunk.num_lookahead) == (6, 1, 2)
+    assert len(blocks.block_ids("r")) == 3  # positions 0..8
+    s.on_step_done(out)
+    assert req.num_computed_tokens == 7  # the drafts count once accepted
+    req.append_output(20)
+    req.append_output(21)
+    s.on_drafts_accepted(req, 1)  # the draft 20 was kept; 21 is new
+    assert req.num_computed_tokens == 8
+    assert blocks.num_cached_blocks == 2  # positions 0..7: two full blocks hashed
+
+
+def test_a_chunk_with_drafts_is_one_decode_row_per_token():
+    batch = InputBatch(max_num_seqs=4, max_blocks_per_seq=8, max_num_tokens=64,
+                       block_size=4, device=CPU, decode_kernel=True, varlen_prefill=False)
+    req = Request(request_id="r", prompt_ids=[11, 12, 13, 14, 15, 16],
+                  params=SamplingParams())
+    other = Request(request_id="o", prompt_ids=[21, 22, 23], params=SamplingParams())
+    chunks = [ScheduledChunk(req, 5, 1, num_lookahead=3, spec_ids=(7, 8)),
+              ScheduledChunk(other, 2, 1)]
+    inputs = batch.prepare(chunks, [[3, 9], [5]])
+    # Decode rows sorted by context: other (3), then r's three positions (6, 7, 8).
+    assert inputs.input_ids.tolist() == [23, 16, 7, 8]
+    assert inputs.positions.tolist() == [2, 5, 6, 7]
+    assert inputs.meta.slot_mapping.tolist() == [22, 37, 38, 39]
+    (group,) = inputs.meta.decode_groups
+    assert group.ctx_lens.tolist() == [3, 6, 7, 8]
+    assert group.block_table.tolist() == [[5, 0], [3, 9], [3, 9], [3, 9]]
+    assert inputs.logits_indices.tolist() == [1, 2, 3, 0]  # r's rows, then other's
+    assert inputs.meta.row_exact and inputs.num_decodes == 4
+    # A draft model feeding its own draft: one row, logits after it.
+    batch.release("r")
+    draft = batch.prepare([ScheduledChunk(req, 6, 0, spec_ids=(7,))], [[3, 9]],
+                          verify_drafts=False)
+    assert draft.input_ids.tolist() == [7]
+    assert draft.positions.tolist() == [6]
+    assert draft.logits_indices.tolist() == [0]
+    assert not draft.meta.row_exact
+
+
+# -- verification --------------------------------------------------------------------
+
+def test_greedy_verification_accepts_drafts_that_are_the_argmax():
+    sampler = Sampler(CPU)
+    logits = torch.full((5, 10), -5.0)
+    for row, best in enumerate([2, 5, 7, 1, 4]):
+        logits[row, best] = 5.0
+    a, b = spec_req("a"), spec_req("b")
+    sampled = sampler.launch_verify(logits, [a, b], [(2, 3), (1,)])
+    tokens, logprobs, accepted = sampled.read_verified()
+    assert tokens == [2, 5, 7, 1, 4]
+    assert accepted == [True, False, False, True, False]
+    assert logprobs == [None] * 5
+
+
+def test_rejection_sampling_keeps_the_model_distribution():
+    # p over 4 tokens; the draft proposes token 1 (p = 0.3) whatever happens.
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().unsqueeze(0).repeat(2, 1)  # the draft's row, then the bonus row
+    sampler = Sampler(CPU)
+    n = 6000
+    counts = [0] * 4
+    accepted_count = 0
+    for seed in range(n):
+        req = spec_req(f"r{seed}", temperature=1.0, seed=seed)
+        tokens, _, accepted = sampler.launch_verify(logits, [req], [(1,)]).read_verified()
+        counts[tokens[0]] += 1  # the first emitted token: the draft or its replacement
+        accepted_count += accepted[0]
+        assert accepted[0] == (tokens[0] == 1)
+    for token, p in enumerate(probs.tolist()):
+        sigma = math.sqrt(p * (1 - p) / n)
+        assert abs(counts[token] / n - p) < 4 * sigma, (token, counts)
+    assert abs(accepted_count / n - 0.3) < 4 * math.sqrt(0.21 / n)
+
+
+def test_row_j_of_a_verification_is_draw_number_n_plus_j():
+    # Rows without a draft to check (-1) are plain draws; their counters follow the rows.
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    sampler = Sampler(CPU)
+    for seed in range(20):
+        req = spec_req(f"r{seed}", temperature=0.9, top_p=0.9, seed=seed)
+        want = []
+        for j in range(3):
+            want.append(sampler.launch(logits[j:j + 1], [req]).read()[0][0])
+            req.output_ids.append(0)
+        del req.output_ids[-3:]
+        tokens, _, accepted = sampler.launch_verify(logits, [req], [(-1, -1)]).read_verified()
+        assert tokens == want and accepted == [False] * 3
+
+
+# -- the engine ----------------------------------------------------------------------
+
+def repetitive_prompts(rng: random.Random, n: int) -> list[list[int]]:
+    """Prompts that repeat a phrase, so that n-gram lookup proposes drafts."""
+    out = []
+    for _ in range(n):
+        phrase = [rng.randrange(3, 500) for _ in range(rng.randint(3, 8))]
+        out.append([rng.randrange(3, 500) for _ in range(rng.randint(1, 6))]
+                   + phrase * rng.randint(2, 5))
+    return out
+
+
+def outputs(core, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    out = run_core(core, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
+    return [[t for d in out[f"r{i}"] for t in d.new_token_ids] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("mode", ["ngram", "draft"])
+def test_greedy_speculation_returns_what_plain_decoding_returns(mode):
+    prompts = repetitive_prompts(random.Random(3), 6)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    plain = tiny_core(num_kv_blocks=256)
+    draft = {"speculative_draft_model": "tiny-llama"} if mode == "draft" else {}
+    spec = tiny_core(num_kv_blocks=256, speculative=mode, speculative_max_batch=8, **draft)
+    want = [outputs(plain, [p], params)[0] for p in prompts]
+    assert [outputs(spec, [p], params)[0] for p in prompts] == want  # one at a time
+    assert outputs(spec, prompts, params) == want  # all at once
+    stats = spec.stats()
+    assert stats.spec_proposed_tokens > 0 and stats.spec_verifications > 0
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+    if mode == "draft":  # the draft is the model itself: it guesses right
+        assert stats.spec_acceptance_rate >= 0.9
+
+
+def test_a_stop_token_among_accepted_drafts_ends_the_output_there():
+    prompt = repetitive_prompts(random.Random(5), 1)[0]
+    plain = tiny_core(num_kv_blocks=256)
+    free = outputs(plain, [prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    stop = free[10]
+    params = SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=(stop,))
+    want = outputs(plain, [prompt], params)[0]
+    spec = tiny_core(num_kv_blocks=256, speculative="draft",
+                     speculative_draft_model="tiny-llama")
+    got = run_core(spec, {"r": (prompt, params)})["r"]
+    assert [t for d in got for t in d.new_token_ids] == want
+    assert want[-1] == stop and len(want) <= 11
+    assert got[-1].usage is not None and got[-1].usage.completion_tokens == len(want)
+
+
+def test_sampled_speculation_is_seeded_and_keeps_lengths_and_logprobs():
+    prompts = repetitive_prompts(random.Random(9), 4)
+    params = SamplingParams(max_tokens=17, ignore_eos=True, temperature=0.7, seed=4,
+                            logprobs=2)
+
+    def run() -> dict[str, list]:
+        spec = tiny_core(num_kv_blocks=256, speculative="draft",
+                         speculative_draft_model="tiny-llama")
+        return run_core(spec, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
+
+    first, second = run(), run()
+    for rid, deltas in first.items():
+        tokens = [t for d in deltas for t in d.new_token_ids]
+        logprobs = [lp for d in deltas for lp in d.logprobs or []]
+        assert len(tokens) == 17 and [lp.token_id for lp in logprobs] == tokens
+        assert all(len(lp.top) == 2 for lp in logprobs)
+        assert tokens == [t for d in second[rid] for t in d.new_token_ids]  # same seed
+
+
+def test_no_block_leaks_with_speculation_random_aborts_and_preemption():
+    rng = random.Random(11)
+    core = tiny_core(num_kv_blocks=40, max_num_seqs=8, speculative="ngram",
+                     speculative_max_batch=8, max_num_batched_tokens=48)
+    prompts = repetitive_prompts(rng, 60)
+    requests = {f"r{i}": (p, SamplingParams(max_tokens=rng.randint(1, 30), ignore_eos=True,
+                                            temperature=rng.choice([0.0, 0.8]), seed=i))
+                for i, p in enumerate(prompts)}
+    aborts = {rid: rng.randint(0, 10) for rid in requests if rng.random() < 0.3}
+    out = run_core(core, requests, abort_after=aborts)
+    assert all(d[-1].finished for d in out.values())
+    stats = core.stats()
+    assert stats.num_preemptions > 0 and stats.spec_accepted_tokens > 0
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+    assert not core.runner.batch._row_of and not core.spec._states  # type: ignore[union-attr]
+
+
+def test_speculation_needs_synchronous_steps():
+    with pytest.raises(ValueError, match="async_scheduling off"):
+        tiny_core(speculative="ngram", async_scheduling=True)
+
+
+@pytest.mark.skipif(cpu_kernels.load() is None, reason="needs the bf16 CPU kernels")
+def test_the_real_model_in_bf16_speculates_to_the_same_tokens(model_dir):
+    from genmesh.bench.speculation import GROUNDED
+    from genmesh.bench.variants import chat_prompts
+
+    prompts = chat_prompts(str(model_dir), [GROUNDED[i] for i in (2, 6, 8)])
+    params = SamplingParams(max_tokens=48)
+    config = EngineConfig(model=str(model_dir), num_kv_blocks=128)
+    from services.worker.engine.core import EngineCore
+
+    plain, spec = EngineCore(config), EngineCore(EngineConfig(
+        model=str(model_dir), num_kv_blocks=128, speculative="ngram"))
+    for i, p in enumerate(prompts):
+        want = outputs(plain, [p], params)[0]
+        assert outputs(spec, [p], params)[0] == want, i
+    stats = spec.stats()
+    assert stats.spec_tokens_per_step > 2.0  # these answers repeat their prompts
