@@ -46,9 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-profile", action="store_true",
                    help="skip the profiled decode steps (CUDA only)")
     e.add_argument("--variants", metavar="V,V,...", default=None,
-                   help="quantizations measured beside bf16 in the same run, with a quality "
-                        "section (genmesh/bench/variants.py): e.g. int8,int4; 'none' for "
-                        "none (default: int8,int4 with the full plan on a CPU, else none)")
+                   help="quantizations (int8, int4; with a quality section, genmesh/bench/"
+                        "variants.py) and speculation modes (ngram, draft: genmesh/bench/"
+                        "speculation.py) measured beside bf16 in the same run; 'none' for "
+                        "none (default: all four with the full plan on a CPU, else none)")
     e.add_argument("--output", help="also write the JSON to this file (updated after each "
                                     "stage, with \"partial\": true until the run ends)")
     e.set_defaults(func=_engine)
@@ -107,18 +108,33 @@ def _engine(args: argparse.Namespace) -> int:
                               profile=not args.no_profile, on_progress=on_progress)
     variants = args.variants
     if variants is None:
-        variants = "int8,int4" if plan_name == "full" and not on_gpu else "none"
+        variants = "int8,int4,ngram,draft" if plan_name == "full" and not on_gpu else "none"
     names = [v for v in variants.split(",") if v and v != "none"]
-    if names and not args.dummy:
+    unknown = sorted(set(names) - {"int8", "int4", "ngram", "draft"})
+    if unknown:
+        print(f"error: unknown variants {unknown}: choose from int8, int4, ngram, draft",
+              file=sys.stderr)
+        return 2
+    quantized = [n for n in names if n in ("int8", "int4")]
+    speculative = [n for n in names if n in ("ngram", "draft")]
+    variant_config = dataclasses.replace(config, max_num_seqs=max(64, config.max_num_seqs))
+    if quantized and not args.dummy:
         from genmesh.bench.variants import run_variants
 
         def on_variant(partial: dict) -> None:
             result["variants"] = partial
             on_progress(result)
 
-        result["variants"] = run_variants(
-            dataclasses.replace(config, max_num_seqs=max(64, config.max_num_seqs)), names,
-            on_progress=on_variant)
+        result["variants"] = run_variants(variant_config, quantized, on_progress=on_variant)
+    if speculative and not args.dummy:
+        from genmesh.bench.speculation import run_speculation
+
+        def on_speculation(partial: dict) -> None:
+            result["speculation"] = partial
+            on_progress(result)
+
+        result["speculation"] = run_speculation(variant_config, speculative,
+                                                on_progress=on_speculation)
     print(json.dumps(result, indent=2))
     if args.output:
         _write_json(result, args.output)

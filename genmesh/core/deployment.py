@@ -84,6 +84,11 @@ class ModelVersion:
     dtype: str = "bfloat16"  # what the local launcher starts the worker with
     # Weight-only quantization the launcher starts the worker with: none, int8, int4.
     quantization: str = "none"
+    # Speculative decoding: off, ngram, or draft (draft_model proposes: a store name
+    # sharing the model's tokenizer, or the model itself with draft_quantization int4).
+    speculative: str = "off"
+    draft_model: str = ""
+    draft_quantization: str = "none"
 
     @property
     def cluster(self) -> str:
@@ -202,6 +207,15 @@ def check(dep: Deployment) -> list[str]:
         if v.quantization not in ("none", "int8", "int4"):
             problems.append(f"version {v.name}: quantization must be none, int8 or int4, "
                             f"got {v.quantization!r}")
+        if v.speculative not in ("off", "ngram", "draft"):
+            problems.append(f"version {v.name}: speculative must be off, ngram or draft, "
+                            f"got {v.speculative!r}")
+        if v.speculative == "draft" and not v.draft_model:
+            problems.append(f"version {v.name}: speculative draft needs a draft_model "
+                            "(the model itself with draft_quantization int4 will do)")
+        if v.draft_quantization not in ("none", "int8", "int4"):
+            problems.append(f"version {v.name}: draft_quantization must be none, int8 or "
+                            f"int4, got {v.draft_quantization!r}")
     r = dep.rollout
     for role, name in (("primary", r.primary), ("candidate", r.candidate),
                        ("previous_primary", r.previous_primary)):
@@ -334,10 +348,16 @@ def _from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Deployment:
                                 "observability", "redis_url"})
     model = data["model"]
     _known(model, "model", {"name", "versions", "prefix_affinity_blocks", "kv_block_size"})
+    for name, spec in (model.get("versions") or {}).items():
+        _known(spec, f"version {name}",
+               {f.name for f in dataclasses.fields(ModelVersion)} - {"name"})
     versions = tuple(
         ModelVersion(str(name), tuple(parse_endpoint(a) for a in spec.get("workers", ())),
                      dtype=str(spec.get("dtype", "bfloat16")),
-                     quantization=str(spec.get("quantization", "none")))
+                     quantization=str(spec.get("quantization", "none")),
+                     speculative=str(spec.get("speculative", "off")),
+                     draft_model=str(spec.get("draft_model", "")),
+                     draft_quantization=str(spec.get("draft_quantization", "none")))
         for name, spec in (model.get("versions") or {}).items())
     services = data["services"]
     _known(services, "services", {f.name for f in dataclasses.fields(Services)})
@@ -397,7 +417,10 @@ def to_dict(dep: Deployment) -> dict[str, Any]:
         "model": {"name": dep.model, "prefix_affinity_blocks": dep.prefix_affinity_blocks,
                   "kv_block_size": dep.kv_block_size,
                   "versions": {v.name: {"workers": addresses(v.workers), "dtype": v.dtype,
-                                        "quantization": v.quantization}
+                                        "quantization": v.quantization,
+                                        "speculative": v.speculative,
+                                        "draft_model": v.draft_model,
+                                        "draft_quantization": v.draft_quantization}
                                for v in dep.versions}},
         "services": {f.name: addresses(getattr(dep.services, f.name))
                      for f in dataclasses.fields(Services)},

@@ -281,7 +281,10 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
         specs.append(_service(
             f"worker-{v.name}", "services.worker.main", v.workers[0][1], cfg,
             "--model", dep.model, "--model-version", v.name, "--dtype", v.dtype,
-            "--quantization", v.quantization,
+            "--quantization", v.quantization, "--speculative", v.speculative,
+            *(("--speculative-draft-model", v.draft_model,
+               "--speculative-draft-quantization", v.draft_quantization)
+              if v.speculative == "draft" else ()),
             "--kv-cache-gib", str(cfg.kv_cache_gib), "--num-threads", str(threads),
             "--price-per-device-hour", str(obs.price_per_device_hour),
             *record, *cfg.worker_args, metrics_port=metrics_port, observability=obs,

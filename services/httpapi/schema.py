@@ -10,7 +10,8 @@ out of range, and what this server does not do yet (``echo``, ``suffix``,
 ``best_of`` > 1) are errors, never silently ignored.
 
 Besides OpenAI's fields, vLLM's sampling extensions are taken too: ``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``.
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``; and
+genmesh's ``speculative`` (true/false: speculative decoding for this request).
 
 Tools (``tools``, ``tool_choice``, ``tool`` messages and assistant ``tool_calls``) map onto
 the GenerateRequest's own fields: the frontend renders them, enforces forced choices and
@@ -177,6 +178,8 @@ def _sampling(f: _Fields, *, default_max_tokens: int) -> common_pb2.SamplingPara
     if (min_tokens := f.integer("min_tokens", low=0)) is not None:
         p.min_tokens = min_tokens
     p.ignore_eos = bool(f.boolean("ignore_eos"))
+    if (speculative := f.boolean("speculative")) is not None:
+        p.speculative = speculative
     stop_ids = f.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(

@@ -29,6 +29,16 @@ class WorkerConfig(ServerConfig):
     # scale per quant_group_size input columns (0: int8 per channel, int4 in 32s).
     quantization: str = "none"
     quant_group_size: int = 0
+    # Speculative decoding (engine/speculative.py): off, ngram (prompt lookup) or draft
+    # (speculative_draft_model, a store name or folder sharing the model's tokenizer,
+    # proposes; speculative_draft_quantization: none, int8 or int4, e.g. the model's own
+    # int4 build as its draft). speculative_by_default: whether a request that does not
+    # say speculates. Greedy output is the same either way.
+    speculative: str = "off"
+    num_speculative_tokens: int = 8
+    speculative_draft_model: str = ""
+    speculative_draft_quantization: str = "none"
+    speculative_by_default: bool = True
     # Torch CPU threads; 0: torch's default (every core). Workers sharing a machine must
     # split its cores: threads that outnumber cores spin against each other.
     num_threads: int = 0

@@ -21,22 +21,32 @@ from services.worker.servicer import WorkerServicer
 from services.worker.stream_interval import StreamInterval
 
 
-def engine_config(cfg: WorkerConfig, model_path: str) -> EngineConfig:
+def engine_config(cfg: WorkerConfig, model_path: str, draft_path: str | None = None
+                  ) -> EngineConfig:
     return EngineConfig(model=model_path, backend=cfg.backend, dtype=cfg.dtype,
                         device=cfg.device, load_format=cfg.load_format,
                         kv_cache_memory_gib=cfg.kv_cache_gib, max_num_seqs=cfg.max_num_seqs,
                         num_threads=cfg.num_threads or None,
                         max_num_batched_tokens=cfg.max_num_batched_tokens,
                         quantization=cfg.quantization,
-                        quant_group_size=cfg.quant_group_size or None)
+                        quant_group_size=cfg.quant_group_size or None,
+                        speculative=cfg.speculative,
+                        num_speculative_tokens=cfg.num_speculative_tokens,
+                        speculative_draft_model=draft_path,
+                        speculative_draft_quantization=cfg.speculative_draft_quantization,
+                        speculative_by_default=cfg.speculative_by_default)
 
 
 async def run(cfg: WorkerConfig) -> None:
     # One trace service per model version, so a trace shows which version answered.
     telemetry = setup(settings_from(f"genmesh-worker-{cfg.model_version}", cfg))
     model_path = cfg.model
+    draft_path = cfg.speculative_draft_model or None
     if cfg.load_format != "dummy":
-        model_path = str(ModelStore(default_store_root()).path_of(cfg.model))
+        store = ModelStore(default_store_root())
+        model_path = str(store.path_of(cfg.model))
+        if draft_path is not None:
+            draft_path = str(store.path_of(draft_path))
     core_exits: list[str] = []
 
     def core_exited(reason: str) -> None:
@@ -45,7 +55,8 @@ async def run(cfg: WorkerConfig) -> None:
         core_exits.append(reason)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    engine = create_engine(engine_config(cfg, model_path), core_process=cfg.engine_process,
+    engine = create_engine(engine_config(cfg, model_path, draft_path),
+                           core_process=cfg.engine_process,
                            on_core_exit=core_exited)
     records = RecordSink(cfg.record_redis_url) if cfg.record_redis_url else None
     gpus = Nvml.open() if cfg.metrics_port and cfg.is_gpu else None

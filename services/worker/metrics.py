@@ -76,6 +76,18 @@ class WorkerMetrics:
         self._num_preemptions = FollowedTotal(counter(
             "genmesh_num_preemptions_total",
             "Running requests preempted (KV freed, recomputed later)."))
+        # Speculative decoding: acceptance rate = accepted / proposed; tokens a verifying
+        # step emits = emitted / verifications.
+        self._spec_proposed = FollowedTotal(counter(
+            "genmesh_spec_decode_draft_tokens_total", "Draft tokens verified."))
+        self._spec_accepted = FollowedTotal(counter(
+            "genmesh_spec_decode_accepted_tokens_total", "Draft tokens accepted."))
+        self._spec_verifications = FollowedTotal(counter(
+            "genmesh_spec_decode_verifications_total",
+            "Request-steps that verified drafts."))
+        self._spec_emitted = FollowedTotal(counter(
+            "genmesh_spec_decode_emitted_tokens_total",
+            "Tokens emitted by request-steps that verified drafts (accepted + 1 each)."))
         self._device_seconds = FollowedTotal(counter(
             "genmesh_device_seconds_total",
             "Wall time of the engine's steps (device busy time, all requests)."))
@@ -119,6 +131,10 @@ class WorkerMetrics:
         self._prefix_cache_hits.follow(stats.prefix_cache_hits)
         self._num_preemptions.follow(stats.num_preemptions)
         self._device_seconds.follow(stats.device_seconds)
+        self._spec_proposed.follow(stats.spec_proposed_tokens)
+        self._spec_accepted.follow(stats.spec_accepted_tokens)
+        self._spec_verifications.follow(stats.spec_verifications)
+        self._spec_emitted.follow(stats.spec_emitted_tokens)
         if self._cost is not None:
             self._cost.follow(stats.device_seconds * self.price_per_device_second)
         if self._gpus is not None:

@@ -60,6 +60,7 @@ def params_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         logit_bias=tuple(sorted(p.logit_bias.items())),
         min_tokens=p.min_tokens,
         constraint=constraint_from_proto(p.constraint) if p.HasField("constraint") else None,
+        speculative=p.speculative if p.HasField("speculative") else None,
     )
 
 

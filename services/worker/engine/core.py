@@ -223,9 +223,10 @@ class EngineCore:
         p1 = time.perf_counter()
         logits = self.runner.run(inputs)
         p2 = time.perf_counter()
-        if self.spec is not None:  # the cost model's unit: a step's forward, drafts off
-            most = max(len(c.spec_ids) for c in out.chunks)
-            self.spec.record_times(plain_step_s=(p2 - p1) / (1 + self.spec.row_cost * most))
+        if self.spec is not None and all(c.num_tokens == 1 for c in out.chunks):
+            # The cost model's unit: a decode step's forward without drafts.
+            rows = sum(len(c.spec_ids) for c in out.chunks)
+            self.spec.record_times(plain_step_s=(p2 - p1) / (1 + self.spec.row_cost * rows))
         completing = [c for c in out.chunks if c.completes_sequence]
         requests = [c.request for c in completing]
         if settle is not None and inflight is not None and any(

@@ -15,6 +15,7 @@ rejection sampling turns into the target's distribution exactly (sampler.py).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,10 @@ from services.worker.engine.config import EngineConfig
 from services.worker.engine.model.config import ModelConfig
 from services.worker.engine.model_runner import ModelRunner, resolve_model_config
 from services.worker.engine.scheduler import ScheduledChunk
+
+# A draft step feeding up to this many tokens of a request (the last draft and the bonus
+# token after a fully accepted step) lays them out as decode rows: the decode kernels.
+CATCH_UP_ROWS = 4
 
 
 @dataclass(slots=True)
@@ -54,7 +59,10 @@ class DraftModelProposer:
                                   max_model_len=max_model_len)
         self.blocks = blocks
         self._states: dict[str, _DraftState] = {}
-        self.num_forwards = 0  # draft forward passes run (for stats and tests)
+        # Forward passes of a token or two a request (a draft step) and their seconds:
+        # the cost model's measure of a draft (speculative.py).
+        self.num_forwards = 0
+        self.decode_seconds = 0.0
 
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -75,6 +83,24 @@ class DraftModelProposer:
         return start
 
     @torch.inference_mode()
+    def follow(self, chunks: Sequence[ScheduledChunk]) -> None:
+        """Run the draft over prefill chunks the target computes this step, so that its
+        KV is there when the request's decodes start speculating (the draft's prefill is
+        then part of the request's prefill, as the target's is)."""
+        steps, tables = [], []
+        for c in chunks:
+            start, end = self._catch_up_start(c), c.start + c.num_tokens
+            if start < end:
+                steps.append(ScheduledChunk(c.request, start, end - start))
+                tables.append(self.blocks.block_ids(c.request.request_id))
+        if not steps:
+            return
+        self.runner.run(self.runner.prepare(steps, tables, verify_drafts=False))
+        for step in steps:
+            self._states[step.request.request_id] = _DraftState(step.start + step.num_tokens,
+                                                                [])
+
+    @torch.inference_mode()
     def propose(self, chunks: Sequence[ScheduledChunk]) -> list[tuple[int, ...]]:
         """k greedy draft steps for every chunk at once (k: its num_lookahead); the
         first also feeds the tokens the draft has not seen yet."""
@@ -90,10 +116,13 @@ class DraftModelProposer:
         active = list(range(len(chunks)))
         for _ in range(max(c.num_lookahead for c in chunks)):
             batch = [steps[i] for i in active]
+            t0 = time.perf_counter()
             inputs = self.runner.prepare(batch, [blocks[i] for i in active],
-                                         verify_drafts=False)
+                                         verify_drafts=False, split_short=CATCH_UP_ROWS)
             next_ids = self.runner.run(inputs).argmax(dim=-1).tolist()
-            self.num_forwards += 1
+            if max(s.num_computed for s in batch) <= 2:
+                self.num_forwards += 1
+                self.decode_seconds += time.perf_counter() - t0
             still = []
             for i, token in zip(active, next_ids, strict=True):
                 drafts[i].append(int(token))

@@ -87,7 +87,8 @@ class _Units:
     has_split_drafts: bool
 
 
-def _units(chunks: Sequence[ScheduledChunk], *, split_drafts: bool) -> _Units:
+def _units(chunks: Sequence[ScheduledChunk], *, split_drafts: bool,
+           split_short: int = 0) -> _Units:
     """Speculative verification lays each token of a chunk with drafts out as a decode
     row of its own (context: the positions up to it, all written to the cache before
     attention runs): causal attention over the drafts without a mask, and every row
@@ -96,15 +97,19 @@ def _units(chunks: Sequence[ScheduledChunk], *, split_drafts: bool) -> _Units:
     units = _Units([], [], [], [], [], False)
     for i, c in enumerate(chunks):
         ids = c.token_ids()
-        if c.spec_ids and split_drafts:
+        verify = bool(c.spec_ids) and split_drafts
+        if verify or (c.start > 0 and 1 < len(ids) <= split_short):
             units.has_split_drafts = True
+            wants_last = c.completes_sequence or bool(c.spec_ids)
             for j, token in enumerate(ids):
                 units.chunk_of.append(i)
                 units.starts.append(c.start + j)
                 units.lens.append(1)
                 units.token_ids.append([token])
-                # Logits from the last known token on: each checks the draft after it.
-                units.wants_logits.append(j >= c.num_tokens - 1)
+                # Verifying: logits from the last known token on, each checking the
+                # draft after it; else after the last token only.
+                units.wants_logits.append(j >= c.num_tokens - 1 if verify
+                                          else wants_last and j == len(ids) - 1)
             continue
         units.chunk_of.append(i)
         units.starts.append(c.start)
@@ -170,14 +175,16 @@ class InputBatch:
 
     def prepare(self, chunks: Sequence[ScheduledChunk], tables: Sequence[list[int]],
                 pending: PendingTokens | None = None, *,
-                verify_drafts: bool = True) -> StepInputs:
+                verify_drafts: bool = True, split_short: int = 0) -> StepInputs:
         """The step's inputs. A chunk with drafts gets logits for every one of its
         tokens when ``verify_drafts`` (the target model checks each draft), else for its
-        last only (a draft model continuing its own proposal)."""
+        last only (a draft model continuing its own proposal). A chunk of 2 to
+        ``split_short`` tokens after the first position is laid out as decode rows too
+        (a draft model catching up on a step's tokens takes the decode kernels)."""
         bs = self.block_size
         self._stager.reset()
         rows = self._sync_rows(chunks, tables)
-        units = _units(chunks, split_drafts=verify_drafts)
+        units = _units(chunks, split_drafts=verify_drafts, split_short=split_short)
         n = len(units.starts)
         starts = np.asarray(units.starts, dtype=np.int64)
         lens = np.asarray(units.lens, dtype=np.int64)

@@ -98,8 +98,9 @@ class ModelRunner:
 
     def prepare(self, chunks: list[ScheduledChunk], block_tables: list[list[int]],
                 pending: PendingTokens | None = None, *,
-                verify_drafts: bool = True) -> StepInputs:
-        return self.batch.prepare(chunks, block_tables, pending, verify_drafts=verify_drafts)
+                verify_drafts: bool = True, split_short: int = 0) -> StepInputs:
+        return self.batch.prepare(chunks, block_tables, pending, verify_drafts=verify_drafts,
+                                  split_short=split_short)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Fp32 logits [S, V] for the chunks that complete their sequence, in the order

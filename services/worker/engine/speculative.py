@@ -24,12 +24,12 @@ drafts then yield ``1 + sum_{j<=k} h1 h^(j-1)`` tokens for a step that costs
 ``1 + c k`` plain steps (``c``: one more verified row, plus a draft model's forward
 where one proposes), and ``k`` is the count that maximises that ratio, zero when none
 beats a plain step by 5%. A request that stopped speculating tries one draft again every
-``PROBE_EVERY`` steps, so a text that turns repetitive is caught.
+``PROBE_EVERY`` steps, so a text that turns repetitive is caught, unless the draft
+model's measured cost is such that even drafts all accepted would not pay.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -60,7 +60,12 @@ MIN_GAIN = 1.05  # a draft model's forward per plain step, until measured
 
 class Proposer(Protocol):
     has_model: bool  # proposes with a model's forward passes (they cost time)
-    num_forwards: int  # forward passes run so far
+    num_forwards: int  # draft steps (a token or two a request) run so far
+    decode_seconds: float  # and the seconds they took
+
+    def follow(self, chunks: Sequence[ScheduledChunk]) -> None:
+        """See the prefill chunks of requests that will speculate."""
+        ...
 
     def propose(self, chunks: Sequence[ScheduledChunk]) -> list[tuple[int, ...]]:
         """Drafts for each chunk, at most its ``num_lookahead`` (maybe none)."""
@@ -78,6 +83,7 @@ class NgramProposer:
 
     has_model = False
     num_forwards = 0
+    decode_seconds = 0.0
 
     def __init__(self, *, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
@@ -86,6 +92,9 @@ class NgramProposer:
         return [self.lookup(c.request.all_ids, c.num_lookahead) for c in chunks]
 
     def release(self, request_id: str) -> None:
+        pass
+
+    def follow(self, chunks: Sequence[ScheduledChunk]) -> None:
         pass
 
     def lookup(self, ids: list[int], k: int) -> tuple[int, ...]:
@@ -180,12 +189,18 @@ class Speculation:
         state = self._states.setdefault(req.request_id, _RequestState())
         k = best_num_drafts(state.first[0] / state.first[1], state.next[0] / state.next[1],
                             self.max_drafts, self.row_cost + self.draft_cost)
-        if k == 0:
+        if k == 0 and self.can_pay():
             state.idle_steps += 1
             if state.idle_steps >= PROBE_EVERY:
                 state.idle_steps = 0
                 return 1
         return k
+
+    def can_pay(self) -> bool:
+        """Whether drafts could pay at all: even drafts all accepted cannot make up for
+        a draft model nearly as slow as the model (then no probes and no prefill for
+        the draft, which would be spent for nothing)."""
+        return best_num_drafts(1.0, 1.0, self.max_drafts, self.row_cost + self.draft_cost) > 0
 
     @property
     def draft_cost(self) -> float:
@@ -210,12 +225,15 @@ class Speculation:
 
     def propose(self, chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
         """The chunks with their drafts filled in (those that reserved slots)."""
+        prefills = [c for c in chunks if c.num_tokens > 1 and self.wants(c.request)]
+        if prefills and self.can_pay():
+            self.proposer.follow(prefills)
         wanting = [i for i, c in enumerate(chunks) if c.num_lookahead > 0]
         if not wanting:
             return chunks
-        t0, forwards = time.perf_counter(), self.proposer.num_forwards
+        seconds, forwards = self.proposer.decode_seconds, self.proposer.num_forwards
         drafts = self.proposer.propose([chunks[i] for i in wanting])
-        self.record_times(propose_s=time.perf_counter() - t0,
+        self.record_times(propose_s=self.proposer.decode_seconds - seconds,
                           num_forwards=self.proposer.num_forwards - forwards)
         out = list(chunks)
         for i, d in zip(wanting, drafts, strict=True):

@@ -55,6 +55,15 @@ def test_save_and_load_round_trip(tmp_path):
     (lambda d: {**d, "model": {**d["model"], "versions": {
         "v1": {"workers": ["127.0.0.1:1"], "quantization": "int3"}}}},
      "version v1: quantization must be none, int8 or int4, got 'int3'"),
+    (lambda d: {**d, "model": {**d["model"], "versions": {
+        "v1": {"workers": ["127.0.0.1:1"], "speculative": "draft"}}}},
+     "version v1: speculative draft needs a draft_model"),
+    (lambda d: {**d, "model": {**d["model"], "versions": {
+        "v1": {"workers": ["127.0.0.1:1"], "speculative": "eagle"}}}},
+     "version v1: speculative must be off, ngram or draft, got 'eagle'"),
+    (lambda d: {**d, "model": {**d["model"], "versions": {
+        "v1": {"workers": ["127.0.0.1:1"], "quantisation": "int4"}}}},
+     "unknown field"),
     (lambda d: {**d, "redis_url": None}, "no redis_url"),
     (lambda d: {**d, "limits": {**d["limits"], "max_chat_messages": 0}},
      "limits.max_chat_messages must be positive, got 0"),

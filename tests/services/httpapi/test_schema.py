@@ -39,6 +39,11 @@ def test_every_sampling_field_reaches_the_params() -> None:
     assert p.min_p == pytest.approx(0.1) and p.repetition_penalty == pytest.approx(1.2)
 
 
+def test_speculation_is_asked_for_or_left_to_the_worker() -> None:
+    assert chat_request(CHAT | {"speculative": False}).request.params.speculative is False
+    assert not chat_request(CHAT).request.params.HasField("speculative")
+
+
 def test_developer_role_and_text_parts() -> None:
     parsed = chat_request({"model": "m", "messages": [
         {"role": "developer", "content": "be brief"},

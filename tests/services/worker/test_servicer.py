@@ -29,6 +29,12 @@ def test_the_new_knobs_are_mapped():
     assert params.min_tokens == 4 and params.constraint is None
 
 
+@pytest.mark.parametrize(("given", "want"), [({}, None), ({"speculative": True}, True),
+                                             ({"speculative": False}, False)])
+def test_speculation_unset_follows_the_worker(given, want):
+    assert params_from_proto(common_pb2.SamplingParams(**given)).speculative is want
+
+
 def with_constraint(**kind: object) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(constraint=common_pb2.Constraint(**kind))  # type: ignore[arg-type]
 

@@ -631,7 +631,9 @@ inline void q4_tile(const QWeight& w, const at::BFloat16* x, const float* xsum,
       const __m512 sv = _mm512_set1_ps(_cvtsh_ss(w.scales[at]));
       for (int m = 0; m < MM; ++m) {
         tot[m][r] = _mm512_fmadd_ps(acc[m][r], sv, tot[m][r]);
-        off[m][r] += _cvtsh_ss(w.offsets[at]) * xsum[m * ng + g];
+        // An explicit fma: left to -ffast-math, the contraction may differ between the
+        // MM = 1 and MM = 2 instances, and a row must not depend on its neighbours.
+        off[m][r] = std::fma(_cvtsh_ss(w.offsets[at]), xsum[m * ng + g], off[m][r]);
       }
     }
   }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -114,6 +115,28 @@ def test_low_acceptance_backs_off_then_probes_with_one_draft():
     assert (s.proposed_tokens, s.accepted_tokens, s.verifications, s.emitted_tokens) == (
         112, 64, 14, 78)
     assert s.accepted_histogram == [6, 0, 0, 0, 0, 0, 0, 0, 8]
+
+
+class _ModelProposer(NgramProposer):
+    has_model = True
+
+
+def test_a_draft_model_nearly_as_slow_as_the_model_is_not_used_or_probed():
+    config = EngineConfig(model="tiny-llama", load_format="dummy", speculative="ngram")
+    spec = Speculation(config, _ModelProposer(min_n=2, max_n=4), device_type="cpu",
+                       max_model_len=1000)
+    req = spec_req("r")
+    spec.plan([req])
+    assert req.num_lookahead > 0  # the prior: a draft step costs half a plain one
+    # Measured: a draft step costs 0.9 of a plain one, and every draft is accepted.
+    spec.record_times(propose_s=0.9, num_forwards=1, plain_step_s=1.0)
+    spec.observe(req, 4, 4)
+    assert not spec.can_pay()
+    looks = set()
+    for _ in range(3 * PROBE_EVERY):
+        spec.plan([req])
+        looks.add(req.num_lookahead)
+    assert looks == {0}
 
 
 # -- scheduling and step inputs ------------------------------------------------------
@@ -311,17 +334,17 @@ def test_speculation_needs_synchronous_steps():
 
 
 @pytest.mark.skipif(cpu_kernels.load() is None, reason="needs the bf16 CPU kernels")
-def test_the_real_model_in_bf16_speculates_to_the_same_tokens(model_dir):
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_the_real_model_in_bf16_speculates_to_the_same_tokens(model_dir, quantization):
     from genmesh.bench.speculation import GROUNDED
     from genmesh.bench.variants import chat_prompts
+    from services.worker.engine.core import EngineCore
 
     prompts = chat_prompts(str(model_dir), [GROUNDED[i] for i in (2, 6, 8)])
     params = SamplingParams(max_tokens=48)
-    config = EngineConfig(model=str(model_dir), num_kv_blocks=128)
-    from services.worker.engine.core import EngineCore
-
-    plain, spec = EngineCore(config), EngineCore(EngineConfig(
-        model=str(model_dir), num_kv_blocks=128, speculative="ngram"))
+    config = EngineConfig(model=str(model_dir), num_kv_blocks=128, quantization=quantization)
+    plain = EngineCore(config)
+    spec = EngineCore(replace(config, speculative="ngram"))
     for i, p in enumerate(prompts):
         want = outputs(plain, [p], params)[0]
         assert outputs(spec, [p], params)[0] == want, i
