@@ -548,9 +548,12 @@ void write_kv_bf16(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
 //         (symmetric; G = K: one scale per output channel).
 //   int4: w uint8 [N, K / 2], scales and offsets fp16 [N, K / G]: w[n, k] =
 //         q * scales[n, g] + offsets[n, g] with g = k / G (asymmetric groups of G, a
-//         multiple of 32). Each 32 weights are 16 bytes: byte i holds weight i in its low
-//         nibble and weight i + 16 in its high one, so one 16-byte load unpacks into a
-//         32-lane vector in order.
+//         multiple of 32; K a multiple of 64). Each 64 weights are 32 bytes: byte i holds
+//         weight i in its low nibble and weight i + 32 in its high one, so one 32-byte
+//         load widened to 16-bit lanes gives both 32-weight halves in order with one
+//         mask and one shift; OR-ing 0x4300 into a lane holding q makes it the bf16 of
+//         128 + q, so the kernel multiplies by 128 + q and takes 128 * scale off the
+//         offset (the products are exact in fp32; the sums lose ~4 of fp32's 24 bits).
 // For up to QSKINNY rows of x (decode steps): the weights are read once and multiplied
 // in registers (the ints exactly as bf16, each group's scale applied to its partial
 // sums); more rows take a pass per QSKINNY (speculative verification). Many rows are
@@ -568,27 +571,6 @@ struct QWeight {
   bool int4;
 };
 
-// Lanes 0-15: the bf16 bits of 0.0 ... 15.0 (the int4 values, as a permute table).
-inline __m512i int4_table() {
-  alignas(64) uint16_t t[32];
-  for (int i = 0; i < 32; ++i) {
-    float f = static_cast<float>(i & 15);
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    t[i] = static_cast<uint16_t>(bits >> 16);
-  }
-  return _mm512_load_si512(t);
-}
-
-// 32 int4 weights (16 bytes) as 32 bf16 lanes holding 0..15.
-inline __m512bh unpack_int4(const uint8_t* p, __m512i table) {
-  __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
-  __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
-  __m256i hi = _mm256_srli_epi16(v, 4);
-  __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-  return (__m512bh)_mm512_permutexvar_epi16(idx, table);
-}
-
 // 16 int8 weights as fp32.
 inline __m512 int8_ps(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
@@ -604,42 +586,100 @@ inline void prefetch_bytes(const uint8_t* p, int64_t n) {
 // One tile: weight rows [n0, n0 + R) against MM rows of x (compile-time sizes, so the
 // accumulators stay in registers). int4: xsum [MM, K / G] holds the sums of x over each
 // group (the offsets' share).
+constexpr int64_t Q4_MAX_GROUPS = 1024;  // groups a row (K / G): sizes the scale buffer
+
+// sum_g (offsets[g] - 128 scales[g]) * xsum[g] over a row's ng groups (the offsets'
+// share of y, less the 128 * scale the kernel multiplied by), 16 groups at a time.
+inline float q4_offset_share(const uint16_t* offsets, const float* scales, const float* xsum,
+                             int64_t ng) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 k128 = _mm512_set1_ps(128.f);
+  int64_t g = 0;
+  for (; g + 16 <= ng; g += 16) {
+    const __m512 o = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(offsets + g)));
+    const __m512 c = _mm512_fnmadd_ps(k128, _mm512_loadu_ps(scales + g), o);
+    acc = _mm512_fmadd_ps(c, _mm512_loadu_ps(xsum + g), acc);
+  }
+  float sum = _mm512_reduce_add_ps(acc);
+  for (; g < ng; ++g)
+    sum = std::fma(_cvtsh_ss(offsets[g]) - 128.f * scales[g], xsum[g], sum);
+  return sum;
+}
+
 template <int MM, int R>
 inline void q4_tile(const QWeight& w, const at::BFloat16* x, const float* xsum,
-                    at::BFloat16* y, int64_t n0, __m512i table) {
+                    at::BFloat16* y, int64_t n0) {
   const int64_t K = w.K, N = w.N, G = w.G, ng = K / G, row_bytes = K / 2;
   const uint8_t* base = w.q + n0 * row_bytes;
   if (n0 + 2 * R <= N) prefetch_bytes(base + R * row_bytes, R * row_bytes);
-  __m512 tot[MM][R];
-  float off[MM][R];
+  // The rows' scales in fp32, so that each group's costs one fmadd with a broadcast.
+  float sc[R][Q4_MAX_GROUPS];
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* src = w.scales + (n0 + r) * ng;
+    int64_t g = 0;
+    for (; g + 16 <= ng; g += 16)
+      _mm512_storeu_ps(sc[r] + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + g))));
+    for (; g < ng; ++g) sc[r][g] = _cvtsh_ss(src[g]);
+  }
+  const __m512i low = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+  __m512 tot[MM][R], acc[MM][R];
   for (int m = 0; m < MM; ++m)
-    for (int r = 0; r < R; ++r) { tot[m][r] = _mm512_setzero_ps(); off[m][r] = 0.f; }
-  for (int64_t g = 0; g < ng; ++g) {
-    __m512 acc[MM][R];
-    for (int m = 0; m < MM; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-      __m512bh xv[MM];
-      for (int m = 0; m < MM; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+    for (int r = 0; r < R; ++r) tot[m][r] = acc[m][r] = _mm512_setzero_ps();
+  // Row r's 64 weights at k as two bf16 vectors of 128 + q: weights k.. and k + 32..
+  auto unpack = [&](int r, int64_t k, __m512bh& lo, __m512bh& hi) {
+    const __m512i v = _mm512_cvtepu8_epi16(
+        _mm256_loadu_si256((const __m256i*)(base + r * row_bytes + k / 2)));
+    lo = (__m512bh)_mm512_ternarylogic_epi32(v, low, bias, 0xEA);  // v & low | bias
+    hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), bias);
+  };
+  if (G == 32) {  // each half of a 64-weight block is a group of its own
+    for (int64_t k = 0, g = 0; k < K; k += 64, g += 2) {
+      __m512bh xl[MM], xh[MM];
+      for (int m = 0; m < MM; ++m) {
+        xl[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+        xh[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32);
+      }
       for (int r = 0; r < R; ++r) {
-        const __m512bh wv = unpack_int4(base + r * row_bytes + k / 2, table);
-        for (int m = 0; m < MM; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv[m], wv);
+        __m512bh lo, hi;
+        unpack(r, k, lo, hi);
+        const __m512 s_lo = _mm512_set1_ps(sc[r][g]), s_hi = _mm512_set1_ps(sc[r][g + 1]);
+        for (int m = 0; m < MM; ++m) {
+          tot[m][r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xl[m], lo), s_lo,
+                                      tot[m][r]);
+          tot[m][r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xh[m], hi), s_hi,
+                                      tot[m][r]);
+        }
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const int64_t at = (n0 + r) * ng + g;
-      const __m512 sv = _mm512_set1_ps(_cvtsh_ss(w.scales[at]));
-      for (int m = 0; m < MM; ++m) {
-        tot[m][r] = _mm512_fmadd_ps(acc[m][r], sv, tot[m][r]);
-        // An explicit fma: left to -ffast-math, the contraction may differ between the
-        // MM = 1 and MM = 2 instances, and a row must not depend on its neighbours.
-        off[m][r] = std::fma(_cvtsh_ss(w.offsets[at]), xsum[m * ng + g], off[m][r]);
+  } else {  // a group spans whole blocks
+    for (int64_t g = 0; g < ng; ++g) {
+      for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+        __m512bh xl[MM], xh[MM];
+        for (int m = 0; m < MM; ++m) {
+          xl[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+          xh[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32);
+        }
+        for (int r = 0; r < R; ++r) {
+          __m512bh lo, hi;
+          unpack(r, k, lo, hi);
+          for (int m = 0; m < MM; ++m)
+            acc[m][r] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[m][r], xl[m], lo), xh[m], hi);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 sv = _mm512_set1_ps(sc[r][g]);
+        for (int m = 0; m < MM; ++m) {
+          tot[m][r] = _mm512_fmadd_ps(acc[m][r], sv, tot[m][r]);
+          acc[m][r] = _mm512_setzero_ps();
+        }
       }
     }
   }
   for (int m = 0; m < MM; ++m)
     for (int r = 0; r < R; ++r)
-      y[m * N + n0 + r] = at::BFloat16(_mm512_reduce_add_ps(tot[m][r]) + off[m][r]);
+      y[m * N + n0 + r] = at::BFloat16(
+          _mm512_reduce_add_ps(tot[m][r]) +
+          q4_offset_share(w.offsets + (n0 + r) * ng, sc[r], xsum + m * ng, ng));
 }
 
 // The same for int8; xf [MM, K] is x in fp32.
@@ -677,9 +717,8 @@ void qskinny_rows_m(const QWeight& w, const at::BFloat16* x, const float* xf,
                     const float* xsum, at::BFloat16* y, int64_t begin, int64_t end) {
   int64_t n = begin;
   if (w.int4) {
-    const __m512i table = int4_table();
-    for (; n + QROWS <= end; n += QROWS) q4_tile<MM, QROWS>(w, x, xsum, y, n, table);
-    for (; n < end; ++n) q4_tile<MM, 1>(w, x, xsum, y, n, table);
+    for (; n + QROWS <= end; n += QROWS) q4_tile<MM, QROWS>(w, x, xsum, y, n);
+    for (; n < end; ++n) q4_tile<MM, 1>(w, x, xsum, y, n);
   } else {
     for (; n + QROWS <= end; n += QROWS) q8_tile<MM, QROWS>(w, xf, y, n);
     for (; n < end; ++n) q8_tile<MM, 1>(w, xf, y, n);
@@ -710,6 +749,9 @@ QWeight check_qweight(const torch::Tensor& w, const torch::Tensor& scales,
             group_size, w.scalar_type() == at::kByte};
   if (q.int4) {
     TORCH_CHECK(w.size(1) * 2 == K, "int4 weights hold two per byte");
+    TORCH_CHECK(K % 64 == 0, "int4 needs an input width that is a multiple of 64");
+    TORCH_CHECK(K / group_size <= Q4_MAX_GROUPS, "int4: at most ", Q4_MAX_GROUPS,
+                " groups a row");
     TORCH_CHECK(offsets.scalar_type() == at::kHalf && offsets.is_contiguous() &&
                     scales.numel() == q.N * (K / group_size) &&
                     offsets.numel() == scales.numel(), "one scale and offset per group");

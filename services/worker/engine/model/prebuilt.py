@@ -1,14 +1,14 @@
 """Quantized decoder layers built once into the model's folder
 (``genmesh models pull --quant``) and loaded instead of quantizing at every start.
 
-``quant-<mode>-g<group>.safetensors`` holds, for each layer i and each fused matmul
+``quant-<mode>-g<group>[-<int4 layout>].safetensors`` holds, for each layer i and each fused matmul
 (qkv, o, gate_up, down), ``layers.<i>.<name>.q``, ``.scales`` and (int4) ``.offsets`` in
 quant.py's layout, and ``lm_head.q``/``.scales`` (int8 in groups of 32; from GGUF's Q8_0
 blocks as they are when the GGUF holds the head so).
 
 For a model converted from a GGUF whose layer matmuls are Q4_1, int4 in groups of 32
-is taken straight from the GGUF's blocks: Q4_1 is our int4 layout (``w = q * d + m``
-per 32 weights, byte j holding weights j and j + 16), so the int4 model computes
+is taken straight from the GGUF's blocks: Q4_1 is our int4 format (``w = q * d + m``
+per 32 weights; its nibbles are repacked by 64, quant.py), so the int4 model computes
 exactly the GGUF's weights, where re-quantizing the dequantized fp32 would round them
 again. Other models, modes and group sizes quantize the fp32 checkpoint.
 """
@@ -29,6 +29,7 @@ from services.worker.engine.model.quant import (
     LM_HEAD_GROUP_SIZE,
     Quantization,
     QuantizedWeight,
+    pack_int4,
     quantize,
     quantize_int8,
 )
@@ -45,8 +46,13 @@ _PARTS = {
 Q4_1_BLOCK = 32
 
 
+# The int4 packing's version in the file name: a build in an older layout is not read.
+INT4_LAYOUT = "n64"
+
+
 def file_name(mode: Quantization, group_size: int | None) -> str:
-    return f"quant-{mode.value}-g{group_size or 'channel'}.safetensors"
+    layout = f"-{INT4_LAYOUT}" if mode is Quantization.INT4 else ""
+    return f"quant-{mode.value}-g{group_size or 'channel'}{layout}.safetensors"
 
 
 def resolved_group(mode: Quantization, group_size: int | None) -> int | None:
@@ -208,14 +214,16 @@ def gguf_q8_0_head(path: Path, cfg: ModelConfig) -> QuantizedWeight | None:
 
 
 def _q4_1_blocks(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A Q4_1 tensor's raw rows [N, B * 20] -> (packed [N, B * 16] uint8, d [N, B] fp16,
-    m [N, B] fp16). Each block: d (fp16), m (fp16), then 16 bytes of nibbles."""
+    """A Q4_1 tensor's raw rows [N, B * 20] -> (packed [N, B * 16] uint8 in our layout,
+    d [N, B] fp16, m [N, B] fp16). Each block: d (fp16), m (fp16), then 16 bytes whose
+    byte j holds weights j (low nibble) and j + 16 (high); we pack by 64 (quant.py)."""
     n = data.shape[0]
     blocks = data.reshape(n, -1, 20)
     d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0]
     m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0]
-    q = np.ascontiguousarray(blocks[:, :, 4:20]).reshape(n, -1)
-    return q, d, m
+    nibbles = np.ascontiguousarray(blocks[:, :, 4:20])  # [N, B, 16]
+    q = np.stack([nibbles & 0x0F, nibbles >> 4], axis=2).reshape(n, -1)  # [N, K] in order
+    return pack_int4(torch.from_numpy(q)).numpy(), d, m
 
 
 def _unpermute_rows(rows: int, heads: int) -> np.ndarray:

@@ -13,7 +13,8 @@ int8: ``w ≈ q * scale[n, g]``, q in [-127, 127], scale = max|w| / 127 over the
 (per channel, the default) or over each group of its input columns.
 int4: ``w ≈ q * scale[n, g] + offset[n, g]``, q in [0, 15], per group of ``group_size``
 input columns (asymmetric: the group's min and max map to 0 and 15). Packed two per
-byte: in each 32 weights, byte i holds weight i (low nibble) and weight i + 16 (high).
+byte: in each 64 weights, byte i holds weight i (low nibble) and weight i + 32 (high),
+the layout the kernel unpacks with the fewest vector ops (cpu_kernels.cpp).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Quan
     """Asymmetric int4 in groups of ``group_size`` input columns (round to nearest)."""
     n, k = w.shape
     check_group_size(k, group_size)
+    if k % 64:
+        raise ValueError(f"int4 needs an input width that is a multiple of 64, got {k}")
     groups = w.float().view(n, k // group_size, group_size)
     lo, hi = groups.amin(dim=2), groups.amax(dim=2)
     scales = ((hi - lo) / 15.0).clamp_min(1e-7).half()
@@ -118,16 +121,16 @@ def check_group_size(k: int, group_size: int) -> None:
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K] of values 0..15 -> [N, K / 2]: in each 32, byte i = q[i] | q[i+16] << 4."""
+    """uint8 [N, K] of values 0..15 -> [N, K / 2]: in each 64, byte i = q[i] | q[i+32] << 4."""
     n, k = q.shape
-    blocks = q.view(n, k // 32, 2, 16)
+    blocks = q.view(n, k // 64, 2, 32)
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of pack_int4."""
     n, half = packed.shape
-    blocks = packed.view(n, half // 16, 16)
+    blocks = packed.view(n, half // 32, 32)
     return torch.stack([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, half * 2)
 
 

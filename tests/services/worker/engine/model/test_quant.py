@@ -141,7 +141,7 @@ def test_a_prebuilt_file_is_built_once_and_loaded(model_dir, tmp_path):
             os.symlink(f, folder / f.name)
     cfg = load_model_config(folder)
     out, source = prebuilt.build(folder, cfg, Quantization.INT4)
-    assert (out.name, source) == ("quant-int4-g32.safetensors", "gguf")
+    assert (out.name, source) == ("quant-int4-g32-n64.safetensors", "gguf")
     loaded = prebuilt.load(folder, cfg, Quantization.INT4, None, dtype=torch.bfloat16,
                            device=torch.device("cpu"))
     assert loaded is not None and len(loaded) == 4 * cfg.num_layers + 1  # and the LM head
