@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="also build the layers quantized (int4 of a GGUF model: from its "
                            "own 4-bit blocks), for workers started with --quantization")
     pull.add_argument("--quant-group-size", type=int, default=None,
-                      help="input columns per scale (default: int8 per channel, int4 32)")
+                      help="input columns per scale (default: int8 64, int4 32; 0: int8 "
+                           "per output channel)")
     pull.set_defaults(func=_pull)
     ls = msub.add_parser("list", help="list the models in the store")
     ls.set_defaults(func=_list)

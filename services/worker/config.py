@@ -26,9 +26,10 @@ class WorkerConfig(ServerConfig):
     kv_cache_gib: float = 1.0
     # Weight-only quantization of the layers' matmuls: none, int8 or int4 (engine/model/
     # quant.py), built at load or taken from `genmesh models pull --quant`'s file; one
-    # scale per quant_group_size input columns (0: int8 per channel, int4 in 32s).
+    # scale per quant_group_size input columns (-1: the default, int8 in 64s and int4 in
+    # 32s; 0: int8 per output channel).
     quantization: str = "none"
-    quant_group_size: int = 0
+    quant_group_size: int = -1
     # Speculative decoding (engine/speculative.py): off, ngram (prompt lookup) or draft
     # (speculative_draft_model, a store name or folder sharing the model's tokenizer,
     # proposes; speculative_draft_quantization: none, int8 or int4, e.g. the model's own

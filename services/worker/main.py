@@ -29,7 +29,8 @@ def engine_config(cfg: WorkerConfig, model_path: str, draft_path: str | None = N
                         num_threads=cfg.num_threads or None,
                         max_num_batched_tokens=cfg.max_num_batched_tokens,
                         quantization=cfg.quantization,
-                        quant_group_size=cfg.quant_group_size or None,
+                        quant_group_size=(None if cfg.quant_group_size < 0
+                                          else cfg.quant_group_size),
                         speculative=cfg.speculative,
                         num_speculative_tokens=cfg.num_speculative_tokens,
                         speculative_draft_model=draft_path,

@@ -48,8 +48,8 @@ class EngineConfig:
     tokenizer: str | None = None
     seed: int = 0  # dummy weights only
     # Weight-only quantization of the decoder layers' matmuls (model/quant.py): "none",
-    # "int8" or "int4", with one scale per quant_group_size input columns (None: int8
-    # per output channel, int4 in groups of 32, GGUF's Q4 block).
+    # "int8" or "int4", with one scale per quant_group_size input columns (None: int8 in
+    # groups of 64, int4 in groups of 32, GGUF's Q4 block; 0: int8 per output channel).
     quantization: str = "none"
     quant_group_size: int | None = None
     # With quantization, the LM head too, as int8 in groups of 32 (the embedding rows
@@ -82,10 +82,13 @@ class EngineConfig:
         if self.quantization not in ("none", "int8", "int4"):
             raise ValueError(f"quantization must be none, int8 or int4, got "
                              f"{self.quantization!r}")
-        if self.quant_group_size is not None and (self.quant_group_size < 32
-                                                  or self.quant_group_size % 32):
-            raise ValueError(f"quant_group_size must be a multiple of 32, got "
-                             f"{self.quant_group_size}")
+        if self.quant_group_size not in (None, 0) and (self.quant_group_size < 32
+                                                       or self.quant_group_size % 32):
+            raise ValueError(f"quant_group_size must be a multiple of 32 (0: int8 per "
+                             f"output channel), got {self.quant_group_size}")
+        if self.quant_group_size == 0 and self.quantization == "int4":
+            raise ValueError("int4 has no per-channel mode: give quant_group_size a "
+                             "multiple of 32, or leave it for the default 32")
         if self.cuda_graph_max_batch_size < 1:
             raise ValueError("cuda_graph_max_batch_size must be >= 1")
         if self.speculative not in ("off", "ngram", "draft"):

@@ -25,13 +25,13 @@ from safetensors.torch import save_file
 
 from services.worker.engine.model.config import ModelConfig
 from services.worker.engine.model.quant import (
-    DEFAULT_GROUP_SIZE,
     LM_HEAD_GROUP_SIZE,
     Quantization,
     QuantizedWeight,
     pack_int4,
     quantize,
     quantize_int8,
+    resolved_group,
 )
 
 MATMULS = ("qkv", "o", "gate_up", "down")
@@ -55,11 +55,6 @@ def file_name(mode: Quantization, group_size: int | None) -> str:
     return f"quant-{mode.value}-g{group_size or 'channel'}{layout}.safetensors"
 
 
-def resolved_group(mode: Quantization, group_size: int | None) -> int | None:
-    """The group size a build uses (int4's default made explicit; int8 None: per channel)."""
-    return group_size or (DEFAULT_GROUP_SIZE if mode is Quantization.INT4 else None)
-
-
 def build(folder: Path, cfg: ModelConfig, mode: Quantization,
           group_size: int | None = None) -> tuple[Path, str]:
     """Write the quantized layers into ``folder``; returns the file and where its
@@ -77,7 +72,7 @@ def build(folder: Path, cfg: ModelConfig, mode: Quantization,
     if source == "fp32":
         for i in range(cfg.num_layers):
             for name in MATMULS:
-                built = quantize(_fp32_matmul(folder, i, name), mode, group)
+                built = quantize(_fp32_matmul(folder, i, name), mode, group_size)
                 assert isinstance(built, QuantizedWeight)
                 _put(tensors, f"layers.{i}.{name}", built)
     # The LM head: int8 in groups of 32 (quant.quantize_model), from GGUF's Q8_0 blocks

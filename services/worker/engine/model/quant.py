@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 LM_HEAD_GROUP_SIZE = 32  # GGUF's Q8_0 block (SmolLM2's embedding)
 DEFAULT_GROUP_SIZE = 32  # int4: GGUF's Q4 block; 64 lost a quarter of top-1 agreement
+# int8: groups of 64 agreed with bf16's top-1 on 0.973 of positions, one scale per output
+# channel on 0.968 (64 prompts x 128 tokens, SmolLM2-135M), for 2% more bytes.
+INT8_DEFAULT_GROUP_SIZE = 64
+PER_CHANNEL = 0  # as a group size: int8 with one scale per output channel
 
 
 class Quantization(enum.StrEnum):
@@ -134,17 +138,33 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, half * 2)
 
 
+def resolved_group(mode: Quantization, group_size: int | None) -> int | None:
+    """The group size ``mode`` uses for ``group_size`` (None: the mode's default;
+    PER_CHANNEL: int8 per output channel, returned as None)."""
+    if mode is Quantization.INT4:
+        if group_size == PER_CHANNEL:
+            raise ValueError("int4 has no per-channel mode: give a group size")
+        return group_size or DEFAULT_GROUP_SIZE
+    if group_size is None:
+        return INT8_DEFAULT_GROUP_SIZE
+    return group_size or None
+
+
 def quantize(w: Weight, mode: Quantization, group_size: int | None,
              dtype: torch.dtype | None = None) -> Weight:
     """``w`` in ``mode``, computing in ``dtype`` (None: w's own); a weight quantized
-    already stays as it is. ``group_size`` None: int8 per channel, int4 in
-    DEFAULT_GROUP_SIZE."""
+    already stays as it is. ``group_size``: see resolved_group."""
     if isinstance(w, QuantizedWeight):
         return w
+    if mode is not Quantization.NONE:
+        default = group_size is None
+        group_size = resolved_group(mode, group_size)
+        if default and mode is Quantization.INT8 and w.shape[1] % INT8_DEFAULT_GROUP_SIZE:
+            group_size = None  # a width the default groups do not divide: per channel
     if mode is Quantization.INT8:
         qw = quantize_int8(w, group_size)
     elif mode is Quantization.INT4:
-        qw = quantize_int4(w, group_size or DEFAULT_GROUP_SIZE)
+        qw = quantize_int4(w, group_size or DEFAULT_GROUP_SIZE)  # resolved: never 0
     else:
         return w if dtype is None else w.to(dtype)
     return qw if dtype is None else replace(qw, dtype=dtype)

@@ -77,6 +77,22 @@ def test_graph_replays_pad_to_the_ladder():
     assert stats.num_replays >= 1 and stats.num_padded_rows == stats.num_replays
 
 
+REPEATING = {  # phrases that recur, so that n-gram lookup proposes drafts
+    "r": [5, 9] + [31, 32, 33, 34, 35] * 4,
+    "s": [200, 201, 202, 203] * 5 + [7],
+}
+
+
+def test_speculative_verification_runs_in_the_graph_path_and_keeps_the_tokens():
+    plain = tiny(use_triton=False, cuda_graphs=False)
+    fast = tiny(use_triton=True, cuda_graphs=True, cuda_graph_max_batch_size=16,
+                speculative="ngram", speculative_max_batch=4)
+    want = run_to_end(plain, REPEATING, max_tokens=12)
+    assert run_to_end(fast, REPEATING, max_tokens=12) == want
+    stats = fast.stats()
+    assert stats.spec_verifications > 0 and stats.cuda_graph_replays > 0
+
+
 def test_cuda_graphs_need_the_triton_kernels():
     with pytest.raises(ValueError, match="Triton"):
         tiny(use_triton=False, cuda_graphs=True)
@@ -109,6 +125,14 @@ def test_triton_kernels_give_the_torch_engines_tokens_on_cuda():
     torch_ops = run_to_end(_cuda(use_triton=False, cuda_graphs=False), prompts, max_tokens=24)
     assert run_to_end(_cuda(use_triton=True, cuda_graphs=False), prompts,
                       max_tokens=24) == torch_ops
+
+
+@pytest.mark.gpu
+def test_speculation_on_cuda_gives_the_plain_tokens():
+    plain = run_to_end(_cuda(), REPEATING, max_tokens=24)
+    spec = _cuda(speculative="ngram")
+    assert run_to_end(spec, REPEATING, max_tokens=24) == plain
+    assert spec.stats().spec_accepted_tokens > 0
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from services.worker.engine.model import cpu_kernels, prebuilt
 from services.worker.engine.model.config import load_model_config
 from services.worker.engine.model.quant import (
+    PER_CHANNEL,
     Quantization,
     QuantizedWeight,
     linear,
@@ -155,15 +156,22 @@ def test_a_prebuilt_file_is_built_once_and_loaded(model_dir, tmp_path):
                        prebuilt._fp32_tensor(folder, "model.embed_tokens.weight"))
     # int8 has no GGUF blocks: quantized from the fp32 checkpoint.
     out, source = prebuilt.build(folder, cfg, Quantization.INT8)
-    assert (out.name, source) == ("quant-int8-gchannel.safetensors", "fp32")
-    assert prebuilt.load(folder, cfg, Quantization.INT8, 64, dtype=torch.bfloat16,
-                         device=torch.device("cpu")) is None  # not built for groups of 64
+    assert (out.name, source) == ("quant-int8-g64.safetensors", "fp32")  # the default
+    out, _ = prebuilt.build(folder, cfg, Quantization.INT8, PER_CHANNEL)
+    assert out.name == "quant-int8-gchannel.safetensors"
+    per_channel = prebuilt.load(folder, cfg, Quantization.INT8, PER_CHANNEL,
+                                dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert per_channel is not None and per_channel["layers.0.qkv"].group_size == cfg.hidden_size
+    assert prebuilt.load(folder, cfg, Quantization.INT8, 192, dtype=torch.bfloat16,
+                         device=torch.device("cpu")) is None  # not built for groups of 192
     shutil.rmtree(folder)
 
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"quantization": "int3"}, "quantization must be none, int8 or int4, got 'int3'"),
-    ({"quantization": "int4", "quant_group_size": 48}, "multiple of 32, got 48"),
+    ({"quantization": "int4", "quant_group_size": 48}, r"multiple of 32 \(0: int8 per output "
+                                                       r"channel\), got 48"),
+    ({"quantization": "int4", "quant_group_size": 0}, "int4 has no per-channel mode"),
 ])
 def test_the_engine_config_refuses_an_unknown_quantization(options, message):
     from services.worker.engine.config import EngineConfig
@@ -184,10 +192,10 @@ def test_a_quantized_model_reads_fewer_bytes_per_token():
         sizes[mode] = runner.weight_bytes_per_token
     # tiny-llama: 2 layers of 36,864 matmul weights in 512 rows, a 512 x 64 tied head
     # (int8 in groups of 32 when quantized), 640 bytes of bf16 norms.
-    layers, rows, head, norms = 2 * 36_864, 2 * 512, 512 * 64, 640
+    layers, head, norms = 2 * 36_864, 512 * 64, 640
     int8_head = head + head // 32 * 2
     assert sizes == {
         "none": 2 * (layers + head) + norms,
-        "int8": layers + rows * 2 + int8_head + norms,  # one fp16 scale per row
+        "int8": layers + layers // 64 * 2 + int8_head + norms,  # an fp16 scale per 64
         "int4": layers // 2 + layers // 32 * 4 + int8_head + norms,  # fp16 scale + offset
     }
