@@ -280,7 +280,8 @@ function runSession(opts) {
   // A non-OK status arrives as 'error' (always followed by 'status').
   call.on('error', (err) => {
     streamOpen = false;
-    fail(`gRPC error ${grpc.status[err.code] || err.code}: ${err.details || err.message}`);
+    const { code, details } = statusOf(err);
+    fail(`gRPC error ${grpc.status[code] || code}: ${details}`);
   });
 
   // On success the stream ends ('end', after the last 'data') and the status
@@ -316,4 +317,18 @@ function runSession(opts) {
   sendNextTurnOrEnd();
 }
 
-runSession(parseCli(process.argv.slice(2)));
+// The status to act on: a stream reset under the call (the mesh resets a call whose
+// frontend died mid-response; HTTP/2 has no status for it, so gRPC reports INTERNAL
+// "Received RST_STREAM ...") is UNAVAILABLE, retryable, as a server's own is.
+function statusOf(err) {
+  const details = err.details || err.message || '';
+  if (err.code === grpc.status.INTERNAL && /RST_STREAM|Stream removed/.test(details)) {
+    return { code: grpc.status.UNAVAILABLE,
+             details: `the connection to the mesh broke mid-call (${details}); retry` };
+  }
+  return { code: err.code, details };
+}
+
+module.exports = { statusOf };
+
+if (require.main === module) runSession(parseCli(process.argv.slice(2)));

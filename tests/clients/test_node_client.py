@@ -99,3 +99,25 @@ def test_logprobs_come_with_the_deltas_of_every_turn(mesh):
         for token in logprobs:
             assert token["logprob"] <= 0 and len(token["top_logprobs"]) == 2, token
             assert token["top_logprobs"][0]["logprob"] >= token["logprob"] - 1e-4, token
+
+
+def test_a_stream_reset_under_the_call_is_unavailable_not_internal():
+    # What a client sees when the frontend dies mid-response (measured by
+    # `genmesh fault kill`): the mesh can only reset the stream, which gRPC reports as
+    # INTERNAL "Received RST_STREAM"; chat.js reports it as retryable, as the SDK does.
+    script = """
+const {statusOf} = require('./chat.js');
+const {status} = require('@grpc/grpc-js');
+const show = (e) => { const s = statusOf(e); return [status[s.code], s.details]; };
+console.log(JSON.stringify([
+  show({code: status.INTERNAL, details: 'Received RST_STREAM with code 2'}),
+  show({code: status.INTERNAL, details: 'a bug of ours'}),
+  show({code: status.INVALID_ARGUMENT, details: 'max_tokens: must be >= 1'}),
+]));
+"""
+    out = subprocess.run([_NODE or "node", "-e", script], cwd=CLIENT_DIR, capture_output=True,
+                         text=True, timeout=30, check=True)
+    (reset, bug, bad) = json.loads(out.stdout)
+    assert reset[0] == "UNAVAILABLE" and "broke mid-call" in reset[1] and "RST_STREAM" in reset[1]
+    assert bug == ["INTERNAL", "a bug of ours"]
+    assert bad == ["INVALID_ARGUMENT", "max_tokens: must be >= 1"]
