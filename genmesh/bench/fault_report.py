@@ -41,8 +41,7 @@ class CallKind(enum.StrEnum):
     """The calls of the fault load."""
 
     STREAM = "stream"  # GenerateStream past the response cache: every process
-    CACHED = "cached"  # Generate answered from the response cache (a worker is still asked
-    # which version it is)
+    CACHED = "cached"  # Generate answered from the response cache (no worker needed)
     PROBE = "probe"  # a one-token Generate past the cache, to tell when the mesh is back
 
 
@@ -70,11 +69,13 @@ def loads_a_model(process: str) -> bool:
 def is_bystander(call: CallRecord, process: str, killed_at: float) -> bool:
     """Whether ``call`` can succeed without ``process``: any call when the mesh fails
     open for it; a stream already generating without the tokenizer (prompts are
-    tokenized once, text is detokenized in the frontend). The one worker, safety (closed
-    by configuration) and the frontend have none: every call needs them (a cached answer
-    too: its key names the version the worker's route reaches, asked of the worker)."""
+    tokenized once, text is detokenized in the frontend); a cached answer without the
+    worker (its key names the version the split reached last, stages/generate.py).
+    Safety (closed by configuration) and the frontend have none."""
     if process in FAILS_OPEN:
         return True
+    if process.startswith("worker"):
+        return call.kind is CallKind.CACHED
     if process == "tokenizer":
         return call.first_token_at is not None and call.first_token_at < killed_at
     return False

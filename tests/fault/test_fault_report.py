@@ -80,6 +80,14 @@ def test_fail_open_processes_have_only_bystanders_and_each_must_succeed():
     assert not row.is_passed
 
 
+def test_cached_answers_do_not_need_the_worker():
+    calls = [call(CACHED, 100.5, 100.6), call(STREAM, 99.0, 100.2, "UNAVAILABLE")]
+    row = judge(calls, process="worker-v1", killed_at=KILL, recovered_at=104.0,
+                model_load_s=3.0)
+    assert (row.num_bystanders, row.num_bystanders_ok) == (1, 1)
+    assert row.is_passed
+
+
 def test_streams_already_generating_do_not_need_the_tokenizer():
     generating = call(STREAM, 98.0, 103.0, first=99.0)
     waiting = call(STREAM, 99.9, 100.2, "UNAVAILABLE")  # still being tokenized

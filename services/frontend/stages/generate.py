@@ -10,7 +10,8 @@ which frees its KV blocks within a step.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncGenerator, Callable
 
 import grpc
 
@@ -23,13 +24,21 @@ from services.frontend.logprobs import set_worker_logprobs
 from services.frontend.routing import Affinity, ab_bucket, prefix_key
 from services.frontend.stages.call import Call, StageEvent
 
+# How long a version the split answered stands in for it while no worker answers, so
+# that the response cache can still answer (a rollout change is rarer than this).
+LAST_ROUTED_TTL_S = 60.0
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
 
 class Generate:
     def __init__(self, worker: worker_pb2_grpc.WorkerStub, *, affinity: Affinity,
-                 rpc_timeout_s: float) -> None:
+                 rpc_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.worker = worker
         self.affinity = affinity  # how the prompt's first blocks name the replica to reach
         self.rpc_timeout_s = rpc_timeout_s  # deadline of the unary GetStats
+        self._clock = clock
+        # The split's last answer per A/B bucket (None: not bucketed): (version, when).
+        self._last_routed: dict[str | None, tuple[str, float]] = {}
 
     async def run(self, call: Call) -> AsyncGenerator[StageEvent, None]:
         req = call.req
@@ -70,13 +79,22 @@ class Generate:
 
     async def routed_version(self, call: Call) -> str:
         """The version the rollout's split picks for this request: a stats call through
-        the same route and headers as Generate answers with the version it reached."""
+        the same route and headers as Generate answers with the version it reached.
+        While no worker answers, the split's last answer for the same A/B bucket (if
+        under LAST_ROUTED_TTL_S old), so that cached answers are still served; without
+        one, UNAVAILABLE."""
+        bucket = ab_bucket(call.req.tenant)
         try:
             stats = await self.worker.GetStats(worker_pb2.GetStatsRequest(),
                                                timeout=self.rpc_timeout_s,
                                                metadata=self.metadata(call))
         except grpc.aio.AioRpcError as exc:
+            last = self._last_routed.get(bucket)
+            if (exc.code() in _UNREACHABLE and last is not None
+                    and self._clock() - last[1] <= LAST_ROUTED_TTL_S):
+                return last[0]
             raise rpc_error(exc, "worker") from None
+        self._last_routed[bucket] = (stats.model_version, self._clock())
         return stats.model_version
 
     def metadata(self, call: Call) -> tuple[tuple[str, str], ...]:

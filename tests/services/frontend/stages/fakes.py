@@ -338,6 +338,7 @@ class FakeWorker:
     calls: list[FakeWorkerCall] = field(default_factory=list)
     # Per Generate: the messages the earlier calls had streamed when it came.
     num_read_before: list[int] = field(default_factory=list)
+    stats_error: grpc.aio.AioRpcError | None = None  # GetStats raises it when set
 
     def Generate(self, request: worker_pb2.WorkerGenerateRequest, *, timeout: float,
                  metadata: Sequence[tuple[str, str]]) -> FakeWorkerCall:
@@ -350,6 +351,8 @@ class FakeWorker:
     async def GetStats(self, request: worker_pb2.GetStatsRequest, *, timeout: float,
                        metadata: Sequence[tuple[str, str]]) -> worker_pb2.WorkerStats:
         self.metadata.append(dict(metadata))
+        if self.stats_error is not None:
+            raise self.stats_error
         return worker_pb2.WorkerStats(model_version=self.routed_version)
 
 

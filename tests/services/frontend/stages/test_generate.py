@@ -97,6 +97,31 @@ def test_routed_version_asks_the_same_route_for_its_stats():
                                 worker.metadata[0][metadata.AB_BUCKET]}]
 
 
+def test_while_no_worker_answers_the_splits_last_answer_stands_in_for_a_minute():
+    now = [100.0]
+    worker = FakeWorker([], routed_version="v9")
+    stage = Generate(worker, affinity=Affinity(block_size=16, max_blocks=4),  # type: ignore[arg-type]
+                     rpc_timeout_s=1.0, clock=lambda: now[0])
+    call = call_of(request(model_version=""), prompt_ids=[1, 2])
+    worker.stats_error = rpc_error(grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
+    with pytest.raises(PipelineError) as never_answered:  # nothing to stand in yet
+        run(stage.routed_version(call))
+    assert never_answered.value.code is grpc.StatusCode.UNAVAILABLE
+    worker.stats_error = None
+    assert run(stage.routed_version(call)) == "v9"
+    worker.stats_error = rpc_error(grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
+    now[0] += 59.0
+    assert run(stage.routed_version(call)) == "v9"  # the cache can still answer
+    now[0] += 2.0
+    with pytest.raises(PipelineError):
+        run(stage.routed_version(call))
+    worker.stats_error = rpc_error(grpc.StatusCode.PERMISSION_DENIED, "rbac")
+    now[0] = 100.0
+    with pytest.raises(PipelineError) as denied:  # not an outage: no stand-in
+        run(stage.routed_version(call))
+    assert denied.value.code is grpc.StatusCode.PERMISSION_DENIED
+
+
 @pytest.mark.parametrize(("worker", "code", "words"), [
     (FakeWorker([tokens(1), tokens(finish=common_pb2.FINISH_REASON_ERROR, error="oom")]),
      grpc.StatusCode.INTERNAL, "generation failed: oom"),
