@@ -632,13 +632,17 @@ inline void q4_tile(const QWeight& w, const at::BFloat16* x, const float* xsum,
     lo = (__m512bh)_mm512_ternarylogic_epi32(v, low, bias, 0xEA);  // v & low | bias
     hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), bias);
   };
+  // x's 64 values at k, as the two halves the weights unpack to, for each row of x.
+  auto load_x = [&](int64_t k, __m512bh* xl, __m512bh* xh) {
+    for (int m = 0; m < MM; ++m) {
+      xl[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      xh[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32);
+    }
+  };
   if (G == 32) {  // each half of a 64-weight block is a group of its own
     for (int64_t k = 0, g = 0; k < K; k += 64, g += 2) {
       __m512bh xl[MM], xh[MM];
-      for (int m = 0; m < MM; ++m) {
-        xl[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-        xh[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32);
-      }
+      load_x(k, xl, xh);
       for (int r = 0; r < R; ++r) {
         __m512bh lo, hi;
         unpack(r, k, lo, hi);
@@ -651,14 +655,11 @@ inline void q4_tile(const QWeight& w, const at::BFloat16* x, const float* xsum,
         }
       }
     }
-  } else {  // a group spans whole blocks
+  } else {  // a group spans whole blocks (G a multiple of 64, check_qweight)
     for (int64_t g = 0; g < ng; ++g) {
       for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
         __m512bh xl[MM], xh[MM];
-        for (int m = 0; m < MM; ++m) {
-          xl[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-          xh[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32);
-        }
+        load_x(k, xl, xh);
         for (int r = 0; r < R; ++r) {
           __m512bh lo, hi;
           unpack(r, k, lo, hi);
@@ -750,6 +751,8 @@ QWeight check_qweight(const torch::Tensor& w, const torch::Tensor& scales,
   if (q.int4) {
     TORCH_CHECK(w.size(1) * 2 == K, "int4 weights hold two per byte");
     TORCH_CHECK(K % 64 == 0, "int4 needs an input width that is a multiple of 64");
+    TORCH_CHECK(group_size == 32 || group_size % 64 == 0,
+                "int4 groups are 32 or a multiple of 64 (a group spans whole 64-blocks)");
     TORCH_CHECK(K / group_size <= Q4_MAX_GROUPS, "int4: at most ", Q4_MAX_GROUPS,
                 " groups a row");
     TORCH_CHECK(offsets.scalar_type() == at::kHalf && offsets.is_contiguous() &&

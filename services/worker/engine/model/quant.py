@@ -107,6 +107,9 @@ def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Quan
     check_group_size(k, group_size)
     if k % 64:
         raise ValueError(f"int4 needs an input width that is a multiple of 64, got {k}")
+    if group_size != 32 and group_size % 64:
+        raise ValueError(f"int4 groups are 32 or a multiple of 64 (whole 64-weight blocks, "
+                         f"as the kernel unpacks them), got {group_size}")
     groups = w.float().view(n, k // group_size, group_size)
     lo, hi = groups.amin(dim=2), groups.amax(dim=2)
     scales = ((hi - lo) / 15.0).clamp_min(1e-7).half()

@@ -69,11 +69,20 @@ def test_a_group_must_be_a_multiple_of_32_dividing_the_width(group):
         quantize_int4(weight(2, 48), group or 48)
 
 
+def test_int4_groups_span_whole_64_weight_blocks():
+    with pytest.raises(ValueError, match="int4 groups are 32 or a multiple of 64"):
+        quantize_int4(weight(2, 192), 96)
+    with pytest.raises(ValueError, match="input width that is a multiple of 64"):
+        quantize_int4(weight(2, 96), 32)
+    assert quantize_int4(weight(2, 256), 128).group_size == 128
+
+
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("make", [
     lambda w: quantize_int8(w), lambda w: quantize_int8(w, 64), lambda w: quantize_int4(w, 32),
-    lambda w: quantize_int4(w, 64)], ids=["int8", "int8-g64", "int4-g32", "int4-g64"])
+    lambda w: quantize_int4(w, 64), lambda w: quantize_int4(w, 128)],
+    ids=["int8", "int8-g64", "int4-g32", "int4-g64", "int4-g128"])
 def test_the_kernel_multiplies_by_the_dequantized_weight(rows, make):
     w = weight(577, 1536, seed=rows)
     qw: QuantizedWeight = make(w)
