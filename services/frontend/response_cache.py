@@ -57,9 +57,9 @@ def cache_key(*, tenant: str, model: str, version: str, prompt_ids: list[int],
     normalized = common_pb2.SamplingParams()
     normalized.CopyFrom(params)
     normalized.max_tokens = params.max_tokens or DEFAULT_MAX_TOKENS
+    normalized.ClearField("speculative")  # same tokens either way, sampled ones too
     if normalized.temperature == 0:
         normalized.ClearField("seed")  # greedy: the seed changes nothing
-        normalized.ClearField("speculative")  # nor speculation (a seeded draw it does)
         normalized.top_k = normalized.top_p = normalized.min_p = 0
     return cache_pb2.CacheKey(tenant=tenant, model=model, model_version=version,
                               prompt_ids=prompt_ids, params=normalized)

@@ -34,7 +34,7 @@ class WorkerConfig(ServerConfig):
     # (speculative_draft_model, a store name or folder sharing the model's tokenizer,
     # proposes; speculative_draft_quantization: none, int8 or int4, e.g. the model's own
     # int4 build as its draft). speculative_by_default: whether a request that does not
-    # say speculates. Greedy output is the same either way.
+    # say speculates. The tokens are the same either way (greedy, or a seed's draws).
     speculative: str = "off"
     num_speculative_tokens: int = 8
     speculative_draft_model: str = ""

@@ -89,8 +89,8 @@ class SamplingParams:
     min_tokens: int = 0  # the end and stop tokens cannot be sampled before this many tokens
     constraint: Constraint | None = None  # None: free text
     # Speculative decoding for this request where the worker has it: None follows the
-    # deployment's default. It never changes what greedy decoding returns, and sampling
-    # keeps the model's distribution; it is skipped while a penalty, a constraint or
+    # deployment's default. It never changes the tokens (greedy, or a seed's draws), only
+    # the speed; it is skipped while a penalty, a constraint or
     # min_tokens makes each token depend on the one before it.
     speculative: bool | None = None
 

@@ -66,20 +66,9 @@ class Sampler:
         constrained rows may take. A request's draw is number len(output_ids) of its
         seed, so a placeholder for a token still in flight counts.
         """
-        device = logits.device
         processed = process_logits(logits, requests, eos_token_ids=self.eos_token_ids,
                                    bitmask=bitmask)
-        tokens = processed.argmax(dim=-1)  # [S]; greedy for every row, sampled rows overwritten
-        sampled = [i for i, r in enumerate(requests) if not r.params.is_greedy]
-        if sampled:
-            rows_requests = [requests[i] for i in sampled]
-            tensors = SamplingTensors.of(rows_requests, [self._seed(r) for r in rows_requests],
-                                         device)
-            if len(sampled) == len(requests):
-                tokens = _sample_rows(processed, tensors)
-            else:
-                rows = to_device(sampled, torch.int64, device)
-                tokens[rows] = _sample_rows(processed[rows], tensors)
+        tokens = self._draw(processed, requests, [len(r.output_ids) for r in requests])
         return SampledTokens.of(logits, tokens, [r.params.logprobs for r in requests])
 
     @torch.inference_mode()
@@ -87,24 +76,24 @@ class Sampler:
                       drafts: list[tuple[int, ...]], *,
                       bitmask: TokenBitmask | None = None) -> SampledTokens:
         """Queue speculative verification: request i has ``1 + len(drafts[i])`` rows of
-        logits, its last known token's then each draft's. Row j's token is draft j when
-        that draft is accepted, else the token that replaces it; the last row's is the
-        bonus token after all of them. ``read_verified`` tells which rows accepted.
+        logits, its last known token's then each draft's. Row j of a request is drawn as
+        plain decoding draws position len(output_ids) + j (greedy: the argmax; sampled:
+        draw number len(output_ids) + j of its seed), and accepts its draft when the
+        draw is the draft; the last row's draw is the bonus token. ``read_verified``
+        tells which rows accepted.
 
-        Greedy rows accept a draft that is the argmax. Sampled rows use rejection
-        sampling against the draft as a point mass (the proposers propose one token):
-        accept draft d with probability p(d), else draw from p without d, so every
-        emitted token is distributed as plain sampling would draw it. Row j of a request
-        is draw number len(output_ids) + j of its seed, as plain decoding counts.
+        Both proposers propose one token (a point mass), for which this is rejection
+        sampling exactly: a draft d is accepted with probability p(d), and otherwise the
+        draw is distributed as p without d. It also keeps the output what plain
+        decoding with the same seed gives, whether or how much a step speculated.
         Requests with drafts must not read their output (SamplingParams.can_speculate);
         those without (one row) may, and ``bitmask`` rows are request indices."""
-        device = logits.device
         rows_requests = [r for r, d in zip(requests, drafts, strict=True)
                          for _ in range(len(d) + 1)]
         counters = [len(r.output_ids) + j for r, d in zip(requests, drafts, strict=True)
                     for j in range(len(d) + 1)]
         # The draft each row checks: the one after its input token; -1 for the bonus row.
-        checked = to_device([t for d in drafts for t in (*d, -1)], torch.int64, device)
+        checked = to_device([t for d in drafts for t in (*d, -1)], torch.int64, logits.device)
         if bitmask is not None:
             first_row = [0]
             for d in drafts:
@@ -112,25 +101,26 @@ class Sampler:
             bitmask = TokenBitmask(rows=[first_row[i] for i in bitmask.rows], bits=bitmask.bits)
         processed = process_logits(logits, rows_requests, eos_token_ids=self.eos_token_ids,
                                    bitmask=bitmask)
-        tokens = processed.argmax(dim=-1)
-        accepted = tokens == checked
-        sampled = [i for i, r in enumerate(rows_requests) if not r.params.is_greedy]
-        if sampled:
-            sub = [rows_requests[i] for i in sampled]
-            tensors = SamplingTensors.of(sub, [self._seed(r) for r in sub], device,
-                                         counters=[counters[i] for i in sampled])
-            rows = None if len(sampled) == len(rows_requests) else to_device(
-                sampled, torch.int64, device)
-            sub_logits = processed if rows is None else processed[rows]
-            sub_checked = checked if rows is None else checked[rows]
-            sub_tokens, sub_accepted = _verify_sampled(sub_logits, sub_checked, tensors)
-            if rows is None:
-                tokens, accepted = sub_tokens, sub_accepted
-            else:
-                tokens[rows] = sub_tokens
-                accepted[rows] = sub_accepted
+        tokens = self._draw(processed, rows_requests, counters)
         return SampledTokens.of(logits, tokens, [r.params.logprobs for r in rows_requests],
-                                accepted=accepted)
+                                accepted=tokens == checked)
+
+    def _draw(self, processed: torch.Tensor, requests: list[Request], counters: list[int]
+              ) -> torch.Tensor:
+        """[S] tokens of processed logits [S, V]: the argmax of greedy rows, draw number
+        counters[i] of its request's seed for a sampled row i."""
+        tokens = processed.argmax(dim=-1)  # greedy for every row, sampled rows overwritten
+        sampled = [i for i, r in enumerate(requests) if not r.params.is_greedy]
+        if not sampled:
+            return tokens
+        rows_requests = [requests[i] for i in sampled]
+        tensors = SamplingTensors.of(rows_requests, [self._seed(r) for r in rows_requests],
+                                     processed.device, counters=[counters[i] for i in sampled])
+        if len(sampled) == len(requests):
+            return _sample_rows(processed, tensors)
+        rows = to_device(sampled, torch.int64, processed.device)
+        tokens[rows] = _sample_rows(processed[rows], tensors)
+        return tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,33 +241,6 @@ def _sample_rows(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor
     # clocks, keep full float32 resolution where 1 - u would round.
     u = uniforms(tensors.keys, token_ids)
     return scaled.sub_(torch.log1p(u.neg_()).neg_().log_()).argmax(dim=-1)
-
-
-def _verify_sampled(logits: torch.Tensor, checked: torch.Tensor, tensors: SamplingTensors
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rejection sampling of point-mass drafts. logits [R, V] processed; checked [R] the
-    draft each row checks (-1: none, a plain draw). Returns the rows' tokens and whether
-    each accepted its draft.
-
-    Accept draft d with probability p(d) (p after temperature, top-k, top-p, min-p);
-    otherwise draw from p with d removed. P(d) = p(d), and P(x) = (1 - p(d)) p(x) /
-    (1 - p(d)) = p(x) for x != d: the target distribution exactly. The acceptance
-    uniform is the draw's hash at token id V (no token has that id), so it is fixed by
-    the seed and the position, like the draw itself."""
-    scaled = filter_logits(logits, tensors)  # [R, V] log p up to a constant
-    vocab = logits.shape[1]
-    has_draft = checked >= 0
-    draft = checked.clamp(min=0).unsqueeze(1)  # [R, 1]
-    p_draft = torch.softmax(scaled, dim=-1).gather(1, draft).squeeze(1)
-    u = uniforms(tensors.keys, torch.full((1, 1), vocab, device=logits.device)).squeeze(1)
-    accepted = has_draft & (u < p_draft)
-    # The replacement: a draw from p without the draft (a plain draw for bonus rows).
-    residual = scaled.scatter(1, draft, torch.where(has_draft, -math.inf, scaled.gather(
-        1, draft).squeeze(1)).unsqueeze(1))
-    token_ids = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    noise = torch.log1p(uniforms(tensors.keys, token_ids).neg_()).neg_().log_()
-    drawn = residual.sub_(noise).argmax(dim=-1)
-    return torch.where(accepted, checked, drawn), accepted
 
 
 def filter_logits(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:

@@ -292,7 +292,7 @@ def test_a_stop_token_among_accepted_drafts_ends_the_output_there():
     assert got[-1].usage is not None and got[-1].usage.completion_tokens == len(want)
 
 
-def test_sampled_speculation_is_seeded_and_keeps_lengths_and_logprobs():
+def test_sampled_speculation_gives_plain_seeded_tokens_lengths_and_logprobs():
     prompts = repetitive_prompts(random.Random(9), 4)
     params = SamplingParams(max_tokens=17, ignore_eos=True, temperature=0.7, seed=4,
                             logprobs=2)
@@ -303,7 +303,13 @@ def test_sampled_speculation_is_seeded_and_keeps_lengths_and_logprobs():
         return run_core(spec, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
 
     first, second = run(), run()
+    plain = run_core(tiny_core(num_kv_blocks=256),
+                     {f"r{i}": (p, params) for i, p in enumerate(prompts)})
     for rid, deltas in first.items():
+        # The seed fixes the output, speculating or not (a draft is kept when the seed's
+        # draw for its position is that draft).
+        assert [t for d in deltas for t in d.new_token_ids] == [
+            t for d in plain[rid] for t in d.new_token_ids]
         tokens = [t for d in deltas for t in d.new_token_ids]
         logprobs = [lp for d in deltas for lp in d.logprobs or []]
         assert len(tokens) == 17 and [lp.token_id for lp in logprobs] == tokens
