@@ -157,6 +157,10 @@ class BlockManager:
         table = self._tables.get(req.request_id, [])
         return self.blocks_needed(num_tokens_after) - len(table) - len(cached_blocks)
 
+    def blocks_for(self, req: Request, num_new_tokens: int) -> int:
+        """How many free blocks ``allocate(req, num_new_tokens)`` would take."""
+        return max(0, self._num_new_blocks(req, num_new_tokens, []))
+
     def shortfall(self, req: Request, num_new_tokens: int,
                   cached_blocks: list[int] | None = None) -> int:
         """How many more free blocks ``allocate`` would need to succeed (0: it would)."""

@@ -58,7 +58,11 @@ class EngineCore:
         # tests pass a fake one to get exact numbers.
         self._clock = clock
         self.model_cfg = model_cfg or resolve_model_config(config)
-        num_blocks = num_kv_blocks(config, self.model_cfg)
+        draft_cfg = None
+        if config.speculative == "draft":  # its KV shares the memory of the pool
+            from services.worker.engine.draft_model import draft_engine_config
+            draft_cfg = resolve_model_config(draft_engine_config(config))
+        num_blocks = num_kv_blocks(config, self.model_cfg, draft_cfg)
         self.max_model_len = max_model_len(config, self.model_cfg, num_blocks)
         self.blocks = BlockManager(num_blocks=num_blocks, block_size=config.block_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
@@ -88,11 +92,8 @@ class EngineCore:
         self.spec: Speculation | None = build_speculation(
             config, self.model_cfg, blocks=self.blocks, device_type=self.runner.device.type,
             max_model_len=self.max_model_len)
-        if self.spec is not None and self.async_scheduling:
-            if config.async_scheduling:
-                raise ValueError("speculative decoding runs with async_scheduling off: a "
-                                 "step's drafts need the tokens of the step before")
-            self.async_scheduling = False
+        if self.spec is not None:
+            self.spec.misses_cost = self.async_scheduling
         self._inflight: _LaunchedStep | None = None  # launched, not read back yet
         self._last_completed_time = float("-inf")
 
@@ -170,12 +171,19 @@ class EngineCore:
                 for rid, error in failed.items()]
 
     def _step(self) -> list[Delta]:
-        if not self.async_scheduling:
+        if self.spec is not None:
+            self.spec.plan(self.scheduler.running)
+        if not self.async_scheduling or self._speculates():
+            # A step with drafts runs synchronously, even with async scheduling: its
+            # drafts are proposed from the tokens of the step before, so that one is
+            # read back first; and the next step's drafts need this one's. Steps
+            # without drafts (a large batch, low acceptance) go on overlapping.
+            settled = self._settle()
             launched = self._launch()
             if launched is None:
-                return []
+                return settled
             self.scheduler.on_step_done(launched.out)
-            return self._complete(launched)
+            return settled + self._complete(launched, synchronous=True)
         deltas: list[Delta] = []
         launched = self._launch(settle=lambda: deltas.extend(self._settle()))
         deltas.extend(self._settle())
@@ -188,6 +196,10 @@ class EngineCore:
             self._inflight = launched
         return deltas
 
+    def _speculates(self) -> bool:
+        """Whether the step about to be scheduled carries drafts (``Speculation.plan``)."""
+        return any(req.num_lookahead for req in self.scheduler.running)
+
     def _settle(self) -> list[Delta]:
         """Read back and post-process the step in flight, if any."""
         done, self._inflight = self._inflight, None
@@ -198,8 +210,6 @@ class EngineCore:
         nothing is read back. ``settle`` completes the step in flight, for the rare step
         that needs its tokens on the host first."""
         t0 = self._clock()
-        if self.spec is not None:
-            self.spec.plan(self.scheduler.running)
         out = self.scheduler.schedule()
         for victim in out.preempted:  # its blocks are gone; it starts over when readmitted
             self.runner.release(victim.request_id)
@@ -223,10 +233,6 @@ class EngineCore:
         p1 = time.perf_counter()
         logits = self.runner.run(inputs)
         p2 = time.perf_counter()
-        if self.spec is not None and all(c.num_tokens == 1 for c in out.chunks):
-            # The cost model's unit: a decode step's forward without drafts.
-            rows = sum(len(c.spec_ids) for c in out.chunks)
-            self.spec.record_times(plain_step_s=(p2 - p1) / (1 + self.spec.row_cost * rows))
         completing = [c for c in out.chunks if c.completes_sequence]
         requests = [c.request for c in completing]
         if settle is not None and inflight is not None and any(
@@ -248,14 +254,23 @@ class EngineCore:
                              phases_ms=((p1 - p0) * 1e3, (p2 - p1) * 1e3, (p3 - p2) * 1e3),
                              drafts=drafts)
 
-    def _complete(self, step: _LaunchedStep) -> list[Delta]:
+    def _complete(self, step: _LaunchedStep, *, synchronous: bool = False) -> list[Delta]:
         """Read the step's tokens back (its one synchronization with the device), then
-        append them and apply the stop rules."""
+        append them and apply the stop rules. ``synchronous``: nothing ran beside it since
+        its launch, so launch to read-back is its device time (on CUDA the launch alone
+        says nothing of it)."""
         r0 = time.perf_counter()
         token_ids, logprobs, accepted = step.sampled.read_verified()
         prepare_ms, forward_ms, sample_ms = step.phases_ms
-        self._recent_phases.append(
-            (prepare_ms, forward_ms, sample_ms + (time.perf_counter() - r0) * 1e3))
+        read_ms = (time.perf_counter() - r0) * 1e3
+        self._recent_phases.append((prepare_ms, forward_ms, sample_ms + read_ms))
+        if (synchronous and self.spec is not None
+                and all(c.num_tokens == 1 for c in step.out.chunks)):
+            # The cost model's unit: a decode step's forward and sampling without drafts.
+            num_drafts = sum(len(c.spec_ids) for c in step.out.chunks)
+            device_s = (forward_ms + sample_ms + read_ms) / 1e3
+            self.spec.record_times(
+                plain_step_s=device_s / (1 + self.spec.row_cost * num_drafts))
         t1 = self._clock()
         # With a step in flight, steps overlap: each is charged from when the one before
         # it completed, so that the charges add up to the wall time.

@@ -44,11 +44,7 @@ class DraftModelProposer:
 
     def __init__(self, config: EngineConfig, target_cfg: ModelConfig, blocks: BlockManager,
                  *, max_model_len: int) -> None:
-        assert config.speculative_draft_model is not None
-        draft_config = replace(
-            config, model=config.speculative_draft_model,
-            quantization=config.speculative_draft_quantization, speculative="off",
-            cuda_graphs=False, load_format=_load_format(config))
+        draft_config = draft_engine_config(config)
         draft_cfg = resolve_model_config(draft_config)
         if draft_cfg.vocab_size != target_cfg.vocab_size:
             raise ValueError(
@@ -145,6 +141,15 @@ class DraftModelProposer:
     def _block_tables(self, chunks: Sequence[ScheduledChunk]) -> list[list[int]]:
         """The target's block ids of each request (they hold the draft's slots too)."""
         return [self.blocks.block_ids(c.request.request_id) for c in chunks]
+
+
+def draft_engine_config(config: EngineConfig) -> EngineConfig:
+    """The draft model's engine config: the target's, with the draft's model and
+    quantization, no speculation of its own and no CUDA graphs."""
+    assert config.speculative_draft_model is not None
+    return replace(config, model=config.speculative_draft_model,
+                   quantization=config.speculative_draft_quantization, speculative="off",
+                   cuda_graphs=False, load_format=_load_format(config))
 
 
 def _load_format(config: EngineConfig) -> str:

@@ -121,7 +121,7 @@ class Scheduler:
                 i += 1  # its last token is in flight: a step more would be thrown away
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            lookahead = self._lookahead(req, num_new, budget)
+            lookahead = self._lookahead(req, num_new, budget, num_behind=len(self.running) - i - 1)
             if lookahead and self.blocks.allocate(req, num_new + lookahead) is not None:
                 out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, num_new,
                                                  num_lookahead=lookahead))
@@ -174,13 +174,21 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def _lookahead(self, req: Request, num_new: int, budget: int) -> int:
+    def _lookahead(self, req: Request, num_new: int, budget: int, *, num_behind: int) -> int:
         """Draft slots to reserve for ``req``'s decode: its ``num_lookahead`` within the
-        budget and what it may still emit; none for a prefill chunk."""
+        budget and what it may still emit; none for a prefill chunk. Drafts take no
+        block that one of the ``num_behind`` running requests scheduled after it might
+        need for its own token this step (a decode needs at most one): a guess never
+        makes another request wait or be preempted."""
         owed = req.num_tokens - req.num_computed_tokens
         if req.num_lookahead <= 0 or num_new != 1 or owed != 1:
             return 0
-        return max(0, min(req.num_lookahead, budget - 1, req.lookahead_room(self.max_model_len)))
+        k = max(0, min(req.num_lookahead, budget - 1, req.lookahead_room(self.max_model_len)))
+        if k and (self.blocks.shortfall(req, num_new + k) > 0
+                  or self.blocks.num_free_blocks - self.blocks.blocks_for(req, num_new + k)
+                  < num_behind):
+            return 0
+        return k
 
     def on_drafts_accepted(self, req: Request, num_accepted: int) -> None:
         """Verification kept ``num_accepted`` drafts of ``req``'s last step: their KV,

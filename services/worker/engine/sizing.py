@@ -6,12 +6,17 @@ from services.worker.engine.config import EngineConfig
 from services.worker.engine.model.config import ModelConfig
 
 
-def num_kv_blocks(config: EngineConfig, cfg: ModelConfig) -> int:
-    """``config.num_kv_blocks``, or as many blocks as ``kv_cache_memory_gib`` holds."""
+def num_kv_blocks(config: EngineConfig, cfg: ModelConfig,
+                  draft: ModelConfig | None = None) -> int:
+    """``config.num_kv_blocks``, or as many blocks as ``kv_cache_memory_gib`` holds. With
+    a ``draft`` model, whose KV has a slot for each of the model's (draft_model.py),
+    a block costs both, so the two together stay within the memory."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    per_block = (cfg.kv_bytes_per_token_per_element * config.block_size
-                 * config.torch_dtype.itemsize)
+    elements = cfg.kv_bytes_per_token_per_element
+    if draft is not None:
+        elements += draft.kv_bytes_per_token_per_element
+    per_block = elements * config.block_size * config.torch_dtype.itemsize
     return max(1, int(config.kv_cache_memory_gib * 2**30 // per_block))
 
 

@@ -173,6 +173,11 @@ class Speculation:
         self._states: dict[str, _RequestState] = {}
         self._propose_s = 0.0  # mean seconds of a proposer's forward pass
         self._plain_s = 0.0  # mean seconds of a step without drafts
+        # A request that reserved drafts and got none (no n-gram match) counts as a
+        # rejected first draft when that costs something: with async scheduling, where
+        # its step ran synchronously for nothing (set by the engine core). Without, an
+        # empty reservation costs nothing and the next match is taken at once.
+        self.misses_cost = False
 
     def wants(self, req: Request) -> bool:
         p = req.params
@@ -239,6 +244,9 @@ class Speculation:
         for i, d in zip(wanting, drafts, strict=True):
             if d:
                 out[i] = replace(chunks[i], spec_ids=tuple(d[:chunks[i].num_lookahead]))
+            elif self.misses_cost:
+                rid = chunks[i].request.request_id
+                self._states.setdefault(rid, _RequestState()).observe(1, 0)
         return out
 
     def observe(self, req: Request, num_drafts: int, num_accepted: int) -> None:

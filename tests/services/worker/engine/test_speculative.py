@@ -165,6 +165,42 @@ def test_the_scheduler_reserves_slots_for_drafts_within_budget_and_max_tokens():
     assert blocks.num_cached_blocks == 2  # positions 0..7: two full blocks hashed
 
 
+@pytest.mark.parametrize(("num_blocks", "granted"), [(4, 0), (5, 4)])
+def test_drafts_never_take_a_block_another_running_request_needs(num_blocks, granted):
+    """Two requests of one full block each decode: each needs a new block, and four
+    drafts of the first a second one. They take it only when the second request's block
+    is left (4 blocks: no drafts; 5: four)."""
+    blocks = BlockManager(num_blocks=num_blocks, block_size=4, enable_prefix_caching=False)
+    s = Scheduler(block_manager=blocks, max_num_seqs=4, max_num_batched_tokens=64)
+    reqs = [Request(request_id=rid, prompt_ids=[1, 2, 3, 4],
+                    params=SamplingParams(max_tokens=16)) for rid in ("a", "b")]
+    for req in reqs:
+        s.add(req)
+    out = s.schedule()
+    s.on_step_done(out)
+    for req in reqs:
+        req.append_output(7)
+    reqs[0].num_lookahead = 4
+    out = s.schedule()
+    assert not out.preempted
+    assert [(c.request.request_id, c.num_tokens, c.num_lookahead) for c in out.chunks] == [
+        ("a", 1, granted), ("b", 1, 0)]
+
+
+def test_the_draft_models_kv_is_inside_the_pools_memory():
+    from services.worker.engine.model.config import PRESETS
+    from services.worker.engine.sizing import num_kv_blocks
+
+    cfg = PRESETS["tiny-llama"]
+    config = EngineConfig(model="tiny-llama", dtype="float32", block_size=4,
+                          kv_cache_memory_gib=0.01)
+    alone = num_kv_blocks(config, cfg)
+    assert num_kv_blocks(config, cfg, cfg) == alone // 2  # a draft of the same shape
+    core = tiny_core(speculative="draft", speculative_draft_model="tiny-llama",
+                     num_kv_blocks=None, kv_cache_memory_gib=0.01)
+    assert core.blocks.num_blocks == alone // 2
+
+
 def test_a_chunk_with_drafts_is_one_decode_row_per_token():
     batch = InputBatch(max_num_seqs=4, max_blocks_per_seq=8, max_num_tokens=64,
                        block_size=4, device=CPU, decode_kernel=True, varlen_prefill=False)
@@ -317,10 +353,12 @@ def test_sampled_speculation_gives_plain_seeded_tokens_lengths_and_logprobs():
         assert tokens == [t for d in second[rid] for t in d.new_token_ids]  # same seed
 
 
-def test_no_block_leaks_with_speculation_random_aborts_and_preemption():
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_no_block_leaks_with_speculation_random_aborts_and_preemption(async_scheduling):
     rng = random.Random(11)
     core = tiny_core(num_kv_blocks=40, max_num_seqs=8, speculative="ngram",
-                     speculative_max_batch=8, max_num_batched_tokens=48)
+                     speculative_max_batch=8, max_num_batched_tokens=48,
+                     async_scheduling=async_scheduling)
     prompts = repetitive_prompts(rng, 60)
     requests = {f"r{i}": (p, SamplingParams(max_tokens=rng.randint(1, 30), ignore_eos=True,
                                             temperature=rng.choice([0.0, 0.8]), seed=i))
@@ -334,9 +372,35 @@ def test_no_block_leaks_with_speculation_random_aborts_and_preemption():
     assert not core.runner.batch._row_of and not core.spec._states  # type: ignore[union-attr]
 
 
-def test_speculation_needs_synchronous_steps():
-    with pytest.raises(ValueError, match="async_scheduling off"):
-        tiny_core(speculative="ngram", async_scheduling=True)
+@pytest.mark.parametrize("mode", ["ngram", "draft"])
+def test_with_async_scheduling_only_steps_with_drafts_run_synchronously(mode):
+    """Six requests and speculation up to two: the large batches overlap (async), the
+    last two requests speculate (synchronous steps); greedy and seeded outputs are plain
+    decoding's, and the pool ends all free."""
+    prompts = repetitive_prompts(random.Random(13), 6)
+    lengths = [6, 8, 10, 12, 40, 48]  # the last two speculate once they are alone
+    draft = {"speculative_draft_model": "tiny-llama"} if mode == "draft" else {}
+    for params in (SamplingParams(max_tokens=48, ignore_eos=True),
+                   SamplingParams(max_tokens=48, ignore_eos=True, temperature=0.8, seed=5)):
+        want = outputs(tiny_core(num_kv_blocks=256), prompts, params)
+        core = tiny_core(num_kv_blocks=256, speculative=mode, speculative_max_batch=2,
+                         async_scheduling=True, **draft)
+        for i, p in enumerate(prompts):
+            core.add(core.make_request(f"r{i}", p, replace(params, max_tokens=lengths[i])))
+        got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+        overlapped = synchronous = 0
+        while core.has_work():
+            for d in core.step():
+                got[d.request_id] += d.new_token_ids
+            # A step that left nothing in flight while work remains ran synchronously.
+            overlapped += core._inflight is not None
+            synchronous += core._inflight is None and core.has_work()
+        assert overlapped > 0 and synchronous > 0
+        if params.temperature == 0:  # sampled, the random model's text hardly repeats
+            assert core.stats().spec_verifications > 0
+        assert got == {f"r{i}": w[:lengths[i]] for i, w in enumerate(want)}
+        stats = core.stats()
+        assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
 
 
 @pytest.mark.skipif(cpu_kernels.load() is None, reason="needs the bf16 CPU kernels")
