@@ -57,7 +57,8 @@ HTTP_IDLE_TIMEOUT_S = 60.0
 
 
 def cluster(name: str, endpoints: Sequence[Endpoint], *, lb_policy: str = "ROUND_ROBIN",
-            is_health_checked: bool = True) -> dict[str, Any]:
+            is_health_checked: bool = True,
+            transport_socket: dict[str, Any] | None = None) -> dict[str, Any]:
     """A gRPC cluster over ``endpoints``, load balanced by ``lb_policy`` (worker pools use
     RING_HASH: a route's hash policy then keeps a prompt prefix on one replica).
 
@@ -65,16 +66,20 @@ def cluster(name: str, endpoints: Sequence[Endpoint], *, lb_policy: str = "ROUND
     as one is a name (docker-compose service names, Kubernetes headless services), which
     Envoy re-resolves and whose every address becomes an endpoint.
     ``is_health_checked=False`` for what is not a genmesh service (a trace collector need
-    not serve the gRPC health service).
+    not serve the gRPC health service). ``transport_socket``: mutual TLS
+    (``gateway/tls.py``); None: plaintext.
     """
     config = _upstream(name, endpoints, lb_policy=lb_policy,
                        protocol_options=http2_protocol_options())
+    if transport_socket is not None:
+        config["transport_socket"] = transport_socket
     if is_health_checked:
         config |= _health_checked(grpc_health_check())
     return config
 
 
-def http_cluster(name: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
+def http_cluster(name: str, endpoints: Sequence[Endpoint],
+                 transport_socket: dict[str, Any] | None = None) -> dict[str, Any]:
     """An HTTP/1.1 cluster over ``endpoints`` (the HTTP API), round robin, probed with
     ``GET /healthz`` (200: in rotation), otherwise health checked like the gRPC clusters.
 
@@ -82,6 +87,8 @@ def http_cluster(name: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
     the requests in flight to the cluster; the next MAX_PENDING_REQUESTS wait for one."""
     config = _upstream(name, endpoints, lb_policy="ROUND_ROBIN",
                        protocol_options=http1_protocol_options())
+    if transport_socket is not None:
+        config["transport_socket"] = transport_socket
     return config | _health_checked(http_health_check(HEALTH_CHECK_PATH))
 
 

@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from gateway import authz, metrics, ratelimits
+from gateway import authz, metrics, ratelimits, rbac
+from gateway import tls as gateway_tls
 from gateway.clusters import cluster, http_cluster
 from gateway.core import socket_address, typed
 from gateway.listeners import http_connection_manager, listener, otel_tracing, route_config
@@ -54,15 +55,26 @@ class Resources:
 
 def clusters(dep: Deployment) -> list[dict[str, Any]]:
     """One cluster per service, one per model version (its worker pool), and admin's own
-    when the metrics listener passes requests to it."""
-    out = [cluster("frontend", dep.services.frontend), cluster("tokenizer", dep.services.tokenizer)]
+    when the metrics listener passes requests to it. With ``security.mtls`` every
+    genmesh service's cluster speaks mutual TLS to that service's identity."""
+    sec = dep.security
+
+    def tls(identity: str, alpn: tuple[str, ...] = gateway_tls.GRPC_ALPN
+            ) -> dict[str, Any] | None:
+        return (gateway_tls.upstream_tls(sec.secrets_dir, identity, alpn=alpn)
+                if sec.mtls else None)
+
+    out = [cluster("frontend", dep.services.frontend, transport_socket=tls("frontend")),
+           cluster("tokenizer", dep.services.tokenizer, transport_socket=tls("tokenizer"))]
     for name in ("safety", "cache", "ratelimit"):
         endpoints = getattr(dep.services, name)
         if endpoints:
-            out.append(cluster(name, endpoints))
+            out.append(cluster(name, endpoints, transport_socket=tls(name)))
     if dep.services.httpapi:
-        out.append(http_cluster("httpapi", dep.services.httpapi))
-    out += [cluster(v.cluster, v.workers, lb_policy="RING_HASH") for v in dep.versions]
+        out.append(http_cluster("httpapi", dep.services.httpapi,
+                                transport_socket=tls("httpapi", gateway_tls.HTTP1_ALPN)))
+    out += [cluster(v.cluster, v.workers, lb_policy="RING_HASH", transport_socket=tls("worker"))
+            for v in dep.versions]
     if dep.observability.otlp_endpoint:
         out.append(cluster(TRACE_COLLECTOR, (parse_endpoint(dep.observability.otlp_endpoint),),
                            is_health_checked=False))
@@ -82,9 +94,10 @@ def resources(dep: Deployment, *, rds_dir: Path | None = None) -> Resources:
             "frontend", key_header=dep.limits.api_key_header))
     if dep.services.ratelimit:
         edge_filters.append(ratelimits.global_filter("ratelimit", dep.limits.global_failure_mode))
+    mesh_filters = [rbac.mesh_rbac_filter()] if dep.security.mtls else []
     listeners = []
     for config, port, filters in ((configs[0], g.edge_port, edge_filters),
-                                  (configs[1], g.mesh_port, [])):
+                                  (configs[1], g.mesh_port, mesh_filters)):
         name = config["name"]
         routes = ({"route_config": config} if rds_dir is None
                   else {"rds": rds_subscription(name, rds_dir)})
@@ -94,8 +107,10 @@ def resources(dep: Deployment, *, rds_dir: Path | None = None) -> Resources:
             manager["tracing"] = otel_tracing(
                 f"genmesh-envoy-{name}", collector_cluster=TRACE_COLLECTOR,
                 sample_percent=dep.observability.trace_sample_percent)
+        mesh_tls = (gateway_tls.downstream_tls(dep.security.secrets_dir)
+                    if dep.security.mtls and name == "mesh" else None)
         listeners.append(listener(name, host=g.host, port=port, manager=manager,
-                                  is_inbound=name == "edge"))
+                                  is_inbound=name == "edge", transport_socket=mesh_tls))
     if g.metrics_port:
         listeners.append(metrics.metrics_listener(g))
     return Resources(listeners, clusters(dep), configs)

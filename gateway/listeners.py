@@ -27,21 +27,26 @@ LOCAL_RATE_LIMITED = "local_rate_limited"
 
 
 def listener(name: str, *, host: str, port: int, manager: dict[str, Any],
-             is_inbound: bool = False) -> dict[str, Any]:
+             is_inbound: bool = False,
+             transport_socket: dict[str, Any] | None = None) -> dict[str, Any]:
     """A TCP listener whose only filter is the HTTP connection manager ``manager``.
 
     ``is_inbound`` marks the edge (``traffic_direction: INBOUND``): Envoy's admin
     ``/drain_listeners?inboundonly`` then stops it alone, and the mesh listener keeps
     carrying the in-flight streams' calls while the mesh stops, and takes the edge's
-    smaller per-stream buffers (``gateway/flow_control.py``)."""
+    smaller per-stream buffers (``gateway/flow_control.py``). ``transport_socket``: TLS
+    (``gateway/tls.py``); None: plaintext."""
     config: dict[str, Any] = {"name": name, "address": socket_address(host, port)}
     if is_inbound:
         config["traffic_direction"] = "INBOUND"
     config["per_connection_buffer_limit_bytes"] = listener_buffer_bytes(is_edge=is_inbound)
-    config["filter_chains"] = [{
+    chain: dict[str, Any] = {
         "filters": [{"name": "envoy.filters.network.http_connection_manager",
                      "typed_config": manager}],
-    }]
+    }
+    if transport_socket is not None:
+        chain["transport_socket"] = transport_socket
+    config["filter_chains"] = [chain]
     return config
 
 

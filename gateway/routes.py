@@ -50,6 +50,7 @@ IDEMPOTENT_TOKENIZER_METHODS = ("Tokenize", "ApplyChatTemplate", "DescribeModel"
 RETRY_ON = "connect-failure,refused-stream,reset,unavailable"
 NUM_RETRIES = 2
 HTTP_API_PREFIX = "/v1/"  # the OpenAI-compatible paths, served by services/httpapi
+GENERATION = "genmesh.v1.Generation"  # the public service, on the mesh for the HTTP API
 
 
 def route(prefix: str, cluster: str) -> dict[str, Any]:
@@ -134,6 +135,9 @@ def mesh_routes(dep: Deployment) -> list[dict[str, Any]]:
             service = f"genmesh.v1.{name.capitalize()}"
             routes.append(route(f"/{service}/", name))
             services.append(service)
+    if dep.services.httpapi:  # its calls to the frontend (gateway/rbac.py: its alone)
+        routes.append(route(f"/{GENERATION}/", "frontend"))
+        services.append(GENERATION)
     return [*routes, unrouted("mesh", services)]
 
 

@@ -18,6 +18,7 @@ from genmesh.commands import (
     models,
     rollout,
     safety,
+    secrets,
 )
 
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.register(sub)
     safety.register(sub)
     fault.register(sub)
+    secrets.register(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 import yaml
@@ -18,6 +19,7 @@ from genmesh.core.models.store import ModelStore, default_store_root
 from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, redis_binary
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.supervisor import Supervisor
+from genmesh.security import clients, pki
 from services.safety.config import DEFAULT_POLICY
 from tests.procs import REPO_ROOT, RedisServer, launched
 
@@ -74,6 +76,22 @@ class RunningMesh:
     @property
     def cache_address(self) -> str:  # the cache service itself, bypassing Envoy
         return f"{self.config.host}:{self.config.cache_port}"
+
+    @property
+    def secrets(self) -> pki.Secrets:  # the mesh's certificates (mutual TLS inside)
+        return pki.Secrets(self.config.secrets_dir)
+
+    def service_channel(self, service: str) -> grpc.Channel:
+        """A channel to ``service``'s own port (worker, tokenizer, cache), as Envoy: the
+        only caller a service admits."""
+        address = {"worker": self.worker_address, "tokenizer": self.tokenizer_address,
+                   "cache": self.cache_address}[service]
+        return clients.channel(address, self.secrets, identity=pki.GATEWAY, peer=service)
+
+    def mesh_channel(self, identity: str = "frontend") -> grpc.Channel:
+        """A channel to Envoy's mesh listener as ``identity`` (RBAC: gateway/rbac.py)."""
+        return clients.channel(self.config.mesh_address, self.secrets, identity=identity,
+                               peer=pki.GATEWAY)
 
 
 # The greedy answer to this prompt says it in its first sentence; the mesh's safety policy

@@ -26,11 +26,12 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def wait_serving(address: str, timeout: float = 120.0, proc: subprocess.Popen | None = None
-                 ) -> None:
-    """Poll the standard health service until it answers SERVING."""
+def wait_serving(address: str, timeout: float = 120.0, proc: subprocess.Popen | None = None,
+                 channel: grpc.Channel | None = None) -> None:
+    """Poll the standard health service until it answers SERVING (on ``channel``, a TLS
+    one, when given)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with channel or grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc is not None and proc.poll() is not None:
@@ -48,14 +49,16 @@ def wait_serving(address: str, timeout: float = 120.0, proc: subprocess.Popen | 
 
 @contextmanager
 def service(module: str, args: list[str], *, port: int, log_path: Path,
-            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """Run ``python -m module args`` until the block ends; SIGTERM, then SIGKILL."""
+            env: dict[str, str] | None = None, channel: grpc.Channel | None = None
+            ) -> Iterator[subprocess.Popen]:
+    """Run ``python -m module args`` until the block ends; SIGTERM, then SIGKILL.
+    ``channel``: how its health is asked (a TLS service's); None: plaintext."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO_ROOT,
                                 stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
         try:
-            wait_serving(f"127.0.0.1:{port}", proc=proc)
+            wait_serving(f"127.0.0.1:{port}", proc=proc, channel=channel)
             yield proc
         finally:
             terminate(proc, grace_s=20)

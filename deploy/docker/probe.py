@@ -2,33 +2,56 @@
 
     python deploy/docker/probe.py grpc 127.0.0.1:50051     gRPC health: exit 0 when SERVING
     python deploy/docker/probe.py http http://127.0.0.1:9901/ready    exit 0 on HTTP 200
-    python deploy/docker/probe.py http http://127.0.0.1:50055/healthz     (the HTTP API)
+    python deploy/docker/probe.py tls 127.0.0.1:50051 --ca .../service-ca.pem --name frontend
+                                                 exit 0 when it serves TLS as frontend
     python deploy/docker/probe.py drain http://127.0.0.1:9901 --seconds 15
+
+``tls`` is the probe of a service with the mesh's secrets (docker-compose's healthchecks,
+the Kubernetes exec probes): a TLS handshake with its port must show a valid certificate
+of the CA ``--ca`` whose URI SAN is ``spiffe://genmesh.local/<name>``. It sends no client
+certificate: with TLS 1.3 the client's handshake completes before the server checks it,
+so the probe passes and the server then refuses the connection. A full gRPC health call
+(or GET /healthz of the HTTP API) needs Envoy's certificate, the only one a service
+admits and one no service container holds; so this says "up and serving TLS as itself",
+and Envoy's own active health checks (every 0.5 s, as Envoy) are what take a replica that
+is not SERVING, or an HTTP API that drains, out of rotation.
+
+``grpc`` and ``http`` are the plaintext checks (Envoy's admin, a mesh without
+``security.mtls``). They are also what the images' HEALTHCHECK runs, which cannot know
+whether secrets are mounted: in a container whose service has them
+(``GENMESH_<SERVICE>_SECRETS_DIR`` set), they make the ``tls`` check of the same port as
+that service instead.
 
 ``drain`` (Envoy's preStop in Kubernetes) asks Envoy to drain its listeners gracefully
 (HTTP/2 GOAWAY, so clients reconnect elsewhere) and waits, so streams in flight can end
 before the pod's SIGTERM.
 
-The images' HEALTHCHECK, docker-compose's healthchecks and the Kubernetes probes of Envoy
-use it; Kubernetes probes the gRPC services natively, and the HTTP API with an httpGet of
-its /healthz (200 while it serves, 503 while it drains). Exit status 1 means unhealthy:
-any status but 200 (urllib raises on 503), a refused connection or a timeout.
+Exit status 1 means unhealthy: any status but 200 (urllib raises on 503), a refused
+connection, a failed handshake, another identity's certificate or a timeout.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import socket
+import ssl
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from cryptography import x509
 
 # Runs as a file (`python deploy/docker/probe.py`) from anywhere: the repository's
 # packages are found from here, as they are with PYTHONPATH=/app in the images.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from genmesh.launcher.probes import PROBE_TIMEOUT_S, GrpcHealth, HttpReady
+from genmesh.security import pki
 
 
 def drain(admin_url: str, *, seconds: float) -> bool:
@@ -43,16 +66,58 @@ def drain(admin_url: str, *, seconds: float) -> bool:
     return ok
 
 
+def own_identity(environ: dict[str, str]) -> tuple[str, Path] | None:
+    """The service this container runs and its secrets directory, when it has one."""
+    for key, value in environ.items():
+        match = re.fullmatch(r"GENMESH_([A-Z]+)_SECRETS_DIR", key)
+        if match and value:
+            return match.group(1).lower(), Path(value)
+    return None
+
+
+def serves_tls_as(address: str, *, ca: Path, name: str) -> bool:
+    """A TLS handshake with ``address`` (host:port) shows a valid certificate of ``ca``
+    naming the identity ``name`` (its URI SAN, as Envoy checks it)."""
+    host, _, port = address.rpartition(":")
+    try:
+        context = ssl.create_default_context(cafile=str(ca))
+        context.check_hostname = False  # the URI SAN names a service, not the address
+        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S) as raw, \
+                context.wrap_socket(raw) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except (ssl.SSLError, OSError, ValueError):
+        return False
+    if der is None:
+        return False
+    try:
+        sans = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return pki.spiffe_id(name) in sans.get_values_for_type(x509.UniformResourceIdentifier)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     kinds = parser.add_subparsers(dest="kind", required=True)
     kinds.add_parser("grpc", help="the standard gRPC health service").add_argument("address")
     kinds.add_parser("http", help="an HTTP endpoint answering 200").add_argument("url")
+    tls_p = kinds.add_parser("tls", help="the port serves TLS as a mesh identity")
+    tls_p.add_argument("address")
+    tls_p.add_argument("--ca", type=Path, required=True, help="the CA that signed it")
+    tls_p.add_argument("--name", required=True, help="its identity, e.g. frontend")
     drain_p = kinds.add_parser("drain", help="drain Envoy's listeners, then wait")
     drain_p.add_argument("admin_url")
     drain_p.add_argument("--seconds", type=float, default=15.0)
     args = parser.parse_args(argv)
-    if args.kind == "grpc":
+    own = own_identity(dict(os.environ))
+    if args.kind in ("grpc", "http") and own is not None:
+        name, secrets = own
+        address = args.address if args.kind == "grpc" else urllib.parse.urlsplit(args.url).netloc
+        healthy = serves_tls_as(address, ca=pki.Secrets(secrets).ca(pki.SERVICE_CA), name=name)
+    elif args.kind == "tls":
+        healthy = serves_tls_as(args.address, ca=args.ca, name=args.name)
+    elif args.kind == "grpc":
         healthy = GrpcHealth(args.address)()
     elif args.kind == "http":
         healthy = HttpReady(args.url)()

@@ -22,6 +22,7 @@ import yaml
 from genmesh.launcher.plan import DEFAULT_DEPLOYMENT, PORT_FIELDS, MeshConfig, plan
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.supervisor import Supervisor
+from genmesh.security import clients, pki
 from genmesh.v1 import worker_pb2, worker_pb2_grpc
 
 START_TIMEOUT_S = 300.0
@@ -92,7 +93,13 @@ class Mesh:
         return stats.get(f"cluster.{cluster}.membership_healthy") == total
 
     def worker_stats(self) -> worker_pb2.WorkerStats:
-        with grpc.insecure_channel(self.worker_address) as channel:
+        secrets = pki.Secrets(self.config.secrets_dir)
+        # As Envoy, the only caller a worker admits under the mesh's mutual TLS.
+        channel = (clients.channel(self.worker_address, secrets, identity=pki.GATEWAY,
+                                   peer="worker")
+                   if secrets.cert(pki.GATEWAY).exists() else
+                   grpc.insecure_channel(self.worker_address))
+        with channel:
             return worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest(),
                                                                 timeout=5)
 

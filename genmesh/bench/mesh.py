@@ -38,6 +38,7 @@ TARGET_ADDED_TTFT_MS = 5.0
 TARGET_ADDED_PER_TOKEN_MS = 0.5
 TARGET_THROUGHPUT_RATIO = 0.85  # mesh over in-process at the top concurrency, on a CPU
 TARGET_NON_ENGINE_CPU_MS_PER_TOKEN = 0.4
+TARGET_MTLS_THROUGHPUT_RATIO = 0.95  # the mesh with mutual TLS over without (issue 20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,9 @@ FULL = MeshBenchPlan(concurrency=(1, 32), rounds={1: 12, 32: 3}, output_len=64)
 # requests entering the mesh, so its throughput ratio measured the burst alone and
 # scattered from run to run; `--output-len 16` still runs that.
 QUICK = MeshBenchPlan(concurrency=(1, 32), rounds={1: 2, 32: 1}, output_len=64)
+# `--mtls --quick`: four meshes of a few rounds each; a single 32-stream round scattered
+# by ±8 % from mesh to mesh, more than what is measured.
+QUICK_MTLS = MeshBenchPlan(concurrency=(1, 32), rounds={1: 4, 32: 3}, output_len=64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,19 +197,20 @@ def in_process(model_dir: Path, dtype: str, kv_cache_gib: float, bench: MeshBenc
 
 def through_mesh(model: str, dtype: str, kv_cache_gib: float, bench: MeshBenchPlan, *,
                  otlp_endpoint: str = "", device: str = "cpu", dummy: bool = False,
-                 engine_process: bool = True
+                 engine_process: bool = True, mtls: bool | None = None
                  ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Latencies per level, and CPU milliseconds per generated token for each process
     (the client included) over the whole run: the mesh's cost independent of how many
     cores it shares with the engine. ``otlp_endpoint``: every process exports its spans
-    there (""; no tracing)."""
+    there (""; no tracing). ``mtls``: mutual TLS inside the mesh (None: as
+    deploy/local.yaml says, on)."""
     with tempfile.TemporaryDirectory(prefix="genmesh-bench-") as run_dir:
         ports: dict[str, Any] = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)),
                                          strict=True))
         config = MeshConfig(**ports, model=model, versions=("v1",), dtype=dtype,
                             kv_cache_gib=kv_cache_gib, with_redis=False, run_dir=Path(run_dir),
                             log_level="WARNING", with_prometheus=False,
-                            otlp_endpoint=otlp_endpoint,
+                            otlp_endpoint=otlp_endpoint, mtls=mtls,
                             worker_args=worker_flags(device=device, dummy=dummy,
                                                      engine_process=engine_process))
         supervisor = Supervisor(plan(config), run_dir=config.run_dir)
@@ -302,3 +307,39 @@ def run_mesh_bench(model_dir: Path, *, model: str, dtype: str, kv_cache_gib: flo
                     "throughput_ratio": TARGET_THROUGHPUT_RATIO,
                     "non_engine_cpu_ms_per_token": TARGET_NON_ENGINE_CPU_MS_PER_TOKEN},
     }
+
+
+def run_mtls_bench(*, model: str, dtype: str, kv_cache_gib: float, bench: MeshBenchPlan,
+                   device: str = "cpu", dummy: bool = False, engine_process: bool = True
+                   ) -> dict[str, Any]:
+    """What mutual TLS inside the mesh costs: the same load through the mesh without it
+    and with it, in the order off, on, on, off (so a drift of the shared machine over the
+    run weighs on both alike); throughput and latencies at the top concurrency, summed
+    over the two runs of each, and the mesh's CPU per token apart from the engine's."""
+    top = str(max(bench.concurrency))
+    runs: dict[str, list[tuple[dict[str, dict[str, float]], dict[str, float]]]] = {
+        "plaintext": [], "mtls": []}
+    for mtls in (False, True, True, False):
+        runs["mtls" if mtls else "plaintext"].append(through_mesh(
+            model, dtype, kv_cache_gib, bench, device=device, dummy=dummy,
+            engine_process=engine_process, mtls=mtls))
+
+    def side(name: str) -> dict[str, Any]:
+        tops = [levels[top] for levels, _ in runs[name]]
+        return {"tokens_per_s": [lv["tokens_per_s"] for lv in tops],
+                "tpot_ms_p50": [lv.get("tpot_ms_p50") for lv in tops],
+                "ttft_ms_p50": [lv["ttft_ms_p50"] for lv in tops],
+                "one_stream_tokens_per_s": [levels["1"]["tokens_per_s"]
+                                            for levels, _ in runs[name] if "1" in levels],
+                # Every process but the client's: the engine's share is alike in both.
+                "cpu_ms_per_token": [round(sum(ms for p, ms in cpu.items() if p != "client"),
+                                           4) for _, cpu in runs[name]]}
+
+    plain, tls = side("plaintext"), side("mtls")
+    return {"model": model, "dtype": dtype, "device": device, "concurrency": int(top),
+            "output_tokens": bench.output_len, "order": "plaintext, mtls, mtls, plaintext",
+            "plaintext": plain, "mtls": tls,
+            # Throughput with mutual TLS over without, at the top concurrency.
+            "throughput_ratio": round(sum(tls["tokens_per_s"])
+                                      / sum(plain["tokens_per_s"]), 3),
+            "target_throughput_ratio": TARGET_MTLS_THROUGHPUT_RATIO}

@@ -17,9 +17,14 @@ T = TypeVar("T")
 class AsyncClient:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout_s: float = 300.0,
                  api_key: str | None = None,
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        """``api_key`` (else $GENMESH_API_KEY) is sent as ``x-api-key`` on every call."""
-        self.channel = grpc.aio.insecure_channel(address)
+                 metadata: tuple[tuple[str, str], ...] = (),
+                 credentials: grpc.ChannelCredentials | None = None,
+                 options: tuple[tuple[str, Any], ...] = ()) -> None:
+        """``api_key`` (else $GENMESH_API_KEY) is sent as ``x-api-key`` on every call.
+        ``credentials``: TLS (with ``options``, e.g. a target name override); None:
+        plaintext, as the edge of `genmesh up` speaks."""
+        self.channel = (grpc.aio.insecure_channel(address, options=options) if credentials is None
+                        else grpc.aio.secure_channel(address, credentials, options=options))
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.timeout_s = timeout_s
         self.metadata = t.with_api_key(metadata, api_key)

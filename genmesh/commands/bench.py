@@ -65,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens per stream (default: the plan's, 64)")
     m.add_argument("--engine-thread", action="store_true",
                    help="the worker's engine core on a thread (default: its own process)")
+    m.add_argument("--mtls", action="store_true",
+                   help="instead: the mesh without and with mutual TLS inside, compared "
+                        "(off, on, on, off; no in-process run)")
     m.add_argument("--output", help="also write the JSON to this file")
     m.set_defaults(func=_mesh)
     t = bsub.add_parser("tracing", help="what tracing (every span exported) costs the mesh")
@@ -142,12 +145,17 @@ def _engine(args: argparse.Namespace) -> int:
 
 
 def _mesh(args: argparse.Namespace) -> int:
-    from genmesh.bench.mesh import FULL, QUICK, run_mesh_bench
+    from genmesh.bench.mesh import FULL, QUICK, QUICK_MTLS, run_mesh_bench, run_mtls_bench
 
     model_dir = ModelStore(default_store_root()).ensure(args.model)
-    bench = QUICK if args.quick else FULL
+    bench = (QUICK_MTLS if args.mtls else QUICK) if args.quick else FULL
     if args.output_len:
         bench = dataclasses.replace(bench, output_len=args.output_len)
+    if args.mtls:
+        return _print(run_mtls_bench(model=args.model, dtype=args.dtype,
+                                     kv_cache_gib=args.kv_cache_gib, bench=bench,
+                                     device=args.device, dummy=args.dummy,
+                                     engine_process=not args.engine_thread), args.output)
     result = run_mesh_bench(model_dir, model=args.model, dtype=args.dtype,
                             kv_cache_gib=args.kv_cache_gib, bench=bench,
                             device=args.device, dummy=args.dummy,

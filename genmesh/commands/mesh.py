@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--dtype", help="run every version in this dtype (default: each its own)")
     up.add_argument("--kv-cache-gib", type=float, default=defaults.kv_cache_gib)
     up.add_argument("--no-redis", action="store_true", help="do not start Redis")
+    up.add_argument("--mtls", action=argparse.BooleanOptionalAction, default=None,
+                    help="mutual TLS inside the mesh, RBAC on its listener, Redis users "
+                         "(default: the deployment's security.mtls)")
     up.add_argument("--safety-policy", type=Path,
                     help="the safety service's per-tenant policy (default: "
                          "deploy/safety/policy.yaml)")
@@ -77,7 +80,8 @@ def _up(args: argparse.Namespace) -> int:
         model=args.model, versions=versions, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
         with_redis=not args.no_redis, run_dir=args.run_dir, safety_policy=args.safety_policy,
         safety_embedding=not args.no_safety_embedding, otlp_endpoint=args.otlp_endpoint,
-        with_prometheus=False if args.no_prometheus else None, stream_grace_s=args.stop_grace)
+        with_prometheus=False if args.no_prometheus else None, stream_grace_s=args.stop_grace,
+        mtls=args.mtls)
     try:
         ModelStore(default_store_root()).path_of(cfg.model or load_deployment(cfg.deployment).model)
         specs = plan(cfg)

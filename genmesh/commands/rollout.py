@@ -31,6 +31,7 @@ from genmesh.core.deployment import Deployment, DeploymentError, Rollout
 from genmesh.core.records import STREAM, GenerationRecord
 from genmesh.launcher.plan import DEPLOYMENT_FILE, XDS_DIR
 from genmesh.rollout_report import compare
+from genmesh.security import pki
 
 ADMIN_TIMEOUT_S = 2.0
 REDIS_TIMEOUT_S = 5.0
@@ -119,6 +120,14 @@ def _status(dep: Deployment) -> int:
     return 0
 
 
+def operator_redis_url(dep: Deployment) -> str:
+    """The deployment's Redis, logged in as the operator when the mesh has its users."""
+    assert dep.redis_url is not None
+    if not dep.security.mtls:
+        return dep.redis_url
+    return pki.login(dep.redis_url, pki.Secrets(Path(dep.security.secrets_dir)), pki.OPERATOR)
+
+
 def read_records(url: str, last: int) -> list[GenerationRecord]:
     client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
                                   socket_connect_timeout=REDIS_TIMEOUT_S, decode_responses=True)
@@ -134,7 +143,7 @@ def _report(dep: Deployment, last: int) -> int:
         print("genmesh: this mesh runs without Redis, so nothing is recorded", file=sys.stderr)
         return 1
     try:
-        records = read_records(dep.redis_url, last)
+        records = read_records(operator_redis_url(dep), last)
     except redis.RedisError as exc:
         print(f"genmesh: cannot read the records from Redis ({exc})", file=sys.stderr)
         return 1

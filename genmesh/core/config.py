@@ -34,6 +34,9 @@ class ServerConfig:
     trace_sample_ratio: float = 1.0  # share of new traces kept (a caller's choice wins)
     metrics_port: int = 0  # the Prometheus endpoint on `host`; 0: none
     log_level: str = "INFO"
+    # The mesh's secrets for this service (services/common/tls.py): TLS that only Envoy
+    # may call, TLS to Envoy, its own Redis user. "": plaintext, Redis URLs as given.
+    secrets_dir: str = ""
 
     @property
     def address(self) -> str:

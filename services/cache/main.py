@@ -14,6 +14,7 @@ from services.cache.servicer import CacheServicer
 from services.cache.store import AnswerStore, StoreLimits
 from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
+from services.common.tls import MeshTls, redis_url
 
 log = logging.getLogger("genmesh.cache")
 
@@ -24,7 +25,7 @@ def answer_store(cfg: CacheConfig) -> AnswerStore:
                          max_entry_bytes=min(cfg.max_entry_kb * 2**10, max_bytes),
                          default_ttl_s=cfg.default_ttl_s, default_lease_ms=cfg.default_lease_ms)
     if cfg.redis_url:
-        return redis_store(cfg.redis_url, limits, timeout_s=cfg.redis_timeout_s)
+        return redis_store(redis_url(cfg, cfg.redis_url), limits, timeout_s=cfg.redis_timeout_s)
     return MemoryStore(limits)
 
 
@@ -39,7 +40,7 @@ async def run(cfg: CacheConfig) -> None:
         publishing.cancel()
         await store.close()
 
-    await serve(name="genmesh.cache", address=cfg.address,
+    await serve(tls=MeshTls.of(cfg), name="genmesh.cache", address=cfg.address,
                 register=lambda s: cache_pb2_grpc.add_CacheServicer_to_server(servicer, s),
                 service_names=[cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name],
                 grace_s=cfg.shutdown_grace_s, on_stop=telemetry.flush_after(stop),

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from genmesh.core.config import ServerConfig
 from services.common import streams
 from services.common.decoding import DecodeRequests
+from services.common.tls import MeshTls
 
 C = TypeVar("C", bound=ServerConfig)
 
@@ -86,10 +87,12 @@ def new_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.
 async def serve(*, name: str, address: str, register: Callable[[grpc.aio.Server], None],
                 service_names: Iterable[str], grace_s: float,
                 on_stop: Callable[[], Awaitable[None]] | None = None,
-                interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+                interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                tls: MeshTls | None = None) -> None:
     """Run a grpc.aio server until SIGTERM/SIGINT, then stop accepting calls, give
     in-flight ones ``grace_s`` seconds to finish, and return. ``interceptors``: the
-    tracing ones of ``telemetry.Telemetry``, when tracing is on."""
+    tracing ones of ``telemetry.Telemetry``, when tracing is on. ``tls``: serve mutual
+    TLS that only Envoy's certificate passes (``tls.py``); None: plaintext."""
     log = logging.getLogger(name)
     server = new_server(interceptors)
     register(server)
@@ -97,13 +100,14 @@ async def serve(*, name: str, address: str, register: Callable[[grpc.aio.Server]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    port = (server.add_insecure_port(address) if tls is None
+            else server.add_secure_port(address, tls.server_credentials()))
     if port == 0:
         raise OSError(f"{name}: cannot listen on {address} (port in use?)")
     await server.start()
     for service in [*service_names, ""]:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"address": address, "port": port})
+    log.info("serving", extra={"address": address, "port": port, "tls": tls is not None})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

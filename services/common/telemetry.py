@@ -34,6 +34,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from genmesh.core.config import ServerConfig
+from services.common.tls import MeshTls
 
 log = logging.getLogger("genmesh.telemetry")
 
@@ -96,12 +97,16 @@ class Telemetry:
             return ()
         return (aio_server_interceptor(tracer_provider=self.provider, filter_=_UNTRACED),)
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        """An insecure channel whose calls carry the current trace context."""
-        if self.provider is None:
-            return grpc.aio.insecure_channel(address)
-        return grpc.aio.insecure_channel(address, interceptors=aio_client_interceptors(
+    def channel(self, address: str, tls: MeshTls | None = None) -> grpc.aio.Channel:
+        """A channel whose calls carry the current trace context: mutual TLS to Envoy
+        with ``tls`` (``tls.py``), else plaintext."""
+        interceptors = (None if self.provider is None else aio_client_interceptors(
             tracer_provider=self.provider, filter_=_CALLER_TRACED))
+        if tls is None:
+            return grpc.aio.insecure_channel(address, interceptors=interceptors)
+        return grpc.aio.secure_channel(address, tls.channel_credentials(),
+                                       options=tls.channel_options(),
+                                       interceptors=interceptors)
 
     def shutdown(self) -> None:
         """Send the spans still buffered (at most a few seconds)."""

@@ -29,6 +29,8 @@ from genmesh.v1 import (
 )
 from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
+from services.common.tls import MeshTls
+from services.common.tls import redis_url as redis_login
 from services.frontend import budget
 from services.frontend.admission import Admission, AdmissionPolicy
 from services.frontend.auth import AuthorizationServicer, KeyRing
@@ -101,21 +103,23 @@ def served(cfg: FrontendConfig) -> Served:
 async def run(cfg: FrontendConfig) -> None:
     telemetry = setup(settings_from("genmesh-frontend", cfg))
     what = served(cfg)
-    tokenizer_channel = telemetry.channel(cfg.tokenizer_address)
-    worker_channel = telemetry.channel(cfg.worker_address)
+    tls = MeshTls.of(cfg)
+    redis_url = None if what.redis_url is None else redis_login(cfg, what.redis_url)
+    tokenizer_channel = telemetry.channel(cfg.tokenizer_address, tls)
+    worker_channel = telemetry.channel(cfg.worker_address, tls)
     tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
     worker = worker_pb2_grpc.WorkerStub(worker_channel)
-    redis = (None if what.redis_url is None
-             else budget.redis_client(what.redis_url, timeout_s=cfg.redis_timeout_s))
+    redis = (None if redis_url is None
+             else budget.redis_client(redis_url, timeout_s=cfg.redis_timeout_s))
     budgets = (None if redis is None else budget.TokenBudgets(
         redis, timeout_s=cfg.redis_timeout_s, failure_mode=what.budget_failure_mode))
     admission = Admission(what.admission, budgets)
     safety_channel = (None if what.safety is None
-                      else telemetry.channel(cfg.safety_address))
+                      else telemetry.channel(cfg.safety_address, tls))
     safety = (None if safety_channel is None or what.safety is None
               else SafetyGate(safety_pb2_grpc.SafetyStub(safety_channel), what.safety))
     cache_channel = (None if what.cache is None
-                     else telemetry.channel(cfg.cache_address))
+                     else telemetry.channel(cfg.cache_address, tls))
     cache = (None if cache_channel is None or what.cache is None
              else ResponseCache(cache_pb2_grpc.CacheStub(cache_channel), what.cache))
     detokenizers = choose(cfg.detokenize, store_root=Path(cfg.model_store)
@@ -130,8 +134,8 @@ async def run(cfg: FrontendConfig) -> None:
                            worker=worker, rpc_timeout_s=cfg.rpc_timeout_s)
     # Jobs get a client of their own: their reads block up to a second, longer than the
     # budget client's timeout allows.
-    jobs_client = (None if what.redis_url is None else aioredis.Redis.from_url(
-        what.redis_url, socket_timeout=JOBS_SOCKET_TIMEOUT_S,
+    jobs_client = (None if redis_url is None else aioredis.Redis.from_url(
+        redis_url, socket_timeout=JOBS_SOCKET_TIMEOUT_S,
         socket_connect_timeout=cfg.redis_timeout_s))
     jobs = (None if jobs_client is None else JobQueue(
         jobs_client, what.jobs, consumer=f"{socket.gethostname()}-{os.getpid()}-"
@@ -167,7 +171,7 @@ async def run(cfg: FrontendConfig) -> None:
         generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
         authz_grpc.add_AuthorizationServicer_to_server(authorization, server)
 
-    await serve(name="genmesh.frontend", address=cfg.address, register=register,
+    await serve(tls=tls, name="genmesh.frontend", address=cfg.address, register=register,
                 service_names=[generation_pb2.DESCRIPTOR.services_by_name["Generation"]
                                .full_name,
                                authz_pb2.DESCRIPTOR.services_by_name["Authorization"]

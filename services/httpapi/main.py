@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import ssl
 import sys
 from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
 
+from genmesh.security import pki
 from genmesh.v1 import generation_pb2_grpc
 from services.common.server import run_service
 from services.common.telemetry import settings_from, setup
+from services.common.tls import MeshTls
 from services.httpapi.app import HttpApi
 from services.httpapi.config import HttpApiConfig
 
@@ -49,7 +52,8 @@ class _DrainingServer(uvicorn.Server):
 
 async def run(cfg: HttpApiConfig) -> None:
     telemetry = setup(settings_from("genmesh-httpapi", cfg))
-    channel = telemetry.channel(cfg.frontend_address)
+    tls = MeshTls.of(cfg)
+    channel = telemetry.channel(cfg.frontend_address, tls)
     api = HttpApi(generation_pb2_grpc.GenerationStub(channel), max_request_s=cfg.max_request_s,
                   max_body_bytes=cfg.max_body_bytes)
     server = _DrainingServer(uvicorn.Config(
@@ -57,7 +61,13 @@ async def run(cfg: HttpApiConfig) -> None:
         log_config=None, timeout_graceful_shutdown=int(cfg.shutdown_grace_s),
         # Envoy keeps its upstream connections open; a longer keep-alive than its idle
         # timeout avoids resets on reuse.
-        timeout_keep_alive=75), api)
+        timeout_keep_alive=75,
+        # With the mesh's secrets: this service's certificate, and a handshake only with
+        # a client holding one of gateway-ca (Envoy), as the gRPC services do.
+        ssl_keyfile=None if tls is None else str(tls.secrets.key(tls.identity)),
+        ssl_certfile=None if tls is None else str(tls.secrets.cert(tls.identity)),
+        ssl_ca_certs=None if tls is None else str(tls.secrets.ca(pki.GATEWAY_CA)),
+        ssl_cert_reqs=ssl.CERT_NONE if tls is None else ssl.CERT_REQUIRED), api)
     try:
         await server.serve()
     finally:

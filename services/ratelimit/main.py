@@ -11,6 +11,7 @@ from pathlib import Path
 from genmesh.rls.v3 import rls_pb2, rls_pb2_grpc
 from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
+from services.common.tls import MeshTls, redis_url
 from services.ratelimit.config import RatelimitConfig
 from services.ratelimit.counters import CountersUnavailableError, RedisCounters
 from services.ratelimit.limiter import RateLimiter
@@ -29,12 +30,12 @@ async def run(cfg: RatelimitConfig) -> None:
     current = limits.current()
     log.info("limits loaded", extra={"path": cfg.limits_file, "domain": current.domain,
                                      "num_limits": current.num_limits})
-    counters = RedisCounters.from_url(cfg.redis_url, timeout_s=cfg.redis_timeout_s)
+    counters = RedisCounters.from_url(redis_url(cfg, cfg.redis_url), timeout_s=cfg.redis_timeout_s)
     # Serve even without Redis (logged): calls answer UNAVAILABLE until it is up.
     with contextlib.suppress(CountersUnavailableError):
         await counters.ping()
     servicer = RateLimitServicer(RateLimiter(limits=limits, counters=counters))
-    await serve(name="genmesh.ratelimit", address=cfg.address,
+    await serve(tls=MeshTls.of(cfg), name="genmesh.ratelimit", address=cfg.address,
                 register=lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
                     servicer, s),
                 service_names=[SERVICE_NAME], grace_s=cfg.shutdown_grace_s,

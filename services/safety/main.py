@@ -11,6 +11,7 @@ import torch
 from genmesh.v1 import safety_pb2, safety_pb2_grpc
 from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
+from services.common.tls import MeshTls, redis_url
 from services.safety.audit import AuditLog, AuditStore, JsonlAuditStore, RedisAuditStore
 from services.safety.checker import PromptChecker
 from services.safety.classifier import load_or_train
@@ -24,7 +25,7 @@ log = logging.getLogger("genmesh.safety")
 
 def audit_store(cfg: SafetyConfig) -> AuditStore | None:
     if cfg.audit_redis_url:
-        return RedisAuditStore(cfg.audit_redis_url)
+        return RedisAuditStore(redis_url(cfg, cfg.audit_redis_url))
     if cfg.audit_file:
         return JsonlAuditStore(Path(cfg.audit_file))
     return None
@@ -46,7 +47,7 @@ async def run(cfg: SafetyConfig) -> None:
         "path": cfg.policy_file, "tenants": sorted(policy_file.policies.tenants),
         "embedding": embedder is not None, "classifier": classifier is not None,
         "audit": "redis" if cfg.audit_redis_url else cfg.audit_file or "off"})
-    await serve(name="genmesh.safety", address=cfg.address,
+    await serve(tls=MeshTls.of(cfg), name="genmesh.safety", address=cfg.address,
                 register=lambda s: safety_pb2_grpc.add_SafetyServicer_to_server(servicer, s),
                 service_names=[safety_pb2.DESCRIPTOR.services_by_name["Safety"].full_name],
                 grace_s=cfg.shutdown_grace_s, on_stop=telemetry.flush_after(guard.close),

@@ -9,6 +9,7 @@ from genmesh.core.models.store import ModelStore, default_store_root
 from genmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
+from services.common.tls import MeshTls
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.registry import TokenizerRegistry
 from services.tokenizer.servicer import TokenizerServicer
@@ -27,7 +28,7 @@ async def run(cfg: TokenizerConfig) -> None:
                                             "eos_token_ids": list(t.eos_token_ids)})
     servicer = TokenizerServicer(registry, max_text_chars=cfg.max_text_chars,
                                  max_chat_messages=cfg.max_chat_messages)
-    await serve(name="genmesh.tokenizer", address=cfg.address,
+    await serve(tls=MeshTls.of(cfg), name="genmesh.tokenizer", address=cfg.address,
                 register=lambda s: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(
                     servicer, s),
                 service_names=[tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name],

@@ -11,6 +11,7 @@ from genmesh.core.models.store import ModelStore, default_store_root
 from genmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.common.server import run_service, serve
 from services.common.telemetry import settings_from, setup
+from services.common.tls import MeshTls, redis_url
 from services.worker.config import WorkerConfig
 from services.worker.engine.api import create_engine
 from services.worker.engine.config import EngineConfig
@@ -59,7 +60,7 @@ async def run(cfg: WorkerConfig) -> None:
     engine = create_engine(engine_config(cfg, model_path, draft_path),
                            core_process=cfg.engine_process,
                            on_core_exit=core_exited)
-    records = RecordSink(cfg.record_redis_url) if cfg.record_redis_url else None
+    records = RecordSink(redis_url(cfg, cfg.record_redis_url)) if cfg.record_redis_url else None
     gpus = Nvml.open() if cfg.metrics_port and cfg.is_gpu else None
     metrics, refresher = None, None
     if cfg.metrics_port:
@@ -83,7 +84,7 @@ async def run(cfg: WorkerConfig) -> None:
         if records is not None:
             await records.close()
 
-    await serve(name="genmesh.worker", address=cfg.address,
+    await serve(tls=MeshTls.of(cfg), name="genmesh.worker", address=cfg.address,
                 register=lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
                 service_names=[worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
                 grace_s=cfg.shutdown_grace_s, on_stop=telemetry.flush_after(stop_engine),

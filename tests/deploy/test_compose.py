@@ -34,6 +34,7 @@ from genmesh.core import deployment as deploy
 from genmesh.core.deployment import Deployment
 from genmesh.launcher import prometheus
 from genmesh.launcher.plan import MeshConfig
+from genmesh.security import pki
 from tests.deploy.test_dockerfiles import (
     DOCKERFILE,
     GPU_DOCKERFILE,
@@ -56,6 +57,12 @@ VERSION = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["
 STORE_VARIABLE = "GENMESH_MODEL_STORE"  # genmesh/core/models/store.py:default_store_root
 DEPLOYMENT_MOUNT = "/etc/genmesh/deployment.yaml"
 SECRET_NAME = re.compile(r"(?:^|_)(?:KEY|PASSWORD|SECRET|TOKEN)$")
+SECRETS_DIR = "/etc/genmesh/secrets"  # the deployment's security.secrets_dir
+# Each container's mesh identity: every worker version is "worker".
+IDENTITY = {"envoy": "envoy", "frontend": "frontend", "httpapi": "httpapi",
+            "tokenizer": "tokenizer", "safety": "safety", "cache": "cache",
+            "ratelimit": "ratelimit", "worker": "worker", "worker-candidate": "worker",
+            "worker-gpu": "worker", "worker-candidate-gpu": "worker"}
 
 
 # ---- helpers (tests/deploy/test_k8s.py uses them too) -------------------------------------
@@ -77,6 +84,13 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
             return arg or ""
         return value or ""
     return _INTERPOLATION.sub(one, str(text))
+
+
+def tls_probe(port: int, *, name: str, secrets_dir: str) -> list[str]:
+    """probe.py's arguments that check, from a service's own container, that its port
+    serves TLS as the identity ``name`` (a health call needs Envoy's certificate)."""
+    return ["tls", f"127.0.0.1:{port}", "--ca", f"{secrets_dir}/{pki.SERVICE_CA}.pem",
+            "--name", name]
 
 
 def interpolated_names(text: str) -> set[str]:
@@ -291,19 +305,19 @@ def test_service_ports_are_the_deployments_and_the_launchers():
                                                               True)
 
 
-def test_http_api_calls_the_frontend_and_envoy_probes_what_compose_probes():
+def test_http_api_calls_the_frontend_through_the_mesh_and_envoy_probes_its_health():
     """The HTTP API (HTTP/1.1, behind the edge's /v1/): its own image and entry module, the
-    frontend's own address (not Envoy's: the edge has already checked the key), started
-    once the frontend is healthy, its health checked on GET /healthz by Docker and by
-    Envoy alike, and given longer than its drain to stop."""
+    frontend through Envoy's mesh listener (a frontend admits Envoy alone; the edge has
+    already checked the key), started once the frontend is healthy, its HTTPS port
+    checked by Docker (it serves TLS as the HTTP API) and its GET /healthz by Envoy, and
+    given longer than its drain to stop."""
     service = SERVICES["httpapi"]
     assert service["build"] == {"context": ".", "dockerfile": "deploy/docker/Dockerfile",
                                 "target": "httpapi"}
     assert service["image"] == "genmesh/httpapi:${IMAGE_TAG:-0.1.0}"
     assert entrypoint_and_command(service) == ["python", "-m", "services.httpapi.main"]
     cfg = _config("httpapi")
-    [(frontend_host, frontend_port)] = DEP.services.frontend
-    assert cfg.frontend_address == f"{frontend_host}:{frontend_port}" == "frontend:50051"
+    assert cfg.frontend_address == f"envoy:{DEP.gateway.mesh_port}" == "envoy:8081"
     assert (cfg.host, cfg.port, cfg.metrics_port) == (
         "0.0.0.0", DEFAULTS.httpapi_port, DEFAULTS.httpapi_metrics_port)
     assert DEP.services.httpapi == (("httpapi", cfg.port),)
@@ -312,8 +326,8 @@ def test_http_api_calls_the_frontend_and_envoy_probes_what_compose_probes():
     assert service["depends_on"] == {"frontend": {"condition": "service_healthy"}}
     health_path = HTTP_HEALTH_PATHS["services.httpapi.main"]
     assert service["healthcheck"]["test"] == [
-        "CMD", "python", "/app/deploy/docker/probe.py", "http",
-        f"http://127.0.0.1:{cfg.port}{health_path}"]
+        "CMD", "python", "/app/deploy/docker/probe.py",
+        *tls_probe(cfg.port, name="httpapi", secrets_dir=SECRETS_DIR)]
     [envoy_cluster] = [c for c in clusters(DEP) if c["name"] == "httpapi"]
     [envoy_check] = envoy_cluster["health_checks"]
     assert envoy_check["http_health_check"]["path"] == health_path
@@ -322,7 +336,8 @@ def test_http_api_calls_the_frontend_and_envoy_probes_what_compose_probes():
         "address": "httpapi", "port_value": cfg.port}
     grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
     assert grace is not None and int(grace.group(1)) > cfg.shutdown_grace_s
-    # No keys, no files: the edge stamps the tenant, the frontend holds the rest.
+    # No API keys, no files but its own certificate: the edge stamps the tenant, the
+    # frontend holds the rest.
     assert "volumes" not in service
     assert not [k for k in service["environment"] if SECRET_NAME.search(k)]
 
@@ -475,16 +490,24 @@ def test_health_checks_probe_each_services_own_port():
         argv = service["healthcheck"]["test"]
         assert argv[0] == "CMD" and argv[2] == "/app/deploy/docker/probe.py", name
         module = runs_module(service)
-        if module in SERVICE_PORTS:
-            assert argv[3:] == health_probe(module, _config(name).port), name
+        if module in SERVICE_PORTS:  # a genmesh service: its port serves TLS as itself
+            port = _config(name).port
+            assert argv[3:] == tls_probe(port, name=IDENTITY[name], secrets_dir=SECRETS_DIR)
+            # The image's own HEALTHCHECK (plaintext kinds, which probe.py turns into
+            # the same TLS check where the service has secrets) probes the same port
+            # wherever compose keeps the image's ports.
+            image_env = image_stage(service).env
+            if all(image_env.get(k) == v for k, v in effective_env(service).items()
+                   if k.endswith("_PORT")):
+                assert healthcheck_argv(image_stage(service))[2:] == health_probe(
+                    module, port), name
         else:
             assert argv[3:] == ["http", f"http://127.0.0.1:{DEP.gateway.admin_port}/ready"]
-        image_env = image_stage(service).env
-        if all(image_env.get(k) == v for k, v in effective_env(service).items()
-               if k.endswith("_PORT")):  # the image's own ports: its own probe
-            assert argv[1:] == healthcheck_argv(image_stage(service)), name
-    for name in ("redis", "prometheus"):
-        assert SERVICES[name]["healthcheck"]["test"][0] == "CMD", name
+            assert argv[1:] == healthcheck_argv(image_stage(service))
+    assert SERVICES["prometheus"]["healthcheck"]["test"][0] == "CMD"
+    # Redis without a user answers NOAUTH: up (a shell pipe, no password on the line).
+    assert SERVICES["redis"]["healthcheck"]["test"] == [
+        "CMD-SHELL", "redis-cli -p 6390 ping | grep -qE 'PONG|NOAUTH'"]
 
 
 def test_depends_on_names_real_services_with_meaningful_conditions():
@@ -527,9 +550,14 @@ def test_compose_deployment_renders_through_gateway_and_envoy_accepts_it(tmp_pat
     assert {c["type"] for c in clusters(DEP) if c["name"] != ADMIN_CLUSTER} == {"STRICT_DNS"}
     # The edge routes to the frontend and the HTTP API only; the mesh reaches every
     # internal service.
-    routed = validated_routes(DEP, tmp_path)
+    secrets = pki.ensure(tmp_path / "secrets")  # Envoy reads the files it is given
+    assert DEP.security.mtls and DEP.security.secrets_dir == SECRETS_DIR
+    dep = dataclasses.replace(DEP, security=dataclasses.replace(
+        DEP.security, secrets_dir=str(secrets.directory)))
+    routed = validated_routes(dep, tmp_path)
     assert routed["edge"] == {"frontend", "httpapi"}
-    assert routed["mesh"] == {"tokenizer", "safety", "cache", "worker-v1", "worker-v2"}
+    assert routed["mesh"] == {"tokenizer", "safety", "cache", "worker-v1", "worker-v2",
+                              "frontend"}  # the HTTP API's calls
 
 
 def validated_routes(dep: Deployment, tmp_path: Path) -> dict[str, set[str]]:
@@ -618,3 +646,58 @@ def test_compose_file_matches_the_compose_specification_schema():
         [str(CHECK_JSONSCHEMA), "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
         capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def mounted_secrets(service: dict[str, Any]) -> dict[str, str]:
+    """Target path -> the file of .secrets/ mounted there."""
+    files = COMPOSE["secrets"]
+    return {m["target"]: files[m["source"]]["file"] for m in service.get("secrets", [])}
+
+
+def test_each_container_mounts_only_its_own_key_and_never_a_ca_key(tmp_path):
+    """Envoy and every genmesh service mount their own certificate and key, both CAs'
+    certificates and their own Redis password, and set their secrets directory; no other
+    container holds a key or a password; every file is one `genmesh secrets init` makes."""
+    assert DEP.security.mtls and DEP.security.secrets_dir == SECRETS_DIR
+    services = {n for n, s in genmesh_services().items()
+                if (runs_module(s) or "").startswith("services.")}
+    assert set(IDENTITY) == services | {"envoy"}
+    for name, identity in IDENTITY.items():
+        expected = {f"{SECRETS_DIR}/{f}": f"./.secrets/{f}" for f in (
+            f"{identity}.pem", f"{identity}.key", "gateway-ca.pem", "service-ca.pem")}
+        if identity in pki.REDIS_KEYS:
+            expected[f"{SECRETS_DIR}/redis-{identity}.password"] = (
+                f"./.secrets/redis-{identity}.password")
+        assert mounted_secrets(SERVICES[name]) == expected, name
+        if name != "envoy":  # Envoy reads its directory from the deployment
+            [variable] = [k for k in SERVICES[name]["environment"]
+                          if k.endswith("_SECRETS_DIR")]
+            assert SERVICES[name]["environment"][variable] == SECRETS_DIR
+            assert _config(name).secrets_dir == SECRETS_DIR
+    for name in set(SERVICES) - set(IDENTITY):
+        assert not [f for f in mounted_secrets(SERVICES[name]).values()
+                    if f.endswith((".key", ".password"))], name
+    made = pki.ensure(tmp_path / "secrets").directory
+    declared = {spec["file"] for spec in COMPOSE["secrets"].values()}
+    assert all(f.startswith("./.secrets/") and "/ca/" not in f for f in declared)
+    assert all((made / f.removeprefix("./.secrets/")).is_file() for f in declared)
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".secrets/x.key"], cwd=REPO_ROOT,
+                             check=False).returncode
+    assert ignored == 0, ".secrets/ must be ignored by git"
+
+
+def test_redis_has_no_default_user_and_reads_the_acl_file_from_secrets():
+    """Redis loads the ACL file (default user off, one user per service) from its only
+    secret; the services that use it log in as themselves, so their URLs name no user."""
+    redis = SERVICES["redis"]
+    argv = redis["command"]
+    acl = argv[argv.index("--aclfile") + 1]
+    assert mounted_secrets(redis) == {acl: "./.secrets/redis-users.acl"}
+    assert "requirepass" not in " ".join(argv)
+    made = pki.redis_acl({u: "x" for u in pki.REDIS_KEYS})
+    assert made.splitlines()[0] == "user default off"
+    for name, service in genmesh_services().items():
+        for key, value in effective_env(service).items():
+            if key.endswith("_REDIS_URL"):
+                assert value.startswith("redis://redis:") and "@" not in value, (name, key)
+                assert IDENTITY[name] in pki.REDIS_KEYS, name

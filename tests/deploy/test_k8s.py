@@ -34,9 +34,11 @@ from gateway import ratelimits
 from gateway.envoy import build_bootstrap, clusters, render
 from gateway.metrics import ADMIN_CLUSTER
 from genmesh.commands import gateway as gateway_command
+from genmesh.commands import secrets as secrets_command
 from genmesh.core import deployment as deploy
 from genmesh.core.deployment import Deployment
 from genmesh.launcher.plan import MeshConfig
+from genmesh.security import pki
 from tests.deploy.test_compose import (
     LAUNCHER_WORKER_PORTS,
     check_service_env,
@@ -44,6 +46,7 @@ from tests.deploy.test_compose import (
     deployment_variables,
     load_deployment,
     route_clusters,
+    tls_probe,
     validated_routes,
 )
 from tests.deploy.test_dockerfiles import (
@@ -67,6 +70,10 @@ SECRET = "genmesh-api-keys"  # created by the user (README), never in a file her
 DEP = load_deployment(DEPLOYMENT_FILE)
 DEFAULTS = MeshConfig()
 VERSION = "0.1.0"
+# Each mesh workload's identity (its certificate, its Secret genmesh-secrets-<identity>).
+IN_CLUSTER = {"envoy": "envoy", "frontend": "frontend", "httpapi": "httpapi",
+              "tokenizer": "tokenizer", "safety": "safety", "cache": "cache",
+              "ratelimit": "ratelimit", "worker-v1": "worker", "worker-v2": "worker"}
 
 
 # ---- a small kustomize ---------------------------------------------------------------------
@@ -394,16 +401,22 @@ def test_probes_and_resources(overlay):
         ports = named_ports(container)
         for probe in ("readinessProbe", "livenessProbe"):
             assert probe in container, f"{name} has no {probe}"
-        if "grpc" in ports:  # a genmesh gRPC service: the standard health service, natively
+        if "grpc" in ports or "http" in ports:
+            # A genmesh service: probe.py in its container checks that the port serves
+            # TLS as the service (the kubelet's grpc and httpGet probes are plaintext, and
+            # a health call needs Envoy's certificate, which Envoy's own checks use); the
+            # GPU image's interpreter is python3.
+            port = ports.get("grpc", ports.get("http"))
+            python = "python3" if "worker-gpu" in container["image"] else "python"
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                 if probe in container:
-                    assert container[probe]["grpc"] == {"port": ports["grpc"]}, (name, probe)
-        elif "http" in ports:  # a genmesh HTTP service: GET its health path
-            path = HTTP_HEALTH_PATHS[entry_module(image_stage(container["image"])) or ""]
-            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-                if probe in container:
-                    assert container[probe]["httpGet"] == {"path": path, "port": "http"}, (
-                        name, probe)
+                    assert container[probe]["exec"]["command"] == [
+                        python, "/app/deploy/docker/probe.py",
+                        *tls_probe(port, name=IN_CLUSTER[name],
+                                   secrets_dir=DEP.security.secrets_dir)], (name, probe)
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            [variable] = [k for k in env if k.endswith("_SECRETS_DIR")]
+            assert env[variable] == DEP.security.secrets_dir, name
     envoy = main_container(workloads(objects)["envoy"])
     assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
     assert named_ports(envoy) == {"edge": DEP.gateway.edge_port, "mesh": DEP.gateway.mesh_port,
@@ -478,9 +491,13 @@ def test_gateway_renders_envoys_config_from_the_deployment_config_map(overlay, t
         (DEP.gateway.mesh_port, "mesh")]
     # gateway/ renders it, Envoy accepts it, and the edge reaches nothing but the frontend
     # and the HTTP API.
-    routed = validated_routes(DEP, tmp_path)
+    secrets = pki.ensure(tmp_path / "secrets")  # Envoy reads the files it is given
+    dep = dataclasses.replace(DEP, security=dataclasses.replace(
+        DEP.security, secrets_dir=str(secrets.directory)))
+    routed = validated_routes(dep, tmp_path)
     assert routed == {"edge": {"frontend", "httpapi"},
-                      "mesh": {"tokenizer", "safety", "cache", "worker-v1", "worker-v2"},
+                      "mesh": {"tokenizer", "safety", "cache", "worker-v1", "worker-v2",
+                               "frontend"},  # the HTTP API's calls
                       "metrics": {ADMIN_CLUSTER}}
 
 
@@ -585,9 +602,9 @@ def test_the_overlays_pick_the_engine(overlay):
 
 
 def test_http_api_calls_the_frontend_and_drains_within_its_grace(overlay):
-    """The HTTP API: the frontend's headless Service as its upstream (not Envoy's: the edge
-    has already checked the key), GET /healthz for the kubelet as for Envoy, longer to stop
-    than it takes to drain, and the frontend's resources and security settings."""
+    """The HTTP API: the frontend through Envoy's mesh listener (a frontend admits Envoy
+    alone), its own TLS port probed by the kubelet (Envoy probes GET /healthz), longer to
+    stop than it takes to drain, and the frontend's resources and security settings."""
     _, objects = overlay
     workload = workloads(objects)["httpapi"]
     frontend_workload = workloads(objects)["frontend"]
@@ -597,21 +614,21 @@ def test_http_api_calls_the_frontend_and_drains_within_its_grace(overlay):
     assert "command" not in container and "args" not in container  # the image's entry point
     cfg = service_config(objects, "httpapi")
     dep = mesh_deployment(objects)
-    [(frontend_host, frontend_port)] = dep.services.frontend
-    assert cfg.frontend_address == f"{frontend_host}:{frontend_port}" == "frontend:50051"
-    frontend_service = by_kind(objects, "Service")[frontend_host]
-    assert selects({"matchLabels": frontend_service["spec"]["selector"]},
-                   pod_labels(frontend_workload))
+    assert cfg.frontend_address == f"envoy-mesh:{dep.gateway.mesh_port}"
+    assert "envoy-mesh" in by_kind(objects, "Service")
     assert dep.services.httpapi == (("httpapi", cfg.port),)
-    # The kubelet and Envoy probe the same path; 503 while draining takes a pod out of both.
+    # Envoy probes the health path (503 while draining takes a pod out); the kubelet, which
+    # holds no certificate Envoy's CA signed, checks the port serves TLS as the HTTP API.
     path = HTTP_HEALTH_PATHS["services.httpapi.main"]
-    assert container["readinessProbe"]["httpGet"] == {"path": path, "port": "http"}
-    assert container["livenessProbe"]["httpGet"] == {"path": path, "port": "http"}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == [
+            "python", "/app/deploy/docker/probe.py",
+            *tls_probe(cfg.port, name="httpapi", secrets_dir=dep.security.secrets_dir)]
     [envoy_cluster] = [c for c in clusters(dep) if c["name"] == "httpapi"]
     [envoy_check] = envoy_cluster["health_checks"]
     assert envoy_check["http_health_check"]["path"] == path
-    # Stopping: preStop's sleep, then the service's drain, both within the pod's grace; a
-    # drain's 503s never add up to a liveness failure.
+    # Stopping: preStop's sleep, then the service's drain, both within the pod's grace; the
+    # liveness probe tolerates a whole drain.
     pod = pod_specs(workload)[0]
     sleep = container["lifecycle"]["preStop"]["exec"]["command"]
     assert sleep[0] == "sleep"
@@ -623,10 +640,12 @@ def test_http_api_calls_the_frontend_and_drains_within_its_grace(overlay):
     assert container["resources"] == frontend["resources"]
     assert container["securityContext"] == frontend["securityContext"]
     assert pod["securityContext"] == pod_specs(frontend_workload)[0]["securityContext"]
-    # No keys, no Redis, no model store: the edge stamps the tenant, the frontend does the rest.
+    # No API keys, no Redis, no model store: the edge stamps the tenant, the frontend does
+    # the rest; its own certificate and key only.
     assert not secret_refs(container)
     assert "genmesh.io/redis-client" not in pod_labels(workload)
-    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/tmp"]
+    assert [m["mountPath"] for m in container["volumeMounts"]] == [
+        DEP.security.secrets_dir, "/tmp"]
     annotations = workload["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true",
                            "prometheus.io/port": str(cfg.metrics_port)}
@@ -712,16 +731,17 @@ def _peer(peer: Mapping[str, Any], source: Pod, namespace: str) -> bool:
     return in_namespace and selects(peer.get("podSelector"), source.labels)
 
 
-def test_network_policies_let_only_the_gateway_and_the_http_api_reach_the_frontend_and_only_the_frontend_reach_internal_services(overlay):  # noqa: E501
+def test_network_policies_let_only_the_gateway_reach_the_frontend_and_internal_services(overlay):
     _, objects = overlay
     everyone = {p.name for p in _pods(objects)} - {"envoy"}
     internal = ("tokenizer", "safety", "cache", "ratelimit", "worker-v1", "worker-v2")
     expected = {
         ("envoy", "edge"): everyone,  # the public API
-        ("envoy", "mesh"): {"frontend"},  # the frontend's only way to internal services
+        # The frontend's only way to internal services, the HTTP API's to the frontend.
+        ("envoy", "mesh"): {"frontend", "httpapi"},
         ("envoy", "metrics"): {"prometheus"},  # GET /stats/prometheus and /ready only
         ("envoy", "admin"): set(),
-        ("frontend", "grpc"): {"envoy", "httpapi"},  # the HTTP API calls it directly
+        ("frontend", "grpc"): {"envoy"},  # it admits Envoy's certificate alone
         ("frontend", "metrics"): {"prometheus"},
         ("httpapi", "http"): {"envoy"},  # the edge's /v1/ routes
         ("httpapi", "metrics"): {"prometheus"},
@@ -743,7 +763,8 @@ def test_network_policies_let_only_the_gateway_and_the_http_api_reach_the_fronte
     routes = mesh["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
     clusters = {c for vh in routes["virtual_hosts"] for r in vh["routes"]
                 for c in route_clusters(r)}
-    assert clusters | {"ratelimit"} == set(internal)  # ratelimit: Envoy's own RLS calls
+    # ratelimit: Envoy's own RLS calls; the frontend: the HTTP API's calls.
+    assert clusters | {"ratelimit"} == {*internal, "frontend"}
 
 
 # ---- Envoy's admin stays in the pod, Prometheus scrapes its metrics listener ---------------
@@ -880,3 +901,43 @@ def test_the_admin_and_metrics_check_catches_each_mutation(overlay, mutation):
     MUTATIONS[mutation](mutated)  # outside pytest.raises: a mutation that no longer applies fails
     with pytest.raises(AssertionError):
         check_envoy_admin_is_closed_and_its_metrics_scraped(mutated)
+
+
+def test_each_pod_mounts_only_its_own_identitys_secret(overlay, tmp_path):
+    """Every mesh pod mounts the Secret of its own identity (and no other) read-only where
+    the deployment's security.secrets_dir says; `genmesh secrets k8s` makes those Secrets,
+    each with its identity's key and Redis password alone and never a CA key. Redis
+    mounts the ACL file alone; no other pod holds a secret of the mesh."""
+    _, objects = overlay
+    made = {s["metadata"]["name"]: s for s in secrets_command.k8s_secrets(
+        pki.ensure(tmp_path / "secrets"), NAMESPACE)}
+    assert not [s for s in made.values() if any(k.endswith("ca.key") for k in s["data"])]
+    for name, workload in workloads(objects).items():
+        pod = pod_specs(workload)[0]
+        secret_volumes = {v["name"]: v["secret"] for v in pod.get("volumes", [])
+                          if "secret" in v}
+        if name not in IN_CLUSTER:
+            assert name == "redis" or not secret_volumes, name
+            continue
+        identity = IN_CLUSTER[name]
+        [(volume, spec)] = secret_volumes.items()
+        assert spec["secretName"] == f"genmesh-secrets-{identity}", name
+        # 0440: the kubelet grants the pod's fsGroup read whatever the mode; others nothing.
+        assert spec["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"], name
+        [mount] = [m for m in main_container(workload)["volumeMounts"] if m["name"] == volume]
+        assert mount == {"name": volume, "mountPath": DEP.security.secrets_dir,
+                         "readOnly": True}, name
+        keys = set(made[spec["secretName"]]["data"])
+        assert {k for k in keys if k.endswith(".key")} == {f"{identity}.key"}
+        assert {k for k in keys if k.endswith(".password")} == (
+            {f"redis-{identity}.password"} if identity in pki.REDIS_KEYS else set())
+        assert {"gateway-ca.pem", "service-ca.pem", f"{identity}.pem"} <= keys
+    redis = workloads(objects)["redis"]
+    args = main_container(redis)["args"]
+    acl = Path(args[args.index("--aclfile") + 1])
+    [volume] = [v for v in pod_specs(redis)[0]["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "genmesh-redis-acl"
+    assert set(made["genmesh-redis-acl"]["data"]) == {acl.name}
+    [mount] = [m for m in main_container(redis)["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount == {"name": volume["name"], "mountPath": str(acl.parent), "readOnly": True}
+    assert "requirepass" not in " ".join(args)

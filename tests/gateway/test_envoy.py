@@ -14,15 +14,19 @@ from gateway.core import duration
 from gateway.envoy import build_bootstrap, envoy_binary, envoy_command, render, validate
 from genmesh.core import deployment
 from genmesh.core.deployment import Deployment
+from genmesh.security import pki
 
 GOLDEN = Path(__file__).parent / "golden" / "local.yaml"
 LOCAL = Path(__file__).parents[2] / "deploy" / "local.yaml"
 
 
 def local_config(*, safety: bool = True, cache: bool = True, httpapi: bool = True,
-                 **gateway) -> Deployment:
-    """deploy/local.yaml on its default ports, safety, cache and the HTTP API deployed too."""
+                 secrets_dir: str = "/etc/genmesh/secrets", **gateway) -> Deployment:
+    """deploy/local.yaml on its default ports, safety, cache and the HTTP API deployed too,
+    its secrets (mutual TLS) read from ``secrets_dir``."""
     dep = deployment.load(LOCAL, environ={})
+    dep = dataclasses.replace(dep, security=dataclasses.replace(dep.security,
+                                                                secrets_dir=secrets_dir))
     services = dataclasses.replace(
         dep.services, safety=(("127.0.0.1", 50054),) if safety else (),
         cache=(("127.0.0.1", 50055),) if cache else (),
@@ -53,22 +57,26 @@ def test_render_matches_golden_file():
 
 
 def test_envoy_accepts_the_rendered_config(tmp_path):
-    for cfg in (local_config(),
-                local_config(safety=False, cache=False, httpapi=False, access_log=False)):
+    secrets = str(pki.ensure(tmp_path / "secrets").directory)  # Envoy reads the files
+    for cfg in (local_config(secrets_dir=secrets),
+                local_config(safety=False, cache=False, httpapi=False, access_log=False,
+                             secrets_dir=secrets)):
         path = tmp_path / "envoy.yaml"
         path.write_text(render(cfg))
         validate(path)
 
 
 def test_envoy_rejects_a_broken_config_with_its_reason(tmp_path):
+    secrets = str(pki.ensure(tmp_path / "secrets").directory)
     path = tmp_path / "envoy.yaml"
-    path.write_text(render(local_config()).replace("cluster: tokenizer", "cluster: tokeniser"))
+    path.write_text(render(local_config(secrets_dir=secrets)).replace(
+        "cluster: tokenizer", "cluster: tokeniser"))
     with pytest.raises(ValueError, match="unknown cluster 'tokeniser'") as error:
         validate(path)
     assert str(path) in str(error.value)
     assert "[critical]" not in str(error.value)  # Envoy's words, not its log prefix
 
-    path.write_text(render(local_config()).replace("codec_type:", "codec_typo:"))
+    path.write_text(render(local_config(secrets_dir=secrets)).replace("codec_type:", "codec_typo:"))
     with pytest.raises(ValueError, match="no such field: 'codec_typo'"):
         validate(path)
 
@@ -86,7 +94,8 @@ def test_edge_serves_health_and_reflection_then_tenants_then_anonymous_callers()
 
 def test_safety_and_cache_are_routed_only_when_configured():
     full = build_bootstrap(local_config())
-    assert prefixes(full, "mesh")[-3:] == ["/genmesh.v1.Safety/", "/genmesh.v1.Cache/", "/"]
+    assert prefixes(full, "mesh")[-4:] == ["/genmesh.v1.Safety/", "/genmesh.v1.Cache/",
+                                           "/genmesh.v1.Generation/", "/"]
     bootstrap = build_bootstrap(local_config(safety=False, cache=False, httpapi=False))
     assert "/genmesh.v1.Safety/" not in prefixes(bootstrap, "mesh")
     cluster_names = [c["name"] for c in bootstrap["static_resources"]["clusters"]]
@@ -141,7 +150,7 @@ def test_only_the_edge_limits_request_bodies():
         "edge": ["envoy.filters.http.body_size_limit", "envoy.filters.http.ext_authz",
                  "genmesh.local_ratelimit.dev", "envoy.filters.http.ratelimit",
                  "envoy.filters.http.router"],
-        "mesh": ["envoy.filters.http.router"],
+        "mesh": ["envoy.filters.http.rbac", "envoy.filters.http.router"],
     }
     assert "max_request_bytes: 1024" in yaml.safe_dump(bootstrap)
 

@@ -41,6 +41,7 @@ from genmesh.launcher.ports import free_ports
 from genmesh.launcher.probes import HttpReady
 from genmesh.launcher.supervisor import Supervisor
 from genmesh.rollout_report import compare
+from genmesh.security import clients, pki
 from genmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.frontend.budget import budget_key
 from tests.procs import launched
@@ -59,6 +60,7 @@ def deployment_yaml() -> dict:
         "services": {"frontend": ["127.0.0.1:3"], "tokenizer": ["127.0.0.1:4"],
                      "ratelimit": ["127.0.0.1:5"], "cache": ["127.0.0.1:7"]},
         "redis_url": "redis://127.0.0.1:6/0",
+        "security": {"mtls": True},  # the launcher makes the secrets in the run directory
         "rollout": {"primary": "v1", "candidate": "v2"},
         "tenants": {
             "alpha": {"api_keys": [KEYS["alpha"]], "requests_per_second": 3},
@@ -88,8 +90,22 @@ class GatewayMesh:
         return Client(address or self.config.edge_address, timeout_s=60,
                       api_key=KEYS[tenant])
 
+    @property
+    def secrets(self) -> pki.Secrets:
+        return pki.Secrets(self.config.secrets_dir)
+
+    @property
+    def redis_url(self) -> str:  # as the operator: the mesh's Redis has a user per service
+        assert self.dep.redis_url is not None
+        return pki.login(self.dep.redis_url, self.secrets, pki.OPERATOR)
+
+    def mesh_channel(self, address: str | None = None) -> grpc.Channel:
+        """Envoy's mesh listener as the frontend (what RBAC lets call the workers)."""
+        return clients.channel(address or self.config.mesh_address, self.secrets,
+                               identity="frontend", peer=pki.GATEWAY)
+
     def worker_stub(self) -> tuple[grpc.Channel, worker_pb2_grpc.WorkerStub]:
-        channel = grpc.insecure_channel(self.config.mesh_address)
+        channel = self.mesh_channel()
         return channel, worker_pb2_grpc.WorkerStub(channel)
 
 
@@ -250,7 +266,7 @@ def test_concurrent_requests_never_exceed_the_token_budget_and_unused_is_refunde
     prompt_tokens = min(admitted) - max_tokens  # the prompts are within a token of each other
     assert len(admitted) * (prompt_tokens + max_tokens) <= BUDGET + len(admitted)
     # Every request has ended: what stays charged is exactly what was used.
-    client = redis.Redis.from_url(gw.dep.redis_url, decode_responses=True)
+    client = redis.Redis.from_url(gw.redis_url, decode_responses=True)
     window = int(time.time()) // 60 * 60
     used = int(client.hget(budget_key("gamma", window), "used") or 0)
     client.close()
@@ -306,7 +322,7 @@ def test_shadow_gets_its_share_callers_see_only_the_primary_and_a_down_shadow_co
         assert abs(mirrored / n - 0.25) <= 0.05, mirrored
 
         # The shadow's answers are recorded against the primary's, by request id.
-        report = compare(read_records(gw.dep.redis_url, 5000))
+        report = compare(read_records(gw.redis_url, 5000))
         assert report["num_pairs"] >= 0.8 * mirrored
         assert 0.0 <= report["token_agreement"] <= 1.0
 
@@ -422,7 +438,7 @@ def test_a_shared_prompt_prefix_keeps_reaching_the_same_replica(gw, tmp_path):
         rollout=Rollout(primary="v1"))
     with replica(two_replicas, tmp_path) as second:
         time.sleep(1.5)  # both replicas pass their first health check
-        channel = grpc.insecure_channel(f"127.0.0.1:{second.gateway.mesh_port}")
+        channel = gw.mesh_channel(f"127.0.0.1:{second.gateway.mesh_port}")
         stub = worker_pb2_grpc.WorkerStub(channel)
 
         def replica_for(key: str) -> str:

@@ -23,6 +23,7 @@ from genmesh.core.deployment import (
     Services,
     check,
 )
+from genmesh.security import pki
 from tests.gateway.test_envoy import local_config, routes_of
 from tests.gateway.test_envoy_e2e import running_envoy, wait_until
 from tests.procs import free_port
@@ -77,7 +78,8 @@ def test_without_a_metrics_port_there_is_no_metrics_listener_and_no_way_to_admin
 
 
 def test_envoy_accepts_the_metrics_listener_in_both_renderings(tmp_path):
-    cfg = local_config(host="0.0.0.0", metrics_port=9902)
+    secrets = str(pki.ensure(tmp_path / "secrets").directory)  # Envoy reads the files
+    cfg = local_config(host="0.0.0.0", metrics_port=9902, secrets_dir=secrets)
     path = tmp_path / "envoy.yaml"
     path.write_text(render(cfg))
     validate(path)

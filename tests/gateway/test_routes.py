@@ -19,7 +19,9 @@ LOCAL = Path(__file__).parents[2] / "deploy" / "local.yaml"
 
 
 def local() -> deployment.Deployment:
-    return deployment.load(LOCAL, environ={})
+    dep = deployment.load(LOCAL, environ={})
+    return dataclasses.replace(dep, security=dataclasses.replace(
+        dep.security, secrets_dir="/etc/genmesh/secrets"))
 
 
 def test_tenant_routes_match_the_checked_tenant_drop_the_keys_and_carry_the_limits():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,10 +16,24 @@ from gateway.envoy import envoy_command, render, validate
 from genmesh import cli
 from genmesh.commands import gateway as gateway_command
 from genmesh.core import deployment as deploy
+from genmesh.security import pki
 from tests.procs import REPO_ROOT
 
-COMPOSE_DEPLOYMENT = REPO_ROOT / "deploy" / "compose" / "deployment.yaml"
-K8S_DEPLOYMENT = REPO_ROOT / "deploy" / "k8s" / "base" / "mesh-deployment.yaml"
+# Envoy's validation reads the certificate files a deployment names (a container mounts
+# them at its security.secrets_dir): the descriptions as they are, reading real files.
+_SECRETS = pki.ensure(Path(tempfile.mkdtemp(prefix="genmesh-test-secrets-")) / "secrets")
+
+
+def _with_secrets(path: Path) -> Path:
+    raw = yaml.safe_load(path.read_text())
+    raw["security"]["secrets_dir"] = str(_SECRETS.directory)
+    copy = _SECRETS.directory.parent / path.name
+    copy.write_text(yaml.safe_dump(raw))
+    return copy
+
+
+COMPOSE_DEPLOYMENT = _with_secrets(REPO_ROOT / "deploy" / "compose" / "deployment.yaml")
+K8S_DEPLOYMENT = _with_secrets(REPO_ROOT / "deploy" / "k8s" / "base" / "mesh-deployment.yaml")
 KEY = "testdevkey0123456789"
 
 

@@ -7,7 +7,6 @@ import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 
 from genmesh.cli import main as genmesh
@@ -28,13 +27,13 @@ def fresh_prompt() -> str:
 
 
 def generated_tokens(mesh) -> int:
-    with grpc.insecure_channel(mesh.worker_address) as ch:
+    with mesh.service_channel("worker") as ch:
         return worker_pb2_grpc.WorkerStub(ch).GetStats(worker_pb2.GetStatsRequest(),
                                                        timeout=5).generated_tokens
 
 
 def cache_stats(mesh) -> cache_pb2.CacheStats:
-    with grpc.insecure_channel(mesh.cache_address) as ch:
+    with mesh.service_channel("cache") as ch:
         return cache_pb2_grpc.CacheStub(ch).GetStats(cache_pb2.CacheStatsRequest(), timeout=5)
 
 
@@ -124,10 +123,11 @@ def test_genmesh_cache_stats_and_invalidate_a_tenant(mesh, capsys):
     with Client(mesh.edge_address, timeout_s=120, api_key=OTHER_API_KEY) as other:
         other.generate(prompt, max_tokens=6)
         assert other.generate(prompt, max_tokens=6).usage.response_cached
-        address = mesh.config.mesh_address
-        assert genmesh(["cache", "invalidate", "--tenant", "other", "--address", address]) == 0
+        address = ["--address", mesh.config.mesh_address,
+                   "--secrets-dir", str(mesh.config.secrets_dir)]
+        assert genmesh(["cache", "invalidate", "--tenant", "other", *address]) == 0
         assert "removed" in capsys.readouterr().out
         assert not other.generate(prompt, max_tokens=6).usage.response_cached
-    assert genmesh(["cache", "stats", "--address", address]) == 0
+    assert genmesh(["cache", "stats", *address]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["store"] == "redis" and int(stats["numHits"]) > 0

@@ -40,13 +40,13 @@ def client(mesh):
 
 def engine_greedy(mesh, model_dir, messages: list[dict[str, str]], max_tokens: int) -> str:
     """The worker's own greedy answer for a conversation, detokenized locally."""
-    with grpc.insecure_channel(mesh.tokenizer_address) as ch:
+    with mesh.service_channel("tokenizer") as ch:
         ids = tokenizer_pb2_grpc.TokenizerStub(ch).ApplyChatTemplate(
             tokenizer_pb2.ChatTemplateRequest(
                 model=mesh.model, add_generation_prompt=True,
                 messages=[tokenizer_pb2.ChatMessage(**m) for m in messages]),
             timeout=30).token_ids
-    with grpc.insecure_channel(mesh.worker_address) as ch:
+    with mesh.service_channel("worker") as ch:
         out = [t for r in worker_pb2_grpc.WorkerStub(ch).Generate(
             worker_pb2.WorkerGenerateRequest(
                 prompt_ids=ids, params=common_pb2.SamplingParams(max_tokens=max_tokens)),
@@ -56,7 +56,7 @@ def engine_greedy(mesh, model_dir, messages: list[dict[str, str]], max_tokens: i
 
 
 def worker_stats(mesh) -> worker_pb2.WorkerStats:
-    with grpc.insecure_channel(mesh.worker_address) as ch:
+    with mesh.service_channel("worker") as ch:
         return worker_pb2_grpc.WorkerStub(ch).GetStats(worker_pb2.GetStatsRequest(), timeout=5)
 
 
@@ -270,13 +270,13 @@ def test_closing_a_stream_early_aborts_the_worker_request(mesh, client):
 def engine_tokens(mesh, messages: list[dict[str, str]], params: common_pb2.SamplingParams
                   ) -> list[common_pb2.TokenLogprob]:
     """The worker's own tokens (with their logprobs) for a conversation, asked directly."""
-    with grpc.insecure_channel(mesh.tokenizer_address) as ch:
+    with mesh.service_channel("tokenizer") as ch:
         ids = tokenizer_pb2_grpc.TokenizerStub(ch).ApplyChatTemplate(
             tokenizer_pb2.ChatTemplateRequest(
                 model=mesh.model, add_generation_prompt=True,
                 messages=[tokenizer_pb2.ChatMessage(**m) for m in messages]),
             timeout=30).token_ids
-    with grpc.insecure_channel(mesh.worker_address) as ch:
+    with mesh.service_channel("worker") as ch:
         return [lp for r in worker_pb2_grpc.WorkerStub(ch).Generate(
             worker_pb2.WorkerGenerateRequest(prompt_ids=ids, params=params), timeout=60)
             for lp in r.logprobs]

@@ -24,6 +24,7 @@ from genmesh.launcher.plan import DEPLOYMENT_FILE, PORT_FIELDS, MeshConfig
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.probes import RedisPing
 from genmesh.launcher.supervisor import Supervisor
+from genmesh.security import clients, pki
 from genmesh.v1 import (
     cache_pb2,
     cache_pb2_grpc,
@@ -53,6 +54,14 @@ class JobsMesh:
     def client(self, **kwargs: object) -> Client:
         return Client(self.edge, timeout_s=120, **kwargs)  # type: ignore[arg-type]
 
+    @property
+    def secrets(self) -> pki.Secrets:
+        return pki.Secrets(self.config.secrets_dir)
+
+    def as_envoy(self, address: str, peer: str = "frontend") -> grpc.Channel:
+        """A channel to a service's own port as Envoy, the only caller it admits."""
+        return clients.channel(address, self.secrets, identity=pki.GATEWAY, peer=peer)
+
     def start_frontend(self, port: int, log: Path) -> subprocess.Popen:
         """One more frontend of the mesh (not behind Envoy's edge: called directly)."""
         mesh = self.config.mesh_address
@@ -61,9 +70,11 @@ class JobsMesh:
                 [sys.executable, "-m", "services.frontend.main", "--port", str(port),
                  "--tokenizer-address", mesh, "--worker-address", mesh,
                  "--safety-address", mesh, "--cache-address", mesh,
-                 "--deployment-file", str(self.config.run_dir / DEPLOYMENT_FILE)],
+                 "--deployment-file", str(self.config.run_dir / DEPLOYMENT_FILE),
+                 "--secrets-dir", str(self.config.secrets_dir)],
                 cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
-        wait_serving(f"127.0.0.1:{port}", proc=proc)
+        wait_serving(f"127.0.0.1:{port}", proc=proc,
+                     channel=self.as_envoy(f"127.0.0.1:{port}"))
         self.extra.append(proc)
         return proc
 
@@ -140,8 +151,9 @@ def test_a_cancelled_job_stays_cancelled(jobs_mesh):
         assert client.cancel_job(job.job_id).state == "cancelled"  # ended: unchanged
 
 
-def job_stub(address: str) -> tuple[grpc.Channel, generation_pb2_grpc.GenerationStub]:
-    channel = grpc.insecure_channel(address)
+def job_stub(mesh: JobsMesh, address: str
+             ) -> tuple[grpc.Channel, generation_pb2_grpc.GenerationStub]:
+    channel = mesh.as_envoy(address)
     return channel, generation_pb2_grpc.GenerationStub(channel)
 
 
@@ -152,7 +164,7 @@ def test_100_jobs_finish_once_while_frontends_are_killed_at_random(jobs_mesh, tm
     tenant = ((metadata.TENANT, "dev"),)  # what Envoy would set: these are called directly
     job_ids = [f"chaos-{uuid.uuid4().hex[:6]}-{i}" for i in range(100)]
     for i, job_id in enumerate(job_ids):
-        channel, stub = job_stub(f"127.0.0.1:{ports[i % 2]}")
+        channel, stub = job_stub(jobs_mesh, f"127.0.0.1:{ports[i % 2]}")
         with channel:
             stub.SubmitJob(generation_pb2.SubmitJobRequest(
                 job_id=job_id, request=generation_pb2.GenerateRequest(
@@ -165,7 +177,10 @@ def test_100_jobs_finish_once_while_frontends_are_killed_at_random(jobs_mesh, tm
     # Polled on the mesh's own frontend, directly: 100 calls a round would exceed the
     # tenant's rate limit at the edge.
     frontend = f"{jobs_mesh.config.host}:{jobs_mesh.config.frontend_port}"
-    with Client(frontend, timeout_s=30, metadata=tenant) as client:
+    as_envoy = {"credentials": clients.credentials(jobs_mesh.secrets, identity=pki.GATEWAY,
+                                                   peer="frontend"),
+                "options": tuple(clients.options("frontend"))}
+    with Client(frontend, timeout_s=30, metadata=tenant, **as_envoy) as client:
         while time.monotonic() < deadline:
             # A frontend dies mid-work, and comes back a moment later.
             port = rng.choice(ports)
@@ -185,7 +200,8 @@ def test_100_jobs_finish_once_while_frontends_are_killed_at_random(jobs_mesh, tm
     assert len(ended) == 100, "some jobs were lost"
     assert all(s.state == "succeeded" for s in states.values())
     # Once: every job's event log has exactly one terminal event.
-    r = redis.Redis.from_url(jobs_mesh.config.redis_url)
+    r = redis.Redis.from_url(pki.login(jobs_mesh.config.redis_url, jobs_mesh.secrets,
+                                       pki.OPERATOR))
     try:
         for job_id in job_ids:
             events = r.xrange(job_keys(JobQueueConfig().prefix, "dev", job_id)[1])
@@ -198,7 +214,7 @@ def test_100_jobs_finish_once_while_frontends_are_killed_at_random(jobs_mesh, tm
 
 def cache_errors(mesh: JobsMesh) -> int:
     address = f"{mesh.config.host}:{mesh.config.cache_port}"
-    with grpc.insecure_channel(address) as ch:
+    with mesh.as_envoy(address, peer="cache") as ch:
         return cache_pb2_grpc.CacheStub(ch).GetStats(cache_pb2.CacheStatsRequest(),
                                                      timeout=5).num_store_errors
 

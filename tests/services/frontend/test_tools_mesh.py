@@ -87,7 +87,7 @@ def test_a_named_call_and_its_result_go_back_into_the_conversation(mesh, stub):
     assert reply.text and not reply.tool_calls
     # The model read the call and its result in the system-prompt format (its template
     # takes no tools), and no functions (tool_choice NONE):
-    with grpc.insecure_channel(mesh.tokenizer_address) as channel:
+    with mesh.service_channel("tokenizer") as channel:
         rendered = tokenizer_pb2_grpc.TokenizerStub(channel).ApplyChatTemplate(
             tokenizer_pb2.ChatTemplateRequest(model=mesh.model, add_generation_prompt=True,
                                               messages=[

@@ -19,7 +19,7 @@ from tests.conftest import CUT_PHRASE, CUT_PROMPT
 
 
 def worker_steps(mesh) -> int:
-    with grpc.insecure_channel(mesh.worker_address) as channel:
+    with mesh.service_channel("worker") as channel:
         stats = worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest(),
                                                              timeout=10)
     return stats.num_steps
@@ -62,7 +62,7 @@ def test_an_output_that_turns_unsafe_is_cut_and_reported(mesh) -> None:
 
 
 def count_tokens(mesh, text: str) -> int:
-    with grpc.insecure_channel(mesh.tokenizer_address) as channel:
+    with mesh.service_channel("tokenizer") as channel:
         reply = tokenizer_pb2_grpc.TokenizerStub(channel).Tokenize(
             tokenizer_pb2.TokenizeRequest(model=mesh.model, text=text, add_special_tokens=True),
             timeout=10)
