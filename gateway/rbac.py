@@ -27,7 +27,8 @@ from genmesh.security import pki
 
 RBAC_FILTER = "envoy.filters.http.rbac"
 
-# path prefix -> identities; a call is allowed when any policy matching it names its caller.
+# A service's path prefix (ending "/") or one method's exact path -> identities; a call is
+# allowed when any entry matching its path names its caller.
 MESH_CALLERS: dict[str, tuple[str, ...]] = {
     "/genmesh.v1.Tokenizer/": ("frontend",),
     "/genmesh.v1.Worker/": ("frontend",),
@@ -40,19 +41,24 @@ MESH_CALLERS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _matches(entry: str, path: str) -> bool:
+    return path.startswith(entry) if entry.endswith("/") else path == entry
+
+
 def allowed(path: str) -> set[str]:
     """The identities MESH_CALLERS lets call ``path`` (what the filter enforces)."""
-    return {who for prefix, callers in MESH_CALLERS.items() if path.startswith(prefix)
+    return {who for entry, callers in MESH_CALLERS.items() if _matches(entry, path)
             for who in callers}
 
 
 def mesh_rbac_filter() -> dict[str, Any]:
-    def policy(prefix: str, callers: tuple[str, ...]) -> dict[str, Any]:
-        return {"permissions": [{"url_path": {"path": {"prefix": prefix}}}],
+    def policy(entry: str, callers: tuple[str, ...]) -> dict[str, Any]:
+        match = {"prefix": entry} if entry.endswith("/") else {"exact": entry}
+        return {"permissions": [{"url_path": {"path": match}}],
                 "principals": [{"authenticated": {"principal_name": {
                     "exact": pki.spiffe_id(who)}}} for who in callers]}
 
     return {"name": RBAC_FILTER, "typed_config": typed(
         "envoy.extensions.filters.http.rbac.v3.RBAC",
         rules={"action": "ALLOW", "policies": {
-            prefix: policy(prefix, callers) for prefix, callers in MESH_CALLERS.items()}})}
+            entry: policy(entry, callers) for entry, callers in MESH_CALLERS.items()}})}

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
 import yaml
 
@@ -93,13 +92,10 @@ class Mesh:
         return stats.get(f"cluster.{cluster}.membership_healthy") == total
 
     def worker_stats(self) -> worker_pb2.WorkerStats:
-        secrets = pki.Secrets(self.config.secrets_dir)
         # As Envoy, the only caller a worker admits under the mesh's mutual TLS.
-        channel = (clients.channel(self.worker_address, secrets, identity=pki.GATEWAY,
-                                   peer="worker")
-                   if secrets.cert(pki.GATEWAY).exists() else
-                   grpc.insecure_channel(self.worker_address))
-        with channel:
+        with clients.channel_if_secrets(self.worker_address,
+                                        pki.Secrets(self.config.secrets_dir),
+                                        identity=pki.GATEWAY, peer="worker") as channel:
             return worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest(),
                                                                 timeout=5)
 

@@ -23,10 +23,8 @@ SECRETS_DIR = MeshConfig().secrets_dir  # `genmesh up`'s, when it made one
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    secrets = pki.Secrets(args.secrets_dir)
-    if not secrets.cert(pki.OPERATOR).exists():  # a mesh without mutual TLS
-        return grpc.insecure_channel(args.address)
-    return clients.channel(args.address, secrets, identity=pki.OPERATOR, peer=pki.GATEWAY)
+    return clients.channel_if_secrets(args.address, pki.Secrets(args.secrets_dir),
+                                      identity=pki.OPERATOR, peer=pki.GATEWAY)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -121,7 +121,9 @@ class MeshConfig:
 
     @property
     def secrets_dir(self) -> Path:
-        return self.run_dir / SECRETS_DIR
+        # Absolute: Envoy, Redis (which changes into --dir first) and every service
+        # read it from wherever they run.
+        return (self.run_dir / SECRETS_DIR).resolve()
 
 
 PORT_FIELDS = ("edge_port", "mesh_port", "admin_port", "frontend_port", "tokenizer_port",

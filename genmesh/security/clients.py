@@ -34,6 +34,15 @@ def channel(address: str, secrets: pki.Secrets, *, identity: str, peer: str) -> 
                                options=options(peer))
 
 
+def channel_if_secrets(address: str, secrets: pki.Secrets, *, identity: str, peer: str
+                       ) -> grpc.Channel:
+    """``channel`` when ``secrets`` holds ``identity``'s certificate (a mesh with mutual
+    TLS); else plaintext (a mesh without it)."""
+    if not secrets.cert(identity).exists():
+        return grpc.insecure_channel(address)
+    return channel(address, secrets, identity=identity, peer=peer)
+
+
 def aio_channel(address: str, secrets: pki.Secrets, *, identity: str, peer: str
                 ) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(address, credentials(secrets, identity=identity, peer=peer),

@@ -12,6 +12,8 @@ def test_internal_rpcs_are_the_frontends_and_admin_rpcs_the_operators_too():
     assert rbac.allowed("/genmesh.v1.Worker/GetStats") == {"frontend", "operator"}
     assert rbac.allowed("/genmesh.v1.Cache/Store") == {"frontend"}
     assert rbac.allowed("/genmesh.v1.Cache/Invalidate") == {"frontend", "operator"}
+    # A method's entry is its exact path, never a prefix of another method's.
+    assert rbac.allowed("/genmesh.v1.Cache/InvalidateAll") == {"frontend"}
     assert rbac.allowed("/genmesh.v1.Tokenizer/Tokenize") == {"frontend"}
     assert rbac.allowed("/genmesh.v1.Safety/CheckPrompt") == {"frontend"}
     assert rbac.allowed("/genmesh.v1.Generation/Generate") == {"httpapi"}
@@ -28,3 +30,5 @@ def test_the_filter_allows_exactly_the_table_by_uri_san():
     assert worker["permissions"] == [{"url_path": {"path": {"prefix": "/genmesh.v1.Worker/"}}}]
     assert worker["principals"] == [{"authenticated": {"principal_name": {
         "exact": pki.spiffe_id("frontend")}}}]
+    assert policies["/genmesh.v1.Cache/Invalidate"]["permissions"] == [
+        {"url_path": {"path": {"exact": "/genmesh.v1.Cache/Invalidate"}}}]

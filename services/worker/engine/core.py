@@ -91,9 +91,7 @@ class EngineCore:
                                  else self.runner.device.type == "cuda")
         self.spec: Speculation | None = build_speculation(
             config, self.model_cfg, blocks=self.blocks, device_type=self.runner.device.type,
-            max_model_len=self.max_model_len)
-        if self.spec is not None:
-            self.spec.misses_cost = self.async_scheduling
+            max_model_len=self.max_model_len, async_scheduling=self.async_scheduling)
         self._inflight: _LaunchedStep | None = None  # launched, not read back yet
         self._last_completed_time = float("-inf")
 

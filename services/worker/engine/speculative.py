@@ -162,7 +162,7 @@ class Speculation:
     before scheduling, ``propose`` after it, and ``observe`` after verification."""
 
     def __init__(self, config: EngineConfig, proposer: Proposer, *, device_type: str,
-                 max_model_len: int) -> None:
+                 max_model_len: int, misses_cost: bool = False) -> None:
         self.proposer = proposer
         self.max_drafts = config.num_speculative_tokens
         self.max_batch = config.speculative_max_batch
@@ -175,9 +175,9 @@ class Speculation:
         self._plain_s = 0.0  # mean seconds of a step without drafts
         # A request that reserved drafts and got none (no n-gram match) counts as a
         # rejected first draft when that costs something: with async scheduling, where
-        # its step ran synchronously for nothing (set by the engine core). Without, an
-        # empty reservation costs nothing and the next match is taken at once.
-        self.misses_cost = False
+        # its step ran synchronously for nothing. Without, an empty reservation costs
+        # nothing and the next match is taken at once.
+        self.misses_cost = misses_cost
 
     def wants(self, req: Request) -> bool:
         p = req.params
@@ -185,10 +185,15 @@ class Speculation:
         return on and p.can_speculate and len(req.output_ids) >= p.min_tokens
 
     def plan(self, running: Sequence[Request]) -> None:
-        """Set each running request's ``num_lookahead`` for the next schedule."""
+        """Set each running request's ``num_lookahead`` for the next schedule: none for
+        one still in its prompt (no output yet) or with no room left for a draft, which
+        the scheduler would refuse anyway (and which would make an async step
+        synchronous for nothing)."""
         large = len(running) > self.max_batch
         for req in running:
-            req.num_lookahead = 0 if large or not self.wants(req) else self._num_drafts(req)
+            decoding = bool(req.output_ids) and req.lookahead_room(self.max_model_len) > 0
+            req.num_lookahead = (self._num_drafts(req) if decoding and not large
+                                 and self.wants(req) else 0)
 
     def _num_drafts(self, req: Request) -> int:
         state = self._states.setdefault(req.request_id, _RequestState())
@@ -266,8 +271,10 @@ class Speculation:
 
 
 def build_speculation(config: EngineConfig, model_cfg: ModelConfig, *, blocks: BlockManager,
-                      device_type: str, max_model_len: int) -> Speculation | None:
-    """The configured speculation, or None when it is off."""
+                      device_type: str, max_model_len: int, async_scheduling: bool = False
+                      ) -> Speculation | None:
+    """The configured speculation, or None when it is off. With ``async_scheduling`` an
+    empty reservation counts as a miss (``Speculation.misses_cost``)."""
     if config.speculative == "off":
         return None
     proposer: Proposer
@@ -277,4 +284,5 @@ def build_speculation(config: EngineConfig, model_cfg: ModelConfig, *, blocks: B
         from services.worker.engine.draft_model import DraftModelProposer
 
         proposer = DraftModelProposer(config, model_cfg, blocks, max_model_len=max_model_len)
-    return Speculation(config, proposer, device_type=device_type, max_model_len=max_model_len)
+    return Speculation(config, proposer, device_type=device_type, max_model_len=max_model_len,
+                       misses_cost=async_scheduling)

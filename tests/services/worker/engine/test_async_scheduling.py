@@ -95,7 +95,8 @@ def test_overlapping_steps_charge_each_second_once():
               if ds[-1].timings is not None]
     assert len(shares) == len(MIX) and all(s > 0 for s in shares)
     # The lookahead steps of requests that had ended are wasted work: in the total only.
-    assert sum(shares) <= eng.stats().device_seconds
+    # (Up to float rounding: the shares and the total add the same seconds in other orders.)
+    assert sum(shares) <= eng.stats().device_seconds * (1 + 1e-12)
     assert not eng.has_work()
 
 

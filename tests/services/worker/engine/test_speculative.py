@@ -97,6 +97,18 @@ def test_plan_skips_large_batches_opted_out_requests_and_those_reading_their_out
     assert [r.num_lookahead for r in (plain, on)] == [0, 6]
 
 
+def test_plan_reserves_nothing_a_step_could_not_use():
+    """No drafts for a request still in its prompt or at its last token: the scheduler
+    would refuse them, and with async scheduling the step would run synchronously for
+    nothing."""
+    spec = speculation()
+    prefilling = Request(request_id="p", prompt_ids=[1, 2, 3], params=SamplingParams())
+    last = spec_req("last", max_tokens=2)  # one output; the next token is its last
+    decoding = spec_req("d")
+    spec.plan([prefilling, last, decoding])
+    assert [r.num_lookahead for r in (prefilling, last, decoding)] == [0, 0, 6]
+
+
 def test_low_acceptance_backs_off_then_probes_with_one_draft():
     spec = speculation()
     req = spec_req("r")
