@@ -230,16 +230,20 @@ struct Scratch {
 // time (so value accumulators live in registers), or 0 to read it from args.
 // Pulls the next 16 tokens' rows into cache while the current 16 are computed (the
 // hardware prefetcher alone left this kernel waiting on memory).
+// Only the [begin, begin + len) part of each row (the heads being computed) is pulled.
 inline void prefetch_rows(const at::BFloat16* cache, const int64_t* table, int64_t bs,
-                          int64_t row_len, int64_t t0, int64_t n) {
+                          int64_t row_len, int64_t begin, int64_t len, int64_t t0,
+                          int64_t n) {
   for (int64_t t = t0; t < std::min(t0 + 16, n); ++t) {
-    const char* p = (const char*)(cache + (table[t / bs] * bs + t % bs) * row_len);
-    for (int64_t off = 0; off < row_len * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+    const char* p = (const char*)(cache + (table[t / bs] * bs + t % bs) * row_len + begin);
+    for (int64_t off = 0; off < len * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
   }
 }
 
+// KV heads [h0, h1) of sequence b (their query heads [h0 * G, h1 * G)): a head's
+// arithmetic does not depend on which others share the call.
 template <int kG>
-void attend_sequence(const DecodeArgs& a, int64_t b, Scratch& s) {
+void attend_sequence(const DecodeArgs& a, int64_t b, int64_t h0, int64_t h1, Scratch& s) {
   const int64_t G = kG > 0 ? kG : a.G;
   const int64_t H = a.H, Hkv = a.Hkv, D = a.D;
   const int64_t n = a.lens[b];
@@ -258,8 +262,8 @@ void attend_sequence(const DecodeArgs& a, int64_t b, Scratch& s) {
     const int64_t valid = std::min<int64_t>(16, n - t0);
     const at::BFloat16* krow[16];
     for (int64_t i = 0; i < valid; ++i) krow[i] = row(a.k_cache, t0 + i);
-    prefetch_rows(a.k_cache, table, a.bs, Hkv * D, t0 + 32, n);
-    for (int64_t head = 0; head < H; ++head) {
+    prefetch_rows(a.k_cache, table, a.bs, Hkv * D, h0 * D, (h1 - h0) * D, t0 + 32, n);
+    for (int64_t head = h0 * G; head < h1 * G; ++head) {
       const at::BFloat16* qh = qb + head * D;
       const int64_t koff = (head / G) * D;
       __m512 dots[16];
@@ -277,7 +281,7 @@ void attend_sequence(const DecodeArgs& a, int64_t b, Scratch& s) {
     }
   }
   // 2. softmax over t, per query head (left unnormalized; divided at the end)
-  for (int64_t head = 0; head < H; ++head) {
+  for (int64_t head = h0 * G; head < h1 * G; ++head) {
     float* sc = s.scores.data() + head * n_pad;
     float m = -INFINITY;
     for (int64_t t = 0; t < n; ++t) m = std::max(m, sc[t]);
@@ -294,7 +298,7 @@ void attend_sequence(const DecodeArgs& a, int64_t b, Scratch& s) {
   //    unpacklo/hi_epi16 interleave two tokens' rows, so accumulator lane 4k+i holds
   //    dim 8k+i (lo) or 8k+4+i (hi) of each 32-dim slice; undone at the end.
   s.pairs.resize(H * n_pad / 2);
-  for (int64_t head = 0; head < H; ++head) {
+  for (int64_t head = h0 * G; head < h1 * G; ++head) {
     const float* sc = s.scores.data() + head * n_pad;
     uint32_t* pp = s.pairs.data() + head * n_pad / 2;
     for (int64_t j = 0; j < n_pad / 2; ++j) {
@@ -306,8 +310,8 @@ void attend_sequence(const DecodeArgs& a, int64_t b, Scratch& s) {
     const int64_t valid = std::min<int64_t>(16, n - t0);
     const at::BFloat16* vrow[16];
     for (int64_t i = 0; i < 16; ++i) vrow[i] = row(a.v_cache, t0 + std::min(i, valid - 1));
-    prefetch_rows(a.v_cache, table, a.bs, Hkv * D, t0 + 32, n);
-    for (int64_t h = 0; h < Hkv; ++h) {
+    prefetch_rows(a.v_cache, table, a.bs, Hkv * D, h0 * D, (h1 - h0) * D, t0 + 32, n);
+    for (int64_t h = h0; h < h1; ++h) {
       for (int64_t d = 0; d < D; d += 32) {
         __m512 lo_acc[kG > 0 ? kG : kMaxGroup], hi_acc[kG > 0 ? kG : kMaxGroup];
         for (int64_t g = 0; g < G; ++g) {
@@ -334,7 +338,7 @@ void attend_sequence(const DecodeArgs& a, int64_t b, Scratch& s) {
     }
   }
   at::BFloat16* ob = a.out + b * H * D;
-  for (int64_t head = 0; head < H; ++head) {
+  for (int64_t head = h0 * G; head < h1 * G; ++head) {
     const float* acc = s.acc.data() + head * D;
     for (int64_t d = 0; d < D; d += 32)
       for (int64_t k = 0; k < 4; ++k)
@@ -346,11 +350,24 @@ void attend_sequence(const DecodeArgs& a, int64_t b, Scratch& s) {
   }
 }
 
+// Whole sequences per task when there are enough of them for every thread; else
+// (single-stream decode) each sequence's KV heads are split across the threads too.
 template <int kG>
 void attend_all(const DecodeArgs& a, int64_t B) {
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  if (B >= at::get_num_threads() || a.Hkv == 1) {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      Scratch s;
+      for (int64_t b = begin; b < end; ++b) attend_sequence<kG>(a, b, 0, a.Hkv, s);
+    });
+    return;
+  }
+  at::parallel_for(0, B * a.Hkv, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
-    for (int64_t b = begin; b < end; ++b) attend_sequence<kG>(a, b, s);
+    for (int64_t i = begin; i < end;) {  // runs of KV heads of one sequence
+      const int64_t b = i / a.Hkv, h1 = std::min(end - b * a.Hkv, a.Hkv);
+      attend_sequence<kG>(a, b, i % a.Hkv, h1, s);
+      i = b * a.Hkv + h1;
+    }
   });
 }
 

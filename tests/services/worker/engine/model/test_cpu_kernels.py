@@ -59,6 +59,29 @@ def test_paged_decode_attention_matches_sdpa_over_gathered_blocks():
                                    rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("hkv", [1, 3, 8])
+def test_single_sequence_attention_split_across_kv_heads_equals_one_thread(hkv):
+    # Fewer sequences than threads: each sequence's KV heads go to different threads.
+    # A head's arithmetic must not depend on that (greedy output may not vary with the
+    # thread count), so it equals the one-thread result bit for bit.
+    gen = torch.Generator().manual_seed(hkv)
+    num_blocks, bs, group, d = 24, 16, 3, 64
+    k_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen).to(torch.bfloat16)
+    v_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen).to(torch.bfloat16)
+    block_table = torch.randperm(num_blocks, generator=gen)[:20].view(1, -1)
+    q = torch.randn(1, hkv * group, d, generator=gen).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(kernels.paged_decode_attention_bf16(
+                q, k_cache, v_cache, block_table, torch.tensor([300]), d ** -0.5))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 def _bf16(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
