@@ -117,14 +117,16 @@ class Mesh:
 @contextlib.contextmanager
 def supervised_mesh(run_dir: Path, *, model: str | None = None, dtype: str | None = None,
                     kv_cache_gib: float = 0.5, deployment: Path | None = None,
-                    on_event: Any = None) -> Iterator[Mesh]:
+                    on_event: Any = None, env: dict[str, str] | None = None
+                    ) -> Iterator[Mesh]:
     """Start the mesh, wait until every process serves, supervise it until the block
-    ends, then stop it (every process, whatever happened)."""
+    ends, then stop it (every process, whatever happened). ``env``: variables added to
+    every process's environment (services read GENMESH_<SERVICE>_<FIELD>)."""
     ports: dict[str, Any] = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
     config = MeshConfig(**ports, model=model, versions=("v1",), dtype=dtype,
                         kv_cache_gib=kv_cache_gib, run_dir=run_dir, log_level="WARNING",
                         with_prometheus=False, deployment=deployment or DEFAULT_DEPLOYMENT)
-    supervisor = Supervisor(plan(config), run_dir=run_dir, on_event=on_event)
+    supervisor = Supervisor(plan(config), run_dir=run_dir, on_event=on_event, env=env)
     stop = threading.Event()
     # Polled as `genmesh up` polls it (every 0.2 s): its restart times are measured.
     watcher = threading.Thread(target=supervisor.supervise, args=(stop,), name="supervise",

@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "pool, every process's resident memory")
     s.add_argument("--streams", type=int, default=64)
     s.add_argument("--duration-s", type=float, default=120.0, help="after the warm-up")
-    s.add_argument("--warmup-s", type=float, default=60.0)
+    s.add_argument("--warmup-s", type=float, default=60.0,
+                   help="at least; then until every process's resident memory settles")
+    s.add_argument("--max-warmup-s", type=float, default=300.0)
     s.add_argument("--cancel-fraction", type=float, default=0.3,
                    help="streams the client cancels at a random point")
     s.add_argument("--run-dir", type=Path, help="logs (default: a temporary directory)")
@@ -70,7 +72,8 @@ def _soak(args: argparse.Namespace) -> int:
 
     _ensure_model()
     config = SoakConfig(num_streams=args.streams, duration_s=args.duration_s,
-                        warmup_s=args.warmup_s, cancel_fraction=args.cancel_fraction)
+                        warmup_s=args.warmup_s, max_warmup_s=args.max_warmup_s,
+                        cancel_fraction=args.cancel_fraction)
     with tempfile.TemporaryDirectory(prefix="genmesh-soak-") as tmp:
         result = run_soak(config, run_dir=args.run_dir or Path(tmp))
     print(format_soak(result))

@@ -32,6 +32,8 @@ class SafetyConfig(ServerConfig):
     # Where audit records go: a Redis URL (a capped stream), else a JSONL file, else none.
     audit_redis_url: str = ""
     audit_file: str = ""
+    # The Redis stream is trimmed to about this many records (the oldest go first).
+    audit_max_records: int = 1_000_000
     # Longest prompt or stream accepted (INVALID_ARGUMENT beyond): the deployment's default
     # limits.max_prompt_chars. A check is linear in it (~1-2 us a character for the rules;
     # the embedding reads at most a few windows), so ~0.5 s at most.

@@ -25,7 +25,8 @@ log = logging.getLogger("genmesh.safety")
 
 def audit_store(cfg: SafetyConfig) -> AuditStore | None:
     if cfg.audit_redis_url:
-        return RedisAuditStore(redis_url(cfg, cfg.audit_redis_url))
+        return RedisAuditStore(redis_url(cfg, cfg.audit_redis_url),
+                               max_records=cfg.audit_max_records)
     if cfg.audit_file:
         return JsonlAuditStore(Path(cfg.audit_file))
     return None

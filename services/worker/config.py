@@ -60,6 +60,7 @@ class WorkerConfig(ServerConfig):
     # Where every finished generation's tokens and timings are recorded (a Redis stream),
     # so a shadow version can be compared with the primary; empty: nothing is recorded.
     record_redis_url: str = ""
+    record_max_entries: int = 20_000  # the stream is trimmed to about this many (oldest first)
     # USD per hour of this worker's device, for the cost estimate; 0: no cost series
     # (device seconds are still counted).
     price_per_device_hour: float = 0.0

@@ -60,7 +60,9 @@ async def run(cfg: WorkerConfig) -> None:
     engine = create_engine(engine_config(cfg, model_path, draft_path),
                            core_process=cfg.engine_process,
                            on_core_exit=core_exited)
-    records = RecordSink(redis_url(cfg, cfg.record_redis_url)) if cfg.record_redis_url else None
+    records = (RecordSink(redis_url(cfg, cfg.record_redis_url),
+                          max_entries=cfg.record_max_entries)
+               if cfg.record_redis_url else None)
     gpus = Nvml.open() if cfg.metrics_port and cfg.is_gpu else None
     metrics, refresher = None, None
     if cfg.metrics_port:

@@ -56,7 +56,8 @@ class Timing:
 class RecordSink:
     """Appends records to the stream in the background; the only writer of the stream."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, max_entries: int = MAX_RECORDS) -> None:
+        self.max_entries = max_entries
         self.client = redis.Redis.from_url(url, socket_timeout=WRITE_TIMEOUT_S,
                                            socket_connect_timeout=WRITE_TIMEOUT_S)
         self.num_failed = 0
@@ -71,7 +72,7 @@ class RecordSink:
         try:
             async with asyncio.timeout(WRITE_TIMEOUT_S):
                 await self.client.xadd(STREAM, record.to_fields(),  # type: ignore[arg-type]
-                                       maxlen=MAX_RECORDS, approximate=True)
+                                       maxlen=self.max_entries, approximate=True)
         except (redis.RedisError, OSError, TimeoutError) as exc:
             self.num_failed += 1
             if self.num_failed == 1 or self.num_failed % 100 == 0:

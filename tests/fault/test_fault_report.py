@@ -15,7 +15,7 @@ from genmesh.bench.fault_report import (
     recovery_at,
     table_rows,
 )
-from genmesh.bench.soak import SoakResult, outcome
+from genmesh.bench.soak import SoakResult, is_settled, outcome
 
 KILL = 100.0
 STREAM, PROBE, CACHED = CallKind.STREAM, CallKind.PROBE, CallKind.CACHED
@@ -180,3 +180,14 @@ def test_soak_passes_only_with_no_error_a_free_pool_and_flat_memory():
     assert not result(kv_blocks_free=99).is_passed
     assert not result(rss_at_end_mib={"frontend": 111.0, "worker-v1": 400.0}).is_passed
     assert not result(restarts={"frontend": 1}).is_passed
+
+
+def test_the_warm_up_ends_once_every_process_has_stopped_growing():
+    # window=3: the latest sample against the one 3 samples before it.
+    assert not is_settled({"worker": [100.0, 101.0, 102.0]}, window=3, tolerance=0.02)
+    assert is_settled({"worker": [100.0, 101.0, 102.0, 101.5]}, window=3, tolerance=0.02)
+    assert not is_settled({"worker": [100.0, 101.0, 102.0, 102.1]}, window=3, tolerance=0.02)
+    # a process that shrank has settled; every process must have
+    assert is_settled({"redis": [10.0, 12.0, 11.0, 9.0]}, window=3, tolerance=0.0)
+    assert not is_settled({"redis": [10.0, 10.0, 10.0, 10.0],
+                           "worker": [100.0, 110.0, 120.0, 130.0]}, window=3, tolerance=0.02)
