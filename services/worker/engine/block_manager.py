@@ -157,18 +157,24 @@ class BlockManager:
         table = self._tables.get(req.request_id, [])
         return self.blocks_needed(num_tokens_after) - len(table) - len(cached_blocks)
 
-    def blocks_for(self, req: Request, num_new_tokens: int) -> int:
-        """How many free blocks ``allocate(req, num_new_tokens)`` would take."""
-        return max(0, self._num_new_blocks(req, num_new_tokens, []))
+    def blocks_for(self, req: Request, num_new_tokens: int,
+                   cached_blocks: list[int] | None = None) -> int:
+        """How many free blocks ``allocate(req, num_new_tokens, cached_blocks)`` would
+        take: new ones, and cached ones nobody uses (they sit in the free queue)."""
+        cached_blocks = cached_blocks or []
+        num_reclaimed = sum(1 for b in cached_blocks if self._ref_cnt[b] == 0)
+        return max(0, self._num_new_blocks(req, num_new_tokens, cached_blocks)) + num_reclaimed
 
     def shortfall(self, req: Request, num_new_tokens: int,
                   cached_blocks: list[int] | None = None) -> int:
         """How many more free blocks ``allocate`` would need to succeed (0: it would)."""
-        cached_blocks = cached_blocks or []
-        # Cached blocks nobody uses sit in the free queue; taking them shrinks it.
-        num_reclaimed = sum(1 for b in cached_blocks if self._ref_cnt[b] == 0)
-        need = self._num_new_blocks(req, num_new_tokens, cached_blocks)
-        return max(0, need - (len(self._free) - num_reclaimed))
+        return max(0, self.blocks_for(req, num_new_tokens, cached_blocks) - len(self._free))
+
+    def num_slots(self, req: Request, num_new_blocks: int) -> int:
+        """Tokens ``req`` could compute after its computed ones in its blocks and
+        ``num_new_blocks`` more."""
+        num_blocks = len(self._tables.get(req.request_id, [])) + num_new_blocks
+        return num_blocks * self.block_size - req.num_computed_tokens
 
     def num_exclusive_blocks(self, req: Request) -> int:
         """Blocks that freeing ``req`` would return to the pool (those no one else holds)."""

@@ -171,32 +171,24 @@ class EngineCore:
     def _step(self) -> list[Delta]:
         if self.spec is not None:
             self.spec.plan(self.scheduler.running)
-        if not self.async_scheduling or self._speculates():
-            # A step with drafts runs synchronously, even with async scheduling: its
-            # drafts are proposed from the tokens of the step before, so that one is
-            # read back first; and the next step's drafts need this one's. Steps
-            # without drafts (a large batch, low acceptance) go on overlapping.
-            settled = self._settle()
-            launched = self._launch()
-            if launched is None:
-                return settled
-            self.scheduler.on_step_done(launched.out)
-            return settled + self._complete(launched, synchronous=True)
         deltas: list[Delta] = []
         launched = self._launch(settle=lambda: deltas.extend(self._settle()))
         deltas.extend(self._settle())
-        if launched is not None:
-            # After the step before was read back: blocks are hashed over real token ids.
-            self.scheduler.on_step_done(launched.out)
-            for req in launched.requests:
-                if req.status is not RequestStatus.FINISHED:
-                    req.append_placeholder()
-            self._inflight = launched
+        if launched is None:
+            return deltas
+        # After the step before was read back: blocks are hashed over real token ids.
+        self.scheduler.on_step_done(launched.out)
+        if not self.async_scheduling or launched.drafts is not None:
+            # A step with drafts runs synchronously, even with async scheduling: the next
+            # step's drafts need its tokens, and what it schedules the drafts it kept.
+            # Steps without drafts (a large batch, low acceptance, drafts the scheduler
+            # refused) go on overlapping.
+            return deltas + self._complete(launched, synchronous=True)
+        for req in launched.requests:
+            if req.status is not RequestStatus.FINISHED:
+                req.append_placeholder()
+        self._inflight = launched
         return deltas
-
-    def _speculates(self) -> bool:
-        """Whether the step about to be scheduled carries drafts (``Speculation.plan``)."""
-        return any(req.num_lookahead for req in self.scheduler.running)
 
     def _settle(self) -> list[Delta]:
         """Read back and post-process the step in flight, if any."""
@@ -205,14 +197,20 @@ class EngineCore:
 
     def _launch(self, settle: Callable[[], None] | None = None) -> _LaunchedStep | None:
         """Schedule a step, prepare its inputs, run the model and sample on the device;
-        nothing is read back. ``settle`` completes the step in flight, for the rare step
-        that needs its tokens on the host first."""
+        nothing is read back. ``settle`` completes the step in flight, for a step that
+        needs its tokens on the host first (drafts, penalties, grammars)."""
         t0 = self._clock()
         out = self.scheduler.schedule()
         for victim in out.preempted:  # its blocks are gone; it starts over when readmitted
             self.runner.release(victim.request_id)
             if self.spec is not None:
                 self.spec.proposer.release(victim.request_id)
+        if self.spec is not None and settle is not None and any(
+                c.num_lookahead for c in out.chunks):
+            # The scheduler granted draft slots: drafts are proposed from the tokens of
+            # the step before, so that one is read back first. Requests it ended drop out.
+            settle()
+            out.chunks = [c for c in out.chunks if c.request.status is RequestStatus.RUNNING]
         if not out.chunks:
             return None
         if self.spec is not None:

@@ -7,13 +7,15 @@ them. A waiting request of a higher class than some running ones (an online call
 batch work) gets its first step without them: its prefill is not slowed by their
 decodes, which resume the step after. When the block pool runs dry, the lowest-priority,
 latest-arriving running request is preempted by recompute (its blocks freed, its progress
-reset); its cached full blocks usually let it resume cheaply.
+reset); its cached full blocks usually let it resume cheaply. Speculative drafts get
+what the step leaves over, budget and blocks, once every chunk is scheduled: a guess
+never shortens, delays or preempts another request's work, nor keeps one out.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.outputs import FinishReason
@@ -97,6 +99,7 @@ class Scheduler:
         self.running.remove(victim)
         self.blocks.free(victim)
         victim.num_computed_tokens = 0
+        victim.num_lookahead = 0  # planned for a decode it no longer runs
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.add(victim)
@@ -121,13 +124,6 @@ class Scheduler:
                 i += 1  # its last token is in flight: a step more would be thrown away
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            lookahead = self._lookahead(req, num_new, budget, num_behind=len(self.running) - i - 1)
-            if lookahead and self.blocks.allocate(req, num_new + lookahead) is not None:
-                out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, num_new,
-                                                 num_lookahead=lookahead))
-                budget -= num_new + lookahead
-                i += 1
-                continue
             while self.blocks.allocate(req, num_new) is None:
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -172,23 +168,26 @@ class Scheduler:
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, num_cached, num_new))
             budget -= num_new
+        self._reserve_drafts(out, budget)
         return out
 
-    def _lookahead(self, req: Request, num_new: int, budget: int, *, num_behind: int) -> int:
-        """Draft slots to reserve for ``req``'s decode: its ``num_lookahead`` within the
-        budget and what it may still emit; none for a prefill chunk. Drafts take no
-        block that one of the ``num_behind`` running requests scheduled after it might
-        need for its own token this step (a decode needs at most one): a guess never
-        makes another request wait or be preempted."""
-        owed = req.num_tokens - req.num_computed_tokens
-        if req.num_lookahead <= 0 or num_new != 1 or owed != 1:
-            return 0
-        k = max(0, min(req.num_lookahead, budget - 1, req.lookahead_room(self.max_model_len)))
-        if k and (self.blocks.shortfall(req, num_new + k) > 0
-                  or self.blocks.num_free_blocks - self.blocks.blocks_for(req, num_new + k)
-                  < num_behind):
-            return 0
-        return k
+    def _reserve_drafts(self, out: SchedulerOutput, budget: int) -> None:
+        """Give the decodes that plan drafts (``num_lookahead``) KV slots for them, in
+        priority order, out of what the step leaves: the ``budget`` and the free blocks
+        no request took (and slots left in their own blocks). Drafts come last, so a
+        guess never delays, preempts or keeps out another request: every other chunk
+        is what it would be without them."""
+        for j, chunk in enumerate(out.chunks):
+            req = chunk.request
+            if budget <= 0:
+                break
+            if req.num_lookahead <= 0 or chunk.num_tokens != 1 or not chunk.completes_sequence:
+                continue
+            k = min(req.num_lookahead, budget, req.lookahead_room(self.max_model_len),
+                    self.blocks.num_slots(req, self.blocks.num_free_blocks) - 1)
+            if k > 0 and self.blocks.allocate(req, 1 + k) is not None:
+                out.chunks[j] = replace(chunk, num_lookahead=k)
+                budget -= k
 
     def on_drafts_accepted(self, req: Request, num_accepted: int) -> None:
         """Verification kept ``num_accepted`` drafts of ``req``'s last step: their KV,
@@ -247,7 +246,7 @@ class Scheduler:
         for i, chunk in enumerate(out.chunks):
             if chunk.request is victim:
                 del out.chunks[i]
-                return chunk.num_tokens + chunk.num_lookahead
+                return chunk.num_tokens  # (drafts are reserved after every chunk)
         return 0
 
     def on_step_done(self, out: SchedulerOutput) -> list[ScheduledChunk]:

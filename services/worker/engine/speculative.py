@@ -25,7 +25,9 @@ drafts then yield ``1 + sum_{j<=k} h1 h^(j-1)`` tokens for a step that costs
 where one proposes), and ``k`` is the count that maximises that ratio, zero when none
 beats a plain step by 5%. A request that stopped speculating tries one draft again every
 ``PROBE_EVERY`` steps, so a text that turns repetitive is caught, unless the draft
-model's measured cost is such that even drafts all accepted would not pay.
+model's measured cost is such that even drafts all accepted would not pay. A request
+whose drafts the scheduler refuses (no blocks or budget to spare, scheduler.py) plans
+none for the next 1, 2, 4, ... steps while the refusals go on.
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ class _RequestState:
     first: list[float] = field(default_factory=lambda: list(PRIOR_FIRST))  # [hits, trials]
     next: list[float] = field(default_factory=lambda: list(PRIOR_NEXT))
     idle_steps: int = 0  # steps since it last speculated
+    backoff: int = 0  # plans skipped after its last refusal (0: its last plan was granted)
+    num_skips: int = 0  # plans still to skip
 
     def observe(self, num_drafts: int, num_accepted: int) -> None:
         for counts in (self.first, self.next):
@@ -131,6 +135,13 @@ class _RequestState:
             self.next[0] += num_accepted - 1
             self.next[1] += num_accepted - 1 + (num_accepted < num_drafts)
         self.idle_steps = 0
+
+    def on_scheduled(self, *, granted: bool) -> None:
+        """The scheduler granted slots for its planned drafts, or refused them all (the
+        pool or the budget had none to spare): each refusal in a row doubles the plans
+        skipped after it, 1, 2, 4, ... up to PROBE_EVERY."""
+        self.backoff = 0 if granted else min(max(1, 2 * self.backoff), PROBE_EVERY)
+        self.num_skips = self.backoff
 
 
 @dataclass(slots=True)
@@ -175,8 +186,8 @@ class Speculation:
         self._plain_s = 0.0  # mean seconds of a step without drafts
         # A request that reserved drafts and got none (no n-gram match) counts as a
         # rejected first draft when that costs something: with async scheduling, where
-        # its step ran synchronously for nothing. Without, an empty reservation costs
-        # nothing and the next match is taken at once.
+        # its step waited for the one before for nothing. Without, an empty reservation
+        # costs nothing and the next match is taken at once.
         self.misses_cost = misses_cost
 
     def wants(self, req: Request) -> bool:
@@ -186,17 +197,21 @@ class Speculation:
 
     def plan(self, running: Sequence[Request]) -> None:
         """Set each running request's ``num_lookahead`` for the next schedule: none for
-        one still in its prompt (no output yet) or with no room left for a draft, which
-        the scheduler would refuse anyway (and which would make an async step
-        synchronous for nothing)."""
+        one whose next step is not a decode (in its prompt, or computing it again after
+        a preemption) or with no room left for a draft, which the scheduler would
+        refuse anyway."""
         large = len(running) > self.max_batch
         for req in running:
-            decoding = bool(req.output_ids) and req.lookahead_room(self.max_model_len) > 0
+            decoding = (bool(req.output_ids) and req.num_tokens - req.num_computed_tokens == 1
+                        and req.lookahead_room(self.max_model_len) > 0)
             req.num_lookahead = (self._num_drafts(req) if decoding and not large
                                  and self.wants(req) else 0)
 
     def _num_drafts(self, req: Request) -> int:
         state = self._states.setdefault(req.request_id, _RequestState())
+        if state.num_skips > 0:  # backing off after the scheduler refused its drafts
+            state.num_skips -= 1
+            return 0
         k = best_num_drafts(state.first[0] / state.first[1], state.next[0] / state.next[1],
                             self.max_drafts, self.row_cost + self.draft_cost)
         if k == 0 and self.can_pay():
@@ -234,7 +249,13 @@ class Speculation:
                              else 0.9 * self._plain_s + 0.1 * plain_step_s)
 
     def propose(self, chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
-        """The chunks with their drafts filled in (those that reserved slots)."""
+        """The chunks with their drafts filled in (those that reserved slots). A request
+        that planned drafts and got no slots for them backs off
+        (``_RequestState.on_scheduled``)."""
+        for c in chunks:
+            if c.request.num_lookahead > 0:
+                self._states.setdefault(c.request.request_id, _RequestState()).on_scheduled(
+                    granted=c.num_lookahead > 0)
         prefills = [c for c in chunks if c.num_tokens > 1 and self.wants(c.request)]
         if prefills and self.can_pay():
             self.proposer.follow(prefills)

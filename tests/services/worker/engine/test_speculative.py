@@ -10,14 +10,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.input_batch import InputBatch
 from services.worker.engine.model import cpu_kernels
 from services.worker.engine.params import SamplingParams
 from services.worker.engine.request import Request
 from services.worker.engine.sampler import Sampler
-from services.worker.engine.scheduler import ScheduledChunk, Scheduler
+from services.worker.engine.scheduler import ScheduledChunk
 from services.worker.engine.speculative import (
     PROBE_EVERY,
     NgramProposer,
@@ -65,6 +64,7 @@ def test_best_num_drafts():
 def spec_req(rid: str, **params: object) -> Request:
     req = Request(request_id=rid, prompt_ids=[1, 2, 3],
                   params=SamplingParams(**params))  # type: ignore[arg-type]
+    req.num_computed_tokens = 3  # its prompt; its next step decodes the output 4
     req.append_output(4)
     return req
 
@@ -98,15 +98,16 @@ def test_plan_skips_large_batches_opted_out_requests_and_those_reading_their_out
 
 
 def test_plan_reserves_nothing_a_step_could_not_use():
-    """No drafts for a request still in its prompt or at its last token: the scheduler
-    would refuse them, and with async scheduling the step would run synchronously for
-    nothing."""
-    spec = speculation()
+    """No drafts for a request still in its prompt, computing it again after a
+    preemption, or at its last token: the scheduler would refuse them."""
+    spec = speculation(speculative_max_batch=4)
     prefilling = Request(request_id="p", prompt_ids=[1, 2, 3], params=SamplingParams())
+    recomputing = spec_req("re")
+    recomputing.num_computed_tokens = 0
     last = spec_req("last", max_tokens=2)  # one output; the next token is its last
     decoding = spec_req("d")
-    spec.plan([prefilling, last, decoding])
-    assert [r.num_lookahead for r in (prefilling, last, decoding)] == [0, 0, 6]
+    spec.plan([prefilling, recomputing, last, decoding])
+    assert [r.num_lookahead for r in (prefilling, recomputing, last, decoding)] == [0, 0, 0, 6]
 
 
 def test_low_acceptance_backs_off_then_probes_with_one_draft():
@@ -127,6 +128,27 @@ def test_low_acceptance_backs_off_then_probes_with_one_draft():
     assert (s.proposed_tokens, s.accepted_tokens, s.verifications, s.emitted_tokens) == (
         112, 64, 14, 78)
     assert s.accepted_histogram == [6, 0, 0, 0, 0, 0, 0, 0, 8]
+
+
+def test_a_request_whose_drafts_the_scheduler_refuses_backs_off():
+    """Each refusal in a row doubles the plans skipped after it (1, 2, 4, 8, 16, then
+    PROBE_EVERY); a granted reservation ends the back-off. The acceptance estimates are
+    left alone: each plan asks for the prior's 6."""
+    spec = speculation()
+    req = spec_req("r")
+    looks = []
+    for _ in range(54):
+        spec.plan([req])
+        looks.append(req.num_lookahead)
+        spec.propose([ScheduledChunk(req, 4, 1)])  # the scheduler granted no slot
+    assert [i for i, k in enumerate(looks) if k] == [0, 2, 5, 10, 19, 36, 53]
+    assert set(looks) == {0, 6}
+    spec.propose([ScheduledChunk(req, 4, 1, num_lookahead=2)])  # granted (no match)
+    for _ in range(3):
+        spec.plan([req])
+        assert req.num_lookahead == 6
+        spec.propose([ScheduledChunk(req, 4, 1, num_lookahead=6)])
+    assert spec.stats.verifications == 0
 
 
 class _ModelProposer(NgramProposer):
@@ -151,53 +173,7 @@ def test_a_draft_model_nearly_as_slow_as_the_model_is_not_used_or_probed():
     assert looks == {0}
 
 
-# -- scheduling and step inputs ------------------------------------------------------
-
-def test_the_scheduler_reserves_slots_for_drafts_within_budget_and_max_tokens():
-    blocks = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
-    s = Scheduler(block_manager=blocks, max_num_seqs=4, max_num_batched_tokens=64)
-    req = Request(request_id="r", prompt_ids=list(range(10, 16)),
-                  params=SamplingParams(max_tokens=4))
-    s.add(req)
-    out = s.schedule()
-    s.on_step_done(out)
-    req.append_output(99)  # 7 tokens, 6 computed
-    req.num_lookahead = 5
-    out = s.schedule()
-    (chunk,) = out.chunks
-    # max_tokens 4, one output so far: this step may emit 3 tokens, so 2 drafts.
-    assert (chunk.start, chunk.num_tokens, chunk.num_lookahead) == (6, 1, 2)
-    assert len(blocks.block_ids("r")) == 3  # positions 0..8
-    s.on_step_done(out)
-    assert req.num_computed_tokens == 7  # the drafts count once accepted
-    req.append_output(20)
-    req.append_output(21)
-    s.on_drafts_accepted(req, 1)  # the draft 20 was kept; 21 is new
-    assert req.num_computed_tokens == 8
-    assert blocks.num_cached_blocks == 2  # positions 0..7: two full blocks hashed
-
-
-@pytest.mark.parametrize(("num_blocks", "granted"), [(4, 0), (5, 4)])
-def test_drafts_never_take_a_block_another_running_request_needs(num_blocks, granted):
-    """Two requests of one full block each decode: each needs a new block, and four
-    drafts of the first a second one. They take it only when the second request's block
-    is left (4 blocks: no drafts; 5: four)."""
-    blocks = BlockManager(num_blocks=num_blocks, block_size=4, enable_prefix_caching=False)
-    s = Scheduler(block_manager=blocks, max_num_seqs=4, max_num_batched_tokens=64)
-    reqs = [Request(request_id=rid, prompt_ids=[1, 2, 3, 4],
-                    params=SamplingParams(max_tokens=16)) for rid in ("a", "b")]
-    for req in reqs:
-        s.add(req)
-    out = s.schedule()
-    s.on_step_done(out)
-    for req in reqs:
-        req.append_output(7)
-    reqs[0].num_lookahead = 4
-    out = s.schedule()
-    assert not out.preempted
-    assert [(c.request.request_id, c.num_tokens, c.num_lookahead) for c in out.chunks] == [
-        ("a", 1, granted), ("b", 1, 0)]
-
+# -- step inputs (the scheduler's draft slots: test_scheduler_drafts.py) ---------------
 
 def test_the_draft_models_kv_is_inside_the_pools_memory():
     from services.worker.engine.model.config import PRESETS
@@ -407,12 +383,37 @@ def test_with_async_scheduling_only_steps_with_drafts_run_synchronously(mode):
             # A step that left nothing in flight while work remains ran synchronously.
             overlapped += core._inflight is not None
             synchronous += core._inflight is None and core.has_work()
-        assert overlapped > 0 and synchronous > 0
-        if params.temperature == 0:  # sampled, the random model's text hardly repeats
-            assert core.stats().spec_verifications > 0
+        # Only steps that verify drafts are synchronous: sampled, the random model's
+        # text hardly repeats, and every step may overlap.
+        verified = core.stats().spec_verifications > 0
+        assert overlapped > 0 and (synchronous > 0) == verified
+        assert verified or params.temperature > 0
         assert got == {f"r{i}": w[:lengths[i]] for i, w in enumerate(want)}
         stats = core.stats()
         assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+
+
+def test_with_async_scheduling_refused_drafts_leave_steps_overlapping():
+    """A budget of one token leaves no slot for a draft: the request plans drafts (backing
+    off as they are refused), every step overlaps the next, and the output is plain
+    decoding's."""
+    prompt = repetitive_prompts(random.Random(3), 1)[0]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    want = outputs(tiny_core(num_kv_blocks=256), [prompt], params)[0]
+    core = tiny_core(num_kv_blocks=256, speculative="ngram", async_scheduling=True,
+                     max_num_batched_tokens=1)
+    req = core.make_request("r", prompt, params)
+    core.add(req)
+    got, looks = [], []
+    while core.has_work():
+        got += [t for d in core.step() for t in d.new_token_ids]
+        looks.append(req.num_lookahead)
+        assert core._inflight is not None or not core.has_work()  # never synchronous
+    assert got == want
+    first = looks.index(6)  # the first decode after the prompt (one token a step)
+    assert first == len(prompt)
+    assert [i - first for i, k in enumerate(looks) if k] == [0, 2, 5, 10, 19]
+    assert core.stats().spec_proposed_tokens == 0
 
 
 @pytest.mark.skipif(cpu_kernels.load() is None, reason="needs the bf16 CPU kernels")
