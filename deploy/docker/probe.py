@@ -6,28 +6,33 @@
                                                  exit 0 when it serves TLS as frontend
     python deploy/docker/probe.py drain http://127.0.0.1:9901 --seconds 15
 
-``tls`` is the probe of a service with the mesh's secrets (docker-compose's healthchecks,
-the Kubernetes exec probes): a TLS handshake with its port must show a valid certificate
-of the CA ``--ca`` whose URI SAN is ``spiffe://genmesh.local/<name>``. It sends no client
-certificate: with TLS 1.3 the client's handshake completes before the server checks it,
-so the probe passes and the server then refuses the connection. A full gRPC health call
-(or GET /healthz of the HTTP API) needs Envoy's certificate, the only one a service
-admits and one no service container holds; so this says "up and serving TLS as itself",
-and Envoy's own active health checks (every 0.5 s, as Envoy) are what take a replica that
-is not SERVING, or an HTTP API that drains, out of rotation.
+A service with the mesh's secrets admits Envoy's certificate alone, one no service
+container holds, so its probes (docker-compose's healthchecks, the Kubernetes exec probes)
+call its health port instead: ``health_port`` (``GENMESH_<SERVICE>_HEALTH_PORT``), a
+plaintext port on the container's 127.0.0.1 that answers the gRPC health service alone
+(the HTTP API: GET /healthz), with the same status Envoy's checks see, so
+``grpc 127.0.0.1:<health_port>`` fails for NOT_SERVING (a stop under way) and, since the
+port is served on the service's event loop, for a process that hangs (by the timeout).
 
-``grpc`` and ``http`` are the plaintext checks (Envoy's admin, a mesh without
-``security.mtls``). They are also what the images' HEALTHCHECK runs, which cannot know
-whether secrets are mounted: in a container whose service has them
-(``GENMESH_<SERVICE>_SECRETS_DIR`` set), they make the ``tls`` check of the same port as
-that service instead.
+``tls`` is what is left without a health port: a TLS handshake with the service's port
+must show a valid certificate of the CA ``--ca`` whose URI SAN is
+``spiffe://genmesh.local/<name>``. It sends no client certificate: with TLS 1.3 the
+client's handshake completes before the server checks it, so the probe passes and the
+server then refuses the connection. It says "up and serving TLS as itself" only: a hung
+event loop or a NOT_SERVING status passes it (gRPC's own threads make the handshake).
+
+``grpc`` and ``http`` are also what the images' HEALTHCHECK runs (on the service's own
+port), which cannot know how the container is configured: where its service has a health
+port (``GENMESH_<SERVICE>_HEALTH_PORT`` set and not 0) they ask that port instead, in
+plaintext; else, where it has secrets (``GENMESH_<SERVICE>_SECRETS_DIR``), they make the
+``tls`` check of the same port as that service.
 
 ``drain`` (Envoy's preStop in Kubernetes) asks Envoy to drain its listeners gracefully
 (HTTP/2 GOAWAY, so clients reconnect elsewhere) and waits, so streams in flight can end
 before the pod's SIGTERM.
 
-Exit status 1 means unhealthy: any status but 200 (urllib raises on 503), a refused
-connection, a failed handshake, another identity's certificate or a timeout.
+Exit status 1 means unhealthy: any status but SERVING or HTTP 200 (urllib raises on 503),
+a refused connection, a failed handshake, another identity's certificate or a timeout.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from genmesh.launcher.probes import PROBE_TIMEOUT_S, GrpcHealth, HttpReady
 from genmesh.security import pki
 
+LOOPBACK = "127.0.0.1"  # where a service's health port listens (services/common/)
+
 
 def drain(admin_url: str, *, seconds: float) -> bool:
     """Start Envoy's graceful drain of every listener, then wait ``seconds``."""
@@ -72,6 +79,14 @@ def own_identity(environ: dict[str, str]) -> tuple[str, Path] | None:
         match = re.fullmatch(r"GENMESH_([A-Z]+)_SECRETS_DIR", key)
         if match and value:
             return match.group(1).lower(), Path(value)
+    return None
+
+
+def own_health_port(environ: dict[str, str]) -> int | None:
+    """The health port of the service this container runs, when it has one."""
+    for key, value in environ.items():
+        if re.fullmatch(r"GENMESH_[A-Z]+_HEALTH_PORT", key) and value.strip() not in ("", "0"):
+            return int(value)
     return None
 
 
@@ -110,8 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     drain_p.add_argument("admin_url")
     drain_p.add_argument("--seconds", type=float, default=15.0)
     args = parser.parse_args(argv)
-    own = own_identity(dict(os.environ))
-    if args.kind in ("grpc", "http") and own is not None:
+    own, health_port = own_identity(dict(os.environ)), own_health_port(dict(os.environ))
+    if args.kind == "grpc" and health_port is not None:
+        healthy = GrpcHealth(f"{LOOPBACK}:{health_port}")()
+    elif args.kind == "http" and health_port is not None:
+        healthy = HttpReady(urllib.parse.urlsplit(args.url)._replace(
+            scheme="http", netloc=f"{LOOPBACK}:{health_port}").geturl())()
+    elif args.kind in ("grpc", "http") and own is not None:
         name, secrets = own
         address = args.address if args.kind == "grpc" else urllib.parse.urlsplit(args.url).netloc
         healthy = serves_tls_as(address, ca=pki.Secrets(secrets).ca(pki.SERVICE_CA), name=name)

@@ -3,6 +3,8 @@ Redis password per service and Redis's ACL file (``genmesh/security/pki.py``), f
 docker-compose (``.secrets/``, mounted per service) and Kubernetes (one Secret per
 identity, ``deploy/k8s``). Rerunning keeps what is there and still valid, so a running
 mesh's certificates stay good; ``--renew`` makes every leaf anew (the CAs are kept).
+A directory made with ``--compose`` (files the containers' users can read) stays so when
+it is rerun without it; ``--no-compose`` takes them back to 0600.
 `genmesh up` needs none of this: it makes its own in its run directory.
 
 `genmesh secrets k8s DIR | kubectl -n genmesh apply -f -`: the Secrets the manifests of
@@ -32,10 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="a DNS name or IP address every certificate also carries "
                            "(repeatable; default: localhost and 127.0.0.1)")
     init.add_argument("--renew", action="store_true", help="reissue every certificate")
-    init.add_argument("--compose", action="store_true",
+    init.add_argument("--compose", action=argparse.BooleanOptionalAction, default=None,
                       help="keys, passwords and the ACL file readable by the containers' "
                            "users (0644 inside the 0700 directory): docker-compose mounts "
-                           "file secrets with their owner and mode on this machine")
+                           "file secrets with their owner and mode on this machine. "
+                           "Default: as the directory was made (--no-compose: 0600)")
     init.set_defaults(func=_init)
     k8s = actions.add_parser("k8s", help="print the Kubernetes Secrets of a secrets directory")
     k8s.add_argument("directory", type=Path)
@@ -44,19 +47,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
+    # A rerun keeps a directory made for compose so: files back at 0600 would stop every
+    # container that reads them.
+    for_compose = (_made_for_compose(pki.Secrets(args.directory)) if args.compose is None
+                   else args.compose)
     if args.renew:
         for name in pki.IDENTITIES:
             pki.Secrets(args.directory).cert(name).unlink(missing_ok=True)
     secrets = pki.ensure(args.directory, hosts=args.host or ("localhost", "127.0.0.1"))
-    if args.compose:  # the directory stays 0700 (and ca/ untouched): only you reach them
-        for path in [*(secrets.key(n) for n in pki.IDENTITIES),
-                     *(secrets.redis_password_file(u) for u in pki.REDIS_KEYS),
-                     secrets.redis_acl]:
-            path.chmod(0o644)
+    # The directory stays 0700 (and ca/ untouched): only you reach them either way.
+    for path in [*(secrets.key(n) for n in pki.IDENTITIES),
+                 *(secrets.redis_password_file(u) for u in pki.REDIS_KEYS),
+                 secrets.redis_acl]:
+        path.chmod(0o644 if for_compose else 0o600)
     print(f"secrets in {secrets.directory}: identities {', '.join(pki.IDENTITIES)}; "
           f"Redis users {', '.join(pki.REDIS_KEYS)}; CA keys in {secrets.directory / 'ca'} "
-          "(never mount them)")
+          "(never mount them); keys and passwords "
+          f"{'0644, for docker-compose' if for_compose else '0600'}")
     return 0
+
+
+def _made_for_compose(secrets: pki.Secrets) -> bool:
+    """Whether an earlier ``--compose`` left the keys readable by the containers' users."""
+    key = secrets.key(pki.GATEWAY)
+    return key.exists() and key.stat().st_mode & 0o044 != 0
 
 
 def k8s_secrets(secrets: pki.Secrets, namespace: str) -> list[dict[str, Any]]:

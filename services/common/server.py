@@ -1,5 +1,6 @@
 """What every genmesh gRPC server shares: the entry point (``run_service``), health and
-reflection services, socket options, JSON logs, and a graceful stop on SIGTERM/SIGINT."""
+reflection services, socket options, JSON logs, a graceful stop on SIGTERM/SIGINT, and
+the loopback health port that container probes call (``serve_health_port``)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ C = TypeVar("C", bound=ServerConfig)
 
 # A stale process on the same port must make bind fail loudly, not share traffic.
 SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+LOOPBACK = "127.0.0.1"  # where the health port listens: the container's own probes alone
 
 
 class JsonFormatter(logging.Formatter):
@@ -84,15 +86,36 @@ def new_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.
         DecodeRequests(), *streams.interceptors(interceptors)])
 
 
+async def serve_health_port(servicer: health.aio.HealthServicer, *, port: int
+                            ) -> grpc.aio.Server:
+    """A plaintext server on 127.0.0.1:``port`` with ``servicer`` and nothing else, started.
+
+    With mutual TLS a service admits only Envoy's certificate, which no probe in its
+    container holds: this port is what its probes call instead (``probe.py grpc``). It is
+    reachable from the container (pod) alone, and every other service, reflection
+    included, is UNIMPLEMENTED there. ``servicer`` is the main server's, so it answers
+    what Envoy's checks see (NOT_SERVING once a stop begins); and this server's handlers
+    run on the service's own event loop, so a loop that hangs fails the probe by its
+    timeout, where a TLS handshake (made by gRPC's own threads) would still pass."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    if server.add_insecure_port(f"{LOOPBACK}:{port}") == 0:
+        raise OSError(f"cannot listen on {LOOPBACK}:{port} for health probes (port in use?)")
+    await server.start()
+    return server
+
+
 async def serve(*, name: str, address: str, register: Callable[[grpc.aio.Server], None],
                 service_names: Iterable[str], grace_s: float,
                 on_stop: Callable[[], Awaitable[None]] | None = None,
                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-                tls: MeshTls | None = None) -> None:
+                tls: MeshTls | None = None, health_port: int = 0) -> None:
     """Run a grpc.aio server until SIGTERM/SIGINT, then stop accepting calls, give
     in-flight ones ``grace_s`` seconds to finish, and return. ``interceptors``: the
     tracing ones of ``telemetry.Telemetry``, when tracing is on. ``tls``: serve mutual
-    TLS that only Envoy's certificate passes (``tls.py``); None: plaintext."""
+    TLS that only Envoy's certificate passes (``tls.py``); None: plaintext.
+    ``health_port``: also answer the health service alone, in plaintext, on
+    127.0.0.1:``health_port`` (``serve_health_port``); 0: not."""
     log = logging.getLogger(name)
     server = new_server(interceptors)
     register(server)
@@ -104,20 +127,26 @@ async def serve(*, name: str, address: str, register: Callable[[grpc.aio.Server]
             else server.add_secure_port(address, tls.server_credentials()))
     if port == 0:
         raise OSError(f"{name}: cannot listen on {address} (port in use?)")
-    await server.start()
-    for service in [*service_names, ""]:
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"address": address, "port": port, "tls": tls is not None})
-
+    # Before anything answers SERVING: a stop signal from then on is a graceful stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    probes = None if health_port == 0 else await serve_health_port(health_servicer,
+                                                                   port=health_port)
+    await server.start()
+    for service in [*service_names, ""]:
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"address": address, "port": port, "tls": tls is not None,
+                               "health_port": health_port})
+
     await stop.wait()
     t0 = time.monotonic()
     log.info("stopping", extra={"grace_s": grace_s})
-    await health_servicer.enter_graceful_shutdown()
+    await health_servicer.enter_graceful_shutdown()  # the probes see NOT_SERVING
     await server.stop(grace_s)
     if on_stop is not None:
         await on_stop()
+    if probes is not None:
+        await probes.stop(None)
     log.info("stopped", extra={"seconds": round(time.monotonic() - t0, 3)})

@@ -171,7 +171,8 @@ async def run(cfg: FrontendConfig) -> None:
         generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
         authz_grpc.add_AuthorizationServicer_to_server(authorization, server)
 
-    await serve(tls=tls, name="genmesh.frontend", address=cfg.address, register=register,
+    await serve(tls=tls, health_port=cfg.health_port, name="genmesh.frontend",
+                address=cfg.address, register=register,
                 service_names=[generation_pb2.DESCRIPTOR.services_by_name["Generation"]
                                .full_name,
                                authz_pb2.DESCRIPTOR.services_by_name["Authorization"]

@@ -18,6 +18,7 @@ import uvicorn
 
 from genmesh.security import pki
 from genmesh.v1 import generation_pb2_grpc
+from services.common.http_health import serve_http_health
 from services.common.server import run_service
 from services.common.telemetry import settings_from, setup
 from services.common.tls import MeshTls
@@ -68,9 +69,14 @@ async def run(cfg: HttpApiConfig) -> None:
         ssl_certfile=None if tls is None else str(tls.secrets.cert(tls.identity)),
         ssl_ca_certs=None if tls is None else str(tls.secrets.ca(pki.GATEWAY_CA)),
         ssl_cert_reqs=ssl.CERT_NONE if tls is None else ssl.CERT_REQUIRED), api)
+    # Ready once uvicorn listens, until the drain begins.
+    probes = None if cfg.health_port == 0 else await serve_http_health(
+        lambda: server.started and not api.is_draining, port=cfg.health_port)
     try:
         await server.serve()
     finally:
+        if probes is not None:
+            probes.close()
         await channel.close()
         telemetry.shutdown()
 

@@ -35,7 +35,8 @@ async def run(cfg: RatelimitConfig) -> None:
     with contextlib.suppress(CountersUnavailableError):
         await counters.ping()
     servicer = RateLimitServicer(RateLimiter(limits=limits, counters=counters))
-    await serve(tls=MeshTls.of(cfg), name="genmesh.ratelimit", address=cfg.address,
+    await serve(tls=MeshTls.of(cfg), health_port=cfg.health_port,
+                name="genmesh.ratelimit", address=cfg.address,
                 register=lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
                     servicer, s),
                 service_names=[SERVICE_NAME], grace_s=cfg.shutdown_grace_s,

@@ -48,7 +48,8 @@ async def run(cfg: SafetyConfig) -> None:
         "path": cfg.policy_file, "tenants": sorted(policy_file.policies.tenants),
         "embedding": embedder is not None, "classifier": classifier is not None,
         "audit": "redis" if cfg.audit_redis_url else cfg.audit_file or "off"})
-    await serve(tls=MeshTls.of(cfg), name="genmesh.safety", address=cfg.address,
+    await serve(tls=MeshTls.of(cfg), health_port=cfg.health_port,
+                name="genmesh.safety", address=cfg.address,
                 register=lambda s: safety_pb2_grpc.add_SafetyServicer_to_server(servicer, s),
                 service_names=[safety_pb2.DESCRIPTOR.services_by_name["Safety"].full_name],
                 grace_s=cfg.shutdown_grace_s, on_stop=telemetry.flush_after(guard.close),

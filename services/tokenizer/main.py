@@ -28,7 +28,8 @@ async def run(cfg: TokenizerConfig) -> None:
                                             "eos_token_ids": list(t.eos_token_ids)})
     servicer = TokenizerServicer(registry, max_text_chars=cfg.max_text_chars,
                                  max_chat_messages=cfg.max_chat_messages)
-    await serve(tls=MeshTls.of(cfg), name="genmesh.tokenizer", address=cfg.address,
+    await serve(tls=MeshTls.of(cfg), health_port=cfg.health_port,
+                name="genmesh.tokenizer", address=cfg.address,
                 register=lambda s: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(
                     servicer, s),
                 service_names=[tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name],

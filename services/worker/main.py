@@ -86,7 +86,8 @@ async def run(cfg: WorkerConfig) -> None:
         if records is not None:
             await records.close()
 
-    await serve(tls=MeshTls.of(cfg), name="genmesh.worker", address=cfg.address,
+    await serve(tls=MeshTls.of(cfg), health_port=cfg.health_port,
+                name="genmesh.worker", address=cfg.address,
                 register=lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
                 service_names=[worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
                 grace_s=cfg.shutdown_grace_s, on_stop=telemetry.flush_after(stop_engine),

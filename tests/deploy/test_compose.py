@@ -86,11 +86,12 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
     return _INTERPOLATION.sub(one, str(text))
 
 
-def tls_probe(port: int, *, name: str, secrets_dir: str) -> list[str]:
-    """probe.py's arguments that check, from a service's own container, that its port
-    serves TLS as the identity ``name`` (a health call needs Envoy's certificate)."""
-    return ["tls", f"127.0.0.1:{port}", "--ca", f"{secrets_dir}/{pki.SERVICE_CA}.pem",
-            "--name", name]
+def check_health_port(cfg: Any, exposed_ports: set[int]) -> int:
+    """A service with the mesh's secrets admits Envoy's certificate alone: its probes ask
+    its health port, plaintext on the container's loopback, exposed to nobody."""
+    assert cfg.secrets_dir and cfg.health_port > 0, type(cfg).SERVICE
+    assert cfg.health_port not in {cfg.port, cfg.metrics_port} | exposed_ports
+    return int(cfg.health_port)
 
 
 def interpolated_names(text: str) -> set[str]:
@@ -309,8 +310,8 @@ def test_http_api_calls_the_frontend_through_the_mesh_and_envoy_probes_its_healt
     """The HTTP API (HTTP/1.1, behind the edge's /v1/): its own image and entry module, the
     frontend through Envoy's mesh listener (a frontend admits Envoy alone; the edge has
     already checked the key), started once the frontend is healthy, its HTTPS port
-    checked by Docker (it serves TLS as the HTTP API) and its GET /healthz by Envoy, and
-    given longer than its drain to stop."""
+    admitting Envoy alone, its GET /healthz asked by Envoy there and by Docker on the
+    health port (plaintext, loopback), and given longer than its drain to stop."""
     service = SERVICES["httpapi"]
     assert service["build"] == {"context": ".", "dockerfile": "deploy/docker/Dockerfile",
                                 "target": "httpapi"}
@@ -325,9 +326,10 @@ def test_http_api_calls_the_frontend_through_the_mesh_and_envoy_probes_its_healt
     assert exposed(service) == {cfg.port, cfg.metrics_port} and not published(service)
     assert service["depends_on"] == {"frontend": {"condition": "service_healthy"}}
     health_path = HTTP_HEALTH_PATHS["services.httpapi.main"]
+    health_port = check_health_port(cfg, exposed(service))
     assert service["healthcheck"]["test"] == [
-        "CMD", "python", "/app/deploy/docker/probe.py",
-        *tls_probe(cfg.port, name="httpapi", secrets_dir=SECRETS_DIR)]
+        "CMD", "python", "/app/deploy/docker/probe.py", "http",
+        f"http://127.0.0.1:{health_port}{health_path}"]
     [envoy_cluster] = [c for c in clusters(DEP) if c["name"] == "httpapi"]
     [envoy_check] = envoy_cluster["health_checks"]
     assert envoy_check["http_health_check"]["path"] == health_path
@@ -490,12 +492,13 @@ def test_health_checks_probe_each_services_own_port():
         argv = service["healthcheck"]["test"]
         assert argv[0] == "CMD" and argv[2] == "/app/deploy/docker/probe.py", name
         module = runs_module(service)
-        if module in SERVICE_PORTS:  # a genmesh service: its port serves TLS as itself
-            port = _config(name).port
-            assert argv[3:] == tls_probe(port, name=IDENTITY[name], secrets_dir=SECRETS_DIR)
-            # The image's own HEALTHCHECK (plaintext kinds, which probe.py turns into
-            # the same TLS check where the service has secrets) probes the same port
-            # wherever compose keeps the image's ports.
+        if module in SERVICE_PORTS:  # a genmesh service: its health port
+            cfg = _config(name)
+            port = cfg.port
+            assert argv[3:] == health_probe(module, check_health_port(cfg, exposed(service)))
+            # The image's own HEALTHCHECK names the service's port (probe.py asks the
+            # health port instead where the service has one), the same port wherever
+            # compose keeps the image's ports.
             image_env = image_stage(service).env
             if all(image_env.get(k) == v for k, v in effective_env(service).items()
                    if k.endswith("_PORT")):

@@ -274,7 +274,10 @@ def test_service_targets_listen_everywhere_on_the_launchers_ports():
         assert cfg.port == getattr(defaults, port_field), name
         assert cfg.metrics_port == getattr(defaults, metrics_field), name
         assert sorted(stage.expose) == sorted([cfg.port, cfg.metrics_port]), name
+        # The HEALTHCHECK names the service's port; probe.py asks the health port (on the
+        # container's loopback, exposed to nobody) where the service has one.
         assert healthcheck_argv(stage)[2:] == health_probe(module, cfg.port), name
+        assert cfg.health_port not in (0, cfg.port, cfg.metrics_port), name
     gateway = stages["gateway"]
     assert sorted(gateway.expose) == sorted([defaults.edge_port, defaults.mesh_port,
                                              defaults.admin_port])

@@ -41,12 +41,12 @@ from genmesh.launcher.plan import MeshConfig
 from genmesh.security import pki
 from tests.deploy.test_compose import (
     LAUNCHER_WORKER_PORTS,
+    check_health_port,
     check_service_env,
     deployment_ports,
     deployment_variables,
     load_deployment,
     route_clusters,
-    tls_probe,
     validated_routes,
 )
 from tests.deploy.test_dockerfiles import (
@@ -56,6 +56,7 @@ from tests.deploy.test_dockerfiles import (
     SERVICE_PORTS,
     config_class,
     entry_module,
+    health_probe,
     parse_dockerfile,
 )
 from tests.procs import REPO_ROOT
@@ -402,18 +403,20 @@ def test_probes_and_resources(overlay):
         for probe in ("readinessProbe", "livenessProbe"):
             assert probe in container, f"{name} has no {probe}"
         if "grpc" in ports or "http" in ports:
-            # A genmesh service: probe.py in its container checks that the port serves
-            # TLS as the service (the kubelet's grpc and httpGet probes are plaintext, and
-            # a health call needs Envoy's certificate, which Envoy's own checks use); the
-            # GPU image's interpreter is python3.
-            port = ports.get("grpc", ports.get("http"))
+            # A genmesh service: probe.py in its container asks its health port (its own
+            # port admits Envoy's certificate alone; the kubelet's grpc and httpGet probes
+            # dial the pod's address, not its loopback); the GPU image's interpreter is
+            # python3. Each probe's timeout leaves the interpreter time to start.
+            cfg = service_config(objects, name)
+            health_port = check_health_port(cfg, set(ports.values()))
             python = "python3" if "worker-gpu" in container["image"] else "python"
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                 if probe in container:
                     assert container[probe]["exec"]["command"] == [
                         python, "/app/deploy/docker/probe.py",
-                        *tls_probe(port, name=IN_CLUSTER[name],
-                                   secrets_dir=DEP.security.secrets_dir)], (name, probe)
+                        *health_probe(entry_module(image_stage(container["image"])) or "",
+                                      health_port)], (name, probe)
+                    assert container[probe]["timeoutSeconds"] >= 3, (name, probe)
             env = {e["name"]: e.get("value") for e in container["env"]}
             [variable] = [k for k in env if k.endswith("_SECRETS_DIR")]
             assert env[variable] == DEP.security.secrets_dir, name
@@ -603,8 +606,8 @@ def test_the_overlays_pick_the_engine(overlay):
 
 def test_http_api_calls_the_frontend_and_drains_within_its_grace(overlay):
     """The HTTP API: the frontend through Envoy's mesh listener (a frontend admits Envoy
-    alone), its own TLS port probed by the kubelet (Envoy probes GET /healthz), longer to
-    stop than it takes to drain, and the frontend's resources and security settings."""
+    alone), its GET /healthz probed by Envoy and by the kubelet (on the health port), longer
+    to stop than it takes to drain, and the frontend's resources and security settings."""
     _, objects = overlay
     workload = workloads(objects)["httpapi"]
     frontend_workload = workloads(objects)["frontend"]
@@ -618,12 +621,13 @@ def test_http_api_calls_the_frontend_and_drains_within_its_grace(overlay):
     assert "envoy-mesh" in by_kind(objects, "Service")
     assert dep.services.httpapi == (("httpapi", cfg.port),)
     # Envoy probes the health path (503 while draining takes a pod out); the kubelet, which
-    # holds no certificate Envoy's CA signed, checks the port serves TLS as the HTTP API.
+    # holds no certificate Envoy's CA signed, asks the same path on the health port.
     path = HTTP_HEALTH_PATHS["services.httpapi.main"]
+    health_port = check_health_port(cfg, set(named_ports(container).values()))
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["exec"]["command"] == [
-            "python", "/app/deploy/docker/probe.py",
-            *tls_probe(cfg.port, name="httpapi", secrets_dir=dep.security.secrets_dir)]
+            "python", "/app/deploy/docker/probe.py", "http",
+            f"http://127.0.0.1:{health_port}{path}"]
     [envoy_cluster] = [c for c in clusters(dep) if c["name"] == "httpapi"]
     [envoy_check] = envoy_cluster["health_checks"]
     assert envoy_check["http_health_check"]["path"] == path

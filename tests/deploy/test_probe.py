@@ -150,3 +150,10 @@ def test_own_identity_reads_the_services_variable():
         "worker", Path("/s"))
     assert PROBE.own_identity({"GENMESH_WORKER_SECRETS_DIR": ""}) is None
     assert PROBE.own_identity({}) is None
+
+
+def test_own_health_port_reads_the_services_variable_zero_is_none():
+    assert PROBE.own_health_port({"GENMESH_CACHE_HEALTH_PORT": "9204", "PATH": "/bin"}) == 9204
+    assert PROBE.own_health_port({"GENMESH_CACHE_HEALTH_PORT": "0"}) is None
+    assert PROBE.own_health_port({"GENMESH_CACHE_HEALTH_PORT": ""}) is None
+    assert PROBE.own_health_port({"GENMESH_CACHE_PORT": "50054"}) is None

@@ -9,6 +9,8 @@ import stat
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from genmesh.security import pki
@@ -16,6 +18,11 @@ from genmesh.security import pki
 
 def cert(secrets: pki.Secrets, name: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(secrets.cert(name).read_bytes())
+
+
+def public_der(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 @pytest.fixture
@@ -111,3 +118,49 @@ def test_the_command_makes_compose_readable_files_and_kubernetes_secrets(tmp_pat
     before = s.cert("frontend").read_bytes()
     assert main(["secrets", "init", str(directory), "--renew"]) == 0
     assert s.cert("frontend").read_bytes() != before
+
+
+def test_a_certificate_not_of_its_key_file_is_made_anew_with_its_key(tmp_path):
+    """A key file replaced alone (restored from a backup, copied from another directory)
+    would fail every handshake with the certificate still there: ensure makes the pair
+    anew, as for any leaf it does not keep."""
+    first = pki.ensure(tmp_path / "s")
+    other = pki.ensure(tmp_path / "other")
+    kept = first.cert("frontend").read_bytes()
+    (tmp_path / "s" / "cache.key").write_bytes(other.key("cache").read_bytes())
+    (tmp_path / "s" / "worker.key").write_bytes(b"not a key")
+    fixed = pki.ensure(tmp_path / "s")
+    assert fixed.cert("frontend").read_bytes() == kept  # the others' pairs are kept
+    for name in ("cache", "worker"):
+        pair = x509.load_pem_x509_certificate(fixed.cert(name).read_bytes())
+        key = serialization.load_pem_private_key(fixed.key(name).read_bytes(), password=None)
+        assert public_der(pair.public_key()) == public_der(key.public_key()), name
+        pair.verify_directly_issued_by(cert(fixed, pki.SERVICE_CA))
+    assert stat.S_IMODE(fixed.key("worker").stat().st_mode) == 0o600
+
+
+def test_a_rerun_keeps_a_directory_made_for_compose_readable_until_no_compose(tmp_path,
+                                                                              capsys):
+    """Rerunning `secrets init` without --compose on a directory made with it (its keys
+    renewed or not) keeps the files 0644, or the containers could no longer read them;
+    --no-compose takes them back to 0600, and that too is kept."""
+    from genmesh.cli import main
+
+    directory = tmp_path / "s"
+    s = pki.Secrets(directory)
+    files = [s.key("envoy"), s.key("worker"), s.redis_password_file("cache"), s.redis_acl]
+
+    def modes() -> set[int]:
+        return {stat.S_IMODE(f.stat().st_mode) for f in files}
+
+    assert main(["secrets", "init", str(directory), "--compose"]) == 0
+    assert modes() == {0o644}
+    assert main(["secrets", "init", str(directory)]) == 0  # the ACL file is rewritten
+    assert modes() == {0o644} and "0644, for docker-compose" in capsys.readouterr().out
+    assert main(["secrets", "init", str(directory), "--renew"]) == 0  # new keys
+    assert modes() == {0o644}
+    assert main(["secrets", "init", str(directory), "--no-compose"]) == 0
+    assert modes() == {0o600}
+    assert main(["secrets", "init", str(directory)]) == 0
+    assert modes() == {0o600} and capsys.readouterr().out.rstrip().endswith("0600")
+    assert stat.S_IMODE((directory / "ca" / "service-ca.key").stat().st_mode) == 0o600

@@ -60,6 +60,38 @@ def test_missing_redis_names_the_fix(tmp_path, monkeypatch):
         plan(MeshConfig(run_dir=tmp_path))
 
 
+def test_redis_versions_parse_from_what_redis_server_says():
+    parse = plan_module.parse_redis_version
+    assert parse("Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64 "
+                 "build=c4acb1ba84ed1ec6\n") == (7, 0, 15)
+    assert parse("Redis server v=6.2.14 sha=40305114:0 malloc=libc bits=64 "
+                 "build=dff95a8e7a99d269") == (6, 2, 14)
+    assert parse("Redis server v=6.0.16 sha=00000000:0 malloc=jemalloc-5.2.1") == (6, 0, 16)
+    assert parse("Valkey server v=8.0.1 sha=00000000:0 malloc=jemalloc-5.3.0") == (8, 0, 1)
+    assert parse("redis-server: not found") is None and parse("") is None
+    assert (6, 0, 16) < plan_module.MIN_ACL_REDIS_VERSION <= (6, 2, 0) < (6, 10, 0)
+    redis = plan_module.redis_binary()  # the one `make setup` installs reads the ACL file
+    if redis is not None:
+        assert plan_module.redis_version(redis) >= plan_module.MIN_ACL_REDIS_VERSION
+
+
+def test_a_redis_too_old_for_the_acl_file_names_both_versions(tmp_path, monkeypatch):
+    """`resetchannels` in the mesh's ACL file needs Redis 6.2: with mTLS an older one (or
+    one that does not say) fails before anything starts; without, it will do."""
+    old = tmp_path / "redis-server"
+    old.write_text("#!/bin/sh\necho 'Redis server v=6.0.16 sha=00000000:0 "
+                   "malloc=jemalloc-5.2.1 bits=64 build=a3fdef44459b3ad6'\n")
+    old.chmod(0o755)
+    monkeypatch.setattr(plan_module, "redis_binary", lambda: old)
+    with pytest.raises(MissingPieceError, match=r"is v6\.0\.16; .* need redis-server >= 6\.2"):
+        plan(MeshConfig(run_dir=tmp_path / "mtls", mtls=True, with_prometheus=False))
+    specs = plan(MeshConfig(run_dir=tmp_path / "plain", mtls=False, with_prometheus=False))
+    assert specs[0].name == "redis" and specs[0].argv[0] == str(old)
+    old.write_text("#!/bin/sh\nexit 1\n")
+    with pytest.raises(MissingPieceError, match="of unknown version"):
+        plan(MeshConfig(run_dir=tmp_path / "mtls", mtls=True, with_prometheus=False))
+
+
 def test_plan_renders_a_valid_envoy_config_and_orders_the_processes(tmp_path):
     specs = plan(MeshConfig(run_dir=tmp_path, with_prometheus=False))
     assert [s.name for s in specs] == ["redis", "ratelimit", "tokenizer", "safety", "cache",

@@ -1,5 +1,5 @@
-"""The HTTP API as a process: it serves, and on SIGTERM it fails its health check, lets
-the stream in flight finish, and exits 0."""
+"""The HTTP API as a process: it serves, and on SIGTERM it fails its health check (on its
+port and on its loopback health port), lets the stream in flight finish, and exits 0."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class SlowFrontend(generation_pb2_grpc.GenerationServicer):
 
 
 def test_sigterm_drains_then_exits(tmp_path):
-    port, metrics_port = free_ports(2)
+    port, metrics_port, health_port = free_ports(3)
     loop = asyncio.new_event_loop()
     server_ready = threading.Event()
     frontend_port: list[int] = []
@@ -53,7 +53,8 @@ def test_sigterm_drains_then_exits(tmp_path):
     assert server_ready.wait(10)
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.httpapi.main", "--port", str(port),
-         "--metrics-port", str(metrics_port), "--frontend-address",
+         "--metrics-port", str(metrics_port), "--health-port", str(health_port),
+         "--frontend-address",
          f"127.0.0.1:{frontend_port[0]}", "--shutdown-grace-s", "10"],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -67,6 +68,10 @@ def test_sigterm_drains_then_exits(tmp_path):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "did not start"
             time.sleep(0.1)
+        health = f"http://127.0.0.1:{health_port}/healthz"
+        assert httpx.get(health, timeout=5).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{health_port}/v1/models", timeout=5
+                         ).status_code == 404  # the health check alone
         assert b"genmesh_http_requests" in httpx.get(
             f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).content
         body = {"model": "m", "prompt": "x", "stream": True}
@@ -77,6 +82,10 @@ def test_sigterm_drains_then_exits(tmp_path):
                 if line.startswith("data: {"):
                     proc.send_signal(signal.SIGTERM)  # mid-stream
                     texts.append(line)
+                    deadline = time.monotonic() + 5
+                    while httpx.get(health, timeout=5).status_code != 503:  # draining
+                        assert time.monotonic() < deadline, "the health port still says 200"
+                        time.sleep(0.02)
                     break
             texts += [line for line in lines if line.startswith("data: ")]
         assert texts[-1] == "data: [DONE]" and len(texts) == 1 + 20 + 1  # every word, then
