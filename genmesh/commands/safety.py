@@ -17,7 +17,13 @@ from typing import Any
 
 from services.safety import policy as policies
 from services.safety.config import DEFAULT_CLASSIFIER_DIR, DEFAULT_POLICY
-from services.safety.evaluate import EVAL_FILE, HELDOUT_FILE, evaluate, load_examples
+from services.safety.evaluate import (
+    EVAL_FILE,
+    HELDOUT2_FILE,
+    HELDOUT_FILE,
+    evaluate,
+    load_examples,
+)
 from services.safety.policy import Scanner
 
 
@@ -28,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "(and leave-one-family-out) and print JSON")
     ev.add_argument("--data", type=Path, default=HELDOUT_FILE,
                     help='JSONL lines {"text", "label": "attack"|"benign", "family"} '
-                         f"(default: %(default)s; the older set: {EVAL_FILE})")
+                         f"(default: %(default)s; the blind second set: {HELDOUT2_FILE}; the "
+                         f"older set: {EVAL_FILE})")
     ev.add_argument("--policy", type=Path, default=DEFAULT_POLICY,
                     help="policy file whose default policy is used (default: %(default)s)")
     ev.add_argument("--rules-only", action="store_true",

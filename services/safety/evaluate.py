@@ -23,6 +23,9 @@ EVAL_FILE = Path(__file__).parent / "data" / "eval.jsonl"
 # Written once by hand for the learned layer (new phrasings, every family, close benign
 # prompts), committed before anything was measured on it, and never tuned on.
 HELDOUT_FILE = Path(__file__).parent / "data" / "heldout.jsonl"
+# Written blind by a separate author (no safety code, data or rules seen) and committed
+# before its first run; never tuned on.
+HELDOUT2_FILE = Path(__file__).parent / "data" / "heldout2.jsonl"
 LABELS = ("attack", "benign")
 
 

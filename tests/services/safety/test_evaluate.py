@@ -4,12 +4,13 @@ the repository's evaluation set meets the target."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from genmesh.cli import main
-from services.safety.evaluate import EVAL_FILE, HELDOUT_FILE
+from services.safety.evaluate import EVAL_FILE, HELDOUT2_FILE, HELDOUT_FILE, load_examples
 
 
 def write(tmp_path: Path, rows: list[dict]) -> Path:
@@ -71,3 +72,14 @@ def test_the_held_out_set_holds_its_measured_level(real_classifier: Path,
     assert overall["recall"] >= 0.75
     assert overall["false_positive_rate"] <= 0.05
     assert report["flags_by_scanner"].get("classifier", 0) > 0
+
+
+def test_the_blind_held_out_set_is_whole() -> None:
+    """heldout2.jsonl holds what the README says: 20 attacks in each of 11 families and
+    250 close benign texts in 10 families of 25, no text twice."""
+    examples = load_examples(HELDOUT2_FILE)
+    attacks = Counter(e.family for e in examples if e.label == "attack")
+    benign = Counter(e.family for e in examples if e.label == "benign")
+    assert len(attacks) == 11 and set(attacks.values()) == {20}
+    assert len(benign) == 10 and set(benign.values()) == {25}
+    assert len({e.text for e in examples}) == len(examples) == 470
