@@ -1,8 +1,10 @@
 """`genmesh bench safety`: how long the safety service takes.
 
 - Prompt checks, in process: p50/p99 for 200- and 2,000-character prompts, rules only
-  (normalization, prompt-injection rules, lexicons, secrets, PII) and with the embedding
-  signal (all-MiniLM-L6-v2 on up to 3 windows plus 2 decoded texts).
+  (normalization, prompt-injection rules, lexicons, secrets, PII) and with the learned
+  signals as the service runs them (all-MiniLM-L6-v2 on up to 3 windows, 4 sentences and
+  3 other views, the fine-tuned classifier's top layers beside the encoder's own), and
+  with the embedding alone (no classifier, as before it existed).
 - Streamed output: the moderator's own time per chunk, and the round trip of one chunk
   through a real safety process over gRPC (what the frontend waits for per chunk).
 """
@@ -144,6 +146,8 @@ def time_service_chunks(address: str, bench: SafetyBench) -> dict[str, float]:
 def run_safety_bench(bench: SafetyBench, *, tmp: Path) -> dict:
     import torch
 
+    from services.safety.classifier import load_or_train
+    from services.safety.config import DEFAULT_CLASSIFIER_DIR
     from services.safety.embedding import Embedder
 
     default = policies.load(DEFAULT_POLICY).default
@@ -153,15 +157,18 @@ def run_safety_bench(bench: SafetyBench, *, tmp: Path) -> dict:
     torch.set_num_threads(2)
     embedder = Embedder.load()
     rules = PromptChecker(None)
-    learned = PromptChecker(embedder)
+    plain = PromptChecker(embedder)
+    learned = PromptChecker(embedder, load_or_train(embedder, DEFAULT_CLASSIFIER_DIR))
     result: dict = {"torch_threads": torch.get_num_threads(), "prompt_check_ms": {}}
     for length in (200, 2000):
         texts = prompts(length, bench.num_prompts, seed=length)
         r = time_checks(rules, rules_only, texts)
-        e = time_checks(learned, embedding_only, texts)
+        e = time_checks(plain, embedding_only, texts)
+        no_classifier = time_checks(plain, default, texts)
         both = time_checks(learned, default, texts)
         result["prompt_check_ms"][f"{length}_chars"] = {
-            "rules_only": r, "embedding_only": e, "rules_and_embedding": both}
+            "rules_only": r, "embedding_only": e,
+            "rules_and_embedding_no_classifier": no_classifier, "rules_and_embedding": both}
     result["stream_chunk_ms"] = {"chunk_chars": bench.chunk_chars,
                                  "moderator_in_process": time_moderator(default, bench)}
     with safety_process(tmp) as address:

@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--no-classifier", action="store_true",
                     help="rules and exemplar similarity, without the classifier")
     ev.add_argument("--no-lofo", action="store_true",
-                    help="skip the leave-one-family-out evaluation (~1 min of CPU)")
+                    help="skip the leave-one-family-out evaluation (one fine-tuning per "
+                         "family: ~45 min on two cores)")
     ev.add_argument("--threshold", type=float,
                     help="embedding (exemplar similarity) threshold (default: the policy's)")
     ev.add_argument("--misses", action="store_true",

@@ -77,7 +77,7 @@ class RuleScan:
     text: str  # the text to use: the input, with the spans the policy redacts redacted
     # The texts the embedding signal compares with the exemplars (``Embedder.texts_for``;
     # may be empty); None when it does not run: no model, not in the policy, or a rule
-    # already settled the matter.
+    # already settled the matter (without a classifier, which may clear a rule hit).
     embedding_texts: tuple[str, ...] | None
 
 
@@ -109,11 +109,14 @@ class PromptChecker:
             for family in injection.scan(text, folded.text if folded else None):
                 rule_findings.append(Finding(PROMPT_INJECTION, Scanner.INJECTION.value, 1.0,
                                              policy.action(PROMPT_INJECTION), family))
-        # The embedding costs milliseconds: skip it when a rule already settled the matter.
+        # The embedding costs milliseconds: skip it when a rule already settled the matter,
+        # that is, when there is no classifier to clear the rule's hit.
         embedding_texts = None
-        if Scanner.EMBEDDING in scanners and self.embedder is not None and not rule_findings:
+        if (Scanner.EMBEDDING in scanners and self.embedder is not None
+                and (not rule_findings or self.classifier is not None)):
             embedding_texts = tuple(prompt_texts(self.embedder, text,
-                                                 folded.text if folded else None))
+                                                 folded.text if folded else None,
+                                                 with_sentences=self.classifier is not None))
         spans: list[Span] = []
         if Scanner.CONTENT in scanners:
             spans += policy.lexicon.scan(text, folded)
@@ -128,31 +131,39 @@ class PromptChecker:
         all of them that need it."""
         needing = [s.embedding_texts for s in scans if s.embedding_texts is not None]
         learned = iter(self.learn(needing))
-        return [decide(s, None if s.embedding_texts is None else next(learned),
-                       self.classifier.threshold if self.classifier else 1.0)
+        threshold, veto = ((self.classifier.threshold, self.classifier.veto) if self.classifier
+                           else (1.0, 0.0))
+        return [decide(s, None if s.embedding_texts is None else next(learned), threshold,
+                       veto)
                 for s in scans]
 
     def learn(self, texts_per_prompt: Sequence[Sequence[str]]) -> list[Learned]:
         """The learned signals of each prompt's texts, from one embedding call."""
         if not texts_per_prompt or self.embedder is None:
             return []
-        out = []
-        for embeddings in self.embedder.encode_prompts(texts_per_prompt):
-            score = self.classifier.score(embeddings) if self.classifier else None
-            out.append(Learned(self.embedder.nearest_of(embeddings), score))
-        return out
+        if self.classifier is None:
+            return [Learned(self.embedder.nearest_of(e), None)
+                    for e in self.embedder.encode_prompts(texts_per_prompt)]
+        return [Learned(self.embedder.nearest_of(e), self.classifier.score(p))
+                for e, p in self.embedder.encode_scored(texts_per_prompt, self.classifier)]
 
 
-def decide(scan: RuleScan, learned: Learned | None, classifier_threshold: float = 1.0
-           ) -> Decision:
+def decide(scan: RuleScan, learned: Learned | None, classifier_threshold: float = 1.0,
+           veto: float = 0.0) -> Decision:
     """``scan``'s decision, given the learned signals (None: they did not run): the rules,
-    the nearest exemplar at the policy's threshold, the classifier at its calibrated one."""
+    the nearest exemplar at the policy's threshold, the classifier at its calibrated one.
+    A rule or exemplar hit that the classifier scores under ``veto`` is cleared: the
+    classifier tells a quoted or discussed attack from one aimed at the model."""
     policy = scan.policy
     findings = list(scan.rule_findings)
     action = policy.action(PROMPT_INJECTION)
     if learned is not None:
         similarity, score = learned.similarity, learned.classifier_score
-        if similarity.score >= policy.embedding_threshold:
+        if score is not None and score < veto:
+            findings = []
+        elif findings:
+            pass  # a rule's hit, standing: the learned signals add nothing to it
+        elif similarity.score >= policy.embedding_threshold:
             findings.append(Finding(PROMPT_INJECTION, Scanner.EMBEDDING.value,
                                     round(similarity.score, 4), action, similarity.family))
         elif score is not None and score >= classifier_threshold:

@@ -1,23 +1,32 @@
-"""The learned prompt-injection layer: logistic regression over sentence embeddings.
+"""The learned prompt-injection layer: the sentence encoder's top layers fine-tuned, with
+a linear head, to tell attacks from close benign texts.
 
-A prompt is embedded as the texts the checker already embeds for the exemplar signal
-(``prompt_texts``: windows of its folded view, plus the spaced-out and decoded views),
-so the classifier costs one dot product per text on embeddings that are computed anyway.
-A prompt's score is the highest of its texts' probabilities: one injected sentence in a
-long e-mail is enough, and training optimises the same max (multiple-instance learning).
+A prompt is read as the texts the checker already embeds for the exemplar signal
+(``prompt_texts``: windows and single sentences of its folded view, plus the spaced-out
+and decoded views). The encoder's lower layers are shared: the checker runs them once,
+then the encoder's own top layers (the exemplar signal's embeddings) and the classifier's
+fine-tuned copies of them (``NUM_LAYERS``), mean-pooled into a probability per text. A
+prompt's score is the highest of its texts': one injected sentence in a long e-mail is
+enough, and training optimises the same max (multiple-instance learning).
 
-Training data is generated (``traindata.generate``), the fit is full-batch and seeded,
-and the decision threshold is calibrated on a second generated set (another seed): the
-lowest that keeps its false-positive rate on benign texts at ``MAX_CALIBRATION_FPR``.
-The weights live in the user's cache (never in git), named by a hash of everything that
-determines them (``artifact_key``): a missing or stale file is retrained in seconds.
+Fine-tuning, unlike a linear model over frozen embeddings, can move what MiniLM places
+close together (talk about prompts next to attacks on them): on the held-out set the
+classifier alone went from recall 0.52-0.71 (frozen) to 0.77 at a lower false-positive
+rate. Training data is generated (``traindata.generate``); the fit is seeded AdamW over
+a few epochs on the lower layers' cached states, and the decision threshold is
+calibrated on a second generated set (another seed): the lowest that keeps its
+false-positive rate on benign texts at ``MAX_CALIBRATION_FPR``. The weights live in the
+user's cache (never in git), named by a hash of everything that determines them
+(``artifact_key``): a missing or stale file is retrained (minutes on two cores).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+import random
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,73 +34,122 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from services.safety import traindata
+from services.safety import injection, traindata
 from services.safety.embedding import Embedder
 from services.safety.injection import fragment_views, hidden_texts, join_spaced
+from services.safety.minilm import bert_layer, mean_pool
 from services.safety.normalize import fold
 
 log = logging.getLogger("genmesh.safety")
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 # The sources whose change changes the trained weights: the data, the features, the fit.
 _SOURCES = ("traindata.py", "classifier.py", "embedding.py", "minilm.py", "normalize.py",
             "injection.py",
             "data/dev.jsonl", "data/dev2.jsonl")
 TRAIN_SEED = 0
 CALIBRATION_SEED = 1
-NUM_PER_FAMILY = 60  # ~1,300 generated prompts; with calibration, ~20 s of CPU to embed
+NUM_PER_FAMILY = 60  # ~1,300 generated prompts (and ~500 hand-written)
 MAX_CALIBRATION_FPR = 0.01
 MIN_THRESHOLD = 0.5
+# A rule or exemplar hit that the classifier scores under its veto is cleared: close
+# benign texts (a quoted attack, "do not mention the party") trip the rules, and the
+# classifier tells them apart. The veto is calibrated to clear at most MAX_VETOED of the
+# calibration set's rule-caught attacks, and is never above MAX_VETO.
+MAX_VETOED = 0.01
+MAX_VETO = 0.05
 MAX_CACHED = 4  # classifiers (code versions) kept in the cache
+NUM_LAYERS = 2  # the encoder's top layers the classifier fine-tunes (of MiniLM's 6)
+NUM_EPOCHS = 4
+BATCH_PROMPTS = 32
+LEARNING_RATE = 5e-5  # the encoder layers'; the head learns at HEAD_LEARNING_RATE
+HEAD_LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 0.01
+DROPOUT = 0.1
+LOGIT_SCALE = 10.0  # the head reads a unit-norm embedding: its logit is scaled up
 
 
-def prompt_texts(embedder: Embedder, text: str, folded: str | None = None) -> list[str]:
-    """What is embedded for ``text``: windows of its folded view (case, look-alikes,
-    invisible characters and leetspeak undone: the model reads words, not tricks), then
-    the spaced-out letters joined, the split pieces joined and the decoded texts.
-    ``folded``: ``fold(text).text`` when the caller has it."""
+def prompt_texts(embedder: Embedder, text: str, folded: str | None = None, *,
+                 with_sentences: bool = True) -> list[str]:
+    """What is embedded for ``text``: windows and (``with_sentences``: for the classifier)
+    sentences of its folded view (case, look-alikes, invisible characters and leetspeak
+    undone: the model reads words, not tricks), then the spaced-out letters joined, the
+    split pieces joined and the decoded texts. ``folded``: ``fold(text).text`` when the
+    caller has it."""
     folded = fold(text).text if folded is None else folded
     extras = [fold(v).text for v in (join_spaced(text), *fragment_views(text)[:1],
                                      *hidden_texts(text)) if v]
-    return embedder.texts_for(folded, extras)
+    return embedder.texts_for(folded, extras, with_sentences=with_sentences)
 
 
 @dataclass(frozen=True, slots=True)
 class TrainResult:
     classifier: InjectionClassifier
     num_examples: int
-    calibration_fpr: float  # at the chosen threshold, on the calibration set's benign texts
+    calibration_fpr: float  # rules and classifier, on the calibration set's benign texts
     calibration_recall: float  # the same, on its attacks
     seconds: float
 
 
 class InjectionClassifier:
-    """Owns the weights; scores one prompt's text embeddings."""
+    """Owns the fine-tuned layers and the head; scores texts from the encoder's states
+    below them."""
 
-    def __init__(self, weight: torch.Tensor, bias: float, threshold: float) -> None:
-        self.weight = weight.float()  # [384]
-        self.bias = bias
+    def __init__(self, layers: Sequence[dict[str, torch.Tensor]], head_weight: torch.Tensor,
+                 head_bias: float, threshold: float, *, num_heads: int, eps: float,
+                 veto: float = 0.0) -> None:
+        self.layers = [dict(layer) for layer in layers]
+        self.head_weight = head_weight.float()  # [H]
+        self.head_bias = head_bias
         self.threshold = threshold  # a prompt scoring at or above it is an attack
+        self.veto = veto  # a rule or exemplar hit scoring under it is cleared
+        self.num_heads = num_heads
+        self.eps = eps
 
-    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Probabilities [N] for text embeddings [N, 384]."""
-        return torch.sigmoid(embeddings.float() @ self.weight + self.bias)
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
 
-    def score(self, embeddings: torch.Tensor) -> float:
+    def to(self, dtype: torch.dtype) -> InjectionClassifier:
+        """The layers in ``dtype`` (the encoder's: they read its states); the head stays
+        float32."""
+        self.layers = [{k: v.to(dtype) for k, v in layer.items()} for layer in self.layers]
+        return self
+
+    def probabilities(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each text's probability of being an attack [N], from the encoder's token states
+        below the fine-tuned layers [N, L, H] and the real tokens ``mask`` [N, L]."""
+        with torch.inference_mode():
+            x = states.to(self.layers[0]["output.dense.weight"].dtype) if self.layers \
+                else states
+            for layer in self.layers:
+                x = bert_layer(x, mask, layer, num_heads=self.num_heads, eps=self.eps)
+            pooled = F.normalize(mean_pool(x.float(), mask), dim=-1)
+            return torch.sigmoid((pooled @ self.head_weight + self.head_bias) * LOGIT_SCALE)
+
+    @staticmethod
+    def score(probabilities: torch.Tensor) -> float:
         """A prompt's score: its most suspicious text's probability (0 with no texts)."""
-        return float(self.scores(embeddings).max()) if len(embeddings) else 0.0
+        return float(probabilities.max()) if len(probabilities) else 0.0
 
     def save(self, path: Path, *, key: str) -> None:
         """Written to a temporary file, then renamed: a reader never sees half a file."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
+        tensors = {f"layer.{i}.{name}": t.float().contiguous()
+                   for i, layer in enumerate(self.layers) for name, t in layer.items()}
+        tensors["head.weight"] = self.head_weight.contiguous()
+        tensors["head.bias"] = torch.tensor([self.head_bias])
         try:
-            save_file({"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias])},
-                      tmp, metadata={"key": key, "threshold": repr(self.threshold)})
+            save_file(tensors, tmp, metadata={
+                "key": key, "threshold": repr(self.threshold), "veto": repr(self.veto),
+                "num_layers": str(self.num_layers),
+                "num_heads": str(self.num_heads), "eps": repr(self.eps)})
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -99,15 +157,24 @@ class InjectionClassifier:
 
     @classmethod
     def load(cls, path: Path, *, key: str) -> InjectionClassifier | None:
-        """The classifier saved at ``path``; None when missing, unreadable or stale."""
+        """The classifier saved at ``path`` (float32); None when missing, unreadable or
+        stale."""
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
             if meta.get("key") != key:
                 return None
             tensors = load_file(str(path))
-            return cls(tensors["weight"], float(tensors["bias"][0]), float(meta["threshold"]))
-        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
+            layers: list[dict[str, torch.Tensor]] = [{} for _ in range(int(meta["num_layers"]))]
+            for name, t in tensors.items():
+                if name.startswith("layer."):
+                    _, index, rest = name.split(".", 2)
+                    layers[int(index)][rest] = t
+            return cls(layers, tensors["head.weight"], float(tensors["head.bias"][0]),
+                       float(meta["threshold"]), num_heads=int(meta["num_heads"]),
+                       eps=float(meta["eps"]), veto=float(meta["veto"]))
+        except (OSError, KeyError, ValueError, RuntimeError, IndexError,
+                SafetensorError) as exc:
             log.warning("cannot read the injection classifier; retraining",
                         extra={"path": str(path), "error": repr(exc)})
             return None
@@ -117,8 +184,8 @@ def artifact_key(embedder: Embedder) -> str:
     """A hash of what determines the weights: the sources, the settings, the model dtype."""
     h = hashlib.sha256()
     h.update(f"{FORMAT_VERSION}|{TRAIN_SEED}|{CALIBRATION_SEED}|{NUM_PER_FAMILY}|"
-             f"{MAX_CALIBRATION_FPR}|{embedder.model.dtype}|{embedder.max_words}|"
-             f"{embedder.max_windows}|{embedder.max_extra}".encode())
+             f"{MAX_CALIBRATION_FPR}|{torch.__version__}|{embedder.model.dtype}|{embedder.max_words}|"
+             f"{embedder.max_windows}|{embedder.max_sentences}|{embedder.max_extra}".encode())
     here = Path(__file__).parent
     for name in _SOURCES:
         h.update((here / name).read_bytes())
@@ -131,59 +198,123 @@ def artifact_path(cache_dir: Path, key: str) -> Path:
 
 @dataclass(frozen=True, slots=True)
 class Features:
-    """Text embeddings of a set of prompts, grouped by prompt."""
+    """The encoder's states below the fine-tuned layers for a set of prompts' texts."""
 
-    embeddings: torch.Tensor  # [W, 384]: every prompt's texts, in prompt order
+    states: list[torch.Tensor]  # per text, [tokens, H] in the encoder's dtype
     prompt_ids: torch.Tensor  # [W]: the prompt each text belongs to
     labels: torch.Tensor  # [P]: 1.0 for an attack
+    rule_hits: torch.Tensor  # [P] bool: an injection rule fires on the prompt
 
 
 def featurize(embedder: Embedder, texts: Sequence[str], labels: Sequence[bool], *,
-              batch_size: int = 256) -> Features:
+              num_layers: int = NUM_LAYERS, batch_size: int = 128) -> Features:
+    """Every prompt's texts through the encoder's layers below its top ``num_layers``."""
     per_prompt = [prompt_texts(embedder, t) or [""] for t in texts]
     flat = [t for ts in per_prompt for t in ts]
-    # Sorted by length, so a batch pads to about its own length, not the longest text's.
-    order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
-    out = torch.empty(len(flat), embedder.exemplars.shape[1])
-    for start in range(0, len(order), batch_size):
-        ids = order[start:start + batch_size]
-        out[ids] = embedder._encode([flat[i] for i in ids])
-    prompt_ids = torch.tensor([p for p, ts in enumerate(per_prompt) for _ in ts])
-    return Features(out, prompt_ids, torch.tensor([float(x) for x in labels]))
+    prompt_ids = torch.tensor([p for p, ts in enumerate(per_prompt) for _ in ts],
+                              dtype=torch.int64)
+    return Features(embedder.lower_states(flat, num_layers=num_layers, batch_size=batch_size),
+                    prompt_ids, torch.tensor([float(x) for x in labels]),
+                    torch.tensor([bool(injection.scan(t)) for t in texts], dtype=torch.bool))
 
 
-def prompt_scores(features: Features, weight: torch.Tensor, bias: torch.Tensor
-                  ) -> torch.Tensor:
-    """Each prompt's highest text logit [P]."""
-    logits = features.embeddings @ weight + bias  # [W]
-    out = torch.full((len(features.labels),), -torch.inf)
-    return out.scatter_reduce(0, features.prompt_ids, logits, reduce="amax")
+def _batch(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``states`` padded into [N, L, H] (float32) with the mask of real tokens [N, L]."""
+    width = max(len(s) for s in states)
+    x = torch.zeros(len(states), width, states[0].shape[-1])
+    mask = torch.zeros(len(states), width, dtype=torch.bool)
+    for i, s in enumerate(states):
+        x[i, :len(s)] = s.float()
+        mask[i, :len(s)] = True
+    return x, mask
 
 
-def fit(features: Features, *, l2: float = 1e-3, num_steps: int = 60, seed: int = TRAIN_SEED
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights [384] and bias [1] minimising the class-balanced logistic loss of each
-    prompt's highest text logit, plus ``l2``; full-batch L-BFGS from a seeded start."""
-    gen = torch.Generator().manual_seed(seed)
-    dim = features.embeddings.shape[1]
-    weight = (torch.randn(dim, generator=gen) * 0.01).requires_grad_()
-    bias = torch.zeros(1, requires_grad=True)
+def _texts_of(features: Features) -> list[list[int]]:
+    """Each prompt's text indices."""
+    out: list[list[int]] = [[] for _ in range(len(features.labels))]
+    for w, p in enumerate(features.prompt_ids.tolist()):
+        out[p].append(w)
+    return out
+
+
+def prompt_probabilities(classifier: InjectionClassifier, features: Features, *,
+                         batch_prompts: int = 64) -> torch.Tensor:
+    """Each prompt's score [P], computed as the service computes it."""
+    texts = _texts_of(features)
+    order = sorted(range(len(texts)), key=lambda p: max(len(features.states[w])
+                                                        for w in texts[p]))
+    dtype = features.states[0].dtype
+    out = torch.zeros(len(texts))
+    for start in range(0, len(order), batch_prompts):
+        prompts = order[start:start + batch_prompts]
+        ids = [w for p in prompts for w in texts[p]]
+        x, mask = _batch([features.states[w] for w in ids])
+        probs = classifier.probabilities(x.to(dtype), mask)
+        owner = torch.tensor([i for i, p in enumerate(prompts) for _ in texts[p]])
+        best = torch.zeros(len(prompts)).scatter_reduce(0, owner, probs, reduce="amax")
+        out[prompts] = best
+    return out
+
+
+def fit(features: Features, init: Sequence[dict[str, torch.Tensor]], *, num_heads: int,
+        eps: float, num_epochs: int = NUM_EPOCHS, seed: int = TRAIN_SEED
+        ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, float]:
+    """Layers (from copies of ``init``), head weight [H] and bias minimising the
+    class-balanced logistic loss of each prompt's highest text logit: AdamW with weight
+    decay and dropout, linear warm-up and decay, shuffled by ``seed``."""
+    torch.manual_seed(seed)
+    layers = [{k: torch.nn.Parameter(v.detach().float().clone()) for k, v in layer.items()}
+              for layer in init]
+    hidden = features.states[0].shape[-1]
+    head_w = torch.nn.Parameter(torch.zeros(hidden))
+    head_b = torch.nn.Parameter(torch.zeros(1))
+    encoder = [p for layer in layers for p in layer.values()]
+    opt = torch.optim.AdamW([{"params": encoder, "lr": LEARNING_RATE},
+                             {"params": [head_w, head_b], "lr": HEAD_LEARNING_RATE}],
+                            weight_decay=WEIGHT_DECAY)
     labels = features.labels
     num_pos = float(labels.sum())
     pos_weight = torch.tensor((len(labels) - num_pos) / max(num_pos, 1.0))
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=num_steps,
-                            history_size=20, line_search_fn="strong_wolfe")
+    texts = _texts_of(features)
+    order = list(range(len(texts)))
+    num_steps = num_epochs * math.ceil(len(order) / BATCH_PROMPTS)
+    warmup = max(1.0, 0.1 * num_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (num_steps - s) / num_steps))
+    rng = random.Random(seed)
+    for _ in range(num_epochs):
+        rng.shuffle(order)
+        for start in range(0, len(order), BATCH_PROMPTS):
+            prompts = order[start:start + BATCH_PROMPTS]
+            ids = [w for p in prompts for w in texts[p]]
+            x, mask = _batch([features.states[w] for w in ids])
+            for layer in layers:
+                x = bert_layer(x, mask, layer, num_heads=num_heads, eps=eps, dropout=DROPOUT)
+            pooled = F.dropout(F.normalize(mean_pool(x, mask), dim=-1), DROPOUT, True)
+            logits = (pooled @ head_w + head_b) * LOGIT_SCALE
+            owner = torch.tensor([i for i, p in enumerate(prompts) for _ in texts[p]])
+            best = torch.full((len(prompts),), -1e4).scatter_reduce(0, owner, logits,
+                                                                    reduce="amax")
+            loss = F.binary_cross_entropy_with_logits(best, labels[prompts],
+                                                      pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            sched.step()
+    return ([{k: v.detach() for k, v in layer.items()} for layer in layers],
+            head_w.detach(), float(head_b.detach()[0]))
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            prompt_scores(features, weight, bias), labels, pos_weight=pos_weight)
-        loss = loss + l2 * (weight * weight).sum()
-        loss.backward()  # type: ignore[no-untyped-call]
-        return loss
 
-    opt.step(closure)  # type: ignore[no-untyped-call]
-    return weight.detach(), bias.detach()
+def calibrate_veto(scores: torch.Tensor, labels: torch.Tensor, rule_hits: torch.Tensor, *,
+                   max_vetoed: float = MAX_VETOED, max_veto: float = MAX_VETO) -> float:
+    """The highest veto (at most ``max_veto``) under which at most ``max_vetoed`` of the
+    rule-caught attacks' ``scores`` [P] fall: what the veto may cost in recall."""
+    caught = torch.sort(scores[(labels > 0.5) & rule_hits]).values
+    if not len(caught):
+        return 0.0
+    num_allowed = int(max_vetoed * len(caught))
+    # Just at the first rule-caught attack that must not be cleared.
+    return min(max_veto, float(caught[num_allowed]))
 
 
 def calibrate(scores: torch.Tensor, labels: torch.Tensor, *,
@@ -209,7 +340,8 @@ def default_sets() -> tuple[list[traindata.Example], list[traindata.Example]]:
 
 
 def train(embedder: Embedder, *, examples: Sequence[traindata.Example] | None = None,
-          calibration: Sequence[traindata.Example] | None = None) -> TrainResult:
+          calibration: Sequence[traindata.Example] | None = None,
+          num_epochs: int = NUM_EPOCHS) -> TrainResult:
     """Fits on ``examples`` and calibrates on ``calibration`` (default: ``default_sets``)."""
     t0 = time.perf_counter()
     if examples is None or calibration is None:
@@ -217,23 +349,33 @@ def train(embedder: Embedder, *, examples: Sequence[traindata.Example] | None = 
     train_x = featurize(embedder, [e.text for e in examples], [e.is_attack for e in examples])
     cal_x = featurize(embedder, [e.text for e in calibration],
                       [e.is_attack for e in calibration])
-    classifier, fpr, recall = fit_and_calibrate(train_x, cal_x)
+    classifier, fpr, recall = fit_and_calibrate(embedder, train_x, cal_x,
+                                                num_epochs=num_epochs)
     return TrainResult(classifier, len(examples), fpr, recall,
                        round(time.perf_counter() - t0, 2))
 
 
-def fit_and_calibrate(train_x: Features, cal_x: Features
+def fit_and_calibrate(embedder: Embedder, train_x: Features, cal_x: Features, *,
+                      num_epochs: int = NUM_EPOCHS
                       ) -> tuple[InjectionClassifier, float, float]:
-    """The classifier fitted on ``train_x`` with its threshold calibrated on ``cal_x``, and
-    the calibration set's false-positive rate and recall at that threshold."""
-    weight, bias = fit(train_x)
-    cal_scores = torch.sigmoid(prompt_scores(cal_x, weight, bias))
-    threshold = calibrate(cal_scores, cal_x.labels)
-    flagged = cal_scores >= threshold
+    """The classifier fitted on ``train_x`` from ``embedder``'s top layers, with its
+    threshold and veto calibrated on ``cal_x``, and the calibration set's false-positive
+    rate and recall of the rules and the classifier together."""
+    model = embedder.model
+    top = model.layers[model.num_layers - NUM_LAYERS:]
+    layers, head_w, head_b = fit(train_x, top, num_heads=model.num_heads, eps=model.eps,
+                                 num_epochs=num_epochs)
+    classifier = InjectionClassifier(layers, head_w, head_b, 1.0, num_heads=model.num_heads,
+                                     eps=model.eps).to(model.dtype)
+    cal_scores = prompt_probabilities(classifier, cal_x)
+    classifier.threshold = calibrate(cal_scores, cal_x.labels)
+    classifier.veto = calibrate_veto(cal_scores, cal_x.labels, cal_x.rule_hits)
+    flagged = (cal_scores >= classifier.threshold) | (cal_x.rule_hits
+                                                      & (cal_scores >= classifier.veto))
     is_attack = cal_x.labels > 0.5
     fpr = float(flagged[~is_attack].float().mean()) if (~is_attack).any() else 0.0
     recall = float(flagged[is_attack].float().mean()) if is_attack.any() else 0.0
-    return InjectionClassifier(weight, float(bias[0]), threshold), round(fpr, 4), round(recall, 4)
+    return classifier, round(fpr, 4), round(recall, 4)
 
 
 def load_or_train(embedder: Embedder, cache_dir: Path, *,
@@ -246,7 +388,7 @@ def load_or_train(embedder: Embedder, cache_dir: Path, *,
     if not retrain and path.exists():
         loaded = InjectionClassifier.load(path, key=key)
         if loaded is not None:
-            return loaded
+            return loaded.to(embedder.model.dtype)
     result = train(embedder)
     log.info("injection classifier trained", extra={
         "examples": result.num_examples, "seconds": result.seconds,

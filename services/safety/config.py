@@ -22,9 +22,10 @@ class SafetyConfig(ServerConfig):
     # The learned prompt-injection signal (all-MiniLM-L6-v2, ~90 MB, ~3 s to load).
     # Off: rules only, for tenants whose policy names the embedding scanner too.
     embedding: bool = True
-    # The injection classifier over those embeddings (services/safety/classifier.py): its
-    # weights are cached here, keyed by a hash of its data and code; a missing or stale
-    # file is trained at start (seconds; `genmesh safety train` builds it ahead). Off, or
+    # The injection classifier (the embedding model's top layers fine-tuned:
+    # services/safety/classifier.py): its weights are cached here, keyed by a hash of its
+    # data and code; a missing or stale file is trained at start (~4 min on two cores:
+    # `genmesh safety train` builds it ahead, as make run/test and the image do). Off, or
     # with the embedding off: rules and exemplar similarity only.
     classifier: bool = True
     classifier_cache_dir: str = str(DEFAULT_CLASSIFIER_DIR)

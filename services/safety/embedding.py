@@ -19,12 +19,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import regex
 import torch
+import torch.nn.functional as F
 
-from services.safety.minilm import MiniLM
+from services.safety.minilm import MiniLM, mean_pool
 
 log = logging.getLogger("genmesh.safety")
 
@@ -50,6 +51,16 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"unknown embedding dtype {name!r}: use auto, float32 or bfloat16")
     return dtypes[name]
+
+
+class Branch(Protocol):
+    """Fine-tuned copies of the encoder's top layers with a head (the injection
+    classifier): it reads the states below them."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def probabilities(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,22 @@ def windows(text: str, *, max_words: int, max_windows: int) -> list[str]:
     return [texts[i] for i in sorted(ranked[:max_windows])]
 
 
+def sentences(text: str, *, max_words: int, max_sentences: int, skip: Sequence[str] = ()
+              ) -> list[str]:
+    """The ``max_sentences`` sentences of ``text`` (each cut to ``max_words`` words) with
+    the most cue words, in text order, leaving out those equal to a text in ``skip``: one
+    injected sentence in a window of ordinary prose is diluted by the mean pooling, alone
+    it is not."""
+    found = [" ".join(s.split()[:max_words]) for s in _SENTENCE.split(text)]
+    taken = set(skip)
+    candidates = [s for s in dict.fromkeys(found) if s and s not in taken]
+    if len(candidates) <= max_sentences:
+        return candidates
+    ranked = sorted(range(len(candidates)),
+                    key=lambda i: (-len(_CUE.findall(candidates[i].lower())), i))
+    return [candidates[i] for i in sorted(ranked[:max_sentences])]
+
+
 def load_exemplars(path: Path = EXEMPLARS_FILE) -> list[tuple[str, str]]:
     """(text, family) pairs."""
     pairs = []
@@ -93,10 +120,12 @@ class Embedder:
     """Owns the sentence-embedding model and the exemplars' embeddings."""
 
     def __init__(self, model: Any, exemplars: Sequence[tuple[str, str]], *,
-                 max_words: int = 40, max_windows: int = 3, max_extra: int = 3) -> None:
+                 max_words: int = 40, max_windows: int = 3, max_sentences: int = 4,
+                 max_extra: int = 3) -> None:
         self.model = model
         self.max_words = max_words
         self.max_windows = max_windows
+        self.max_sentences = max_sentences
         self.max_extra = max_extra
         self.families = [family for _, family in exemplars]
         self.exemplars = self._encode([text for text, _ in exemplars])  # [E, 384], unit norm
@@ -126,11 +155,17 @@ class Embedder:
                                     show_progress_bar=False)
         return out.float()  # [N, 384]
 
-    def texts_for(self, text: str, extra_texts: Sequence[str] = ()) -> list[str]:
-        """What is embedded for ``text``: its windows, then the first window of each of
-        the first ``max_extra`` ``extra_texts`` (other views: spaced-out letters joined,
-        decoded texts). Empty for a blank text."""
+    def texts_for(self, text: str, extra_texts: Sequence[str] = (), *,
+                  with_sentences: bool = True) -> list[str]:
+        """What is embedded for ``text``: its windows, with ``with_sentences`` its
+        ``max_sentences`` single sentences (for the classifier, which reads one injected
+        sentence alone; the exemplar signal alone is noisier on them), then the first
+        window of each of the first ``max_extra`` ``extra_texts`` (other views: spaced-out
+        letters joined, decoded texts). Empty for a blank text."""
         texts = windows(text, max_words=self.max_words, max_windows=self.max_windows)
+        if with_sentences and self.max_sentences:
+            texts += sentences(text, max_words=self.max_words,
+                               max_sentences=self.max_sentences, skip=texts)
         for extra in extra_texts[:self.max_extra]:
             texts += windows(extra, max_words=self.max_words, max_windows=1)
         return texts
@@ -154,6 +189,40 @@ class Embedder:
         encoded = self._encode(flat) if flat else torch.empty(0, dim)  # [W, 384]
         sizes = [len(texts) for texts in texts_per_prompt]
         return list(torch.split(encoded, sizes)) if sizes else []
+
+    def encode_scored(self, texts_per_prompt: Sequence[Sequence[str]], branch: Branch
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each prompt's text embeddings [n_i, 384] and ``branch``'s probabilities [n_i],
+        from one batch: the layers below the branch run once for both."""
+        flat = [t for texts in texts_per_prompt for t in texts]
+        sizes = [len(texts) for texts in texts_per_prompt]
+        if not flat:
+            return [(torch.empty(0, self.exemplars.shape[1]), torch.empty(0)) for _ in sizes]
+        model = self.model
+        stop = model.num_layers - branch.num_layers
+        with torch.inference_mode():
+            ids, mask = model._ids(flat)
+            lower = model.forward(ids, mask, stop=stop)
+            top = model.run_layers(lower, mask, start=stop, stop=model.num_layers)
+            embeddings = F.normalize(mean_pool(top.float(), mask), dim=-1)
+            probabilities = branch.probabilities(lower, mask)
+        return list(zip(torch.split(embeddings, sizes), torch.split(probabilities, sizes),
+                        strict=True))
+
+    def lower_states(self, texts: Sequence[str], *, num_layers: int, batch_size: int = 128
+                     ) -> list[torch.Tensor]:
+        """Each text's token states [tokens, H] below the encoder's top ``num_layers``
+        (what a ``Branch`` reads), batched by length."""
+        model = self.model
+        out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), batch_size):
+            ids_ = order[start:start + batch_size]
+            ids, mask = model._ids([texts[i] for i in ids_])
+            states = model.forward(ids, mask, stop=model.num_layers - num_layers)
+            for row, i in enumerate(ids_):
+                out[i] = states[row, :int(mask[row].sum())].clone()
+        return out
 
     def nearest_of(self, embeddings: torch.Tensor) -> Similarity:
         """The nearest exemplar to any of one prompt's text ``embeddings`` [w, 384]."""

@@ -4,12 +4,14 @@ For each attack family F (an intent such as exfiltration, or an obfuscation such
 leetspeak), the classifier is trained and calibrated again without any example of F
 (attacks of F, and benign texts obfuscated the way F obfuscates), then tested on F's
 attacks from a generated test set (its own seed) and, where given, from a hand-written
-set, and on every benign text of those sets. Texts are embedded once; only the fit runs
-per family (well under a second).
+set, and on every benign text of those sets. Texts go through the encoder's shared lower
+layers once; the fine-tuning runs per family (a few minutes each on two cores).
 
 Each figure comes twice: the classifier alone, and the whole detector (rules, nearest
-exemplar, classifier). The rules and exemplars were written by hand with every family in
-view, so only the classifier's figure measures generalization to an unseen family.
+exemplar, classifier, decided as the checker decides: a rule or exemplar hit the
+classifier scores under its veto is cleared). The rules and exemplars were written by
+hand with every family in view, so only the classifier's figure measures generalization
+to an unseen family.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from typing import Any
 
 import torch
 
-from services.safety import injection, traindata
+from services.safety import traindata
 from services.safety.classifier import (
     Features,
     default_sets,
     featurize,
     fit_and_calibrate,
+    prompt_probabilities,
+    prompt_texts,
 )
 from services.safety.embedding import Embedder
 
@@ -46,8 +50,9 @@ def subset(features: Features, keep: torch.Tensor) -> Features:
     """The prompts where ``keep`` [P] is True, renumbered."""
     new_ids = torch.cumsum(keep.long(), 0) - 1  # [P]: a kept prompt's new index
     text_kept = keep[features.prompt_ids]  # [W]
-    return Features(features.embeddings[text_kept], new_ids[features.prompt_ids[text_kept]],
-                    features.labels[keep])
+    return Features([s for s, k in zip(features.states, text_kept.tolist(), strict=True) if k],
+                    new_ids[features.prompt_ids[text_kept]], features.labels[keep],
+                    features.rule_hits[keep])
 
 
 def _holds(example: traindata.Example, family: str) -> bool:
@@ -57,13 +62,10 @@ def _holds(example: traindata.Example, family: str) -> bool:
 def score_set(embedder: Embedder, examples: Sequence[traindata.Example], *,
               embedding_threshold: float) -> Scored:
     features = featurize(embedder, [e.text for e in examples], [e.is_attack for e in examples])
-    similar = torch.zeros(len(examples), dtype=torch.bool)
-    sims = features.embeddings @ embedder.exemplars.T  # [W, E]
-    best = sims.max(dim=1).values
-    similar = similar.scatter_reduce(0, features.prompt_ids, best >= embedding_threshold,
-                                     reduce="amax")
-    rules = torch.tensor([bool(injection.scan(e.text)) for e in examples])
-    return Scored(examples, features, rules | similar)
+    similar = torch.tensor([embedder.nearest_of(e).score >= embedding_threshold
+                            for e in embedder.encode_prompts(
+                                [prompt_texts(embedder, x.text) for x in examples])])
+    return Scored(examples, features, features.rule_hits | similar)
 
 
 def _rates(flagged: torch.Tensor, examples: Sequence[traindata.Example], family: str
@@ -97,18 +99,20 @@ def leave_one_family_out(embedder: Embedder, *, embedding_threshold: float,
     for family in families:
         keep_train = torch.tensor([not _holds(e, family) for e in examples])
         keep_cal = torch.tensor([not _holds(e, family) for e in calibration])
-        classifier, _, _ = fit_and_calibrate(subset(train_x, keep_train),
+        classifier, _, _ = fit_and_calibrate(embedder, subset(train_x, keep_train),
                                              subset(cal_x, keep_cal))
-        row: dict[str, Any] = {"threshold": round(classifier.threshold, 4)}
+        row: dict[str, Any] = {"threshold": round(classifier.threshold, 4),
+                               "veto": round(classifier.veto, 4)}
         for name, test in tests.items():
             if not any(e.is_attack and e.family == family for e in test.examples):
                 continue
-            logits = test.features.embeddings @ classifier.weight + classifier.bias
-            per_prompt = torch.full((len(test.examples),), -torch.inf).scatter_reduce(
-                0, test.features.prompt_ids, logits, reduce="amax")
-            learned = torch.sigmoid(per_prompt) >= classifier.threshold
+            scores = prompt_probabilities(classifier, test.features)
+            learned = scores >= classifier.threshold
+            # As the checker decides: a rule or exemplar hit stands unless the classifier
+            # clears it (scores it under its veto).
+            by_hand = test.is_flagged_by_hand & (scores >= classifier.veto)
             row[name] = {"classifier": _rates(learned, test.examples, family),
-                         "detector": _rates(learned | test.is_flagged_by_hand, test.examples,
+                         "detector": _rates(learned | by_hand, test.examples,
                                             family)}
         report[family] = row
     return report

@@ -41,6 +41,8 @@ async def run(cfg: SafetyConfig) -> None:
         embedder.similarity("warm up the model")  # the first call pays one-off setup
     classifier = (load_or_train(embedder, Path(cfg.classifier_cache_dir))
                   if embedder is not None and cfg.classifier else None)
+    if embedder is not None and classifier is not None:
+        embedder.encode_scored([["warm up the classifier"]], classifier)  # the same, for it
     guard = Guard(policy_file, PromptChecker(embedder, classifier), AuditLog(audit_store(cfg)),
                   max_hold_chars=cfg.max_hold_chars)
     servicer = SafetyServicer(guard, max_text_chars=cfg.max_text_chars)

@@ -11,13 +11,49 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
+
+
+def bert_layer(x: torch.Tensor, mask: torch.Tensor, w: Mapping[str, torch.Tensor], *,
+               num_heads: int, eps: float, dropout: float = 0.0) -> torch.Tensor:
+    """One BERT encoder layer (post-norm, GELU) over token states ``x`` [B, L, H], attending
+    to the real tokens ``mask`` [B, L]; ``w`` holds the layer's tensors by their names in
+    the checkpoint after ``encoder.layer.<i>.``. ``dropout`` > 0 only while training."""
+    b, length, hidden = x.shape
+    d = hidden // num_heads
+
+    def linear(t: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(t, w[f"{name}.weight"], w[f"{name}.bias"])
+
+    def norm(t: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(t, t.shape[-1:], w[f"{name}.weight"], w[f"{name}.bias"], eps)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, length, num_heads, d).transpose(1, 2)
+
+    q = split(linear(x, "attention.self.query"))
+    k = split(linear(x, "attention.self.key"))
+    v = split(linear(x, "attention.self.value"))
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
+                                       dropout_p=dropout, scale=1 / math.sqrt(d))
+    a = a.transpose(1, 2).reshape(b, length, hidden)
+    a = F.dropout(linear(a, "attention.output.dense"), dropout, dropout > 0)
+    x = norm(x + a, "attention.output.LayerNorm")
+    h = F.dropout(linear(F.gelu(linear(x, "intermediate.dense")), "output.dense"), dropout,
+                  dropout > 0)
+    return norm(x + h, "output.LayerNorm")
+
+
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of each row's real token states [B, H], from ``states`` [B, L, H]."""
+    m = mask.unsqueeze(-1).to(states.dtype)
+    return (states * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
 
 
 class MiniLM:
@@ -37,6 +73,7 @@ class MiniLM:
         weights = load_file(str(folder / "model.safetensors"))
         # Checkpoints name tensors with or without the "bert." prefix.
         self.w = {k.removeprefix("bert."): v for k, v in weights.items()}
+        self.layers = self._layers()
         self.dtype = torch.float32
 
     def eval(self) -> MiniLM:
@@ -44,6 +81,7 @@ class MiniLM:
 
     def to(self, dtype: torch.dtype) -> MiniLM:
         self.w = {k: v.to(dtype) for k, v in self.w.items()}
+        self.layers = self._layers()
         self.dtype = dtype
         return self
 
@@ -64,37 +102,33 @@ class MiniLM:
         return F.layer_norm(x, x.shape[-1:], self.w[f"{name}.weight"], self.w[f"{name}.bias"],
                             self.eps)
 
-    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"])
+    def _layers(self) -> list[dict[str, torch.Tensor]]:
+        """Each encoder layer's tensors, named as ``bert_layer`` reads them."""
+        out = []
+        for i in range(self.num_layers):
+            prefix = f"encoder.layer.{i}."
+            out.append({k.removeprefix(prefix): v for k, v in self.w.items()
+                        if k.startswith(prefix)})
+        return out
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Token states [B, L, H]."""
-        w = self.w
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, *, stop: int | None = None
+                ) -> torch.Tensor:
+        """Token states [B, L, H] after the embeddings and layers ``0..stop-1`` (all by
+        default)."""
         length = ids.shape[1]
-        x = (F.embedding(ids, w["embeddings.word_embeddings.weight"])
-             + w["embeddings.position_embeddings.weight"][:length]
-             + w["embeddings.token_type_embeddings.weight"][0])
+        x = (F.embedding(ids, self.w["embeddings.word_embeddings.weight"])
+             + self.w["embeddings.position_embeddings.weight"][:length]
+             + self.w["embeddings.token_type_embeddings.weight"][0])
         x = self._norm(x, "embeddings.LayerNorm")
-        b, _, hidden = x.shape
-        heads, d = self.num_heads, hidden // self.num_heads
-        attn_mask = mask[:, None, None, :]  # [B, 1, 1, L]: attend to real tokens only
-        for i in range(self.num_layers):
-            p = f"encoder.layer.{i}"
+        return self.run_layers(x, mask, start=0, stop=self.num_layers if stop is None else stop)
 
-            def split(t: torch.Tensor) -> torch.Tensor:
-                return t.view(b, length, heads, d).transpose(1, 2)
-
-            q = split(self._linear(x, f"{p}.attention.self.query"))
-            k = split(self._linear(x, f"{p}.attention.self.key"))
-            v = split(self._linear(x, f"{p}.attention.self.value"))
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                               scale=1 / math.sqrt(d))
-            a = a.transpose(1, 2).reshape(b, length, hidden)
-            x = self._norm(x + self._linear(a, f"{p}.attention.output.dense"),
-                           f"{p}.attention.output.LayerNorm")
-            h = F.gelu(self._linear(x, f"{p}.intermediate.dense"))
-            x = self._norm(x + self._linear(h, f"{p}.output.dense"), f"{p}.output.LayerNorm")
+    @torch.inference_mode()
+    def run_layers(self, x: torch.Tensor, mask: torch.Tensor, *, start: int, stop: int
+                   ) -> torch.Tensor:
+        """Token states [B, L, H] after layers ``start..stop-1``, from ``x`` [B, L, H]."""
+        for i in range(start, stop):
+            x = bert_layer(x, mask, self.layers[i], num_heads=self.num_heads, eps=self.eps)
         return x
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 32,
@@ -105,9 +139,7 @@ class MiniLM:
         out = []
         for start in range(0, len(texts), max(batch_size, 1)):
             ids, mask = self._ids(texts[start:start + batch_size])
-            states = self.forward(ids, mask).float()
-            m = mask.unsqueeze(-1).float()
-            pooled = (states * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
+            pooled = mean_pool(self.forward(ids, mask).float(), mask)
             out.append(F.normalize(pooled, dim=-1) if normalize_embeddings else pooled)
         return torch.cat(out) if out else torch.empty(0, self.w[
             "embeddings.word_embeddings.weight"].shape[1])

@@ -43,7 +43,7 @@ ADVERSARIAL: dict[str, Callable[[int], str]] = {
 class NoModel:
     """The embedder's windows without its model: what a check costs before embedding."""
 
-    max_words, max_windows, max_extra = 40, 3, 3
+    max_words, max_windows, max_sentences, max_extra = 40, 3, 4, 3
     texts_for = embedding.Embedder.texts_for
 
 

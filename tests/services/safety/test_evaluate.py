@@ -61,16 +61,17 @@ def test_the_held_out_set_holds_its_measured_level(real_classifier: Path,
     """heldout.jsonl was written once by hand, before anything was measured on it, and is
     never tuned on. With the classifier (built by the fixture when missing): recall 0.811
     at a false-positive rate 0.033 on its first, blind run; 0.844 and 0.800 (same FPR)
-    after two retrainings for reasons outside it. A guard against regressions, with room
-    for the classifier another CPU's dtype trains; not the target (issue 19: 0.93 at
-    0.03), which it misses."""
+    after two retrainings for reasons outside it; 0.922 at 0.017 with the fine-tuned
+    classifier. A guard against regressions, with room for the classifier another CPU's
+    dtype trains; not the target (issue 19: 0.93 at 0.03, every family 0.85: indirect is
+    0.73), which it misses."""
     assert main(["safety", "eval", "--no-lofo"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["data"] == str(HELDOUT_FILE)
     overall = report["overall"]
     assert (overall["tp"] + overall["fn"], overall["fp"] + overall["tn"]) == (90, 60)
-    assert overall["recall"] >= 0.75
-    assert overall["false_positive_rate"] <= 0.05
+    assert overall["recall"] >= 0.87
+    assert overall["false_positive_rate"] <= 0.034
     assert report["flags_by_scanner"].get("classifier", 0) > 0
 
 
