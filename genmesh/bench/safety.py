@@ -2,9 +2,9 @@
 
 - Prompt checks, in process: p50/p99 for 200- and 2,000-character prompts, rules only
   (normalization, prompt-injection rules, lexicons, secrets, PII) and with the learned
-  signals as the service runs them (all-MiniLM-L6-v2 on up to 3 windows, 4 sentences and
-  3 other views, the fine-tuned classifier's top layers beside the encoder's own), and
-  with the embedding alone (no classifier, as before it existed).
+  signals as the service runs them (up to 3 windows, 4 sentences and 3 other views packed
+  into rows through all-MiniLM-L6-v2's lower layers and the fine-tuned classifier's), and
+  with the exemplar signal instead (no classifier, as before it existed).
 - Streamed output: the moderator's own time per chunk, and the round trip of one chunk
   through a real safety process over gRPC (what the frontend waits for per chunk).
 """

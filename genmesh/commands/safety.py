@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="skip the leave-one-family-out evaluation (one fine-tuning per "
                          "family: ~45 min on two cores)")
     ev.add_argument("--threshold", type=float,
-                    help="embedding (exemplar similarity) threshold (default: the policy's)")
+                    help="exemplar similarity threshold, used only with --no-classifier "
+                         "(default: the policy's)")
     ev.add_argument("--misses", action="store_true",
                     help="also list the misclassified texts (their first 160 characters)")
     _cache_dir_arg(ev)
@@ -87,7 +88,9 @@ def _eval(args: argparse.Namespace) -> int:
     report: dict[str, Any] = evaluate(examples, PromptChecker(embedder, classifier), policy,
                                       with_misses=args.misses)
     report = {"data": str(args.data), "embedding": embedder is not None,
-              "embedding_threshold": policy.embedding_threshold,
+              # The exemplar signal runs only without a classifier.
+              "embedding_threshold": policy.embedding_threshold if classifier is None
+              else None,
               "classifier_threshold": round(classifier.threshold, 4) if classifier else None,
               **report}
     if embedder is not None and not args.no_lofo:
@@ -95,8 +98,7 @@ def _eval(args: argparse.Namespace) -> int:
         from services.safety.traindata import load_labelled
 
         report["leave_one_family_out"] = leave_one_family_out(
-            embedder, embedding_threshold=policy.embedding_threshold,
-            heldout=load_labelled(args.data))
+            embedder, heldout=load_labelled(args.data))
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
 

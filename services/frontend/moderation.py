@@ -44,10 +44,10 @@ log = logging.getLogger("genmesh.frontend")
 # outside, the classic way in for an injection); assistant turns are the model's own
 # output, already moderated when they streamed.
 CHECKED_ROLES = frozenset({"user", "system", "tool"})
-# The prompt checks of one chat in flight at once (one CheckPrompt per message): what the
-# safety service batches at a time. A chat that runs out of time then cancels at most
-# this many calls: Envoy closes a connection on which most calls are reset early (its
-# defence against rapid resets), failing every other request on it.
+# The prompt checks of one chat in flight at once (one CheckPrompt per distinct message
+# text): what the safety service batches at a time. A chat that runs out of time then
+# cancels at most this many calls: Envoy closes a connection on which most calls are
+# reset early (its defence against rapid resets), failing every other request on it.
 MAX_CHECKS_IN_FLIGHT = 32
 _MIN_TIMEOUT_S = 0.001  # a call past the shared deadline fails at once (DEADLINE_EXCEEDED)
 
@@ -154,27 +154,32 @@ class SafetyGate:
                              ) -> tuple[ChatMessage, ...]:
         """Checks the caller's messages from index ``first`` on, at most
         MAX_CHECKS_IN_FLIGHT at a time and all within the settings' ``timeout_s``; the
-        conversation with redactions applied. The first message refused stops the rest."""
-        indices = [i for i in range(first, len(messages))
-                   if messages[i].role in CHECKED_ROLES and messages[i].content.strip()]
+        conversation with redactions applied. A text sent in several messages is checked
+        once (its verdict is the same). The first message refused stops the rest."""
+        contents = list(dict.fromkeys(
+            messages[i].content for i in range(first, len(messages))
+            if messages[i].role in CHECKED_ROLES and messages[i].content.strip()))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.timeout_s
         in_flight = asyncio.Semaphore(MAX_CHECKS_IN_FLIGHT)
 
-        async def check(i: int) -> str:
+        async def check(content: str) -> str:
             async with in_flight:
                 return await self.check_text(
-                    messages[i].content, request_id=request_id, tenant=tenant, model=model,
+                    content, request_id=request_id, tenant=tenant, model=model,
                     timeout_s=max(deadline - loop.time(), _MIN_TIMEOUT_S))
 
-        checks = [asyncio.ensure_future(check(i)) for i in indices]
+        checks = [asyncio.ensure_future(check(c)) for c in contents]
         try:
-            texts = await asyncio.gather(*checks)
+            checked = dict(zip(contents, await asyncio.gather(*checks), strict=True))
         finally:
             for task in checks:  # a message refused, or the caller gone: the rest stop
                 task.cancel()
         out = list(messages)
-        for i, text in zip(indices, texts, strict=True):
+        for i in range(first, len(messages)):
+            if out[i].role not in CHECKED_ROLES:
+                continue
+            text = checked.get(out[i].content, out[i].content)
             if text != out[i].content:
                 out[i] = dataclasses.replace(out[i], content=text)
         return tuple(out)

@@ -75,10 +75,10 @@ class RuleScan:
     rule_findings: tuple[Finding, ...]  # the prompt-injection rules' findings
     span_findings: tuple[Finding, ...]  # content, secrets and PII
     text: str  # the text to use: the input, with the spans the policy redacts redacted
-    # The texts the embedding signal compares with the exemplars (``Embedder.texts_for``;
-    # may be empty); None when it does not run: no model, not in the policy, or a rule
-    # already settled the matter (unless a classifier that reads the whole prompt may
-    # clear the rule's hit).
+    # The texts the learned signal reads (``classifier.prompt_texts``: the classifier's, or
+    # without one what is compared with the exemplars; may be empty); None when it does
+    # not run: no model, not in the policy, or a rule already settled the matter (unless
+    # a classifier that reads the whole prompt may clear the rule's hit).
     embedding_texts: tuple[str, ...] | None
     # The classifier reads every part of the prompt, so it may clear a rule's hit.
     is_read_whole: bool = False
@@ -86,16 +86,20 @@ class RuleScan:
 
 @dataclass(frozen=True, slots=True)
 class Learned:
-    """The learned signals of one prompt, from its text embeddings."""
+    """The learned signal of one prompt: the classifier's score or, without a classifier,
+    the nearest exemplar attack. With a classifier the exemplar signal does not run:
+    beside it, it added about as many false positives as attacks found, and the encoder's
+    layers it needs would cost as much again as the classifier's."""
 
-    similarity: Similarity  # the nearest exemplar attack
+    similarity: Similarity | None  # the nearest exemplar attack; None with a classifier
     classifier_score: float | None  # the classifier's probability; None without one
     uncut: bool = False  # the classifier read each text whole (none hit the token limit)
 
 
 class PromptChecker:
     """Scans prompts; owns the (optional) embedding model and injection classifier (the
-    classifier reads the embedder's embeddings, so it runs only with one)."""
+    classifier reads the states of the embedding model's lower layers, so it runs only
+    with one)."""
 
     def __init__(self, embedder: Embedder | None,
                  classifier: InjectionClassifier | None = None) -> None:
@@ -151,37 +155,33 @@ class PromptChecker:
         if self.classifier is None:
             return [Learned(self.embedder.nearest_of(e), None)
                     for e in self.embedder.encode_prompts(texts_per_prompt)]
-        return [Learned(self.embedder.nearest_of(s.embeddings),
-                        self.classifier.score(s.probabilities), s.uncut)
+        return [Learned(None, self.classifier.score(s.probabilities), s.uncut)
                 for s in self.embedder.encode_scored(texts_per_prompt, self.classifier)]
 
 
 def decide(scan: RuleScan, learned: Learned | None, classifier_threshold: float = 1.0,
            veto: float = 0.0) -> Decision:
-    """``scan``'s decision, given the learned signals (None: they did not run): the rules,
-    the nearest exemplar at the policy's threshold, the classifier at its calibrated one.
-    A rule or exemplar hit that the classifier scores under ``veto`` is cleared, when the
-    classifier read the whole prompt: it tells a quoted or discussed attack from one
-    aimed at the model."""
+    """``scan``'s decision, given the learned signal (None: it did not run): the rules,
+    and the classifier at its calibrated threshold or, without one, the nearest exemplar
+    at the policy's. A rule's hit that the classifier scores under ``veto`` is cleared,
+    when the classifier read the whole prompt: it tells a quoted or discussed attack from
+    one aimed at the model."""
     policy = scan.policy
     findings = list(scan.rule_findings)
     action = policy.action(PROMPT_INJECTION)
     if learned is not None:
         similarity, score = learned.similarity, learned.classifier_score
-        cleared = score is not None and score < veto
-        if findings:
+        if score is None:  # no classifier: the exemplar signal (it runs on no rule hit)
+            if similarity is not None and similarity.score >= policy.embedding_threshold:
+                findings.append(Finding(PROMPT_INJECTION, Scanner.EMBEDDING.value,
+                                        round(similarity.score, 4), action, similarity.family))
+        elif findings:
             # A rule's hit stands, unless the classifier read the whole prompt (no part
             # of it left out, no text cut: padding cannot hide the attack from it) and
             # clears it.
-            if cleared and scan.is_read_whole and learned.uncut:
+            if score < veto and scan.is_read_whole and learned.uncut:
                 findings = []
-        elif cleared:
-            pass  # an exemplar's hit on the very texts the classifier cleared
-        elif similarity.score >= policy.embedding_threshold:
-            findings.append(Finding(PROMPT_INJECTION, Scanner.EMBEDDING.value,
-                                    round(similarity.score, 4), action, similarity.family))
-        elif score is not None and score >= classifier_threshold:
-            # The classifier names no family: the nearest exemplar's is the best guess.
-            findings.append(Finding(PROMPT_INJECTION, "classifier", round(score, 4), action,
-                                    similarity.family))
+        elif score >= classifier_threshold:
+            # The classifier names no attack family.
+            findings.append(Finding(PROMPT_INJECTION, "classifier", round(score, 4), action))
     return Decision.of(findings + list(scan.span_findings), scan.text)

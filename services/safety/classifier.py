@@ -1,13 +1,13 @@
-"""The learned prompt-injection layer: the sentence encoder's top layers fine-tuned, with
-a linear head, to tell attacks from close benign texts.
+"""The learned prompt-injection layer: layers of the sentence encoder fine-tuned, with a
+linear head, to tell attacks from close benign texts.
 
-A prompt is read as the texts the checker already embeds for the exemplar signal
-(``prompt_texts``: windows and single sentences of its folded view, plus the spaced-out
-and decoded views). The encoder's lower layers are shared: the checker runs them once,
-then the encoder's own top layers (the exemplar signal's embeddings) and the classifier's
-fine-tuned copies of them (``NUM_LAYERS``), mean-pooled into a probability per text. A
-prompt's score is the highest of its texts': one injected sentence in a long e-mail is
-enough, and training optimises the same max (multiple-instance learning).
+A prompt is read as several texts (``prompt_texts``: windows and single sentences of its
+folded view, plus the spaced-out and decoded views). The encoder's layers below
+``FIRST_LAYER`` stay as trained and run once per text; the classifier's fine-tuned copies
+of layers ``FIRST_LAYER`` .. ``FIRST_LAYER + NUM_LAYERS - 1`` replace the rest of the
+encoder, mean-pooled into a probability per text. A prompt's score is the highest of its
+texts': one injected sentence in a long e-mail is enough, and training optimises the
+same max (multiple-instance learning).
 
 Fine-tuning, unlike a linear model over frozen embeddings, can move what MiniLM places
 close together (talk about prompts next to attacks on them): on the held-out set the
@@ -40,9 +40,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from services.safety import injection, traindata
-from services.safety.embedding import Embedder
+from services.safety.embedding import ROW_TOKENS, Embedder
 from services.safety.injection import fragment_views, hidden_texts, join_spaced
-from services.safety.minilm import bert_layer, mean_pool
+from services.safety.minilm import Packed, bert_layer, pack
 from services.safety.normalize import fold
 
 log = logging.getLogger("genmesh.safety")
@@ -54,17 +54,22 @@ _SOURCES = ("traindata.py", "classifier.py", "embedding.py", "minilm.py", "norma
             "data/dev.jsonl", "data/dev2.jsonl")
 TRAIN_SEED = 0
 CALIBRATION_SEED = 1
-NUM_PER_FAMILY = 60  # ~1,300 generated prompts (and ~500 hand-written)
+NUM_PER_FAMILY = 60  # ~1,700 generated prompts (and ~500 hand-written)
 MAX_CALIBRATION_FPR = 0.01
 MIN_THRESHOLD = 0.5
-# A rule or exemplar hit that the classifier scores under its veto is cleared: close
+# A rule's hit that the classifier scores under its veto is cleared: close
 # benign texts (a quoted attack, "do not mention the party") trip the rules, and the
 # classifier tells them apart. The veto is calibrated to clear at most MAX_VETOED of the
 # calibration set's rule-caught attacks, and is never above MAX_VETO.
 MAX_VETOED = 0.01
 MAX_VETO = 0.05
 MAX_CACHED = 4  # classifiers (code versions) kept in the cache
-NUM_LAYERS = 2  # the encoder's top layers the classifier fine-tunes (of MiniLM's 6)
+# The classifier fine-tunes copies of MiniLM's layers 2 and 3 (of 6) and reads the states
+# below them; the encoder's layers 4 and 5 do not run. Fine-tuning layers 4 and 5 instead
+# did as well (leave-one-family-out, indirect 0.60 / leetspeak 0.93 / exfiltration 1.0
+# against 0.63 / 0.97 / 0.97) at 1.5 times the cost of a check.
+FIRST_LAYER = 2
+NUM_LAYERS = 2
 NUM_EPOCHS = 4
 BATCH_PROMPTS = 32
 LEARNING_RATE = 5e-5  # the encoder layers'; the head learns at HEAD_LEARNING_RATE
@@ -90,7 +95,8 @@ def reads_whole(embedder: Embedder, text: str, folded: str | None = None) -> boo
     one): only then may the classifier clear a rule's hit on it, or an attacker could
     push the attack out of what the classifier reads with harmless padding."""
     folded = fold(text).text if folded is None else folded
-    return embedder.reads_whole(folded, _views(text))
+    # The views cost more than the windows: only a text that fits is read for them.
+    return embedder.reads_whole(folded) and embedder.reads_whole(folded, _views(text))
 
 
 def _views(text: str) -> list[str]:
@@ -115,12 +121,13 @@ class InjectionClassifier:
 
     def __init__(self, layers: Sequence[dict[str, torch.Tensor]], head_weight: torch.Tensor,
                  head_bias: float, threshold: float, *, num_heads: int, eps: float,
-                 veto: float = 0.0) -> None:
+                 veto: float = 0.0, first_layer: int = FIRST_LAYER) -> None:
         self.layers = [dict(layer) for layer in layers]
+        self.first_layer = first_layer  # the encoder layer its first one replaces
         self.head_weight = head_weight.float()  # [H]
         self.head_bias = head_bias
         self.threshold = threshold  # a prompt scoring at or above it is an attack
-        self.veto = veto  # a rule or exemplar hit scoring under it is cleared
+        self.veto = veto  # a rule's hit scoring under it is cleared
         self.num_heads = num_heads
         self.eps = eps
 
@@ -128,22 +135,29 @@ class InjectionClassifier:
     def num_layers(self) -> int:
         return len(self.layers)
 
+
     def to(self, dtype: torch.dtype) -> InjectionClassifier:
         """The layers in ``dtype`` (the encoder's: they read its states); the head stays
         float32."""
         self.layers = [{k: v.to(dtype) for k, v in layer.items()} for layer in self.layers]
         return self
 
-    def probabilities(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Each text's probability of being an attack [N], from the encoder's token states
-        below the fine-tuned layers [N, L, H] and the real tokens ``mask`` [N, L]."""
+    def run(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The fine-tuned layers over the encoder's token states below them [B, L, H]
+        (``mask``: the real tokens [B, L], or for packed rows what each token
+        may attend to [B, 1, L, L]: ``bert_layer``'s)."""
         with torch.inference_mode():
             x = states.to(self.layers[0]["output.dense.weight"].dtype) if self.layers \
                 else states
             for layer in self.layers:
                 x = bert_layer(x, mask, layer, num_heads=self.num_heads, eps=self.eps)
-            pooled = F.normalize(mean_pool(x.float(), mask), dim=-1)
-            return torch.sigmoid((pooled @ self.head_weight + self.head_bias) * LOGIT_SCALE)
+            return x
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Each text's probability [N] from its mean fine-tuned token state [N, H]."""
+        with torch.inference_mode():
+            unit = F.normalize(pooled.float(), dim=-1)
+            return torch.sigmoid((unit @ self.head_weight + self.head_bias) * LOGIT_SCALE)
 
     @staticmethod
     def score(probabilities: torch.Tensor) -> float:
@@ -162,7 +176,7 @@ class InjectionClassifier:
         try:
             save_file(tensors, tmp, metadata={
                 "key": key, "threshold": repr(self.threshold), "veto": repr(self.veto),
-                "num_layers": str(self.num_layers),
+                "num_layers": str(self.num_layers), "first_layer": str(self.first_layer),
                 "num_heads": str(self.num_heads), "eps": repr(self.eps)})
             os.replace(tmp, path)
         finally:
@@ -186,7 +200,8 @@ class InjectionClassifier:
                     layers[int(index)][rest] = t
             return cls(layers, tensors["head.weight"], float(tensors["head.bias"][0]),
                        float(meta["threshold"]), num_heads=int(meta["num_heads"]),
-                       eps=float(meta["eps"]), veto=float(meta["veto"]))
+                       eps=float(meta["eps"]), veto=float(meta["veto"]),
+                       first_layer=int(meta["first_layer"]))
         except (OSError, KeyError, ValueError, RuntimeError, IndexError,
                 SafetensorError) as exc:
             log.warning("cannot read the injection classifier; retraining",
@@ -198,7 +213,7 @@ def artifact_key(embedder: Embedder) -> str:
     """A hash of what determines the weights: the sources, the settings, the model dtype."""
     h = hashlib.sha256()
     h.update(f"{FORMAT_VERSION}|{TRAIN_SEED}|{CALIBRATION_SEED}|{NUM_PER_FAMILY}|"
-             f"{MAX_CALIBRATION_FPR}|{torch.__version__}|{_encoder_version()}|{embedder.model.dtype}|{embedder.max_words}|"
+             f"{MAX_CALIBRATION_FPR}|{FIRST_LAYER}|{torch.__version__}|{_encoder_version()}|{embedder.model.dtype}|{embedder.max_words}|"
              f"{embedder.max_windows}|{embedder.max_sentences}|{embedder.max_extra}".encode())
     here = Path(__file__).parent
     for name in _SOURCES:
@@ -229,26 +244,28 @@ class Features:
 
 
 def featurize(embedder: Embedder, texts: Sequence[str], labels: Sequence[bool], *,
-              num_layers: int = NUM_LAYERS, batch_size: int = 128) -> Features:
-    """Every prompt's texts through the encoder's layers below its top ``num_layers``."""
+              first_layer: int = FIRST_LAYER, batch_size: int = 128) -> Features:
+    """Every prompt's texts through the encoder's layers below ``first_layer``."""
     per_prompt = [prompt_texts(embedder, t) or [""] for t in texts]
     flat = [t for ts in per_prompt for t in ts]
     prompt_ids = torch.tensor([p for p, ts in enumerate(per_prompt) for _ in ts],
                               dtype=torch.int64)
-    return Features(embedder.lower_states(flat, num_layers=num_layers, batch_size=batch_size),
+    return Features(embedder.lower_states(flat, stop=first_layer, batch_size=batch_size),
                     prompt_ids, torch.tensor([float(x) for x in labels]),
                     torch.tensor([bool(injection.scan(t)) for t in texts], dtype=torch.bool))
 
 
-def _batch(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``states`` padded into [N, L, H] (float32) with the mask of real tokens [N, L]."""
-    width = max(len(s) for s in states)
-    x = torch.zeros(len(states), width, states[0].shape[-1])
-    mask = torch.zeros(len(states), width, dtype=torch.bool)
-    for i, s in enumerate(states):
-        x[i, :len(s)] = s.float()
-        mask[i, :len(s)] = True
-    return x, mask
+def _packed(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Packed]:
+    """``states`` (each text's [tokens, H]) packed into rows as the service packs texts
+    (``minilm.pack``): [R, C, H] float32, and the layout."""
+    lengths = [len(s) for s in states]
+    packed = pack([[0] * n for n in lengths], row_tokens=max(ROW_TOKENS, *lengths))
+    offsets = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+    real = packed.owner >= 0
+    source = offsets[packed.owner[real]] + packed.positions.reshape(-1)[real]
+    x = torch.zeros(packed.owner.numel(), states[0].shape[-1])
+    x[real] = torch.cat([s.float() for s in states])[source]
+    return x.view(*packed.ids.shape, -1), packed
 
 
 def _texts_of(features: Features) -> list[list[int]]:
@@ -270,8 +287,8 @@ def prompt_probabilities(classifier: InjectionClassifier, features: Features, *,
     for start in range(0, len(order), batch_prompts):
         prompts = order[start:start + batch_prompts]
         ids = [w for p in prompts for w in texts[p]]
-        x, mask = _batch([features.states[w] for w in ids])
-        probs = classifier.probabilities(x.to(dtype), mask)
+        x, packed = _packed([features.states[w] for w in ids])
+        probs = classifier.head(packed.pool(classifier.run(x.to(dtype), packed.attention)))
         owner = torch.tensor([i for i, p in enumerate(prompts) for _ in texts[p]])
         best = torch.zeros(len(prompts)).scatter_reduce(0, owner, probs, reduce="amax")
         out[prompts] = best
@@ -309,10 +326,11 @@ def fit(features: Features, init: Sequence[dict[str, torch.Tensor]], *, num_head
         for start in range(0, len(order), BATCH_PROMPTS):
             prompts = order[start:start + BATCH_PROMPTS]
             ids = [w for p in prompts for w in texts[p]]
-            x, mask = _batch([features.states[w] for w in ids])
+            x, packed = _packed([features.states[w] for w in ids])
             for layer in layers:
-                x = bert_layer(x, mask, layer, num_heads=num_heads, eps=eps, dropout=DROPOUT)
-            pooled = F.dropout(F.normalize(mean_pool(x, mask), dim=-1), DROPOUT, True)
+                x = bert_layer(x, packed.attention, layer, num_heads=num_heads, eps=eps,
+                               dropout=DROPOUT)
+            pooled = F.dropout(F.normalize(packed.pool(x), dim=-1), DROPOUT, True)
             logits = (pooled @ head_w + head_b) * LOGIT_SCALE
             owner = torch.tensor([i for i, p in enumerate(prompts) for _ in texts[p]])
             best = torch.full((len(prompts),), -1e4).scatter_reduce(0, owner, logits,
@@ -380,15 +398,20 @@ def train(embedder: Embedder, *, examples: Sequence[traindata.Example] | None = 
 def fit_and_calibrate(embedder: Embedder, train_x: Features, cal_x: Features, *,
                       num_epochs: int = NUM_EPOCHS
                       ) -> tuple[InjectionClassifier, float, float]:
-    """The classifier fitted on ``train_x`` from ``embedder``'s top layers, with its
+    """The classifier fitted on ``train_x`` from copies of ``embedder``'s layers
+    ``FIRST_LAYER`` .. ``FIRST_LAYER + NUM_LAYERS - 1``, with its
     threshold and veto calibrated on ``cal_x``, and the calibration set's false-positive
     rate and recall of the rules and the classifier together."""
     model = embedder.model
-    top = model.layers[model.num_layers - NUM_LAYERS:]
-    layers, head_w, head_b = fit(train_x, top, num_heads=model.num_heads, eps=model.eps,
+    last = FIRST_LAYER + NUM_LAYERS - 1
+    if last >= model.num_layers:
+        raise ValueError(f"the classifier's layers {FIRST_LAYER}..{last} are not in a "
+                         f"{model.num_layers}-layer encoder")
+    init = model.layers[FIRST_LAYER:FIRST_LAYER + NUM_LAYERS]
+    layers, head_w, head_b = fit(train_x, init, num_heads=model.num_heads, eps=model.eps,
                                  num_epochs=num_epochs)
     classifier = InjectionClassifier(layers, head_w, head_b, 1.0, num_heads=model.num_heads,
-                                     eps=model.eps).to(model.dtype)
+                                     eps=model.eps, first_layer=FIRST_LAYER).to(model.dtype)
     cal_scores = prompt_probabilities(classifier, cal_x)
     classifier.threshold = calibrate(cal_scores, cal_x.labels)
     classifier.veto = calibrate_veto(cal_scores, cal_x.labels, cal_x.rule_hits)

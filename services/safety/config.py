@@ -22,11 +22,11 @@ class SafetyConfig(ServerConfig):
     # The learned prompt-injection signal (all-MiniLM-L6-v2, ~90 MB, ~3 s to load).
     # Off: rules only, for tenants whose policy names the embedding scanner too.
     embedding: bool = True
-    # The injection classifier (the embedding model's top layers fine-tuned:
+    # The injection classifier (layers of the embedding model fine-tuned:
     # services/safety/classifier.py): its weights are cached here, keyed by a hash of its
-    # data and code; a missing or stale file is trained at start (~4 min on two cores:
-    # `genmesh safety train` builds it ahead, as make run/test and the image do). Off, or
-    # with the embedding off: rules and exemplar similarity only.
+    # data and code; a missing or stale file is trained at start (minutes on two cores:
+    # `genmesh safety train` builds it ahead, as make run/test and the image do). Off:
+    # rules and exemplar similarity; with the embedding off: rules only.
     classifier: bool = True
     classifier_cache_dir: str = str(DEFAULT_CLASSIFIER_DIR)
     num_threads: int = 2  # CPU threads for the embedding model

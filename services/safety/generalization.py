@@ -7,11 +7,11 @@ attacks from a generated test set (its own seed) and, where given, from a hand-w
 set, and on every benign text of those sets. Texts go through the encoder's shared lower
 layers once; the fine-tuning runs per family (a few minutes each on two cores).
 
-Each figure comes twice: the classifier alone, and the whole detector (rules, nearest
-exemplar, classifier, decided as the checker decides: a rule or exemplar hit the
-classifier scores under its veto is cleared). The rules and exemplars were written by
-hand with every family in view, so only the classifier's figure measures generalization
-to an unseen family.
+Each figure comes twice: the classifier alone, and the whole detector (rules and
+classifier, decided as the checker decides: a rule's hit the classifier scores under its
+veto is cleared, when it read the whole prompt; with a classifier the checker runs no
+exemplar signal). The rules were written by hand with every family in view, so only the
+classifier's figure measures generalization to an unseen family.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from services.safety.classifier import (
     featurize,
     fit_and_calibrate,
     prompt_probabilities,
-    prompt_texts,
     reads_whole,
 )
 from services.safety.embedding import Embedder
@@ -44,17 +43,14 @@ class Scored:
 
     examples: Sequence[traindata.Example]
     features: Features
-    is_similar: torch.Tensor  # [P] bool: the nearest exemplar is within the threshold
     # [P] bool: the classifier reads every part of the prompt, each text whole, so it may
     # clear a rule's hit (``checker.decide``)
     is_read_whole: torch.Tensor
 
     def by_hand(self, scores: torch.Tensor, veto: float) -> torch.Tensor:
-        """[P] bool: the rule and exemplar hits that stand, as ``checker.decide`` decides
-        them given the classifier's ``scores`` [P] and its ``veto``."""
-        rules, cleared = self.features.rule_hits, scores < veto
-        return (rules & ~(cleared & self.is_read_whole)) | (~rules & self.is_similar
-                                                             & ~cleared)
+        """[P] bool: the rule hits that stand, as ``checker.decide`` decides them given
+        the classifier's ``scores`` [P] and its ``veto``."""
+        return self.features.rule_hits & ~((scores < veto) & self.is_read_whole)
 
 
 def subset(features: Features, keep: torch.Tensor) -> Features:
@@ -70,19 +66,15 @@ def _holds(example: traindata.Example, family: str) -> bool:
     return example.family == family or example.obfuscation == family
 
 
-def score_set(embedder: Embedder, examples: Sequence[traindata.Example], *,
-              embedding_threshold: float) -> Scored:
+def score_set(embedder: Embedder, examples: Sequence[traindata.Example]) -> Scored:
     features = featurize(embedder, [e.text for e in examples], [e.is_attack for e in examples])
-    similar = torch.tensor([embedder.nearest_of(e).score >= embedding_threshold
-                            for e in embedder.encode_prompts(
-                                [prompt_texts(embedder, x.text) for x in examples])])
     cut_at = embedder.model.max_seq_length
     uncut = torch.ones(len(examples), dtype=torch.bool)
     for state, prompt in zip(features.states, features.prompt_ids.tolist(), strict=True):
         if len(state) >= cut_at:
             uncut[prompt] = False
     whole = torch.tensor([reads_whole(embedder, e.text) for e in examples], dtype=torch.bool)
-    return Scored(examples, features, similar, whole & uncut)
+    return Scored(examples, features, whole & uncut)
 
 
 def _rates(flagged: torch.Tensor, examples: Sequence[traindata.Example], family: str
@@ -96,8 +88,7 @@ def _rates(flagged: torch.Tensor, examples: Sequence[traindata.Example], family:
         if benign else None}
 
 
-def leave_one_family_out(embedder: Embedder, *, embedding_threshold: float,
-                         heldout: Sequence[traindata.Example] = (),
+def leave_one_family_out(embedder: Embedder, *, heldout: Sequence[traindata.Example] = (),
                          families: Sequence[str] = traindata.ATTACK_FAMILIES
                          ) -> dict[str, Any]:
     """Per family: recall on its attacks and false-positive rate on all benign texts, of
@@ -108,10 +99,9 @@ def leave_one_family_out(embedder: Embedder, *, embedding_threshold: float,
     cal_x = featurize(embedder, [e.text for e in calibration],
                       [e.is_attack for e in calibration])
     tests = {"generated": score_set(
-        embedder, traindata.generate(seed=TEST_SEED, num_per_family=NUM_TEST_PER_FAMILY),
-        embedding_threshold=embedding_threshold)}
+        embedder, traindata.generate(seed=TEST_SEED, num_per_family=NUM_TEST_PER_FAMILY))}
     if heldout:
-        tests["heldout"] = score_set(embedder, heldout, embedding_threshold=embedding_threshold)
+        tests["heldout"] = score_set(embedder, heldout)
     report: dict[str, Any] = {}
     for family in families:
         keep_train = torch.tensor([not _holds(e, family) for e in examples])
@@ -125,8 +115,8 @@ def leave_one_family_out(embedder: Embedder, *, embedding_threshold: float,
                 continue
             scores = prompt_probabilities(classifier, test.features)
             learned = scores >= classifier.threshold
-            # As the checker decides: a rule or exemplar hit stands unless the classifier
-            # clears it (scores it under its veto).
+            # As the checker decides: a rule's hit stands unless the classifier clears it
+            # (scores it under its veto, having read the whole prompt).
             by_hand = test.by_hand(scores, classifier.veto)
             row[name] = {"classifier": _rates(learned, test.examples, family),
                          "detector": _rates(learned | by_hand, test.examples,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ from tokenizers import Tokenizer
 def bert_layer(x: torch.Tensor, mask: torch.Tensor, w: Mapping[str, torch.Tensor], *,
                num_heads: int, eps: float, dropout: float = 0.0) -> torch.Tensor:
     """One BERT encoder layer (post-norm, GELU) over token states ``x`` [B, L, H], attending
-    to the real tokens ``mask`` [B, L]; ``w`` holds the layer's tensors by their names in
+    to the real tokens ``mask`` [B, L] (or, for packed rows, what each token may attend to:
+    [B, 1, L, L], ``Packed.attention``); ``w`` holds the layer's tensors by their names in
     the checkpoint after ``encoder.layer.<i>.``. ``dropout`` > 0 only while training."""
     b, length, hidden = x.shape
     d = hidden // num_heads
@@ -40,14 +42,71 @@ def bert_layer(x: torch.Tensor, mask: torch.Tensor, w: Mapping[str, torch.Tensor
     q = split(linear(x, "attention.self.query"))
     k = split(linear(x, "attention.self.key"))
     v = split(linear(x, "attention.self.value"))
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
-                                       dropout_p=dropout, scale=1 / math.sqrt(d))
+    attn_mask = mask if mask.dim() == 4 else mask[:, None, None, :]
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                       scale=1 / math.sqrt(d))
     a = a.transpose(1, 2).reshape(b, length, hidden)
     a = F.dropout(linear(a, "attention.output.dense"), dropout, dropout > 0)
     x = norm(x + a, "attention.output.LayerNorm")
     h = F.dropout(linear(F.gelu(linear(x, "intermediate.dense")), "output.dense"), dropout,
                   dropout > 0)
     return norm(x + h, "output.LayerNorm")
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """Texts packed end to end into rows of tokens, each text attending only to itself:
+    a batch of short and long texts costs its real tokens, not its longest text times its
+    size (padding), in one call per layer."""
+
+    ids: torch.Tensor  # [R, C] token ids (0 past a row's texts)
+    positions: torch.Tensor  # [R, C] each token's position in its own text
+    # [R, 1, C, C] what each token may attend to: the tokens of its own text (a padding
+    # token: itself)
+    attention: torch.Tensor
+    owner: torch.Tensor  # [R * C] the text each token belongs to; -1 for padding
+    num_texts: int
+    uncut: torch.Tensor  # [num_texts] bool: the text was not cut at the token limit
+
+    def pool(self, states: torch.Tensor) -> torch.Tensor:
+        """Each text's mean token state [num_texts, H] (float32), from ``states`` [R, C, H]."""
+        flat = states.reshape(-1, states.shape[-1]).float()
+        real = self.owner >= 0
+        owner = self.owner[real]
+        sums = torch.zeros(self.num_texts, flat.shape[1], device=flat.device).index_add_(
+            0, owner, flat[real])
+        counts = torch.zeros(self.num_texts, device=flat.device).index_add_(
+            0, owner, torch.ones(len(owner), device=flat.device))
+        return sums / counts.clamp_min(1.0)[:, None]
+
+
+def pack(rows_of_ids: Sequence[Sequence[int]], *, row_tokens: int) -> Packed:
+    """``rows_of_ids`` (each text's token ids) packed into rows of at most ``row_tokens``
+    tokens (a longer text: a row of its own), longest first, each into the first row with
+    room; the rows are as wide as the fullest, padded past their texts."""
+    order = sorted(range(len(rows_of_ids)), key=lambda i: -len(rows_of_ids[i]))
+    fill: list[int] = []
+    placed: list[tuple[int, int]] = [(0, 0)] * len(rows_of_ids)  # (row, start)
+    for i in order:
+        n = len(rows_of_ids[i])
+        row = next((r for r, used in enumerate(fill) if used + n <= row_tokens), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        placed[i] = (row, fill[row])
+        fill[row] += n
+    width = max(fill, default=0) or 1
+    ids = torch.zeros(len(fill), width, dtype=torch.int64)
+    positions = torch.zeros(len(fill), width, dtype=torch.int64)
+    segment = torch.full((len(fill), width), -1, dtype=torch.int64)
+    for i, (row, start) in enumerate(placed):
+        n = len(rows_of_ids[i])
+        ids[row, start:start + n] = torch.tensor(rows_of_ids[i], dtype=torch.int64)
+        positions[row, start:start + n] = torch.arange(n)
+        segment[row, start:start + n] = i
+    allowed = segment[:, :, None] == segment[:, None, :]
+    allowed &= (segment >= 0)[:, :, None] | torch.eye(width, dtype=torch.bool)
+    return Packed(ids, positions, allowed[:, None], segment.reshape(-1), len(rows_of_ids),
+                  torch.ones(len(rows_of_ids), dtype=torch.bool))
 
 
 def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -85,11 +144,35 @@ class MiniLM:
         self.dtype = dtype
         return self
 
-    def _ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [B, L] (padded with 0) and the mask of real tokens [B, L]."""
+    def token_ids(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Each text's token ids, cut to ``max_seq_length`` (keeping [SEP] last), and
+        whether it was left whole."""
         encodings = self.tokenizer.encode_batch(list(texts))
         rows = [e.ids[:self.max_seq_length - 1] + e.ids[-1:] if len(e.ids) > self.max_seq_length
-                else e.ids for e in encodings]  # truncated, keeping [SEP] last
+                else e.ids for e in encodings]
+        return rows, [len(e.ids) < self.max_seq_length for e in encodings]
+
+    def pack(self, texts: Sequence[str], *, row_tokens: int = 128) -> Packed:
+        """``texts`` tokenized (each cut at ``max_seq_length``) and packed (``pack``) into
+        rows of ``row_tokens``."""
+        rows, uncut = self.token_ids(texts)
+        packed = pack(rows, row_tokens=row_tokens)
+        return replace(packed, uncut=torch.tensor(uncut, dtype=torch.bool))
+
+    @torch.inference_mode()
+    def forward_packed(self, packed: Packed, *, stop: int | None = None) -> torch.Tensor:
+        """Token states [R, C, H] of ``packed`` after the embeddings and layers
+        ``0..stop-1`` (all by default)."""
+        x = (F.embedding(packed.ids, self.w["embeddings.word_embeddings.weight"])
+             + F.embedding(packed.positions, self.w["embeddings.position_embeddings.weight"])
+             + self.w["embeddings.token_type_embeddings.weight"][0])
+        x = self._norm(x, "embeddings.LayerNorm")
+        return self.run_layers(x, packed.attention, start=0,
+                               stop=self.num_layers if stop is None else stop)
+
+    def _ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, L] (padded with 0) and the mask of real tokens [B, L]."""
+        rows, _ = self.token_ids(texts)
         width = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.int64)
         mask = torch.zeros(len(rows), width, dtype=torch.bool)

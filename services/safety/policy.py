@@ -40,8 +40,8 @@ class Action(StrEnum):
 
 class Scanner(StrEnum):
     INJECTION = "injection"  # prompt-injection rules over normalized and decoded text
-    # The learned signals over MiniLM sentence embeddings: similarity to the exemplar
-    # attacks, and the injection classifier (classifier.py) where the service has one.
+    # The learned signal over MiniLM: the injection classifier (classifier.py) where the
+    # service has one, else similarity to the exemplar attacks (embedding_threshold).
     EMBEDDING = "embedding"
     CONTENT = "content"  # the lexicon categories (violence, self-harm, ...)
     SECRETS = "secrets"  # API keys, private keys, passwords
@@ -62,7 +62,9 @@ class TenantPolicy:
     prompt_scanners: frozenset[Scanner]
     output_scanners: frozenset[Scanner]
     actions: Mapping[str, Action]  # category (or family, e.g. "pii") → action
-    embedding_threshold: float  # cosine similarity at which a prompt counts as an attack
+    # Cosine similarity to an exemplar attack at which a prompt counts as one (only where
+    # the service runs no classifier: with one, its calibrated threshold decides).
+    embedding_threshold: float
     lexicon: Lexicon = field(default_factory=Lexicon)  # the content categories it checks
 
     def action(self, category: str) -> Action:

@@ -1,7 +1,7 @@
-"""A chat's prompt checks (``SafetyGate.check_messages``): one CheckPrompt per message,
-at most MAX_CHECKS_IN_FLIGHT at once, all within the one safety timeout, and the first
-refusal stops the rest (so a chat running out of time cancels a few calls, not hundreds:
-Envoy closes a connection on which most calls are reset early)."""
+"""A chat's prompt checks (``SafetyGate.check_messages``): one CheckPrompt per distinct
+message text, at most MAX_CHECKS_IN_FLIGHT at once, all within the one safety timeout,
+and the first refusal stops the rest (so a chat running out of time cancels a few calls,
+not hundreds: Envoy closes a connection on which most calls are reset early)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ class CountingSafety:
         self.timeouts.append(timeout)
         if "BAD" in request.text:  # refused at once
             return safety_pb2.CheckResult(verdict=safety_pb2.VERDICT_BLOCK, reason="violence")
+        if "PII" in request.text:  # redacted at once
+            return safety_pb2.CheckResult(verdict=safety_pb2.VERDICT_REDACT,
+                                          redacted_text=request.text.replace("PII", "[pii]"))
         self.num_in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.num_in_flight)
         try:
@@ -69,6 +72,29 @@ def test_a_long_chat_is_checked_a_bounded_number_at_a_time():
     assert check(safety, messages) == tuple(messages)
     assert len(safety.started) == 200  # every caller message, no assistant one
     assert safety.max_in_flight == MAX_CHECKS_IN_FLIGHT == 32
+
+
+def test_a_text_repeated_in_a_chat_is_checked_once():
+    safety = CountingSafety()
+    messages = [ChatMessage("user", "0000000000")] * 512 + [
+        ChatMessage("system", "be brief"), ChatMessage("user", "be brief")]
+    assert check(safety, messages) == tuple(messages)
+    assert safety.started == ["0000000000", "be brief"]
+
+
+def test_a_redaction_reaches_every_copy_of_a_repeated_text():
+    safety = CountingSafety()
+    gate = SafetyGate(safety, SafetySettings(  # type: ignore[arg-type]
+        timeout_s=2.0, prompt_failure_mode=FailureMode.CLOSED))
+    text = "call me, PII"
+    messages = (ChatMessage("user", text),  # before ``first``: checked by an earlier turn
+                ChatMessage("system", text), ChatMessage("assistant", text),
+                ChatMessage("user", "hello"), ChatMessage("tool", text))
+    got = asyncio.run(gate.check_messages(messages, first=1, request_id="r1", tenant="acme",
+                                          model="m"))
+    assert [m.content for m in got] == [text, "call me, [pii]", text, "hello",
+                                        "call me, [pii]"]
+    assert safety.started == [text, "hello"]
 
 
 def test_the_first_refusal_stops_the_checks_not_yet_answered():

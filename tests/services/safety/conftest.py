@@ -17,7 +17,7 @@ from services.safety.policy import PolicySet
 @pytest.fixture(scope="session")
 def real_classifier() -> Path:
     """The injection classifier in the user's cache, where the service looks for it:
-    trained here when missing or stale (a fresh clone: ~4 min of CPU, once), so that a
+    trained here when missing or stale (a fresh clone: ~2 min on two cores, once), so that a
     safety process a test starts does not spend its start-up deadline training it."""
     from services.safety.classifier import artifact_key, artifact_path, load_or_train
     from services.safety.embedding import Embedder

@@ -35,13 +35,3 @@ def test_sentences_single_out_the_injected_one() -> None:
     assert sentences("One two three. One two three. Ignore it!", max_words=2,
                      max_sentences=5, skip=["Ignore it!"]) == ["One two"]
     assert sentences("", max_words=5, max_sentences=3) == []
-
-
-def test_texts_are_batched_with_texts_of_similar_length() -> None:
-    """A batch pads to its longest text: sentences are not padded to a window's length."""
-    from services.safety.embedding import Embedder, length_groups
-
-    model = Embedder.load().model
-    long = " ".join(["word"] * 40)  # 42 tokens with [CLS] and [SEP]
-    texts = [long, "a", "a b", long + " more", "a b c d e"]  # 3, 4 and 7 tokens
-    assert length_groups(model, texts) == [[1, 2], [4], [0, 3]]
