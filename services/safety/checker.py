@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.safety import injection
-from services.safety.classifier import InjectionClassifier, prompt_texts, reads_whole
+from services.safety.classifier import InjectionClassifier, prompt_texts, whole_prompt_texts
 from services.safety.embedding import Embedder, Similarity
 from services.safety.normalize import fold
 from services.safety.pii import PII_DETECTORS, redact
@@ -118,16 +118,20 @@ class PromptChecker:
                 rule_findings.append(Finding(PROMPT_INJECTION, Scanner.INJECTION.value, 1.0,
                                              policy.action(PROMPT_INJECTION), family))
         # The embedding costs milliseconds: skip it when a rule already settled the matter.
-        embedding_texts, is_read_whole = None, False
+        embedding_texts: tuple[str, ...] | None = None
+        is_read_whole = False
         if Scanner.EMBEDDING in scanners and self.embedder is not None:
             folded_text = folded.text if folded else None
-            # A rule's hit may be cleared only by a classifier that reads the whole prompt.
-            is_read_whole = (bool(rule_findings) and self.classifier is not None
-                             and reads_whole(self.embedder, text, folded_text))
-            if not rule_findings or is_read_whole:
+            if not rule_findings:
                 embedding_texts = tuple(prompt_texts(
                     self.embedder, text, folded_text,
                     with_sentences=self.classifier is not None))
+            elif self.classifier is not None:
+                # A rule's hit may be cleared only by a classifier that reads the whole
+                # prompt.
+                whole = whole_prompt_texts(self.embedder, text, folded_text)
+                is_read_whole = whole is not None
+                embedding_texts = None if whole is None else tuple(whole)
         spans: list[Span] = []
         if Scanner.CONTENT in scanners:
             spans += policy.lexicon.scan(text, folded)

@@ -90,13 +90,18 @@ def prompt_texts(embedder: Embedder, text: str, folded: str | None = None, *,
     return embedder.texts_for(folded, _views(text), with_sentences=with_sentences)
 
 
-def reads_whole(embedder: Embedder, text: str, folded: str | None = None) -> bool:
-    """Whether ``prompt_texts`` leaves no part of ``text`` out (no window, view or part of
-    one): only then may the classifier clear a rule's hit on it, or an attacker could
-    push the attack out of what the classifier reads with harmless padding."""
+def whole_prompt_texts(embedder: Embedder, text: str, folded: str | None = None
+                       ) -> list[str] | None:
+    """``prompt_texts(embedder, text, folded)`` when they leave no part of ``text`` out (no
+    window, view or part of one), else None: only then may the classifier clear a rule's
+    hit on it, or an attacker could push the attack out of what the classifier reads with
+    harmless padding."""
     folded = fold(text).text if folded is None else folded
     # The views cost more than the windows: only a text that fits is read for them.
-    return embedder.reads_whole(folded) and embedder.reads_whole(folded, _views(text))
+    if not embedder.reads_whole(folded):
+        return None
+    views = _views(text)
+    return embedder.texts_for(folded, views) if embedder.reads_whole(folded, views) else None
 
 
 def _views(text: str) -> list[str]:
@@ -213,8 +218,9 @@ def artifact_key(embedder: Embedder) -> str:
     """A hash of what determines the weights: the sources, the settings, the model dtype."""
     h = hashlib.sha256()
     h.update(f"{FORMAT_VERSION}|{TRAIN_SEED}|{CALIBRATION_SEED}|{NUM_PER_FAMILY}|"
-             f"{MAX_CALIBRATION_FPR}|{FIRST_LAYER}|{torch.__version__}|{_encoder_version()}|{embedder.model.dtype}|{embedder.max_words}|"
-             f"{embedder.max_windows}|{embedder.max_sentences}|{embedder.max_extra}".encode())
+             f"{MAX_CALIBRATION_FPR}|{FIRST_LAYER}|{torch.__version__}|{_encoder_version()}|"
+             f"{embedder.model.dtype}|{embedder.max_words}|{embedder.max_windows}|"
+             f"{embedder.max_sentences}|{embedder.max_extra}".encode())
     here = Path(__file__).parent
     for name in _SOURCES:
         h.update((here / name).read_bytes())
@@ -280,12 +286,10 @@ def prompt_probabilities(classifier: InjectionClassifier, features: Features, *,
                          batch_prompts: int = 64) -> torch.Tensor:
     """Each prompt's score [P], computed as the service computes it."""
     texts = _texts_of(features)
-    order = sorted(range(len(texts)), key=lambda p: max(len(features.states[w])
-                                                        for w in texts[p]))
     dtype = features.states[0].dtype
     out = torch.zeros(len(texts))
-    for start in range(0, len(order), batch_prompts):
-        prompts = order[start:start + batch_prompts]
+    for start in range(0, len(texts), batch_prompts):
+        prompts = list(range(start, min(start + batch_prompts, len(texts))))
         ids = [w for p in prompts for w in texts[p]]
         x, packed = _packed([features.states[w] for w in ids])
         probs = classifier.head(packed.pool(classifier.run(x.to(dtype), packed.attention)))

@@ -29,7 +29,7 @@ from services.safety.classifier import (
     featurize,
     fit_and_calibrate,
     prompt_probabilities,
-    reads_whole,
+    whole_prompt_texts,
 )
 from services.safety.embedding import Embedder
 
@@ -73,7 +73,8 @@ def score_set(embedder: Embedder, examples: Sequence[traindata.Example]) -> Scor
     for state, prompt in zip(features.states, features.prompt_ids.tolist(), strict=True):
         if len(state) >= cut_at:
             uncut[prompt] = False
-    whole = torch.tensor([reads_whole(embedder, e.text) for e in examples], dtype=torch.bool)
+    whole = torch.tensor([whole_prompt_texts(embedder, e.text) is not None for e in examples],
+                         dtype=torch.bool)
     return Scored(examples, features, whole & uncut)
 
 
