@@ -21,11 +21,12 @@ import pytest
 import yaml
 
 from gateway.envoy import envoy_binary
+from genmesh.launcher.ports import free_ports
 from genmesh.v1 import worker_pb2_grpc
 from services.frontend.errors import PipelineError, is_transport_failure, rpc_error
 from services.frontend.routing import Affinity
 from services.frontend.stages.generate import Generate
-from tests.procs import REPO_ROOT, free_port
+from tests.procs import REPO_ROOT
 from tests.services.frontend.stages.fakes import call_of, request
 
 UNAVAILABLE, INTERNAL = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL
@@ -160,7 +161,9 @@ async def generate_through(address: str, request_id: str,
 
 
 def test_a_worker_killed_mid_stream_behind_envoy_is_unavailable(tmp_path):
-    worker_port, mesh_port, admin_port = free_port(), free_port(), free_port()
+    # Held open together while chosen: three distinct ports (three free_port() calls may
+    # return one port twice, and Envoy then cannot bind its listener).
+    worker_port, mesh_port, admin_port = free_ports(3)
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(mesh_listener(mesh_port, worker_port, admin_port)))
     envoy = [str(envoy_binary()), "-c", str(config), "--base-id", str(os.getpid() % 100_000),
