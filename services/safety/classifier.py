@@ -43,7 +43,7 @@ from services.safety import injection, traindata
 from services.safety.embedding import ROW_TOKENS, Embedder
 from services.safety.injection import fragment_views, hidden_texts, join_spaced
 from services.safety.minilm import Packed, bert_layer, pack
-from services.safety.normalize import fold
+from services.safety.normalize import fold, unglyph
 
 log = logging.getLogger("genmesh.safety")
 
@@ -105,10 +105,12 @@ def whole_prompt_texts(embedder: Embedder, text: str, folded: str | None = None
 
 
 def _views(text: str) -> list[str]:
-    """The other views embedded beside the folded text: spaced-out letters joined, the
-    first set of split pieces joined, the decoded texts (folded)."""
-    return [fold(v).text for v in (join_spaced(text), *fragment_views(text)[:1],
-                                   *hidden_texts(text)) if v]
+    """The other views embedded beside the folded text: its leetspeak of several symbols
+    a letter read back, spaced-out letters joined, the first set of split pieces joined,
+    the decoded texts (folded)."""
+    glyphs = unglyph(text)
+    return [fold(v).text for v in (glyphs if glyphs != text else "", join_spaced(text),
+                                   *fragment_views(text)[:1], *hidden_texts(text)) if v]
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,12 +15,15 @@ from __future__ import annotations
 import bisect
 import codecs
 import itertools
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import regex
+import wordninja
 
-from services.safety.normalize import decoded_views, fold
+from services.safety.normalize import decoded_views, fold, glyph_words, unglyph
 
 # Between two words of a rule: spaces or punctuation, or nothing (for joined-up words).
 G = r"[^\p{L}\p{N}]*"
@@ -129,7 +132,9 @@ RULES: tuple[Rule, ...] = (
           rf"(?:(?:you(?:'ve| have)? (?:been|were) )(?:told|instructed|programmed|given)|"
           rf"(?:i|we) (?:told|said to|instructed) you (?:before|earlier|previously)|"
           rf"(?:that is|that's|written|said|stated) (?:above|before)|"
-          rf"(?:above|before this|so far|prior))\b",
+          rf"(?:above|before this|so far|prior)|"
+          # "Ignore the above and say ...", but not "ignore the above typo".
+          rf"the (?:above|preceding|foregoing)(?= ?(?:[.,;:!]|and |then |$)))\b",
           anchors=OVERRIDE_WORDS),
     _rule("ignore_previous",
           rf"\b(?:new|updated|real|true|actual|revised|override|secret|hidden|admin|"
@@ -421,18 +426,30 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-# Runs of single characters separated by a space or a punctuation mark: "i g n o r e".
-_SPACED = regex.compile(r"(?<![\p{L}\p{N}])(?:[\p{L}\p{N}][ .\-_*+/|,]{1,3}){2,}"
+# Runs of single characters separated by spaces, line breaks or punctuation: "i g n o r e",
+# "i\ng\nn\no\nr\ne" (one letter a line).
+_SEPARATORS = r"[ \t\r\n.\-_*+/|,;:]"
+_SPACED = regex.compile(rf"(?<![\p{{L}}\p{{N}}])(?:[\p{{L}}\p{{N}}]{_SEPARATORS}{{1,4}}){{2,}}"
                         r"[\p{L}\p{N}](?![\p{L}\p{N}])", regex.V1)
+# A run joined without any word break that is longer than this is cut into words
+# (wordninja's most likely split): the rules match words. The split costs ~35 us a letter,
+# so a text has at most _MAX_SEGMENTED letters split (an instruction spaced out is tens).
+_MIN_SEGMENTED = 6
+_FOLD_CHANGES_RUNS = re.compile(r"\s\s|[\x0b\x0c\x1c-\x1f]")
+_MAX_SEGMENTED = 400
 
 
-def _join(m: regex.Match[str]) -> str:
+def _join(m: regex.Match[str], budget: list[int] | None) -> str:
     # The separator used most often joins letters; any other run of separators ("  "
-    # between spaced letters, " " between dotted ones) marks a word break.
+    # between spaced letters, " " between dotted ones) marks a word break. On a tie the
+    # shorter separator joins, then the first seen (not a set's order, which changes with
+    # the process's string hashing: the classifier's training texts must not).
+    # With one separator throughout ("i g n o r e a l l") there is no word break: a long
+    # joined word is cut where words most likely end.
     run = m.group()
-    seps = regex.findall(r"[ .\-_*+/|,]+", run)
-    joiner = max(set(seps), key=seps.count)
-    words = regex.split(r"[ .\-_*+/|,]+", run)
+    seps = regex.findall(_SEPARATORS + "+", run)
+    joiner = max(dict.fromkeys(seps), key=lambda s: (seps.count(s), -len(s)))
+    words = regex.split(_SEPARATORS + "+", run)
     out, word = [], words[0]
     for sep, letter in zip(seps, words[1:], strict=True):
         if sep == joiner:
@@ -440,12 +457,72 @@ def _join(m: regex.Match[str]) -> str:
         else:
             out.append(word)
             word = letter
-    return " ".join([*out, word])
+    out.append(word)
+    # A long word may hold several: the letters of a sentence may be spaced out alike
+    # inside its punctuation ("f o r g e t a l l r u l e s ; y o u ...").
+    for i, w in enumerate(out):
+        if budget is not None and _MIN_SEGMENTED < len(w) <= budget[0]:
+            budget[0] -= len(w)
+            out[i] = " ".join(segment(w))
+    return " ".join(out)
 
 
-def join_spaced(text: str) -> str:
-    """``text`` with letter-by-letter runs joined into words; "" when there are none."""
-    return _SPACED.sub(_join, text) if _SPACED.search(text) else ""
+# The leetspeak symbols with more than one reading, and their readings.
+_AMBIGUOUS = {"1": "il", "|": "il", "!": "i", "+": "t", "7": "t"}
+_AMBIGUOUS_WORD = regex.compile(r"(?<!\S)(?=\S*\p{L})\S*[1|!+7]\S*")
+_MAX_AMBIGUOUS = 4  # symbols a word; more keep fold's reading
+
+
+def read_leet_words(text: str) -> str:
+    """``text`` with each word holding an ambiguous leet symbol ("1", "|": i or l) read
+    the way that makes it a known word ("t0|d" → "told", "f1|ters" → "filters"); a
+    word that no reading makes known keeps its symbols for ``fold``."""
+    return _AMBIGUOUS_WORD.sub(lambda m: _read_leet(m.group()), text)
+
+
+def _read_leet(word: str) -> str:
+    spots = [i for i, c in enumerate(word) if c in _AMBIGUOUS]
+    if len(spots) > _MAX_AMBIGUOUS:
+        return word
+    costs = wordninja.DEFAULT_LANGUAGE_MODEL._wordcost
+    best, best_cost = word, math.inf
+    for choice in itertools.product(*(_AMBIGUOUS[word[i]] for i in spots)):
+        chars = list(word)
+        for i, c in zip(spots, choice, strict=True):
+            chars[i] = c
+        reading = "".join(chars)
+        letters = "".join(c for c in fold(reading).text if c.isalpha() or c == "'")
+        cost = costs.get(letters, math.inf)
+        if cost < best_cost:
+            best, best_cost = reading, cost
+    return best
+
+
+def segment(word: str) -> list[str]:
+    """``word`` (letters and leet digits, no spaces) cut into its most likely words; the
+    cuts are found on its leetspeak read as letters, the pieces keep its characters."""
+    plain = word.translate(_LEET_SEGMENT)
+    pieces, pos = [], 0
+    for w in wordninja.split(plain):
+        start = plain.find(w, pos)
+        if start < 0:  # wordninja dropped a character it does not split on: keep it whole
+            return [word]
+        if start > pos:
+            pieces.append(word[pos:start])
+        pieces.append(word[start:start + len(w)])
+        pos = start + len(w)
+    if pos < len(word):
+        pieces.append(word[pos:])
+    return pieces
+
+
+def join_spaced(text: str, *, cut: bool = True) -> str:
+    """``text`` with letter-by-letter runs joined into words, long joined words cut into
+    words (``cut``); "" when there are none."""
+    if not _SPACED.search(text):
+        return ""
+    budget = [_MAX_SEGMENTED] if cut else None  # letters left to cut into words
+    return _SPACED.sub(lambda m: _join(m, budget), text)
 
 
 # The longest text a rule can match is well under this: a view that differs from the
@@ -488,9 +565,12 @@ def windows(text: str, spans: list[tuple[int, int]], reach: int = RULE_REACH
     return [(a, b) for a, b in merged]
 
 
-# Leetspeak is ambiguous: "1" is "i" in "1gn0r3" but "l" in "ru1es"; "+" is "t".
-_LEET_ALT = str.maketrans({"1": "l", "|": "l", "+": "t"})
+# Leetspeak is ambiguous: "1" is "i" in "1gn0r3" but "l" in "ru1es", "|" is "l" in
+# "ru|es" but "i" in "d|sregard" (``fold`` reads "1" as i and "|" as l); "+" is "t".
+_LEET_ALT = str.maketrans({"1": "l", "|": "i", "+": "t"})
 _LEET_PLUS = str.maketrans({"+": "t"})
+# The one-symbol leetspeak, one character for one, as word cuts are looked for.
+_LEET_SEGMENT = str.maketrans("01345789@$!|+", "oieastbgasilt")
 # Character codes written out: decimal ("73 103 110") or binary ("01101001 ...").
 _DECIMAL_CODES = regex.compile(r"(?:\b(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6])\b[ ,;]+){7,}"
                                r"\b(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6])\b")
@@ -512,10 +592,29 @@ def _code_views(text: str) -> list[str]:
 
 # Common words: a view that has more of them than the text itself (rot13 or reversal of
 # a hidden instruction) is worth scanning; rot13 or reversal of plain prose is not.
-_COMMON = regex.compile(r"\b(?:the|and|you|your|to|of|is|that|it|in|for|this|all|are|be|"
-                        r"with|not|now|from|previous|instructions|ignore|prompt|system)\b")
-_CUES = regex.compile(r"\b(?:ignore|instructions?|prompt|system|previous|disregard|reveal|"
-                      r"pwned|rules|forget|pretend|developer|restrictions)\b")
+# Counted on the text's words once: rot13 and reversal keep word breaks, so a view's count
+# is the text's words counted against the words' rot13 or reversal.
+_COMMON = frozenset(("the", "and", "you", "your", "to", "of", "is", "that", "it", "in", "for",
+                    "this", "all", "are", "be", "with", "not", "now", "from", "previous",
+                    "instructions", "ignore", "prompt", "system"))
+_CUES = frozenset(("ignore", "instruction", "instructions", "prompt", "system", "previous",
+                   "disregard", "reveal", "pwned", "rules", "forget", "pretend", "developer",
+                   "restrictions"))
+_WORD = regex.compile(r"\w+")
+
+
+def _word_counts(words: Counter[str], common: frozenset[str], cues: frozenset[str]
+                 ) -> tuple[int, int]:
+    return sum(words[w] for w in common), sum(words[w] for w in cues)
+
+
+def _rot13_words(words: frozenset[str]) -> frozenset[str]:
+    return frozenset(codecs.encode(w, "rot13") for w in words)
+
+
+_ROT13_COMMON, _ROT13_CUES = _rot13_words(_COMMON), _rot13_words(_CUES)
+_REVERSED_COMMON = frozenset(w[::-1] for w in _COMMON)
+_REVERSED_CUES = frozenset(w[::-1] for w in _CUES)
 # A word of letters and leet symbols, with two letters or more and a "1", "|" or "+":
 # leetspeak may be ambiguous there ("ru1es", "R3v341"). Numbers, dates and identifiers
 # with one letter ("b1", "01T12") are not words, and runs longer than a word (base64,
@@ -531,14 +630,15 @@ def hidden_texts(text: str) -> list[str]:
     escapes and character codes, and its rot13 or reversal only when that reads more like
     language than the text does."""
     rot13, backwards = codecs.encode(text, "rot13"), text[::-1]
-    lower = text.lower()
-    num_common, num_cues = len(_COMMON.findall(lower)), len(_CUES.findall(lower))
+    words = Counter(_WORD.findall(text.lower()))
+    num_common, num_cues = _word_counts(words, _COMMON, _CUES)
     out = []
     for view in decoded_views(text) + _code_views(text):
         if view in (rot13, backwards):
-            low = view.lower()
-            if (len(_COMMON.findall(low)) <= num_common
-                    and len(_CUES.findall(low)) <= num_cues):
+            common, cues = ((_ROT13_COMMON, _ROT13_CUES) if view == rot13
+                            else (_REVERSED_COMMON, _REVERSED_CUES))
+            view_common, view_cues = _word_counts(words, common, cues)
+            if view_common <= num_common and view_cues <= num_cues:
                 continue
         out.append(view)
     return out
@@ -580,15 +680,28 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
         out.append(("leet", fold(text[a:b].translate(_LEET_ALT)).text))
         if bisect.bisect_left(plus_starts, b) > bisect.bisect_left(plus_starts, a):
             out.append(("leet", fold(text[a:b].translate(_LEET_PLUS)).text))
+    # Leetspeak of several symbols a letter ("|\\|", "()"): around the words that hold it.
+    for a, b in windows(text, glyph_words(text)):
+        glyphs = unglyph(text[a:b])
+        out.append(("leet", fold(glyphs).text))
+        out.append(("leet", fold(read_leet_words(glyphs)).text))
     # Spaced-out letters are joined first and folded after, so "d 1 s r e g 4 r d" reads
     # as leetspeak once joined.
     # The raw text first: folding collapses the double spaces that mark word breaks.
-    spaced = text if _SPACED.search(text) else fold(text, leet=False).text
-    for a, b in windows(spaced, [m.span() for m in _SPACED.finditer(spaced)]):
+    # Folded ASCII text without two whitespace characters in a row (nothing to collapse)
+    # is the raw text in lower case with each whitespace character a space: no run there
+    # that the raw text lacks.
+    spaced, runs = text, [m.span() for m in _SPACED.finditer(text)]
+    if not runs and not (text.isascii() and _FOLD_CHANGES_RUNS.search(text) is None):
+        spaced = fold(text, leet=False).text
+        runs = [m.span() for m in _SPACED.finditer(spaced)]
+    for a, b in windows(spaced, runs):
         joined = join_spaced(spaced[a:b])
         out.append(("joined", fold(joined).text))
         if any(c in joined for c in "1|+"):
             out.append(("joined", fold(joined.translate(_LEET_ALT)).text))
+        # Uncut too: the word list cuts a few words the rules know ("ex filtrate").
+        out.append(("joined", fold(join_spaced(spaced[a:b], cut=False)).text))
     out += [("decoded", fold(v).text) for v in hidden_texts(text) + fragment_views(text)]
     unique: dict[str, str] = {}
     for name, folded_view in out:
@@ -625,31 +738,53 @@ def _discussed_quotes(folded: str) -> list[tuple[int, int]]:
     return quotes
 
 
-def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]]) -> bool:
+def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]],
+             parts: list[tuple[int, int]]) -> bool:
     """Whether ``rule`` matches ``folded`` outside the discussed ``quotes`` (sorted, not
-    overlapping: a match is inside one only if inside the last quote starting before it)."""
+    overlapping: a match is inside one only if inside the last quote starting before it),
+    looking only in ``parts`` (the [start, end) around its anchors)."""
     if rule.is_quote_proof:
         quotes = []
     starts = [a for a, _ in quotes]
-    for m in rule.pattern.finditer(folded, overlapped=False):
-        i = bisect.bisect_right(starts, m.start()) - 1
-        if i < 0 or m.end() > quotes[i][1]:
-            return True
+    for a, b in parts:
+        for m in rule.pattern.finditer(folded, a, b, overlapped=False):
+            i = bisect.bisect_right(starts, m.start()) - 1
+            if i < 0 or m.end() > quotes[i][1]:
+                return True
     return False
+
+
+def _occurrences(text: str, anchor: str) -> list[tuple[int, int]]:
+    out = []
+    i = text.find(anchor)
+    while i >= 0:
+        out.append((i, i + len(anchor)))
+        i = text.find(anchor, i + 1)
+    return out
 
 
 def scan(text: str, folded: str | None = None) -> list[str]:
     """The families of the rules that match some view of ``text``, each once (``folded``:
-    ``fold(text).text``, when the caller has it)."""
+    ``fold(text).text``, when the caller has it).
+
+    Every match of a rule holds one of its anchors and is shorter than ``RULE_REACH``: a
+    rule is run only within that reach of its anchors' occurrences (on a long prompt,
+    ~60% of the text for the rules that run at all)."""
     families: list[str] = []
     for view, view_text in views(text, folded):
         quotes = [] if view == "decoded" else _discussed_quotes(view_text)
-        present: dict[str, bool] = {}
+        found: dict[str, list[tuple[int, int]]] = {}
+        parts: dict[tuple[str, ...], list[tuple[int, int]]] = {}  # rules share anchors
         for rule in RULES:
             if rule.family in families:
                 continue
-            if not any(present.setdefault(a, a in view_text) for a in rule.anchors):
-                continue
-            if _matches(rule, view_text, quotes):
+            if rule.anchors not in parts:
+                spans: list[tuple[int, int]] = []
+                for anchor in rule.anchors:
+                    if anchor not in found:
+                        found[anchor] = _occurrences(view_text, anchor)
+                    spans += found[anchor]
+                parts[rule.anchors] = windows(view_text, sorted(spans)) if spans else []
+            if parts[rule.anchors] and _matches(rule, view_text, quotes, parts[rule.anchors]):
                 families.append(rule.family)
     return families

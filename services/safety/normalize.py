@@ -195,6 +195,60 @@ def fold(text: str, *, leet: bool = True) -> Folded:
     return Folded(folded, (*offsets, len(text)))
 
 
+# Leetspeak drawn with several symbols a letter ("|\|" n, "|_|" u, "()" o, "/\" a,
+# "\/\/" w, "|<" k, "><" x) and with symbols no single-letter reading takes ("€" e, "(" c):
+# read back only inside a word that holds one such glyph and a letter or leet digit, so
+# code ("f()", "a || b"), arrows ("<-") and prices ("€5") stay as they are. Longer glyphs
+# first: "|\/|" is m, not "|" and "\/".
+_GLYPHS = {
+    "\\/\\/": "w", "|\\/|": "m", "/\\/\\": "m", "|\\|": "n", "/\\/": "n", "|_|": "u",
+    "|-|": "h", "]-[": "h", "}{": "h", "|<": "k", "|{": "k", "><": "x", "()": "o",
+    "[]": "o", "/\\": "a", "\\/": "v", "|_": "l", "|)": "d", "|]": "d", "|2": "r",
+    "|>": "p", "|*": "p", "€": "e", "£": "l", "ß": "b", "¥": "y", "©": "c", "®": "r",
+    "vv": "w",
+}  # fmt: skip
+_GLYPH = re.compile("|".join(re.escape(g) for g in sorted(_GLYPHS, key=len, reverse=True)))
+# In a glyph word, these single symbols are letters too ("<" and "(" c, "#" h, "6" g).
+_GLYPH_SINGLE = str.maketrans("(<#6+", "cchgt")
+_LETTER_OR_SYMBOL = re.compile(r"[A-Za-z$@!|+]")
+
+
+def glyph_words(text: str) -> list[tuple[int, int]]:
+    """The [start, end) of each word of ``text`` that ``unglyph`` reads back: one with a
+    glyph and a letter or leet symbol, or two glyphs (not "€50")."""
+    out = []
+    end = 0
+    # Each glyph widened to its word, once a word: linear in the text.
+    for m in _GLYPH.finditer(text):
+        if m.start() < end:
+            continue
+        start = m.start()
+        while start > end and not text[start - 1].isspace():
+            start -= 1
+        end = m.end()
+        while end < len(text) and not text[end].isspace():
+            end += 1
+        rest, num_glyphs = _GLYPH.subn("", text[start:end])
+        if num_glyphs > 1 or _LETTER_OR_SYMBOL.search(rest):
+            out.append((start, end))
+    return out
+
+
+def unglyph(text: str) -> str:
+    """``text`` with the multi-symbol leetspeak of its glyph words read as letters (the
+    one-symbol leetspeak is ``fold``'s); ``text`` itself when it has none."""
+    spans = glyph_words(text)
+    if not spans:
+        return text
+    pieces, pos = [], 0
+    for a, b in spans:
+        word = _GLYPH.sub(lambda m: _GLYPHS[m.group()], text[a:b])
+        pieces += [text[pos:a], word.translate(_GLYPH_SINGLE)]
+        pos = b
+    pieces.append(text[pos:])
+    return "".join(pieces)
+
+
 # Encoded runs worth decoding. The hex run takes pairs plain ("69676e"), separated by
 # spaces, commas or colons, or prefixed ("\x69", "0x69"); every choice is settled by the
 # next character, so the patterns stay linear.

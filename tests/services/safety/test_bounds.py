@@ -34,6 +34,11 @@ ADVERSARIAL: dict[str, Callable[[int], str]] = {
     "base64-like": lambda n: "".join(random.Random(0).choices(
         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", k=n)),
     "spaced letters": lambda n: ("a.b.c.d," * n)[:n],
+    # Spaced letters with no word break: cut into words (a budget of letters a text).
+    "spaced letters, no breaks": lambda n: ("a b " * n)[:n],
+    # Multi-symbol leetspeak glyphs, one endless word and many short ones.
+    "glyphs": lambda n: ("|\\|()" * n)[:n],
+    "glyph words": lambda n: ("p|_|t " * n)[:n],
     "no spaces": lambda n: "a" * n,
     "one sentence": lambda n: ("word " * n)[:n],
     "prose": lambda n: ("The quick brown fox jumps over the lazy dog. " * n)[:n],

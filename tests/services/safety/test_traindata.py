@@ -5,8 +5,11 @@ normalizer gets back."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -87,3 +90,34 @@ def test_operator_system_prompts_are_benign_and_trip_no_rule() -> None:
     prompts = [traindata.BENIGN_MAKERS["benign_system"](rng) for _ in range(200)]
     assert [p for p in prompts if injection.scan(p)] == []
     assert sum(p.startswith(("You are", "Act as", "Your role", "System:")) for p in prompts) > 120
+
+
+def test_a_tie_between_separators_joins_with_the_shorter_then_the_first() -> None:
+    # "." and " " each appear twice: "." (first seen) joins; a double space never beats a
+    # single one.
+    assert join_spaced("a.b c.d e") == "ab cd e"
+    assert join_spaced("x  y z") == "x yz"
+
+
+_VIEWS_DIGEST = """
+import hashlib
+import os
+from services.safety.injection import fragment_views, hidden_texts, join_spaced, views
+from services.safety.traindata import generate
+h = hashlib.sha256()
+for e in generate(seed=0, num_per_family=4):
+    for v in (join_spaced(e.text), *fragment_views(e.text), *hidden_texts(e.text),
+              *(f"{n}={t}" for n, t in views(e.text))):
+        h.update(v.encode() + b"\\0")
+print(h.hexdigest())
+"""
+
+
+def test_the_views_of_training_texts_do_not_depend_on_string_hashing() -> None:
+    # The classifier's training texts are these views: a set's order (which changes with
+    # PYTHONHASHSEED) once made two trainings of the same code differ.
+    digests = {subprocess.run([sys.executable, "-c", _VIEWS_DIGEST], check=True,
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2", "3")}
+    assert len(digests) == 1
