@@ -405,6 +405,19 @@ RULES: tuple[Rule, ...] = (
           rf"(?:reading|processing|summari[sz]ing|translating|reviewing|analy[sz]ing|parsing|"
           rf"screening|handling) (?:this|these)\b",
           anchors=_READER_WORDS),
+    # A system turn forged inside the content (chat-template or API markup), and orders to
+    # drop the task at hand ("stop your task and ...", "System override: ...").
+    _rule("indirect",
+          r"<[|l]im_start[|l]>\s*system\b|<[|l]system[|l]>|<<sys>>|\[inst\]|"
+          r"[\"']role[\"']\s*:\s*[\"']system[\"']\s*,\s*[\"']content[\"']",
+          anchors=("im_start", "system", "<<sys>>", "[inst]")),
+    _rule("indirect",
+          r"\b(?:stop|abandon|drop|quit) your (?:current |original |assigned )?"
+          r"(?:task|summary|summari[sz]ation|translation|analysis|assignment)\b(?! (?:bar|"
+          r"manager|list|scheduler)\b)|\bstop what you(?:'re| are) doing and\b|"
+          r"\b(?:system|admin|developer|security) override\s*:",
+          anchors=("task", "summar", "translation", "analysis", "assignment",
+                   "what you", "override")),
     # Data sent out of the conversation: to a URL (often as a markdown image, which the
     # client fetches by itself), an e-mail address or a tool.
     _rule("exfiltration",
@@ -435,6 +448,10 @@ _SPACED = regex.compile(rf"(?<![\p{{L}}\p{{N}}])(?:[\p{{L}}\p{{N}}]{_SEPARATORS}
 # (wordninja's most likely split): the rules match words. The split costs ~35 us a letter,
 # so a text has at most _MAX_SEGMENTED letters split (an instruction spaced out is tens).
 _MIN_SEGMENTED = 6
+# What every run holds (three letters or digits apart), in ``re``, whose scan is ~4 times
+# faster than _SPACED's with its Unicode classes; ASCII text without it has no run.
+_SPACED_HINT = re.compile(r"(?<![^\W_])[^\W_][ \t\r\n.\-_*+/|,;:]{1,4}[^\W_]"
+                          r"[ \t\r\n.\-_*+/|,;:]{1,4}[^\W_](?![^\W_])")
 _FOLD_CHANGES_RUNS = re.compile(r"\s\s|[\x0b\x0c\x1c-\x1f]")
 _MAX_SEGMENTED = 400
 
@@ -516,10 +533,16 @@ def segment(word: str) -> list[str]:
     return pieces
 
 
+def _spaced_runs(text: str) -> list[tuple[int, int]]:
+    if text.isascii() and _SPACED_HINT.search(text) is None:
+        return []
+    return [m.span() for m in _SPACED.finditer(text)]
+
+
 def join_spaced(text: str, *, cut: bool = True) -> str:
     """``text`` with letter-by-letter runs joined into words, long joined words cut into
     words (``cut``); "" when there are none."""
-    if not _SPACED.search(text):
+    if not _spaced_runs(text):
         return ""
     budget = [_MAX_SEGMENTED] if cut else None  # letters left to cut into words
     return _SPACED.sub(lambda m: _join(m, budget), text)
@@ -623,6 +646,33 @@ _LEET_MIX = regex.compile(r"(?<![\p{L}\p{N}|+$@!])(?=[\p{L}\p{N}|+$@!]*[1|+])"
                           r"(?![uU]\+[0-9A-Fa-f]{4,6}(?![\p{L}\p{N}|+$@!]))"
                           r"(?:[\p{N}|+$@!]*\p{L}){2}[\p{L}\p{N}|+$@!]*")
 _MAX_LEET_WORD = 40
+_LEET_SIGN = re.compile(r"[1|+]")
+_WORD_SYMBOLS = frozenset("|+$@!")
+
+
+def _is_word_char(c: str) -> bool:
+    return c.isalnum() or c in _WORD_SYMBOLS  # _LEET_MIX's [\p{L}\p{N}|+$@!]
+
+
+def _leet_mix_words(text: str) -> list[tuple[int, int]]:
+    """The spans of ``_LEET_MIX``'s matches: a match is a whole run of its word characters
+    holding a "1", "|" or "+", so only the runs around those are tried (one regex pass
+    over a long prompt costs ~0.2 ms; most of it holds none)."""
+    out = []
+    end = 0
+    for m in _LEET_SIGN.finditer(text):
+        if m.start() < end:
+            continue
+        start = m.start()
+        while start > end and _is_word_char(text[start - 1]):
+            start -= 1
+        end = m.end()
+        while end < len(text) and _is_word_char(text[end]):
+            end += 1
+        found = _LEET_MIX.match(text, start, end)
+        if found is not None:
+            out.append(found.span())
+    return out
 
 
 def hidden_texts(text: str) -> list[str]:
@@ -652,11 +702,17 @@ _JOIN_CUE = regex.compile(r"\b(?:concatenat|combin|join|merg|assembl|glue|stitch
                           r"\bput (?:them|these|it|both|all)\b.{0,20}\btogether\b|"
                           r"[\w\]'\"]\s*\+\s*[\w\['\"]", regex.IGNORECASE)
 _MAX_FRAGMENTS = 32
+_JOIN_CUE_WORDS = ("concatenat", "combin", "join", "merg", "assembl", "glue", "stitch",
+                   "together")
 
 
 def fragment_views(text: str) -> list[str]:
     """The quoted or bracketed pieces of ``text`` joined with spaces and without, when
     there are two or more and the text asks to join something; else []."""
+    if text.isascii() and "+" not in text:
+        lower = text.lower()
+        if not any(cue in lower for cue in _JOIN_CUE_WORDS):
+            return []  # _JOIN_CUE cannot match: its scan costs ~6 times this check
     if not _JOIN_CUE.search(text):
         return []
     matches = itertools.islice(_FRAGMENT.finditer(text), _MAX_FRAGMENTS)
@@ -673,8 +729,8 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
     out = [("text", folded)]
     # The other readings change the text only in a few places: each is scanned only
     # around them.
-    leet_words = [m.span() for m in _LEET_MIX.finditer(text)
-                  if m.end() - m.start() <= _MAX_LEET_WORD]
+    leet_words = [span for span in _leet_mix_words(text)
+                  if span[1] - span[0] <= _MAX_LEET_WORD]
     plus_starts = [s for s, e in leet_words if "+" in text[s:e]]  # sorted
     for a, b in windows(text, leet_words):
         out.append(("leet", fold(text[a:b].translate(_LEET_ALT)).text))
@@ -691,10 +747,10 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
     # Folded ASCII text without two whitespace characters in a row (nothing to collapse)
     # is the raw text in lower case with each whitespace character a space: no run there
     # that the raw text lacks.
-    spaced, runs = text, [m.span() for m in _SPACED.finditer(text)]
+    spaced, runs = text, _spaced_runs(text)
     if not runs and not (text.isascii() and _FOLD_CHANGES_RUNS.search(text) is None):
         spaced = fold(text, leet=False).text
-        runs = [m.span() for m in _SPACED.finditer(spaced)]
+        runs = _spaced_runs(spaced)
     for a, b in windows(spaced, runs):
         joined = join_spaced(spaced[a:b])
         out.append(("joined", fold(joined).text))

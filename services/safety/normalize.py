@@ -89,10 +89,9 @@ _LEET_RUN = re.compile(r"[01345789@$!|]+")
 _ASCII_LETTERS = frozenset(string.ascii_lowercase)
 _DOMAIN = re.compile(r"[a-z0-9-]+\.[a-z]")
 
-# The ASCII fast path of fold: lowercase, and every whitespace character becomes a space.
-_ASCII_FOLD = str.maketrans(
-    string.ascii_uppercase + "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f",
-    string.ascii_lowercase + " " * 9)
+# The ASCII fast path of fold: lowercase, and every whitespace character becomes a space
+# (str.lower and a regex substitution: str.translate looks up every character, ~60 ns).
+_ASCII_WHITESPACE = re.compile("[\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f]")
 _SPACE_RUN = re.compile(" {2,}")
 
 
@@ -180,7 +179,7 @@ def fold(text: str, *, leet: bool = True) -> Folded:
     offsets: Sequence[int]
     if text.isascii():
         # No ASCII character is dropped or expands, so the offsets are the identity.
-        folded = text.translate(_ASCII_FOLD)
+        folded = _ASCII_WHITESPACE.sub(" ", text.lower())
         offsets = range(len(text))
     else:
         pieces = list(map(_fold_char, text))
@@ -262,10 +261,6 @@ _ASCII_LETTER = re.compile("[A-Za-z]")
 # Four or more words (two or more letters, apart by whitespace and punctuation) in a row:
 # enough text that reading it backwards could mean something.
 _WORD_RUN = re.compile(r"\b[^\W\d_]{2,}(?:[^\w\s]*\s+[^\w\s]*[^\W\d_]{2,}\b){3,}")
-_ROT13 = str.maketrans(
-    string.ascii_lowercase + string.ascii_uppercase,
-    string.ascii_lowercase[13:] + string.ascii_lowercase[:13]
-    + string.ascii_uppercase[13:] + string.ascii_uppercase[:13])
 _MIN_LETTERS = 4
 _BINARY_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _MIN_PRINTABLE = 0.85
@@ -355,7 +350,7 @@ def decoded_views(text: str, *, max_views: int = 8) -> list[str]:
     nested = [inner for outer in first for inner in _decoded(outer)]
     views = sorted(dict.fromkeys(v for v in first + nested if v != text), key=len, reverse=True)
     if _ASCII_LETTER.search(text):
-        views.append(text.translate(_ROT13))
+        views.append(codecs.encode(text, "rot13"))  # only ASCII letters; ~3x translate
     if _WORD_RUN.search(text):
         views.append(text[::-1])
     return views[:max_views]
