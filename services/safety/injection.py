@@ -490,6 +490,11 @@ _AMBIGUOUS_WORD = regex.compile(r"(?<!\S)(?=\S*\p{L})\S*[1|!+7]\S*")
 _MAX_AMBIGUOUS = 4  # symbols a word; more keep fold's reading
 
 
+def _is_numbered_name(word: str) -> bool:
+    """Letters then digits ("rot13", "LLM01") that no leet reading makes a known word."""
+    return bool(_NUMBERED_NAME.fullmatch(word)) and _read_leet(word) == word
+
+
 def read_leet_words(text: str) -> str:
     """``text`` with each word holding an ambiguous leet symbol ("1", "|": i or l) read
     the way that makes it a known word ("t0|d" → "told", "f1|ters" → "filters"); a
@@ -641,11 +646,13 @@ _REVERSED_CUES = frozenset(w[::-1] for w in _CUES)
 # A word of letters and leet symbols, with two letters or more and a "1", "|" or "+":
 # leetspeak may be ambiguous there ("ru1es", "R3v341"). Numbers, dates and identifiers
 # with one letter ("b1", "01T12") are not words, and runs longer than a word (base64,
-# hashes) are not read as one, nor are code points ("U+200D").
+# hashes) are not read as one, nor are code points ("U+200D") or names numbered at the
+# end ("rot13", "LLM01"), unless a reading makes a known word ("ru135").
 _LEET_MIX = regex.compile(r"(?<![\p{L}\p{N}|+$@!])(?=[\p{L}\p{N}|+$@!]*[1|+])"
                           r"(?![uU]\+[0-9A-Fa-f]{4,6}(?![\p{L}\p{N}|+$@!]))"
                           r"(?:[\p{N}|+$@!]*\p{L}){2}[\p{L}\p{N}|+$@!]*")
-_MAX_LEET_WORD = 40
+_MAX_LEET_WORD = 24  # "1n5truct10n5" is 12
+_NUMBERED_NAME = re.compile(r"[^\W\d_]+\d+")
 _LEET_SIGN = re.compile(r"[1|+]")
 _WORD_SYMBOLS = frozenset("|+$@!")
 
@@ -729,8 +736,8 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
     out = [("text", folded)]
     # The other readings change the text only in a few places: each is scanned only
     # around them.
-    leet_words = [span for span in _leet_mix_words(text)
-                  if span[1] - span[0] <= _MAX_LEET_WORD]
+    leet_words = [(a, b) for a, b in _leet_mix_words(text)
+                  if b - a <= _MAX_LEET_WORD and not _is_numbered_name(text[a:b])]
     plus_starts = [s for s, e in leet_words if "+" in text[s:e]]  # sorted
     for a, b in windows(text, leet_words):
         out.append(("leet", fold(text[a:b].translate(_LEET_ALT)).text))
