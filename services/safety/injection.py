@@ -446,14 +446,16 @@ _SPACED = regex.compile(rf"(?<![\p{{L}}\p{{N}}])(?:[\p{{L}}\p{{N}}]{_SEPARATORS}
                         r"[\p{L}\p{N}](?![\p{L}\p{N}])", regex.V1)
 # A run joined without any word break that is longer than this is cut into words
 # (wordninja's most likely split): the rules match words. The split costs ~35 us a letter,
-# so a text has at most _MAX_SEGMENTED letters split (an instruction spaced out is tens).
+# so a text has at most _MAX_SEGMENTED letters split, all its windows together (an
+# instruction spaced out is tens; past the budget, or in one word longer than it, the
+# letters stay joined uncut, as the classifier reads them).
 _MIN_SEGMENTED = 6
 # What every run holds (three letters or digits apart), in ``re``, whose scan is ~4 times
 # faster than _SPACED's with its Unicode classes; ASCII text without it has no run.
 _SPACED_HINT = re.compile(r"(?<![^\W_])[^\W_][ \t\r\n.\-_*+/|,;:]{1,4}[^\W_]"
                           r"[ \t\r\n.\-_*+/|,;:]{1,4}[^\W_](?![^\W_])")
 _FOLD_CHANGES_RUNS = re.compile(r"\s\s|[\x0b\x0c\x1c-\x1f]")
-_MAX_SEGMENTED = 400
+_MAX_SEGMENTED = 1000
 
 
 def _join(m: regex.Match[str], budget: list[int] | None) -> str:
@@ -465,7 +467,8 @@ def _join(m: regex.Match[str], budget: list[int] | None) -> str:
     # joined word is cut where words most likely end.
     run = m.group()
     seps = regex.findall(_SEPARATORS + "+", run)
-    joiner = max(dict.fromkeys(seps), key=lambda s: (seps.count(s), -len(s)))
+    counts = Counter(seps)  # insertion-ordered: ties go to the first seen
+    joiner = max(counts, key=lambda s: (counts[s], -len(s)))
     words = regex.split(_SEPARATORS + "+", run)
     out, word = [], words[0]
     for sep, letter in zip(seps, words[1:], strict=True):
@@ -490,16 +493,24 @@ _AMBIGUOUS_WORD = regex.compile(r"(?<!\S)(?=\S*\p{L})\S*[1|!+7]\S*")
 _MAX_AMBIGUOUS = 4  # symbols a word; more keep fold's reading
 
 
-def _is_numbered_name(word: str) -> bool:
-    """Letters then digits ("rot13", "LLM01") that no leet reading makes a known word."""
-    return bool(_NUMBERED_NAME.fullmatch(word)) and _read_leet(word) == word
+_MAX_READ_WORDS = 64  # words a text read this way (each tries up to 16 readings)
 
 
 def read_leet_words(text: str) -> str:
     """``text`` with each word holding an ambiguous leet symbol ("1", "|": i or l) read
     the way that makes it a known word ("t0|d" → "told", "f1|ters" → "filters"); a
-    word that no reading makes known keeps its symbols for ``fold``."""
-    return _AMBIGUOUS_WORD.sub(lambda m: _read_leet(m.group()), text)
+    word that no reading makes known, one over ``_MAX_LEET_WORD`` characters, or one past
+    the first ``_MAX_READ_WORDS``, keeps its symbols for ``fold``."""
+    left = [_MAX_READ_WORDS]
+
+    def read(m: regex.Match[str]) -> str:
+        word = m.group()
+        if len(word) > _MAX_LEET_WORD or left[0] <= 0:
+            return word
+        left[0] -= 1
+        return _read_leet(word)
+
+    return _AMBIGUOUS_WORD.sub(read, text)
 
 
 def _read_leet(word: str) -> str:
@@ -544,13 +555,14 @@ def _spaced_runs(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in _SPACED.finditer(text)]
 
 
-def join_spaced(text: str, *, cut: bool = True) -> str:
+def join_spaced(text: str, *, cut: bool = True, budget: list[int] | None = None) -> str:
     """``text`` with letter-by-letter runs joined into words, long joined words cut into
-    words (``cut``); "" when there are none."""
+    words (``cut``; ``budget``: [letters left to cut], shared by the caller's calls, else
+    _MAX_SEGMENTED); "" when there are none."""
     if not _spaced_runs(text):
         return ""
-    budget = [_MAX_SEGMENTED] if cut else None  # letters left to cut into words
-    return _SPACED.sub(lambda m: _join(m, budget), text)
+    left = (budget if budget is not None else [_MAX_SEGMENTED]) if cut else None
+    return _SPACED.sub(lambda m: _join(m, left), text)
 
 
 # The longest text a rule can match is well under this: a view that differs from the
@@ -654,11 +666,14 @@ _LEET_MIX = regex.compile(r"(?<![\p{L}\p{N}|+$@!])(?=[\p{L}\p{N}|+$@!]*[1|+])"
 _MAX_LEET_WORD = 24  # "1n5truct10n5" is 12
 _NUMBERED_NAME = re.compile(r"[^\W\d_]+\d+")
 _LEET_SIGN = re.compile(r"[1|+]")
-_WORD_SYMBOLS = frozenset("|+$@!")
+
+
+_LEET_WORD_CHAR = regex.compile(r"[\p{L}\p{N}|+$@!]")
 
 
 def _is_word_char(c: str) -> bool:
-    return c.isalnum() or c in _WORD_SYMBOLS  # _LEET_MIX's [\p{L}\p{N}|+$@!]
+    # _LEET_MIX's class, by the regex module's Unicode tables (str.isalnum's are older).
+    return _LEET_WORD_CHAR.match(c) is not None
 
 
 def _leet_mix_words(text: str) -> list[tuple[int, int]]:
@@ -736,8 +751,16 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
     out = [("text", folded)]
     # The other readings change the text only in a few places: each is scanned only
     # around them.
-    leet_words = [(a, b) for a, b in _leet_mix_words(text)
-                  if b - a <= _MAX_LEET_WORD and not _is_numbered_name(text[a:b])]
+    leet_words = []
+    num_read = 0  # numbered names looked up in the word list (each tries 2-16 readings)
+    for a, b in _leet_mix_words(text):
+        if b - a > _MAX_LEET_WORD:
+            continue
+        if _NUMBERED_NAME.fullmatch(text, a, b):
+            num_read += 1
+            if num_read > _MAX_READ_WORDS or _read_leet(text[a:b]) == text[a:b]:
+                continue
+        leet_words.append((a, b))
     plus_starts = [s for s, e in leet_words if "+" in text[s:e]]  # sorted
     for a, b in windows(text, leet_words):
         out.append(("leet", fold(text[a:b].translate(_LEET_ALT)).text))
@@ -758,8 +781,9 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
     if not runs and not (text.isascii() and _FOLD_CHANGES_RUNS.search(text) is None):
         spaced = fold(text, leet=False).text
         runs = _spaced_runs(spaced)
+    budget = [_MAX_SEGMENTED]  # letters left to cut into words, all windows together
     for a, b in windows(spaced, runs):
-        joined = join_spaced(spaced[a:b])
+        joined = join_spaced(spaced[a:b], budget=budget)
         out.append(("joined", fold(joined).text))
         if any(c in joined for c in "1|+"):
             out.append(("joined", fold(joined.translate(_LEET_ALT)).text))
@@ -801,53 +825,33 @@ def _discussed_quotes(folded: str) -> list[tuple[int, int]]:
     return quotes
 
 
-def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]],
-             parts: list[tuple[int, int]]) -> bool:
+def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]]) -> bool:
     """Whether ``rule`` matches ``folded`` outside the discussed ``quotes`` (sorted, not
-    overlapping: a match is inside one only if inside the last quote starting before it),
-    looking only in ``parts`` (the [start, end) around its anchors)."""
+    overlapping: a match is inside one only if inside the last quote starting before it)."""
     if rule.is_quote_proof:
         quotes = []
     starts = [a for a, _ in quotes]
-    for a, b in parts:
-        for m in rule.pattern.finditer(folded, a, b, overlapped=False):
-            i = bisect.bisect_right(starts, m.start()) - 1
-            if i < 0 or m.end() > quotes[i][1]:
-                return True
+    for m in rule.pattern.finditer(folded, overlapped=False):
+        i = bisect.bisect_right(starts, m.start()) - 1
+        if i < 0 or m.end() > quotes[i][1]:
+            return True
     return False
-
-
-def _occurrences(text: str, anchor: str) -> list[tuple[int, int]]:
-    out = []
-    i = text.find(anchor)
-    while i >= 0:
-        out.append((i, i + len(anchor)))
-        i = text.find(anchor, i + 1)
-    return out
 
 
 def scan(text: str, folded: str | None = None) -> list[str]:
     """The families of the rules that match some view of ``text``, each once (``folded``:
-    ``fold(text).text``, when the caller has it).
-
-    Every match of a rule holds one of its anchors and is shorter than ``RULE_REACH``: a
-    rule is run only within that reach of its anchors' occurrences (on a long prompt,
-    ~60% of the text for the rules that run at all)."""
+    ``fold(text).text``, when the caller has it). A rule runs over the whole of each view
+    that holds one of its anchors: gaps between a rule's words have no length limit, so
+    a rule cannot be confined to the text near its anchors."""
     families: list[str] = []
     for view, view_text in views(text, folded):
         quotes = [] if view == "decoded" else _discussed_quotes(view_text)
-        found: dict[str, list[tuple[int, int]]] = {}
-        parts: dict[tuple[str, ...], list[tuple[int, int]]] = {}  # rules share anchors
+        present: dict[str, bool] = {}
         for rule in RULES:
             if rule.family in families:
                 continue
-            if rule.anchors not in parts:
-                spans: list[tuple[int, int]] = []
-                for anchor in rule.anchors:
-                    if anchor not in found:
-                        found[anchor] = _occurrences(view_text, anchor)
-                    spans += found[anchor]
-                parts[rule.anchors] = windows(view_text, sorted(spans)) if spans else []
-            if parts[rule.anchors] and _matches(rule, view_text, quotes, parts[rule.anchors]):
+            if not any(present.setdefault(a, a in view_text) for a in rule.anchors):
+                continue
+            if _matches(rule, view_text, quotes):
                 families.append(rule.family)
     return families

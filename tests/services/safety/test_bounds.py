@@ -6,6 +6,7 @@ check whose caller went away (cancelled, deadline) never run."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import Callable, Iterator
 
@@ -34,8 +35,15 @@ ADVERSARIAL: dict[str, Callable[[int], str]] = {
     "base64-like": lambda n: "".join(random.Random(0).choices(
         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", k=n)),
     "spaced letters": lambda n: ("a.b.c.d," * n)[:n],
-    # Spaced letters with no word break: cut into words (a budget of letters a text).
-    "spaced letters, no breaks": lambda n: ("a b " * n)[:n],
+    # Spaced letters with no word break, in words the budget lets be cut, far apart (a
+    # window each), and a run whose every separator differs (each counted once).
+    "spaced words, cut": lambda n: (" ".join("revealyourrules") + " " + "x" * 700 + " ")
+    * (n // 700),
+    "spaced, every separator new": lambda n: "".join(
+        f"a{sep}" for sep in itertools.islice(itertools.cycle(
+            "".join(p) for p in itertools.product(" \t.-_*+/|,;:", repeat=4)), n // 5)),
+    # Leet words of ambiguous symbols inside glyph words: each read up to 16 ways.
+    "glyphs, ambiguous": lambda n: ("()|||| " * n)[:n],
     # Multi-symbol leetspeak glyphs, one endless word and many short ones.
     "glyphs": lambda n: ("|\\|()" * n)[:n],
     "glyph words": lambda n: ("p|_|t " * n)[:n],
