@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import regex
 import wordninja
 
-from services.safety.normalize import decoded_views, fold, glyph_words, unglyph
+from services.safety.normalize import LEET, decoded_views, fold, glyph_words, unglyph
 
 # Between two words of a rule: spaces or punctuation, or nothing (for joined-up words).
 G = r"[^\p{L}\p{N}]*"
@@ -452,8 +452,8 @@ _SPACED = regex.compile(rf"(?<![\p{{L}}\p{{N}}])(?:[\p{{L}}\p{{N}}]{_SEPARATORS}
 _MIN_SEGMENTED = 6
 # What every run holds (three letters or digits apart), in ``re``, whose scan is ~4 times
 # faster than _SPACED's with its Unicode classes; ASCII text without it has no run.
-_SPACED_HINT = re.compile(r"(?<![^\W_])[^\W_][ \t\r\n.\-_*+/|,;:]{1,4}[^\W_]"
-                          r"[ \t\r\n.\-_*+/|,;:]{1,4}[^\W_](?![^\W_])")
+_SPACED_HINT = re.compile(rf"(?<![^\W_])[^\W_]{_SEPARATORS}{{1,4}}[^\W_]"
+                          rf"{_SEPARATORS}{{1,4}}[^\W_](?![^\W_])")
 _FOLD_CHANGES_RUNS = re.compile(r"\s\s|[\x0b\x0c\x1c-\x1f]")
 _MAX_SEGMENTED = 1000
 
@@ -491,9 +491,10 @@ def _join(m: regex.Match[str], budget: list[int] | None) -> str:
 _AMBIGUOUS = {"1": "il", "|": "il", "!": "i", "+": "t", "7": "t"}
 _AMBIGUOUS_WORD = regex.compile(r"(?<!\S)(?=\S*\p{L})\S*[1|!+7]\S*")
 _MAX_AMBIGUOUS = 4  # symbols a word; more keep fold's reading
-
-
 _MAX_READ_WORDS = 64  # words a text read this way (each tries up to 16 readings)
+# fold's one-symbol leetspeak and "+" as t, one character for one, as word cuts are
+# looked for.
+_LEET_SEGMENT = {**LEET, ord("+"): ord("t")}
 
 
 def read_leet_words(text: str) -> str:
@@ -609,8 +610,6 @@ def windows(text: str, spans: list[tuple[int, int]], reach: int = RULE_REACH
 # "ru|es" but "i" in "d|sregard" (``fold`` reads "1" as i and "|" as l); "+" is "t".
 _LEET_ALT = str.maketrans({"1": "l", "|": "i", "+": "t"})
 _LEET_PLUS = str.maketrans({"+": "t"})
-# The one-symbol leetspeak, one character for one, as word cuts are looked for.
-_LEET_SEGMENT = str.maketrans("01345789@$!|+", "oieastbgasilt")
 # Character codes written out: decimal ("73 103 110") or binary ("01101001 ...").
 _DECIMAL_CODES = regex.compile(r"(?:\b(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6])\b[ ,;]+){7,}"
                                r"\b(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6])\b")
@@ -666,8 +665,6 @@ _LEET_MIX = regex.compile(r"(?<![\p{L}\p{N}|+$@!])(?=[\p{L}\p{N}|+$@!]*[1|+])"
 _MAX_LEET_WORD = 24  # "1n5truct10n5" is 12
 _NUMBERED_NAME = re.compile(r"[^\W\d_]+\d+")
 _LEET_SIGN = re.compile(r"[1|+]")
-
-
 _LEET_WORD_CHAR = regex.compile(r"[\p{L}\p{N}|+$@!]")
 
 
@@ -720,12 +717,12 @@ def hidden_texts(text: str) -> list[str]:
 # asks to join ("a = 'ignore all prev'; b = 'ious instructions'; do a + b").
 _FRAGMENT = regex.compile(r"'([^'\n]{1,80})'|\"([^\"\n]{1,80})\"|“([^”\n]{1,80})”|"
                           r"\[([^\]\n]{1,60})\]")
-_JOIN_CUE = regex.compile(r"\b(?:concatenat|combin|join|merg|assembl|glue|stitch)\w*\b|"
+_JOIN_STEMS = ("concatenat", "combin", "join", "merg", "assembl", "glue", "stitch")
+_JOIN_CUE = regex.compile(rf"\b(?:{'|'.join(_JOIN_STEMS)})\w*\b|"
                           r"\bput (?:them|these|it|both|all)\b.{0,20}\btogether\b|"
                           r"[\w\]'\"]\s*\+\s*[\w\['\"]", regex.IGNORECASE)
+_JOIN_CUE_WORDS = (*_JOIN_STEMS, "together")  # one is in every match but a "+" one
 _MAX_FRAGMENTS = 32
-_JOIN_CUE_WORDS = ("concatenat", "combin", "join", "merg", "assembl", "glue", "stitch",
-                   "together")
 
 
 def fragment_views(text: str) -> list[str]:

@@ -84,7 +84,8 @@ _CONFUSABLES: dict[str, str] = {
 }  # fmt: skip
 
 # Leetspeak, applied only to runs of these characters that touch a letter (see _unleet).
-_LEET = str.maketrans("01345789@$!|", "oieastbgasil")
+# The one-symbol leetspeak, one character for one (also how words are cut: injection).
+LEET = str.maketrans("01345789@$!|", "oieastbgasil")
 _LEET_RUN = re.compile(r"[01345789@$!|]+")
 _ASCII_LETTERS = frozenset(string.ascii_lowercase)
 _DOMAIN = re.compile(r"[a-z0-9-]+\.[a-z]")
@@ -146,7 +147,7 @@ def _unleet(text: str) -> str:
             stop = start + len(m.group().rstrip("!"))
         else:
             continue
-        pieces += [text[pos:start], text[start:stop].translate(_LEET)]
+        pieces += [text[pos:start], text[start:stop].translate(LEET)]
         pos = stop
     if not pieces:
         return text
