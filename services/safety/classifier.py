@@ -22,6 +22,7 @@ user's cache (never in git), named by a hash of everything that determines them
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
@@ -30,7 +31,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,10 @@ MIN_THRESHOLD = 0.5
 MAX_VETOED = 0.01
 MAX_VETO = 0.05
 MAX_CACHED = 4  # classifiers (code versions) kept in the cache
+# Float sums come out differently as the work is split over more or fewer threads: the
+# encoder's states and the fit run on this many, whatever the process uses otherwise, so
+# every training of the same code gives the same weights (1, 2 and 3 threads did not).
+TRAIN_THREADS = 2
 # The classifier fine-tunes copies of MiniLM's layers 2 and 3 (of 6) and reads the states
 # below them; the encoder's layers 4 and 5 do not run. Fine-tuning layers 4 and 5 instead
 # did as well (leave-one-family-out, indirect 0.60 / leetspeak 0.93 / exfiltration 1.0
@@ -219,7 +224,7 @@ class InjectionClassifier:
 def artifact_key(embedder: Embedder) -> str:
     """A hash of what determines the weights: the sources, the settings, the model dtype."""
     h = hashlib.sha256()
-    h.update(f"{FORMAT_VERSION}|{TRAIN_SEED}|{CALIBRATION_SEED}|{NUM_PER_FAMILY}|"
+    h.update(f"{FORMAT_VERSION}|{TRAIN_SEED}|{CALIBRATION_SEED}|{NUM_PER_FAMILY}|{TRAIN_THREADS}|"
              f"{MAX_CALIBRATION_FPR}|{FIRST_LAYER}|{torch.__version__}|{_encoder_version()}|"
              f"{embedder.model.dtype}|{embedder.max_words}|{embedder.max_windows}|"
              f"{embedder.max_sentences}|{embedder.max_extra}".encode())
@@ -385,6 +390,17 @@ def default_sets() -> tuple[list[traindata.Example], list[traindata.Example]]:
             calibration + traindata.load_labelled(traindata.DEV2_FILE))
 
 
+@contextlib.contextmanager
+def training_threads() -> Iterator[None]:
+    """torch on ``TRAIN_THREADS`` threads inside, on what it was before after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(embedder: Embedder, *, examples: Sequence[traindata.Example] | None = None,
           calibration: Sequence[traindata.Example] | None = None,
           num_epochs: int = NUM_EPOCHS) -> TrainResult:
@@ -392,11 +408,13 @@ def train(embedder: Embedder, *, examples: Sequence[traindata.Example] | None = 
     t0 = time.perf_counter()
     if examples is None or calibration is None:
         examples, calibration = default_sets()
-    train_x = featurize(embedder, [e.text for e in examples], [e.is_attack for e in examples])
-    cal_x = featurize(embedder, [e.text for e in calibration],
-                      [e.is_attack for e in calibration])
-    classifier, fpr, recall = fit_and_calibrate(embedder, train_x, cal_x,
-                                                num_epochs=num_epochs)
+    with training_threads():
+        train_x = featurize(embedder, [e.text for e in examples],
+                            [e.is_attack for e in examples])
+        cal_x = featurize(embedder, [e.text for e in calibration],
+                          [e.is_attack for e in calibration])
+        classifier, fpr, recall = fit_and_calibrate(embedder, train_x, cal_x,
+                                                    num_epochs=num_epochs)
     return TrainResult(classifier, len(examples), fpr, recall,
                        round(time.perf_counter() - t0, 2))
 

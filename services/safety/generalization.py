@@ -29,6 +29,7 @@ from services.safety.classifier import (
     featurize,
     fit_and_calibrate,
     prompt_probabilities,
+    training_threads,
     whole_prompt_texts,
 )
 from services.safety.embedding import Embedder
@@ -94,7 +95,14 @@ def leave_one_family_out(embedder: Embedder, *, heldout: Sequence[traindata.Exam
                          ) -> dict[str, Any]:
     """Per family: recall on its attacks and false-positive rate on all benign texts, of
     the classifier trained without it (alone and with the hand-written signals), on the
-    generated test set and on ``heldout``."""
+    generated test set and on ``heldout``; trained as ``train`` trains
+    (``training_threads``)."""
+    with training_threads():
+        return _leave_one_family_out(embedder, heldout, families)
+
+
+def _leave_one_family_out(embedder: Embedder, heldout: Sequence[traindata.Example],
+                          families: Sequence[str]) -> dict[str, Any]:
     examples, calibration = default_sets()
     train_x = featurize(embedder, [e.text for e in examples], [e.is_attack for e in examples])
     cal_x = featurize(embedder, [e.text for e in calibration],
