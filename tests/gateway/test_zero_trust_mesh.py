@@ -19,6 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from genmesh.client import Client
 from genmesh.client.types import DEV_API_KEY
@@ -194,7 +196,10 @@ def test_the_frontend_port_does_not_believe_a_tenant_header(mesh):
 
 def test_redis_answers_nothing_without_a_user_and_each_user_only_its_keys(mesh):
     port = mesh.config.redis_port
-    anonymous = redis.Redis(port=port, socket_timeout=5, protocol=2)
+    # No retries: redis-py retries a refused AUTH (a ConnectionError) three times with
+    # backoff, ~4 s a command.
+    once = Retry(NoBackoff(), 0)
+    anonymous = redis.Redis(port=port, socket_timeout=5, protocol=2, retry=once)
     for command in (anonymous.ping, lambda: anonymous.keys("*"),
                     lambda: anonymous.get("genmesh:budget:dev")):
         with pytest.raises(redis.AuthenticationError):
@@ -205,7 +210,8 @@ def test_redis_answers_nothing_without_a_user_and_each_user_only_its_keys(mesh):
                              text=True, timeout=10, check=False)
         assert out.stdout.startswith("NOAUTH"), (args, out.stdout)
     with pytest.raises(redis.AuthenticationError):  # a wrong password
-        redis.Redis(port=port, username="cache", password="guess", protocol=2).ping()
+        redis.Redis(port=port, username="cache", password="guess", protocol=2,
+                    retry=once).ping()
     cache = redis.Redis.from_url(pki.login(mesh.config.redis_url, mesh.secrets, "cache"),
                                  socket_timeout=5)
     assert cache.ping()

@@ -21,6 +21,8 @@ FRONTEND_STAGES = {"tokenize", "prompt_check", "budget", "cache_lookup", "genera
                    "detokenize", "moderation", "cache_store"}
 WORKER_STAGES = {"queue", "prefill", "decode"}
 TURN = "genmesh.v1.Generation/Chat turn"
+SERVICES = {"genmesh-envoy-edge", "genmesh-envoy-mesh", "genmesh-frontend", "genmesh-tokenizer",
+            "genmesh-safety", "genmesh-cache", "genmesh-worker-v1"}
 
 
 @dataclass
@@ -61,14 +63,15 @@ def test_one_chat_turn_is_one_trace_through_envoy_and_every_service(traced):
         list(chat.turn(f"Say hello. ({secret})"))
 
     def complete(spans: list[ReceivedSpan]) -> bool:
-        """Every stage arrived, and every span's parent (processes export on their own
-        schedules: Envoy every few seconds)."""
+        """Every stage and every service's spans arrived, and every span's parent
+        (processes export on their own schedules: Envoy every few seconds)."""
         turns = [s for s in spans if s.name == TURN]
         if not turns:
             return False
         trace = [s for s in spans if s.trace_id == turns[-1].trace_id]
         ids = {s.span_id for s in trace}
         return ({s.name for s in trace} >= (FRONTEND_STAGES | WORKER_STAGES)
+                and {s.service for s in trace} >= SERVICES
                 and any(not s.parent_span_id for s in trace)
                 and all(not s.parent_span_id or s.parent_span_id in ids for s in trace))
 
@@ -76,9 +79,7 @@ def test_one_chat_turn_is_one_trace_through_envoy_and_every_service(traced):
     turn = [s for s in spans if s.name == TURN][-1]
     trace = traced.receiver.trace(turn.trace_id)
     index = by_id(trace)
-    assert {s.service for s in trace} >= {
-        "genmesh-envoy-edge", "genmesh-envoy-mesh", "genmesh-frontend", "genmesh-tokenizer",
-        "genmesh-safety", "genmesh-cache", "genmesh-worker-v1"}
+    assert {s.service for s in trace} >= SERVICES
 
     # Parent links: one root (Envoy's edge span), every other parent in the trace.
     roots = [s for s in trace if not s.parent_span_id]

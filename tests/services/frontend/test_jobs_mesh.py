@@ -169,7 +169,7 @@ def test_100_jobs_finish_once_while_frontends_are_killed_at_random(jobs_mesh, tm
             stub.SubmitJob(generation_pb2.SubmitJobRequest(
                 job_id=job_id, request=generation_pb2.GenerateRequest(
                     prompt=f"Say the number {i} in words.", skip_cache=True,
-                    params=common_pb2.SamplingParams(max_tokens=32, ignore_eos=True))),
+                    params=common_pb2.SamplingParams(max_tokens=16, ignore_eos=True))),
                 timeout=10, metadata=tenant)
     num_kills = 0
     deadline = time.monotonic() + 240

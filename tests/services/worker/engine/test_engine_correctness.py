@@ -70,13 +70,14 @@ def test_16_staggered_concurrent_requests_match_hf(model_dir, prompts, hf_output
 
 def test_tiny_block_pool_forces_preemption_and_still_matches_hf(model_dir, prompts,
                                                                  hf_outputs):
-    # 48 blocks of 16 = 768 token slots for 16 requests that need ~4,000 together.
+    # 48 blocks of 16 = 768 token slots for 8 requests (of 89 to 573 prompt tokens) that
+    # need ~2,850 together.
     eng = engine(model_dir, num_kv_blocks=48, max_num_batched_tokens=512)
     try:
-        results = run_all(eng, prompts, GREEDY)
+        results = run_all(eng, prompts[1::2], GREEDY)
         stats = eng.stats()
     finally:
         eng.shutdown()
     assert stats.num_preemptions > 0
-    assert [tokens for tokens, _ in results] == hf_outputs
+    assert [tokens for tokens, _ in results] == hf_outputs[1::2]
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
