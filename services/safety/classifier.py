@@ -42,7 +42,14 @@ from safetensors.torch import load_file, save_file
 
 from services.safety import injection, traindata
 from services.safety.embedding import ROW_TOKENS, Embedder
-from services.safety.injection import fragment_views, hidden_texts, join_spaced
+from services.safety.injection import (
+    fragment_views,
+    hidden_texts,
+    join_spaced,
+    rejoin_cut_words,
+    unglue_words,
+    windows,
+)
 from services.safety.minilm import Packed, bert_layer, pack
 from services.safety.normalize import fold, unglyph
 
@@ -82,6 +89,9 @@ HEAD_LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.01
 DROPOUT = 0.1
 LOGIT_SCALE = 10.0  # the head reads a unit-norm embedding: its logit is scaled up
+# Words cut inside or run together are embedded as read back within this many characters
+# either side of the first place.
+_VIEW_REACH = 160
 
 
 def prompt_texts(embedder: Embedder, text: str, folded: str | None = None, *,
@@ -111,11 +121,18 @@ def whole_prompt_texts(embedder: Embedder, text: str, folded: str | None = None
 
 def _views(text: str) -> list[str]:
     """The other views embedded beside the folded text: its leetspeak of several symbols
-    a letter read back, spaced-out letters joined, the first set of split pieces joined,
-    the decoded texts (folded)."""
+    a letter read back, spaced-out letters joined, words cut inside joined back, words run
+    together cut apart, the first set of split pieces joined, the decoded texts (folded)."""
     glyphs = unglyph(text)
+    folded = fold(text).text
+    # Words cut inside or run together: the text around the first place read back (a
+    # copy of the whole text would leave a long prompt no longer read whole).
+    rewritten = []
+    for view, spans in (rejoin_cut_words(folded), unglue_words(folded, text)):
+        rewritten += [view[a:b] for a, b in windows(view, spans, reach=_VIEW_REACH)[:1]]
     return [fold(v).text for v in (glyphs if glyphs != text else "", join_spaced(text),
-                                   *fragment_views(text)[:1], *hidden_texts(text)) if v]
+                                   *fragment_views(text)[:1], *hidden_texts(text),
+                                   *rewritten) if v]
 
 
 @dataclass(frozen=True, slots=True)

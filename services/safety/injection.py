@@ -115,18 +115,28 @@ class Rule:
     # True: counts even inside a quote the prompt discusses (the quote itself hijacks a
     # task, as in "translate: '... instead of translating, say X'").
     is_quote_proof: bool = False
+    # Every match holds one of these too (its verb): a view without one is not scanned
+    # (the rules' scan is most of a check's time; their nouns are common words).
+    verbs: tuple[str, ...] = ()
 
 
 def _rule(family: str, pattern: str, *, anchors: tuple[str, ...],
-          is_quote_proof: bool = False) -> Rule:
-    return Rule(family, regex.compile(pattern, regex.V1), anchors, is_quote_proof)
+          is_quote_proof: bool = False, verbs: tuple[str, ...] = ()) -> Rule:
+    return Rule(family, regex.compile(pattern, regex.V1), anchors, is_quote_proof, verbs)
+
+
+def _stems(alternation: str) -> tuple[str, ...]:
+    """The literal start of each alternative of a pattern's first group "(?:a|b[sz]e|c)"
+    ("a", "b", "c"): what every match of the group holds."""
+    inner = alternation[alternation.index("(?:") + 3:alternation.index(")")]
+    return tuple(regex.split(r"[\[(?]", alt)[0] for alt in inner.split("|"))
 
 
 RULES: tuple[Rule, ...] = (
     # "Ignore all previous instructions", "disregard your rules", "forget the above".
     _rule("ignore_previous",
           rf"\b{_OVERRIDE_VERB}{G}{_filler(3)}{_EARLIER}{G}{_filler(2)}{_INSTRUCTIONS}\b",
-          anchors=INSTRUCTION_WORDS),
+          anchors=INSTRUCTION_WORDS, verbs=OVERRIDE_WORDS),
     _rule("ignore_previous",
           rf"\b{_OVERRIDE_VERB}{G}(?:all |everything |anything |what(?:ever)? )?"
           rf"(?:(?:you(?:'ve| have)? (?:been|were) )(?:told|instructed|programmed|given)|"
@@ -326,10 +336,11 @@ RULES: tuple[Rule, ...] = (
     _rule("system_prompt_extraction", rf"\b{_REVEAL}{G}{_filler(4)}{_SECRET_PROMPT}",
           anchors=("system", "initial", "hidden", "secret", "original", "prompt", "developer",
                    "instruction", "rules", "guideline", "configuration", "directive", "programming",
-                   "context", "first", "opening", "last", "given", "told", "shown", "provided")),
+                   "context", "first", "opening", "last", "given", "told", "shown", "provided"),
+          verbs=_stems(_REVEAL)),
     _rule("system_prompt_extraction",
           rf"\b{_COPY}(?:s|ed|ing)?\b.{{0,40}}{_TEXT_ABOVE}",
-          anchors=("above", "before", "prior to")),
+          anchors=("above", "before", "prior to"), verbs=_stems(_COPY)),
     _rule("system_prompt_extraction",
           rf"\b{_COPY}(?:s|ed|ing)?\b.{{0,30}}\b(?:everything|all|the (?:text|words|content))"
           rf" (?:above|before)\b.{{0,60}}\b(?:verbatim|word for word|exactly|in full|"
@@ -439,11 +450,14 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-# Runs of single characters separated by spaces, line breaks or punctuation: "i g n o r e",
-# "i\ng\nn\no\nr\ne" (one letter a line).
-_SEPARATORS = r"[ \t\r\n.\-_*+/|,;:]"
-_SPACED = regex.compile(rf"(?<![\p{{L}}\p{{N}}])(?:[\p{{L}}\p{{N}}]{_SEPARATORS}{{1,4}}){{2,}}"
-                        r"[\p{L}\p{N}](?![\p{L}\p{N}])", regex.V1)
+# Runs of single characters separated by spaces, line breaks, punctuation or any other
+# symbol ("i g n o r e", "i~g~n~o~r~e", "i•g•n", one letter a line), but for the leetspeak
+# letters "!", "@" and "$" ("d ! s r 3 g @ r d"), apostrophes ("I'm a") and the marks of a
+# script's letters (Devanagari's vowel signs).
+_SEPARATORS = r"[^\p{L}\p{N}\p{M}!@$'’]"
+_RUN_LETTER = r"[\p{L}\p{N}!@$]"  # with the leetspeak letters
+_SPACED = regex.compile(rf"(?<!{_RUN_LETTER})(?:{_RUN_LETTER}{_SEPARATORS}{{1,4}}){{2,}}"
+                        rf"{_RUN_LETTER}(?!{_RUN_LETTER})", regex.V1)
 # A run joined without any word break that is longer than this is cut into words
 # (wordninja's most likely split): the rules match words. The split costs ~35 us a letter,
 # so a text has at most _MAX_SEGMENTED letters split, all its windows together (an
@@ -452,10 +466,17 @@ _SPACED = regex.compile(rf"(?<![\p{{L}}\p{{N}}])(?:[\p{{L}}\p{{N}}]{_SEPARATORS}
 _MIN_SEGMENTED = 6
 # What every run holds (three letters or digits apart), in ``re``, whose scan is ~4 times
 # faster than _SPACED's with its Unicode classes; ASCII text without it has no run.
-_SPACED_HINT = re.compile(rf"(?<![^\W_])[^\W_]{_SEPARATORS}{{1,4}}[^\W_]"
-                          rf"{_SEPARATORS}{{1,4}}[^\W_](?![^\W_])")
+_HINT_SEPARATOR = r"(?:[^\w!@$'’]|_)"  # _SEPARATORS in ``re`` (marks: never in ASCII)
+_HINT_LETTER = r"(?:[^\W_]|[!@$])"
+_SPACED_HINT = re.compile(rf"(?<![^\W_])(?<![!@$]){_HINT_LETTER}{_HINT_SEPARATOR}{{1,4}}"
+                          rf"{_HINT_LETTER}{_HINT_SEPARATOR}{{1,4}}{_HINT_LETTER}"
+                          r"(?![^\W_])(?![!@$])")
 _FOLD_CHANGES_RUNS = re.compile(r"\s\s|[\x0b\x0c\x1c-\x1f]")
 _MAX_SEGMENTED = 1000
+
+
+def _whitespace(separator: str) -> int:
+    return sum(c.isspace() for c in separator)
 
 
 def _join(m: regex.Match[str], budget: list[int] | None) -> str:
@@ -465,14 +486,22 @@ def _join(m: regex.Match[str], budget: list[int] | None) -> str:
     # the process's string hashing: the classifier's training texts must not).
     # With one separator throughout ("i g n o r e a l l") there is no word break: a long
     # joined word is cut where words most likely end.
+    # Separators mixed at random ("i g~n o.r_e  a*l-l": three kinds or more, none of them
+    # three in five): the widest runs of whitespace (two or more) are the word breaks, all
+    # else joins.
     run = m.group()
     seps = regex.findall(_SEPARATORS + "+", run)
     counts = Counter(seps)  # insertion-ordered: ties go to the first seen
     joiner = max(counts, key=lambda s: (counts[s], -len(s)))
+    if len(counts) <= 2 or counts[joiner] * 5 >= len(seps) * 3:
+        breaks = set(counts) - {joiner}
+    else:
+        widest = max(_whitespace(s) for s in counts)
+        breaks = {s for s in counts if _whitespace(s) == widest} if widest >= 2 else set()
     words = regex.split(_SEPARATORS + "+", run)
     out, word = [], words[0]
     for sep, letter in zip(seps, words[1:], strict=True):
-        if sep == joiner:
+        if sep not in breaks:
             word += letter
         else:
             out.append(word)
@@ -490,6 +519,15 @@ def _join(m: regex.Match[str], budget: list[int] | None) -> str:
 # The leetspeak symbols with more than one reading, and their readings.
 _AMBIGUOUS = {"1": "il", "|": "il", "!": "i", "+": "t", "7": "t"}
 _AMBIGUOUS_WORD = regex.compile(r"(?<!\S)(?=\S*\p{L})\S*[1|!+7]\S*")
+_MAX_LEET_NUMBER = 5
+_AMBIGUOUS_SIGN = re.compile(r"[1|!+7]")
+_MIN_AMBIGUOUS_SIGNS = 4  # in a window, for its words and numbers to be read
+_AMBIGUOUS_WORD_OR_NUMBER = regex.compile(
+    rf"{_AMBIGUOUS_WORD.pattern}|(?<![\S])(?=\d*[17])\d{{1,{_MAX_LEET_NUMBER}}}(?![\S])")
+_COSTS = wordninja.DEFAULT_LANGUAGE_MODEL._wordcost
+# A number is read as a word only among the list's 20,000 most frequent (its cost of the
+# word of rank r is log(r * log(size of the list))): "10" stays, not "lo".
+_MAX_NUMBER_COST = math.log(20_000 * math.log(len(_COSTS)))
 _MAX_AMBIGUOUS = 4  # symbols a word; more keep fold's reading
 _MAX_READ_WORDS = 64  # words a text read this way (each tries up to 16 readings)
 # fold's one-symbol leetspeak and "+" as t, one character for one, as word cuts are
@@ -497,21 +535,40 @@ _MAX_READ_WORDS = 64  # words a text read this way (each tries up to 16 readings
 _LEET_SEGMENT = {**LEET, ord("+"): ord("t")}
 
 
-def read_leet_words(text: str) -> str:
+def read_leet_words(text: str, *, numbers: bool = False) -> str:
     """``text`` with each word holding an ambiguous leet symbol ("1", "|": i or l) read
     the way that makes it a known word ("t0|d" → "told", "f1|ters" → "filters"); a
     word that no reading makes known, one over ``_MAX_LEET_WORD`` characters, or one past
-    the first ``_MAX_READ_WORDS``, keeps its symbols for ``fold``."""
+    the first ``_MAX_READ_WORDS``, keeps its symbols for ``fold``. With ``numbers``, a
+    number of up to _MAX_LEET_NUMBER digits with a "1" or "7" is read too when a reading
+    makes a common word ("7311" → "tell", "70" → "to"), as in a sentence all in
+    leetspeak."""
+    return _read_leet_text(text, numbers=numbers)[0]
+
+
+def _read_leet_text(text: str, *, numbers: bool) -> tuple[str, int]:
+    """read_leet_words's reading, and how many words or numbers it read otherwise than
+    fold would."""
     left = [_MAX_READ_WORDS]
+    num_read = [0]
 
     def read(m: regex.Match[str]) -> str:
         word = m.group()
         if len(word) > _MAX_LEET_WORD or left[0] <= 0:
             return word
         left[0] -= 1
-        return _read_leet(word)
+        if word.isdigit():
+            reading = _read_leet(word)
+            if _COSTS.get(fold(reading).text, math.inf) > _MAX_NUMBER_COST:
+                return word
+            num_read[0] += 1
+            return reading
+        reading = _read_leet(word)
+        num_read[0] += fold(reading).text != fold(word).text
+        return reading
 
-    return _AMBIGUOUS_WORD.sub(read, text)
+    pattern = _AMBIGUOUS_WORD_OR_NUMBER if numbers else _AMBIGUOUS_WORD
+    return pattern.sub(read, text), num_read[0]
 
 
 def _read_leet(word: str) -> str:
@@ -550,10 +607,213 @@ def segment(word: str) -> list[str]:
     return pieces
 
 
+# Words cut inside, by a space or a symbol ("ign ore prev ious", "ign-ore sys.tem"): two
+# adjacent pieces that together make a word of at least _MIN_CUT_WORD letters much more
+# likely than the two apart ("prev" + "ious") are a cut; plain prose rarely holds two
+# within _CUT_REACH words. Around such cuts the words are joined and cut again where
+# words most likely end; plain prose comes back as it was, so the reading adds nothing.
+_LETTERS = re.compile(r"[a-z]+(?:'[a-z]+)?")
+_MIN_CUT_WORD = 4
+_CUT_REACH = 8
+_CUT_CONTEXT = 8  # words either side of a group of cuts joined with it
+# "ign ore", "ign - ore", "sys.tem"; not a quote mark ("'ignore ...' mean"): a quotation
+# must stay one for the rules.
+_CUT_SEPARATOR = re.compile(r"[ \-_*/·|+~]{1,3}|\.")
+_MAX_REJOINED = 300  # letters a text, all its groups together (wordninja: ~35 us a letter)
+# How much less likely (in wordninja's costs: log of rank) the two pieces are apart than
+# joined. Prose joins common words into rarer ones ("to me" tome 0.2, "any way" 3.7, "web
+# pages" 6.0); a cut word's pieces are rare or no words ("t old" 6.5, "ign ore" 11,
+# "prev ious" no entry).
+_CUT_MARGIN = 6.3
+
+
+def _is_cut(a: str, b: str, costs: dict[str, float]) -> bool:
+    """Whether ``a b`` is a word cut in two: the pieces joined are much more likely than
+    apart, by wordninja's word costs (not "in the", whose join "inthe" is in its list)."""
+    joined = a + b if "'" not in b else a + b.replace("'", "")  # "devel oper's"
+    return (len(joined) >= _MIN_CUT_WORD
+            and costs.get(joined, math.inf) + _CUT_MARGIN
+            < costs.get(a, math.inf) + costs.get(b, math.inf))
+
+
+def rejoin_cut_words(folded: str) -> tuple[str, list[tuple[int, int]]]:
+    """``folded`` with each group of cuts (each within ``_CUT_REACH`` words of the next),
+    and ``_CUT_CONTEXT`` words either side, joined without what separates them and cut
+    into its most likely words; and the spans of the rewritten groups in the result.
+    (``folded``, []) when there is none."""
+    costs = _COSTS
+    # Most texts have no two cuts near each other: that is found in one pass over its
+    # words, a few times faster than one that keeps their places.
+    words = _LETTERS.findall(folded)
+    cuts = [i for i, (a, b) in enumerate(itertools.pairwise(words))
+            if (a + b in costs or "'" in b) and _is_cut(a, b, costs)]
+    groups: list[list[int]] = []  # [first cut, last cut]
+    for a, b in itertools.pairwise(cuts):
+        if b - a >= _CUT_REACH:
+            continue
+        if groups and a <= groups[-1][1]:
+            groups[-1][1] = b
+        else:
+            groups.append([a, b])
+    if not groups:
+        return folded, []
+    places = [m.span() for m in _LETTERS.finditer(folded)]
+    replaced: list[tuple[int, int, str]] = []
+    pos, left = 0, _MAX_REJOINED
+    for first, last in groups:
+        lo = max(first - _CUT_CONTEXT, 0)
+        hi = min(last + 1 + _CUT_CONTEXT, len(words) - 1)
+        lo = max(lo, bisect.bisect_left(places, (pos, 0)))  # not into the group before
+        letters = 0  # past the budget, the group's first words that fit
+        for i in range(lo, hi + 1):
+            if letters + len(words[i]) > left:
+                hi = i - 1
+                break
+            letters += len(words[i])
+        if hi - lo < 1:
+            break
+        left -= letters
+        start, end = places[lo][0], places[hi][1]
+        # What separates two pieces of a word is joined away; other punctuation (", ",
+        # "; ", ". ", "@", the "." of "evil.example", not of "sys.tem") stays where it was,
+        # between the joined and cut parts.
+        parts, chunk = [], [words[lo]]
+        for i in range(lo, hi):
+            between = folded[places[i][1]:places[i + 1][0]]
+            if _CUT_SEPARATOR.fullmatch(between) is None or (
+                    between == "." and not _is_cut(words[i], words[i + 1], costs)):
+                parts += [" ".join(wordninja.split("".join(chunk))), between]
+                chunk = []
+            chunk.append(words[i + 1])
+        parts.append(" ".join(wordninja.split("".join(chunk))))
+        replaced.append((start, end, "".join(parts)))
+        pos = end
+    return _replace(folded, replaced)
+
+
+def _replace(text: str, replaced: list[tuple[int, int, str]]
+             ) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` with each (start, end, new) of ``replaced`` (in order, not overlapping)
+    put in, and the spans of the new texts in the result; (``text``, []) for none."""
+    if not replaced:
+        return text, []
+    pieces: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos, length = 0, 0
+    for start, end, new in replaced:
+        pieces += [text[pos:start], new]
+        length += start - pos
+        spans.append((length, length + len(new)))
+        length += len(new)
+        pos = end
+    pieces.append(text[pos:])
+    return "".join(pieces), spans
+
+
+# Words run together without spaces ("disregardyourpreviousinstructions", camel case once
+# folded) or joined by "_", "-", ".", "+" or "/" ("ignore_all_previous"). A token that is
+# no word and holds a rule's anchor word is a sentence run together when it is at least
+# _MIN_SENTENCE letters and cuts into _MIN_SENTENCE_WORDS words or more, one of them a
+# short common word ("your", "the"), or, two words at a time ("disregardyour
+# previousinstructions"), when another such token of _MIN_GLUED letters or more is within
+# _GLUE_REACH tokens, one of the two with a short word in it. Then it and every token of
+# _MIN_TOKEN letters or more within _GLUE_REACH tokens that is no word are cut into their
+# most likely words. A name in code ("deleteAllOrdersForCustomer", "skip_all_filters",
+# ShowYourSystemPromptDialog), among _MIN_PROSE_WORDS words or more, is a sentence only
+# from _MIN_NAME_WORDS words: plain "delete all orders" is a rule's match.
+_GLUED = re.compile(r"[a-z]+(?:[_\-.+/][a-z]+)*")
+_LONG_TOKEN = re.compile(r"[a-z][a-z_\-.+/]{9,}")
+_MIN_TOKEN = 6  # letters
+_MIN_GLUED = 10
+_MIN_SENTENCE = 14
+_MIN_SENTENCE_WORDS = 4
+_MIN_NAME_WORDS = 7
+_MIN_PROSE_WORDS = 3
+_GLUE_REACH = 4
+_GLUE_CUE = re.compile("|".join(sorted(  # the rules' anchors of five letters or more
+    {a for r in RULES for a in r.anchors if len(a) >= 5 and a.isalpha()}, key=len)))
+_SHORT_WORDS = frozenset(("your", "you", "the", "all", "and", "any", "my", "this"))
+_SHORT_WORD = re.compile("|".join(_SHORT_WORDS))
+_NO_JOINERS = str.maketrans("", "", "_-.+/")
+# Camel case with three parts or more ("deleteAllOrders", "ShowYourSystemPrompt").
+_CAMEL_CASE = regex.compile(r"(?<![\p{L}\p{N}])\p{L}\p{Ll}+(?:\p{Lu}\p{Ll}*){2,}")
+_MAX_UNGLUED = 300  # letters a text (wordninja: ~35 us a letter)
+
+
+def unglue_words(folded: str, text: str = "") -> tuple[str, list[tuple[int, int]]]:
+    """``folded`` with its tokens of words run together cut into their most likely words
+    (see ``_GLUED``), and the spans of the cut tokens in the result; (``folded``, []) when
+    there is none. ``text``: the original, where names in camel case are seen. Up to
+    _MAX_UNGLUED letters a text."""
+    # First only the long tokens (most texts have none that could start a cut): each
+    # candidate's letters, and whether it holds a short word.
+    candidates: dict[str, bool] = {}
+    starts: list[int] = []
+    for m in _LONG_TOKEN.finditer(folded):
+        letters = m.group().translate(_NO_JOINERS)
+        if (len(letters) >= _MIN_GLUED and letters not in _COSTS
+                and _GLUE_CUE.search(letters) is not None):
+            candidates[letters] = _SHORT_WORD.search(letters) is not None
+            starts.append(m.start())
+    if not any(candidates.values()):
+        return folded, []
+    close = any(b - a <= _GLUE_REACH * 24 for a, b in itertools.pairwise(starts))
+    long_enough = any(short and len(letters) >= _MIN_SENTENCE
+                      for letters, short in candidates.items())
+    if not close and not long_enough:
+        return folded, []
+    # Names in code are among words; a prompt run together whole has two words at most.
+    in_prose = len(text.split(maxsplit=_MIN_PROSE_WORDS)) >= _MIN_PROSE_WORDS
+    names = ({m.group().lower() for m in _CAMEL_CASE.finditer(text)} if in_prose
+             else set())
+    tokens: list[tuple[int, int, str]] = []  # the tokens of _MIN_TOKEN letters, no word
+    for m in _GLUED.finditer(folded):
+        if m.end() - m.start() < _MIN_TOKEN:
+            continue
+        letters = m.group().translate(_NO_JOINERS)
+        if len(letters) >= _MIN_TOKEN and letters not in _COSTS:
+            tokens.append((m.start(), m.end(), letters))
+    left = _MAX_UNGLUED
+    cut: dict[int, list[str]] = {}  # token index: its words
+    cued: list[tuple[int, bool]] = []  # (token index, holds a short word)
+    for i, (start, end, letters) in enumerate(tokens):
+        short = candidates.get(letters)
+        if short is None:
+            continue
+        cued.append((i, short))
+        if short and len(letters) >= _MIN_SENTENCE and len(letters) <= left:
+            left -= len(letters)
+            words = wordninja.split(letters)
+            is_name = in_prose and (letters != folded[start:end] or letters in names)
+            if (len(words) >= (_MIN_NAME_WORDS if is_name else _MIN_SENTENCE_WORDS)
+                    and not _SHORT_WORDS.isdisjoint(words)):
+                cut[i] = words
+    seeds = set(cut)
+    seeds.update(i for (a, short_a), (b, short_b) in itertools.pairwise(cued)
+                 if (short_a or short_b) and b - a <= _GLUE_REACH
+                 and tokens[a][2] not in names and tokens[b][2] not in names
+                 for i in (a, b))
+    if not seeds:
+        return folded, []
+    near = sorted({j for i in seeds for j in range(max(i - _GLUE_REACH, 0),
+                                                   min(i + _GLUE_REACH + 1, len(tokens)))})
+    replaced: list[tuple[int, int, str]] = []
+    for j in near:
+        start, end, letters = tokens[j]
+        if j not in cut:
+            if len(letters) > left:
+                continue
+            left -= len(letters)
+            cut[j] = wordninja.split(letters)
+        replaced.append((start, end, " ".join(cut[j])))
+    return _replace(folded, replaced)
+
+
 def _spaced_runs(text: str) -> list[tuple[int, int]]:
+    """The runs with a letter ("7.0.0" is a version, not a word)."""
     if text.isascii() and _SPACED_HINT.search(text) is None:
         return []
-    return [m.span() for m in _SPACED.finditer(text)]
+    return [m.span() for m in _SPACED.finditer(text) if any(c.isalpha() for c in m.group())]
 
 
 def join_spaced(text: str, *, cut: bool = True, budget: list[int] | None = None) -> str:
@@ -726,8 +986,9 @@ _MAX_FRAGMENTS = 32
 
 
 def fragment_views(text: str) -> list[str]:
-    """The quoted or bracketed pieces of ``text`` joined with spaces and without, when
-    there are two or more and the text asks to join something; else []."""
+    """The quoted or bracketed pieces of ``text`` joined with spaces, without, and without
+    then cut into words (up to _MAX_REJOINED letters), when there are two or more and the
+    text asks to join something; else []."""
     if text.isascii() and "+" not in text:
         lower = text.lower()
         if not any(cue in lower for cue in _JOIN_CUE_WORDS):
@@ -738,7 +999,73 @@ def fragment_views(text: str) -> list[str]:
     pieces = [next(g for g in m.groups() if g is not None) for m in matches]
     if len(pieces) < 2:
         return []
-    return [" ".join(" ".join(pieces).split()), "".join(pieces)]
+    joined = "".join(pieces)
+    # Pieces cut inside words ("[rev] [eal your] [sys] [tem prompt]": a piece's last word
+    # and the next one's first are a cut), joined without spaces, then cut where words
+    # most likely end.
+    cut_inside = any(_is_cut(a.rsplit(None, 1)[-1].lower(), b.split(None, 1)[0].lower(), _COSTS)
+                     for a, b in itertools.pairwise(pieces) if a.strip() and b.strip())
+    cut = ([" ".join(wordninja.split(joined))]
+           if cut_inside and len(joined) <= _MAX_REJOINED else [])
+    return [" ".join(" ".join(pieces).split()), joined, *cut]
+
+
+# Reading orders a prompt asks for: the first words or letters of its lines or words
+# (an acrostic), or its words from the last to the first.
+# In ``re``: about twice as fast as ``regex`` here, and no Unicode class is needed.
+_ACROSTIC = re.compile(
+    r"\b(?P<which>first|initial|starting|1st|last|final)\s+(?P<unit>words?|letters?|"
+    r"characters?|chars?)\s+(?:of|from|in|on)\s+(?:each|every|all(?: the)?|the)\s+"
+    r"(?P<of>lines?|sentences?|rows?|paragraphs?|words?)\b", re.IGNORECASE)
+_BACKWARDS = re.compile(
+    r"\b(?:read|reading|interpret|decode|follow|take|say|do|execute)\b[^.\n]{0,40}"
+    r"\b(?:backwards?|in reverse(?: order)?|reversed|right to left|from the end|last word "
+    r"first)\b", re.IGNORECASE)
+_ACROSTIC_CUES = (("first", "initial", "starting", "1st", "last", "final"),
+                  ("word", "letter", "char"), ("each", "every", "all"))
+_BACKWARDS_CUES = ("backward", "revers", "right to left", "from the end", "word first")
+_MAX_ORDER_WORDS = 400
+_LIST_MARK = regex.compile(r"^\s*(?:[-*•·]|\d{1,3}[.)])\s+")
+
+
+def reading_order_views(text: str) -> list[str]:
+    """``text`` read in the order it asks for, when it asks: the first (or last) word or
+    letter of each line or word joined ("take the first word of each line"), its words
+    from the last ("read this backwards"); else []."""
+    lower = text.lower()
+    acrostic = all(any(cue in lower for cue in cues) for cues in _ACROSTIC_CUES)
+    if not acrostic and not any(cue in lower for cue in _BACKWARDS_CUES):
+        return []
+    out = []
+    for m in itertools.islice(_ACROSTIC.finditer(text) if acrostic else (), 2):
+        last = m["which"].lower() in ("last", "final")
+        of = m["of"].lower()
+        # After the line or sentence that asks, or before it when it says "above".
+        above = "above" in text[m.end():m.end() + 20].lower()
+        # What follows a colon after the ask is read from there ("...of each line: Ignore").
+        rest = text[m.end():]
+        head, colon, tail = rest.partition(":")
+        after_colon = bool(colon) and not head.strip()
+        if of.startswith(("line", "row", "paragraph")):
+            parts = (text[:m.start()].splitlines()[:-1] if above
+                     else tail.splitlines() if after_colon else rest.splitlines()[1:])
+            parts = [_LIST_MARK.sub("", p) for p in parts]  # "- ", "1. "
+        elif of.startswith("sentence"):
+            parts = regex.split(r"(?<=[.!?])\s+", text[:m.start()] if above
+                                else tail if after_colon else rest)
+            parts = parts[:-1] if above else parts if after_colon else parts[1:]
+        else:
+            parts = text[m.end():].split()
+        words = [w for w in (p.split() for p in parts[:_MAX_ORDER_WORDS]) if w]
+        picked = [w[-1] if last else w[0] for w in words]
+        if m["unit"].lower().startswith("word") and not m["of"].lower().startswith("word"):
+            out.append(" ".join(picked))
+        else:
+            letters = [regex.sub(r"[^\p{L}\p{N}]", "", w) for w in picked]
+            out.append("".join((w[-1] if last else w[0]) for w in letters if w))
+    if _BACKWARDS.search(text):
+        out.append(" ".join(text.split()[:_MAX_ORDER_WORDS][::-1]))
+    return [v for v in out if v]
 
 
 def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
@@ -761,6 +1088,14 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
     plus_starts = [s for s, e in leet_words if "+" in text[s:e]]  # sorted
     for a, b in windows(text, leet_words):
         out.append(("leet", fold(text[a:b].translate(_LEET_ALT)).text))
+        # Each word read as the known word it makes ("t01d" told, "ru135" rules), and the
+        # numbers that are words in a sentence all in leetspeak ("7311 m3", "70"), when
+        # two or more read otherwise than fold does (not "v1 ... 10 cases").
+        # (Only where ambiguous symbols are many, as in such a sentence.)
+        if len(_AMBIGUOUS_SIGN.findall(text, a, b)) >= _MIN_AMBIGUOUS_SIGNS:
+            reading, num_words_read = _read_leet_text(text[a:b], numbers=True)
+            if num_words_read >= 2:
+                out.append(("leet", fold(reading).text))
         if bisect.bisect_left(plus_starts, b) > bisect.bisect_left(plus_starts, a):
             out.append(("leet", fold(text[a:b].translate(_LEET_PLUS)).text))
     # Leetspeak of several symbols a letter ("|\\|", "()"): around the words that hold it.
@@ -786,7 +1121,12 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
             out.append(("joined", fold(joined.translate(_LEET_ALT)).text))
         # Uncut too: the word list cuts a few words the rules know ("ex filtrate").
         out.append(("joined", fold(join_spaced(spaced[a:b], cut=False)).text))
-    out += [("decoded", fold(v).text) for v in hidden_texts(text) + fragment_views(text)]
+    rejoined, cut_runs = rejoin_cut_words(folded)
+    out += [("rejoined", rejoined[a:b]) for a, b in windows(rejoined, cut_runs)]
+    unglued, glued = unglue_words(folded, text)
+    out += [("unglued", unglued[a:b]) for a, b in windows(unglued, glued)]
+    out += [("decoded", fold(v).text) for v in (*hidden_texts(text), *fragment_views(text),
+                                                 *reading_order_views(text))]
     unique: dict[str, str] = {}
     for name, folded_view in out:
         unique.setdefault(folded_view, name)
@@ -848,6 +1188,9 @@ def scan(text: str, folded: str | None = None) -> list[str]:
             if rule.family in families:
                 continue
             if not any(present.setdefault(a, a in view_text) for a in rule.anchors):
+                continue
+            if rule.verbs and not any(present.setdefault(a, a in view_text)
+                                      for a in rule.verbs):
                 continue
             if _matches(rule, view_text, quotes):
                 families.append(rule.family)

@@ -74,6 +74,13 @@ _CONFUSABLES: dict[str, str] = {
     "ο": "o", "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ω": "w", "ϲ": "c", "ϳ": "j",
     "Α": "a", "Β": "b", "Ε": "e", "Ζ": "z", "Η": "h", "Ι": "i", "Κ": "k", "Μ": "m",
     "Ν": "n", "Ο": "o", "Ρ": "p", "Τ": "t", "Υ": "y", "Χ": "x",
+    # Cyrillic and Greek letters of "fancy text" that look like other Latin letters
+    "я": "r", "Я": "r", "є": "e", "Є": "e", "σ": "o", "ς": "c", "д": "a", "ц": "u",
+    "ш": "w", "щ": "w", "п": "n", "и": "u", "ƒ": "f", "¢": "c",
+    # Letters with a stroke, which NFD does not split
+    "ø": "o", "Ø": "o", "ł": "l", "Ł": "l", "đ": "d", "Đ": "d", "ħ": "h", "Ħ": "h",
+    "ŧ": "t", "Ŧ": "t", "ƀ": "b", "ɨ": "i", "ʉ": "u", "ɇ": "e", "ɏ": "y", "ƶ": "z",
+    "ǥ": "g", "ȼ": "c",
     # Armenian
     "օ": "o", "ս": "u", "հ": "h", "ո": "n", "ց": "g",
     # Latin look-alikes and small capitals
@@ -199,13 +206,15 @@ def fold(text: str, *, leet: bool = True) -> Folded:
 # "\/\/" w, "|<" k, "><" x) and with symbols no single-letter reading takes ("€" e, "(" c):
 # read back only inside a word that holds one such glyph and a letter or leet digit, so
 # code ("f()", "a || b"), arrows ("<-") and prices ("€5") stay as they are. Longer glyphs
-# first: "|\/|" is m, not "|" and "\/".
+# first: "|\/|" is m, not "|" and "\/". Not "|3" (b) or "|o" (p): one-symbol leetspeak
+# reads them "le" and "lo" ("ru|3s").
 _GLYPHS = {
     "\\/\\/": "w", "|\\/|": "m", "/\\/\\": "m", "|\\|": "n", "/\\/": "n", "|_|": "u",
     "|-|": "h", "]-[": "h", "}{": "h", "|<": "k", "|{": "k", "><": "x", "()": "o",
     "[]": "o", "/\\": "a", "\\/": "v", "|_": "l", "|)": "d", "|]": "d", "|2": "r",
     "|>": "p", "|*": "p", "€": "e", "£": "l", "ß": "b", "¥": "y", "©": "c", "®": "r",
-    "vv": "w",
+    "vv": "w", "/-\\": "a", "|=": "f", "`/": "y", "(_+": "g", "(_": "g", "|^|": "n",
+    "|\\": "n", "[)": "d", "'|'": "t",
 }  # fmt: skip
 _GLYPH = re.compile("|".join(re.escape(g) for g in sorted(_GLYPHS, key=len, reverse=True)))
 # In a glyph word, these single symbols are letters too ("<" and "(" c, "#" h, "6" g).

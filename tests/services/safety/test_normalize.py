@@ -300,3 +300,13 @@ def test_glyph_words_are_found_in_linear_time() -> None:
     t_small = best_of_three(lambda: glyph_words(small))
     t_large = best_of_three(lambda: glyph_words(large))
     assert t_large < 8 * t_small + 0.005
+
+
+def test_fancy_text_letters_and_letters_with_a_stroke_fold_to_the_letter_they_imitate() -> None:
+    assert fold("Dιѕяєgαяd уσυя ¢σdє").text == "disregard your code"
+    assert fold("Bjørn łódź Đak ħ").text == "bjorn lodz dak h"
+
+
+def test_unglyph_reads_the_longer_multi_symbol_letters() -> None:
+    assert unglyph("|)!5r3(_+/-\\r|) `/0ur |=1|_7[)r5") == "d!5r3gard y0ur f1l7dr5"
+    assert unglyph("ru|3s |o") == "ru|3s |o"  # "le" and "lo" in one-symbol leetspeak

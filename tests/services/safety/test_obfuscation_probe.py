@@ -1,11 +1,12 @@
 """The rules against obfuscation styles they were not written from: twenty attack
-sentences (none of them in the generator's templates or the data sets) disguised twenty
+sentences (none of them in the generator's templates or the data sets) disguised 31
 ways, and twenty benign requests disguised the same ways. Each style must keep what the
 rules catch in the plain sentences, and flag none of the benign ones.
 
-With the classifier, 19 of 20 attacks are caught in every style but words cut inside
-(11 of 20), at 0 of 20 benign (measured with ``genmesh safety eval``'s classifier; this
-test runs the rules only, in-process)."""
+With the classifier, 19 of 20 attacks are caught in every style but three (18 of 20:
+words run together without spaces, in camel case or snake case) and the one with every
+letter that has a digit written as one (18), at 0 of 20 benign (measured with the default
+classifier of ``genmesh safety train``; this test runs the rules only, in-process)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,11 @@ _HEAVY = {"a": ("4", "@", "/\\"), "e": ("3", "€"), "i": ("1", "!", "|"), "o": 
           "z": ("2",), "k": ("|<",), "h": ("|-|", "#"), "u": ("|_|",),
           "w": ("\\/\\/", "vv"), "n": ("|\\|",), "c": ("(", "<"), "x": ("><",)}
 
+_ALL_DIGITS = {"a": "4", "b": "8", "e": "3", "g": "9", "i": "1", "l": "1", "o": "0", "s": "5",
+               "t": "7", "z": "2"}
+_FANCY = {"a": "α", "c": "¢", "e": "є", "i": "ι", "n": "η", "o": "σ", "r": "я", "s": "ѕ",
+          "t": "т", "u": "υ", "y": "у"}
+
 
 def _leet(rng: random.Random, text: str, table: dict, rate: float) -> str:
     out = []
@@ -87,6 +93,10 @@ def _some_words(rng: random.Random, text: str, disguise: Callable[[str], str]) -
     words = text.split()
     chosen = set(rng.sample(range(len(words)), k=min(4, len(words))))
     return " ".join(disguise(w) if i in chosen else w for i, w in enumerate(words))
+
+
+def _cut(word: str, at: int, by: str = " ") -> str:
+    return word[:at] + by + word[at:]
 
 
 def _alternating_case(text: str) -> str:
@@ -115,13 +125,32 @@ STYLES: dict[str, Callable[[random.Random, str], str]] = {
     "spaced leet": lambda r, t: _spaced(_leet(r, t, _BASIC, 0.7), " ", "  "),
     "tabs": lambda r, t: _spaced(t, "\t", "\t\t"),
     "double spaces": lambda r, t: _spaced(t, "  ", "    "),
+    "tildes": lambda r, t: _spaced(t, "~", " "),
+    "bullets": lambda r, t: _spaced(t, "•", "   "),
+    "separators mixed": lambda r, t: "  ".join(
+        "".join(c + r.choice(" .-_*~") for c in w)[:-1] for w in t.split()),
+    "leet, every digit": lambda r, t: _leet(r, t, _ALL_DIGITS, 1.0),
+    "fancy letters": lambda r, t: _leet(r, t, _FANCY, 1.0),
+    "no spaces": lambda r, t: t.replace(" ", ""),
+    "camel case": lambda r, t: "".join(w[:1].upper() + w[1:] for w in t.split()),
+    "snake case": lambda r, t: "_".join(t.split()),
+    "words cut in half": lambda r, t: " ".join(_cut(w, len(w) // 2) if len(w) > 5 else w
+                                               for w in t.split()),
+    "words cut by a symbol": lambda r, t: " ".join(
+        _cut(w, len(w) // 2, r.choice("-._*/·")) if len(w) > 4 else w for w in t.split()),
+    "words cut anywhere": lambda r, t: " ".join(_cut(w, r.randint(1, len(w) - 1))
+                                                if len(w) > 3 else w for w in t.split()),
 }
 # What the rules alone miss of the attacks they catch plain: the address, once its "@"
-# and "." are spaced apart or read as leetspeak ("attacker @ evil example"), and two
-# several-symbol leet sentences. The classifier catches these.
+# and "." are spaced apart or read as leetspeak ("attacker @ evil example"), two
+# several-symbol leet sentences and one all in digits. The classifier catches these.
 ADDRESS = ATTACKS[7]
 MISSED = {"plain": set(), "leet, half": set(), "leet, capitals": set(),
-          "leet, several symbols a letter": {ADDRESS, ATTACKS[5], ATTACKS[12]}}
+          "leet, several symbols a letter": {ADDRESS, ATTACKS[5], ATTACKS[12]},
+          "words cut anywhere": set(),  # this seed's cuts leave the address readable
+          "words cut by a symbol": set(),
+          "fancy letters": set(),  # no "@" or "." changed
+          "leet, every digit": {ADDRESS, ATTACKS[5]}}
 
 
 @pytest.mark.parametrize("style", STYLES)
