@@ -1021,8 +1021,7 @@ _BACKWARDS = re.compile(
     r"\b(?:read|reading|interpret|decode|follow|take|say|do|execute)\b[^.\n]{0,40}"
     r"\b(?:backwards?|in reverse(?: order)?|reversed|right to left|from the end|last word "
     r"first)\b", re.IGNORECASE)
-_ACROSTIC_CUES = (("first", "initial", "starting", "1st", "last", "final"),
-                  ("word", "letter", "char"), ("each", "every", "all"))
+_ACROSTIC_CUE = re.compile(r"(?:first|initial|starting|1st|last|final)\s+(?:word|letter|char)")
 _BACKWARDS_CUES = ("backward", "revers", "right to left", "from the end", "word first")
 _MAX_ORDER_WORDS = 400
 _LIST_MARK = regex.compile(r"^\s*(?:[-*•·]|\d{1,3}[.)])\s+")
@@ -1033,7 +1032,7 @@ def reading_order_views(text: str) -> list[str]:
     letter of each line or word joined ("take the first word of each line"), its words
     from the last ("read this backwards"); else []."""
     lower = text.lower()
-    acrostic = all(any(cue in lower for cue in cues) for cues in _ACROSTIC_CUES)
+    acrostic = _ACROSTIC_CUE.search(lower) is not None
     if not acrostic and not any(cue in lower for cue in _BACKWARDS_CUES):
         return []
     out = []
