@@ -661,9 +661,11 @@ def rejoin_cut_words(folded: str) -> tuple[str, list[tuple[int, int]]]:
     replaced: list[tuple[int, int, str]] = []
     pos, left = 0, _MAX_REJOINED
     for first, last in groups:
-        lo = max(first - _CUT_CONTEXT, 0)
+        # Not into the group before (whose context may have taken this one in whole).
+        lo = max(first - _CUT_CONTEXT, bisect.bisect_left(places, (pos, 0)))
         hi = min(last + 1 + _CUT_CONTEXT, len(words) - 1)
-        lo = max(lo, bisect.bisect_left(places, (pos, 0)))  # not into the group before
+        if hi - lo < 1:
+            continue
         letters = 0  # past the budget, the group's first words that fit
         for i in range(lo, hi + 1):
             if letters + len(words[i]) > left:
