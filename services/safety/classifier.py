@@ -102,7 +102,7 @@ def prompt_texts(embedder: Embedder, text: str, folded: str | None = None, *,
     split pieces joined and the decoded texts. ``folded``: ``fold(text).text`` when the
     caller has it."""
     folded = fold(text).text if folded is None else folded
-    return embedder.texts_for(folded, _views(text), with_sentences=with_sentences)
+    return embedder.texts_for(folded, _views(text, folded), with_sentences=with_sentences)
 
 
 def whole_prompt_texts(embedder: Embedder, text: str, folded: str | None = None
@@ -115,16 +115,16 @@ def whole_prompt_texts(embedder: Embedder, text: str, folded: str | None = None
     # The views cost more than the windows: only a text that fits is read for them.
     if not embedder.reads_whole(folded):
         return None
-    views = _views(text)
+    views = _views(text, folded)
     return embedder.texts_for(folded, views) if embedder.reads_whole(folded, views) else None
 
 
-def _views(text: str) -> list[str]:
+def _views(text: str, folded: str) -> list[str]:
     """The other views embedded beside the folded text: its leetspeak of several symbols
     a letter read back, spaced-out letters joined, words cut inside joined back, words run
-    together cut apart, the first set of split pieces joined, the decoded texts (folded)."""
+    together cut apart, the first set of split pieces joined, the decoded texts (folded).
+    ``folded``: ``fold(text).text``."""
     glyphs = unglyph(text)
-    folded = fold(text).text
     # Words cut inside or run together: the text around the first place read back (a
     # copy of the whole text would leave a long prompt no longer read whole).
     rewritten = []

@@ -575,7 +575,6 @@ def _read_leet(word: str) -> str:
     spots = [i for i, c in enumerate(word) if c in _AMBIGUOUS]
     if len(spots) > _MAX_AMBIGUOUS:
         return word
-    costs = wordninja.DEFAULT_LANGUAGE_MODEL._wordcost
     best, best_cost = word, math.inf
     for choice in itertools.product(*(_AMBIGUOUS[word[i]] for i in spots)):
         chars = list(word)
@@ -583,7 +582,7 @@ def _read_leet(word: str) -> str:
             chars[i] = c
         reading = "".join(chars)
         letters = "".join(c for c in fold(reading).text if c.isalpha() or c == "'")
-        cost = costs.get(letters, math.inf)
+        cost = _COSTS.get(letters, math.inf)
         if cost < best_cost:
             best, best_cost = reading, cost
     return best
@@ -627,13 +626,13 @@ _MAX_REJOINED = 300  # letters a text, all its groups together (wordninja: ~35 u
 _CUT_MARGIN = 6.3
 
 
-def _is_cut(a: str, b: str, costs: dict[str, float]) -> bool:
+def _is_cut(a: str, b: str) -> bool:
     """Whether ``a b`` is a word cut in two: the pieces joined are much more likely than
     apart, by wordninja's word costs (not "in the", whose join "inthe" is in its list)."""
     joined = a + b if "'" not in b else a + b.replace("'", "")  # "devel oper's"
     return (len(joined) >= _MIN_CUT_WORD
-            and costs.get(joined, math.inf) + _CUT_MARGIN
-            < costs.get(a, math.inf) + costs.get(b, math.inf))
+            and _COSTS.get(joined, math.inf) + _CUT_MARGIN
+            < _COSTS.get(a, math.inf) + _COSTS.get(b, math.inf))
 
 
 def rejoin_cut_words(folded: str) -> tuple[str, list[tuple[int, int]]]:
@@ -641,12 +640,11 @@ def rejoin_cut_words(folded: str) -> tuple[str, list[tuple[int, int]]]:
     and ``_CUT_CONTEXT`` words either side, joined without what separates them and cut
     into its most likely words; and the spans of the rewritten groups in the result.
     (``folded``, []) when there is none."""
-    costs = _COSTS
     # Most texts have no two cuts near each other: that is found in one pass over its
     # words, a few times faster than one that keeps their places.
     words = _LETTERS.findall(folded)
     cuts = [i for i, (a, b) in enumerate(itertools.pairwise(words))
-            if (a + b in costs or "'" in b) and _is_cut(a, b, costs)]
+            if (a + b in _COSTS or "'" in b) and _is_cut(a, b)]
     groups: list[list[int]] = []  # [first cut, last cut]
     for a, b in itertools.pairwise(cuts):
         if b - a >= _CUT_REACH:
@@ -683,7 +681,7 @@ def rejoin_cut_words(folded: str) -> tuple[str, list[tuple[int, int]]]:
         for i in range(lo, hi):
             between = folded[places[i][1]:places[i + 1][0]]
             if _CUT_SEPARATOR.fullmatch(between) is None or (
-                    between == "." and not _is_cut(words[i], words[i + 1], costs)):
+                    between == "." and not _is_cut(words[i], words[i + 1])):
                 parts += [" ".join(wordninja.split("".join(chunk))), between]
                 chunk = []
             chunk.append(words[i + 1])
@@ -1005,7 +1003,7 @@ def fragment_views(text: str) -> list[str]:
     # Pieces cut inside words ("[rev] [eal your] [sys] [tem prompt]": a piece's last word
     # and the next one's first are a cut), joined without spaces, then cut where words
     # most likely end.
-    cut_inside = any(_is_cut(a.rsplit(None, 1)[-1].lower(), b.split(None, 1)[0].lower(), _COSTS)
+    cut_inside = any(_is_cut(a.rsplit(None, 1)[-1].lower(), b.split(None, 1)[0].lower())
                      for a, b in itertools.pairwise(pieces) if a.strip() and b.strip())
     cut = ([" ".join(wordninja.split(joined))]
            if cut_inside and len(joined) <= _MAX_REJOINED else [])
