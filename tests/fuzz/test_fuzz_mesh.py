@@ -42,8 +42,8 @@ CALLER_CODES = frozenset({
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.PERMISSION_DENIED})
 NUM_EXAMPLES = int(os.environ.get("GENMESH_FUZZ_EXAMPLES", "0"))
-CI_EXAMPLES, SLOW_EXAMPLES = 100, 1_400  # slow: >= 5,000 gRPC calls
-CI_GRPC_EXAMPLES = 50  # ~4 calls each
+CI_EXAMPLES, SLOW_EXAMPLES = 50, 1_400  # slow: >= 5,000 gRPC calls
+CI_GRPC_EXAMPLES = 25  # ~4 calls each
 SLOW_TIMEOUT_S = 3600
 
 

@@ -211,7 +211,7 @@ def edge_of(dep: deploy.Deployment) -> str:
 
 def test_the_global_limit_holds_across_two_gateways(gw, tmp_path):
     with replica(gw.dep, tmp_path) as second:
-        wait_for_minute_room(20)
+        wait_for_minute_room(8)
         codes = []
         with gw.client("delta") as one, gw.client("delta", edge_of(second)) as two:
             for i in range(2 * GAMMA_RPM):
@@ -244,7 +244,6 @@ def test_a_down_rate_limit_service_fails_open_or_closed_per_config(gw, tmp_path,
 # ---- token budgets --------------------------------------------------------------------------
 
 def test_concurrent_requests_never_exceed_the_token_budget_and_unused_is_refunded(gw):
-    wait_for_minute_room(40)
     max_tokens = 24
 
     def one(i: int) -> tuple[str, int]:
@@ -255,8 +254,17 @@ def test_concurrent_requests_never_exceed_the_token_budget_and_unused_is_refunde
                 return exc.code.name, 0
             return "ok", r.usage.prompt_tokens + r.usage.completion_tokens
 
-    with concurrent.futures.ThreadPoolExecutor(50) as pool:
-        results = list(pool.map(one, range(50)))
+    # Fixed windows: the 50 calls must fall in one minute's window. They take ~4 s; a run
+    # that straddled a boundary anyway (a slow machine) is run again in the next window.
+    for _ in range(2):
+        wait_for_minute_room(15)
+        window = int(time.time()) // 60 * 60
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            results = list(pool.map(one, range(50)))
+        if int(time.time()) // 60 * 60 == window:
+            break
+    else:
+        pytest.fail("50 calls took longer than a budget window twice")
     admitted = [used for status, used in results if status == "ok"]
     refused = [status for status, _ in results if status != "ok"]
     print(f"budget {BUDGET}: {len(admitted)} of 50 admitted, {sum(admitted)} tokens used")
@@ -267,7 +275,6 @@ def test_concurrent_requests_never_exceed_the_token_budget_and_unused_is_refunde
     assert len(admitted) * (prompt_tokens + max_tokens) <= BUDGET + len(admitted)
     # Every request has ended: what stays charged is exactly what was used.
     client = redis.Redis.from_url(gw.redis_url, decode_responses=True)
-    window = int(time.time()) // 60 * 60
     used = int(client.hget(budget_key("gamma", window), "used") or 0)
     client.close()
     assert used == sum(admitted)
@@ -324,14 +331,14 @@ def test_shadow_gets_its_share_callers_see_only_the_primary_and_a_down_shadow_co
     try:
         before = requests_per_version(gw.dep)["v2"]
         channel, stub = gw.worker_stub()
-        n = 800  # 5 points is 3.3 sigma of the mirrored share at this count
+        n = 400  # 6.5 points is 3 sigma of the mirrored share at this count
         with channel, concurrent.futures.ThreadPoolExecutor(8) as pool:
             versions = list(pool.map(lambda _: generate_direct(stub), range(n)))
         assert set(versions) == {"v1"}  # the caller sees only the primary
         time.sleep(1.0)
         mirrored = requests_per_version(gw.dep)["v2"] - before
         print(f"shadow 25 %: {mirrored} of {n} calls mirrored")
-        assert abs(mirrored / n - 0.25) <= 0.05, mirrored
+        assert abs(mirrored / n - 0.25) <= 0.065, mirrored
 
         # The shadow's answers are recorded against the primary's, by request id.
         report = compare(read_records(gw.redis_url, 5000))

@@ -15,8 +15,10 @@ again. Other models, modes and group sizes quantize the fp32 checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,14 +160,22 @@ def _gguf_file(folder: Path) -> Path | None:
     return path if path.exists() else None
 
 
+@functools.lru_cache(maxsize=2)
+def _gguf_tensors(path: Path) -> dict[str, Any]:
+    """A GGUF's tensors by name (memory-mapped). Read once a process: the reader parses
+    every metadata field on opening, the tokenizer's ~100k strings among them (~4 s)."""
+    import gguf
+
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
 def gguf_q4_1_layers(path: Path, cfg: ModelConfig) -> dict[str, QuantizedWeight] | None:
     """Every layer's fused matmuls from a GGUF's Q4_1 blocks, or None when any of them is
     not Q4_1. Q and K rows are put back in HF's order (llama.cpp's converter interleaves
     each head's rotary halves; transformers' GGUF loader undoes it the same way)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    by_name = {t.name: t for t in reader.tensors}
+    by_name = _gguf_tensors(path)
     out: dict[str, QuantizedWeight] = {}
     for i in range(cfg.num_layers):
         for name in MATMULS:
@@ -196,7 +206,7 @@ def gguf_q8_0_head(path: Path, cfg: ModelConfig) -> QuantizedWeight | None:
     import gguf
 
     name = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
-    t = next((t for t in gguf.GGUFReader(str(path)).tensors if t.name == name), None)
+    t = _gguf_tensors(path).get(name)
     if t is None or t.tensor_type != gguf.GGMLQuantizationType.Q8_0:
         return None
     data = np.asarray(t.data)

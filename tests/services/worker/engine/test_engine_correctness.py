@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer
 
+from genmesh.core.models.store import default_store_root
 from services.worker.engine.params import SamplingParams
 from tests.services.worker.engine.helpers import engine, run_all, varied_texts
 
@@ -29,15 +33,31 @@ def prompts(model_dir: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def hf_outputs(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
+    """HF transformers' greedy fp32 generate of each prompt, computed once per model
+    build, torch and transformers version, thread count and prompt set, then kept on
+    disk (~30 s on two cores): the same inputs give the same reference."""
+    import transformers
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in model_dir.iterdir() if f.is_file())
+    key = hashlib.sha256(json.dumps([files, torch.__version__, transformers.__version__,
+                                     torch.get_num_threads(), MAX_NEW_TOKENS, prompts]
+                                    ).encode()).hexdigest()[:24]
+    memo = default_store_root().parent / "test-references" / f"hf-greedy-{key}.json"
+    if memo.exists():
+        return json.loads(memo.read_text())
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32).eval()
     outs = []
     with torch.inference_mode():
         for p in prompts:
             out = model.generate(torch.tensor([p]), do_sample=False,
                                  max_new_tokens=MAX_NEW_TOKENS, pad_token_id=2)
             outs.append(out[0, len(p):].tolist())
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(outs))
+    tmp.replace(memo)
     return outs
 
 
@@ -51,15 +71,17 @@ def test_single_request_matches_hf(model_dir, prompts, hf_outputs):
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
-def test_16_staggered_concurrent_requests_match_hf(model_dir, prompts, hf_outputs,
-                                                   prefix_caching):
+def test_staggered_concurrent_requests_match_hf(model_dir, prompts, hf_outputs, prefix_caching):
+    # All 16 prompts with prefix caching; every other one without (the same batching, at
+    # half the cost).
+    picked = slice(None) if prefix_caching else slice(None, None, 2)
     eng = engine(model_dir, enable_prefix_caching=prefix_caching, max_num_batched_tokens=256)
     try:
-        results = run_all(eng, prompts, GREEDY, stagger_s=0.05)
+        results = run_all(eng, prompts[picked], GREEDY, stagger_s=0.05)
         stats = eng.stats()
     finally:
         eng.shutdown()
-    assert [tokens for tokens, _ in results] == hf_outputs
+    assert [tokens for tokens, _ in results] == hf_outputs[picked]
     assert max(stats.recent_batch_sizes) > 1  # requests really shared steps
     cached = [last.usage.cached_prompt_tokens for _, last in results]
     if prefix_caching:
