@@ -150,6 +150,45 @@ def test_every_rule_match_holds_one_of_its_anchors() -> None:
     assert num_matches > 400
 
 
+@pytest.mark.parametrize(("pattern", "heads"), [
+    (r"\b(?:ignore[zs]?|pay no attention to|colou?r|do(?:n'?t| not) follow)\b", (
+        "colo", "do", "ignore", "pay")),
+    (r"\b(?:(?:ab|cd)e|ab)x", ("ab", "cd")),  # nested; "ab" covers "abe"
+    (r"\bwhat (?:is|are) your", ("what",)),
+    (r"\b(?:the )?(?:part|text)", None),  # an optional first word
+    (r"\b(?:(?:ab|cd)?e)", None),
+    (r"\b(?:a|[bc]d)", None),  # a class first
+    (r"\b(?:a\.i\.|bot)", ("a", "bot")),
+    (r"\bfoo|bar", None),  # "bar" needs no word start
+    (r"\b(?:a|b)c|d", None),
+    (r"(?:https?://|www\.)\S+", None),
+])
+def test_head_words_are_what_every_match_starts_with(pattern, heads) -> None:
+    assert injection.head_words(pattern) == heads
+
+
+def test_matching_at_head_words_finds_what_the_search_finds() -> None:
+    # Every rule with head words, on every view of the repository's sets and of long
+    # prompts stitched from them (where the index is used): the same verdict both ways.
+    from services.safety.evaluate import load_examples
+
+    data = Path(injection.__file__).parent / "data"
+    texts = [e.text for name in ("eval", "dev") for e in load_examples(data / f"{name}.jsonl")]
+    rng = random.Random(0)
+    texts += [" ".join(rng.sample(texts, 10)) for _ in range(60)]
+    assert sum(r.heads is not None for r in injection.RULES) >= 45
+    num_hits = 0
+    for text in texts:
+        for name, view in injection.views(text):
+            quotes = [] if name == "decoded" else injection._discussed_quotes(view)
+            starts = injection.WordStarts(view)
+            for rule in injection.RULES:
+                whole = injection._matches(rule, view, quotes)
+                assert injection._matches(rule, view, quotes, starts) == whole, (rule, text)
+                num_hits += whole
+    assert num_hits > 300
+
+
 def test_a_rule_matches_across_padding_of_any_length() -> None:
     # Gaps between a rule's words have no length limit: a rule must run over the whole
     # view, not only near its anchors.
