@@ -14,6 +14,8 @@ name with the standard library's ``secrets``; import it as ``services.safety.sec
 
 from __future__ import annotations
 
+import re
+
 import regex
 
 from services.safety.scanners import Detector
@@ -24,11 +26,9 @@ LABEL = "[SECRET]"
 
 # Names whose assigned value is a credential. "db_password" and "DB_PASSWORD" match too:
 # an underscore or dash may precede the name, a letter or digit may not.
-_SECRET_NAMES = (
-    r"(?<![A-Za-z0-9])(?i:password|passwd|secret|client[_-]?secret|secret[_-]?key"
-    r"|secret[_-]?access[_-]?key|api[_-]?key|apikey|access[_-]?token|auth[_-]?token"
-    r"|private[_-]?key)"
-)
+_NAMES = (r"password|passwd|secret|client[_-]?secret|secret[_-]?key|secret[_-]?access[_-]?key"
+          r"|api[_-]?key|apikey|access[_-]?token|auth[_-]?token|private[_-]?key")
+_SECRET_NAMES = rf"(?<![A-Za-z0-9])(?i:{_NAMES})"
 # Every name above holds one of these.
 _NAME_ANCHORS = ("pass", "secret", "key", "token")
 # name, optional closing quote of a quoted key ("password": ...), then ":" or "=".
@@ -94,9 +94,9 @@ _AWS_ACCESS_KEY_ID = regex.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?
 
 # 40 base64 characters, only where a name says it is an AWS secret key (unlabelled, any
 # 40-character base64 string would match: hashes, ids, encoded data).
+_AWS_NAMES = r"aws[_-]?secret(?:[_-]?access)?[_-]?key|secret[_-]?access[_-]?key"
 _AWS_SECRET_KEY = regex.compile(
-    r"(?<=(?<![A-Za-z0-9])(?i:aws[_-]?secret(?:[_-]?access)?[_-]?key|secret[_-]?access[_-]?key)"
-    + _ASSIGN + r"""["']?)"""
+    rf"(?<=(?<![A-Za-z0-9])(?i:{_AWS_NAMES})" + _ASSIGN + r"""["']?)"""
     r"[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"
 )
 
@@ -160,9 +160,15 @@ _UNQUOTED_ASSIGNMENT = regex.compile(
 )
 
 
+# What the assignment detectors' lookbehinds read, as forward patterns over the case-folded
+# text (Detector.context): a text without a name assigned is not scanned.
+_AWS_CONTEXT = re.compile(rf"(?:{_AWS_NAMES}){_ASSIGN}")
+_NAMES_CONTEXT = re.compile(rf"(?:{_NAMES}){_ASSIGN}")
+
 SECRET_DETECTORS: tuple[Detector, ...] = (
     Detector(CATEGORY, SCANNER, _AWS_ACCESS_KEY_ID, LABEL),
-    Detector(CATEGORY, SCANNER, _AWS_SECRET_KEY, LABEL, looks_random, anchors=("key",)),
+    Detector(CATEGORY, SCANNER, _AWS_SECRET_KEY, LABEL, looks_random, anchors=("key",),
+             context=_AWS_CONTEXT),
     Detector(CATEGORY, SCANNER, _GITHUB_TOKEN, LABEL),
     Detector(CATEGORY, SCANNER, _SLACK_TOKEN, LABEL, has_digit),
     Detector(CATEGORY, SCANNER, _STRIPE_KEY, LABEL),
@@ -171,7 +177,7 @@ SECRET_DETECTORS: tuple[Detector, ...] = (
     Detector(CATEGORY, SCANNER, _JWT, LABEL),
     Detector(CATEGORY, SCANNER, _PEM_PRIVATE_KEY, LABEL),
     Detector(CATEGORY, SCANNER, _QUOTED_ASSIGNMENT, LABEL, is_quoted_secret,
-             anchors=_NAME_ANCHORS),
+             anchors=_NAME_ANCHORS, context=_NAMES_CONTEXT),
     Detector(CATEGORY, SCANNER, _UNQUOTED_ASSIGNMENT, LABEL, is_unquoted_secret,
-             anchors=_NAME_ANCHORS),
+             anchors=_NAME_ANCHORS, context=_NAMES_CONTEXT),
 )

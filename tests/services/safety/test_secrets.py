@@ -281,3 +281,44 @@ def test_adversarial_input_scans_in_linear_time(text: str) -> None:
     assert best_of_three(lambda: [d.find(text) for d in SECRET_DETECTORS]) < 0.05
     assert best_of_three(lambda: [d.pending_start(text) for d in SECRET_DETECTORS]) < 0.05
 
+
+
+def test_a_detector_s_context_skips_only_texts_it_cannot_match() -> None:
+    # The assignment detectors search their lookbehind's names forward in the case-folded
+    # text first: the same spans as without that check, names in any case (the Kelvin
+    # sign and the long s fold to k and s, as the lookbehind's case-insensitive names
+    # match them), any assignment, anywhere in the text.
+    import dataclasses
+    import random
+
+    from services.safety.secrets import SECRET_DETECTORS
+
+    rng = random.Random(0)
+    names = ["password", "passwd", "client_secret", "secret-key", "secret_access_key",
+             "api_key", "apikey", "access_token", "auth-token", "private_key",
+             "aws_secret_access_key", "awssecretkey", "my_password", "keyring"]
+    assigns = ["=", ": ", " = ", "\t:\t", '"="', "':'", "==", "  =  ", " is "]
+    values = ["hunter22!", "'s3cr3tValue9'", '"Abcdef12345"', "`token_value_99`",
+              "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "x"]
+
+    def spelled(name: str) -> str:
+        swaps = {"k": "\u212a", "s": "\u017f"}
+        return "".join(swaps[c] if c in swaps and rng.random() < 0.15 else
+                       c.upper() if rng.random() < 0.4 else c for c in name)
+
+    prose = "The keys are on the table; pass the secret sauce, and guard the token. "
+    texts = [prose * 3]
+    for _ in range(400):
+        i = rng.randrange(len(prose))
+        texts.append(prose[:i] + " " + spelled(rng.choice(names)) + rng.choice(assigns)
+                     + rng.choice(values) + " " + prose[i:])
+    with_context = [d for d in SECRET_DETECTORS if d.context is not None]
+    assert len(with_context) == 3
+    found = 0
+    for d in with_context:
+        plain = dataclasses.replace(d, context=None)
+        for text in texts:
+            assert d.find(text) == plain.find(text), text
+            assert d.find(text, 40) == plain.find(text, 40), text
+            found += len(plain.find(text))
+    assert found > 100
