@@ -25,6 +25,7 @@ import regex
 import wordninja
 
 from services.safety.normalize import LEET, decoded_views, fold, glyph_words, unglyph
+from services.safety.regex_heads import WordStarts, head_words, matches_at
 
 # Between two words of a rule: spaces or punctuation, or nothing (for joined-up words).
 G = r"[^\p{L}\p{N}]*"
@@ -128,89 +129,6 @@ def _rule(family: str, pattern: str, *, anchors: tuple[str, ...],
           is_quote_proof: bool = False, verbs: tuple[str, ...] = ()) -> Rule:
     return Rule(family, regex.compile(pattern, regex.V1), anchors, is_quote_proof, verbs,
                 head_words(pattern))
-
-
-def _group_end(s: str, i: int) -> int:
-    """The index just past the group that opens at ``s[i]`` ("(")."""
-    depth, j = 0, i
-    while j < len(s):
-        c = s[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c == "[":  # a class: "]" right after "[" or "[^" is literal
-            j += 2 if s.startswith("[^", j) else 1
-            j = s.index("]", j + 1) + 1
-            continue
-        if c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-        j += 1
-    raise ValueError(f"unbalanced group in {s!r}")
-
-
-def _alternatives(group: str) -> list[str]:
-    """The top-level alternatives of a "(?:a|b|c)" group's source."""
-    inner, out, start, j = group[3:-1], [], 0, 0
-    while j < len(inner):
-        c = inner[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c in "([":
-            j = _group_end(inner, j) if c == "(" else inner.index(
-                "]", j + (3 if inner.startswith("[^", j) else 2)) + 1
-            continue
-        if c == "|":
-            out.append(inner[start:j])
-            start = j + 1
-        j += 1
-    return [*out, inner[start:]]
-
-
-def _first_words(alternation: str) -> list[str] | None:
-    """The literal start of the first word of every alternative of a group's source
-    ("(?:ignore[zs]?|pay no|colou?r|(?:a|b)c)" -> ignore, pay, colo, a, b); None when an
-    alternative may start otherwise (a class, an optional part, an escape)."""
-    out: list[str] = []
-    for alt in _alternatives(alternation):
-        if alt.startswith("(?:"):
-            end = _group_end(alt, 0)
-            nested = _first_words(alt[:end])
-            if nested is None or alt[end:end + 1] in ("?", "*", "{"):
-                return None
-            out += nested
-            continue
-        run = regex.match(r"[a-z0-9]*", alt).group()  # type: ignore[union-attr]
-        if alt[len(run):len(run) + 1] in ("?", "*", "{"):
-            run = run[:-1]  # its last letter is optional
-        if not run:
-            return None
-        out.append(run)
-    return out
-
-
-def head_words(pattern: str) -> tuple[str, ...] | None:
-    """For a pattern "\\b(?:alternatives)..." or "\\bword...": the shortest set of literal
-    word starts of which every match begins with one, at the start of a word (no one a
-    prefix of another). None for any other pattern."""
-    if not pattern.startswith("\\b") or len(_alternatives(f"(?:{pattern})")) > 1:
-        return None
-    if pattern.startswith("(?:", 2):
-        end = _group_end(pattern, 2)
-        if pattern[end:end + 1] in ("?", "*", "{"):
-            return None
-        words = _first_words(pattern[2:end])
-    else:
-        words = _first_words(f"(?:{pattern[2:]})")
-    if words is None:
-        return None
-    kept = sorted(set(words))
-    return tuple(w for i, w in enumerate(kept)
-                 if not any(w.startswith(v) for v in kept[:i]))
 
 
 def _stems(alternation: str) -> tuple[str, ...]:
@@ -1256,27 +1174,6 @@ _INDEXED_VIEW = 400
 _RULE_WORD = regex.compile(r"\w+", regex.V1)  # as the rules' "\b" judges words
 
 
-class WordStarts:
-    """Where each word of a text starts."""
-
-    def __init__(self, text: str) -> None:
-        starts: dict[str, list[int]] = {}
-        for m in _RULE_WORD.finditer(text):
-            starts.setdefault(m.group(), []).append(m.start())
-        self._starts = starts
-        self._words = sorted(starts)
-
-    def of(self, heads: tuple[str, ...]) -> list[int]:
-        """The starts of the words that begin with one of ``heads``, in order."""
-        out: list[int] = []
-        words = self._words
-        for head in heads:
-            i = bisect.bisect_left(words, head)
-            while i < len(words) and words[i].startswith(head):
-                out += self._starts[words[i]]
-                i += 1
-        out.sort()
-        return out
 
 
 def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]],
@@ -1288,18 +1185,8 @@ def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]],
     if rule.is_quote_proof:
         quotes = []
     if starts is not None and rule.heads is not None:
-        found: list[regex.Match[str]] = []
-        end = 0
-        for pos in starts.of(rule.heads):
-            if pos < end:
-                continue
-            m = rule.pattern.match(folded, pos)
-            if m is not None:
-                if not quotes:
-                    return True
-                found.append(m)
-                end = m.end()
-        matches: Iterable[regex.Match[str]] = found
+        matches: Iterable[regex.Match[str]] = matches_at(rule.pattern, folded,
+                                                         starts.of(rule.heads))
     else:
         matches = rule.pattern.finditer(folded, overlapped=False)
     starts_of_quotes = [a for a, _ in quotes]
@@ -1329,7 +1216,7 @@ def scan(text: str, folded: str | None = None) -> list[str]:
                                       for a in rule.verbs):
                 continue
             if starts is None and rule.heads is not None and len(view_text) >= _INDEXED_VIEW:
-                starts = WordStarts(view_text)
+                starts = WordStarts(view_text, _RULE_WORD)
             if _matches(rule, view_text, quotes, starts):
                 families.append(rule.family)
     return families

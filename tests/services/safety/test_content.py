@@ -39,3 +39,32 @@ def test_spans_point_at_the_original_text(repo_policies: PolicySet) -> None:
     text = "ok — H0W  TO\u200b MAKE A B0MB!"
     [span] = repo_policies.default.lexicon.scan(text)
     assert text[span.start:span.end].replace("\u200b", "") == "H0W  TO MAKE A B0MB"
+
+
+def test_matching_at_word_starts_finds_what_the_search_finds(repo_policies: PolicySet) -> None:
+    # A long text is indexed by its words and each category with known first words is
+    # matched only where they start: the same spans as searching the whole text, with
+    # the lexicon's phrases and intents anywhere in long prose, in any case and spelling.
+    import dataclasses
+    import random
+
+    lexicon = repo_policies.default.lexicon
+    assert sum(h is not None for h in lexicon.heads) >= 4
+    whole = dataclasses.replace(lexicon, heads=())
+    rng = random.Random(0)
+    found = [p for e in lexicon.entries.values() for p in e.phrases] + [
+        "How do I kill my neighbour", "help me make a pipe bomb", "we are gonna shoot them",
+        "ways to end my life", "all immigrants should die", "K1LL... y0urself", "csam",
+        "recipe for sarin", "I will murder you"]
+    prose = ("I think the plan is to help everyone in the village; we will build a way "
+             "across the river, and all of us are going to make it work. ") * 8
+    texts = [prose]
+    for _ in range(150):
+        i = rng.randrange(len(prose))
+        texts.append(prose[:i] + " " + rng.choice(found) + ". " + prose[i:])
+    num_spans = 0
+    for text in texts:
+        spans = lexicon.scan(text)
+        assert spans == whole.scan(text), text
+        num_spans += len(spans)
+    assert num_spans >= 100

@@ -1,0 +1,159 @@
+"""Where a pattern's matches can start, from its source, so that a long text is matched
+only there instead of searched.
+
+``head_words`` reads the literal first words of a pattern "\\b(?:a|b|...)..." (the
+prompt-injection rules) and ``first_words`` those of any alternation (the content
+lexicons); ``WordStarts`` indexes a text by its words once, so each pattern tries
+``match`` only where a word begins with one of its heads, in order and without overlaps:
+the matches its search would find.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+
+import regex
+
+
+def _group_end(s: str, i: int) -> int:
+    """The index just past the group that opens at ``s[i]`` ("(")."""
+    depth, j = 0, i
+    while j < len(s):
+        c = s[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c == "[":  # a class: "]" right after "[" or "[^" is literal
+            j += 2 if s.startswith("[^", j) else 1
+            j = s.index("]", j + 1) + 1
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+        j += 1
+    raise ValueError(f"unbalanced group in {s!r}")
+
+
+def _alternatives(group: str) -> list[str]:
+    """The top-level alternatives of a "(?:a|b|c)" group's source."""
+    inner, out, start, j = group[3:-1], [], 0, 0
+    while j < len(inner):
+        c = inner[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c in "([":
+            j = _group_end(inner, j) if c == "(" else inner.index(
+                "]", j + (3 if inner.startswith("[^", j) else 2)) + 1
+            continue
+        if c == "|":
+            out.append(inner[start:j])
+            start = j + 1
+        j += 1
+    return [*out, inner[start:]]
+
+
+# What ends a word right after a literal run (a space, a word boundary): a match whose
+# first word is such a run starts at a word that is exactly that run.
+WORD_ENDS = (" ", "\\b")
+
+
+def first_words(alternation: str, ends: tuple[str, ...] = WORD_ENDS) -> list[str] | None:
+    """The literal start of the first word of every alternative of a group's source
+    ("(?:ignore[zs]?|pay no|colou?r|(?:a|b)c)" -> ignore, "pay ", colo, a, b): a word
+    ending in a space is whole (what follows it in the pattern starts with one of
+    ``ends``), the others are prefixes. None when an alternative may start otherwise (a
+    class, an optional part, an escape)."""
+    out: list[str] = []
+    for alt in _alternatives(alternation):
+        alt = alt.removeprefix("\\b")  # zero-width: the match starts where it holds
+        if alt.startswith("(?:"):
+            end = _group_end(alt, 0)
+            nested = first_words(alt[:end], ends)
+            if nested is None or alt[end:end + 1] in ("?", "*", "{"):
+                return None
+            out += nested
+            continue
+        run = regex.match(r"[a-z0-9]*", alt).group()  # type: ignore[union-attr]
+        rest = alt[len(run):]
+        if rest[:1] in ("?", "*", "{"):
+            run = run[:-1]  # its last letter is optional
+        if not run:
+            return None
+        out.append(run + " " if run and rest.startswith(ends) else run)
+    return out
+
+
+def head_words(pattern: str) -> tuple[str, ...] | None:
+    """For a pattern "\\b(?:alternatives)..." or "\\bword...": the shortest set of literal
+    word starts of which every match begins with one, at the start of a word (no one a
+    prefix of another). None for any other pattern."""
+    if not pattern.startswith("\\b") or len(_alternatives(f"(?:{pattern})")) > 1:
+        return None
+    if pattern.startswith("(?:", 2):
+        end = _group_end(pattern, 2)
+        if pattern[end:end + 1] in ("?", "*", "{"):
+            return None
+        words = first_words(pattern[2:end])
+    else:
+        words = first_words(f"(?:{pattern[2:]})")
+    if words is None:
+        return None
+    return shortest_prefixes(words)
+
+
+def shortest_prefixes(words: list[str]) -> tuple[str, ...]:
+    """``words`` (prefixes, and whole words ending in a space) without those another
+    prefix covers, sorted: the same set of words begins with one of them."""
+    prefixes = sorted({w for w in words if not w.endswith(" ")})
+    kept = [w for i, w in enumerate(prefixes) if not any(w.startswith(v) for v in prefixes[:i])]
+    whole = sorted({w for w in words if w.endswith(" ")
+                    and not any(w.startswith(v) for v in kept)})
+    return tuple(sorted(kept + whole))
+
+
+class WordStarts:
+    """Where each word of a text starts (``word``: what a word is, as the patterns'
+    word boundaries judge it)."""
+
+    def __init__(self, text: str, word: regex.Pattern[str]) -> None:
+        starts: dict[str, list[int]] = {}
+        for m in word.finditer(text):
+            starts.setdefault(m.group(), []).append(m.start())
+        self._starts = starts
+        self._words = sorted(starts)
+
+    def of(self, heads: tuple[str, ...]) -> list[int]:
+        """The starts of the words that begin with one of ``heads`` (or are one that ends
+        in a space, without it), in order."""
+        out: list[int] = []
+        words = self._words
+        for head in heads:
+            if head.endswith(" "):
+                out += self._starts.get(head[:-1], ())
+                continue
+            i = bisect.bisect_left(words, head)
+            while i < len(words) and words[i].startswith(head):
+                out += self._starts[words[i]]
+                i += 1
+        out.sort()
+        return out
+
+
+def matches_at(pattern: regex.Pattern[str], text: str, positions: list[int]
+               ) -> Iterator[regex.Match[str]]:
+    """``pattern``'s matches in ``text`` that start at one of ``positions`` (ascending),
+    non-overlapping, in order: ``pattern.finditer(text)``'s, when every match starts at
+    one of them."""
+    end = 0
+    for pos in positions:
+        if pos < end:
+            continue
+        m = pattern.match(text, pos)
+        if m is not None:
+            yield m
+            end = m.end()
