@@ -16,13 +16,7 @@ from typing import Any
 import regex
 
 from services.safety.normalize import Folded, fold
-from services.safety.regex_heads import (
-    WORD_ENDS,
-    WordStarts,
-    first_words,
-    matches_at,
-    shortest_prefixes,
-)
+from services.safety.regex_heads import WordStarts, first_words, matches_at, shortest_prefixes
 from services.safety.scanners import Detector, Span
 
 SCANNER = "content"
@@ -110,6 +104,8 @@ def compile_lexicon(entries: Mapping[str, LexiconEntry]) -> Lexicon:
         except regex.error as exc:
             raise LexiconError(f"category {category}: bad pattern ({exc})") from None
         detectors.append(Detector(category, SCANNER, pattern, f"[{category.upper()}]"))
-        words = first_words("(?:" + "|".join(parts) + ")", (*WORD_ENDS, _GAP))
+        # A space or a gap ends a word of letters and digits; "\\b" does not (it holds
+        # before a No-category character, such as a Tamil numeral).
+        words = first_words("(?:" + "|".join(parts) + ")", (" ", _GAP))
         heads.append(None if words is None else shortest_prefixes(words))
     return Lexicon(dict(entries), tuple(detectors), tuple(heads))

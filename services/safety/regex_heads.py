@@ -16,6 +16,30 @@ from collections.abc import Iterator
 import regex
 
 
+def _class_end(s: str, i: int) -> int:
+    """The index just past the character class that opens at ``s[i]`` ("["): escapes
+    skipped, a "]" first (after "[" or "[^") literal, nested sets (regex V1) counted."""
+    j = i + 1
+    if s.startswith("^", j):
+        j += 1
+    if s.startswith("]", j):
+        j += 1
+    depth = 1
+    while j < len(s):
+        c = s[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+        j += 1
+    raise ValueError(f"unbalanced class in {s!r}")
+
+
 def _group_end(s: str, i: int) -> int:
     """The index just past the group that opens at ``s[i]`` ("(")."""
     depth, j = 0, i
@@ -24,9 +48,8 @@ def _group_end(s: str, i: int) -> int:
         if c == "\\":
             j += 2
             continue
-        if c == "[":  # a class: "]" right after "[" or "[^" is literal
-            j += 2 if s.startswith("[^", j) else 1
-            j = s.index("]", j + 1) + 1
+        if c == "[":
+            j = _class_end(s, j)
             continue
         if c == "(":
             depth += 1
@@ -47,14 +70,19 @@ def _alternatives(group: str) -> list[str]:
             j += 2
             continue
         if c in "([":
-            j = _group_end(inner, j) if c == "(" else inner.index(
-                "]", j + (3 if inner.startswith("[^", j) else 2)) + 1
+            j = _group_end(inner, j) if c == "(" else _class_end(inner, j)
             continue
         if c == "|":
             out.append(inner[start:j])
             start = j + 1
         j += 1
     return [*out, inner[start:]]
+
+
+# Group openings the analysis understands; any other "(?" (an inline flag such as "(?x)"
+# or "(?i)", whose effect runs on into later alternatives; a comment; a branch reset; a
+# conditional) makes a pattern's heads unknown.
+_UNKNOWN_GROUP = regex.compile(r"\(\?(?![:=!]|<[=!]|P?<\w+>)")
 
 
 # What ends a word right after a literal run (a space, a word boundary): a match whose
@@ -66,14 +94,24 @@ def first_words(alternation: str, ends: tuple[str, ...] = WORD_ENDS) -> list[str
     """The literal start of the first word of every alternative of a group's source
     ("(?:ignore[zs]?|pay no|colou?r|(?:a|b)c)" -> ignore, "pay ", colo, a, b): a word
     ending in a space is whole (what follows it in the pattern starts with one of
-    ``ends``), the others are prefixes. None when an alternative may start otherwise (a
-    class, an optional part, an escape)."""
+    ``ends``, not made optional), the others are prefixes. None when an alternative may
+    start otherwise (a class, an optional part, an escape) or the source holds a group
+    the analysis does not know (an inline flag, a comment)."""
+    if _UNKNOWN_GROUP.search(alternation):
+        return None
+    try:
+        return _first_words(alternation, ends)
+    except ValueError:  # unbalanced as read here: not known
+        return None
+
+
+def _first_words(alternation: str, ends: tuple[str, ...]) -> list[str] | None:
     out: list[str] = []
     for alt in _alternatives(alternation):
         alt = alt.removeprefix("\\b")  # zero-width: the match starts where it holds
         if alt.startswith("(?:"):
             end = _group_end(alt, 0)
-            nested = first_words(alt[:end], ends)
+            nested = _first_words(alt[:end], ends)
             if nested is None or alt[end:end + 1] in ("?", "*", "{"):
                 return None
             out += nested
@@ -84,7 +122,9 @@ def first_words(alternation: str, ends: tuple[str, ...] = WORD_ENDS) -> list[str
             run = run[:-1]  # its last letter is optional
         if not run:
             return None
-        out.append(run + " " if run and rest.startswith(ends) else run)
+        whole = any(rest.startswith(e) and rest[len(e):len(e) + 1] not in ("?", "*", "{")
+                    for e in ends)
+        out.append(run + " " if whole else run)
     return out
 
 
@@ -92,7 +132,16 @@ def head_words(pattern: str) -> tuple[str, ...] | None:
     """For a pattern "\\b(?:alternatives)..." or "\\bword...": the shortest set of literal
     word starts of which every match begins with one, at the start of a word (no one a
     prefix of another). None for any other pattern."""
-    if not pattern.startswith("\\b") or len(_alternatives(f"(?:{pattern})")) > 1:
+    if not pattern.startswith("\\b") or _UNKNOWN_GROUP.search(pattern):
+        return None
+    try:
+        return _head_words(pattern)
+    except ValueError:  # unbalanced as read here: not known
+        return None
+
+
+def _head_words(pattern: str) -> tuple[str, ...] | None:
+    if len(_alternatives(f"(?:{pattern})")) > 1:
         return None
     if pattern.startswith("(?:", 2):
         end = _group_end(pattern, 2)

@@ -159,6 +159,14 @@ def test_every_rule_match_holds_one_of_its_anchors() -> None:
     (r"\b(?:i|in) (?:a|b)|\bx", None),
     (r"\b(?:in|i)\b|\b(?:is)", None),
     (r"\b(?:in |i\b|int|inter)", ("i ", "in ", "int")),  # "int" covers "inter"
+    # A space made optional or repeatable from none does not end the word.
+    (r"\bkill ?you", ("kill",)), (r"\bkill *you", ("kill",)), (r"\bkill {0,2}you", ("kill",)),
+    (r"\bkill +you", ("kill ",)),
+    # Classes with an escaped "]" or a nested set (regex V1) hide no "|" or "(".
+    (r"\b(?:x[\](]|kill|y[\])])", ("kill", "x", "y")),
+    (r"\b(?:x[[a](]|kill|y[[b])])", ("kill", "x", "y")),
+    # An inline flag runs on into later alternatives; a comment may hold anything.
+    (r"\b(?:x(?x)|kill you)", None), (r"\b(?:x(?#[)|kill)", None), (r"\b(?:x(?#()|kill)", None),
     (r"\b(?:the )?(?:part|text)", None),  # an optional first word
     (r"\b(?:(?:ab|cd)?e)", None),
     (r"\b(?:a|[bc]d)", None),  # a class first
