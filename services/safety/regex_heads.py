@@ -16,49 +16,41 @@ from collections.abc import Iterator
 import regex
 
 
+def _closing(s: str, j: int, depth: int, opener: str, closer: str) -> int:
+    """The index just past the ``closer`` that brings ``depth`` to 0, from ``s[j]``;
+    escapes skipped, and (for groups) whole classes."""
+    while j < len(s):
+        c = s[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c == "[" and opener == "(":
+            j = _class_end(s, j)
+            continue
+        if c == opener:
+            depth += 1
+        elif c == closer:
+            depth -= 1
+            if depth == 0:
+                return j + 1
+        j += 1
+    raise ValueError(f"unbalanced {opener}{closer} in {s!r}")
+
+
 def _class_end(s: str, i: int) -> int:
-    """The index just past the character class that opens at ``s[i]`` ("["): escapes
-    skipped, a "]" first (after "[" or "[^") literal, nested sets (regex V1) counted."""
+    """The index just past the character class that opens at ``s[i]`` ("["): a "]"
+    first (after "[" or "[^") is literal, nested sets (regex V1) are counted."""
     j = i + 1
     if s.startswith("^", j):
         j += 1
     if s.startswith("]", j):
         j += 1
-    depth = 1
-    while j < len(s):
-        c = s[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c == "[":
-            depth += 1
-        elif c == "]":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-        j += 1
-    raise ValueError(f"unbalanced class in {s!r}")
+    return _closing(s, j, 1, "[", "]")
 
 
 def _group_end(s: str, i: int) -> int:
     """The index just past the group that opens at ``s[i]`` ("(")."""
-    depth, j = 0, i
-    while j < len(s):
-        c = s[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c == "[":
-            j = _class_end(s, j)
-            continue
-        if c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-        j += 1
-    raise ValueError(f"unbalanced group in {s!r}")
+    return _closing(s, i, 0, "(", ")")
 
 
 def _alternatives(group: str) -> list[str]:
