@@ -54,8 +54,8 @@ class Lexicon:
         folded = folded or fold(text)
         starts = None
         spans = []
-        for i, d in enumerate(self.detectors):
-            heads = self.heads[i] if i < len(self.heads) else None
+        for d, heads in zip(self.detectors, self.heads or [None] * len(self.detectors),
+                            strict=True):
             if heads is None or len(folded.text) < _INDEXED_TEXT:
                 found = d.find(folded.text)
             else:

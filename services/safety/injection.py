@@ -1174,8 +1174,6 @@ _INDEXED_VIEW = 400
 _RULE_WORD = regex.compile(r"\w+", regex.V1)  # as the rules' "\b" judges words
 
 
-
-
 def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]],
              starts: WordStarts | None = None) -> bool:
     """Whether ``rule`` matches ``folded`` outside the discussed ``quotes`` (sorted, not

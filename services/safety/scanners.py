@@ -38,8 +38,8 @@ class Detector:
     pattern: regex.Pattern[str]
     label: str
     validate: Callable[[str], bool] | None = None
-    # Lower-case substrings of which every complete match (with what its lookbehind reads)
-    # holds one: a text without any of them is not scanned. Empty: always scanned.
+    # Lower-case substrings of which every complete match (with what its lookbehind reads),
+    # case-folded, holds one: a text without any of them is not scanned. Empty: always.
     anchors: tuple[str, ...] = ()
     # A case-sensitive pattern that the text, case-folded, matches wherever the detector
     # can match: what its lookbehind must read, searched forward ("password ="), ~6x
@@ -48,12 +48,14 @@ class Detector:
 
     def find(self, text: str, pos: int = 0, endpos: int | None = None) -> list[Span]:
         """Every complete, validated, non-overlapping match in ``text[pos:endpos]``."""
-        if self.anchors:
-            lower = text.lower()
-            if not any(a in lower for a in self.anchors):
+        if self.anchors or self.context is not None:
+            # Case-folded, as the patterns' case-insensitive names match ("K" the Kelvin
+            # sign and "ſ" fold to k and s; lower() leaves "ſ").
+            folded = text.casefold()
+            if self.anchors and not any(a in folded for a in self.anchors):
                 return []
-        if self.context is not None and self.context.search(text.casefold()) is None:
-            return []
+            if self.context is not None and self.context.search(folded) is None:
+                return []
         end = len(text) if endpos is None else endpos
         spans = []
         for m in self.pattern.finditer(text, pos, end, overlapped=False):

@@ -142,13 +142,10 @@ MIXED = [
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def real_checker(request: pytest.FixtureRequest) -> Iterator[PromptChecker]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the service runs it
-    try:
-        yield PromptChecker(Embedder.load(dtype=request.param))
-    finally:
-        torch.set_num_threads(threads)  # the tests after this module use every core
+def real_checker(request: pytest.FixtureRequest) -> PromptChecker:
+    # As the service runs it (conftest's _torch_threads_kept restores the count after).
+    torch.set_num_threads(1)
+    return PromptChecker(Embedder.load(dtype=request.param))
 
 
 def test_a_batch_decides_exactly_as_one_by_one(real_checker: PromptChecker,
@@ -431,7 +428,6 @@ def test_batching_cuts_the_cpu_per_check_under_a_burst(policy: TenantPolicy) -> 
     from genmesh.bench.mesh import questions
     from genmesh.bench.safety import prompts
 
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     checker = PromptChecker(Embedder.load())
     executor = ThreadPoolExecutor(max_workers=1)
@@ -459,7 +455,6 @@ def test_batching_cuts_the_cpu_per_check_under_a_burst(policy: TenantPolicy) -> 
     finally:
         executor.shutdown()
         batcher.close()
-        torch.set_num_threads(threads)
     print(json.dumps(report, indent=1))
     for key, ms in report.items():
         assert ms["after_ms"] <= ms["before_ms"] * 1.15, key  # never worse, within noise
