@@ -55,6 +55,10 @@ class EngineConfig:
     # With quantization, the LM head too, as int8 in groups of 32 (the embedding rows
     # stay as loaded): a small model's head is a fifth of its bytes.
     quantize_lm_head: bool = True
+    # A quantized head read in two passes on the CPU (quant.ShortlistHead): every logit
+    # from an int4 copy, then this many of each row's highest again from the int8 head;
+    # 0 reads the int8 head alone.
+    lm_head_shortlist: int = 64
     # Speculative decoding (speculative.py): "off", "ngram" (drafts looked up in the
     # request's own prompt and output) or "draft" (a small model sharing the tokenizer
     # proposes; speculative_draft_model is its folder, or a dummy preset). Up to
@@ -86,6 +90,8 @@ class EngineConfig:
                                                        or self.quant_group_size % 32):
             raise ValueError(f"quant_group_size must be a multiple of 32 (0: int8 per "
                              f"output channel), got {self.quant_group_size}")
+        if self.lm_head_shortlist < 0:
+            raise ValueError(f"lm_head_shortlist must be >= 0, got {self.lm_head_shortlist}")
         if self.quant_group_size == 0 and self.quantization == "int4":
             raise ValueError("int4 has no per-channel mode: give quant_group_size a "
                              "multiple of 32, or leave it for the default 32")

@@ -54,7 +54,10 @@ class ModelRunner:
                                       device=self.device)
         if quantization is not Quantization.NONE:
             weights = quantize_model(weights, quantization, group_size=config.quant_group_size,
-                                     lm_head=config.quantize_lm_head, dtype=self.dtype,
+                                     lm_head=config.quantize_lm_head,
+                                     head_shortlist=(config.lm_head_shortlist
+                                                     if self.device.type == "cpu" else 0),
+                                     dtype=self.dtype,
                                      prebuilt=built)
         self.weight_bytes_per_token = weights.num_bytes_read_per_token()
         self.model = LlamaModel(model_cfg, weights, max_positions=max_model_len,

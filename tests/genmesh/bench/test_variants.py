@@ -39,3 +39,17 @@ def test_compare_counts_agreeing_positions_and_sums_the_kl():
     p = torch.softmax(ref[1], -1)
     expected = float((p * (p.log() - torch.log_softmax(other[1], -1))).sum())
     assert math.isclose(kl, expected, rel_tol=1e-6)
+
+
+def test_variants_are_measured_in_turn_round_after_round():
+    from genmesh.bench.variants import interleaved
+
+    calls = []
+
+    def measure(core):
+        calls.append(core)
+        return float(len(calls))
+
+    runs = interleaved({"none": "a", "int4": "b"}, measure, rounds=3)
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert runs == {"none": [1.0, 3.0, 5.0], "int4": [2.0, 4.0, 6.0]}

@@ -20,7 +20,7 @@ from services.worker.engine.model.attention import (
 )
 from services.worker.engine.model.config import ModelConfig
 from services.worker.engine.model.ops import EXACT_MAX_ROWS, SKINNY_MAX_ROWS, pick_ops
-from services.worker.engine.model.quant import QuantizedWeight, Weight
+from services.worker.engine.model.quant import QuantizedWeight, ShortlistHead, Weight
 
 
 @dataclass(slots=True)
@@ -39,12 +39,16 @@ class ModelWeights:
     embed: torch.Tensor  # [V, d]
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [d]
-    lm_head: Weight  # [V, d]; the same tensor as embed when tied (and not quantized)
+    # [V, d]; the same tensor as embed when tied (and not quantized); quantized, maybe
+    # read in two passes (quant.ShortlistHead)
+    lm_head: Weight | ShortlistHead
 
     def linear_weights(self) -> list[Weight]:
-        """Every weight used as a matmul operand."""
+        """Every weight used as a matmul operand of any size (a ShortlistHead's exact
+        head; its coarse one only meets the decode kernels)."""
         ws = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        return [*ws, self.lm_head]
+        head = self.lm_head
+        return [*ws, head.exact if isinstance(head, ShortlistHead) else head]
 
     def num_bytes_read_per_token(self) -> int:
         """Bytes of weights one decode step reads (the embedding row lookup excluded)."""
@@ -57,10 +61,26 @@ class ModelWeights:
         return total
 
 
-def _num_bytes(w: Weight) -> int:
-    if isinstance(w, QuantizedWeight):
+def _num_bytes(w: Weight | ShortlistHead) -> int:
+    if isinstance(w, (QuantizedWeight, ShortlistHead)):
         return w.num_bytes()
     return w.numel() * w.element_size()
+
+
+def top_indices(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices [R, k] of each row's k highest of ``logits`` [R, V], in no order:
+    through the maxima of blocks of 64 first, a third of topk's time over a vocabulary.
+    (A block holding one of the k highest has a maximum at least the k-th highest, and
+    at most k blocks have, so the k blocks of highest maxima hold them all; with ties,
+    some k highest.)"""
+    r, v = logits.shape
+    if v % 64 or v // 64 <= k:
+        return logits.topk(k, dim=1, sorted=False).indices
+    blocks = logits.view(r, v // 64, 64)
+    best = blocks.amax(dim=2).topk(k, dim=1, sorted=False).indices  # [R, k] blocks
+    candidates = blocks.gather(1, best.unsqueeze(2).expand(r, k, 64)).view(r, k * 64)
+    pick = candidates.topk(k, dim=1, sorted=False).indices  # [R, k] of the candidates
+    return best.gather(1, pick // 64) * 64 + pick % 64
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -158,8 +178,7 @@ class LlamaModel:
                                   [k for k, _ in kv_caches], [v for _, v in kv_caches],
                                   cos, sin, meta.slot_mapping, g.block_table, g.ctx_lens,
                                   h_q, h_kv, d, eps, self.scale, self._qparams)
-            head = ops.exact_linear if meta.row_exact and ops.exact_linear else ops.linear
-            return head(h[logits_indices], self.w.lm_head).float()
+            return self._logits(h[logits_indices], row_exact=meta.row_exact)
         h = ops.rms_norm(x, layers[0].input_norm, eps)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches, strict=True)):
             qkv = ops.linear(h, layer.qkv)  # [T, (H + 2 Hkv) D]
@@ -184,4 +203,25 @@ class LlamaModel:
             mlp = ops.linear(ops.silu_mul(ops.linear(h, layer.gate_up)), layer.down)
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.final_norm
             x, h = ops.add_rms_norm(x, mlp, next_norm, eps)
-        return ops.linear(h[logits_indices], self.w.lm_head).float()
+        return self._logits(h[logits_indices], row_exact=False)
+
+    def _logits(self, h: torch.Tensor, *, row_exact: bool) -> torch.Tensor:
+        """fp32 logits [R, V] of the final hidden states ``h`` [R, d]. A ShortlistHead
+        takes its two passes where the decode kernels run (rows a decode step or a
+        verification computes one by one); more rows, which arithmetic bounds, and other
+        devices read its exact head."""
+        ops, head = self.ops, self.w.lm_head
+        exact = ops.exact_linear if row_exact and ops.exact_linear else None
+        if not isinstance(head, ShortlistHead):
+            return (exact or ops.linear)(h, head).float()
+        if ops.exact_linear is None or not (row_exact or h.shape[0] <= SKINNY_MAX_ROWS):
+            return ops.linear(h, head.exact).float()
+        logits = ops.exact_linear(h, head.coarse).float()
+        ids = top_indices(logits, head.size)  # [R, size]
+        if h.shape[0] == 1:
+            rows, where = ids[0], None
+        else:  # one call over the rows the batch shortlisted, each row's picked out
+            rows, where = torch.unique(ids, return_inverse=True)
+        found = ops.exact_linear(h, head.rows(rows)).float()  # [R, len(rows)]
+        logits.scatter_(1, ids, found if where is None else found.gather(1, where))
+        return logits

@@ -88,6 +88,52 @@ class QuantizedWeight:
 Weight = torch.Tensor | QuantizedWeight
 
 
+@dataclass(frozen=True, slots=True)
+class ShortlistHead:
+    """An LM head read in two passes (the CPU decode path, ``llama.LlamaModel``): every
+    logit from ``coarse`` (int4, half the int8 head's bytes), then each row's ``size``
+    highest recomputed from ``exact`` (the int8 head) and put in their place.
+
+    The head is a fifth of a small model's bytes, and an int4 head alone moved the top
+    token too often (0.89 agreement with bf16, SmolLM2-135M); the exact pass gives back
+    the int8 head's logit for every token that could be the top one or carry real
+    probability, so a greedy token is the int8 head's whenever that token is among the
+    coarse pass's ``size`` highest. The tail keeps int4 logits. Each row's logits depend
+    on that row alone (the coarse kernel is row-exact and the exact pass gathers rows of
+    the int8 head), as speculative verification needs."""
+
+    coarse: QuantizedWeight  # int4 [V, d]
+    exact: QuantizedWeight  # int8 [V, d]
+    size: int  # tokens recomputed per row
+
+    def num_bytes(self) -> int:
+        """Bytes a one-row step reads: the coarse head and ``size`` exact rows."""
+        n, _ = self.exact.shape
+        return self.coarse.num_bytes() + self.exact.num_bytes() * self.size // n
+
+    def rows(self, ids: torch.Tensor) -> QuantizedWeight:
+        """The exact head's rows ``ids``, as a weight of their own."""
+        e = self.exact
+        return QuantizedWeight(
+            q=e.q.index_select(0, ids), scales=e.scales.index_select(0, ids),
+            offsets=None if e.offsets is None else e.offsets.index_select(0, ids),
+            group_size=e.group_size, dtype=e.dtype)
+
+
+HEAD_SHORTLIST = 64  # exact logits per row of a ShortlistHead (EngineConfig.lm_head_shortlist)
+
+
+def shortlist_head(head: QuantizedWeight, size: int, *, group_size: int = DEFAULT_GROUP_SIZE,
+                   source: torch.Tensor | None = None) -> ShortlistHead:
+    """A ShortlistHead over the int8 ``head``, its coarse copy quantized from ``source``
+    (the fp32 head, when there is one) or from the int8 head's own values."""
+    if size < 1:
+        raise ValueError(f"a head shortlist needs at least one token, got {size}")
+    base = source if source is not None else head.dequantize().float()
+    coarse = replace(quantize_int4(base, group_size), dtype=head.dtype)
+    return ShortlistHead(coarse=coarse, exact=head, size=min(size, head.shape[0]))
+
+
 def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
     """Symmetric int8 (round to nearest): one scale per output row, or per group of
     ``group_size`` input columns."""
@@ -184,11 +230,13 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 
 
 def quantize_model(weights: ModelWeights, mode: Quantization, *, group_size: int | None,
-                   lm_head: bool = False, dtype: torch.dtype | None = None,
+                   lm_head: bool = False, head_shortlist: int = 0,
+                   dtype: torch.dtype | None = None,
                    prebuilt: Mapping[str, QuantizedWeight] | None = None) -> ModelWeights:
     """``weights`` with every decoder layer's matmul weight (qkv, o, gate_up, down)
     quantized, and the LM head too when ``lm_head``, as int8 in groups of
-    LM_HEAD_GROUP_SIZE (a tied one is copied: the embedding rows stay as they are); every
+    LM_HEAD_GROUP_SIZE (a tied one is copied: the embedding rows stay as they are), read
+    through a ShortlistHead of ``head_shortlist`` exact tokens when that is not 0; every
     other tensor cast to ``dtype`` (None: as they are).
     Quantizing from fp32 weights rounds once, not twice (fp32 -> bf16 -> int).
     ``prebuilt`` (prebuilt.py: ``layers.<i>.<name>`` -> weight) replaces quantizing."""
@@ -209,16 +257,22 @@ def quantize_model(weights: ModelWeights, mode: Quantization, *, group_size: int
                       down=q(layer.down, f"layers.{i}.down"))
               for i, layer in enumerate(weights.layers)]
     embed = cast(weights.embed)
-    head: Weight
-    if lm_head and mode is not Quantization.NONE:
+    head: Weight | ShortlistHead
+    source = weights.lm_head
+    if lm_head and mode is not Quantization.NONE and not isinstance(source, ShortlistHead):
         built = prebuilt.get("lm_head") if prebuilt is not None else None
+        exact: Weight
         if built is not None:
-            head = built if dtype is None else replace(built, dtype=dtype)
+            exact = built if dtype is None else replace(built, dtype=dtype)
         else:  # int8 in groups whatever the layers' mode: the logits are the most sensitive
-            head = quantize(weights.lm_head, Quantization.INT8, LM_HEAD_GROUP_SIZE, dtype)
+            exact = quantize(source, Quantization.INT8, LM_HEAD_GROUP_SIZE, dtype)
+        head = exact
+        if head_shortlist and isinstance(exact, QuantizedWeight):
+            head = shortlist_head(exact, head_shortlist, source=(
+                source.float() if isinstance(source, torch.Tensor) else None))
     elif weights.lm_head is weights.embed:
         head = embed  # tied: one tensor
-    elif isinstance(weights.lm_head, QuantizedWeight):
+    elif isinstance(weights.lm_head, (QuantizedWeight, ShortlistHead)):
         head = weights.lm_head
     else:
         head = cast(weights.lm_head)

@@ -44,3 +44,19 @@ def test_one_call_decode_equals_the_layer_loop(model_dir, monkeypatch, num_reque
     layer_loop = core.runner.execute(out.chunks, tables)  # rewrites the same KV slots
     assert calls == [1]
     assert torch.equal(one_call, layer_loop)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_top_indices_through_block_maxima_are_topks_set(rows):
+    from services.worker.engine.model.llama import top_indices
+
+    gen = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, 49152, generator=gen)
+    logits[0, 64:128] = 10.0 + torch.arange(64.0)  # one block holding every one of them
+    got, expected = top_indices(logits, 64), logits.topk(64, dim=1).indices
+    assert got.shape == (rows, 64)
+    for r in range(rows):
+        assert sorted(got[r].tolist()) == sorted(expected[r].tolist())
+    assert sorted(got[0].tolist()) == list(range(64, 128))
+    small = torch.tensor([[3.0, 1.0, 2.0]])  # fewer blocks than k: topk itself
+    assert sorted(top_indices(small, 2)[0].tolist()) == [0, 2]

@@ -111,6 +111,54 @@ def test_each_row_of_many_is_what_a_one_row_call_gives(make):
             assert torch.equal(many[i:i + 1], one), (seed, i)
 
 
+def _head_model(shortlist: int, seed: int = 0):
+    """A tiny-llama (vocab 512) with an int4 body and an int8 head, read in two passes
+    when ``shortlist``."""
+    from services.worker.engine.config import EngineConfig
+    from services.worker.engine.model_runner import ModelRunner, resolve_model_config
+
+    config = EngineConfig(model="tiny-llama", load_format="dummy", quantization="int4",
+                          lm_head_shortlist=shortlist, seed=seed)
+    return ModelRunner(config, resolve_model_config(config), num_blocks=4,
+                       max_model_len=64).model
+
+
+@needs_kernels
+def test_a_shortlist_head_takes_the_int8_logits_of_its_coarse_top_tokens():
+    from services.worker.engine.model.quant import ShortlistHead
+
+    model, plain = _head_model(16), _head_model(0)
+    head = model.w.lm_head
+    assert isinstance(head, ShortlistHead) and head.size == 16
+    assert head.coarse.bits == 4 and head.exact is not None and head.exact.bits == 8
+    assert torch.equal(head.exact.q, plain.w.lm_head.q)
+    none = torch.empty(0)
+    h = torch.randn(1, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    coarse = kernels.quantized_linear(h, head.coarse.q, head.coarse.scales,
+                                      head.coarse.offsets).float()
+    exact = kernels.quantized_linear(h, head.exact.q, head.exact.scales, none).float()
+    top = coarse.topk(16).indices[0]
+    logits = model._logits(h, row_exact=False)
+    rest = torch.ones(512, dtype=torch.bool)
+    rest[top] = False
+    assert torch.equal(logits[0, top], exact[0, top])  # the shortlist: int8, bit for bit
+    assert torch.equal(logits[0, rest], coarse[0, rest])  # the tail: the coarse pass
+    assert logits.argmax() == exact.argmax()
+    # More rows than the decode kernels take, without row-exactness: the int8 head alone.
+    many = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    assert torch.equal(model._logits(many, row_exact=False), plain._logits(many, row_exact=False))
+
+
+@needs_kernels
+def test_a_shortlist_heads_rows_are_what_one_row_calls_give():
+    # Speculative verification computes a request's drafts as rows of one call.
+    model = _head_model(16)
+    h = torch.randn(7, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    many = model._logits(h, row_exact=True)
+    for i in range(7):
+        assert torch.equal(many[i:i + 1], model._logits(h[i:i + 1], row_exact=True)), i
+
+
 def test_the_fallback_linear_dequantizes():
     w = weight(16, 64)
     x = torch.randn(3, 64).to(torch.bfloat16)
@@ -181,6 +229,7 @@ def test_a_prebuilt_file_is_built_once_and_loaded(model_dir, tmp_path):
     ({"quantization": "int4", "quant_group_size": 48}, r"multiple of 32 \(0: int8 per output "
                                                        r"channel\), got 48"),
     ({"quantization": "int4", "quant_group_size": 0}, "int4 has no per-channel mode"),
+    ({"quantization": "int4", "lm_head_shortlist": -1}, "lm_head_shortlist must be >= 0"),
 ])
 def test_the_engine_config_refuses_an_unknown_quantization(options, message):
     from services.worker.engine.config import EngineConfig
@@ -201,10 +250,13 @@ def test_a_quantized_model_reads_fewer_bytes_per_token():
         sizes[mode] = runner.weight_bytes_per_token
     # tiny-llama: 2 layers of 36,864 matmul weights in 512 rows, a 512 x 64 tied head
     # (int8 in groups of 32 when quantized), 640 bytes of bf16 norms.
+    # The head is read in two passes (ShortlistHead): int4 in groups of 32, and 64 of
+    # its 512 rows again in int8.
     layers, head, norms = 2 * 36_864, 512 * 64, 640
     int8_head = head + head // 32 * 2
+    two_pass_head = head // 2 + head // 32 * 4 + int8_head * 64 // 512
     assert sizes == {
         "none": 2 * (layers + head) + norms,
-        "int8": layers + layers // 64 * 2 + int8_head + norms,  # an fp16 scale per 64
-        "int4": layers // 2 + layers // 32 * 4 + int8_head + norms,  # fp16 scale + offset
+        "int8": layers + layers // 64 * 2 + two_pass_head + norms,  # an fp16 scale per 64
+        "int4": layers // 2 + layers // 32 * 4 + two_pass_head + norms,  # scale + offset
     }
