@@ -73,8 +73,8 @@ class EngineConfig:
     # No request speculates in a step that runs more requests than this: a large batch
     # already keeps the matmuls busy, and its verification rows would only add work.
     speculative_max_batch: int = 4
-    ngram_min: int = 2  # n-gram lookup: the shortest suffix matched (tokens)
-    ngram_max: int = 4  # the longest tried first
+    ngram_min: int = 1  # n-gram lookup: the shortest suffix matched (tokens)
+    ngram_max: int = 6  # the longest tried first
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -262,11 +262,10 @@ class EngineCore:
         self._recent_phases.append((prepare_ms, forward_ms, sample_ms + read_ms))
         if (synchronous and self.spec is not None
                 and all(c.num_tokens == 1 for c in step.out.chunks)):
-            # The cost model's unit: a decode step's forward and sampling without drafts.
-            num_drafts = sum(len(c.spec_ids) for c in step.out.chunks)
-            device_s = (forward_ms + sample_ms + read_ms) / 1e3
-            self.spec.record_times(
-                plain_step_s=device_s / (1 + self.spec.row_cost * num_drafts))
+            # The cost model: a decode step's forward and sampling, by batch and drafts.
+            self.spec.record_step(len(step.out.chunks),
+                                  sum(len(c.spec_ids) for c in step.out.chunks),
+                                  (forward_ms + sample_ms + read_ms) / 1e3)
         t1 = self._clock()
         # With a step in flight, steps overlap: each is charged from when the one before
         # it completed, so that the charges add up to the wall time.

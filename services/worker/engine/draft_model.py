@@ -26,6 +26,7 @@ from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.model.config import ModelConfig
 from services.worker.engine.model_runner import ModelRunner, resolve_model_config
+from services.worker.engine.request import Request
 from services.worker.engine.scheduler import ScheduledChunk
 
 # A draft step feeding up to this many tokens of a request (the last draft and the bonus
@@ -59,6 +60,10 @@ class DraftModelProposer:
         # the cost model's measure of a draft (speculative.py).
         self.num_forwards = 0
         self.decode_seconds = 0.0
+
+    def kind(self, req: Request) -> str:
+        """Each request's drafts are judged by its own past acceptance."""
+        return req.request_id
 
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)

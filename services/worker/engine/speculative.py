@@ -15,24 +15,31 @@ Proposers:
   ``k`` cheap decode steps.
 
 The ``Speculation`` controller backs off on its own: no request speculates in a step
-that runs more than ``speculative_max_batch`` requests, and each request's draft count
-follows its measured acceptance. Drafts are accepted in runs: the first draft with
-probability ``h1``, and each next one, given the one before was, with ``h`` (copying
-text, once a run starts it tends to go on, so ``h`` is usually well above ``h1``). Both
-are estimated per request from its verifications (decayed counts over a prior). ``k``
-drafts then yield ``1 + sum_{j<=k} h1 h^(j-1)`` tokens for a step that costs
-``1 + c k`` plain steps (``c``: one more verified row, plus a draft model's forward
-where one proposes), and ``k`` is the count that maximises that ratio, zero when none
-beats a plain step by 5%. A request that stopped speculating tries one draft again every
-``PROBE_EVERY`` steps, so a text that turns repetitive is caught, unless the draft
-model's measured cost is such that even drafts all accepted would not pay. A request
-whose drafts the scheduler refuses (no blocks or budget to spare, scheduler.py) plans
-none for the next 1, 2, 4, ... steps while the refusals go on.
+that runs more than ``speculative_max_batch`` requests, and each draft count follows
+measured acceptance. Drafts are accepted in runs: the first draft with probability
+``h1``, and each next one, given the one before was, with ``h`` (copying text, once a
+run starts it tends to go on, so ``h`` is usually well above ``h1``). Both are
+estimated from verifications (decayed counts over a prior) per *kind* of drafts, which
+the proposer names before any slot is reserved (``Proposer.kind``): n-gram drafts by
+how their match was found (``match_kind``: its length and whether earlier occurrences
+disagree, which predict acceptance far better than the request does), a draft model's
+per request. ``k`` drafts then yield ``1 + sum_{j<=k} h1 h^(j-1)`` tokens for a step
+that costs ``C(k)`` plain steps (``StepCosts``: measured per batch size and draft
+count, plus a draft model's forward per draft where one proposes), and ``k`` is the
+count that maximises that ratio, zero when none beats a plain step by 5%. The cost is
+far from linear in ``k`` on a CPU: a few more rows ride on the weights' bytes almost
+free, and past that each costs its arithmetic (SmolLM2-135M here: 3 drafts 1.1 plain
+steps, 8 drafts 2.0). A kind whose drafts stopped paying is tried with one draft again
+every ``PROBE_EVERY`` plans, so a text that turns repetitive is caught, unless the
+draft model's measured cost is such that even drafts all accepted would not pay. A
+request with nothing to propose (no n-gram recurs) reserves nothing. A request whose
+drafts the scheduler refuses (no blocks or budget to spare, scheduler.py) plans none
+for the next 1, 2, 4, ... steps while the refusals go on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -46,14 +53,21 @@ from services.worker.engine.scheduler import ScheduledChunk
 
 PROBE_EVERY = 16  # steps between one-draft probes of a request that stopped speculating
 DECAY = 0.9  # weight of the past in a request's acceptance estimates, per verification
+# ... and in estimates that many requests' drafts share (a kind of n-gram match)
+SHARED_DECAY = 0.97
 # Priors (as counts: successes, trials) of the first draft's acceptance and of each next
 # draft's given the one before was accepted.
 PRIOR_FIRST = (1.4, 2.0)
 PRIOR_NEXT = (1.6, 2.0)
-# Cost of one more verified row relative to a plain decode step, by device: on the CPU
-# the row-exact kernels are bound by bf16 arithmetic past a few rows (measured 0.1 a row
-# for the 135M model), on a GPU a decode step is bound by launches and bytes.
+# The prior cost of one more verified row relative to a plain decode step, by device,
+# until StepCosts has measured it: on the CPU the row-exact kernels are bound by bf16
+# arithmetic past a few rows (0.1 a row on average over 8 drafts for the 135M model), on
+# a GPU a decode step is bound by launches and bytes.
 ROW_COST = {"cpu": 0.1, "cuda": 0.03}
+COST_DECAY = 0.9  # weight of the past in a measured step cost, per step seen
+# The prior's weight, as a number of steps seen; decayed sums of steps reach 10, so
+# once a cost has been measured a few times the prior is a small part of it.
+COST_PRIOR_WEIGHT = 1.0
 DRAFT_COST_PRIOR = 0.5
 # Speculate only for an expected gain of this much over a plain step: the estimates
 # are rough, and a marginal gain is not worth a wrong guess.
@@ -64,6 +78,12 @@ class Proposer(Protocol):
     has_model: bool  # proposes with a model's forward passes (they cost time)
     num_forwards: int  # draft steps (a token or two a request) run so far
     decode_seconds: float  # and the seconds they took
+
+    def kind(self, req: Request) -> Hashable | None:
+        """What the request's next drafts would be, as far as their acceptance goes: a
+        key whose acceptance estimates drafts of that kind share (the request's id: its
+        own), or None where there would be none (it reserves no slots then)."""
+        ...
 
     def follow(self, chunks: Sequence[ScheduledChunk]) -> None:
         """See the prefill chunks of requests that will speculate."""
@@ -78,23 +98,63 @@ class Proposer(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Match:
+    """An n-gram lookup's drafts, the length of the suffix that matched, and whether
+    its earlier occurrences went on differently (ambiguous: the latest one's way was
+    picked among others)."""
+
+    drafts: tuple[int, ...]
+    n: int
+    ambiguous: bool
+
+
+def match_kind(m: Match) -> tuple[str, int, bool]:
+    """Drafts' kind by how they were found: the suffix length (1, 2, 3-5, 6 or more)
+    and ambiguity. Measured here (SmolLM2-135M, 24 prompts, min_n 1, max_n 6): a first
+    draft was accepted 0.90 of the time after a match of 6 or more, 0.7-0.9 after 3-5,
+    0.24-0.68 after 1-2, and 0-0.2 after an ambiguous match of 1."""
+    return ("ngram", 6 if m.n >= 6 else 3 if m.n >= 3 else m.n, m.ambiguous)
+
+
 class NgramProposer:
     """Prompt lookup: match the last ``n`` tokens (n from ``max_n`` down to ``min_n``)
     against the rest of the sequence; the latest earlier match wins and the tokens that
-    followed it are the drafts."""
+    followed it are the drafts. Drafts share acceptance estimates by ``match_kind``,
+    engine-wide: how a match was found says more than which request found it."""
 
     has_model = False
     num_forwards = 0
     decode_seconds = 0.0
 
-    def __init__(self, *, min_n: int, max_n: int) -> None:
-        self.min_n, self.max_n = min_n, max_n
+    def __init__(self, *, min_n: int, max_n: int, max_drafts: int = 8) -> None:
+        self.min_n, self.max_n, self.max_drafts = min_n, max_n, max_drafts
+        # request id -> (its token count, its match): kind() looks up, propose() reuses
+        self._last: dict[str, tuple[int, Match | None]] = {}
+
+    def kind(self, req: Request) -> Hashable | None:
+        if req.has_placeholder:  # its last token is on the device yet: judged by its past
+            return req.request_id
+        m = self._match(req)
+        return None if m is None else match_kind(m)
+
+    def _match(self, req: Request) -> Match | None:
+        cached = self._last.get(req.request_id)
+        if cached is not None and cached[0] == req.num_tokens:
+            return cached[1]
+        m = self.match(req.all_ids, self.max_drafts)
+        self._last[req.request_id] = (req.num_tokens, m)
+        return m
 
     def propose(self, chunks: Sequence[ScheduledChunk]) -> list[tuple[int, ...]]:
-        return [self.lookup(c.request.all_ids, c.num_lookahead) for c in chunks]
+        out = []
+        for c in chunks:
+            m = self._match(c.request) if c.num_lookahead > 0 else None
+            out.append(m.drafts[:c.num_lookahead] if m is not None else ())
+        return out
 
     def release(self, request_id: str) -> None:
-        pass
+        self._last.pop(request_id, None)
 
     def follow(self, chunks: Sequence[ScheduledChunk]) -> None:
         pass
@@ -102,8 +162,13 @@ class NgramProposer:
     def lookup(self, ids: list[int], k: int) -> tuple[int, ...]:
         """Up to ``k`` tokens that followed the latest earlier occurrence of the longest
         matching suffix of ``ids``; () when none of ``min_n`` tokens or more recurs."""
+        m = self.match(ids, k)
+        return () if m is None else m.drafts
+
+    def match(self, ids: list[int], k: int) -> Match | None:
+        """``lookup``'s drafts with how they were found; None when nothing recurs."""
         if k <= 0 or len(ids) <= self.min_n:
-            return ()
+            return None
         seq = np.asarray(ids, dtype=np.int64)
         for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
             # Windows starting before the suffix itself: seq[i:i + n] for i < len - n.
@@ -111,22 +176,28 @@ class NgramProposer:
             hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
             if hits.size:
                 start = int(hits[-1]) + n
-                return tuple(int(t) for t in seq[start:start + k])
-        return ()
+                after = seq[hits + n]  # the token that followed each occurrence
+                return Match(tuple(int(t) for t in seq[start:start + k]), n,
+                             bool((after != after[-1]).any()))
+        return None
 
 
 @dataclass(slots=True)
-class _RequestState:
+class _Acceptance:
+    """Acceptance estimates of one kind of drafts (decayed counts over a prior)."""
+
+    decay: float = 0.9
     first: list[float] = field(default_factory=lambda: list(PRIOR_FIRST))  # [hits, trials]
     next: list[float] = field(default_factory=lambda: list(PRIOR_NEXT))
-    idle_steps: int = 0  # steps since it last speculated
-    backoff: int = 0  # plans skipped after its last refusal (0: its last plan was granted)
-    num_skips: int = 0  # plans still to skip
+    idle_steps: int = 0  # plans of this kind without drafts since it was last tried
+
+    def rates(self) -> tuple[float, float]:
+        return self.first[0] / self.first[1], self.next[0] / self.next[1]
 
     def observe(self, num_drafts: int, num_accepted: int) -> None:
         for counts in (self.first, self.next):
-            counts[0] *= DECAY
-            counts[1] *= DECAY
+            counts[0] *= self.decay
+            counts[1] *= self.decay
         self.first[0] += num_accepted >= 1
         self.first[1] += 1
         if num_accepted >= 1 and num_drafts >= 2:
@@ -135,6 +206,13 @@ class _RequestState:
             self.next[0] += num_accepted - 1
             self.next[1] += num_accepted - 1 + (num_accepted < num_drafts)
         self.idle_steps = 0
+
+
+@dataclass(slots=True)
+class _RequestState:
+    kind: Hashable | None = None  # the kind its last planned drafts were judged as
+    backoff: int = 0  # plans skipped after its last refusal (0: its last plan was granted)
+    num_skips: int = 0  # plans still to skip
 
     def on_scheduled(self, *, granted: bool) -> None:
         """The scheduler granted slots for its planned drafts, or refused them all (the
@@ -153,19 +231,71 @@ class SpecStats:
     accepted_histogram: list[int] = field(default_factory=list)  # [n]: steps accepting n
 
 
-def best_num_drafts(first: float, next_: float, max_drafts: int, cost: float) -> int:
+def best_num_drafts(first: float, next_: float, costs: Sequence[float]) -> int:
     """The draft count that maximises expected tokens per unit of step cost, for a
-    first-draft acceptance ``first`` and a next-given-previous one ``next_`` (0: none
-    beats a plain step by MIN_GAIN)."""
+    first-draft acceptance ``first``, a next-given-previous one ``next_`` and
+    ``costs[k]``, a step's cost with ``k`` drafts in plain steps (``costs[0]`` = 1), up
+    to ``len(costs) - 1`` drafts (0: none beats a plain step by MIN_GAIN)."""
     best_k, best = 0, MIN_GAIN
     tokens, survive = 1.0, first
-    for k in range(1, max_drafts + 1):
+    for k in range(1, len(costs)):
         tokens += survive
         survive *= next_
-        value = tokens / (1 + cost * k)
+        value = tokens / costs[k]
         if value > best * 1.0001:
             best_k, best = k, value
     return best_k
+
+
+def linear_costs(row_cost: float, max_drafts: int) -> list[float]:
+    """``1 + row_cost * k`` for k = 0..max_drafts."""
+    return [1.0 + row_cost * k for k in range(max_drafts + 1)]
+
+
+class StepCosts:
+    """What drafts cost: a decode step of ``batch`` requests carrying ``drafts`` drafts
+    in all, relative to one of the same batch without, from the steps seen (decayed
+    means of seconds, each ratio starting from the prior ``1 + row_cost * drafts`` as a
+    pseudo-observation of weight COST_PRIOR_WEIGHT)."""
+
+    def __init__(self, row_cost: float) -> None:
+        self.row_cost = row_cost
+        self._plain: dict[int, float] = {}  # batch -> decayed mean seconds, no drafts
+        self._ratio: dict[tuple[int, int], tuple[float, float]] = {}  # decayed (sum, weight)
+
+    def record(self, batch: int, drafts: int, seconds: float) -> None:
+        """A decode step (no prefill) of ``batch`` requests and ``drafts`` drafts."""
+        if drafts == 0:
+            old = self._plain.get(batch)
+            self._plain[batch] = (seconds if old is None
+                                  else COST_DECAY * old + (1 - COST_DECAY) * seconds)
+            return
+        plain = self._plain.get(batch)
+        if plain is None or plain <= 0:
+            return  # nothing to compare it with yet
+        total, weight = self._ratio.get((batch, drafts), (0.0, 0.0))
+        self._ratio[batch, drafts] = (COST_DECAY * total + seconds / plain,
+                                      COST_DECAY * weight + 1.0)
+
+    def ratio(self, batch: int, drafts: int) -> float:
+        """A step's cost with ``drafts`` drafts in plain steps of the same batch."""
+        prior = 1.0 + self.row_cost * drafts
+        if drafts == 0:
+            return 1.0
+        total, weight = self._ratio.get((batch, drafts), (0.0, 0.0))
+        return (COST_PRIOR_WEIGHT * prior + total) / (COST_PRIOR_WEIGHT + weight)
+
+    def plain_seconds(self, batch: int) -> float | None:
+        return self._plain.get(batch)
+
+    def curve(self, batch: int, max_drafts: int) -> list[float]:
+        """ratio(batch, k) for k = 0..max_drafts, made non-decreasing: a row more never
+        costs less (a measured dip is the machine's noise, and would make drafts look
+        free)."""
+        out = [1.0]
+        for k in range(1, max_drafts + 1):
+            out.append(max(out[-1], self.ratio(batch, k)))
+        return out
 
 
 class Speculation:
@@ -178,10 +308,12 @@ class Speculation:
         self.max_drafts = config.num_speculative_tokens
         self.max_batch = config.speculative_max_batch
         self.by_default = config.speculative_by_default
-        self.row_cost = ROW_COST.get(device_type, ROW_COST["cuda"])
+        self.costs = StepCosts(ROW_COST.get(device_type, ROW_COST["cuda"]))
+        self._batch = 1  # requests running at the last plan
         self.max_model_len = max_model_len
         self.stats = SpecStats(accepted_histogram=[0] * (self.max_drafts + 1))
         self._states: dict[str, _RequestState] = {}
+        self._acceptance: dict[Hashable, _Acceptance] = {}  # by kind of drafts
         self._propose_s = 0.0  # mean seconds of a proposer's forward pass
         self._plain_s = 0.0  # mean seconds of a step without drafts
         # A request that reserved drafts and got none (no n-gram match) counts as a
@@ -201,31 +333,50 @@ class Speculation:
         a preemption) or with no room left for a draft, which the scheduler would
         refuse anyway."""
         large = len(running) > self.max_batch
+        self._batch = max(1, len(running))
+        costs = self.step_costs()
         for req in running:
             decoding = (bool(req.output_ids) and req.num_tokens - req.num_computed_tokens == 1
                         and req.lookahead_room(self.max_model_len) > 0)
-            req.num_lookahead = (self._num_drafts(req) if decoding and not large
+            req.num_lookahead = (self._num_drafts(req, costs) if decoding and not large
                                  and self.wants(req) else 0)
 
-    def _num_drafts(self, req: Request) -> int:
+    def step_costs(self) -> list[float]:
+        """A step's cost with k = 0..max_drafts drafts for a request, in plain steps of
+        the last plan's batch: the verified rows' measured cost, plus a draft model's
+        forward per draft where one proposes."""
+        return [c + self.draft_cost * k
+                for k, c in enumerate(self.costs.curve(self._batch, self.max_drafts))]
+
+    def _num_drafts(self, req: Request, costs: Sequence[float]) -> int:
         state = self._states.setdefault(req.request_id, _RequestState())
         if state.num_skips > 0:  # backing off after the scheduler refused its drafts
             state.num_skips -= 1
             return 0
-        k = best_num_drafts(state.first[0] / state.first[1], state.next[0] / state.next[1],
-                            self.max_drafts, self.row_cost + self.draft_cost)
-        if k == 0 and self.can_pay():
-            state.idle_steps += 1
-            if state.idle_steps >= PROBE_EVERY:
-                state.idle_steps = 0
+        state.kind = kind = self.proposer.kind(req)
+        if kind is None:  # nothing to propose
+            return 0
+        acceptance = self._acceptance_of(kind, req)
+        k = best_num_drafts(*acceptance.rates(), costs)
+        if k == 0 and best_num_drafts(1.0, 1.0, costs) > 0:
+            acceptance.idle_steps += 1
+            if acceptance.idle_steps >= PROBE_EVERY:
+                acceptance.idle_steps = 0
                 return 1
         return k
+
+    def _acceptance_of(self, kind: Hashable, req: Request) -> _Acceptance:
+        found = self._acceptance.get(kind)
+        if found is None:  # a request's own estimates move faster than shared ones
+            found = self._acceptance[kind] = _Acceptance(
+                decay=DECAY if kind == req.request_id else SHARED_DECAY)
+        return found
 
     def can_pay(self) -> bool:
         """Whether drafts could pay at all: even drafts all accepted cannot make up for
         a draft model nearly as slow as the model (then no probes and no prefill for
         the draft, which would be spent for nothing)."""
-        return best_num_drafts(1.0, 1.0, self.max_drafts, self.row_cost + self.draft_cost) > 0
+        return best_num_drafts(1.0, 1.0, self.step_costs()) > 0
 
     @property
     def draft_cost(self) -> float:
@@ -237,16 +388,18 @@ class Speculation:
             return DRAFT_COST_PRIOR
         return self._propose_s / self._plain_s
 
-    def record_times(self, *, propose_s: float | None = None, num_forwards: int = 0,
-                     plain_step_s: float | None = None) -> None:
-        """Feed the cost model: a proposal's seconds over its draft forwards, or a plain
-        step's seconds (decayed means)."""
-        if propose_s is not None and num_forwards > 0:
+    def record_proposal(self, propose_s: float, num_forwards: int) -> None:
+        """Feed the cost model a proposal's seconds over its draft forwards."""
+        if num_forwards > 0:
             per = propose_s / num_forwards
             self._propose_s = per if self._propose_s <= 0 else 0.9 * self._propose_s + 0.1 * per
-        if plain_step_s is not None:
-            self._plain_s = (plain_step_s if self._plain_s <= 0
-                             else 0.9 * self._plain_s + 0.1 * plain_step_s)
+
+    def record_step(self, batch: int, drafts: int, seconds: float) -> None:
+        """Feed the cost model a decode step's seconds (its forward and sampling, no
+        prefill, nothing overlapping it): ``batch`` requests carrying ``drafts`` drafts."""
+        self.costs.record(batch, drafts, seconds)
+        plain = seconds / self.costs.ratio(batch, drafts)
+        self._plain_s = plain if self._plain_s <= 0 else 0.9 * self._plain_s + 0.1 * plain
 
     def propose(self, chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
         """The chunks with their drafts filled in (those that reserved slots). A request
@@ -256,23 +409,26 @@ class Speculation:
             if c.request.num_lookahead > 0:
                 self._states.setdefault(c.request.request_id, _RequestState()).on_scheduled(
                     granted=c.num_lookahead > 0)
+        # A draft model computes the prompts of requests that may speculate beside the
+        # model's prefill, unless the step is a large batch's (where nobody speculates,
+        # and a request that comes to speculate later has its draft catch up then).
         prefills = [c for c in chunks if c.num_tokens > 1 and self.wants(c.request)]
-        if prefills and self.can_pay():
+        if (prefills and len(chunks) <= self.max_batch and self._batch <= self.max_batch
+                and self.can_pay()):
             self.proposer.follow(prefills)
         wanting = [i for i, c in enumerate(chunks) if c.num_lookahead > 0]
         if not wanting:
             return chunks
         seconds, forwards = self.proposer.decode_seconds, self.proposer.num_forwards
         drafts = self.proposer.propose([chunks[i] for i in wanting])
-        self.record_times(propose_s=self.proposer.decode_seconds - seconds,
-                          num_forwards=self.proposer.num_forwards - forwards)
+        self.record_proposal(self.proposer.decode_seconds - seconds,
+                             self.proposer.num_forwards - forwards)
         out = list(chunks)
         for i, d in zip(wanting, drafts, strict=True):
             if d:
                 out[i] = replace(chunks[i], spec_ids=tuple(d[:chunks[i].num_lookahead]))
             elif self.misses_cost:
-                rid = chunks[i].request.request_id
-                self._states.setdefault(rid, _RequestState()).observe(1, 0)
+                self._observe(chunks[i].request, 1, 0)
         return out
 
     def observe(self, req: Request, num_drafts: int, num_accepted: int) -> None:
@@ -283,11 +439,16 @@ class Speculation:
         s.verifications += 1
         s.emitted_tokens += num_accepted + 1
         s.accepted_histogram[num_accepted] += 1
-        self._states.setdefault(req.request_id, _RequestState()).observe(num_drafts,
-                                                                        num_accepted)
+        self._observe(req, num_drafts, num_accepted)
+
+    def _observe(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+        kind = self._states.setdefault(req.request_id, _RequestState()).kind
+        self._acceptance_of(req.request_id if kind is None else kind, req).observe(
+            num_drafts, num_accepted)
 
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)
+        self._acceptance.pop(request_id, None)
         self.proposer.release(request_id)
 
 
@@ -300,7 +461,8 @@ def build_speculation(config: EngineConfig, model_cfg: ModelConfig, *, blocks: B
         return None
     proposer: Proposer
     if config.speculative == "ngram":
-        proposer = NgramProposer(min_n=config.ngram_min, max_n=config.ngram_max)
+        proposer = NgramProposer(min_n=config.ngram_min, max_n=config.ngram_max,
+                                 max_drafts=config.num_speculative_tokens)
     else:
         from services.worker.engine.draft_model import DraftModelProposer
 

@@ -19,9 +19,13 @@ from services.worker.engine.sampler import Sampler
 from services.worker.engine.scheduler import ScheduledChunk
 from services.worker.engine.speculative import (
     PROBE_EVERY,
+    Match,
     NgramProposer,
     Speculation,
+    StepCosts,
     best_num_drafts,
+    linear_costs,
+    match_kind,
 )
 from tests.services.worker.engine.helpers import run_core, tiny_core
 
@@ -51,14 +55,47 @@ def test_ngram_lookup_with_unigrams():
     assert NgramProposer(min_n=1, max_n=3).lookup([3, 8, 1, 5, 8], 2) == (1, 5)
 
 
+def test_a_match_says_how_long_it_is_and_whether_earlier_occurrences_disagree():
+    proposer = NgramProposer(min_n=1, max_n=6)
+    # [1, 2] recurs twice, followed by 3 and by 4: the latest (4) wins, ambiguously.
+    assert proposer.match([1, 2, 3, 1, 2, 4, 9, 1, 2], 2) == Match((4, 9), 2, True)
+    # [1, 2, 3] recurs twice, followed by 7 both times.
+    assert proposer.match([1, 2, 3, 7, 1, 2, 3, 7, 5, 1, 2, 3], 3) == Match((7, 5, 1), 3, False)
+    assert proposer.match([1, 2, 3], 3) is None
+    assert [match_kind(Match((), n, amb)) for n, amb in [(1, True), (2, False), (5, False),
+                                                         (6, False), (9, True)]] == [
+        ("ngram", 1, True), ("ngram", 2, False), ("ngram", 3, False), ("ngram", 6, False),
+        ("ngram", 6, True)]
+
+
 # -- the back-off policy -------------------------------------------------------------
 
 def test_best_num_drafts():
-    assert best_num_drafts(0.1, 0.1, 8, 0.1) == 0  # nothing pays for its rows
-    assert best_num_drafts(1.0, 1.0, 8, 0.1) == 8
+    assert best_num_drafts(0.1, 0.1, linear_costs(0.1, 8)) == 0  # nothing pays for its rows
+    assert best_num_drafts(1.0, 1.0, linear_costs(0.1, 8)) == 8
     # tokens(k) = 1 + 0.7 (1 - 0.9^k) / 0.1 over 1 + 0.3 k peaks at k = 4 (1.549).
-    assert best_num_drafts(0.7, 0.9, 8, 0.3) == 4
-    assert best_num_drafts(0.7, 0.9, 8, 0.1) == 8
+    assert best_num_drafts(0.7, 0.9, linear_costs(0.3, 8)) == 4
+    assert best_num_drafts(0.7, 0.9, linear_costs(0.1, 8)) == 8
+    # Rows nearly free up to 3 drafts, dear past them (as measured on a CPU): 3 drafts
+    # (2.71 tokens for 1.1) beat 8 (4.4 for 2.0).
+    cpu = [1.0, 1.01, 1.05, 1.1, 1.5, 1.6, 1.7, 1.8, 2.0]
+    assert best_num_drafts(0.6, 0.9, cpu) == 3
+    assert best_num_drafts(0.2, 0.4, cpu) == 2  # 1.28 tokens for 1.05: even weak guesses
+
+
+def test_step_costs_start_from_the_prior_and_follow_the_steps_seen():
+    costs = StepCosts(0.1)
+    assert costs.curve(1, 3) == pytest.approx([1.0, 1.1, 1.2, 1.3])  # the prior
+    costs.record(1, 3, 0.030)  # drafts before any plain step: nothing to compare with
+    assert costs.ratio(1, 3) == pytest.approx(1.3)
+    costs.record(1, 0, 0.010)
+    for _ in range(40):
+        costs.record(1, 3, 0.011)  # 3 drafts cost 1.1 plain steps
+        costs.record(1, 2, 0.009)  # the machine's noise: "cheaper" than plain
+    assert costs.ratio(1, 3) == pytest.approx(1.1, abs=0.02)  # the prior all but gone
+    assert costs.ratio(1, 2) < 1.0
+    assert costs.curve(1, 3) == pytest.approx([1.0, 1.1, 1.1, costs.ratio(1, 3)])
+    assert costs.ratio(2, 3) == pytest.approx(1.3)  # another batch size: its own prior
 
 
 def spec_req(rid: str, **params: object) -> Request:
@@ -69,13 +106,49 @@ def spec_req(rid: str, **params: object) -> Request:
     return req
 
 
-def speculation(**overrides: object) -> Speculation:
+class _OwnKind(NgramProposer):
+    """Judges every request's drafts by its own past (as a draft model's are)."""
+
+    def kind(self, req: Request) -> str:
+        return req.request_id
+
+
+def speculation(proposer: NgramProposer | None = None, **overrides: object) -> Speculation:
     options: dict[str, object] = {"model": "tiny-llama", "load_format": "dummy",
                                   "speculative": "ngram", "speculative_max_batch": 3}
     options.update(overrides)
     config = EngineConfig(**options)  # type: ignore[arg-type]
-    return Speculation(config, NgramProposer(min_n=2, max_n=4), device_type="cpu",
+    return Speculation(config, proposer or _OwnKind(min_n=2, max_n=4), device_type="cpu",
                        max_model_len=1000)
+
+
+def copying_req(rid: str, ids: list[int]) -> Request:
+    """A request whose prompt is ``ids`` and whose next step decodes after it."""
+    req = Request(request_id=rid, prompt_ids=ids[:-1], params=SamplingParams())
+    req.num_computed_tokens = len(ids) - 1
+    req.append_output(ids[-1])
+    return req
+
+
+def test_ngram_drafts_share_estimates_by_kind_and_nothing_to_propose_reserves_nothing():
+    spec = speculation(NgramProposer(min_n=1, max_n=6))
+    text = list(range(10, 30))
+    long_a = copying_req("a", text + text[:7])  # its last 6 tokens recur, unambiguously
+    long_b = copying_req("b", text + text[:9])
+    fresh = copying_req("c", list(range(40, 50)))  # nothing recurs
+    spec.plan([long_a, long_b, fresh])
+    assert [r.num_lookahead for r in (long_a, long_b, fresh)] == [6, 6, 0]  # the prior
+    for _ in range(8):  # a's drafts of this kind keep failing ...
+        spec.observe(long_a, 6, 0)
+    spec.plan([long_a, long_b, fresh])
+    # ... and b's, of the same kind, are judged by them (probes come later).
+    assert [r.num_lookahead for r in (long_a, long_b, fresh)] == [0, 0, 0]
+    short = copying_req("d", [5, 1, 2, 3, 9, 2])  # a match of 1, one continuation: its own kind
+    spec.plan([short])
+    assert short.num_lookahead == 6
+    chunk = ScheduledChunk(short, 5, 1, num_lookahead=6)
+    (proposed,) = spec.propose([chunk])
+    assert proposed.spec_ids == (3, 9, 2)  # what followed the earlier 2
 
 
 def test_plan_skips_large_batches_opted_out_requests_and_those_reading_their_output():
@@ -151,7 +224,7 @@ def test_a_request_whose_drafts_the_scheduler_refuses_backs_off():
     assert spec.stats.verifications == 0
 
 
-class _ModelProposer(NgramProposer):
+class _ModelProposer(_OwnKind):
     has_model = True
 
 
@@ -163,7 +236,8 @@ def test_a_draft_model_nearly_as_slow_as_the_model_is_not_used_or_probed():
     spec.plan([req])
     assert req.num_lookahead > 0  # the prior: a draft step costs half a plain one
     # Measured: a draft step costs 0.9 of a plain one, and every draft is accepted.
-    spec.record_times(propose_s=0.9, num_forwards=1, plain_step_s=1.0)
+    spec.record_proposal(0.9, 1)
+    spec.record_step(1, 0, 1.0)
     spec.observe(req, 4, 4)
     assert not spec.can_pay()
     looks = set()
@@ -171,6 +245,26 @@ def test_a_draft_model_nearly_as_slow_as_the_model_is_not_used_or_probed():
         spec.plan([req])
         looks.add(req.num_lookahead)
     assert looks == {0}
+
+
+def test_a_draft_model_follows_prefills_only_outside_large_batches():
+    """Nobody speculates in a large batch, so its prompts are not computed by the draft
+    (a 64-stream run once went at 0.63x plain decoding's throughput doing so)."""
+    followed: list[list[str]] = []
+
+    class Following(_ModelProposer):
+        def follow(self, chunks):
+            followed.append([c.request.request_id for c in chunks])
+
+    spec = speculation(Following(min_n=2, max_n=4), speculative_max_batch=2)
+    prompts = [Request(request_id=f"p{i}", prompt_ids=[1, 2, 3], params=SamplingParams())
+               for i in range(3)]
+    spec.plan([])
+    spec.propose([ScheduledChunk(p, 0, 3) for p in prompts])  # 3 prefills > 2
+    spec.propose([ScheduledChunk(p, 0, 3) for p in prompts[:2]])
+    spec.plan(prompts)  # 3 running
+    spec.propose([ScheduledChunk(prompts[0], 0, 3)])
+    assert followed == [["p0", "p1"]]
 
 
 # -- step inputs (the scheduler's draft slots: test_scheduler_drafts.py) ---------------
