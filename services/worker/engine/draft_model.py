@@ -55,6 +55,7 @@ class DraftModelProposer:
         self.runner = ModelRunner(draft_config, draft_cfg, num_blocks=blocks.num_blocks,
                                   max_model_len=max_model_len)
         self.blocks = blocks
+        self.max_drafts = config.num_speculative_tokens
         self._states: dict[str, _DraftState] = {}
         # Forward passes of a token or two a request (a draft step) and their seconds:
         # the cost model's measure of a draft (speculative.py).
@@ -64,6 +65,9 @@ class DraftModelProposer:
     def kind(self, req: Request) -> str:
         """Each request's drafts are judged by its own past acceptance."""
         return req.request_id
+
+    def available(self, req: Request) -> int:
+        return self.max_drafts
 
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)

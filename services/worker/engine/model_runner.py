@@ -19,6 +19,7 @@ from services.worker.engine.model.config import (
 from services.worker.engine.model.cuda_graphs import DecodeGraphs, GraphStats
 from services.worker.engine.model.llama import LlamaModel
 from services.worker.engine.model.loader import dummy_weights, load_hf_weights
+from services.worker.engine.model.ops import uses_cpu_kernels
 from services.worker.engine.model.quant import Quantization, quantize_model
 from services.worker.engine.scheduler import ScheduledChunk
 
@@ -52,11 +53,15 @@ class ModelRunner:
         else:
             weights = load_hf_weights(Path(config.model), model_cfg, dtype=load_dtype,
                                       device=self.device)
+        # The LM head's two passes run on the decode kernels (quant.ShortlistHead).
+        two_pass_head = uses_cpu_kernels(device=self.device, dtype=self.dtype,
+                                         use_cpu_kernels=config.use_cpu_kernels,
+                                         use_triton=config.use_triton)
         if quantization is not Quantization.NONE:
             weights = quantize_model(weights, quantization, group_size=config.quant_group_size,
                                      lm_head=config.quantize_lm_head,
                                      head_shortlist=(config.lm_head_shortlist
-                                                     if self.device.type == "cpu" else 0),
+                                                     if two_pass_head else 0),
                                      dtype=self.dtype,
                                      prebuilt=built)
         self.weight_bytes_per_token = weights.num_bytes_read_per_token()

@@ -28,11 +28,13 @@ that costs ``C(k)`` plain steps (``StepCosts``: measured per batch size and draf
 count, plus a draft model's forward per draft where one proposes), and ``k`` is the
 count that maximises that ratio, zero when none beats a plain step by 5%. The cost is
 far from linear in ``k`` on a CPU: a few more rows ride on the weights' bytes almost
-free, and past that each costs its arithmetic (SmolLM2-135M here: 3 drafts 1.1 plain
-steps, 8 drafts 2.0). A kind whose drafts stopped paying is tried with one draft again
-every ``PROBE_EVERY`` plans, so a text that turns repetitive is caught, unless the
-draft model's measured cost is such that even drafts all accepted would not pay. A
-request with nothing to propose (no n-gram recurs) reserves nothing. A request whose
+free, and past that each costs its arithmetic (SmolLM2-135M here: 3 drafts 1.1-1.3
+plain steps, 8 drafts 1.9-2.0). A step's requests are planned in turn, each priced with
+the drafts planned before it and against all the tokens the step emits. A kind whose
+drafts stopped paying is tried with one draft again every ``PROBE_EVERY`` plans, so a
+text that turns repetitive is caught, unless the draft model's measured cost is such
+that even drafts all accepted would not pay. A request with nothing to propose (no
+n-gram recurs) reserves nothing, nor more slots than it has drafts. A request whose
 drafts the scheduler refuses (no blocks or budget to spare, scheduler.py) plans none
 for the next 1, 2, 4, ... steps while the refusals go on.
 """
@@ -85,6 +87,10 @@ class Proposer(Protocol):
         own), or None where there would be none (it reserves no slots then)."""
         ...
 
+    def available(self, req: Request) -> int:
+        """How many drafts it could propose for the request now (after ``kind``)."""
+        ...
+
     def follow(self, chunks: Sequence[ScheduledChunk]) -> None:
         """See the prefill chunks of requests that will speculate."""
         ...
@@ -109,12 +115,13 @@ class Match:
     ambiguous: bool
 
 
-def match_kind(m: Match) -> tuple[str, int, bool]:
+def match_kind(m: Match, *, greedy: bool = True) -> tuple[str, int, bool, bool]:
     """Drafts' kind by how they were found: the suffix length (1, 2, 3-5, 6 or more)
-    and ambiguity. Measured here (SmolLM2-135M, 24 prompts, min_n 1, max_n 6): a first
-    draft was accepted 0.90 of the time after a match of 6 or more, 0.7-0.9 after 3-5,
-    0.24-0.68 after 1-2, and 0-0.2 after an ambiguous match of 1."""
-    return ("ngram", 6 if m.n >= 6 else 3 if m.n >= 3 else m.n, m.ambiguous)
+    and ambiguity, and whether the request samples (a sampled draw keeps a draft less
+    often than an argmax). Measured here (SmolLM2-135M, greedy, 24 prompts, min_n 1,
+    max_n 6): a first draft was accepted 0.90 of the time after a match of 6 or more,
+    0.7-0.9 after 3-5, 0.24-0.68 after 1-2, and 0.14-0.2 after an ambiguous match of 1."""
+    return ("ngram", 6 if m.n >= 6 else 3 if m.n >= 3 else m.n, m.ambiguous, greedy)
 
 
 class NgramProposer:
@@ -136,7 +143,13 @@ class NgramProposer:
         if req.has_placeholder:  # its last token is on the device yet: judged by its past
             return req.request_id
         m = self._match(req)
-        return None if m is None else match_kind(m)
+        return None if m is None else match_kind(m, greedy=req.params.is_greedy)
+
+    def available(self, req: Request) -> int:
+        if req.has_placeholder:  # not looked up until its last token is read back
+            return self.max_drafts
+        m = self._match(req)
+        return 0 if m is None else len(m.drafts)
 
     def _match(self, req: Request) -> Match | None:
         cached = self._last.get(req.request_id)
@@ -231,20 +244,26 @@ class SpecStats:
     accepted_histogram: list[int] = field(default_factory=list)  # [n]: steps accepting n
 
 
-def best_num_drafts(first: float, next_: float, costs: Sequence[float]) -> int:
-    """The draft count that maximises expected tokens per unit of step cost, for a
-    first-draft acceptance ``first``, a next-given-previous one ``next_`` and
-    ``costs[k]``, a step's cost with ``k`` drafts in plain steps (``costs[0]`` = 1), up
-    to ``len(costs) - 1`` drafts (0: none beats a plain step by MIN_GAIN)."""
-    best_k, best = 0, MIN_GAIN
-    tokens, survive = 1.0, first
+def best_num_drafts(first: float, next_: float, costs: Sequence[float],
+                    tokens: float = 1.0) -> int:
+    """The draft count that maximises the step's expected tokens per unit of its cost,
+    for a first-draft acceptance ``first``, a next-given-previous one ``next_`` and
+    ``costs[k]``, the step's cost with ``k`` drafts of this request in plain steps, up
+    to ``len(costs) - 1`` drafts; ``tokens``: what the step emits without them (1 for a
+    request alone). 0: none beats the step without by MIN_GAIN."""
+    best_k, best = 0, MIN_GAIN * tokens / costs[0]
+    extra = 0.0
     for k in range(1, len(costs)):
-        tokens += survive
-        survive *= next_
-        value = tokens / costs[k]
+        extra += expected_extra(first, next_, k) - expected_extra(first, next_, k - 1)
+        value = (tokens + extra) / costs[k]
         if value > best * 1.0001:
             best_k, best = k, value
     return best_k
+
+
+def expected_extra(first: float, next_: float, k: int) -> float:
+    """Drafts expected to be kept of ``k``: ``sum_{j<=k} first next_^(j-1)``."""
+    return sum(first * next_ ** (j - 1) for j in range(1, k + 1))
 
 
 def linear_costs(row_cost: float, max_drafts: int) -> list[float]:
@@ -256,7 +275,9 @@ class StepCosts:
     """What drafts cost: a decode step of ``batch`` requests carrying ``drafts`` drafts
     in all, relative to one of the same batch without, from the steps seen (decayed
     means of seconds, each ratio starting from the prior ``1 + row_cost * drafts`` as a
-    pseudo-observation of weight COST_PRIOR_WEIGHT)."""
+    pseudo-observation of weight COST_PRIOR_WEIGHT, each sample clipped). Only steps
+    that ran alone are seen (core.py): with async scheduling, where steps without
+    drafts overlap the next, the prior stands."""
 
     def __init__(self, row_cost: float) -> None:
         self.row_cost = row_cost
@@ -273,9 +294,10 @@ class StepCosts:
         plain = self._plain.get(batch)
         if plain is None or plain <= 0:
             return  # nothing to compare it with yet
+        # One step slowed by the machine (or sped up) moves the estimate only so far.
+        sample = min(max(seconds / plain, 0.5), 3.0 * (1.0 + self.row_cost * drafts))
         total, weight = self._ratio.get((batch, drafts), (0.0, 0.0))
-        self._ratio[batch, drafts] = (COST_DECAY * total + seconds / plain,
-                                      COST_DECAY * weight + 1.0)
+        self._ratio[batch, drafts] = (COST_DECAY * total + sample, COST_DECAY * weight + 1.0)
 
     def ratio(self, batch: int, drafts: int) -> float:
         """A step's cost with ``drafts`` drafts in plain steps of the same batch."""
@@ -334,12 +356,22 @@ class Speculation:
         refuse anyway."""
         large = len(running) > self.max_batch
         self._batch = max(1, len(running))
-        costs = self.step_costs()
+        # Requests are planned in turn, each against the step as the ones before left
+        # it: the drafts planned so far (their rows' cost) and the tokens they are
+        # expected to add (a request's drafts also slow the others' tokens).
+        curve = self.costs.curve(self._batch, self._batch * self.max_drafts)
+        planned, tokens = 0, float(self._batch)
         for req in running:
             decoding = (bool(req.output_ids) and req.num_tokens - req.num_computed_tokens == 1
                         and req.lookahead_room(self.max_model_len) > 0)
-            req.num_lookahead = (self._num_drafts(req, costs) if decoding and not large
-                                 and self.wants(req) else 0)
+            req.num_lookahead = 0
+            if not (decoding and not large and self.wants(req)):
+                continue
+            costs = [curve[planned + k] + self.draft_cost * k
+                     for k in range(self.max_drafts + 1)]
+            k, extra = self._num_drafts(req, costs, tokens)
+            req.num_lookahead = k
+            planned, tokens = planned + k, tokens + extra
 
     def step_costs(self) -> list[float]:
         """A step's cost with k = 0..max_drafts drafts for a request, in plain steps of
@@ -348,22 +380,26 @@ class Speculation:
         return [c + self.draft_cost * k
                 for k, c in enumerate(self.costs.curve(self._batch, self.max_drafts))]
 
-    def _num_drafts(self, req: Request, costs: Sequence[float]) -> int:
+    def _num_drafts(self, req: Request, costs: Sequence[float], tokens: float
+                    ) -> tuple[int, float]:
+        """The request's draft count and the tokens they are expected to add."""
         state = self._states.setdefault(req.request_id, _RequestState())
         if state.num_skips > 0:  # backing off after the scheduler refused its drafts
             state.num_skips -= 1
-            return 0
+            return 0, 0.0
         state.kind = kind = self.proposer.kind(req)
         if kind is None:  # nothing to propose
-            return 0
+            return 0, 0.0
+        costs = costs[:self.proposer.available(req) + 1]  # no slots for drafts not there
         acceptance = self._acceptance_of(kind, req)
-        k = best_num_drafts(*acceptance.rates(), costs)
-        if k == 0 and best_num_drafts(1.0, 1.0, costs) > 0:
+        first, next_ = acceptance.rates()
+        k = best_num_drafts(first, next_, costs, tokens)
+        if k == 0 and best_num_drafts(1.0, 1.0, costs, tokens) > 0:
             acceptance.idle_steps += 1
             if acceptance.idle_steps >= PROBE_EVERY:
                 acceptance.idle_steps = 0
-                return 1
-        return k
+                k = 1
+        return k, expected_extra(first, next_, k)
 
     def _acceptance_of(self, kind: Hashable, req: Request) -> _Acceptance:
         found = self._acceptance.get(kind)

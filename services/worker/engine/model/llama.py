@@ -223,5 +223,11 @@ class LlamaModel:
         else:  # one call over the rows the batch shortlisted, each row's picked out
             rows, where = torch.unique(ids, return_inverse=True)
         found = ops.exact_linear(h, head.rows(rows)).float()  # [R, len(rows)]
-        logits.scatter_(1, ids, found if where is None else found.gather(1, where))
+        if where is not None:
+            found = found.gather(1, where)  # [R, size]: each row's own
+        # The tail under the row's highest exact logit (ShortlistHead), then the exact ones.
+        ceiling = torch.nextafter(found.amax(dim=1, keepdim=True),
+                                  torch.tensor(-math.inf, device=found.device))
+        torch.minimum(logits, ceiling, out=logits)
+        logits.scatter_(1, ids, found)
         return logits

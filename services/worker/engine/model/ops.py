@@ -182,6 +182,13 @@ def has_triton() -> bool:
     return triton_attention.HAS_TRITON and triton_ops.HAS_TRITON
 
 
+def uses_cpu_kernels(*, device: torch.device, dtype: torch.dtype, use_cpu_kernels: bool,
+                     use_triton: bool | None) -> bool:
+    """Whether pick_ops picks the fused CPU set for weights on ``device`` in ``dtype``."""
+    return (not use_triton and use_cpu_kernels and device.type == "cpu"
+            and dtype == torch.bfloat16 and cpu_kernels.load() is not None)
+
+
 def pick_ops(*, linear_weights: list[Weight], hidden_size: int, head_dim: int,
              intermediate_size: int, use_cpu_kernels: bool,
              use_triton: bool | None = None) -> LayerOps:

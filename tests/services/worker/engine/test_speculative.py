@@ -64,8 +64,9 @@ def test_a_match_says_how_long_it_is_and_whether_earlier_occurrences_disagree():
     assert proposer.match([1, 2, 3], 3) is None
     assert [match_kind(Match((), n, amb)) for n, amb in [(1, True), (2, False), (5, False),
                                                          (6, False), (9, True)]] == [
-        ("ngram", 1, True), ("ngram", 2, False), ("ngram", 3, False), ("ngram", 6, False),
-        ("ngram", 6, True)]
+        ("ngram", 1, True, True), ("ngram", 2, False, True), ("ngram", 3, False, True),
+        ("ngram", 6, False, True), ("ngram", 6, True, True)]
+    assert match_kind(Match((), 4, False), greedy=False) == ("ngram", 3, False, False)
 
 
 # -- the back-off policy -------------------------------------------------------------
@@ -96,6 +97,23 @@ def test_step_costs_start_from_the_prior_and_follow_the_steps_seen():
     assert costs.ratio(1, 2) < 1.0
     assert costs.curve(1, 3) == pytest.approx([1.0, 1.1, 1.1, costs.ratio(1, 3)])
     assert costs.ratio(2, 3) == pytest.approx(1.3)  # another batch size: its own prior
+    costs.record(1, 5, 1.0)  # a step 100x a plain one (the machine stalled): clipped
+    assert costs.ratio(1, 5) == pytest.approx((1.5 + 3 * 1.5) / 2)
+
+
+def test_releasing_a_request_forgets_its_match_and_its_own_estimates():
+    proposer = NgramProposer(min_n=1, max_n=6)
+    spec = speculation(proposer)
+    req = copying_req("r", [1, 2, 3, 1, 2])
+    spec.plan([req])
+    assert req.num_lookahead > 0 and "r" in proposer._last
+    req.append_placeholder()  # async: its last token still on the device ...
+    req.num_computed_tokens = req.num_tokens - 1
+    spec.plan([req])  # ... so judged by its own past, under its id
+    assert "r" in spec._acceptance
+    spec.release("r")
+    assert "r" not in proposer._last and "r" not in spec._acceptance
+    assert "r" not in spec._states
 
 
 def spec_req(rid: str, **params: object) -> Request:
@@ -111,6 +129,9 @@ class _OwnKind(NgramProposer):
 
     def kind(self, req: Request) -> str:
         return req.request_id
+
+    def available(self, req: Request) -> int:
+        return 8
 
 
 def speculation(proposer: NgramProposer | None = None, **overrides: object) -> Speculation:
@@ -137,7 +158,9 @@ def test_ngram_drafts_share_estimates_by_kind_and_nothing_to_propose_reserves_no
     long_b = copying_req("b", text + text[:9])
     fresh = copying_req("c", list(range(40, 50)))  # nothing recurs
     spec.plan([long_a, long_b, fresh])
-    assert [r.num_lookahead for r in (long_a, long_b, fresh)] == [6, 6, 0]  # the prior
+    # The prior (first draft 0.7, each next 0.8) at 0.1 a row, in a step of 3 whose
+    # tokens each draft slows: 3 and 3 (a's 3 rows already in the step b's are added to).
+    assert [r.num_lookahead for r in (long_a, long_b, fresh)] == [3, 3, 0]
     for _ in range(8):  # a's drafts of this kind keep failing ...
         spec.observe(long_a, 6, 0)
     spec.plan([long_a, long_b, fresh])
@@ -145,7 +168,7 @@ def test_ngram_drafts_share_estimates_by_kind_and_nothing_to_propose_reserves_no
     assert [r.num_lookahead for r in (long_a, long_b, fresh)] == [0, 0, 0]
     short = copying_req("d", [5, 1, 2, 3, 9, 2])  # a match of 1, one continuation: its own kind
     spec.plan([short])
-    assert short.num_lookahead == 6
+    assert short.num_lookahead == 3  # alone the prior peaks at 6; 3 drafts are there
     chunk = ScheduledChunk(short, 5, 1, num_lookahead=6)
     (proposed,) = spec.propose([chunk])
     assert proposed.spec_ids == (3, 9, 2)  # what followed the earlier 2
@@ -158,16 +181,19 @@ def test_plan_skips_large_batches_opted_out_requests_and_those_reading_their_out
     penalized = spec_req("pen", repetition_penalty=1.2)
     short = spec_req("short", min_tokens=5)
     spec.plan([plain, out, penalized])
-    # 6: the prior (first draft 0.7, each next 0.8) at 0.1 a row peaks there.
-    assert [r.num_lookahead for r in (plain, out, penalized)] == [6, 0, 0]
+    # The prior (first draft 0.7, each next 0.8) at 0.1 a row: (3 + kept drafts) over
+    # the step's cost peaks at 3 drafts in a step of 3 requests, 4 in one of 2, 6 alone.
+    assert [r.num_lookahead for r in (plain, out, penalized)] == [3, 0, 0]
     spec.plan([plain, short])
-    assert [r.num_lookahead for r in (plain, short)] == [6, 0]
+    assert [r.num_lookahead for r in (plain, short)] == [4, 0]
+    spec.plan([plain])
+    assert plain.num_lookahead == 6
     spec.plan([plain, out, penalized, short])  # 4 running > speculative_max_batch 3
     assert plain.num_lookahead == 0
     off = speculation(speculative_by_default=False)
     on = spec_req("on", speculative=True)
     off.plan([plain, on])
-    assert [r.num_lookahead for r in (plain, on)] == [0, 6]
+    assert [r.num_lookahead for r in (plain, on)] == [0, 4]
 
 
 def test_plan_reserves_nothing_a_step_could_not_use():
@@ -180,7 +206,8 @@ def test_plan_reserves_nothing_a_step_could_not_use():
     last = spec_req("last", max_tokens=2)  # one output; the next token is its last
     decoding = spec_req("d")
     spec.plan([prefilling, recomputing, last, decoding])
-    assert [r.num_lookahead for r in (prefilling, recomputing, last, decoding)] == [0, 0, 0, 6]
+    # (3: the prior in a step of 4, test_plan_skips_large_batches...)
+    assert [r.num_lookahead for r in (prefilling, recomputing, last, decoding)] == [0, 0, 0, 3]
 
 
 def test_low_acceptance_backs_off_then_probes_with_one_draft():

@@ -3,8 +3,10 @@ and GGUF Q4_1 blocks taken as they are."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -124,12 +126,13 @@ def _head_model(shortlist: int, seed: int = 0):
 
 
 @needs_kernels
-def test_a_shortlist_head_takes_the_int8_logits_of_its_coarse_top_tokens():
+@pytest.mark.parametrize("size", [4, 16])  # 4: through block maxima (8 blocks of 64)
+def test_a_shortlist_head_takes_the_int8_logits_of_its_coarse_top_tokens(size):
     from services.worker.engine.model.quant import ShortlistHead
 
-    model, plain = _head_model(16), _head_model(0)
+    model, plain = _head_model(size), _head_model(0)
     head = model.w.lm_head
-    assert isinstance(head, ShortlistHead) and head.size == 16
+    assert isinstance(head, ShortlistHead) and head.size == size
     assert head.coarse.bits == 4 and head.exact is not None and head.exact.bits == 8
     assert torch.equal(head.exact.q, plain.w.lm_head.q)
     none = torch.empty(0)
@@ -137,16 +140,64 @@ def test_a_shortlist_head_takes_the_int8_logits_of_its_coarse_top_tokens():
     coarse = kernels.quantized_linear(h, head.coarse.q, head.coarse.scales,
                                       head.coarse.offsets).float()
     exact = kernels.quantized_linear(h, head.exact.q, head.exact.scales, none).float()
-    top = coarse.topk(16).indices[0]
+    top = coarse.topk(size).indices[0]
     logits = model._logits(h, row_exact=False)
     rest = torch.ones(512, dtype=torch.bool)
     rest[top] = False
     assert torch.equal(logits[0, top], exact[0, top])  # the shortlist: int8, bit for bit
-    assert torch.equal(logits[0, rest], coarse[0, rest])  # the tail: the coarse pass
+    ceiling = torch.nextafter(exact[0, top].max(), torch.tensor(-math.inf))
+    # the tail: the coarse pass, under the shortlist's highest
+    assert torch.equal(logits[0, rest], torch.minimum(coarse[0, rest], ceiling))
     assert logits.argmax() == exact.argmax()
     # More rows than the decode kernels take, without row-exactness: the int8 head alone.
     many = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     assert torch.equal(model._logits(many, row_exact=False), plain._logits(many, row_exact=False))
+
+
+def test_no_tail_token_outranks_the_shortlist():
+    """The shortlist is picked for high coarse logits, so their int4 errors lean high:
+    a tail token's coarse logit may beat their exact ones, and must not win."""
+    from types import SimpleNamespace
+
+    from services.worker.engine.model.llama import LlamaModel
+    from services.worker.engine.model.quant import ShortlistHead
+
+    v = 100
+    coarse = torch.zeros(1, v)
+    coarse[0, :4] = torch.tensor([10.0, 9.9, 9.8, 9.7])
+    coarse[0, 50] = 9.0  # the tail's best
+    exact = torch.zeros(1, v)
+    exact[0, :4] = torch.tensor([5.0, 4.0, 3.0, 2.0])
+    coarse[0, 60] = 4.5  # beats some of the shortlist's exact logits: left as it is
+
+    def row_ids(w: QuantizedWeight) -> torch.Tensor:
+        return w.q[:, 0].long()
+
+    def exact_linear(h, w):  # the coarse head or gathered exact rows (ids in q[:, 0])
+        return coarse.clone() if w is head.coarse else exact[:, row_ids(w)]
+
+    ids = torch.arange(v, dtype=torch.int8).view(v, 1)
+    weight = QuantizedWeight(q=ids, scales=torch.ones(v, 1).half(), offsets=None,
+                             group_size=1, dtype=torch.bfloat16)
+    head = ShortlistHead(coarse=replace(weight), exact=weight, size=4)
+    model = object.__new__(LlamaModel)
+    model.ops = SimpleNamespace(exact_linear=exact_linear, linear=None)
+    model.w = SimpleNamespace(lm_head=head)
+    logits = model._logits(torch.zeros(1, 64), row_exact=False)
+    below = torch.nextafter(torch.tensor(5.0), torch.tensor(-math.inf))
+    assert logits[0, :4].tolist() == [5.0, 4.0, 3.0, 2.0]
+    assert logits[0, 50] == below and logits.argmax() == 0 and logits[0, 60] == 4.5
+    assert logits[0, 4:50].eq(0).all() and logits[0, 51:60].eq(0).all()
+    assert logits[0, 61:].eq(0).all()
+
+
+def test_a_head_too_narrow_for_int4_blocks_stays_int8():
+    from services.worker.engine.model.quant import can_shortlist, quantize_int8, shortlist_head
+
+    narrow = quantize_int8(weight(128, 96), 32)
+    assert not can_shortlist(narrow)
+    with pytest.raises(ValueError, match="no int4 copy of a head 96 wide"):
+        shortlist_head(narrow, 8)
 
 
 @needs_kernels
@@ -254,7 +305,9 @@ def test_a_quantized_model_reads_fewer_bytes_per_token():
     # its 512 rows again in int8.
     layers, head, norms = 2 * 36_864, 512 * 64, 640
     int8_head = head + head // 32 * 2
-    two_pass_head = head // 2 + head // 32 * 4 + int8_head * 64 // 512
+    # (Where the decode kernels cannot run, the int8 head alone.)
+    two_pass_head = (head // 2 + head // 32 * 4 + int8_head * 64 // 512 if kernels is not None
+                     else int8_head)
     assert sizes == {
         "none": 2 * (layers + head) + norms,
         "int8": layers + layers // 64 * 2 + two_pass_head + norms,  # an fp16 scale per 64
