@@ -1,9 +1,9 @@
 """``genmesh bench engine --variants``: each quantization beside bf16, in one run.
 
 Speed: single-stream decode tokens/s and the throughput of 64 streams at once, each as
-a ratio to bf16 measured in the same run. Every engine is loaded at once and they are
-measured in turn, round after round (best of the rounds): the machine is shared and its
-speed drifts over minutes, so variants measured one after the other saw different
+a ratio to bf16 measured in the same run. Each variant is loaded beside bf16 and the two
+are measured in turn, round after round (best of the rounds): the machine is shared and
+its speed drifts over minutes, so variants measured one after the other saw different
 machines (bf16 ran at 75 to 210 tok/s on different days here).
 
 Quality, against bf16 on the same 64 prompts (chat, code and prose, 128 tokens each):
@@ -204,63 +204,83 @@ def run_variants(config: EngineConfig, variants: Sequence[str], *, num_prompts: 
                  stream_tokens: int = 32,
                  on_progress: Callable[[dict[str, Any]], None] | None = None
                  ) -> dict[str, Any]:
-    """bf16 ("none") and each variant: speed, every engine loaded at once and measured
-    in turn (best of ``speed_repeats`` rounds, and of ``batch_repeats`` for 64 streams),
-    then quality against bf16."""
+    """bf16 ("none") and each variant: quality against bf16, and speed, each variant
+    loaded beside bf16 in turn (at most two engines in memory: each keeps its weights,
+    a packed bf16 copy and a KV pool) and the two measured round after round (best of
+    ``speed_repeats`` rounds, and of ``batch_repeats`` for 64 streams): a variant's
+    ratios are to the bf16 rounds run beside it."""
     prompts = chat_prompts(config.model, QUALITY_PROMPTS[:num_prompts])
     result: dict[str, Any] = {"quality_prompts": len(prompts),
                               "quality_tokens": quality_tokens, "streams": streams}
-    names = ["none", *[v for v in variants if v != "none"]]
-    cores: dict[str, EngineCore] = {}
+
+    def decode(core: EngineCore) -> float:
+        return decode_speed(core, prompts[0], tokens=speed_tokens, repeats=1)
+
+    def batch(core: EngineCore) -> float:
+        return batch_throughput(core, prompts, streams=streams, tokens=stream_tokens)
+
+    def warm(core: EngineCore) -> EngineCore:
+        run_to_end(core, {"warmup": (prompts[0], SamplingParams(max_tokens=4))})
+        return core
+
+    base = warm(EngineCore(replace(config, quantization="none")))
     try:
-        for name in names:
-            cores[name] = core = EngineCore(replace(config, quantization=name))
-            run_to_end(core, {"warmup": (prompts[0], SamplingParams(max_tokens=4))})
-        decode = interleaved(cores, lambda c: decode_speed(
-            c, prompts[0], tokens=speed_tokens, repeats=1), rounds=speed_repeats)
-        batch = interleaved(cores, lambda c: batch_throughput(
-            c, prompts, streams=streams, tokens=stream_tokens), rounds=batch_repeats)
-        for name, core in cores.items():
-            entry: dict[str, Any] = {
-                "weight_bytes_per_token": core.runner.weight_bytes_per_token,
-                "decode_tokens_per_s": round(max(decode[name]), 2),
-                "decode_tokens_per_s_rounds": [round(v, 1) for v in decode[name]],
-                "batch_tokens_per_s": round(max(batch[name]), 2)}
-            if name != "none":
-                base = result["none"]
-                entry["decode_speedup"] = round(
-                    entry["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
-                entry["decode_speedup_rounds"] = [
-                    round(v / b, 2) for v, b in zip(decode[name], decode["none"], strict=True)]
-                entry["batch_ratio"] = round(
-                    entry["batch_tokens_per_s"] / base["batch_tokens_per_s"], 2)
-            result[name] = entry
-        if on_progress is not None:
-            on_progress(result)
-        references: list[list[int]] = []
-        ref_logits: list[torch.Tensor] = []
-        for name, core in cores.items():
-            if name == "none":
-                out = run_to_end(core, {str(i): (p, SamplingParams(
-                    max_tokens=quality_tokens, ignore_eos=True)) for i, p in enumerate(prompts)})
-                references = [tokens_of(out[str(i)]) for i in range(len(prompts))]
-            agree, kl_sum, positions = 0, 0.0, 0
-            for i, (prompt, answer) in enumerate(zip(prompts, references, strict=True)):
-                logits = teacher_forced_logits(core.runner.model, prompt + answer, len(prompt))
-                if name == "none":
-                    ref_logits.append(logits)
-                    continue
-                a, k = compare(ref_logits[i], logits)
-                agree, kl_sum, positions = agree + a, kl_sum + k, positions + len(answer)
-            if name != "none":
-                result[name]["quality"] = {"top1_agreement": round(agree / positions, 4),
-                                           "mean_kl": round(kl_sum / positions, 5),
-                                           "positions": positions}
+        out = run_to_end(base, {str(i): (p, SamplingParams(
+            max_tokens=quality_tokens, ignore_eos=True)) for i, p in enumerate(prompts)})
+        references = [tokens_of(out[str(i)]) for i in range(len(prompts))]
+        ref_logits = [teacher_forced_logits(base.runner.model, p + a, len(p))
+                      for p, a in zip(prompts, references, strict=True)]
+        base_decode: list[float] = []
+        base_batch: list[float] = []
+        result["none"] = {}  # first in the report; filled as bf16's rounds come in
+        others = [v for v in variants if v != "none"]
+        if not others:  # bf16 alone
+            base_decode = interleaved({"none": base}, decode, rounds=speed_repeats)["none"]
+            base_batch = interleaved({"none": base}, batch, rounds=batch_repeats)["none"]
+        for name in others:
+            core = warm(EngineCore(replace(config, quantization=name)))
+            try:
+                pair = {"none": base, name: core}
+                d = interleaved(pair, decode, rounds=speed_repeats)
+                b = interleaved(pair, batch, rounds=batch_repeats)
+                base_decode += d["none"]
+                base_batch += b["none"]
+                agree, kl_sum, positions = 0, 0.0, 0
+                for i, (prompt, answer) in enumerate(zip(prompts, references, strict=True)):
+                    logits = teacher_forced_logits(core.runner.model, prompt + answer,
+                                                   len(prompt))
+                    a, k = compare(ref_logits[i], logits)
+                    agree, kl_sum, positions = agree + a, kl_sum + k, positions + len(answer)
+                result[name] = {
+                    "weight_bytes_per_token": core.runner.weight_bytes_per_token,
+                    "decode_tokens_per_s": round(max(d[name]), 2),
+                    "decode_tokens_per_s_rounds": [round(v, 1) for v in d[name]],
+                    "batch_tokens_per_s": round(max(b[name]), 2),
+                    "decode_speedup": round(max(d[name]) / max(d["none"]), 2),
+                    "decode_speedup_rounds": [round(v / w, 2) for v, w in
+                                              zip(d[name], d["none"], strict=True)],
+                    "batch_ratio": round(max(b[name]) / max(b["none"]), 2),
+                    "quality": {"top1_agreement": round(agree / positions, 4),
+                                "mean_kl": round(kl_sum / positions, 5),
+                                "positions": positions},
+                }
+            finally:
+                core.structured.shutdown()
+                del core
+                gc.collect()
+            result["none"] = _base_entry(base, base_decode, base_batch)
             if on_progress is not None:
                 on_progress(result)
+        result["none"] = _base_entry(base, base_decode, base_batch)
     finally:
-        for core in cores.values():
-            core.structured.shutdown()
-        cores.clear()
-        gc.collect()
+        base.structured.shutdown()
     return result
+
+
+def _base_entry(core: EngineCore, decode: list[float], batch: list[float]
+                ) -> dict[str, Any]:
+    """bf16's speed over every round it ran (beside each variant in turn)."""
+    return {"weight_bytes_per_token": core.runner.weight_bytes_per_token,
+            "decode_tokens_per_s": round(max(decode), 2),
+            "decode_tokens_per_s_rounds": [round(v, 1) for v in decode],
+            "batch_tokens_per_s": round(max(batch), 2)}

@@ -53,3 +53,45 @@ def test_variants_are_measured_in_turn_round_after_round():
     runs = interleaved({"none": "a", "int4": "b"}, measure, rounds=3)
     assert calls == ["a", "b", "a", "b", "a", "b"]
     assert runs == {"none": [1.0, 3.0, 5.0], "int4": [2.0, 4.0, 6.0]}
+
+
+def test_each_variant_is_timed_beside_bf16_with_at_most_two_engines_loaded(monkeypatch):
+    from types import SimpleNamespace
+
+    from genmesh.bench import variants
+
+    alive: list[str] = []
+    most = [0]
+    speeds = {"none": iter([10.0, 12.0, 11.0, 9.0]), "int4": iter([25.0, 24.0]),
+              "int8": iter([16.0, 18.0])}
+
+    class Core:
+        def __init__(self, config):
+            self.name = config.quantization
+            alive.append(self.name)
+            most[0] = max(most[0], len(alive))
+            self.runner = SimpleNamespace(weight_bytes_per_token=len(self.name), model=self)
+            self.structured = SimpleNamespace(shutdown=lambda: alive.remove(self.name))
+
+    monkeypatch.setattr(variants, "EngineCore", Core)
+    monkeypatch.setattr(variants, "chat_prompts", lambda model, texts: [[1, 2], [3, 4]])
+    monkeypatch.setattr(variants, "run_to_end", lambda core, reqs: {r: [] for r in reqs})
+    monkeypatch.setattr(variants, "tokens_of", lambda deltas: [5, 6])
+    monkeypatch.setattr(variants, "teacher_forced_logits",
+                        lambda model, ids, first: torch.zeros(2, 4))
+    monkeypatch.setattr(variants, "compare", lambda ref, other: (1, 0.5))
+    monkeypatch.setattr(variants, "decode_speed",
+                        lambda core, prompt, tokens, repeats: next(speeds[core.name]))
+    monkeypatch.setattr(variants, "batch_throughput",
+                        lambda core, prompts, streams, tokens: 100.0)
+    config = EngineConfig(model="m")
+    out = variants.run_variants(config, ["int8", "int4"], num_prompts=2, speed_repeats=2,
+                                batch_repeats=1)
+    assert most[0] == 2 and alive == []
+    assert list(out)[3:] == ["none", "int8", "int4"]
+    # int8 beside bf16's rounds 10 and 12, int4 beside 11 and 9: each ratio to its own.
+    assert out["int8"]["decode_speedup"] == round(18 / 12, 2)
+    assert out["int8"]["decode_speedup_rounds"] == [1.6, 1.5]
+    assert out["int4"]["decode_speedup"] == round(25 / 11, 2)
+    assert out["none"]["decode_tokens_per_s_rounds"] == [10.0, 12.0, 11.0, 9.0]
+    assert out["int4"]["quality"] == {"top1_agreement": 0.5, "mean_kl": 0.25, "positions": 4}
