@@ -203,9 +203,14 @@ class _Acceptance:
     first: list[float] = field(default_factory=lambda: list(PRIOR_FIRST))  # [hits, trials]
     next: list[float] = field(default_factory=lambda: list(PRIOR_NEXT))
     idle_steps: int = 0  # plans of this kind without drafts since it was last tried
+    next_seen: bool = False  # a second draft has been verified after an accepted first
 
     def rates(self) -> tuple[float, float]:
-        return self.first[0] / self.first[1], self.next[0] / self.next[1]
+        """(first, next). Until a second draft has been tried, next is at least first:
+        drafts planned one at a time would never show it (a draft model accepted 0.99
+        of the time stayed at one draft a step on the prior's 0.8)."""
+        first, next_ = self.first[0] / self.first[1], self.next[0] / self.next[1]
+        return first, next_ if self.next_seen else max(next_, first)
 
     def observe(self, num_drafts: int, num_accepted: int) -> None:
         for counts in (self.first, self.next):
@@ -218,6 +223,7 @@ class _Acceptance:
             # and one more was tried unless the run reached the last draft.
             self.next[0] += num_accepted - 1
             self.next[1] += num_accepted - 1 + (num_accepted < num_drafts)
+            self.next_seen = True
         self.idle_steps = 0
 
 

@@ -84,6 +84,18 @@ def test_best_num_drafts():
     assert best_num_drafts(0.2, 0.4, cpu) == 2  # 1.28 tokens for 1.05: even weak guesses
 
 
+def test_until_a_second_draft_is_tried_next_is_at_least_first():
+    from services.worker.engine.speculative import _Acceptance
+
+    acc = _Acceptance()
+    for _ in range(10):  # one draft a step, always kept
+        acc.observe(1, 1)
+    first, next_ = acc.rates()
+    assert first > 0.95 and next_ == first  # not the prior's 0.8
+    acc.observe(2, 1)  # a second draft tried after a kept first, and refused
+    assert acc.rates()[1] == pytest.approx((1.6 * 0.9 ** 11) / (2.0 * 0.9 ** 11 + 1))
+
+
 def test_step_costs_start_from_the_prior_and_follow_the_steps_seen():
     costs = StepCosts(0.1)
     assert costs.curve(1, 3) == pytest.approx([1.0, 1.1, 1.2, 1.3])  # the prior
