@@ -258,9 +258,10 @@ def best_num_drafts(first: float, next_: float, costs: Sequence[float],
     to ``len(costs) - 1`` drafts; ``tokens``: what the step emits without them (1 for a
     request alone). 0: none beats the step without by MIN_GAIN."""
     best_k, best = 0, MIN_GAIN * tokens / costs[0]
-    extra = 0.0
+    extra, survive = 0.0, first
     for k in range(1, len(costs)):
-        extra += expected_extra(first, next_, k) - expected_extra(first, next_, k - 1)
+        extra += survive  # the k-th draft kept: first * next_^(k-1)
+        survive *= next_
         value = (tokens + extra) / costs[k]
         if value > best * 1.0001:
             best_k, best = k, value
@@ -270,11 +271,6 @@ def best_num_drafts(first: float, next_: float, costs: Sequence[float],
 def expected_extra(first: float, next_: float, k: int) -> float:
     """Drafts expected to be kept of ``k``: ``sum_{j<=k} first next_^(j-1)``."""
     return sum(first * next_ ** (j - 1) for j in range(1, k + 1))
-
-
-def linear_costs(row_cost: float, max_drafts: int) -> list[float]:
-    """``1 + row_cost * k`` for k = 0..max_drafts."""
-    return [1.0 + row_cost * k for k in range(max_drafts + 1)]
 
 
 class StepCosts:
@@ -307,14 +303,11 @@ class StepCosts:
 
     def ratio(self, batch: int, drafts: int) -> float:
         """A step's cost with ``drafts`` drafts in plain steps of the same batch."""
-        prior = 1.0 + self.row_cost * drafts
         if drafts == 0:
             return 1.0
+        prior = 1.0 + self.row_cost * drafts
         total, weight = self._ratio.get((batch, drafts), (0.0, 0.0))
         return (COST_PRIOR_WEIGHT * prior + total) / (COST_PRIOR_WEIGHT + weight)
-
-    def plain_seconds(self, batch: int) -> float | None:
-        return self._plain.get(batch)
 
     def curve(self, batch: int, max_drafts: int) -> list[float]:
         """ratio(batch, k) for k = 0..max_drafts, made non-decreasing: a row more never
@@ -373,18 +366,15 @@ class Speculation:
             req.num_lookahead = 0
             if not (decoding and not large and self.wants(req)):
                 continue
-            costs = [curve[planned + k] + self.draft_cost * k
-                     for k in range(self.max_drafts + 1)]
-            k, extra = self._num_drafts(req, costs, tokens)
+            k, extra = self._num_drafts(req, self._request_costs(curve, planned), tokens)
             req.num_lookahead = k
             planned, tokens = planned + k, tokens + extra
 
-    def step_costs(self) -> list[float]:
-        """A step's cost with k = 0..max_drafts drafts for a request, in plain steps of
-        the last plan's batch: the verified rows' measured cost, plus a draft model's
-        forward per draft where one proposes."""
-        return [c + self.draft_cost * k
-                for k, c in enumerate(self.costs.curve(self._batch, self.max_drafts))]
+    def _request_costs(self, curve: Sequence[float], planned: int) -> list[float]:
+        """A step's cost, in plain steps of its batch (``curve``: by drafts in all), with
+        k = 0..max_drafts drafts for one more request beside ``planned`` others: the
+        verified rows, plus a draft model's forward per draft where one proposes."""
+        return [curve[planned + k] + self.draft_cost * k for k in range(self.max_drafts + 1)]
 
     def _num_drafts(self, req: Request, costs: Sequence[float], tokens: float
                     ) -> tuple[int, float]:
@@ -418,7 +408,8 @@ class Speculation:
         """Whether drafts could pay at all: even drafts all accepted cannot make up for
         a draft model nearly as slow as the model (then no probes and no prefill for
         the draft, which would be spent for nothing)."""
-        return best_num_drafts(1.0, 1.0, self.step_costs()) > 0
+        curve = self.costs.curve(self._batch, self.max_drafts)
+        return best_num_drafts(1.0, 1.0, self._request_costs(curve, 0)) > 0
 
     @property
     def draft_cost(self) -> float:

@@ -24,7 +24,6 @@ from services.worker.engine.speculative import (
     Speculation,
     StepCosts,
     best_num_drafts,
-    linear_costs,
     match_kind,
 )
 from tests.services.worker.engine.helpers import run_core, tiny_core
@@ -70,6 +69,11 @@ def test_a_match_says_how_long_it_is_and_whether_earlier_occurrences_disagree():
 
 
 # -- the back-off policy -------------------------------------------------------------
+
+def linear_costs(row_cost: float, max_drafts: int) -> list[float]:
+    """``1 + row_cost * k`` for k = 0..max_drafts."""
+    return [1.0 + row_cost * k for k in range(max_drafts + 1)]
+
 
 def test_best_num_drafts():
     assert best_num_drafts(0.1, 0.1, linear_costs(0.1, 8)) == 0  # nothing pays for its rows
