@@ -257,7 +257,7 @@ def test_concurrent_requests_never_exceed_the_token_budget_and_unused_is_refunde
     # Fixed windows: the 50 calls must fall in one minute's window. They take ~4 s; a run
     # that straddled a boundary anyway (a slow machine) is run again in the next window.
     for _ in range(2):
-        wait_for_minute_room(15)
+        wait_for_minute_room(8)
         window = int(time.time()) // 60 * 60
         with concurrent.futures.ThreadPoolExecutor(50) as pool:
             results = list(pool.map(one, range(50)))
@@ -293,7 +293,7 @@ def test_pinned_versions_reach_their_pool(gw):
 def test_canary_split_is_within_three_percent_of_its_weight(gw):
     """The weighted split measured on 2,400 unary GetStats calls, which the catch-all worker
     route splits exactly as the Generate route (gateway/routes.py ``split``), at a fiftieth
-    of a generation's cost; and on 300 generations, within 8 points at that count (3 sigma
+    of a generation's cost; and on 150 generations, within 11 points at that count (3 sigma
     either way)."""
     set_rollout(gw, canary_percent=30)
     try:
@@ -304,13 +304,13 @@ def test_canary_split_is_within_three_percent_of_its_weight(gw):
 
         with channel, concurrent.futures.ThreadPoolExecutor(8) as pool:
             versions = list(pool.map(stats_version, range(2400)))
-            generated = list(pool.map(lambda _: generate_direct(stub), range(300)))
+            generated = list(pool.map(lambda _: generate_direct(stub), range(150)))
         share = versions.count("v2") / len(versions)
         generated_share = generated.count("v2") / len(generated)
         print(f"canary 30 %: {share:.3f} of {len(versions)} calls and {generated_share:.3f} "
               f"of {len(generated)} generations to v2")
         assert abs(share - 0.30) <= 0.03, share
-        assert abs(generated_share - 0.30) <= 0.08, generated_share
+        assert abs(generated_share - 0.30) <= 0.11, generated_share
     finally:
         set_rollout(gw)
 
@@ -331,14 +331,14 @@ def test_shadow_gets_its_share_callers_see_only_the_primary_and_a_down_shadow_co
     try:
         before = requests_per_version(gw.dep)["v2"]
         channel, stub = gw.worker_stub()
-        n = 400  # 6.5 points is 3 sigma of the mirrored share at this count
+        n = 200  # 9.2 points is 3 sigma of the mirrored share at this count
         with channel, concurrent.futures.ThreadPoolExecutor(8) as pool:
             versions = list(pool.map(lambda _: generate_direct(stub), range(n)))
         assert set(versions) == {"v1"}  # the caller sees only the primary
         time.sleep(1.0)
         mirrored = requests_per_version(gw.dep)["v2"] - before
         print(f"shadow 25 %: {mirrored} of {n} calls mirrored")
-        assert abs(mirrored / n - 0.25) <= 0.065, mirrored
+        assert abs(mirrored / n - 0.25) <= 0.092, mirrored
 
         # The shadow's answers are recorded against the primary's, by request id.
         report = compare(read_records(gw.redis_url, 5000))
@@ -380,9 +380,9 @@ def test_rollout_changes_under_streaming_load_lose_no_stream(gw):
     try:
         for change in ({"canary_percent": 50}, {"canary_percent": 100},
                        {"canary_percent": 50, "shadow_percent": 50}, {}):
-            time.sleep(1.5)
+            time.sleep(1.0)
             set_rollout(gw, **change)  # the last one is a rollback to v1
-        time.sleep(1.5)
+        time.sleep(1.0)
     finally:
         stop.set()
         for t in threads:

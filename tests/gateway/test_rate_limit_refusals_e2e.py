@@ -51,7 +51,7 @@ TOKENS = Tenant("tokens", ("tokens-key",), requests_per_second=1000, requests_pe
 WARM = Tenant("warm", ("warm-key",), requests_per_second=1000, requests_per_minute=1)
 RATE_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
 REQUEST_TIMEOUT_S = 5.0
-MINUTE_ROOM_S = 15.0  # MINUTE's counts must not straddle two minute windows
+MINUTE_ROOM_S = 5.0  # MINUTE's five calls (well under a second) must not straddle two windows
 # A refusal shaped like the frontend's token budget's (services/frontend/budget.py).
 BUDGET_MESSAGE = ("tenant 'tokens' has 0 of its 600 tokens per minute left and this request "
                   "needs 20 (prompt + max_tokens); the budget resets in 11.2 s")

@@ -4,23 +4,17 @@ failure reporting, and what a missing piece tells the user."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
 from genmesh.cli import main as genmesh
 from genmesh.launcher import plan as plan_module
-from genmesh.launcher.plan import PORT_FIELDS, MeshConfig, MissingPieceError, ProcessSpec, plan
+from genmesh.launcher.plan import MeshConfig, MissingPieceError, ProcessSpec, plan
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.probes import GrpcHealth
 from genmesh.launcher.prometheus import prometheus_binary
 from genmesh.launcher.supervisor import STATE_FILE, ProcessFailedError, Supervisor
-from tests.procs import REPO_ROOT
 
 HAS_PROMETHEUS = prometheus_binary() is not None
 
@@ -150,44 +144,6 @@ def test_a_process_that_dies_while_starting_is_reported_with_its_log(tmp_path):
             supervisor.wait_ready(timeout_s=10)
     finally:
         supervisor.stop()
-    assert not (tmp_path / STATE_FILE).exists()
-
-
-def test_genmesh_up_serves_then_ctrl_c_stops_every_process(tmp_path):
-    ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
-    argv = [sys.executable, "-m", "genmesh.cli", "up", "--quiet", "--dtype", "float32",
-            "--kv-cache-gib", "0.1", "--run-dir", str(tmp_path)]
-    for name, port in ports.items():
-        argv += [f"--{name.replace('_', '-')}", str(port)]
-    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    assert proc.stdout is not None
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
-                              daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 180
-        # The status table is printed once every process serves; envoy is its last row.
-        while not any(line.startswith("envoy") for line in lines):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "the mesh did not start"
-            time.sleep(0.2)
-        assert genmesh(["status", "--run-dir", str(tmp_path)]) == 0
-        pids = [p["pid"] for p in json.loads((tmp_path / STATE_FILE).read_text())["processes"]]
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)  # stderr is a few lines with --quiet: no pipe to fill
-        err = proc.stderr.read() if proc.stderr else ""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
-    assert "stopped" in err
-    # deploy/local.yaml: two versions; Prometheus when it is installed.
-    assert sum(" SERVING" in line for line in lines) == 10 + HAS_PROMETHEUS
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
     assert not (tmp_path / STATE_FILE).exists()
 
 

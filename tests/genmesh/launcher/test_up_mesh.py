@@ -1,7 +1,11 @@
-"""`genmesh up` as a user runs it, with the real mesh (Envoy, Redis, every service, one
-worker of the default model): a killed process comes back while the rest keep serving,
-and a stop by SIGTERM, or by SIGINT when it runs in the background, lets in-flight
-streams finish before every process exits."""
+"""`genmesh up` as a user runs it, with the real mesh (Envoy, Redis, every service, the
+default model): it serves every process of deploy/local.yaml, a killed process comes back
+while the rest keep serving, and a stop by Ctrl-C (SIGINT), by SIGTERM, or by SIGINT when
+it runs in the background, lets in-flight streams finish before every process exits.
+
+The default suite starts one `genmesh up` for the module (a start is ~10 s of the two
+cores): its tests run in file order, and the last one stops it. The other two ways to
+stop it are slow-marked, each on a mesh of its own."""
 
 from __future__ import annotations
 
@@ -26,12 +30,14 @@ from genmesh.client import Client
 from genmesh.client.types import Chunk, GenmeshError
 from genmesh.launcher.plan import PORT_FIELDS
 from genmesh.launcher.ports import free_ports
+from genmesh.launcher.prometheus import prometheus_binary
 from genmesh.launcher.restarts import ProcessState
 from genmesh.launcher.state import STATE_FILE, ProcessRecord, read_state
 from tests.procs import REPO_ROOT
 
 NUM_STREAMS = 4
 MAX_TOKENS = 32
+HAS_PROMETHEUS = prometheus_binary() is not None
 # Generous: on a shared 2-core machine 4 streams of the mesh may get ~1 token/s each.
 STOP_GRACE_S = 90
 
@@ -58,13 +64,17 @@ class Up:
 
 
 @contextmanager
-def genmesh_up(run_dir: Path, *, in_background: bool = False) -> Iterator[Up]:
-    """`genmesh up` of deploy/local.yaml's first version on free ports, serving; killed
-    at the end if the test did not stop it."""
+def genmesh_up(run_dir: Path, *, in_background: bool = False,
+               every_version: bool = False) -> Iterator[Up]:
+    """`genmesh up` of deploy/local.yaml on free ports, serving: its first version alone,
+    without Prometheus, or with ``every_version`` every version and Prometheus when it is
+    installed; killed at the end if the test did not stop it."""
     ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
-    argv = [sys.executable, "-m", "genmesh.cli", "up", "--quiet", "--versions", "v1",
-            "--dtype", "float32", "--kv-cache-gib", "0.1", "--no-prometheus",
-            "--stop-grace", str(STOP_GRACE_S), "--run-dir", str(run_dir)]
+    argv = [sys.executable, "-m", "genmesh.cli", "up", "--quiet", "--dtype", "float32",
+            "--kv-cache-gib", "0.1", "--stop-grace", str(STOP_GRACE_S),
+            "--run-dir", str(run_dir)]
+    if not every_version:
+        argv += ["--versions", "v1", "--no-prometheus"]
     for name, port in ports.items():
         argv += [f"--{name.replace('_', '-')}", str(port)]
     if in_background:
@@ -157,32 +167,49 @@ def wait_restarted(up: Up, name: str, old_pid: int, t0: float) -> Recovery:
         time.sleep(0.05)
 
 
-def test_a_killed_worker_or_tokenizer_is_restarted_while_the_rest_keep_serving(
-        model_dir, tmp_path, capsys):
-    with genmesh_up(tmp_path / "run") as up:
-        for name in ("tokenizer", "worker-v1"):
-            pid = up.pids()[name]
-            group = with_children([pid])
-            t0 = time.monotonic()
-            psutil.Process(pid).kill()
-            with ThreadPoolExecutor(1) as pool:  # calls through the edge meanwhile
-                served = pool.submit(wait_until_served, up.edge, t0)
-                recovery = wait_restarted(up, name, pid, t0)
-                served_s = served.result(timeout=120)
-            with capsys.disabled():
-                print(f"\n{name}: SIGKILL -> {recovery}, a call through the edge served "
-                      f"{served_s:.2f} s")
-            assert healthy_hosts(up.admin_url, name) == 1  # Envoy has it back
-            assert all(is_gone(p) for p in group)  # the engine process went with it
-            assert up.proc.poll() is None  # the mesh was never stopped
-        capsys.readouterr()
-        assert genmesh(["status", "--run-dir", str(up.run_dir)]) == 0
-        rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
-        for name in ("tokenizer", "worker-v1"):
-            assert rows[name].split()[3:5] == ["RUNNING", "1"]
-            assert "killed by SIGKILL at" in rows[name]
-        assert rows["frontend"].split()[3:5] == ["RUNNING", "0"]
-        assert "genmesh: worker-v1 killed by SIGKILL; restarting in 0.5 s" in up.stderr()
+@pytest.fixture(scope="module")
+def up(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    """deploy/local.yaml as `genmesh up` runs it by default: every version, Prometheus
+    when installed. The module's last test stops it."""
+    with genmesh_up(tmp_path_factory.mktemp("up") / "run", every_version=True) as running:
+        yield running
+
+
+def test_every_process_of_the_deployment_serves_and_status_shows_them(up, capsys):
+    # deploy/local.yaml: two versions (a worker each), the six services, Redis and Envoy;
+    # Prometheus when it is installed. The status table printed once all of them serve.
+    assert sum(" SERVING" in line for line in up.stdout) == 10 + HAS_PROMETHEUS
+    capsys.readouterr()
+    assert genmesh(["status", "--run-dir", str(up.run_dir)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert {"worker-v1", "worker-v2", "frontend", "envoy"} <= rows.keys()
+    assert all(rows[name].split()[3] == "RUNNING" for name in ("worker-v1", "worker-v2"))
+
+
+def test_a_killed_worker_or_tokenizer_is_restarted_while_the_rest_keep_serving(up, capsys):
+    for name in ("tokenizer", "worker-v1"):
+        pid = up.pids()[name]
+        group = with_children([pid])
+        t0 = time.monotonic()
+        psutil.Process(pid).kill()
+        with ThreadPoolExecutor(1) as pool:  # calls through the edge meanwhile
+            served = pool.submit(wait_until_served, up.edge, t0)
+            recovery = wait_restarted(up, name, pid, t0)
+            served_s = served.result(timeout=120)
+        with capsys.disabled():
+            print(f"\n{name}: SIGKILL -> {recovery}, a call through the edge served "
+                  f"{served_s:.2f} s")
+        assert healthy_hosts(up.admin_url, name) == 1  # Envoy has it back
+        assert all(is_gone(p) for p in group)  # the engine process went with it
+        assert up.proc.poll() is None  # the mesh was never stopped
+    capsys.readouterr()
+    assert genmesh(["status", "--run-dir", str(up.run_dir)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    for name in ("tokenizer", "worker-v1"):
+        assert rows[name].split()[3:5] == ["RUNNING", "1"]
+        assert "killed by SIGKILL at" in rows[name]
+    assert rows["frontend"].split()[3:5] == ["RUNNING", "0"]
+    assert "genmesh: worker-v1 killed by SIGKILL; restarting in 0.5 s" in up.stderr()
 
 
 def stream_until_done(edge: str, started: threading.Barrier) -> list[Chunk]:
@@ -198,30 +225,25 @@ def stream_until_done(edge: str, started: threading.Barrier) -> list[Chunk]:
     return chunks
 
 
-@pytest.mark.parametrize("stop_signal,in_background", [
-    (signal.SIGTERM, False),
-    # The same path with the other signal; slow-marked to keep the default suite short.
-    pytest.param(signal.SIGINT, True, marks=pytest.mark.slow)],
-    ids=["SIGTERM", "SIGINT-in-background"])
-def test_in_flight_streams_finish_when_genmesh_up_is_stopped(
-        model_dir, tmp_path, capsys, stop_signal, in_background):
-    with genmesh_up(tmp_path / "run", in_background=in_background) as up:
-        pids = with_children(list(up.pids().values()))
-        started = threading.Barrier(NUM_STREAMS + 1)
-        with ThreadPoolExecutor(NUM_STREAMS) as pool:
-            streams = [pool.submit(stream_until_done, up.edge, started)
-                       for _ in range(NUM_STREAMS)]
-            started.wait(timeout=120)  # every stream has its first text
-            t0 = time.monotonic()
-            psutil.Process(up.pid).send_signal(stop_signal)
-            time.sleep(1.0)
-            with pytest.raises(GenmeshError) as refused, Client(up.edge, timeout_s=5) as late:
-                late.generate("Too late?", max_tokens=2)
-            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
-            results = [s.result(timeout=STOP_GRACE_S) for s in streams]
-            finished_s = time.monotonic() - t0
-        up.proc.wait(timeout=60)
-        exited_s = time.monotonic() - t0
+def stop_with_streams_in_flight(up: Up, stop_signal: signal.Signals, capsys) -> None:
+    """Stop ``up`` by ``stop_signal`` while NUM_STREAMS streams run: each finishes, a new
+    call is refused as UNAVAILABLE, every process exits, in stage order."""
+    pids = with_children(list(up.pids().values()))
+    started = threading.Barrier(NUM_STREAMS + 1)
+    with ThreadPoolExecutor(NUM_STREAMS) as pool:
+        streams = [pool.submit(stream_until_done, up.edge, started)
+                   for _ in range(NUM_STREAMS)]
+        started.wait(timeout=120)  # every stream has its first text
+        t0 = time.monotonic()
+        psutil.Process(up.pid).send_signal(stop_signal)
+        time.sleep(1.0)
+        with pytest.raises(GenmeshError) as refused, Client(up.edge, timeout_s=5) as late:
+            late.generate("Too late?", max_tokens=2)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        results = [s.result(timeout=STOP_GRACE_S) for s in streams]
+        finished_s = time.monotonic() - t0
+    up.proc.wait(timeout=60)
+    exited_s = time.monotonic() - t0
     with capsys.disabled():
         print(f"\n{signal.Signals(stop_signal).name}: {NUM_STREAMS} streams in flight "
               f"finished {finished_s:.2f} s after the signal; genmesh up exited after "
@@ -237,3 +259,17 @@ def test_in_flight_streams_finish_when_genmesh_up_is_stopped(
     assert err.index("envoy stopped taking new calls") < err.index("stopped frontend")
     assert err.index("stopped frontend") < err.index("stopped worker-v1")
     assert err.index("stopped worker-v1") < err.index("stopped envoy")
+
+
+def test_ctrl_c_lets_in_flight_streams_finish_then_stops_every_process(up, capsys):
+    """The module's mesh, stopped as a user does, by Ctrl-C in its terminal (last test)."""
+    stop_with_streams_in_flight(up, signal.SIGINT, capsys)
+
+
+@pytest.mark.slow  # the same path as Ctrl-C's, each on a mesh of its own
+@pytest.mark.parametrize("stop_signal,in_background", [
+    (signal.SIGTERM, False), (signal.SIGINT, True)], ids=["SIGTERM", "SIGINT-in-background"])
+def test_in_flight_streams_finish_when_genmesh_up_is_stopped(
+        model_dir, tmp_path, capsys, stop_signal, in_background):
+    with genmesh_up(tmp_path / "run", in_background=in_background) as up:
+        stop_with_streams_in_flight(up, stop_signal, capsys)

@@ -222,7 +222,7 @@ def test_unknown_model_in_start_session_ends_the_stream_with_not_found(client):
 
 
 def test_session_errors_are_events_and_the_session_survives(client):
-    with client.chat(max_tokens=64, ignore_eos=True) as session:
+    with client.chat(max_tokens=24, ignore_eos=True) as session:
         with pytest.raises(GenmeshError) as err:
             list(session.turn("   "))
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -85,7 +85,7 @@ def test_logs_are_json_and_sigterm_lets_in_flight_streams_finish(tmp_path):
             "--dtype", "float32", "--shutdown-grace-s", "10"]
     with service("services.worker.main", args, port=port, log_path=log) as proc:
         call = stub(f"127.0.0.1:{port}").Generate(worker_pb2.WorkerGenerateRequest(
-            prompt_ids=[5, 6], params=common_pb2.SamplingParams(max_tokens=300,
+            prompt_ids=[5, 6], params=common_pb2.SamplingParams(max_tokens=100,
                                                                 ignore_eos=True)), timeout=60)
         next(call)
         proc.send_signal(signal.SIGTERM)

@@ -123,9 +123,11 @@ def test_regex_grammar_and_json_object_share_a_step_with_free_text(core, chat, t
 
 
 MIX = {
-    "schema": ("Describe a recipe as JSON.", SamplingParams(
+    # Sampled under a schema of enums, a nested object and an array (~50 tokens: the
+    # longest request of the mix sets how many steps it takes).
+    "schema": ("Describe some settings as JSON.", SamplingParams(
         max_tokens=MAX_TOKENS, temperature=0.7, seed=5,
-        constraint=Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMAS["recipe"])))),
+        constraint=Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMAS["settings"])))),
     "greedy-json": ("Describe a person as JSON.", SamplingParams(
         max_tokens=MAX_TOKENS,
         constraint=Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMAS["person"])))),
@@ -147,7 +149,7 @@ def test_async_scheduling_gives_the_synchronous_engines_outputs(model_dir, chat,
     sync = summary(tokenizer, run_core(make_core(model_dir, async_scheduling=False), requests))
     got = summary(tokenizer, run_core(make_core(model_dir, async_scheduling=True), requests))
     assert got == sync
-    jsonschema.validate(json.loads(got["schema"][0]), SCHEMAS["recipe"])
+    jsonschema.validate(json.loads(got["schema"][0]), SCHEMAS["settings"])
     assert got["bias"][2] is not None and got["bias"][2].completion_tokens == 12
 
 
