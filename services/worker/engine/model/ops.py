@@ -199,9 +199,10 @@ def pick_ops(*, linear_weights: list[Weight], hidden_size: int, head_dim: int,
     w = linear_weights[0]
     if use_triton or (use_triton is None and w.device.type == "cuda" and has_triton()):
         return triton_ops()
-    if use_cpu_kernels and w.device.type == "cpu" and w.dtype == torch.bfloat16:
+    if uses_cpu_kernels(device=w.device, dtype=w.dtype, use_cpu_kernels=use_cpu_kernels,
+                        use_triton=use_triton):
         k = cpu_kernels.load()
-        if k is not None:
-            return _cpu_bf16_ops(k, weights=linear_weights, hidden_size=hidden_size,
-                                 head_dim=head_dim, intermediate_size=intermediate_size)
+        assert k is not None  # uses_cpu_kernels loaded it
+        return _cpu_bf16_ops(k, weights=linear_weights, hidden_size=hidden_size,
+                             head_dim=head_dim, intermediate_size=intermediate_size)
     return TORCH_OPS
