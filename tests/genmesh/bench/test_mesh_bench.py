@@ -57,3 +57,23 @@ def test_non_engine_cpu_leaves_out_the_engine_and_the_client():
     on_a_thread = {"frontend": 0.2, "worker-v1": 4.5, "client": 0.3}
     assert non_engine_cpu_ms(on_a_thread, engine_alone=4.0) == 0.7
     assert non_engine_cpu_ms(on_a_thread, engine_alone=5.0) == 0.2
+
+
+def test_cpu_per_token_counts_the_measured_rounds_the_warm_up_apart():
+    # frontend: 1.0 s at the start, 1.4 after the warm-up (4 requests: 100 ms each), 1.6
+    # after the 1-stream level (2 rounds of 16 tokens: 32 tokens), 2.0 at the end (the
+    # 4-stream level: 64 tokens); the client: 5.0, 5.2, 5.3, 5.6. Over both levels:
+    # (2.0 - 1.4) s / 96 tokens = 6.25 ms a token.
+    bench = mesh.MeshBenchPlan(concurrency=(1, 4), rounds={1: 2, 4: 1}, output_len=16)
+    frontend = iter([1.0, 1.4, 1.6, 2.0])
+    client = iter([5.0, 5.2, 5.3, 5.6])
+    with mock.patch.object(mesh, "_cpu_s", side_effect=lambda pid: next(frontend)), \
+            mock.patch.object(mesh, "_self_cpu_s", side_effect=lambda: next(client)):
+        meter = mesh._CpuMeter({"frontend": 123})
+        for name in (mesh.WARM_UP, "1", "4"):
+            meter.mark(name)
+    use = meter.use(bench)
+    assert use.per_token == {"frontend": 6.25, "client": 4.1667}
+    assert use.per_token_by_level == {"1": {"frontend": 6.25, "client": 3.125},
+                                      "4": {"frontend": 6.25, "client": 4.6875}}
+    assert use.warm_up_per_request == {"frontend": 100.0, "client": 50.0}
