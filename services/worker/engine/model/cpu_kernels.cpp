@@ -1,5 +1,5 @@
 // CPU kernels for the memory-bound parts of decoding, built on first use by
-// cpu_kernels.py (torch.utils.cpp_extension). Requires AVX512-BF16.
+// cpu_kernels.py (torch.utils.cpp_extension). Requires AVX512-BF16 and AVX512-VNNI.
 //
 // skinny_linear_bf16: y = x @ w.T for few rows of x (decode steps). Every weight row is
 // read from memory exactly once per call: a tile of TILE_N rows stays in L1 while all M
@@ -700,54 +700,91 @@ inline void q4_tile(const QWeight& w, const at::BFloat16* x, const float* xsum,
           q4_offset_share(w.offsets + (n0 + r) * ng, sc[r], xsum + m * ng, ng));
 }
 
-// The same for int8; xf [MM, K] is x in fp32.
+// The same for int8, in integers: x16 [MM, K] is each row of x as int16 (xscale[m] a
+// row: x ~ x16 * xscale), each weight is sign-extended to int16 and VNNI's vpdpwssd
+// adds 32 products into 16 int32 lanes an instruction (exact), and each group's sums
+// are scaled in fp32. Per 32 weights that is a widening and one dot product, where
+// converting each weight to fp32 took three operations per 16 and bound the kernel.
+// The int32 lanes take at most Q8_MAX_DOTS dot products (2 products each of at most
+// 32767 * 128) before they are emptied into fp32: no overflow at any group size.
+constexpr int Q8_MAX_DOTS = 64;
+
 template <int MM, int R>
-inline void q8_tile(const QWeight& w, const float* xf, at::BFloat16* y, int64_t n0) {
+inline void q8_tile(const QWeight& w, const int16_t* x16, const float* xscale,
+                    at::BFloat16* y, int64_t n0) {
   const int64_t K = w.K, N = w.N, G = w.G, ng = K / G;
   const auto* base = reinterpret_cast<const int8_t*>(w.q) + n0 * K;
   if (n0 + 2 * R <= N) prefetch_bytes(w.q + (n0 + R) * K, R * K);
   __m512 tot[MM][R];
+  __m512i acc[MM][R];
   for (int m = 0; m < MM; ++m)
-    for (int r = 0; r < R; ++r) tot[m][r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
-    __m512 acc[MM][R];
-    for (int m = 0; m < MM; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
-      __m512 xv[MM];
-      for (int m = 0; m < MM; ++m) xv[m] = _mm512_loadu_ps(xf + m * K + k);
-      for (int r = 0; r < R; ++r) {
-        const __m512 wv = int8_ps(base + r * K + k);
-        for (int m = 0; m < MM; ++m) acc[m][r] = _mm512_fmadd_ps(xv[m], wv, acc[m][r]);
-      }
-    }
     for (int r = 0; r < R; ++r) {
-      const __m512 sv = _mm512_set1_ps(_cvtsh_ss(w.scales[(n0 + r) * ng + g]));
-      for (int m = 0; m < MM; ++m) tot[m][r] = _mm512_fmadd_ps(acc[m][r], sv, tot[m][r]);
+      tot[m][r] = _mm512_setzero_ps();
+      acc[m][r] = _mm512_setzero_si512();
+    }
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t end = (g + 1) * G;
+    for (int64_t k = g * G; k < end;) {
+      const int64_t stop = std::min(end, k + 32 * Q8_MAX_DOTS);
+      for (; k < stop; k += 32) {
+        __m512i xv[MM];
+        for (int m = 0; m < MM; ++m) xv[m] = _mm512_loadu_si512(x16 + m * K + k);
+        for (int r = 0; r < R; ++r) {
+          const __m512i wv = _mm512_cvtepi8_epi16(
+              _mm256_loadu_si256((const __m256i*)(base + r * K + k)));
+          for (int m = 0; m < MM; ++m) acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], xv[m], wv);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 sv = _mm512_set1_ps(_cvtsh_ss(w.scales[(n0 + r) * ng + g]));
+        for (int m = 0; m < MM; ++m) {
+          tot[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][r]), sv, tot[m][r]);
+          acc[m][r] = _mm512_setzero_si512();
+        }
+      }
     }
   }
   for (int m = 0; m < MM; ++m)
-    for (int r = 0; r < R; ++r) y[m * N + n0 + r] = at::BFloat16(_mm512_reduce_add_ps(tot[m][r]));
+    for (int r = 0; r < R; ++r)
+      y[m * N + n0 + r] = at::BFloat16(_mm512_reduce_add_ps(tot[m][r]) * xscale[m]);
+}
+
+// Row m of x [M, K] as int16 (x16) and its scale: x ~ x16 * xscale[m], the largest
+// magnitude mapped to 32767 (a row of zeros: all 0, scale 0). Each row on its own, so a
+// row's result does not depend on the rows beside it.
+void quantize_rows_int16(const at::BFloat16* x, int64_t M, int64_t K, int16_t* x16,
+                         float* xscale) {
+  for (int64_t m = 0; m < M; ++m) {
+    const at::BFloat16* row = x + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(row[k])));
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    xscale[m] = amax / 32767.f;
+    for (int64_t k = 0; k < K; ++k)
+      x16[m * K + k] = static_cast<int16_t>(std::nearbyint(static_cast<float>(row[k]) * inv));
+  }
 }
 
 template <int MM>
-void qskinny_rows_m(const QWeight& w, const at::BFloat16* x, const float* xf,
-                    const float* xsum, at::BFloat16* y, int64_t begin, int64_t end) {
+void qskinny_rows_m(const QWeight& w, const at::BFloat16* x, const int16_t* x16,
+                    const float* xscale, const float* xsum, at::BFloat16* y, int64_t begin,
+                    int64_t end) {
   int64_t n = begin;
   if (w.int4) {
     for (; n + QROWS <= end; n += QROWS) q4_tile<MM, QROWS>(w, x, xsum, y, n);
     for (; n < end; ++n) q4_tile<MM, 1>(w, x, xsum, y, n);
   } else {
-    for (; n + QROWS <= end; n += QROWS) q8_tile<MM, QROWS>(w, xf, y, n);
-    for (; n < end; ++n) q8_tile<MM, 1>(w, xf, y, n);
+    for (; n + QROWS <= end; n += QROWS) q8_tile<MM, QROWS>(w, x16, xscale, y, n);
+    for (; n < end; ++n) q8_tile<MM, 1>(w, x16, xscale, y, n);
   }
 }
 
 // Rows [begin, end) of y for M <= QSKINNY rows of x.
-void qskinny_rows(const QWeight& w, const at::BFloat16* x, const float* xf, const float* xsum,
-                  at::BFloat16* y, int64_t M, int64_t begin, int64_t end) {
-  if (M == 1) qskinny_rows_m<1>(w, x, xf, xsum, y, begin, end);
-  else qskinny_rows_m<2>(w, x, xf, xsum, y, begin, end);
+void qskinny_rows(const QWeight& w, const at::BFloat16* x, const int16_t* x16,
+                  const float* xscale, const float* xsum, at::BFloat16* y, int64_t M,
+                  int64_t begin, int64_t end) {
+  if (M == 1) qskinny_rows_m<1>(w, x, x16, xscale, xsum, y, begin, end);
+  else qskinny_rows_m<2>(w, x, x16, xscale, xsum, y, begin, end);
 }
 
 // The group size is K / scales.size(1): scales are [N, K / G].
@@ -796,23 +833,27 @@ torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s
   const auto* xp = x.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
   if (M == 0) return y;
-  std::vector<float> xf(q.int4 ? 0 : M * K), xsum(q.int4 ? M * (K / q.G) : 0, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = static_cast<float>(xp[m * K + k]);
-      if (q.int4) xsum[m * (K / q.G) + k / q.G] += v; else xf[m * K + k] = v;
-    }
+  std::vector<int16_t> x16(q.int4 ? 0 : M * K);
+  std::vector<float> xscale(q.int4 ? 0 : M), xsum(q.int4 ? M * (K / q.G) : 0, 0.f);
+  if (q.int4) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k)
+        xsum[m * (K / q.G) + k / q.G] += static_cast<float>(xp[m * K + k]);
+  } else {
+    quantize_rows_int16(xp, M, K, x16.data(), xscale.data());
+  }
   // QSKINNY rows of x per pass over the weights: a row's arithmetic is the same in
   // every pass, so each row of y is what a one-row call gives (speculative verification
   // relies on it). Many rows are cheaper on ops.py's packed bf16 copy.
   const int64_t ng = K / q.G;
   for (int64_t m0 = 0; m0 < M; m0 += QSKINNY) {
     const int64_t mm = std::min(QSKINNY, M - m0);
-    const float* xfm = q.int4 ? nullptr : xf.data() + m0 * K;
+    const int16_t* x16m = q.int4 ? nullptr : x16.data() + m0 * K;
+    const float* xscm = q.int4 ? nullptr : xscale.data() + m0;
     const float* xsm = q.int4 ? xsum.data() + m0 * ng : nullptr;
     at::parallel_for(0, (N + QROWS - 1) / QROWS, GEMV_GRAIN / QROWS,
                      [&](int64_t b, int64_t e) {
-      qskinny_rows(q, xp + m0 * K, xfm, xsm, yp + m0 * N, mm, b * QROWS,
+      qskinny_rows(q, xp + m0 * K, x16m, xscm, xsm, yp + m0 * N, mm, b * QROWS,
                    std::min(N, e * QROWS));
     });
   }

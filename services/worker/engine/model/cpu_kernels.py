@@ -1,6 +1,7 @@
 """Optional CPU kernels (cpu_kernels.cpp), compiled on first use and cached.
 
-Used only on CPUs with AVX512-BF16; if the build fails the engine falls back to plain
+Used only on CPUs with AVX512-BF16 and AVX512-VNNI (the int8 kernel's integer dot
+products); if the build fails the engine falls back to plain
 PyTorch ops, which compute the same function more slowly.
 
 The build lives in ``~/.cache/genmesh/kernels/<hash of source and flags>/``, so every
@@ -20,16 +21,17 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 CACHE_ROOT = Path.home() / ".cache" / "genmesh" / "kernels"
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-fopenmp",
-          "-ffast-math"]
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
+          "-mf16c", "-fopenmp", "-ffast-math"]
 
 
 def cpu_supports_avx512_bf16() -> bool:
+    """AVX512-BF16, and AVX512-VNNI beside it (every CPU with the first has the second)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "avx512_bf16" in flags
+    return "avx512_bf16" in flags and "avx512_vnni" in flags
 
 
 @functools.cache
