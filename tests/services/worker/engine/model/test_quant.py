@@ -97,6 +97,24 @@ def test_the_kernel_multiplies_by_the_dequantized_weight(rows, make):
 
 
 @needs_kernels
+def test_int8_sums_of_the_largest_values_over_a_wide_row_do_not_overflow():
+    # Per channel over 16,384 inputs (an 8B model's down projection is 14,336 wide), every
+    # weight at +127 steps and every activation at the row's largest (int16 32,767): each
+    # int32 lane would sum 1,024 products of 32,767 * 127 (~4.3e9, past int32; without
+    # the emptying it came out -19.5) if the kernel did not empty them into fp32 as it
+    # goes. Row 1 is zeros: its scale is 0 and so is its output.
+    k = 16384
+    qw = quantize_int8(torch.full((3, k), 0.05, dtype=torch.bfloat16))
+    x = torch.zeros(2, k, dtype=torch.bfloat16)
+    x[0] = 3.0
+    got = kernels.quantized_linear(x, qw.q, qw.scales, torch.empty(0)).float()
+    expected = F.linear(x.float(), qw.dequantize().float())
+    assert expected[0, 0].item() == pytest.approx(k * 3.0 * 0.05, rel=1e-3)
+    torch.testing.assert_close(got, expected, rtol=4e-3, atol=0.0)
+    assert torch.equal(got[1], torch.zeros(3))
+
+
+@needs_kernels
 @pytest.mark.parametrize("make", [lambda w: quantize_int8(w), lambda w: quantize_int4(w, 32)],
                          ids=["int8", "int4-g32"])
 def test_each_row_of_many_is_what_a_one_row_call_gives(make):
