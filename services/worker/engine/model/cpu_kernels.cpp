@@ -628,7 +628,17 @@ inline void q4_tile(const QWeight& w, const at::BFloat16* x, const float* xsum,
                     at::BFloat16* y, int64_t n0) {
   const int64_t K = w.K, N = w.N, G = w.G, ng = K / G, row_bytes = K / 2;
   const uint8_t* base = w.q + n0 * row_bytes;
-  if (n0 + 2 * R <= N) prefetch_bytes(base + R * row_bytes, R * row_bytes);
+  // The weight bytes, scales and offsets of the tile after next (the next one's are on
+  // their way): without the scales and offsets, a layer's down projection (576 rows of
+  // 1,536 inputs) streamed at ~13 GB/s against its gate/up's ~26 (30 layers' int4
+  // matmuls, weights from memory: 3.56-3.88 ms -> 3.38-3.59).
+  if (n0 + 3 * R <= N) {
+    prefetch_bytes(base + 2 * R * row_bytes, R * row_bytes);
+    prefetch_bytes(reinterpret_cast<const uint8_t*>(w.scales + (n0 + 2 * R) * ng), R * ng * 2);
+    prefetch_bytes(reinterpret_cast<const uint8_t*>(w.offsets + (n0 + 2 * R) * ng), R * ng * 2);
+  } else if (n0 + 2 * R <= N) {
+    prefetch_bytes(base + R * row_bytes, R * row_bytes);
+  }
   // The rows' scales in fp32, so that each group's costs one fmadd with a broadcast.
   float sc[R][Q4_MAX_GROUPS];
   for (int r = 0; r < R; ++r) {
