@@ -7,8 +7,7 @@ and safety → Envoy mesh → worker, whose engine core runs in its own process 
 concurrent streams. Reported: time to first token, per-token latency (gap between
 consecutive arrivals) and time per output token p50/p99, the differences, throughput,
 and the CPU per token of every process (the engine apart from the rest), over the
-measured rounds and at each level; the warm-up's CPU (a fresh mesh's one-off costs)
-apart, per request.
+measured rounds and at each level; the warm-up's CPU apart, per request.
 """
 
 from __future__ import annotations
@@ -193,10 +192,9 @@ class CpuUse:
 
 class _CpuMeter:
     """CPU seconds of named processes (and of this one, as "client"), read at the start
-    and as each part of a run ends (``mark``). The one-off costs of a fresh process
-    (connections and their TLS handshakes, first calls of each kernel shape, lazy
-    imports) fall in the warm-up; what is charged per token is what the measured rounds
-    used."""
+    and as each part of a run ends (``mark``). What is charged per token is what the
+    measured rounds used; the warm-up (a fresh mesh's first calls, and four streams at
+    once whose tokens cross each hop one message apiece, as at one stream) is apart."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
@@ -361,7 +359,8 @@ def run_mesh_bench(model_dir: Path, *, model: str, dtype: str, kv_cache_gib: flo
                 ms, engine_alone=direct_cpu.per_token_by_level[level]["client"])
             for level, ms in cpu.per_token_by_level.items()},
         "cpu_ms_per_token_by_level": cpu.per_token_by_level,
-        # The first requests of a fresh mesh, apart from the figures above: CPU per
+        # The warm-up's requests (a fresh mesh's first, four at once), apart from the
+        # figures above: CPU per
         # request of the warm-up's, per process (the engine's too).
         "warm_up_cpu_ms_per_request": cpu.warm_up_per_request,
         "cpu_cores": os.cpu_count(),
