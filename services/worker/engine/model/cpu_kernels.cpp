@@ -762,16 +762,21 @@ inline void q8_tile(const QWeight& w, const int16_t* x16, const float* xscale,
 // Row m of x [M, K] as int16 (x16) and its scale: x ~ x16 * xscale[m], the largest
 // magnitude mapped to 32767 (a row of zeros: all 0, scale 0). Each row on its own, so a
 // row's result does not depend on the rows beside it.
+// K is a multiple of 32 (check_qweight): 16 values at a time, rounded to nearest even.
 void quantize_rows_int16(const at::BFloat16* x, int64_t M, int64_t K, int16_t* x16,
                          float* xscale) {
   for (int64_t m = 0; m < M; ++m) {
     const at::BFloat16* row = x + m * K;
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(row[k])));
-    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_bf16(row + k)));
+    const float amax = _mm512_reduce_max_ps(vmax);
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
     xscale[m] = amax / 32767.f;
-    for (int64_t k = 0; k < K; ++k)
-      x16[m * K + k] = static_cast<int16_t>(std::nearbyint(static_cast<float>(row[k]) * inv));
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512i q = _mm512_cvt_roundps_epi32(
+          _mm512_mul_ps(load_bf16(row + k), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm256_storeu_si256((__m256i*)(x16 + m * K + k), _mm512_cvtsepi32_epi16(q));
+    }
   }
 }
 
