@@ -19,6 +19,7 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,14 +152,13 @@ WARM_UP_STREAMS = 4
 WARM_UP = "warm_up"
 
 
-async def _levels(run_one: Any, bench: MeshBenchPlan, *, mark: Any = None
+async def _levels(run_one: Any, bench: MeshBenchPlan, *, mark: Callable[[str], None]
                   ) -> dict[str, dict[str, float]]:
     """Warm up once (``WARM_UP_STREAMS`` streams at once), then every level: rounds of
     ``c`` simultaneous streams. ``mark(name)`` is called as each part ends (``WARM_UP``,
     then ``str(c)``): where a meter takes its readings."""
     await asyncio.gather(*(run_one(q) for q in questions(WARM_UP_STREAMS, offset=10_000)))
-    if mark is not None:
-        mark(WARM_UP)
+    mark(WARM_UP)
     out, offset = {}, 0
     for c in bench.concurrency:
         timings: list[StreamTiming] = []
@@ -167,8 +167,7 @@ async def _levels(run_one: Any, bench: MeshBenchPlan, *, mark: Any = None
             timings += await asyncio.gather(*(run_one(q) for q in questions(c, offset)))
             offset += c
         wall_s = time.perf_counter() - t0
-        if mark is not None:
-            mark(str(c))
+        mark(str(c))
         out[str(c)] = summarize(timings) | {
             "tokens_per_s": round(c * bench.rounds[c] * bench.output_len / wall_s, 2)}
     return out
@@ -280,7 +279,7 @@ def through_mesh(model: str, dtype: str, kv_cache_gib: float, bench: MeshBenchPl
             supervisor.stop()
 
 
-async def _mesh_levels(address: str, bench: MeshBenchPlan, mark: Any
+async def _mesh_levels(address: str, bench: MeshBenchPlan, mark: Callable[[str], None]
                        ) -> dict[str, dict[str, float]]:
     async with AsyncClient(address, timeout_s=300, api_key=DEV_API_KEY) as client:
         async def run_one(question: str) -> StreamTiming:
@@ -320,10 +319,10 @@ def non_engine_cpu_ms(mesh_cpu: dict[str, float], *, engine_alone: float) -> flo
 def run_mesh_bench(model_dir: Path, *, model: str, dtype: str, kv_cache_gib: float,
                    bench: MeshBenchPlan, device: str = "cpu", dummy: bool = False,
                    engine_process: bool = True) -> dict[str, Any]:
-    direct, direct_cpu = in_process(model_dir, dtype, kv_cache_gib, bench,
-                                                 device=device, dummy=dummy)
-    meshed, cpu = through_mesh(model, dtype, kv_cache_gib, bench, device=device,
-                                            dummy=dummy, engine_process=engine_process)
+    direct, direct_cpu = in_process(model_dir, dtype, kv_cache_gib, bench, device=device,
+                                    dummy=dummy)
+    meshed, cpu = through_mesh(model, dtype, kv_cache_gib, bench, device=device, dummy=dummy,
+                               engine_process=engine_process)
     keys = ("ttft_ms_p50", "ttft_ms_p99", "per_token_ms_p50", "per_token_ms_p99",
             "tpot_ms_p50", "tpot_ms_p99")
     added = {c: {k: round(meshed[c][k] - direct[c][k], 3) for k in keys
@@ -360,8 +359,7 @@ def run_mesh_bench(model_dir: Path, *, model: str, dtype: str, kv_cache_gib: flo
             for level, ms in cpu.per_token_by_level.items()},
         "cpu_ms_per_token_by_level": cpu.per_token_by_level,
         # The warm-up's requests (a fresh mesh's first, four at once), apart from the
-        # figures above: CPU per
-        # request of the warm-up's, per process (the engine's too).
+        # figures above: CPU per request, per process (the engine's too).
         "warm_up_cpu_ms_per_request": cpu.warm_up_per_request,
         "cpu_cores": os.cpu_count(),
         "targets": {"added_ttft_ms_p50": TARGET_ADDED_TTFT_MS,
