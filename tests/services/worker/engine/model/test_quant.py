@@ -114,6 +114,55 @@ def test_int8_sums_of_the_largest_values_over_a_wide_row_do_not_overflow():
     assert torch.equal(got[1], torch.zeros(3))
 
 
+def _int8_case(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 kernel's output for ``x`` against float64 arithmetic on the exact
+    weights (q * scale; ``dequantize`` rounds them to bf16, off by 3000 * 1e-4 beside an
+    activation of 3000), on groups of 64."""
+    qw = quantize_int8(weight(576, 1536), 64)
+    exact = qw.q.double() * qw.scales.double().repeat_interleave(64, dim=1)
+    got = kernels.quantized_linear(x, qw.q, qw.scales, torch.empty(0)).double()
+    return got, F.linear(x.double(), exact)
+
+
+@needs_kernels
+@pytest.mark.parametrize("size", [1e-20, 1e-36, 1e-39])
+def test_int8_rows_of_tiny_values_are_computed_as_well_as_any(size):
+    # 32767 over a row's largest value overflows fp32 under ~1e-34: such a row is scaled
+    # up by 2^64 first (before, every output was off by ~3.6x its size).
+    x = (torch.randn(1, 1536, generator=torch.Generator().manual_seed(2)) * size)
+    got, expected = _int8_case(x.to(torch.bfloat16))
+    assert (got - expected).abs().max() <= 0.01 * expected.abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("outlier", [10.0, 1000.0, 3000.0])
+def test_int8_outliers_leave_the_rest_of_the_row_its_precision(outlier):
+    # One activation `outlier` times the rest's size: kept apart in fp32, it does not set
+    # the int16 step of the others (with one scale for the whole row, 1,000x and 3,000x
+    # failed this bound). Each output within bf16 rounding of its value plus 2% of the
+    # rest's typical share.
+    x = torch.randn(1, 1536, generator=torch.Generator().manual_seed(1))
+    x[0, 7] = 3.0 * outlier
+    x = x.to(torch.bfloat16)
+    got, expected = _int8_case(x)
+    rest = x.clone()
+    rest[0, 7] = 0
+    _, rest_expected = _int8_case(rest)
+    bound = expected.abs() * 2**-8 + 0.02 * rest_expected.pow(2).mean().sqrt()
+    assert ((got - expected).abs() <= bound).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_int8_a_nan_or_inf_in_a_row_makes_its_outputs_nan_and_no_others(bad):
+    x = torch.randn(2, 1536, generator=torch.Generator().manual_seed(3))
+    x[0, 100] = bad
+    got, expected = _int8_case(x.to(torch.bfloat16))
+    assert got[0].isnan().all()
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-2,
+                               atol=1e-2 * expected[1].abs().max().item())
+
+
 @needs_kernels
 @pytest.mark.parametrize("make", [lambda w: quantize_int8(w), lambda w: quantize_int4(w, 32)],
                          ids=["int8", "int4-g32"])
