@@ -35,6 +35,7 @@ class CheckerClosedError(RuntimeError):
 class _Check:
     text: str
     policy: TenantPolicy
+    scope: str  # whose text (the tenant): cached scores are kept per scope
     future: Future[Decision]  # cancelled by the caller, or set by the batcher's thread
 
 
@@ -55,15 +56,16 @@ class CheckBatcher:
         self._thread = threading.Thread(target=self._run, name="safety-check", daemon=True)
         self._thread.start()
 
-    def submit(self, text: str, policy: TenantPolicy) -> Future[Decision]:
-        """Queues a check of ``text``; cancelling the future before the check starts
-        drops it. Raises CheckerClosedError after ``close``."""
+    def submit(self, text: str, policy: TenantPolicy, *, scope: str = "") -> Future[Decision]:
+        """Queues a check of ``text`` (``scope``: whose it is, the tenant); cancelling the
+        future before the check starts drops it. Raises CheckerClosedError after
+        ``close``."""
         future: Future[Decision] = Future()
         with self._cond:
             if self._is_closed:
                 raise CheckerClosedError("the safety checker is shut down; the prompt was "
                                          "not checked")
-            self._waiting.append(_Check(text, policy, future))
+            self._waiting.append(_Check(text, policy, scope, future))
             self._cond.notify()
         return future
 
@@ -117,7 +119,7 @@ class CheckBatcher:
             num_prompts += 1
             num_chars += len(check.text)
             try:
-                scan = self.checker.scan(check.text, check.policy)
+                scan = self.checker.scan(check.text, check.policy, scope=check.scope)
             except Exception as exc:
                 check.future.set_exception(exc)
                 continue

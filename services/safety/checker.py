@@ -5,7 +5,9 @@ text arriving in chunks.
 A check runs in two steps so that prompts checked together share one embedding call
 (``batcher.py``): ``scan`` runs the rule scanners on one prompt and says which texts the
 embedding signal needs; ``check_many`` embeds every scanned prompt's texts at once and
-decides each prompt. ``check`` is the same for one prompt.
+decides each prompt. ``check`` is the same for one prompt. With the classifier, the
+scores of texts seen before (a system prompt sent with every request) come from
+``score_cache.py`` instead of the encoder.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from services.safety.normalize import fold
 from services.safety.pii import PII_DETECTORS, redact
 from services.safety.policy import PROMPT_INJECTION, Action, Scanner, TenantPolicy, strictest
 from services.safety.scanners import Detector, Span
+from services.safety.score_cache import MAX_TEXTS, ScoreCache, TextScore, text_scores
 from services.safety.secrets import SECRET_DETECTORS
 
 
@@ -82,6 +85,7 @@ class RuleScan:
     embedding_texts: tuple[str, ...] | None
     # The classifier reads every part of the prompt, so it may clear a rule's hit.
     is_read_whole: bool = False
+    scope: str = ""  # whose texts these are (the tenant): the score cache's scope
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,14 +106,17 @@ class PromptChecker:
     with one)."""
 
     def __init__(self, embedder: Embedder | None,
-                 classifier: InjectionClassifier | None = None) -> None:
+                 classifier: InjectionClassifier | None = None, *,
+                 cache_texts: int = MAX_TEXTS) -> None:
         self.embedder = embedder
         self.classifier = classifier
+        self.scores = ScoreCache(cache_texts)  # the classifier's, per text (0: none kept)
 
-    def check(self, text: str, policy: TenantPolicy) -> Decision:
-        return self.check_many([self.scan(text, policy)])[0]
+    def check(self, text: str, policy: TenantPolicy, *, scope: str = "") -> Decision:
+        return self.check_many([self.scan(text, policy, scope=scope)])[0]
 
-    def scan(self, text: str, policy: TenantPolicy) -> RuleScan:
+    def scan(self, text: str, policy: TenantPolicy, *, scope: str = "") -> RuleScan:
+        """``scope``: whose text it is (the tenant); cached scores are kept per scope."""
         scanners = policy.prompt_scanners
         rule_findings: list[Finding] = []
         folded = fold(text) if scanners & {Scanner.INJECTION, Scanner.CONTENT} else None
@@ -139,28 +146,38 @@ class PromptChecker:
             spans += d.find(text)
         span_findings, redacted = apply_spans(text, spans, policy)
         return RuleScan(policy, tuple(rule_findings), tuple(span_findings), redacted,
-                        embedding_texts, is_read_whole)
+                        embedding_texts, is_read_whole, scope)
 
     def check_many(self, scans: Sequence[RuleScan]) -> list[Decision]:
         """The decision for each of ``scans``, with one embedding call for the texts of
         all of them that need it."""
-        needing = [s.embedding_texts for s in scans if s.embedding_texts is not None]
-        learned = iter(self.learn(needing))
+        needing = [(s.scope, s.embedding_texts) for s in scans if s.embedding_texts is not None]
+        learned = iter(self.learn([texts for _, texts in needing],
+                                  [scope for scope, _ in needing]))
         threshold, veto = ((self.classifier.threshold, self.classifier.veto) if self.classifier
                            else (1.0, 0.0))
         return [decide(s, None if s.embedding_texts is None else next(learned), threshold,
                        veto)
                 for s in scans]
 
-    def learn(self, texts_per_prompt: Sequence[Sequence[str]]) -> list[Learned]:
-        """The learned signals of each prompt's texts, from one embedding call."""
-        if not texts_per_prompt or self.embedder is None:
+    def learn(self, texts_per_prompt: Sequence[Sequence[str]],
+              scopes: Sequence[str] | None = None) -> list[Learned]:
+        """The learned signals of each prompt's texts, from one embedding call (with the
+        classifier: of the texts whose scores the cache does not hold under the prompt's
+        scope, ``scopes[i]``; "" for all when None)."""
+        embedder, classifier = self.embedder, self.classifier
+        if not texts_per_prompt or embedder is None:
             return []
-        if self.classifier is None:
-            return [Learned(self.embedder.nearest_of(e), None)
-                    for e in self.embedder.encode_prompts(texts_per_prompt)]
-        return [Learned(None, self.classifier.score(s.probabilities), s.uncut)
-                for s in self.embedder.encode_scored(texts_per_prompt, self.classifier)]
+        if classifier is None:
+            return [Learned(embedder.nearest_of(e), None)
+                    for e in embedder.encode_prompts(texts_per_prompt)]
+
+        def compute(texts: list[str]) -> list[TextScore]:  # one call, every text not held
+            return text_scores(embedder.encode_scored([[t] for t in texts], classifier))
+
+        scored = self.scores.scored(texts_per_prompt, scopes or [""] * len(texts_per_prompt),
+                                    compute)
+        return [Learned(None, classifier.score(s.probabilities), s.uncut) for s in scored]
 
 
 def decide(scan: RuleScan, learned: Learned | None, classifier_threshold: float = 1.0,

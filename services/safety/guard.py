@@ -120,8 +120,9 @@ class Guard:
 
     async def check_prompt(self, *, request_id: str, tenant: str, text: str) -> Decision:
         policy = self.policy(tenant)
-        decision = await asyncio.wait_for(asyncio.wrap_future(self.batcher.submit(text, policy)),
-                                          self.check_timeout_s)
+        decision = await asyncio.wait_for(
+            asyncio.wrap_future(self.batcher.submit(text, policy, scope=tenant)),
+            self.check_timeout_s)
         _record(self.audit, audit_records(decision.findings, request_id=request_id,
                                         tenant=tenant, direction="prompt"))
         return decision

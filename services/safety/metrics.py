@@ -23,6 +23,10 @@ CHECK_BATCH_PROMPTS = Histogram(
 CHECK_BATCH_WINDOWS = Histogram(
     "genmesh_safety_check_batch_windows", "Texts embedded together for one batch of prompts",
     buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128))
+# The classifier's scores kept per text (score_cache.py): texts found, and texts computed.
+SCORE_CACHE_TEXTS = Counter(
+    "genmesh_safety_score_cache_texts", "Texts a prompt check scored, by whether the score "
+    "was kept from before (hit) or computed (miss)", ["result"])
 
 
 def count_decisions(records: Iterable[AuditRecord]) -> None:

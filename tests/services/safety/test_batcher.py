@@ -278,10 +278,10 @@ def test_a_huge_prompt_runs_in_a_batch_of_its_own(batcher: Callable[..., CheckBa
 def test_an_error_fails_only_its_own_check(model: FakeModel, checker: PromptChecker,
                                            policy: TenantPolicy) -> None:
     class BrokenScanner(PromptChecker):
-        def scan(self, text: str, policy: TenantPolicy) -> RuleScan:
+        def scan(self, text: str, policy: TenantPolicy, *, scope: str = "") -> RuleScan:
             if "explode" in text:
                 raise RuntimeError("a scanner bug")
-            return super().scan(text, policy)
+            return super().scan(text, policy, scope=scope)
 
     b = CheckBatcher(BrokenScanner(checker.embedder))
     try:
