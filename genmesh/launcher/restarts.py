@@ -1,8 +1,10 @@
 """When `genmesh up` restarts a process that exited, and when it gives up on it.
 
-A process that exits while the mesh serves is restarted after a backoff that doubles
-with every restart still inside the window (0.5 s, 1 s, 2 s, 4 s, 8 s with the defaults),
-at most ``max_restarts`` times per ``window_s``. One more exit inside the window and the
+A process that exits while the mesh serves is restarted after a backoff: 0.1 s for the
+first restart inside the window (a lone crash is most often a one-off, and every moment of
+the wait is an outage of what the process serves), then one that doubles with every
+further restart (0.5 s, 1 s, 2 s, 4 s with the defaults, up to ``max_backoff_s``), at most
+``max_restarts`` times per ``window_s``. One more exit inside the window and the
 process is FAILED: left down, reported by ``genmesh status``, while the rest of the mesh
 keeps serving (Envoy's health checks have taken it out of rotation). A process that stays
 up longer than the window starts again from the shortest backoff.
@@ -31,7 +33,8 @@ class ProcessState(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RestartPolicy:
-    initial_backoff_s: float = 0.5  # before the first restart in a window
+    first_backoff_s: float = 0.1  # before the first restart in a window
+    initial_backoff_s: float = 0.5  # before the second; doubled for each one after
     max_backoff_s: float = 8.0  # the doubling stops here
     max_restarts: int = 5  # restarts allowed per window; one more exit: FAILED
     window_s: float = 60.0  # restarts older than this no longer count
@@ -81,7 +84,9 @@ class RestartBudget:
         if num_recent >= self.policy.max_restarts:
             return None
         p = self.policy
-        return float(min(p.initial_backoff_s * 2 ** num_recent, p.max_backoff_s))
+        if num_recent == 0:
+            return float(min(p.first_backoff_s, p.max_backoff_s))
+        return float(min(p.initial_backoff_s * 2 ** (num_recent - 1), p.max_backoff_s))
 
     def record_restart(self, now: float) -> None:
         self._restart_times.append(now)

@@ -108,7 +108,7 @@ def test_an_exiting_process_is_restarted_with_backoff_until_its_budget_is_spent(
     supervisor.start()
     try:
         seen = []  # (clock, state, restarts) after each poll
-        for t in (0.0, 0.4, 0.5, 1.0, 1.9, 2.0, 3.0, 5.0, 6.0, 100.0):
+        for t in (0.0, 0.05, 0.1, 1.0, 1.4, 1.5, 2.0, 3.0, 4.0, 100.0):
             if supervisor.records()[0].state == ProcessState.STARTING:
                 wait_exited(supervisor.procs["crashy"])
             clock.now = t
@@ -116,23 +116,23 @@ def test_an_exiting_process_is_restarted_with_backoff_until_its_budget_is_spent(
             [record] = read_state(tmp_path / STATE_FILE).processes
             seen.append((t, record.state, record.num_restarts))
         assert seen == [
-            (0.0, "BACKOFF", 0),  # exited: back in 0.5 s
-            (0.4, "BACKOFF", 0),
-            (0.5, "STARTING", 1),
-            (1.0, "BACKOFF", 1),  # exited again: back in 1 s
-            (1.9, "BACKOFF", 1),
-            (2.0, "STARTING", 2),
-            (3.0, "BACKOFF", 2),  # back in 2 s
-            (5.0, "STARTING", 3),
-            (6.0, "FAILED", 3),  # a fourth exit within 60 s: left down
+            (0.0, "BACKOFF", 0),  # exited: back in 0.1 s
+            (0.05, "BACKOFF", 0),
+            (0.1, "STARTING", 1),
+            (1.0, "BACKOFF", 1),  # exited again: back in 0.5 s
+            (1.4, "BACKOFF", 1),
+            (1.5, "STARTING", 2),
+            (2.0, "BACKOFF", 2),  # back in 1 s
+            (3.0, "STARTING", 3),
+            (4.0, "FAILED", 3),  # a fourth exit within 60 s: left down
             (100.0, "FAILED", 3),  # and never restarted
         ]
         assert record.pid is None and record.last_exit is not None
         assert record.last_exit.describe() == "exit status 3"
         assert [e for e in events if "restarted" not in e][:3] == [
-            "crashy exit status 3; restarting in 0.5 s (restart 1 of 3 allowed in 60 s)",
-            "crashy exit status 3; restarting in 1 s (restart 2 of 3 allowed in 60 s)",
-            "crashy exit status 3; restarting in 2 s (restart 3 of 3 allowed in 60 s)",
+            "crashy exit status 3; restarting in 0.1 s (restart 1 of 3 allowed in 60 s)",
+            "crashy exit status 3; restarting in 0.5 s (restart 2 of 3 allowed in 60 s)",
+            "crashy exit status 3; restarting in 1 s (restart 3 of 3 allowed in 60 s)",
         ]
         assert events[-1].startswith("crashy exit status 3: FAILED, 3 restarts in 60 s used "
                                      "up; the rest of the mesh keeps serving")
@@ -169,7 +169,7 @@ def test_a_killed_child_is_restarted_with_its_group_and_status_shows_it(tmp_path
         with capsys.disabled():
             print(f"\nkilled -> restarted {restarted_s:.2f} s, serving again {serving_s:.2f} s")
         assert is_gone(grandchild)  # the old process's group went with it
-        assert restarted_s is not None and 0.5 <= restarted_s < 2.0  # first backoff: 0.5 s
+        assert restarted_s is not None and 0.1 <= restarted_s < 2.0  # first backoff: 0.1 s
         capsys.readouterr()
         assert genmesh(["status", "--run-dir", str(tmp_path)]) == 0
         table = capsys.readouterr().out

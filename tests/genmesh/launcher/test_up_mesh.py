@@ -209,7 +209,7 @@ def test_a_killed_worker_or_tokenizer_is_restarted_while_the_rest_keep_serving(u
         assert rows[name].split()[3:5] == ["RUNNING", "1"]
         assert "killed by SIGKILL at" in rows[name]
     assert rows["frontend"].split()[3:5] == ["RUNNING", "0"]
-    assert "genmesh: worker-v1 killed by SIGKILL; restarting in 0.5 s" in up.stderr()
+    assert "genmesh: worker-v1 killed by SIGKILL; restarting in 0.1 s" in up.stderr()
 
 
 def stream_until_done(edge: str, started: threading.Barrier) -> list[Chunk]:
