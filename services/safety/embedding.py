@@ -144,14 +144,27 @@ class Embedder:
 
     def __init__(self, model: Any, exemplars: Sequence[tuple[str, str]], *,
                  max_words: int = 40, max_windows: int = 3, max_sentences: int = 4,
-                 max_extra: int = 3) -> None:
+                 max_extra: int = 3, exemplars_on_use: bool = False) -> None:
+        """``exemplars_on_use``: encode the exemplars at their first use instead of now
+        (the service with the classifier never uses them: ~0.4 s of its start saved)."""
         self.model = model
         self.max_words = max_words
         self.max_windows = max_windows
         self.max_sentences = max_sentences
         self.max_extra = max_extra
         self.families = [family for _, family in exemplars]
-        self.exemplars = self._encode([text for text, _ in exemplars])  # [E, 384], unit norm
+        self._exemplar_texts = [text for text, _ in exemplars]
+        self._exemplars: torch.Tensor | None = None
+        if not exemplars_on_use:
+            self._exemplars = self._encode(self._exemplar_texts)  # [E, 384], unit norm
+
+    @property
+    def exemplars(self) -> torch.Tensor:
+        """The exemplars' embeddings [E, 384], unit norm (with ``exemplars_on_use``,
+        encoded here the first time)."""
+        if self._exemplars is None:
+            self._exemplars = self._encode(self._exemplar_texts)
+        return self._exemplars
 
     @classmethod
     def load(cls, exemplars_file: Path = EXEMPLARS_FILE, *, dtype: str = "auto",
