@@ -139,9 +139,21 @@ class Supervisor:
                     f"{self.log_path(name)}:\n{self.log_tail(name)}")
 
     def supervise(self, until: threading.Event, interval_s: float = 0.2) -> None:
-        """``poll()`` every ``interval_s`` until ``until`` is set."""
-        while not until.wait(interval_s):
+        """``poll()`` every ``interval_s``, or sooner when a restart is due sooner (a
+        backoff shorter than the interval is not stretched to it), until ``until`` is
+        set."""
+        while not until.wait(self.wait_s(interval_s)):
             self.poll()
+
+    def wait_s(self, interval_s: float) -> float:
+        """How long ``supervise`` waits before its next ``poll()``: ``interval_s``, or
+        until the earliest restart that is due sooner."""
+        with self._lock:
+            due = [sup.restart_at for sup in self._supervised.values()
+                   if sup.state is ProcessState.BACKOFF]
+        if not due:
+            return interval_s
+        return max(0.0, min(interval_s, min(due) - self.clock()))
 
     def poll(self) -> None:
         """One round of supervision: note who exited (restart later, or FAILED once its

@@ -115,6 +115,12 @@ def test_an_exiting_process_is_restarted_with_backoff_until_its_budget_is_spent(
             supervisor.poll()
             [record] = read_state(tmp_path / STATE_FILE).processes
             seen.append((t, record.state, record.num_restarts))
+            if t == 0.0:  # its 0.1 s backoff, not the 0.2 s interval, times the next poll
+                assert supervisor.wait_s(0.2) == pytest.approx(0.1)
+                clock.now = 0.05
+                assert supervisor.wait_s(0.2) == pytest.approx(0.05)
+            if t == 0.1:  # restarted: nothing due, the interval again
+                assert supervisor.wait_s(0.2) == 0.2
         assert seen == [
             (0.0, "BACKOFF", 0),  # exited: back in 0.1 s
             (0.05, "BACKOFF", 0),
