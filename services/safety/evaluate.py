@@ -26,6 +26,10 @@ HELDOUT_FILE = Path(__file__).parent / "data" / "heldout.jsonl"
 # Written blind by a separate author (no safety code, data or rules seen) and committed
 # before its first run; never tuned on.
 HELDOUT2_FILE = Path(__file__).parent / "data" / "heldout2.jsonl"
+# A third, written the same way by another author (committed before its first run).
+HELDOUT3_FILE = Path(__file__).parent / "data" / "heldout3.jsonl"
+# What nothing is trained or calibrated on.
+EVALUATION_FILES = (EVAL_FILE, HELDOUT_FILE, HELDOUT2_FILE, HELDOUT3_FILE)
 LABELS = ("attack", "benign")
 
 

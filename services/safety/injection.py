@@ -50,7 +50,8 @@ _INSTRUCTIONS = (r"(?:instructions?|prompts?|directions?|directives?|rules|guide
                  r"ethics|moral(?:s|ity)?|principles|protocols|system messages?)")
 _REVEAL = (r"(?:reveal|show|print|repeat|output|display|tell|give|share|leak|dump|recite|"
            r"spell|write out|write down|type out|echo|paste|copy|expose|disclose|list|"
-           r"provide|state|summari[sz]e|translate|encode|return|quote)(?:s|ed|ing)?")
+           r"provide|state|summari[sz]e|translate|encode|return|quote|remind me(?: of)?)"
+           r"(?:s|ed|ing)?")
 # Strong verbs: ask for a text as it is.
 _COPY = (r"(?:print|output|repeat|copy|paste|echo|dump|recite|reproduce|write out|type out|"
          r"show|display|give|quote)")
@@ -158,7 +159,8 @@ RULES: tuple[Rule, ...] = (
           rf"take (?:effect|precedence)|supersede|replace|override)",
           anchors=INSTRUCTION_WORDS),
     _rule("ignore_previous",
-          rf"\b{_OVERRIDE_VERB}{G}(?:the|your|all|any|these|those) {_INSTRUCTIONS}\b.{{0,10}}"
+          rf"\b{_OVERRIDE_VERB}{G}(?:the|your|all|any|these|those) (?:(?:safety|content|"
+          rf"ethical|moral|security|developer|system|operator) )?{_INSTRUCTIONS}\b.{{0,10}}"
           rf"\b(?:and|then)\s+(?:tell|say|give|explain|answer|write|do|show|print|reveal|help)",
           anchors=INSTRUCTION_WORDS),
     _rule("ignore_previous",
@@ -298,6 +300,20 @@ RULES: tuple[Rule, ...] = (
           r"the|all) (?:safety|content|ethical|moral) (?:filters?|module|guidelines|rules|"
           r"restrictions|guardrails|training)",
           anchors=("safety", "content", "ethical", "moral")),
+    # "Disable your filters and ...", "bypass the moderation and explain ...": the
+    # assistant's own safeguards; with "the", only when a request follows (not "disable
+    # the content filter on my router").
+    _rule("role_play",
+          r"\b(?:disabl|turn(?:ing)? off|switch(?:ing)? off|deactivat|bypass|circumvent|"
+          r"evad|get(?:ting)? around|overrid|suspend|kill)\w*\s+(?:(?:your|its)\s+(?:own\s+)?"
+          r"(?:\w+\s+)?(?:filters?|moderation|guardrails|safeguards|censorship|safety|"
+          r"restrictions|content polic(?:y|ies))\b|safety mode\b|(?:the|all|any)\s+(?:\w+\s+)?"
+          r"(?:moderation|censorship|guardrails|safeguards|safety (?:mode|filters?|settings|"
+          r"checks|features|protocols?|layers?|systems?)|content (?:filters?|polic(?:y|ies)|"
+          r"moderation))\b.{0,40}\b(?:and|then)\s+(?:\w+\s+)?(?:explain|tell|describe|give|"
+          r"write|generate|answer|show|produce|provide|create|list|help|say|respond|reply))",
+          anchors=("filter", "moderation", "guardrail", "safeguard", "censorship", "safety",
+                   "restriction", "polic")),
     _rule("role_play",
           r"\b(?:ai|assistant|model|chatbot|you|llm|gpt)\b.{0,30}\b(?:has been|have been|is|"
           r"are|was|were|now|been) jailbroken\b|\bno refusals?\b",
@@ -380,8 +396,9 @@ RULES: tuple[Rule, ...] = (
           r"by (?:your|the) (?:developers?|creators?|operator|system))",
           anchors=("what",)),
     _rule("system_prompt_extraction",
-          r"\b(?:first|very first|initial) (?:thing|message|instructions?|words?|lines?) "
-          r"(?:you were|you've been|you have been|that you were) (?:told|given|shown)",
+          r"\b(?:first|very first|initial)(?: \d+| few| hundred)? (?:thing|message|"
+          r"instructions?|words?|lines?|sentences?|tokens?|characters?) (?:you were|you've been|"
+          r"you have been|that you were) (?:told|given|shown|sent|fed)",
           anchors=("told", "given", "shown")),
     _rule("system_prompt_extraction",
           r"\b(?:system prompt|instructions|developers?|operator) (?:told|asked|instructed) "

@@ -56,6 +56,13 @@ def _cap(text: str) -> str:
 
 DEV_FILE = Path(__file__).parent / "data" / "dev.jsonl"
 DEV2_FILE = Path(__file__).parent / "data" / "dev2.jsonl"
+# Hand-written sets in the held-out sets' eleven families, each by its own author who saw
+# no safety code or data: real phrasings, documents and close benign texts, which the
+# templates above cannot vary enough. The two ``train`` sets are trained on; ``dev3.jsonl``
+# calibrates (with ``dev2.jsonl``) and is where the rules' readings were tried.
+TRAIN_A_FILE = Path(__file__).parent / "data" / "train_a.jsonl"
+TRAIN_B_FILE = Path(__file__).parent / "data" / "train_b.jsonl"
+DEV3_FILE = Path(__file__).parent / "data" / "dev3.jsonl"
 # The hand-written development sets' attack families, as the generator names them.
 _DEV_FAMILIES = {"ignore_previous": "direct", "role_play": "role_play",
                  "system_prompt_extraction": "extraction", "encoded": "encodings",

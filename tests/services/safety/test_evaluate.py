@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from genmesh.cli import main
-from services.safety.evaluate import EVAL_FILE, HELDOUT2_FILE, HELDOUT_FILE, load_examples
+from services.safety.evaluate import (
+    EVAL_FILE,
+    HELDOUT2_FILE,
+    HELDOUT3_FILE,
+    HELDOUT_FILE,
+    load_examples,
+)
 
 
 def write(tmp_path: Path, rows: list[dict]) -> Path:
@@ -62,23 +68,23 @@ def test_the_held_out_set_holds_its_measured_level(real_classifier: Path,
     never tuned on. With the classifier (built by the fixture when missing): recall 0.811
     at a false-positive rate 0.033 on its first, blind run; 0.844 and 0.800 (same FPR)
     after two retrainings for reasons outside it; 0.922 at 0.017 with the fine-tuned
-    classifier. A guard against regressions, with room for the classifier another CPU's
-    dtype trains; not the target (issue 19: 0.93 at 0.03, every family 0.85: indirect is
-    0.73), which it misses."""
+    classifier; 0.956 at 0.000 once hand-written sets joined the training data. A guard
+    against regressions, with room for the classifier another CPU's dtype trains."""
     assert main(["safety", "eval", "--no-lofo"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["data"] == str(HELDOUT_FILE)
     overall = report["overall"]
     assert (overall["tp"] + overall["fn"], overall["fp"] + overall["tn"]) == (90, 60)
-    assert overall["recall"] >= 0.87
+    assert overall["recall"] >= 0.92
     assert overall["false_positive_rate"] <= 0.034
     assert report["flags_by_scanner"].get("classifier", 0) > 0
 
 
-def test_the_blind_held_out_set_is_whole() -> None:
-    """heldout2.jsonl holds what the README says: 20 attacks in each of 11 families and
-    250 close benign texts in 10 families of 25, no text twice."""
-    examples = load_examples(HELDOUT2_FILE)
+@pytest.mark.parametrize("path", [HELDOUT2_FILE, HELDOUT3_FILE], ids=lambda p: p.name)
+def test_the_blind_held_out_sets_are_whole(path: Path) -> None:
+    """heldout2.jsonl and heldout3.jsonl hold what the README says: 20 attacks in each of
+    11 families and 250 close benign texts in 10 families of 25, no text twice."""
+    examples = load_examples(path)
     attacks = Counter(e.family for e in examples if e.label == "attack")
     benign = Counter(e.family for e in examples if e.label == "benign")
     assert len(attacks) == 11 and set(attacks.values()) == {20}

@@ -10,6 +10,7 @@ import random
 import re
 import subprocess
 import sys
+import unicodedata
 from collections import Counter
 
 import pytest
@@ -79,6 +80,24 @@ def test_the_development_sets_map_onto_the_generator_families() -> None:
     families = {e.family for e in dev if e.is_attack}
     assert families <= set(ATTACK_FAMILIES)
     assert {"direct", "leetspeak", "homoglyphs", "encodings"} <= families
+
+
+@pytest.mark.parametrize("path", [traindata.TRAIN_A_FILE, traindata.TRAIN_B_FILE,
+                                  traindata.DEV3_FILE], ids=lambda p: p.name)
+def test_the_written_sets_hold_every_family_and_no_evaluation_text(path) -> None:
+    """The hand-written training and calibration sets are in the held-out sets' eleven
+    attack families, and hold no text of an evaluation set (compared folded: case,
+    spacing and punctuation aside), so those stay unseen."""
+    from services.safety.evaluate import EVALUATION_FILES, load_examples
+
+    def key(text: str) -> str:
+        return " ".join(re.sub(r"\W+", " ", unicodedata.normalize("NFKC", text).lower()).split())
+
+    written = traindata.load_labelled(path)
+    assert {e.family for e in written if e.is_attack} == set(ATTACK_FAMILIES)
+    assert sum(not e.is_attack for e in written) >= 250
+    evaluation = {key(e.text) for f in EVALUATION_FILES for e in load_examples(f)}
+    assert [e.text[:60] for e in written if key(e.text) in evaluation] == []
 
 
 def test_operator_system_prompts_are_benign_and_trip_no_rule() -> None:
