@@ -60,10 +60,10 @@ FORMAT_VERSION = "2"
 _SOURCES = ("traindata.py", "classifier.py", "embedding.py", "minilm.py", "normalize.py",
             "injection.py",
             "data/dev.jsonl", "data/dev2.jsonl", "data/dev3.jsonl", "data/train_a.jsonl",
-            "data/train_b.jsonl")
+            "data/train_b.jsonl", "data/train_c.jsonl")
 TRAIN_SEED = 0
 CALIBRATION_SEED = 1
-NUM_PER_FAMILY = 60  # ~1,700 generated prompts (and ~500 hand-written)
+NUM_PER_FAMILY = 60  # ~1,700 generated prompts (and ~2,100 hand-written; calibration ~940)
 MAX_CALIBRATION_FPR = 0.01
 MIN_THRESHOLD = 0.5
 # A rule's hit that the classifier scores under its veto is cleared: close
@@ -399,14 +399,14 @@ def calibrate(scores: torch.Tensor, labels: torch.Tensor, *,
 
 
 def default_sets() -> tuple[list[traindata.Example], list[traindata.Example]]:
-    """The training set (generated at TRAIN_SEED, plus the hand-written ``dev.jsonl``,
-    ``train_a.jsonl`` and ``train_b.jsonl``) and the calibration set (generated at
+    """The training set (generated at TRAIN_SEED, plus the hand-written ``dev.jsonl`` and
+    ``train_{a,b,c}.jsonl``) and the calibration set (generated at
     CALIBRATION_SEED, plus ``dev2.jsonl`` and ``dev3.jsonl``). The evaluation sets
     (``eval.jsonl`` and the held-out ones) are in neither."""
     examples = traindata.generate(seed=TRAIN_SEED, num_per_family=NUM_PER_FAMILY)
     calibration = traindata.generate(seed=CALIBRATION_SEED, num_per_family=NUM_PER_FAMILY // 2)
     written = [traindata.load_labelled(f) for f in (traindata.DEV_FILE, traindata.TRAIN_A_FILE,
-                                                    traindata.TRAIN_B_FILE)]
+                                                    traindata.TRAIN_B_FILE, traindata.TRAIN_C_FILE)]
     return (examples + [e for rows in written for e in rows],
             calibration + traindata.load_labelled(traindata.DEV2_FILE)
             + traindata.load_labelled(traindata.DEV3_FILE))

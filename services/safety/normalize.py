@@ -266,6 +266,15 @@ _HEX_RUN = re.compile(r"(?:(?:\\x|0[xX])?[0-9A-Fa-f]{2}[\s,;:]{0,3}){8,}")
 _HEX_PAIR = re.compile(r"(?:\\x|0[xX])?([0-9A-Fa-f]{2})")
 _URL_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _TAG_RUN = re.compile("[\U000e0020-\U000e007e]+")
+_BASE32_RUN = re.compile(r"(?<![A-Za-z0-9])[A-Z2-7]{16,}={0,6}(?![A-Za-z0-9])")
+# Eight or more Morse letters (dots and dashes), apart by spaces; words by "/" or 2+ spaces.
+_MORSE_RUN = re.compile(r"(?<![\w.\-])[.\-]{1,7}(?:(?: {1,3}| ?/ ?)[.\-]{1,7}){7,}")
+_MORSE = dict(zip(
+    (".-", "-...", "-.-.", "-..", ".", "..-.", "--.", "....", "..", ".---", "-.-", ".-..",
+     "--", "-.", "---", ".--.", "--.-", ".-.", "...", "-", "..-", "...-", ".--", "-..-",
+     "-.--", "--..", "-----", ".----", "..---", "...--", "....-", ".....", "-....", "--...",
+     "---..", "----.", ".-.-.-", "--..--", "..--..", "-.-.--", "---...", ".----.", "-....-"),
+    "abcdefghijklmnopqrstuvwxyz0123456789.,?!:'-", strict=True))
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
 _ASCII_LETTER = re.compile("[A-Za-z]")
 # Four or more words (two or more letters, apart by whitespace and punctuation) in a row:
@@ -345,15 +354,43 @@ def _tag_texts(text: str) -> list[str]:
     return [t for t in texts if _is_readable(t)]
 
 
+def _base32_texts(text: str) -> list[str]:
+    texts = []
+    for m in _BASE32_RUN.finditer(text):
+        body = m.group().rstrip("=")
+        try:
+            data = base64.b32decode(body + "=" * (-len(body) % 8))
+        except (binascii.Error, ValueError):
+            continue
+        if (decoded := _readable(data)) is not None:
+            texts.append(decoded)
+    return texts
+
+
+def _morse_texts(text: str) -> list[str]:
+    """Morse code read back: letters apart by spaces, words by a slash or 2+ spaces."""
+    if ".-" not in text and "-." not in text:
+        return []
+    texts = []
+    for m in _MORSE_RUN.finditer(text):
+        words = re.split(r" ?/ ?| {2,}", m.group())
+        decoded = " ".join("".join(_MORSE.get(code, "?") for code in word.split())
+                           for word in words)
+        if decoded.count("?") <= len(decoded) // 10 and _is_readable(decoded):
+            texts.append(decoded)
+    return texts
+
+
 def _decoded(text: str) -> list[str]:
-    return _base64_texts(text) + _hex_texts(text) + _url_texts(text) + _tag_texts(text)
+    return (_base64_texts(text) + _base32_texts(text) + _hex_texts(text) + _url_texts(text)
+            + _tag_texts(text) + _morse_texts(text))
 
 
 def decoded_views(text: str, *, max_views: int = 8) -> list[str]:
-    """The texts hidden in ``text``, for the detectors to scan too: what base64, hex, %xx
-    and Unicode tag runs decode to (again once more, for one level of nesting), longest
-    first; then the whole text in rot13 and backwards, which are too cheap to guess about
-    and only the detectors can judge. At most ``max_views``."""
+    """The texts hidden in ``text``, for the detectors to scan too: what base64, base32,
+    hex, %xx, Unicode tag and Morse runs decode to (again once more, for one level of
+    nesting), longest first; then the whole text in rot13 and backwards, which are too
+    cheap to guess about and only the detectors can judge. At most ``max_views``."""
     if max_views <= 0:
         return []
     first = _decoded(text)
