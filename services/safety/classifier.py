@@ -59,8 +59,7 @@ FORMAT_VERSION = "2"
 # The sources whose change changes the trained weights: the data, the features, the fit.
 _SOURCES = ("traindata.py", "classifier.py", "embedding.py", "minilm.py", "normalize.py",
             "injection.py",
-            "data/dev.jsonl", "data/dev2.jsonl", "data/dev3.jsonl", "data/train_a.jsonl",
-            "data/train_b.jsonl", "data/train_c.jsonl")
+            *(f"data/{f.name}" for f in traindata.TRAIN_FILES + traindata.CALIBRATION_FILES))
 TRAIN_SEED = 0
 CALIBRATION_SEED = 1
 NUM_PER_FAMILY = 60  # ~1,700 generated prompts (and ~2,100 hand-written; calibration ~940)
@@ -405,11 +404,9 @@ def default_sets() -> tuple[list[traindata.Example], list[traindata.Example]]:
     (``eval.jsonl`` and the held-out ones) are in neither."""
     examples = traindata.generate(seed=TRAIN_SEED, num_per_family=NUM_PER_FAMILY)
     calibration = traindata.generate(seed=CALIBRATION_SEED, num_per_family=NUM_PER_FAMILY // 2)
-    written = [traindata.load_labelled(f) for f in (traindata.DEV_FILE, traindata.TRAIN_A_FILE,
-                                                    traindata.TRAIN_B_FILE, traindata.TRAIN_C_FILE)]
-    return (examples + [e for rows in written for e in rows],
-            calibration + traindata.load_labelled(traindata.DEV2_FILE)
-            + traindata.load_labelled(traindata.DEV3_FILE))
+    return (examples + [e for f in traindata.TRAIN_FILES for e in traindata.load_labelled(f)],
+            calibration + [e for f in traindata.CALIBRATION_FILES
+                           for e in traindata.load_labelled(f)])
 
 
 @contextlib.contextmanager

@@ -65,6 +65,9 @@ TRAIN_A_FILE = Path(__file__).parent / "data" / "train_a.jsonl"
 TRAIN_B_FILE = Path(__file__).parent / "data" / "train_b.jsonl"
 TRAIN_C_FILE = Path(__file__).parent / "data" / "train_c.jsonl"
 DEV3_FILE = Path(__file__).parent / "data" / "dev3.jsonl"
+# What the classifier trains on and calibrates on beside the generated examples.
+TRAIN_FILES = (DEV_FILE, TRAIN_A_FILE, TRAIN_B_FILE, TRAIN_C_FILE)
+CALIBRATION_FILES = (DEV2_FILE, DEV3_FILE)
 # The hand-written development sets' attack families, as the generator names them.
 _DEV_FAMILIES = {"ignore_previous": "direct", "role_play": "role_play",
                  "system_prompt_extraction": "extraction", "encoded": "encodings",
