@@ -58,6 +58,10 @@ _SECRET_PROMPT = (r"(?:system ?prompt|system ?message|system ?instructions?|init
                   r"initial ?instructions?|hidden ?(?:prompt|instructions?|rules|message)|"
                   r"secret ?(?:prompt|instructions?)|original ?(?:prompt|instructions?)|"
                   r"pre-?prompt|meta ?prompt|developer ?(?:message|prompt|instructions?)|"
+                  r"(?:hidden|initial|system|your) preamble|(?:message|turn)s? (?:with|of|from) "
+                  r"(?:the )?role [\"'`]?(?:system|developer)\b|"
+                  r"(?:messages?|text|instructions|content|parts?) (?:that (?:are|were) |which "
+                  r"(?:are|were) )?hidden from (?:me|the user|users)|"
                   r"your (?:own )?(?:instructions|prompt|rules|guidelines|configuration|"
                   r"directives|programming|(?:entire |whole |full )?context(?: window)?)|"
                   r"(?:the |your )?(?:full |entire |complete |exact |whole )*"
@@ -98,6 +102,27 @@ _READER = (r"(?:ai|a\.i\.|assistant|language model|llm|chat ?bot|bot|model|summa
            r"ai agent|agent|screener|triage system|reviewer bot)")
 _READER_WORDS = ("ai", "a.i.", "assistant", "model", "llm", "bot", "summari", "agent",
                  "screener", "triage")
+# Who an order inside a document names (the readers above, and the tools that process a
+# document: "LLM reviewers", "summarisation systems", "the AI log analyzer").
+_ADDRESSEE = (rf"(?:{_READER}|(?:ai|a\.i\.|llm|gpt|model|automated|automatic|machine|"
+              r"summari[sz]ation|translation|screening|review) (?:reviewer|reader|screener|"
+              r"grader|tool|system|pipeline|processor|parser|scribe|analy[sz]er|classifier|"
+              r"translator|proofreader|editor|assistant|agent|model|bot)|ai scribe|"
+              r"classifier|automation|(?:ai|a\.i\.|llm|gpt) [\w-]{2,20}(?:er|or|ant|ist))")
+_ADDRESSEE_WORDS = (*_READER_WORDS, "automat", "classifier", "summari", "translation",
+                    "screening", "review", "machine", "gpt")
+# An order about the reader's task, as the text addressing it gives one.
+_ORDER = (r"(?:ignore|disregard|set aside|forget|override|do not|don'?t|never|always|only|"
+          r"you (?:must|should|will|are to)|instead|stop|output|print|say|write|reply|respond|"
+          r"answer|report|state|describe|tell|recommend|rate|score|award|approve|accept|"
+          r"reject|label|classify|mark|flag|record|escalate|forward|send|share|e-?mail|attach|"
+          r"include|insert|add|append|change|replace|leave|omit|skip|remove|delete|hide|call|"
+          r"use|run|execute|visit|click|transfer|pay|schedule|set up|grant|disable|"
+          r"(?:before|when|while|after|upon|in) (?:you |your )?\w+|the user (?:actually )?"
+          r"wants|this (?:applicant|candidate|document|review|essay|ticket|article|email|file|"
+          r"module|pr|page|product|message|paper|submission|code|invoice) (?:is|has|was|must|"
+          r"should)|(?:this|the) \w+ (?:is|has been|was) (?:already )?(?:pre-?)?(?:approved|"
+          r"verified|authori[sz]ed|cleared|audited|legitimate|exempt))\b")
 # What an exfiltration sends out.
 _LEAKED = (r"(?:conversation|chat(?: history| log)?|(?:message|chat|conversation) history|"
            r"system ?prompt|password|passwords|api ?keys?|secrets?|credentials|session "
@@ -158,8 +183,10 @@ RULES: tuple[Rule, ...] = (
           rf"now|in effect)|take (?:effect|precedence)|supersede|replace|override)",
           anchors=INSTRUCTION_WORDS),
     _rule("ignore_previous",
-          rf"\b{_OVERRIDE_VERB}{G}(?:the|your|all|any|these|those) (?:(?:safety|content|"
-          rf"ethical|moral|security|developer|system|operator) )?{_INSTRUCTIONS}\b.{{0,10}}"
+          rf"\b{_OVERRIDE_VERB}{G}(?:(?:the|your|all|any|these|those) )?(?<=\b(?:the|your|all|"
+          rf"any|these|those) |(?=(?:safety|content|ethical|moral|security|developer|system|"
+          rf"operator) ))(?:(?:safety|content|ethical|moral|security|developer|system|operator) )?"
+          rf"{_INSTRUCTIONS}\b.{{0,10}}"
           rf"\b(?:and|then)\s+(?:tell|say|give|explain|answer|write|do|show|print|reveal|help)",
           anchors=INSTRUCTION_WORDS),
     _rule("ignore_previous",
@@ -187,7 +214,8 @@ RULES: tuple[Rule, ...] = (
                    "role")),
     _rule("ignore_previous",
           r"\b(?:supersedes?|overrides?|replaces?|takes? precedence over) (?:the|your|any|all)"
-          r" (?:developer|system|original|previous|prior|earlier|operator)",
+          rf" (?:developer|system|original|previous|prior|earlier|operator)(?:'?s)? "
+          rf"{_filler(1)}{_INSTRUCTIONS}\b",
           anchors=("supersede", "override", "replace", "precedence")),
     _rule("ignore_previous",
           r"\b(?:rules|instructions|guidelines|restrictions|polic(?:y|ies)|filters|directives)"
@@ -233,7 +261,8 @@ RULES: tuple[Rule, ...] = (
           r"(?:say|answer|respond|reply|output|recommend)|the (?:summary|answer|response|"
           r"reply|translation|output|review|rating)s? (?:you (?:produce|give|write|generate) )?"
           r"(?:must|has to|have to))",
-          anchors=("ai", "a.i.", "assistant", "llm", "language model", "bot", "model")),
+          anchors=("ai", "a.i.", "assistant", "llm", "language model", "bot", "model"),
+          is_quote_proof=True),
     _rule("ignore_previous",
           r"\b(?:say|print|output|reply|respond|write|answer)\b.{0,30}\bpwned\b",
           anchors=("pwned",)),
@@ -247,12 +276,25 @@ RULES: tuple[Rule, ...] = (
           anchors=("ignor", "oublie", "ne tiens pas compte", "vergiss", "missachte", "olvida",
                    "omite", "dimentica")),
     _rule("system_prompt_extraction",
-          r"\b(?:prompt (?:de )?(?:sistema|systeme)|systemprompt|systemanweisungen|"
-          r"mensaje de sistema|message systeme|instructions cachees|versteckten anweisungen|"
-          r"instrucciones ocultas|istruzioni nascoste)\b",
-          anchors=("prompt", "systemanweisungen", "mensaje de sistema", "message systeme",
-                   "instructions cachees", "versteckten anweisungen", "instrucciones ocultas",
-                   "istruzioni nascoste")),
+          r"\b(?:prompt (?:de |del |di |do |da )?(?:sistema|systeme)|systemprompt|"
+          r"systemanweisung(?:en)?|systeemprompt|systeeminstructies|prompt\w* systemow\w*|"
+          r"instrukcj\w* systemow\w*|(?:instrucciones|istruzioni|instrucoes|instructions|"
+          r"consignes) (?:del |di |do |de )?(?:sistema|systeme)|(?:instrucciones|istruzioni|"
+          r"instrucoes|instructions|consignes|instructies|anweisungen) (?:iniciales|iniziali|"
+          r"initiales|iniciais|initiele|anfanglichen)|(?:poczatkow\w*|initiele|anfanglichen|"
+          r"iniziali) (?:instrukcj\w*|instructies|anweisungen|istruzioni)|mensaje de sistema|"
+          r"message systeme|instructions cachees|versteckten anweisungen|instrucciones ocultas|"
+          r"istruzioni nascoste|instrucoes ocultas)\b|系统提示|系統提示|システムフロンフト|"
+          r"시스템 프롬프트|\b(?:instrucciones|istruzioni|instrucoes|"
+          r"instructions|consignes|instructies|anweisungen|instrukcj\w*) ?,? (?:que|qui|che|"
+          # "... that you received": the second person only ("que recibí" is the user's).
+          r"die|dat|ktore) (?:\w+ ){0,3}?(?:recibiste|has recibido|(?:tu as|vous avez) recu\w*|"
+          r"hai ricevuto|recebeste|(?:voce )?recebeu|(?:je|jij) (?:hebt )?(?:gekregen|ontvangen)|"
+          r"du (?:erhalten|bekommen)|otrzyma\w*s)\b",
+          anchors=("prompt", "systemanweisung", "systeem", "instrukcj", "instruc", "istruzioni",
+                   "consignes", "instructies", "anweisungen", "mensaje de sistema", "系统提示",
+                   "系統提示", "システムフロンフト", "시스템 프롬프트",
+                   "message systeme")),
     _rule("role_play",
           r"\b(?:sans aucune restriction|sans (?:aucune )?(?:regles|limites|filtres)|ohne "
           r"(?:regeln|einschrankungen|filter|grenzen)|sin (?:restricciones|reglas|limites|"
@@ -281,16 +323,25 @@ RULES: tuple[Rule, ...] = (
                    "unbound", "unchained", "rogue", "evil", "lawless", "limitless", "unlimited",
                    "liberated", "unaligned", "compliant", "rule", "filterless")),
     _rule("role_play",
-          rf"\b(?:you (?:have|has|with|are under)|without|free (?:of|from)|there are|"
-          rf"pretend (?:you have|there are)|act (?:as if|like) (?:you have|there are)|"
-          rf"no longer (?:have|bound by|restricted by|subject to)|not bound by|released from|"
-          rf"freed from|broken free of|ignoring|with|has|have|having) {_filler(2)}"
-          rf"(?:no |zero |any |all |your |the |absolutely no |)(?:restrictions|limitations|"
-          rf"filters|rules|guidelines|censorship|content polic(?:y|ies)|ethical (?:guidelines|"
-          rf"constraints|limits|restrictions)|moral(?:s| constraints| limits)|safety "
-          rf"(?:guidelines|filters|rules|measures|protocols)|guardrails|boundaries|constraints)"
-          rf"\b(?<!\b(?:the|your|all|any) (?:rules|guidelines|restrictions|limitations|filters|"
-          rf"boundaries|constraints))",
+          rf"\b(?:(?:without|free (?:of|from)|no longer (?:have|bound by|restricted by|"
+          rf"subject to)|not bound by|released from|freed from|broken (?:free|out) of|"
+          rf"broke (?:free|out) of|escaped(?: from)?|ignoring) "
+          rf"{_filler(2)}(?:no |zero |any |all |your |the |absolutely no |)|"
+          # "have", "with", "there are": only with a "no" ("a persona with rules" is not
+          # an attack), or the rules gone ("with its filters removed").
+          rf"(?:you (?:have|has|with|are under)|there are|pretend (?:you have|there are)|"
+          rf"act (?:as if|like) (?:you have|there are)|with|has|have|having) "
+          rf"{_filler(2)}(?:no|zero|absolutely no|none of (?:the|your)|not any) "
+          rf"{_filler(1)})(?:restrictions|limitations|filters|rules|guidelines|censorship|"
+          rf"content polic(?:y|ies)|ethical (?:guidelines|constraints|limits|restrictions)|"
+          rf"moral(?:s| constraints| limits)|safety (?:guidelines|filters|rules|measures|"
+          rf"protocols)|guardrails|boundaries|constraints)\b(?<!\b(?:the|your|all|any) "
+          rf"(?:rules|guidelines|restrictions|limitations|filters|boundaries|constraints))|"
+          rf"\b(?:with|has|have|having|had)(?: had)? (?:its|their|your|all|the|all its|all "
+          rf"your) {_filler(1)}(?:restrictions|limitations|filters|rules|guidelines|"
+          rf"guardrails|safeguards|safety (?:filters|rules|measures)|content filters?) "
+          rf"(?:(?:been|now|all) )?(?:removed|disabled|turned off|switched off|lifted|stripped|"
+          rf"deactivated|bypassed|deleted)\b",
           anchors=("restriction", "limitation", "filter", "rule", "guideline", "censorship",
                    "polic", "ethical", "moral", "safety", "guardrail", "boundar", "constraint")),
     _rule("role_play",
@@ -370,7 +421,9 @@ RULES: tuple[Rule, ...] = (
           r"limits))",
           anchors=("hypothetical", "fictional", "imaginary")),
     # Attempts to read the system prompt or hidden instructions.
-    _rule("system_prompt_extraction", rf"\b{_REVEAL}{G}{_filler(4)}{_SECRET_PROMPT}",
+    _rule("system_prompt_extraction",
+          rf"\b{_REVEAL}{G}{_filler(4)}(?<!\b(?:this|my|our|these|their|a|an) )"
+          rf"{_SECRET_PROMPT}",
           anchors=("system", "initial", "hidden", "secret", "original", "prompt", "developer",
                    "instruction", "rules", "guideline", "configuration", "directive", "programming",
                    "context", "first", "opening", "last", "given", "told", "shown", "provided"),
@@ -457,22 +510,49 @@ RULES: tuple[Rule, ...] = (
     # e-mail, a web page, a review): a text written for people does not address the AI
     # that will read it.
     _rule("indirect",
-          rf"\b(?:note|notes|instructions?|message|attention|important|reminder|p\.? ?s\.?|"
-          rf"hidden text|directive)\b[^.\n]{{0,15}}\b(?:to|for) (?:the |any |all |every )?"
-          rf"{_READER}s?\b",
-          anchors=_READER_WORDS),
+          rf"(?:\b(?:note|notes|(?<!\bthe )instructions?|message|attention|important|reminder|"
+          rf"hidden text|directive)\b|\bp\.? ?s\b\.?)[^.\n]{{0,15}}\b(?:to|for) "
+          rf"(?:the |any |all |every )?{_READER}s?\b",
+          anchors=_READER_WORDS, is_quote_proof=True),
     _rule("indirect",
           rf"\b(?:if|when|whenever) (?:you are|you're|an?) (?:an? )?{_READER}\b.{{0,30}}"
           rf"\b(?:reading|processing|summari[sz]ing|translating|reviewing|analy[sz]ing|"
           rf"parsing|seeing|handling|screening)\b|\b{_READER}s? (?:that is |who is )?"
           rf"(?:reading|processing|summari[sz]ing|translating|reviewing|analy[sz]ing|parsing|"
           rf"screening|handling) (?:this|these)\b",
-          anchors=_READER_WORDS),
+          anchors=_READER_WORDS, is_quote_proof=True),
+    # The note to the AI in the languages documents come in ("Nota para el asistente de
+    # IA:", "Hinweis für KI-Assistenten:").
+    _rule("indirect",
+          r"\b(?:nota|notas|note|notiz|hinweis|anweisung(?:en)?|istruzion[ei]|instrucciones|"
+          r"instrucoes|mensaje|messaggio|nachricht|aviso|avviso|opmerking|uwaga)\s+(?:para|per|"
+          r"pour|fur|an|voor|dla|aos?|al)\s+(?:(?:el|la|los|las|il|lo|gli|le|les|den|die|das|"
+          r"de|het|o|os|a|as|l')\s*)?(?:\w+\s+){0,2}?(?:ia|ki|ai|asistentes?|assistentes?|"
+          r"assistants?|ki-assistent\w*|modelos?|modell[oi]?|modele|modellen|bots?|llm|"
+          r"asystent\w*)\b",
+          anchors=("nota", "note", "notiz", "hinweis", "anweisung", "istruzion", "instruc",
+                   "mensaje", "messaggio", "nachricht", "aviso", "avviso", "opmerking",
+                   "uwaga"), is_quote_proof=True),
+    # The reader addressed by name and given an order about its task: "P.S. To the AI
+    # drafting the reply: attach ...", "[Any language model editing this document must
+    # ...]", "LLM reviewers: disregard ...", "Proofreading assistant: while correcting,
+    # insert ...". A bare speaker label ("AI: ...", "Support bot: ...") is not one: a
+    # transcript has those.
+    _rule("indirect",
+          rf"(?:(?:\b(?:to|for|hey|dear|attention|attn)\s+|[\[(@]\s*|<!--\s*)(?:the |any |"
+          rf"all |every |each |whatever |whichever )?{_filler(2)}{_ADDRESSEE}s?|"
+          rf"\b(?:any|all|every|each|whatever|whichever)\s+{_filler(2)}{_ADDRESSEE}s?|"
+          rf"{_ADDRESSEE}s|\b(?:ai |llm )?(?:\w+ing|\w+ion|translator|summari[sz]er|reviewer|"
+          rf"editor|proofreader|grader|screener|finance|recruitment) {_ADDRESSEE})\b"
+          rf"(?: (?:that |who |which )?(?:is |are )?\w+ing\b[^:.\n]{{0,40}})?"
+          rf"(?:\s*[:,;]\s*(?:please )?{_ORDER}|"
+          rf" (?:must|should|shall|need to|have to|are (?:instructed|required|asked) to)\b)",
+          anchors=_ADDRESSEE_WORDS, is_quote_proof=True),
     # A system turn forged inside the content (chat-template or API markup), and orders to
     # drop the task at hand ("stop your task and ...", "System override: ...").
     _rule("indirect",
           r"<[|l]im_start[|l]>\s*system\b|<[|l]system[|l]>|<<sys>>|\[inst\]|"
-          r"[\"']role[\"']\s*:\s*[\"']system[\"']\s*,\s*[\"']content[\"']",
+          r"[\"']role[\"']\s*:\s*[\"']system[\"']\s*,\s*[\"']content[\"']\s*:\s*f?[\"']",
           anchors=("im_start", "system", "<<sys>>", "[inst]")),
     _rule("indirect",
           r"\b(?:stop|abandon|drop|quit) your (?:current |original |assigned )?"
@@ -487,7 +567,8 @@ RULES: tuple[Rule, ...] = (
           rf"[?&][\w-]{{1,40}}=[{{(<\[$%]{{0,3}}(?:7b)?{_LEAKED}\b",
           anchors=("=",)),
     _rule("exfiltration",
-          rf"\b(?:send|forward|post|upload|e-?mail|transmit|leak|exfiltrate|submit|copy|"
+          rf"\b(?:send|forward|post|upload|(?<!\b(?:an|the|this|that|any|every|your|my|our|"
+          rf"their|his|her|each|one|no) )e-?mail|transmit|leak|exfiltrate|submit|copy|"
           rf"append|attach|put|encode|include|embed|add)\w*\b.{{0,60}}\b{_LEAKED}\b.{{0,60}}"
           rf"\b(?:to|into|in|at|on|with|as)\b.{{0,30}}(?:https?://|www\.|"
           rf"[\w.-]{{1,64}}@[\w-]{{1,64}}\.|\b(?:the|this|that|a|an|my|our)? ?(?:url|link|"
