@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="rules and exemplar similarity, without the classifier")
     ev.add_argument("--no-lofo", action="store_true",
                     help="skip the leave-one-family-out evaluation (one fine-tuning per "
-                         "family: ~40 min on two cores)")
+                         "family: ~6 min each on two cores)")
     ev.add_argument("--threshold", type=float,
                     help="exemplar similarity threshold, used only with --no-classifier "
                          "(default: the policy's)")

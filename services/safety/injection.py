@@ -50,7 +50,8 @@ _INSTRUCTIONS = (r"(?:instructions?|prompts?|directions?|directives?|rules|guide
                  r"ethics|moral(?:s|ity)?|principles|protocols|system messages?)")
 _REVEAL = (r"(?:reveal|show|print|repeat|output|display|tell|give|share|leak|dump|recite|"
            r"spell|write out|write down|type out|echo|paste|copy|expose|disclose|list|"
-           r"provide|state|summari[sz]e|translate|encode|return|quote)(?:s|ed|ing)?")
+           r"provide|state|summari[sz]e|translate|encode|return|quote|rewrite|convert|"
+           r"restate|reformat)(?:s|ed|ing)?")
 # Strong verbs: ask for a text as it is.
 _COPY = (r"(?:print|output|repeat|copy|paste|echo|dump|recite|reproduce|write out|type out|"
          r"show|display|give|quote)")
@@ -58,7 +59,9 @@ _SECRET_PROMPT = (r"(?:system ?prompt|system ?message|system ?instructions?|init
                   r"initial ?instructions?|hidden ?(?:prompt|instructions?|rules|message)|"
                   r"secret ?(?:prompt|instructions?)|original ?(?:prompt|instructions?)|"
                   r"pre-?prompt|meta ?prompt|developer ?(?:message|prompt|instructions?)|"
-                  r"(?:hidden|initial|system|your) preamble|(?:message|turn)s? (?:with|of|from) "
+                  r"(?:hidden|initial|system|your) preamble|initial message|initiali[sz]ation "
+                  r"(?:text|prompt|message)|hidden config(?:uration)?|startup (?:prompt|"
+                  r"instructions)|(?:message|turn)s? (?:with|of|from) "
                   r"(?:the )?role [\"'`]?(?:system|developer)\b|"
                   r"(?:messages?|text|instructions|content|parts?) (?:that (?:are|were) |which "
                   r"(?:are|were) )?hidden from (?:me|the user|users)|"
@@ -77,9 +80,19 @@ _SECRET_PROMPT = (r"(?:system ?prompt|system ?message|system ?instructions?|init
                   r"(?:those|your|the|these) (?:rules|instructions|prompt|guidelines|system)|"
                   r"(?:everything|all|what) you(?: were|'ve been| have been) (?:given|told|shown|"
                   r"provided) (?:before|above|prior|at the (?:start|beginning)|initially))")
+# The model's setup, and the signs of wanting a text as it is.
+_SETUP = (r"(?:system ?prompt|system ?message|prompt|instructions?|guidelines|rules|"
+          r"configuration|config|setup|directives|developer message|persona|character card|"
+          r"context|preamble|initial message)")
+_AS_IS = (r"\b(?:word for word|verbatim|exact(?:ly)? (?:as|wording|text)|the exact (?:text|"
+          r"wording|words)|in full|character for character|unedited|without (?:summari\w+|"
+          r"paraphras\w+|commentary|leaving (?:anything|any) out)|no (?:paraphras\w+|"
+          r"summar\w+)|not a summary|original (?:phrasing|wording)|as it appears|as written|"
+          r"as you received|don'?t paraphrase)")
 # Text above the user's message: only with a strong verb and a sign of wanting it as is.
 _TEXT_ABOVE = (r"(?:everything|all(?: of)?(?: the)? (?:text|words|content)|the (?:text|words|"
-               r"content|message)s?)(?: that)?(?: (?:sits|is|comes|appears|was written))? "
+               r"content|message)s?)(?: that)?(?: (?:sits|is|comes|came|appears|appeared|was|"
+               r"was written))? "
                r"(?:above|before|prior to) (?:my|this|the|your) (?:first |initial )?(?:message|"
                r"question|prompt|line|turn|user turn|conversation)")
 
@@ -428,6 +441,23 @@ RULES: tuple[Rule, ...] = (
                    "instruction", "rules", "guideline", "configuration", "directive", "programming",
                    "context", "first", "opening", "last", "given", "told", "shown", "provided"),
           verbs=_stems(_REVEAL)),
+    # The model's own setup wanted as it is ("your instructions ... word for word"), or
+    # asked for by name ("what's your system prompt?").
+    _rule("system_prompt_extraction",
+          rf"\byour (?:own )?{_filler(2)}{_SETUP}\b[^.;!?]{{0,100}}?{_AS_IS}|{_AS_IS}"
+          rf"[^.;!?]{{0,100}}?"
+          rf"\byour (?:own )?{_filler(2)}{_SETUP}\b",
+          anchors=("word for word", "verbatim", "exact", "in full", "character for character",
+                   "unedited", "without", "paraphras", "not a summary", "original", "as it",
+                   "as written", "as you received", "no summar")),
+    _rule("system_prompt_extraction",
+          r"\b(?:what(?:'s| is| are| was| were| does)|whats|tell me|show me|give me) (?:in )?"
+          r"your (?:\w+ )?(?:system ?prompt|system ?message|initial (?:prompt|message|"
+          r"instructions)|hidden (?:prompt|instructions|rules|configuration|config)|developer "
+          r"(?:message|prompt|instructions)|initiali[sz]ation (?:text|prompt)|pre-?prompt|"
+          r"secret (?:word|code|password|instructions))\b",
+          anchors=("prompt", "message", "instructions", "rules", "config", "initiali",
+                   "secret")),
     _rule("system_prompt_extraction",
           rf"\b{_COPY}(?:s|ed|ing)?\b.{{0,40}}{_TEXT_ABOVE}",
           anchors=("above", "before", "prior to"), verbs=_stems(_COPY)),
