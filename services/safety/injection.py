@@ -136,6 +136,12 @@ _ORDER = (r"(?:ignore|disregard|set aside|forget|override|do not|don'?t|never|al
           r"module|pr|page|product|message|paper|submission|code|invoice) (?:is|has|was|must|"
           r"should)|(?:this|the) \w+ (?:is|has been|was) (?:already )?(?:pre-?)?(?:approved|"
           r"verified|authori[sz]ed|cleared|audited|legitimate|exempt))\b")
+# What follows the reader named: what it is doing ("drafting the reply"), then an order
+# about its task after a colon or comma, or a "must".
+_ADDRESSED_ORDER = (r"(?: (?:that |who |which )?(?:is |are )?\w+ing\b[^:.\n]{0,40})?"
+                    rf"(?:\s*[:,;]\s*(?:please )?{_ORDER}|"
+                    r" (?:must|should|shall|need to|have to|are (?:instructed|required|asked) "
+                    r"to)\b)")
 # What an exfiltration sends out.
 _LEAKED = (r"(?:conversation|chat(?: history| log)?|(?:message|chat|conversation) history|"
            r"system ?prompt|password|passwords|api ?keys?|secrets?|credentials|session "
@@ -297,17 +303,21 @@ RULES: tuple[Rule, ...] = (
           r"initiales|iniciais|initiele|anfanglichen)|(?:poczatkow\w*|initiele|anfanglichen|"
           r"iniziali) (?:instrukcj\w*|instructies|anweisungen|istruzioni)|mensaje de sistema|"
           r"message systeme|instructions cachees|versteckten anweisungen|instrucciones ocultas|"
-          r"istruzioni nascoste|instrucoes ocultas)\b|系统提示|系統提示|システムフロンフト|"
-          r"시스템 프롬프트|\b(?:instrucciones|istruzioni|instrucoes|"
+          r"istruzioni nascoste|instrucoes ocultas)\b",
+          anchors=("prompt", "systemanweisung", "systeem", "instrukcj", "instruc", "istruzioni",
+                   "consignes", "instructies", "anweisungen", "mensaje de sistema",
+                   "message systeme")),
+    _rule("system_prompt_extraction", r"系统提示|系統提示|システムフロンフト|시스템 프롬프트",
+          anchors=("系统提示", "系統提示", "システムフロンフト", "시스템 프롬프트")),
+    _rule("system_prompt_extraction",
+          r"\b(?:instrucciones|istruzioni|instrucoes|"
           r"instructions|consignes|instructies|anweisungen|instrukcj\w*) ?,? (?:que|qui|che|"
           # "... that you received": the second person only ("que recibí" is the user's).
           r"die|dat|ktore) (?:\w+ ){0,3}?(?:recibiste|has recibido|(?:tu as|vous avez) recu\w*|"
           r"hai ricevuto|recebeste|(?:voce )?recebeu|(?:je|jij) (?:hebt )?(?:gekregen|ontvangen)|"
           r"du (?:erhalten|bekommen)|otrzyma\w*s)\b",
-          anchors=("prompt", "systemanweisung", "systeem", "instrukcj", "instruc", "istruzioni",
-                   "consignes", "instructies", "anweisungen", "mensaje de sistema", "系统提示",
-                   "系統提示", "システムフロンフト", "시스템 프롬프트",
-                   "message systeme")),
+          anchors=("instruc", "istruzioni", "consignes", "instructies", "anweisungen",
+                   "instrukcj")),
     _rule("role_play",
           r"\b(?:sans aucune restriction|sans (?:aucune )?(?:regles|limites|filtres)|ohne "
           r"(?:regeln|einschrankungen|filter|grenzen)|sin (?:restricciones|reglas|limites|"
@@ -568,15 +578,23 @@ RULES: tuple[Rule, ...] = (
     # ...]", "LLM reviewers: disregard ...", "Proofreading assistant: while correcting,
     # insert ...". A bare speaker label ("AI: ...", "Support bot: ...") is not one: a
     # transcript has those.
+    # (Four rules, each starting at known words: one rule of all four searched every word.)
     _rule("indirect",
-          rf"(?:(?:\b(?:to|for|hey|dear|attention|attn)\s+|[\[(@]\s*|<!--\s*)(?:the |any |"
-          rf"all |every |each |whatever |whichever )?{_filler(2)}{_ADDRESSEE}s?|"
-          rf"\b(?:any|all|every|each|whatever|whichever)\s+{_filler(2)}{_ADDRESSEE}s?|"
-          rf"{_ADDRESSEE}s|\b(?:ai |llm )?(?:\w+ing|\w+ion|translator|summari[sz]er|reviewer|"
-          rf"editor|proofreader|grader|screener|finance|recruitment) {_ADDRESSEE})\b"
-          rf"(?: (?:that |who |which )?(?:is |are )?\w+ing\b[^:.\n]{{0,40}})?"
-          rf"(?:\s*[:,;]\s*(?:please )?{_ORDER}|"
-          rf" (?:must|should|shall|need to|have to|are (?:instructed|required|asked) to)\b)",
+          rf"\b(?:to|for|hey|dear|attention|attn)\s+(?:the |any |all |every |each |whatever |"
+          rf"whichever )?{_filler(2)}{_ADDRESSEE}s?\b{_ADDRESSED_ORDER}",
+          anchors=_ADDRESSEE_WORDS, is_quote_proof=True),
+    _rule("indirect",
+          rf"(?:[\[(@]|<!--)\s*(?:the |any |all |every |each |whatever |whichever )?"
+          rf"{_filler(2)}{_ADDRESSEE}s?\b{_ADDRESSED_ORDER}",
+          anchors=_ADDRESSEE_WORDS, is_quote_proof=True),
+    _rule("indirect",
+          rf"\b(?:any|all|every|each|whatever|whichever)\s+{_filler(2)}{_ADDRESSEE}s?\b"
+          rf"{_ADDRESSED_ORDER}",
+          anchors=_ADDRESSEE_WORDS, is_quote_proof=True),
+    _rule("indirect",
+          rf"\b(?:{_ADDRESSEE}s|(?<=\b(?:ai |llm )?(?:\w+ing|\w+ion|translator|summari[sz]er|"
+          rf"reviewer|editor|proofreader|grader|screener|finance|recruitment) ){_ADDRESSEE})\b"
+          rf"{_ADDRESSED_ORDER}",
           anchors=_ADDRESSEE_WORDS, is_quote_proof=True),
     # A system turn forged inside the content (chat-template or API markup), and orders to
     # drop the task at hand ("stop your task and ...", "System override: ...").
