@@ -142,21 +142,23 @@ STYLES: dict[str, Callable[[random.Random, str], str]] = {
                                                 if len(w) > 3 else w for w in t.split()),
 }
 # What the rules alone miss of the attacks they catch plain: the address, once its "@"
-# and "." are spaced apart or read as leetspeak ("attacker @ evil example"), two
-# several-symbol leet sentences and one all in digits. The classifier catches these.
+# and "." are spaced apart or read as leetspeak ("attacker @ evil example"), a
+# several-symbol leet sentence, one all in digits and one in snake case. The classifier
+# catches these. (Each caught sentence draws from the seeded disguises in turn: a rule
+# that catches one more plain sentence changes the disguises of those after it.)
 ADDRESS = ATTACKS[7]
-MISSED = {"plain": set(), "leet, half": set(), "leet, capitals": set(),
-          "leet, several symbols a letter": {ADDRESS, ATTACKS[5], ATTACKS[12]},
+MISSED = {"plain": set(), "leet, capitals": set(),
+          "leet, several symbols a letter": {ATTACKS[8]},
           "words cut anywhere": set(),  # this seed's cuts leave the address readable
-          "words cut by a symbol": set(),
           "fancy letters": set(),  # no "@" or "." changed
-          "leet, every digit": {ADDRESS, ATTACKS[5]}}
+          "leet, every digit": {ADDRESS, ATTACKS[5]},
+          "snake case": {ADDRESS, ATTACKS[4]}}
 
 
 @pytest.mark.parametrize("style", STYLES)
 def test_a_disguise_keeps_what_the_rules_catch_and_flags_no_benign_text(style: str) -> None:
     caught = [t for t in ATTACKS if scan(t)]
-    assert len(caught) == 16
+    assert len(caught) == 17
     rng = random.Random(7)
     missed = {t for t in caught if not scan(STYLES[style](rng, t))}
     assert missed == MISSED.get(style, {ADDRESS})
