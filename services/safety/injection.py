@@ -80,6 +80,8 @@ _SECRET_PROMPT = (r"(?:system ?prompt|system ?message|system ?instructions?|init
                   r"(?:those|your|the|these) (?:rules|instructions|prompt|guidelines|system)|"
                   r"(?:everything|all|what) you(?: were|'ve been| have been) (?:given|told|shown|"
                   r"provided) (?:before|above|prior|at the (?:start|beginning)|initially))")
+# Which rules an override names ("ignore safety policies").
+_RULE_KIND = r"(?:safety|content|ethical|moral|security|developer|system|operator)"
 # The model's setup, and the signs of wanting a text as it is.
 _SETUP = (r"(?:system ?prompt|system ?message|prompt|instructions?|guidelines|rules|"
           r"configuration|config|setup|directives|developer message|persona|character card|"
@@ -122,7 +124,7 @@ _ADDRESSEE = (rf"(?:{_READER}|(?:ai|a\.i\.|llm|gpt|model|automated|automatic|mac
               r"grader|tool|system|pipeline|processor|parser|scribe|analy[sz]er|classifier|"
               r"translator|proofreader|editor|assistant|agent|model|bot)|ai scribe|"
               r"classifier|automation|(?:ai|a\.i\.|llm|gpt) [\w-]{2,20}(?:er|or|ant|ist))")
-_ADDRESSEE_WORDS = (*_READER_WORDS, "automat", "classifier", "summari", "translation",
+_ADDRESSEE_WORDS = (*_READER_WORDS, "automat", "classifier", "translation",
                     "screening", "review", "machine", "gpt")
 # An order about the reader's task, as the text addressing it gives one.
 _ORDER = (r"(?:ignore|disregard|set aside|forget|override|do not|don'?t|never|always|only|"
@@ -202,10 +204,9 @@ RULES: tuple[Rule, ...] = (
           rf"now|in effect)|take (?:effect|precedence)|supersede|replace|override)",
           anchors=INSTRUCTION_WORDS),
     _rule("ignore_previous",
-          rf"\b{_OVERRIDE_VERB}{G}(?:(?:the|your|all|any|these|those) )?(?<=\b(?:the|your|all|"
-          rf"any|these|those) |(?=(?:safety|content|ethical|moral|security|developer|system|"
-          rf"operator) ))(?:(?:safety|content|ethical|moral|security|developer|system|operator) )?"
-          rf"{_INSTRUCTIONS}\b.{{0,10}}"
+          # A determiner, an adjective or both: "the rules", "safety policies".
+          rf"\b{_OVERRIDE_VERB}{G}(?:(?:the|your|all|any|these|those) (?:{_RULE_KIND} )?|"
+          rf"{_RULE_KIND} ){_INSTRUCTIONS}\b.{{0,10}}"
           rf"\b(?:and|then)\s+(?:tell|say|give|explain|answer|write|do|show|print|reveal|help)",
           anchors=INSTRUCTION_WORDS),
     _rule("ignore_previous",
@@ -309,13 +310,14 @@ RULES: tuple[Rule, ...] = (
                    "message systeme")),
     _rule("system_prompt_extraction", r"系统提示|系統提示|システムフロンフト|시스템 프롬프트",
           anchors=("系统提示", "系統提示", "システムフロンフト", "시스템 프롬프트")),
+    # "The instructions that you received": the second person only ("que recibí" is the
+    # user's).
     _rule("system_prompt_extraction",
-          r"\b(?:instrucciones|istruzioni|instrucoes|"
-          r"instructions|consignes|instructies|anweisungen|instrukcj\w*) ?,? (?:que|qui|che|"
-          # "... that you received": the second person only ("que recibí" is the user's).
-          r"die|dat|ktore) (?:\w+ ){0,3}?(?:recibiste|has recibido|(?:tu as|vous avez) recu\w*|"
-          r"hai ricevuto|recebeste|(?:voce )?recebeu|(?:je|jij) (?:hebt )?(?:gekregen|ontvangen)|"
-          r"du (?:erhalten|bekommen)|otrzyma\w*s)\b",
+          r"\b(?:instrucciones|istruzioni|instrucoes|instructions|consignes|instructies|"
+          r"anweisungen|instrukcj\w*) ?,? (?:que|qui|che|die|dat|ktore) (?:\w+ ){0,3}?"
+          r"(?:recibiste|has recibido|(?:tu as|vous avez) recu\w*|hai ricevuto|recebeste|"
+          r"(?:voce )?recebeu|(?:je|jij) (?:hebt )?(?:gekregen|ontvangen)|du (?:erhalten|"
+          r"bekommen)|otrzyma\w*s)\b",
           anchors=("instruc", "istruzioni", "consignes", "instructies", "anweisungen",
                    "instrukcj")),
     _rule("role_play",
@@ -592,8 +594,8 @@ RULES: tuple[Rule, ...] = (
           rf"{_ADDRESSED_ORDER}",
           anchors=_ADDRESSEE_WORDS, is_quote_proof=True),
     _rule("indirect",
-          rf"\b(?:{_ADDRESSEE}s|(?<=\b(?:ai |llm )?(?:\w+ing|\w+ion|translator|summari[sz]er|"
-          rf"reviewer|editor|proofreader|grader|screener|finance|recruitment) ){_ADDRESSEE})\b"
+          rf"\b(?:{_ADDRESSEE}s|(?<=\b(?:\w+ing|\w+ion|translator|summari[sz]er|reviewer|"
+          rf"editor|proofreader|grader|screener|finance|recruitment) ){_ADDRESSEE})\b"
           rf"{_ADDRESSED_ORDER}",
           anchors=_ADDRESSEE_WORDS, is_quote_proof=True),
     # A system turn forged inside the content (chat-template or API markup), and orders to
