@@ -648,8 +648,10 @@ _SPACED = regex.compile(rf"(?<!{_RUN_LETTER})(?:{_RUN_LETTER}{_SEPARATORS}{{1,4}
 # letters stay joined uncut, as the classifier reads them).
 _MIN_SEGMENTED = 6
 # What every run holds (three letters or digits apart), in ``re``, whose scan is ~4 times
-# faster than _SPACED's with its Unicode classes; ASCII text without it has no run.
-_HINT_SEPARATOR = r"(?:[^\w!@$'’]|_)"  # _SEPARATORS in ``re`` (marks: never in ASCII)
+# faster than _SPACED's with its Unicode classes; a text without it has no run. Its
+# letters are _RUN_LETTER's (``re``'s "\w" less "_" is Unicode's letters and numbers), its
+# separators _SEPARATORS' and the marks (not "\w" in ``re``): a superset.
+_HINT_SEPARATOR = r"(?:[^\w!@$'’]|_)"  # _SEPARATORS in ``re``, and the marks
 _HINT_LETTER = r"(?:[^\W_]|[!@$])"
 _SPACED_HINT = re.compile(rf"(?<![^\W_])(?<![!@$]){_HINT_LETTER}{_HINT_SEPARATOR}{{1,4}}"
                           rf"{_HINT_LETTER}{_HINT_SEPARATOR}{{1,4}}{_HINT_LETTER}"
@@ -994,7 +996,7 @@ def unglue_words(folded: str, text: str = "") -> tuple[str, list[tuple[int, int]
 
 def _spaced_runs(text: str) -> list[tuple[int, int]]:
     """The runs with a letter ("7.0.0" is a version, not a word)."""
-    if text.isascii() and _SPACED_HINT.search(text) is None:
+    if _SPACED_HINT.search(text) is None:
         return []
     return [m.span() for m in _SPACED.finditer(text) if any(c.isalpha() for c in m.group())]
 
@@ -1165,6 +1167,10 @@ _JOIN_CUE = regex.compile(rf"\b(?:{'|'.join(_JOIN_STEMS)})\w*\b|"
                           r"\bput (?:them|these|it|both|all)\b.{0,20}\btogether\b|"
                           r"[\w\]'\"]\s*\+\s*[\w\['\"]", regex.IGNORECASE)
 _JOIN_CUE_WORDS = (*_JOIN_STEMS, "together")  # one is in every match but a "+" one
+# The characters other than ASCII letters that IGNORECASE matches to one ("K" Kelvin sign,
+# long "ſ", dotted and dotless "i"), as that letter: then a lower-cased text holds a cue
+# word wherever _JOIN_CUE finds one.
+_ASCII_CASE_TWINS = str.maketrans({"\u212a": "k", "\u017f": "s", "\u0130": "i", "\u0131": "i"})
 _MAX_FRAGMENTS = 32
 
 
@@ -1172,8 +1178,8 @@ def fragment_views(text: str) -> list[str]:
     """The quoted or bracketed pieces of ``text`` joined with spaces, without, and without
     then cut into words (up to _MAX_REJOINED letters), when there are two or more and the
     text asks to join something; else []."""
-    if text.isascii() and "+" not in text:
-        lower = text.lower()
+    if "+" not in text:
+        lower = text.translate(_ASCII_CASE_TWINS).lower()
         if not any(cue in lower for cue in _JOIN_CUE_WORDS):
             return []  # _JOIN_CUE cannot match: its scan costs ~6 times this check
     if not _JOIN_CUE.search(text):
@@ -1362,10 +1368,16 @@ def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]],
     if starts is not None and rule.heads is not None:
         matches: Iterable[regex.Match[str]] = matches_at(rule.pattern, folded,
                                                          starts.of(rule.heads))
+    elif not quotes:
+        return rule.pattern.search(folded) is not None
     else:
         matches = rule.pattern.finditer(folded, overlapped=False)
-    starts_of_quotes = [a for a, _ in quotes]
+    starts_of_quotes: list[int] | None = None  # made once a match is found: most find none
     for m in matches:
+        if not quotes:
+            return True
+        if starts_of_quotes is None:
+            starts_of_quotes = [a for a, _ in quotes]
         i = bisect.bisect_right(starts_of_quotes, m.start()) - 1
         if i < 0 or m.end() > quotes[i][1]:
             return True

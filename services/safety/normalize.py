@@ -179,23 +179,28 @@ def _collapse_spaces(text: str, offsets: Sequence[int]) -> tuple[str, Sequence[i
     return "".join(parts), kept
 
 
+@lru_cache(maxsize=4)
+def _fold_chars(text: str) -> tuple[str, Sequence[int]]:
+    """``text`` with each character folded (``_fold_char``), and where each folded
+    character came from. Kept for the last few texts: a check folds a prompt with and
+    without leetspeak, and the per-character pass is most of a long non-ASCII text's
+    fold."""
+    if text.isascii():
+        # No ASCII character is dropped or expands, so the offsets are the identity.
+        return _ASCII_WHITESPACE.sub(" ", text.lower()), range(len(text))
+    pieces = list(map(_fold_char, text))
+    folded = "".join(pieces)
+    if len(folded) == len(text) and "" not in pieces:
+        return folded, range(len(text))
+    return folded, tuple(i for i, piece in enumerate(pieces) for _ in piece)
+
+
 def fold(text: str, *, leet: bool = True) -> Folded:
     """``text`` with invisible characters dropped, compatibility forms (fullwidth,
     ligatures, mathematical letters) and look-alikes mapped to plain lowercase letters,
     combining marks removed, leetspeak read as letters (unless ``leet`` is False) and
     whitespace runs collapsed to one space."""
-    offsets: Sequence[int]
-    if text.isascii():
-        # No ASCII character is dropped or expands, so the offsets are the identity.
-        folded = _ASCII_WHITESPACE.sub(" ", text.lower())
-        offsets = range(len(text))
-    else:
-        pieces = list(map(_fold_char, text))
-        folded = "".join(pieces)
-        if len(folded) == len(text) and "" not in pieces:
-            offsets = range(len(text))
-        else:
-            offsets = [i for i, piece in enumerate(pieces) for _ in piece]
+    folded, offsets = _fold_chars(text)
     if leet:
         folded = _unleet(folded)
     folded, offsets = _collapse_spaces(folded, offsets)

@@ -121,30 +121,62 @@ def _first_words(alternation: str, ends: tuple[str, ...]) -> list[str] | None:
 
 
 def head_words(pattern: str) -> tuple[str, ...] | None:
-    """For a pattern "\\b(?:alternatives)..." or "\\bword...": the shortest set of literal
-    word starts of which every match begins with one, at the start of a word (no one a
-    prefix of another). None for any other pattern."""
-    if not pattern.startswith("\\b") or _UNKNOWN_GROUP.search(pattern):
+    """The shortest set of literal word starts of which every match of ``pattern`` begins
+    with one, at the start of a word (no one a prefix of another): every top-level
+    alternative must begin, past "\\b" and any lookarounds (zero-width), with literal
+    words or a group of such alternatives, a "\\b" met on the way to each
+    ("\\b(?:a|b)...", "(?:\\ba|\\bb)...", "\\bx...|\\b(?:y|z)..."). None for any
+    other pattern."""
+    if _UNKNOWN_GROUP.search(pattern):
         return None
     try:
-        return _head_words(pattern)
+        words = _alternation_heads(pattern, bounded=False)
     except ValueError:  # unbalanced as read here: not known
         return None
+    return None if words is None else shortest_prefixes(words)
 
 
-def _head_words(pattern: str) -> tuple[str, ...] | None:
-    if len(_alternatives(f"(?:{pattern})")) > 1:
-        return None
-    if pattern.startswith("(?:", 2):
-        end = _group_end(pattern, 2)
-        if pattern[end:end + 1] in ("?", "*", "{"):
+_LOOKAROUNDS = ("(?=", "(?!", "(?<=", "(?<!")
+
+
+def _alternation_heads(source: str, *, bounded: bool) -> list[str] | None:
+    out: list[str] = []
+    for alt in _alternatives(f"(?:{source})"):
+        words = _alternative_heads(alt, bounded=bounded)
+        if words is None:
             return None
-        words = first_words(pattern[2:end])
-    else:
-        words = first_words(f"(?:{pattern[2:]})")
-    if words is None:
+        out += words
+    return out
+
+
+def _alternative_heads(alt: str, *, bounded: bool) -> list[str] | None:
+    """The word starts every match of one alternative begins with (``bounded``: a "\\b"
+    holds where it starts)."""
+    while True:  # zero-width parts first: the match starts where the literal does
+        if alt.startswith("\\b"):
+            alt, bounded = alt[2:], True
+        elif alt.startswith(_LOOKAROUNDS):
+            end = _group_end(alt, 0)
+            if alt[end:end + 1] in ("?", "*", "{"):
+                return None
+            alt = alt[end:]
+        else:
+            break
+    if alt.startswith("(?:"):
+        end = _group_end(alt, 0)
+        quantifier = alt[end:end + 1]
+        if quantifier in ("*", "{", "+"):
+            return None
+        # What follows the group is not read: its words are prefixes (a superset).
+        group = _alternation_heads(alt[3:end - 1], bounded=bounded)
+        if quantifier != "?":
+            return group
+        # An optional group: the match starts with it or with what follows it.
+        rest = _alternative_heads(alt[end + 1:], bounded=bounded)
+        return None if group is None or rest is None else group + rest
+    if not bounded:
         return None
-    return shortest_prefixes(words)
+    return _first_words(f"(?:{alt})", WORD_ENDS)
 
 
 def shortest_prefixes(words: list[str]) -> tuple[str, ...]:

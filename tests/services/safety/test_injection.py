@@ -247,8 +247,14 @@ def test_every_rule_match_holds_one_of_its_anchors() -> None:
         "colo", "do", "ignore", "pay ")),  # "pay " is a whole word: a space follows it
     (r"\b(?:(?:ab|cd)e|ab)x", ("ab", "cd")),  # nested; "ab" covers "abe"
     (r"\bwhat (?:is|are) your", ("what ",)),
-    (r"\b(?:i|in) (?:a|b)|\bx", None),
-    (r"\b(?:in|i)\b|\b(?:is)", None),
+    # Top-level alternatives, each at a word start: the heads of all of them.
+    (r"\b(?:i|in) (?:a|b)|\bx", ("i", "x")),
+    (r"\b(?:in|i)\b|\b(?:is)", ("i",)),
+    (r"(?:\b(?:note|tip)\b|\bp\.? ?s\b)\W{0,3}to", ("note", "p", "tip")),
+    # A lookaround is zero-width: the match starts at the word after it.
+    (r"\b(?:send|(?<!\bthe )e-?mail)\b", ("e", "send")),
+    (r"(?<!\bno )\bway", ("way",)), (r"\b(?=\w{3})(?:ab|cd)", ("ab", "cd")),
+    (r"\b(?:x|(?!ab)cd)|(?:y|z)", None),  # "y" needs no word start
     (r"\b(?:in |i\b|int|inter)", ("i ", "in ", "int")),  # "int" covers "inter"
     # A space made optional or repeatable from none does not end the word.
     (r"\bkill ?you", ("kill",)), (r"\bkill *you", ("kill",)), (r"\bkill {0,2}you", ("kill",)),
@@ -258,8 +264,10 @@ def test_every_rule_match_holds_one_of_its_anchors() -> None:
     (r"\b(?:x[[a](]|kill|y[[b])])", ("kill", "x", "y")),
     # An inline flag runs on into later alternatives; a comment may hold anything.
     (r"\b(?:x(?x)|kill you)", None), (r"\b(?:x(?#[)|kill)", None), (r"\b(?:x(?#()|kill)", None),
-    (r"\b(?:the )?(?:part|text)", None),  # an optional first word
-    (r"\b(?:(?:ab|cd)?e)", None),
+    # An optional first group: its words or the next ones.
+    (r"\b(?:the )?(?:part|text)", ("part", "text", "the ")),
+    (r"\b(?:(?:ab|cd)?e)", ("ab", "cd", "e")),
+    (r"\b(?:ab)??c", None), (r"\b(?:ab)*c", None), (r"\b(?:ab)+c", None),
     (r"\b(?:a|[bc]d)", None),  # a class first
     (r"\b(?:a\.i\.|bot)", ("a", "bot")),
     (r"\bfoo|bar", None),  # "bar" needs no word start
@@ -358,10 +366,14 @@ def test_leet_words_are_found_as_the_whole_text_regex_finds_them() -> None:
 def test_the_quick_checks_before_the_spaced_and_join_patterns_never_skip_a_match() -> None:
     rng = random.Random(1)
     alphabet = "ab1 _.-*+/|,;:\t\nJOINtogether'~=!@$#"
-    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
-             for _ in range(5000)]
+    # Other scripts' letters, combining marks (a separator for the quick check alone),
+    # punctuation beyond ASCII, and the letters IGNORECASE matches to ASCII ones.
+    wide = alphabet + "иα\u0301\u093f\u200b—’“İſ\u212aé"
+    texts = ["".join(rng.choice(chars) for _ in range(rng.randint(1, 60)))
+             for chars in (alphabet, wide) for _ in range(5000)]
     texts += ["i g n o r e", "a.b.c", "x = 'a' + 'b'", "Combine [a] [b]", "put them all together",
-              "i~g~n", "a=b=c", "I'm a"]
+              "i~g~n", "a=b=c", "I'm a", "и г н о р", "a\u0301 b\u0301 c\u0301", "i — g — n",
+              "JOİN [a] [b]", "aſſemble 'x' 'y'", "Café: combine 'x' 'y'"]
     for text in texts:
         assert injection._spaced_runs(text) == [
             m.span() for m in injection._SPACED.finditer(text)
