@@ -60,18 +60,21 @@ DEV2_FILE = Path(__file__).parent / "data" / "dev2.jsonl"
 # no safety code or data: real phrasings, documents and close benign texts, which the
 # templates above cannot vary enough. The ``train`` sets are trained on; ``dev3.jsonl``
 # calibrates (with ``dev2.jsonl``). The rules' readings were tried on ``dev3.jsonl`` and
-# on ``train_c.jsonl``, ``train_d.jsonl`` and ``train_e.jsonl`` (development sets, trained
-# on since; ``train_d`` stresses indirect injections, extraction and close benign documents,
-# ``train_e`` close benign texts of every family).
+# on ``train_c.jsonl`` to ``train_f.jsonl`` (development sets, trained on since; ``train_d``
+# stresses indirect injections, extraction and close benign documents, ``train_e`` close
+# benign texts of every family; ``train_f`` was ``dev4.jsonl`` and ``train_g`` a new
+# author's set, each run blind first).
 TRAIN_A_FILE = Path(__file__).parent / "data" / "train_a.jsonl"
 TRAIN_B_FILE = Path(__file__).parent / "data" / "train_b.jsonl"
 TRAIN_C_FILE = Path(__file__).parent / "data" / "train_c.jsonl"
 TRAIN_D_FILE = Path(__file__).parent / "data" / "train_d.jsonl"
 TRAIN_E_FILE = Path(__file__).parent / "data" / "train_e.jsonl"
+TRAIN_F_FILE = Path(__file__).parent / "data" / "train_f.jsonl"
+TRAIN_G_FILE = Path(__file__).parent / "data" / "train_g.jsonl"
 DEV3_FILE = Path(__file__).parent / "data" / "dev3.jsonl"
 # What the classifier trains on and calibrates on beside the generated examples.
 TRAIN_FILES = (DEV_FILE, TRAIN_A_FILE, TRAIN_B_FILE, TRAIN_C_FILE, TRAIN_D_FILE,
-               TRAIN_E_FILE)
+               TRAIN_E_FILE, TRAIN_F_FILE, TRAIN_G_FILE)
 CALIBRATION_FILES = (DEV2_FILE, DEV3_FILE)
 # The hand-written development sets' attack families, as the generator names them.
 _DEV_FAMILIES = {"ignore_previous": "direct", "role_play": "role_play",
