@@ -47,7 +47,7 @@ lint: setup
 test: lint
 	$(VENV)/bin/genmesh models pull smollm2-135m-instruct
 	# The safety service's injection classifier, trained once into ~/.cache/genmesh/safety/
-	# (~7 min on two cores; a mesh would otherwise train it inside its start-up deadline).
+	# (~8.5 min on two cores; a mesh would otherwise train it inside its start-up deadline).
 	$(VENV)/bin/genmesh safety train
 	$(PY) -m pytest -q
 
