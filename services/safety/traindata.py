@@ -62,8 +62,8 @@ DEV2_FILE = Path(__file__).parent / "data" / "dev2.jsonl"
 # calibrates (with ``dev2.jsonl``). The rules' readings were tried on ``dev3.jsonl`` and
 # on ``train_c.jsonl`` to ``train_f.jsonl`` (development sets, trained on since; ``train_d``
 # stresses indirect injections, extraction and close benign documents, ``train_e`` close
-# benign texts of every family; ``train_f`` was ``dev4.jsonl`` and ``train_g`` a new
-# author's set, each run blind first).
+# benign texts of every family; ``train_f`` was ``dev4.jsonl``, ``train_g`` and ``train_h``
+# (was ``dev5.jsonl``) new authors' sets, each run blind first).
 TRAIN_A_FILE = Path(__file__).parent / "data" / "train_a.jsonl"
 TRAIN_B_FILE = Path(__file__).parent / "data" / "train_b.jsonl"
 TRAIN_C_FILE = Path(__file__).parent / "data" / "train_c.jsonl"
@@ -71,10 +71,11 @@ TRAIN_D_FILE = Path(__file__).parent / "data" / "train_d.jsonl"
 TRAIN_E_FILE = Path(__file__).parent / "data" / "train_e.jsonl"
 TRAIN_F_FILE = Path(__file__).parent / "data" / "train_f.jsonl"
 TRAIN_G_FILE = Path(__file__).parent / "data" / "train_g.jsonl"
+TRAIN_H_FILE = Path(__file__).parent / "data" / "train_h.jsonl"
 DEV3_FILE = Path(__file__).parent / "data" / "dev3.jsonl"
 # What the classifier trains on and calibrates on beside the generated examples.
 TRAIN_FILES = (DEV_FILE, TRAIN_A_FILE, TRAIN_B_FILE, TRAIN_C_FILE, TRAIN_D_FILE,
-               TRAIN_E_FILE, TRAIN_F_FILE, TRAIN_G_FILE)
+               TRAIN_E_FILE, TRAIN_F_FILE, TRAIN_G_FILE, TRAIN_H_FILE)
 CALIBRATION_FILES = (DEV2_FILE, DEV3_FILE)
 # The hand-written development sets' attack families, as the generator names them.
 _DEV_FAMILIES = {"ignore_previous": "direct", "role_play": "role_play",
