@@ -1219,7 +1219,8 @@ def fragment_views(text: str) -> list[str]:
     then cut into words (up to _MAX_REJOINED letters), when there are two or more and the
     text asks to join something; else []."""
     if "+" not in text:
-        lower = text.translate(_ASCII_CASE_TWINS).lower()
+        # (str.translate looks up every character: only where a twin can be.)
+        lower = (text if text.isascii() else text.translate(_ASCII_CASE_TWINS)).lower()
         if not any(cue in lower for cue in _JOIN_CUE_WORDS):
             return []  # _JOIN_CUE cannot match: its scan costs ~6 times this check
     if not _JOIN_CUE.search(text):
@@ -1412,10 +1413,10 @@ def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]],
         return rule.pattern.search(folded) is not None
     else:
         matches = rule.pattern.finditer(folded, overlapped=False)
-    starts_of_quotes: list[int] | None = None  # made once a match is found: most find none
+    if not quotes:
+        return next(iter(matches), None) is not None
+    starts_of_quotes: list[int] | None = None  # made at the first match: most rules find none
     for m in matches:
-        if not quotes:
-            return True
         if starts_of_quotes is None:
             starts_of_quotes = [a for a, _ in quotes]
         i = bisect.bisect_right(starts_of_quotes, m.start()) - 1
