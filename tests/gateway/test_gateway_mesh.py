@@ -1,7 +1,8 @@
 """Issue 4 end to end: a real Envoy, Redis, rate-limit service and two worker versions.
 
 One mesh for the module, started by the launcher from a deployment written here: tenants
-with small limits, versions v1 (fp32) and v2 (bf16) of the default model.
+with small limits, versions v1 and v2 of the default model (both bf16: 2-4x faster than fp32 on
+a CPU; the tests tell the versions apart by the version each reply names).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ BUDGET = 600  # gamma's tokens per minute
 def deployment_yaml() -> dict:
     return {
         "model": {"name": MODEL, "versions": {
-            "v1": {"workers": ["127.0.0.1:1"], "dtype": "float32"},
+            "v1": {"workers": ["127.0.0.1:1"], "dtype": "bfloat16"},
             "v2": {"workers": ["127.0.0.1:2"], "dtype": "bfloat16"}}},
         "services": {"frontend": ["127.0.0.1:3"], "tokenizer": ["127.0.0.1:4"],
                      "ratelimit": ["127.0.0.1:5"], "cache": ["127.0.0.1:7"]},

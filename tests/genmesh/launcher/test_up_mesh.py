@@ -70,7 +70,7 @@ def genmesh_up(run_dir: Path, *, in_background: bool = False,
     without Prometheus, or with ``every_version`` every version and Prometheus when it is
     installed; killed at the end if the test did not stop it."""
     ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
-    argv = [sys.executable, "-m", "genmesh.cli", "up", "--quiet", "--dtype", "float32",
+    argv = [sys.executable, "-m", "genmesh.cli", "up", "--quiet",
             "--kv-cache-gib", "0.1", "--stop-grace", str(STOP_GRACE_S),
             "--run-dir", str(run_dir)]
     if not every_version:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -30,13 +31,27 @@ def answer(text: str = "hello world",
                                   usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=2))
 
 
-@pytest.fixture
-def cache(tmp_path: Path) -> Iterator[cache_pb2_grpc.CacheStub]:
+@contextmanager
+def memory_cache(log_dir: Path) -> Iterator[cache_pb2_grpc.CacheStub]:
     port = free_port()
     with service("services.cache.main", ["--port", str(port)], port=port,
-                 log_path=tmp_path / "cache.log"), \
+                 log_path=log_dir / "cache.log"), \
             grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield cache_pb2_grpc.CacheStub(channel)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[cache_pb2_grpc.CacheStub]:
+    """A fresh service for each test: the tests count its lookups and entries."""
+    with memory_cache(tmp_path) as stub:
+        yield stub
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cache_pb2_grpc.CacheStub]:
+    """One service for the tests that leave nothing in it (refused requests)."""
+    with memory_cache(tmp_path_factory.mktemp("cache")) as stub:
+        yield stub
 
 
 def test_the_memory_store_answers_hits_misses_and_stats(cache) -> None:
@@ -114,9 +129,9 @@ def test_invalidation_by_tenant_and_by_version(cache) -> None:
     ("Invalidate", cache_pb2.InvalidateRequest(), "set tenant, model_version or both"),
     ("Release", cache_pb2.ReleaseRequest(key=key()), "lease_id is empty"),
 ])
-def test_bad_requests_are_invalid_argument(cache, call, request_, message) -> None:
+def test_bad_requests_are_invalid_argument(shared_cache, call, request_, message) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        getattr(cache, call)(request_, timeout=5)
+        getattr(shared_cache, call)(request_, timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
 

@@ -53,7 +53,7 @@ def observed(tmp_path_factory) -> Iterator[Observed]:
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     with OtlpReceiver() as rx:
         args = ["--port", str(port), "--model", "tiny-llama", "--load-format", "dummy",
-                "--dtype", "float32", "--model-version", "v7", "--kv-cache-gib", "0.01",
+                "--dtype", "bfloat16", "--model-version", "v7", "--kv-cache-gib", "0.01",
                 "--num-threads", "1", "--metrics-port", str(metrics_port),
                 "--otlp-endpoint", rx.endpoint,
                 "--price-per-device-hour", str(PRICE_PER_DEVICE_HOUR)]

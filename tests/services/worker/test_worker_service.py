@@ -20,7 +20,7 @@ def worker(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     args = ["--port", str(port), "--model", "tiny-llama", "--load-format", "dummy",
-            "--dtype", "float32", "--model-version", "v7", "--kv-cache-gib", "0.01"]
+            "--dtype", "bfloat16", "--model-version", "v7", "--kv-cache-gib", "0.01"]
     with service("services.worker.main", args, port=port, log_path=log) as proc:
         yield f"127.0.0.1:{port}", proc, log
 
@@ -82,7 +82,7 @@ def test_logs_are_json_and_sigterm_lets_in_flight_streams_finish(tmp_path):
     port = free_port()
     log = tmp_path / "worker.log"
     args = ["--port", str(port), "--model", "tiny-llama", "--load-format", "dummy",
-            "--dtype", "float32", "--shutdown-grace-s", "10"]
+            "--dtype", "bfloat16", "--shutdown-grace-s", "10"]
     with service("services.worker.main", args, port=port, log_path=log) as proc:
         call = stub(f"127.0.0.1:{port}").Generate(worker_pb2.WorkerGenerateRequest(
             prompt_ids=[5, 6], params=common_pb2.SamplingParams(max_tokens=100,
@@ -102,7 +102,7 @@ def test_a_dead_engine_core_ends_streams_and_the_worker_exits_non_zero(tmp_path)
     port = free_port()
     log = tmp_path / "worker.log"
     args = ["--port", str(port), "--model", "tiny-llama", "--load-format", "dummy",
-            "--dtype", "float32"]
+            "--dtype", "bfloat16"]
     with service("services.worker.main", args, port=port, log_path=log) as proc:
         core = [pid for pid in _children(proc.pid) if b"spawn_main" in _cmdline(pid)]
         assert len(core) == 1
