@@ -9,19 +9,28 @@ running configuration, as it was.
 Files (one DiscoveryResponse each): ``clusters.yaml``, ``listeners.yaml``,
 ``routes-edge.yaml``, ``routes-mesh.yaml``. Clusters are written first, so a route never
 points at a cluster Envoy does not know yet.
+
+``apply_live`` also waits until the running Envoy has taken the change: each file carries
+a new ``version_info``, and each of Envoy's subscriptions (CDS, LDS, one RDS per route
+table) sets its ``version`` gauge to a hash of the last version it accepted, so a change
+is live once every gauge has moved.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from gateway.envoy import render, resources, validate
+from gateway.metrics import admin_dial_host
 from genmesh.core.deployment import Deployment, DeploymentError, check
 
 TYPES = {
@@ -68,6 +77,48 @@ def apply(dep: Deployment, xds_dir: Path) -> None:
     xds_dir.mkdir(parents=True, exist_ok=True)
     for name, content in files(dep, xds_dir).items():
         write_atomically(xds_dir / name, yaml.safe_dump(content, sort_keys=False))
+
+
+# The subscriptions' version gauges: cluster_manager.cds.version,
+# listener_manager.lds.version, http.<prefix>.rds.<route table>.version.
+_VERSION_STATS = r"(\.cds|\.lds|\.rds\.[^.:]+)\.version$"
+ADMIN_TIMEOUT_S = 1.0
+POLL_S = 0.02
+
+
+def apply_live(dep: Deployment, xds_dir: Path, *, timeout_s: float = 5.0) -> bool:
+    """``apply``, then wait until the running Envoy (``dep``'s admin) has taken every file.
+    True once it has; False if it did not say so within ``timeout_s`` or its admin does
+    not answer (the files are written either way). DeploymentError if refused."""
+    url = f"http://{admin_dial_host(dep.gateway.admin_host)}:{dep.gateway.admin_port}"
+    before = subscription_versions(url)
+    apply(dep, xds_dir)
+    if not before:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = subscription_versions(url)
+        if all(now.get(name, value) != value for name, value in before.items()):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_S)
+
+
+def subscription_versions(admin_url: str) -> dict[str, int]:
+    """Each xDS subscription's version gauge; empty if the admin does not answer."""
+    url = f"{admin_url}/stats?filter={urllib.parse.quote(_VERSION_STATS)}"
+    try:
+        with urllib.request.urlopen(url, timeout=ADMIN_TIMEOUT_S) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if re.search(_VERSION_STATS, name) and value.strip().isdigit():
+            out[name] = int(value)
+    return out
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -7,8 +7,10 @@
     genmesh rollout rollback          undo the canary/shadow, or the last promote
     genmesh rollout report            shadow vs primary: agreement and latency
 
-Every change is checked and validated by Envoy before it replaces the mesh's xDS files;
-a refused change prints why and leaves traffic as it was (exit status 2).
+Every change is checked and validated by Envoy before it replaces the mesh's xDS files,
+and the command returns once the running Envoy has taken it (a warning if it has not
+said so within 5 s); a refused change prints why and leaves traffic as it was (exit
+status 2).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from genmesh.rollout_report import compare
 from genmesh.security import pki
 
 ADMIN_TIMEOUT_S = 2.0
+LIVE_TIMEOUT_S = 5.0  # how long a change waits for Envoy to take it
 REDIS_TIMEOUT_S = 5.0
 
 
@@ -83,10 +86,17 @@ def _rollout(args: argparse.Namespace) -> int:
 
 
 def apply_change(dep: Deployment, new: Rollout, run_dir: Path) -> Deployment:
-    """Make ``new`` the live rollout of the mesh in ``run_dir``; DeploymentError if refused."""
+    """Make ``new`` the live rollout of the mesh in ``run_dir``, and return once Envoy has
+    taken it (or said nothing for LIVE_TIMEOUT_S: then a warning); DeploymentError if
+    refused."""
     changed = dep.with_rollout(new)
-    xds.apply(changed, run_dir / XDS_DIR)
+    live = xds.apply_live(changed, run_dir / XDS_DIR, timeout_s=LIVE_TIMEOUT_S)
     deploy.save(changed, run_dir / DEPLOYMENT_FILE)
+    if not live:
+        print(f"genmesh: the change is written, but Envoy (admin port "
+              f"{dep.gateway.admin_port}) has not confirmed taking it within "
+              f"{LIVE_TIMEOUT_S:.0f} s; `genmesh status` shows whether it runs",
+              file=sys.stderr)
     return changed
 
 
