@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 900.0  # longest model load we wait for (a dummy 8B on a GPU is minutes)
 STOP_TIMEOUT_S = 10.0  # how long shutdown waits for the child before killing it
+# On a CPU the core's threads take every core the machine has; the serving path (this
+# worker's gRPC loop, Envoy, the frontend, tokenizer and safety) needs little CPU but
+# needs it at once. Niced, the core yields to them when they run and takes what is left
+# (all of it, when they are idle).
+CPU_NICENESS = 5
 
 
 class EngineProcessError(RuntimeError):
@@ -158,6 +163,8 @@ class ProcessEngine(LoopClient):
 def _child_main(config: EngineConfig, conn: Connection) -> None:
     """The child: build the core, report ready, run the loop until Stop or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when to stop
+    if config.device == "cpu":
+        os.nice(CPU_NICENESS)
     from services.worker.engine.core import EngineCore
 
     try:
