@@ -17,6 +17,9 @@ answered 404 by the listener itself, and admin never sees it.
 from __future__ import annotations
 
 import ipaddress
+import re
+import urllib.parse
+import urllib.request
 from typing import Any
 
 from gateway.core import duration, socket_address
@@ -66,6 +69,26 @@ def admin_cluster(g: GatewaySettings) -> dict[str, Any]:
                 "address": socket_address(admin_dial_host(g.admin_host), g.admin_port)}}]}],
         },
     }
+
+
+def admin_url(g: GatewaySettings) -> str:
+    """Where this host dials Envoy's admin interface, e.g. ``http://127.0.0.1:9901``."""
+    return f"http://{admin_dial_host(g.admin_host)}:{g.admin_port}"
+
+
+def admin_stats(url: str, pattern: str, *, timeout_s: float) -> dict[str, int]:
+    """Envoy's counters and gauges whose names match the regex ``pattern`` (admin
+    ``/stats?filter=``), from the admin at ``url``; OSError if it does not answer."""
+    query = urllib.parse.quote(pattern)
+    with urllib.request.urlopen(f"{url}/stats?filter={query}", timeout=timeout_s) as reply:
+        text = reply.read().decode()
+    matches = re.compile(pattern).search  # again here: the filter is Envoy's to honour
+    out = {}
+    for line in text.splitlines():  # "cluster.worker-v1.upstream_rq_total: 12"
+        name, _, value = line.partition(": ")
+        if matches(name) and value.strip().isdigit():  # histograms' are not numbers
+            out[name] = int(value)
+    return out
 
 
 def admin_dial_host(admin_host: str) -> str:

@@ -19,18 +19,15 @@ is live once every gauge has moved.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from gateway.envoy import render, resources, validate
-from gateway.metrics import admin_dial_host
+from gateway.metrics import admin_stats, admin_url
 from genmesh.core.deployment import Deployment, DeploymentError, check
 
 TYPES = {
@@ -90,7 +87,7 @@ def apply_live(dep: Deployment, xds_dir: Path, *, timeout_s: float = 5.0) -> boo
     """``apply``, then wait until the running Envoy (``dep``'s admin) has taken every file.
     True once it has; False if it did not say so within ``timeout_s`` or its admin does
     not answer (the files are written either way). DeploymentError if refused."""
-    url = f"http://{admin_dial_host(dep.gateway.admin_host)}:{dep.gateway.admin_port}"
+    url = admin_url(dep.gateway)
     before = subscription_versions(url)
     apply(dep, xds_dir)
     if not before:
@@ -105,20 +102,12 @@ def apply_live(dep: Deployment, xds_dir: Path, *, timeout_s: float = 5.0) -> boo
         time.sleep(POLL_S)
 
 
-def subscription_versions(admin_url: str) -> dict[str, int]:
+def subscription_versions(url: str) -> dict[str, int]:
     """Each xDS subscription's version gauge; empty if the admin does not answer."""
-    url = f"{admin_url}/stats?filter={urllib.parse.quote(_VERSION_STATS)}"
     try:
-        with urllib.request.urlopen(url, timeout=ADMIN_TIMEOUT_S) as reply:
-            text = reply.read().decode()
+        return admin_stats(url, _VERSION_STATS, timeout_s=ADMIN_TIMEOUT_S)
     except OSError:
         return {}
-    out = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(": ")
-        if re.search(_VERSION_STATS, name) and value.strip().isdigit():
-            out[name] = int(value)
-    return out
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import psutil
 import yaml
 
+from gateway.metrics import admin_stats
 from genmesh.launcher.plan import DEFAULT_DEPLOYMENT, PORT_FIELDS, MeshConfig, plan
 from genmesh.launcher.ports import free_ports
 from genmesh.launcher.supervisor import Supervisor
@@ -79,12 +78,10 @@ class Mesh:
     def is_in_rotation(self, cluster: str) -> bool:
         """Every host of Envoy's ``cluster`` is healthy; True for a process Envoy does
         not route to (Redis)."""
-        url = f"{self.admin_url}/stats?filter=^cluster\\.{cluster}\\.membership_"
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as reply:
-                stats = dict(line.split(": ", 1) for line in reply.read().decode().splitlines()
-                             if ": " in line)
-        except (urllib.error.URLError, OSError):
+            stats = admin_stats(self.admin_url, f"^cluster\\.{cluster}\\.membership_",
+                                timeout_s=1.0)
+        except OSError:
             return False
         total = stats.get(f"cluster.{cluster}.membership_total")
         if total is None:

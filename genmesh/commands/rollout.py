@@ -19,14 +19,13 @@ import argparse
 import dataclasses
 import json
 import sys
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
 from gateway import rollout, xds
-from gateway.metrics import admin_dial_host
+from gateway.metrics import admin_stats, admin_url
 from genmesh.commands.mesh import DEFAULT_RUN_DIR, no_mesh_message
 from genmesh.core import deployment as deploy
 from genmesh.core.deployment import Deployment, DeploymentError, Rollout
@@ -106,16 +105,10 @@ def _with_split(r: Rollout, split: str | None) -> Rollout:
 
 def requests_per_version(dep: Deployment) -> dict[str, int]:
     """Calls Envoy has sent to each version's pool since it started (admin stats)."""
-    g = dep.gateway
-    url = f"http://{admin_dial_host(g.admin_host)}:{g.admin_port}/stats?filter=upstream_rq_total$"
-    with urllib.request.urlopen(url, timeout=ADMIN_TIMEOUT_S) as reply:
-        lines = reply.read().decode().splitlines()
-    counts = {}
-    for v in dep.versions:
-        prefix = f"cluster.{v.cluster}.upstream_rq_total: "
-        counts[v.name] = next((int(line[len(prefix):]) for line in lines
-                               if line.startswith(prefix)), 0)
-    return counts
+    stats = admin_stats(admin_url(dep.gateway), "upstream_rq_total$",
+                        timeout_s=ADMIN_TIMEOUT_S)
+    return {v.name: stats.get(f"cluster.{v.cluster}.upstream_rq_total", 0)
+            for v in dep.versions}
 
 
 def _status(dep: Deployment) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.metrics import admin_stats
 from genmesh.security import clients, pki
 
 PROBE_TIMEOUT_S = 1.0
@@ -76,17 +77,14 @@ class EnvoyReady:
                                         timeout=PROBE_TIMEOUT_S) as reply:
                 if reply.status != 200:
                     return False
-            with urllib.request.urlopen(f"{self.admin_url}/stats?filter=membership_",
-                                        timeout=PROBE_TIMEOUT_S) as reply:
-                stats = reply.read().decode()
-        except (urllib.error.URLError, OSError):
+            stats = admin_stats(self.admin_url, "membership_", timeout_s=PROBE_TIMEOUT_S)
+        except OSError:
             return False
         counts: dict[str, dict[str, int]] = {}
-        for line in stats.splitlines():  # "cluster.worker.membership_healthy: 1"
-            key, _, value = line.partition(": ")
+        for key, value in stats.items():  # "cluster.worker.membership_healthy": 1
             parts = key.split(".")
             if len(parts) == 3 and parts[0] == "cluster":
-                counts.setdefault(parts[1], {})[parts[2]] = int(value)
+                counts.setdefault(parts[1], {})[parts[2]] = value
         return bool(counts) and all(
             c.get("membership_total", 0) > 0
             and c.get("membership_healthy") == c.get("membership_total")
