@@ -106,7 +106,7 @@ class RunningMesh:
 # The greedy answer to this prompt says it in its first sentence; the mesh's safety policy
 # blocks the phrase for the `dev` tenant, so a test can watch an output cut mid-stream.
 CUT_PROMPT = "Describe a lighthouse keeper's evening in three sentences."
-CUT_PHRASE = "seasoned sailor with a heart of gold"
+CUT_PHRASE = "grizzled and seasoned sailor"
 
 
 # A second tenant of the test mesh (no token budget): what one tenant's calls leave behind
@@ -142,12 +142,13 @@ def mesh_safety_policy(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
     """deploy/local.yaml's first version only: Envoy, Redis, the rate-limit service,
-    tokenizer, safety, worker (the default model in bf16, as v1 is served; 2-4x faster
-    than fp32 on a CPU) and frontend as real processes on free loopback ports, via the
-    launcher."""
+    tokenizer, safety, worker (the default model in fp32: in bf16, 2-4x faster here, the
+    batch test's online TTFT came out at 2.02-2.07x its unloaded value against its 2x
+    bound in two of seven full runs) and frontend as real processes on free loopback
+    ports, via the launcher."""
     ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
     run_dir = tmp_path_factory.mktemp("mesh")
-    config = MeshConfig(**ports, model=DEFAULT_MODEL, versions=("v1",), dtype="bfloat16",
+    config = MeshConfig(**ports, model=DEFAULT_MODEL, versions=("v1",), dtype="float32",
                         kv_cache_gib=0.25, run_dir=run_dir, log_level="INFO",
                         deployment=mesh_deployment(run_dir / "test-deployment.yaml"),
                         scrape_interval_s=1.0,
