@@ -11,7 +11,12 @@ replies_per_step)`` tokens (at most ``max_interval``), so a step's tokens leave 
 worker in about ``replies_per_step`` replies whatever the batch: the mesh's cost per step
 stops growing with the batch. Held tokens are bounded in time too, and nothing waits:
 
-- in the first reply of a stream (time to first token is what users feel most),
+- in the first reply of a stream (time to first token is what users feel most); and the
+  replies after it start small and double (a slow start: 1, 2, 4, ... tokens, up to the
+  interval), because what users see is text, and the first text needs the tokens after
+  the first: the frontend's moderation holds back a trailing word that could still grow
+  into a match (an e-mail address, say) until a later token ends it, so a second reply
+  held for a whole interval held the first words with it,
 - in the last (finish reason, usage),
 - while fewer than ``min_batch`` requests are running (a lightly loaded engine has the
   time to spare, and each token's latency is then what matters).
@@ -67,7 +72,7 @@ class ReplyGate:
         self._held: list[Delta] = []
         self._held_tokens = 0
         self._held_since = 0.0
-        self._sent_any = False
+        self._num_replies = 0
 
     def add(self, deltas: list[Delta]) -> list[Delta] | None:
         """Take newly arrived deltas; returns every delta held so far when they are due
@@ -79,12 +84,13 @@ class ReplyGate:
         if not self._is_due():
             return None
         out, self._held, self._held_tokens = self._held, [], 0
-        self._sent_any = True
+        self._num_replies += 1
         return out
 
     def _is_due(self) -> bool:
         p = self._policy
-        return (not self._sent_any
+        return (self._num_replies == 0
                 or self._held[-1].finished
-                or self._held_tokens >= p.interval(self._num_running())
+                or self._held_tokens >= min(p.interval(self._num_running()),
+                                            1 << min(self._num_replies, 30))
                 or (self._clock() - self._held_since) * 1000.0 >= p.max_hold_ms)
