@@ -129,7 +129,7 @@ async def run(cfg: FrontendConfig) -> None:
     pipeline = build_pipeline(tokenizer=tokenizer, worker=worker,
                               rpc_timeout_s=cfg.rpc_timeout_s, detokenizers=detokenizers,
                               admission=admission, affinity=what.affinity, safety=safety,
-                              cache=cache, limits=what.limits)
+                              cache=cache, limits=what.limits, versions=what.versions)
     catalog = ModelCatalog(model=what.model, versions=what.versions, tokenizer=tokenizer,
                            worker=worker, rpc_timeout_s=cfg.rpc_timeout_s)
     # Jobs get a client of their own: their reads block up to a second, longer than the

@@ -152,11 +152,14 @@ def build_pipeline(*, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
                    detokenizers: Detokenizers | None = None, admission: Admission | None = None,
                    affinity: Affinity | None = None, safety: SafetyGate | None = None,
                    cache: ResponseCache | None = None,
-                   limits: RequestLimits = DEFAULT_LIMITS) -> Pipeline:
+                   limits: RequestLimits = DEFAULT_LIMITS,
+                   versions: tuple[str, ...] = ()) -> Pipeline:
     """The chain for what this deployment has: ``detokenizers`` as chosen at start-up
     (default: the tokenizer service's stream); without ``safety``, ``cache``, or budgets
-    in ``admission``, the stages they need are left out."""
-    generate = Generate(worker, affinity=affinity or Affinity(), rpc_timeout_s=rpc_timeout_s)
+    in ``admission``, the stages they need are left out. ``versions``: the model versions
+    served (with one, no call asks the gateway which one a request is routed to)."""
+    generate = Generate(worker, affinity=affinity or Affinity(), rpc_timeout_s=rpc_timeout_s,
+                        versions=versions)
     request_stages: list[Stage] = [
         Tokenize(tokenizer, rpc_timeout_s=rpc_timeout_s) if safety is None
         else TokenizeAndCheck(tokenizer, safety, rpc_timeout_s=rpc_timeout_s)]

@@ -32,10 +32,14 @@ _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 class Generate:
     def __init__(self, worker: worker_pb2_grpc.WorkerStub, *, affinity: Affinity,
-                 rpc_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 rpc_timeout_s: float, versions: tuple[str, ...] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.worker = worker
         self.affinity = affinity  # how the prompt's first blocks name the replica to reach
         self.rpc_timeout_s = rpc_timeout_s  # deadline of the unary GetStats
+        # The versions this frontend serves (requests pinned elsewhere are refused); with
+        # one, the split has nothing to choose: it is the routed version, unasked.
+        self.versions = versions
         self._clock = clock
         # The split's last answer per A/B bucket (None: not bucketed): (version, when).
         self._last_routed: dict[str | None, tuple[str, float]] = {}
@@ -82,7 +86,9 @@ class Generate:
         the same route and headers as Generate answers with the version it reached.
         While no worker answers, the split's last answer for the same A/B bucket (if
         under LAST_ROUTED_TTL_S old), so that cached answers are still served; without
-        one, UNAVAILABLE."""
+        one, UNAVAILABLE. A frontend serving one version answers it without a call."""
+        if len(self.versions) == 1:
+            return self.versions[0]
         bucket = ab_bucket(call.req.tenant)
         try:
             stats = await self.worker.GetStats(worker_pb2.GetStatsRequest(),

@@ -97,6 +97,21 @@ def test_routed_version_asks_the_same_route_for_its_stats():
                                 worker.metadata[0][metadata.AB_BUCKET]}]
 
 
+def test_a_frontend_serving_one_version_routes_to_it_without_asking():
+    worker = FakeWorker([], routed_version="v9")
+    stage = Generate(worker, affinity=Affinity(block_size=16, max_blocks=4),  # type: ignore[arg-type]
+                     rpc_timeout_s=1.0, versions=("v1",))
+    worker.stats_error = rpc_error(grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
+    call = call_of(request(model_version=""), prompt_ids=[1, 2])
+    assert run(stage.routed_version(call)) == "v1"  # no worker up: still known
+    assert worker.metadata == []  # no stats call
+    two = Generate(worker, affinity=Affinity(block_size=16, max_blocks=4),  # type: ignore[arg-type]
+                   rpc_timeout_s=1.0, versions=("v1", "v2"))
+    worker.stats_error = None
+    assert run(two.routed_version(call)) == "v9"  # a split: the gateway is asked
+    assert len(worker.metadata) == 1
+
+
 def test_while_no_worker_answers_the_splits_last_answer_stands_in_for_a_minute():
     now = [100.0]
     worker = FakeWorker([], routed_version="v9")
