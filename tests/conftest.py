@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,7 @@ class RunningMesh:
 # The greedy answer to this prompt says it in its first sentence; the mesh's safety policy
 # blocks the phrase for the `dev` tenant, so a test can watch an output cut mid-stream.
 CUT_PROMPT = "Describe a lighthouse keeper's evening in three sentences."
-CUT_PHRASE = "grizzled and seasoned sailor"
+CUT_PHRASE = "seasoned sailor with a heart of gold"
 
 
 # A second tenant of the test mesh (no token budget): what one tenant's calls leave behind
@@ -139,22 +140,27 @@ def mesh_safety_policy(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
+@contextmanager
+def start_mesh(run_dir: Path, *, dtype: str) -> Iterator[RunningMesh]:
     """deploy/local.yaml's first version only: Envoy, Redis, the rate-limit service,
-    tokenizer, safety, worker (the default model in fp32: in bf16, 2-4x faster here, the
-    batch test's online TTFT came out at 2.02-2.07x its unloaded value against its 2x
-    bound in two of seven full runs) and frontend as real processes on free loopback
-    ports, via the launcher."""
+    tokenizer, safety, worker (the default model in ``dtype``) and frontend as real
+    processes on free loopback ports, via the launcher."""
     ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
-    run_dir = tmp_path_factory.mktemp("mesh")
-    config = MeshConfig(**ports, model=DEFAULT_MODEL, versions=("v1",), dtype="float32",
+    config = MeshConfig(**ports, model=DEFAULT_MODEL, versions=("v1",), dtype=dtype,
                         kv_cache_gib=0.25, run_dir=run_dir, log_level="INFO",
                         deployment=mesh_deployment(run_dir / "test-deployment.yaml"),
                         scrape_interval_s=1.0,
                         safety_policy=mesh_safety_policy(run_dir / "safety-policy.yaml"))
     with launched(config) as supervisor:
         yield RunningMesh(config, supervisor, DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
+    """The mesh most mesh tests share, started once: the default model in bf16, as
+    deploy/local.yaml serves v1 on a CPU (2-4x faster than fp32 here)."""
+    with start_mesh(tmp_path_factory.mktemp("mesh"), dtype="bfloat16") as running:
+        yield running
 
 
 @pytest.fixture
