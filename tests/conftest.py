@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -145,7 +146,7 @@ def start_mesh(run_dir: Path, *, dtype: str) -> Iterator[RunningMesh]:
     """deploy/local.yaml's first version only: Envoy, Redis, the rate-limit service,
     tokenizer, safety, worker (the default model in ``dtype``) and frontend as real
     processes on free loopback ports, via the launcher."""
-    ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
+    ports: dict[str, Any] = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
     config = MeshConfig(**ports, model=DEFAULT_MODEL, versions=("v1",), dtype=dtype,
                         kv_cache_gib=0.25, run_dir=run_dir, log_level="INFO",
                         deployment=mesh_deployment(run_dir / "test-deployment.yaml"),

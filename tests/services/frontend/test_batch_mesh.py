@@ -71,7 +71,7 @@ def test_a_batch_of_100_leaves_online_ttft_within_twice_its_unloaded_value(fp32_
         batch = threading.Thread(target=lambda: results.extend(client.generate_batch(items)))
         batch.start()
         time.sleep(1.0)  # the batch is running at full width
-        loaded = []
+        loaded: list[float] = []
         while batch.is_alive() and len(loaded) < 9:
             loaded.append(ttft_ms(client))
             time.sleep(0.2)
