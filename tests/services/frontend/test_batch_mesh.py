@@ -47,7 +47,7 @@ def test_results_come_tagged_with_the_clients_ids_and_bad_items_fail_alone(mesh)
         assert error is not None and error.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def fp32_mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[RunningMesh]:
     """The session's mesh with the model in fp32, where the engine's steps are what the

@@ -40,7 +40,8 @@ class Mesh:
     """The fakes of one frontend's downstream services, and its pipeline over them."""
 
     def __init__(self, messages: list, *, safety: bool = True, cache: bool = True,
-                 budgets: bool = True, mode: ModerationMode = ModerationMode.ADAPTIVE) -> None:
+                 budgets: bool = True, mode: ModerationMode = ModerationMode.ADAPTIVE,
+                 versions: tuple[str, ...] = ()) -> None:
         self.tokenizer, self.worker = FakeTokenizer(), FakeWorker(messages)
         self.detokenizers, self.safety = FakeDetokenizers(), FakeSafety()
         self.cache, self.budgets = FakeCache(), FakeBudgets()
@@ -51,7 +52,8 @@ class Mesh:
                                 self.budgets if budgets else None),  # type: ignore[arg-type]
             safety=SafetyGate(self.safety, SafetySettings(  # type: ignore[arg-type]
                 moderation_mode=mode)) if safety else None,
-            cache=ResponseCache(self.cache, CacheSettings()) if cache else None)  # type: ignore[arg-type]
+            cache=ResponseCache(self.cache, CacheSettings()) if cache else None,  # type: ignore[arg-type]
+            versions=versions)
 
 
 def events_of(pipeline: Pipeline, req: PipelineRequest) -> list[Event]:
@@ -107,6 +109,16 @@ def test_a_repeated_request_is_answered_from_the_cache_without_a_worker_or_budge
     assert again == [first[0], *(TextChunk(e.text) for e in first[1:-1]
                                  if isinstance(e, TextChunk)), Finished(LENGTH, cached)]
     assert len(mesh.worker.calls) == 1 and len(mesh.budgets.log) == 2
+
+
+def test_a_frontend_of_one_version_keys_and_routes_requests_to_it_without_asking():
+    mesh = Mesh(HELLO, versions=("v1",))
+    mesh.worker.stats_error = rpc_error(grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
+    events = events_of(mesh.pipeline, request(model_version=""))
+    assert text_of(events) == "Hello world!"
+    assert [k.model_version for k in mesh.cache.keys] == ["v1"]
+    [generate] = mesh.worker.metadata  # the Generate call's alone: no GetStats
+    assert generate[metadata.ROUTED_VERSION] == "v1"
 
 
 @pytest.mark.parametrize("mode", list(ModerationMode))
