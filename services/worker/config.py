@@ -52,7 +52,7 @@ class WorkerConfig(ServerConfig):
     # go out several at a time, so a step's tokens leave in about
     # stream_replies_per_step replies (at most stream_interval tokens in one), none held
     # longer than stream_interval_max_hold_ms; the first and last replies never wait, and
-    # a stream's replies start at one token and double up to the interval
+    # the second carries two tokens at most
     # (services/worker/stream_interval.py). stream_interval 1: every step's tokens at once.
     stream_interval: int = 16
     stream_replies_per_step: int = 4

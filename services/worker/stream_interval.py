@@ -11,12 +11,12 @@ replies_per_step)`` tokens (at most ``max_interval``), so a step's tokens leave 
 worker in about ``replies_per_step`` replies whatever the batch: the mesh's cost per step
 stops growing with the batch. Held tokens are bounded in time too, and nothing waits:
 
-- in the first reply of a stream (time to first token is what users feel most); and the
-  replies after it start small and double (a slow start: 1, 2, 4, ... tokens, up to the
-  interval), because what users see is text, and the first text needs the tokens after
-  the first: the frontend's moderation holds back a trailing word that could still grow
-  into a match (an e-mail address, say) until a later token ends it, so a second reply
-  held for a whole interval held the first words with it,
+- in the first reply of a stream (time to first token is what users feel most), and the
+  second carries at most two tokens: what users see first is text, and the first text
+  needs the tokens after the first one (the frontend's moderation holds a trailing word
+  back until a later token ends it: it could still become an e-mail address), so a
+  second reply held for a whole interval held the first words with it; the first three
+  tokens end the first word of most answers ("I", "'m", " here"),
 - in the last (finish reason, usage),
 - while fewer than ``min_batch`` requests are running (a lightly loaded engine has the
   time to spare, and each token's latency is then what matters).
@@ -89,8 +89,10 @@ class ReplyGate:
 
     def _is_due(self) -> bool:
         p = self._policy
-        return (self._num_replies == 0
-                or self._held[-1].finished
-                or self._held_tokens >= min(p.interval(self._num_running()),
-                                            1 << min(self._num_replies, 30))
+        if self._num_replies == 0 or self._held[-1].finished:
+            return True
+        interval = p.interval(self._num_running())
+        if self._num_replies == 1:  # the second reply: the first word's end, soon
+            interval = min(interval, 2)
+        return (self._held_tokens >= interval
                 or (self._clock() - self._held_since) * 1000.0 >= p.max_hold_ms)

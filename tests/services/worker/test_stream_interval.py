@@ -42,21 +42,21 @@ def test_under_load_first_reply_alone_then_interval_tokens_per_reply() -> None:
     g = gate(running=12, replies_per_step=4)  # 3 tokens a reply
     assert tokens(g.add([step(1)])) == [1]  # time to first token never waits
     assert tokens(g.add([step(2)])) is None
-    assert tokens(g.add([step(3)])) == [2, 3]  # slow start: the second reply carries 2
+    assert tokens(g.add([step(3)])) == [2, 3]  # the second reply carries two at most
     assert tokens(g.add([step(4)])) is None
     assert tokens(g.add([step(5)])) is None
     assert tokens(g.add([step(6)])) == [4, 5, 6]  # then the interval
     assert tokens(g.add([step(7), step(8), step(9)])) == [7, 8, 9]  # a backlog at once
 
 
-def test_replies_start_small_and_double_up_to_the_interval() -> None:
+def test_one_token_then_two_then_the_interval() -> None:
     g = gate(running=64)  # 16 tokens a reply
     sizes = []
-    for t in range(1, 1 + 1 + 2 + 4 + 8 + 16 + 16):
+    for t in range(1, 1 + 1 + 2 + 16 + 16):
         out = g.add([step(t)])
         if out is not None:
             sizes.append(len(tokens(out) or []))
-    assert sizes == [1, 2, 4, 8, 16, 16]
+    assert sizes == [1, 2, 16, 16]
 
 
 def test_last_reply_never_waits() -> None:
@@ -70,11 +70,11 @@ def test_last_reply_never_waits() -> None:
 def test_the_interval_is_read_as_the_load_changes() -> None:
     running = [32]
     g = ReplyGate(StreamInterval(), lambda: running[0], Clock())
-    for t in range(1, 16):  # past the slow start (1, 2, 4 and 8 tokens)
+    for t in range(1, 4):  # the first reply (1 token) and the second (2)
         g.add([step(t)])
-    assert [g.add([step(t)]) for t in range(16, 23)] == [None] * 7  # 8 a reply at 32
+    assert [g.add([step(t)]) for t in range(4, 11)] == [None] * 7  # 8 a reply at 32
     running[0] = 4  # the batch drained: what is held goes with the next step
-    assert tokens(g.add([step(23)])) == list(range(16, 24))
+    assert tokens(g.add([step(11)])) == list(range(4, 12))
 
 
 def test_lightly_loaded_engine_sends_every_step() -> None:
@@ -90,14 +90,14 @@ def test_interval_one_sends_every_step() -> None:
 def test_held_tokens_go_out_with_the_first_step_past_the_hold_bound() -> None:
     clock = Clock()
     g = gate(clock=clock, max_hold_ms=100.0)  # 8 tokens a reply
-    for t in range(1, 16):  # past the slow start
+    for t in range(1, 4):  # the first reply and the second
         g.add([step(t)])
     clock.now += 0.01
-    assert g.add([step(16)]) is None  # held since t+10 ms
+    assert g.add([step(4)]) is None  # held since t+10 ms
     clock.now += 0.099
-    assert g.add([step(17)]) is None  # 99 ms held
+    assert g.add([step(5)]) is None  # 99 ms held
     clock.now += 0.001
-    assert tokens(g.add([step(18)])) == [16, 17, 18]  # 100 ms: due
+    assert tokens(g.add([step(6)])) == [4, 5, 6]  # 100 ms: due
 
 
 def test_an_empty_delta_counts_no_tokens() -> None:
@@ -153,7 +153,7 @@ class _Context:
 
 @pytest.mark.parametrize(("num_running", "replies"), [
     (2, [[1], [2], [3], [4], [5], [6], [7], []]),  # light load: every step
-    # 3 tokens a reply after a slow start (1, then 2), the finish at once
+    # 3 tokens a reply after the first (1) and the second (2), the finish at once
     (12, [[1], [2, 3], [4, 5, 6], [7]]),
 ])
 def test_the_worker_replies_per_the_interval(num_running: int,
