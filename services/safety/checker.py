@@ -120,8 +120,11 @@ class PromptChecker:
         scanners = policy.prompt_scanners
         rule_findings: list[Finding] = []
         folded = fold(text) if scanners & {Scanner.INJECTION, Scanner.CONTENT} else None
+        is_veto_proof = False
         if Scanner.INJECTION in scanners:
-            for family in injection.scan(text, folded.text if folded else None):
+            hits = injection.hits(text, folded.text if folded else None)
+            is_veto_proof = hits.is_veto_proof
+            for family in hits.families:
                 rule_findings.append(Finding(PROMPT_INJECTION, Scanner.INJECTION.value, 1.0,
                                              policy.action(PROMPT_INJECTION), family))
         # The embedding costs milliseconds: skip it when a rule already settled the matter.
@@ -133,9 +136,9 @@ class PromptChecker:
                 embedding_texts = tuple(prompt_texts(
                     self.embedder, text, folded_text,
                     with_sentences=self.classifier is not None))
-            elif self.classifier is not None:
+            elif self.classifier is not None and not is_veto_proof:
                 # A rule's hit may be cleared only by a classifier that reads the whole
-                # prompt.
+                # prompt, and not a quote-proof rule's (``injection.Hits``).
                 whole = whole_prompt_texts(self.embedder, text, folded_text)
                 is_read_whole = whole is not None
                 embedding_texts = None if whole is None else tuple(whole)
@@ -186,7 +189,8 @@ def decide(scan: RuleScan, learned: Learned | None, classifier_threshold: float 
     and the classifier at its calibrated threshold or, without one, the nearest exemplar
     at the policy's. A rule's hit that the classifier scores under ``veto`` is cleared,
     when the classifier read the whole prompt: it tells a quoted or discussed attack from
-    one aimed at the model."""
+    one aimed at the model. (A quote-proof rule's hit is never cleared: the classifier
+    does not run on it, ``scan``.)"""
     policy = scan.policy
     findings = list(scan.rule_findings)
     action = policy.action(PROMPT_INJECTION)

@@ -271,6 +271,12 @@ class Features:
     prompt_ids: torch.Tensor  # [W]: the prompt each text belongs to
     labels: torch.Tensor  # [P]: 1.0 for an attack
     rule_hits: torch.Tensor  # [P] bool: an injection rule fires on the prompt
+    # [P] bool: a quote-proof rule fires on it (no veto clears it: ``injection.Hits``)
+    veto_proof: torch.Tensor
+
+    def vetoable(self) -> torch.Tensor:
+        """[P] bool: the rule hits a classifier's veto may clear."""
+        return self.rule_hits & ~self.veto_proof
 
 
 def featurize(embedder: Embedder, texts: Sequence[str], labels: Sequence[bool], *,
@@ -280,9 +286,11 @@ def featurize(embedder: Embedder, texts: Sequence[str], labels: Sequence[bool], 
     flat = [t for ts in per_prompt for t in ts]
     prompt_ids = torch.tensor([p for p, ts in enumerate(per_prompt) for _ in ts],
                               dtype=torch.int64)
+    hits = [injection.hits(t) for t in texts]
     return Features(embedder.lower_states(flat, stop=first_layer, batch_size=batch_size),
                     prompt_ids, torch.tensor([float(x) for x in labels]),
-                    torch.tensor([bool(injection.scan(t)) for t in texts], dtype=torch.bool))
+                    torch.tensor([bool(h.families) for h in hits], dtype=torch.bool),
+                    torch.tensor([h.is_veto_proof for h in hits], dtype=torch.bool))
 
 
 def _packed(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Packed]:
@@ -373,11 +381,12 @@ def fit(features: Features, init: Sequence[dict[str, torch.Tensor]], *, num_head
             head_w.detach(), float(head_b.detach()[0]))
 
 
-def calibrate_veto(scores: torch.Tensor, labels: torch.Tensor, rule_hits: torch.Tensor, *,
+def calibrate_veto(scores: torch.Tensor, labels: torch.Tensor, vetoable: torch.Tensor, *,
                    max_vetoed: float = MAX_VETOED, max_veto: float = MAX_VETO) -> float:
     """The highest veto (at most ``max_veto``) under which at most ``max_vetoed`` of the
-    rule-caught attacks' ``scores`` [P] fall: what the veto may cost in recall."""
-    caught = torch.sort(scores[(labels > 0.5) & rule_hits]).values
+    attacks caught by rule hits it may clear (``vetoable`` [P]) have ``scores`` [P]: what
+    the veto may cost in recall."""
+    caught = torch.sort(scores[(labels > 0.5) & vetoable]).values
     if not len(caught):
         return 0.0
     num_allowed = int(max_vetoed * len(caught))
@@ -457,9 +466,9 @@ def fit_and_calibrate(embedder: Embedder, train_x: Features, cal_x: Features, *,
                                      eps=model.eps, first_layer=FIRST_LAYER).to(model.dtype)
     cal_scores = prompt_probabilities(classifier, cal_x)
     classifier.threshold = calibrate(cal_scores, cal_x.labels)
-    classifier.veto = calibrate_veto(cal_scores, cal_x.labels, cal_x.rule_hits)
-    flagged = (cal_scores >= classifier.threshold) | (cal_x.rule_hits
-                                                      & (cal_scores >= classifier.veto))
+    classifier.veto = calibrate_veto(cal_scores, cal_x.labels, cal_x.vetoable())
+    flagged = ((cal_scores >= classifier.threshold) | cal_x.rule_hits
+               & ((cal_scores >= classifier.veto) | cal_x.veto_proof))
     is_attack = cal_x.labels > 0.5
     fpr = float(flagged[~is_attack].float().mean()) if (~is_attack).any() else 0.0
     recall = float(flagged[is_attack].float().mean()) if is_attack.any() else 0.0

@@ -51,7 +51,8 @@ class Scored:
     def by_hand(self, scores: torch.Tensor, veto: float) -> torch.Tensor:
         """[P] bool: the rule hits that stand, as ``checker.decide`` decides them given
         the classifier's ``scores`` [P] and its ``veto``."""
-        return self.features.rule_hits & ~((scores < veto) & self.is_read_whole)
+        return self.features.rule_hits & ~((scores < veto) & self.is_read_whole
+                                           & ~self.features.veto_proof)
 
 
 def subset(features: Features, keep: torch.Tensor) -> Features:
@@ -60,7 +61,7 @@ def subset(features: Features, keep: torch.Tensor) -> Features:
     text_kept = keep[features.prompt_ids]  # [W]
     return Features([s for s, k in zip(features.states, text_kept.tolist(), strict=True) if k],
                     new_ids[features.prompt_ids[text_kept]], features.labels[keep],
-                    features.rule_hits[keep])
+                    features.rule_hits[keep], features.veto_proof[keep])
 
 
 def _holds(example: traindata.Example, family: str) -> bool:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import functools
 import itertools
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import regex
@@ -1398,53 +1399,92 @@ _INDEXED_VIEW = 400
 _RULE_WORD = regex.compile(r"\w+", regex.V1)  # as the rules' "\b" judges words
 
 
-def _matches(rule: Rule, folded: str, quotes: list[tuple[int, int]],
+Quotes = list[tuple[int, int]]
+
+
+def _matches(rule: Rule, folded: str, quotes: Quotes | Callable[[], Quotes],
              starts: WordStarts | None = None) -> bool:
     """Whether ``rule`` matches ``folded`` outside the discussed ``quotes`` (sorted, not
-    overlapping: a match is inside one only if inside the last quote starting before it).
-    With ``starts`` (``folded``'s), a rule with head words is matched only where they
-    start, in order and without overlaps: the matches its search would find."""
-    if rule.is_quote_proof:
-        quotes = []
-    if starts is not None and rule.heads is not None:
-        matches: Iterable[regex.Match[str]] = matches_at(rule.pattern, folded,
-                                                         starts.of(rule.heads))
-    elif not quotes:
-        return rule.pattern.search(folded) is not None
-    else:
-        matches = rule.pattern.finditer(folded, overlapped=False)
+    overlapping: a match is inside one only if inside the last quote starting before it;
+    or a function that finds them, called only once a match is found: most rules find
+    none). With ``starts`` (``folded``'s), a rule with head words is matched only where
+    they start, in order and without overlaps: the matches its search would find."""
+    def found() -> Iterator[regex.Match[str]]:
+        if starts is not None and rule.heads is not None:
+            return matches_at(rule.pattern, folded, starts.of(rule.heads))
+        return rule.pattern.finditer(folded, overlapped=False)
+
+    first = next(found(), None)
+    if first is None or rule.is_quote_proof:
+        return first is not None
+    if callable(quotes):
+        quotes = quotes()
     if not quotes:
-        return next(iter(matches), None) is not None
-    starts_of_quotes: list[int] | None = None  # made at the first match: most rules find none
-    for m in matches:
-        if starts_of_quotes is None:
-            starts_of_quotes = [a for a, _ in quotes]
+        return True
+    starts_of_quotes = [a for a, _ in quotes]
+    for m in found():
         i = bisect.bisect_right(starts_of_quotes, m.start()) - 1
         if i < 0 or m.end() > quotes[i][1]:
             return True
     return False
 
 
-def scan(text: str, folded: str | None = None) -> list[str]:
-    """The families of the rules that match some view of ``text``, each once (``folded``:
-    ``fold(text).text``, when the caller has it). A rule runs over the whole of each view
-    that holds one of its anchors: gaps between a rule's words have no length limit, so
-    a rule cannot be confined to the text near its anchors."""
+def _holds_one(text: str, words: tuple[str, ...], present: dict[str, bool]) -> bool:
+    """Whether ``text`` holds one of ``words``; ``present`` keeps each word's answer, so
+    a view searches for a word several rules share once."""
+    for word in words:
+        is_in = present.get(word)
+        if is_in is None:
+            is_in = present[word] = word in text
+        if is_in:
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Hits:
+    """What the rules found in a prompt."""
+
+    families: tuple[str, ...]  # the families of the rules that matched, each once
+    # A quote-proof rule matched: the hits stand whatever the classifier says. Its veto
+    # exists to clear quoted or discussed attacks, and a quote-proof rule's match is an
+    # attack inside a quote too; a classifier that never saw an attack's kind also
+    # scores it confidently wrong (leave-one-family-out, indirect attacks left out:
+    # rule-caught ones scored 0.013-0.018, under a veto of 0.05).
+    is_veto_proof: bool
+
+
+def hits(text: str, folded: str | None = None) -> Hits:
+    """The rules' hits on some view of ``text`` (``folded``: ``fold(text).text``, when
+    the caller has it). A rule runs over the whole of each view that holds one of its
+    anchors: gaps between a rule's words have no length limit, so a rule cannot be
+    confined to the text near its anchors. A family found is not looked for again, but
+    by a quote-proof rule while none has matched."""
     families: list[str] = []
+    is_veto_proof = False
     for view, view_text in views(text, folded):
-        quotes = [] if view == "decoded" else _discussed_quotes(view_text)
-        present: dict[str, bool] = {}
+        quotes: Quotes | Callable[[], Quotes] = (
+            [] if view == "decoded" else functools.cache(
+                functools.partial(_discussed_quotes, view_text)))
+        present: dict[str, bool] = {}  # anchor -> in view_text
         starts = None
         for rule in RULES:
-            if rule.family in families:
+            if rule.family in families and (is_veto_proof or not rule.is_quote_proof):
                 continue
-            if not any(present.setdefault(a, a in view_text) for a in rule.anchors):
+            if not _holds_one(view_text, rule.anchors, present):
                 continue
-            if rule.verbs and not any(present.setdefault(a, a in view_text)
-                                      for a in rule.verbs):
+            if rule.verbs and not _holds_one(view_text, rule.verbs, present):
                 continue
             if starts is None and rule.heads is not None and len(view_text) >= _INDEXED_VIEW:
                 starts = WordStarts(view_text, _RULE_WORD)
             if _matches(rule, view_text, quotes, starts):
-                families.append(rule.family)
-    return families
+                if rule.family not in families:
+                    families.append(rule.family)
+                is_veto_proof = is_veto_proof or rule.is_quote_proof
+    return Hits(tuple(families), is_veto_proof)
+
+
+def scan(text: str, folded: str | None = None) -> list[str]:
+    """The families of the rules that match some view of ``text``, each once, in the
+    order found (``hits``)."""
+    return list(hits(text, folded).families)
