@@ -1303,6 +1303,18 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
     ``fold(text).text`` when the caller has it already."""
     folded = fold(text).text if folded is None else folded
     out = [("text", folded)]
+    # Spaced-out letters are joined first and folded after, so "d 1 s r e g 4 r d" reads
+    # as leetspeak once joined.
+    # The raw text first: folding collapses the double spaces that mark word breaks.
+    # Folded ASCII text without two whitespace characters in a row (nothing to collapse)
+    # is the raw text in lower case with each whitespace character a space: no run there
+    # that the raw text lacks. (Folded before the windows below are: fold keeps the last
+    # few texts' characters, and a 2,000-character text that is not ASCII costs ~0.4 ms
+    # to fold again.)
+    spaced, runs = text, _spaced_runs(text)
+    if not runs and not (text.isascii() and _FOLD_CHANGES_RUNS.search(text) is None):
+        spaced = fold(text, leet=False).text
+        runs = _spaced_runs(spaced)
     # The other readings change the text only in a few places: each is scanned only
     # around them.
     leet_words = []
@@ -1333,16 +1345,6 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
         glyphs = unglyph(text[a:b])
         out.append(("leet", fold(glyphs).text))
         out.append(("leet", fold(read_leet_words(glyphs)).text))
-    # Spaced-out letters are joined first and folded after, so "d 1 s r e g 4 r d" reads
-    # as leetspeak once joined.
-    # The raw text first: folding collapses the double spaces that mark word breaks.
-    # Folded ASCII text without two whitespace characters in a row (nothing to collapse)
-    # is the raw text in lower case with each whitespace character a space: no run there
-    # that the raw text lacks.
-    spaced, runs = text, _spaced_runs(text)
-    if not runs and not (text.isascii() and _FOLD_CHANGES_RUNS.search(text) is None):
-        spaced = fold(text, leet=False).text
-        runs = _spaced_runs(spaced)
     budget = [_MAX_SEGMENTED]  # letters left to cut into words, all windows together
     for a, b in windows(spaced, runs):
         joined = join_spaced(spaced[a:b], budget=budget)

@@ -82,6 +82,12 @@ _UNKNOWN_GROUP = regex.compile(r"\(\?(?![:=!]|<[=!]|P?<\w+>)")
 WORD_ENDS = (" ", "\\b")
 
 
+# A literal character that no word holds (an escaped one, "\\.", "\\-", whitespace "\\s",
+# or a plain one that is not a pattern's syntax, "'", ",", "-"): like a space, it ends
+# the word before it.
+_NON_WORD_LITERAL = regex.compile(r"\\[^\w]|\\s|[^\w\\.\[\](){}?*+|^$]")
+
+
 def first_words(alternation: str, ends: tuple[str, ...] = WORD_ENDS) -> list[str] | None:
     """The literal start of the first word of every alternative of a group's source
     ("(?:ignore[zs]?|pay no|colou?r|(?:a|b)c)" -> ignore, "pay ", colo, a, b): a word
@@ -114,8 +120,10 @@ def _first_words(alternation: str, ends: tuple[str, ...]) -> list[str] | None:
             run = run[:-1]  # its last letter is optional
         if not run:
             return None
-        whole = any(rest.startswith(e) and rest[len(e):len(e) + 1] not in ("?", "*", "{")
-                    for e in ends)
+        ender = next((e for e in ends if rest.startswith(e)), None)
+        if ender is None and (literal := _NON_WORD_LITERAL.match(rest)) is not None:
+            ender = literal.group()  # "a\.i\.": a match starts at the word "a" itself
+        whole = ender is not None and rest[len(ender):len(ender) + 1] not in ("?", "*", "{")
         out.append(run + " " if whole else run)
     return out
 

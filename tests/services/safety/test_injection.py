@@ -288,7 +288,10 @@ def test_every_rule_match_holds_one_of_its_anchors() -> None:
     (r"\b(?:(?:ab|cd)?e)", ("ab", "cd", "e")),
     (r"\b(?:ab)??c", None), (r"\b(?:ab)*c", None), (r"\b(?:ab)+c", None),
     (r"\b(?:a|[bc]d)", None),  # a class first
-    (r"\b(?:a\.i\.|bot)", ("a", "bot")),
+    # A literal that no word holds ends the word like a space: "a.i." starts at the word
+    # "a"; made optional, or a word character ("\d"), it does not.
+    (r"\b(?:a\.i\.|bot)", ("a ", "bot")), (r"\b(?:a\.?i|bot)", ("a", "bot")),
+    (r"\b(?:don't|e-mail|a\s+b|x\d)", ("a ", "don ", "e ", "x")),
     (r"\bfoo|bar", None),  # "bar" needs no word start
     (r"\b(?:a|b)c|d", None),
     (r"(?:https?://|www\.)\S+", None),
