@@ -82,9 +82,11 @@ _UNKNOWN_GROUP = regex.compile(r"\(\?(?![:=!]|<[=!]|P?<\w+>)")
 WORD_ENDS = (" ", "\\b")
 
 
-# A literal character that no word holds (an escaped one, "\\.", "\\-", whitespace "\\s",
+# A literal character that no word holds (an escaped one, "\.", "\-", whitespace "\s",
 # or a plain one that is not a pattern's syntax, "'", ",", "-"): like a space, it ends
-# the word before it.
+# the word before it, where words are what "\b" judges (``\w``: "\b" in ``ends``). A
+# caller whose words hold more (the lexicons' ``[\p{L}\p{N}]+``: a Tamil numeral is
+# not ``\w``) does not pass "\b", and keeps such a run a prefix.
 _NON_WORD_LITERAL = regex.compile(r"\\[^\w]|\\s|[^\w\\.\[\](){}?*+|^$]")
 
 
@@ -92,7 +94,8 @@ def first_words(alternation: str, ends: tuple[str, ...] = WORD_ENDS) -> list[str
     """The literal start of the first word of every alternative of a group's source
     ("(?:ignore[zs]?|pay no|colou?r|(?:a|b)c)" -> ignore, "pay ", colo, a, b): a word
     ending in a space is whole (what follows it in the pattern starts with one of
-    ``ends``, not made optional), the others are prefixes. None when an alternative may
+    ``ends``, or, with "\\b" among them, a literal character no ``\\w`` holds; not made
+    optional), the others are prefixes. None when an alternative may
     start otherwise (a class, an optional part, an escape) or the source holds a group
     the analysis does not know (an inline flag, a comment)."""
     if _UNKNOWN_GROUP.search(alternation):
@@ -121,7 +124,8 @@ def _first_words(alternation: str, ends: tuple[str, ...]) -> list[str] | None:
         if not run:
             return None
         ender = next((e for e in ends if rest.startswith(e)), None)
-        if ender is None and (literal := _NON_WORD_LITERAL.match(rest)) is not None:
+        if (ender is None and "\\b" in ends
+                and (literal := _NON_WORD_LITERAL.match(rest)) is not None):
             ender = literal.group()  # "a\.i\.": a match starts at the word "a" itself
         whole = ender is not None and rest[len(ender):len(ender) + 1] not in ("?", "*", "{")
         out.append(run + " " if whole else run)
