@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import regex
 import torch
 
-from services.safety.minilm import MiniLM
+from services.safety.minilm import Layout, MiniLM
 
 log = logging.getLogger("genmesh.safety")
 
@@ -69,8 +69,9 @@ class Branch(Protocol):
         """The encoder layer its first layer stands in for: it reads the states below."""
         ...
 
-    def run(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Its layers over token ``states`` [B, L, H] (``mask``: as ``bert_layer``'s)."""
+    def run(self, states: torch.Tensor, mask: torch.Tensor | Layout) -> torch.Tensor:
+        """Its layers over token ``states`` [B, L, H], or [T, H] with a ``Layout``
+        (``mask``: as ``bert_layer``'s)."""
         ...
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -238,8 +239,9 @@ class Embedder:
         model = self.model
         with torch.inference_mode():
             packed = model.pack(flat, row_tokens=ROW_TOKENS)
-            lower = model.forward_packed(packed, stop=branch.first_layer)
-            probabilities = branch.head(packed.pool(branch.run(lower, packed.attention)))
+            layout = packed.layout  # the real tokens only, laid out in rows to attend
+            lower = model.forward_packed(packed, stop=branch.first_layer, layout=layout)
+            probabilities = branch.head(packed.pool(branch.run(lower, layout)))
         # A text that fills the token limit may have been cut: its end was unread.
         return [Scored(p, bool(len(u)) and bool(u.all()))
                 for p, u in zip(torch.split(probabilities, sizes),

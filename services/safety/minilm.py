@@ -21,14 +21,34 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 
-def bert_layer(x: torch.Tensor, mask: torch.Tensor, w: Mapping[str, torch.Tensor], *,
-               num_heads: int, eps: float, dropout: float = 0.0) -> torch.Tensor:
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Packed rows' real tokens: their states travel as [T, H] (no padding: a layer's
+    linear parts, most of its cost, run on the real tokens only) and are laid out in the
+    rows only for attention."""
+
+    slots: torch.Tensor  # [T] each real token's place among the rows' R * C, ascending
+    rows: int  # R
+    width: int  # C
+    attention: torch.Tensor  # [R, 1, C, C] what each slot may attend to (Packed.attention)
+
+
+def bert_layer(x: torch.Tensor, mask: torch.Tensor | Layout, w: Mapping[str, torch.Tensor],
+               *, num_heads: int, eps: float, dropout: float = 0.0) -> torch.Tensor:
     """One BERT encoder layer (post-norm, GELU) over token states ``x`` [B, L, H], attending
     to the real tokens ``mask`` [B, L] (or, for packed rows, what each token may attend to:
-    [B, 1, L, L], ``Packed.attention``); ``w`` holds the layer's tensors by their names in
-    the checkpoint after ``encoder.layer.<i>.``. ``dropout`` > 0 only while training."""
-    b, length, hidden = x.shape
+    [B, 1, L, L], ``Packed.attention``); or over the real tokens of packed rows ``x``
+    [T, H] laid out by ``mask``, a ``Layout``. ``w`` holds the layer's tensors by their
+    names in the checkpoint after ``encoder.layer.<i>.``. ``dropout`` > 0 only while
+    training."""
+    hidden = x.shape[-1]
     d = hidden // num_heads
+    if isinstance(mask, Layout):
+        b, length, slots = mask.rows, mask.width, mask.slots
+        attn_mask = mask.attention
+    else:
+        b, length = x.shape[0], x.shape[1]
+        attn_mask = mask if mask.dim() == 4 else mask[:, None, None, :]
 
     def linear(t: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(t, w[f"{name}.weight"], w[f"{name}.bias"])
@@ -37,15 +57,17 @@ def bert_layer(x: torch.Tensor, mask: torch.Tensor, w: Mapping[str, torch.Tensor
         return F.layer_norm(t, t.shape[-1:], w[f"{name}.weight"], w[f"{name}.bias"], eps)
 
     def split(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(mask, Layout):  # into the rows; a padding slot is zeros
+            t = t.new_zeros(b * length, hidden).index_copy_(0, slots, t)
         return t.view(b, length, num_heads, d).transpose(1, 2)
 
     q = split(linear(x, "attention.self.query"))
     k = split(linear(x, "attention.self.key"))
     v = split(linear(x, "attention.self.value"))
-    attn_mask = mask if mask.dim() == 4 else mask[:, None, None, :]
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
                                        scale=1 / math.sqrt(d))
-    a = a.transpose(1, 2).reshape(b, length, hidden)
+    a = a.transpose(1, 2).reshape(b * length, hidden)
+    a = a.index_select(0, slots) if isinstance(mask, Layout) else a.view(b, length, hidden)
     a = F.dropout(linear(a, "attention.output.dense"), dropout, dropout > 0)
     x = norm(x + a, "attention.output.LayerNorm")
     h = F.dropout(linear(F.gelu(linear(x, "intermediate.dense")), "output.dense"), dropout,
@@ -68,13 +90,21 @@ class Packed:
     num_texts: int
     uncut: torch.Tensor  # [num_texts] bool: the text was not cut at the token limit
 
+    @property
+    def layout(self) -> Layout:
+        """The real tokens' layout: states of those only ([T, H], ``bert_layer``)."""
+        rows, width = self.ids.shape
+        return Layout(torch.nonzero(self.owner >= 0).flatten(), rows, width, self.attention)
+
     def pool(self, states: torch.Tensor) -> torch.Tensor:
-        """Each text's mean token state [num_texts, H] (float32), from ``states`` [R, C, H]."""
-        flat = states.reshape(-1, states.shape[-1]).float()
+        """Each text's mean token state [num_texts, H] (float32), from ``states`` [R, C, H]
+        or the real tokens' [T, H] (``layout``)."""
         real = self.owner >= 0
         owner = self.owner[real]
+        flat = states.float() if states.dim() == 2 else (
+            states.reshape(-1, states.shape[-1]).float()[real])
         sums = torch.zeros(self.num_texts, flat.shape[1], device=flat.device).index_add_(
-            0, owner, flat[real])
+            0, owner, flat)
         counts = torch.zeros(self.num_texts, device=flat.device).index_add_(
             0, owner, torch.ones(len(owner), device=flat.device))
         return sums / counts.clamp_min(1.0)[:, None]
@@ -160,14 +190,19 @@ class MiniLM:
         return replace(packed, uncut=torch.tensor(uncut, dtype=torch.bool))
 
     @torch.inference_mode()
-    def forward_packed(self, packed: Packed, *, stop: int | None = None) -> torch.Tensor:
-        """Token states [R, C, H] of ``packed`` after the embeddings and layers
-        ``0..stop-1`` (all by default)."""
-        x = (F.embedding(packed.ids, self.w["embeddings.word_embeddings.weight"])
-             + F.embedding(packed.positions, self.w["embeddings.position_embeddings.weight"])
+    def forward_packed(self, packed: Packed, *, stop: int | None = None,
+                       layout: Layout | None = None) -> torch.Tensor:
+        """The real tokens' states [T, H] of ``packed`` (``packed.layout``, or ``layout``
+        when the caller has it) after the embeddings and layers ``0..stop-1`` (all by
+        default)."""
+        layout = packed.layout if layout is None else layout
+        ids = packed.ids.flatten()[layout.slots]
+        positions = packed.positions.flatten()[layout.slots]
+        x = (F.embedding(ids, self.w["embeddings.word_embeddings.weight"])
+             + F.embedding(positions, self.w["embeddings.position_embeddings.weight"])
              + self.w["embeddings.token_type_embeddings.weight"][0])
         x = self._norm(x, "embeddings.LayerNorm")
-        return self.run_layers(x, packed.attention, start=0,
+        return self.run_layers(x, layout, start=0,
                                stop=self.num_layers if stop is None else stop)
 
     def _ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,9 +242,10 @@ class MiniLM:
         return self.run_layers(x, mask, start=0, stop=self.num_layers if stop is None else stop)
 
     @torch.inference_mode()
-    def run_layers(self, x: torch.Tensor, mask: torch.Tensor, *, start: int, stop: int
-                   ) -> torch.Tensor:
-        """Token states [B, L, H] after layers ``start..stop-1``, from ``x`` [B, L, H]."""
+    def run_layers(self, x: torch.Tensor, mask: torch.Tensor | Layout, *, start: int,
+                   stop: int) -> torch.Tensor:
+        """Token states after layers ``start..stop-1``, from ``x`` [B, L, H] (or [T, H]
+        with a ``Layout``: ``bert_layer``)."""
         for i in range(start, stop):
             x = bert_layer(x, mask, self.layers[i], num_heads=self.num_heads, eps=self.eps)
         return x
