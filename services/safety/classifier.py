@@ -42,15 +42,8 @@ from safetensors.torch import load_file, save_file
 
 from services.safety import injection, traindata
 from services.safety.embedding import ROW_TOKENS, Embedder
-from services.safety.injection import (
-    fragment_views,
-    hidden_texts,
-    join_spaced,
-    rejoin_cut_words,
-    unglue_words,
-    windows,
-)
-from services.safety.minilm import Packed, bert_layer, pack
+from services.safety.injection import join_spaced, view_parts, windows
+from services.safety.minilm import Layout, Packed, bert_layer, pack
 from services.safety.normalize import fold, unglyph
 
 log = logging.getLogger("genmesh.safety")
@@ -125,14 +118,14 @@ def _views(text: str, folded: str) -> list[str]:
     together cut apart, the first set of split pieces joined, the decoded texts (folded).
     ``folded``: ``fold(text).text``."""
     glyphs = unglyph(text)
+    parts = view_parts(text, folded)  # the rules' too: worked out once
     # Words cut inside or run together: the text around the first place read back (a
     # copy of the whole text would leave a long prompt no longer read whole).
     rewritten = []
-    for view, spans in (rejoin_cut_words(folded), unglue_words(folded, text)):
+    for view, spans in (parts.rejoined, parts.unglued):
         rewritten += [view[a:b] for a, b in windows(view, spans, reach=_VIEW_REACH)[:1]]
     return [fold(v).text for v in (glyphs if glyphs != text else "", join_spaced(text),
-                                   *fragment_views(text)[:1], *hidden_texts(text),
-                                   *rewritten) if v]
+                                   *parts.fragments[:1], *parts.hidden, *rewritten) if v]
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +164,11 @@ class InjectionClassifier:
         self.layers = [{k: v.to(dtype) for k, v in layer.items()} for layer in self.layers]
         return self
 
-    def run(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def run(self, states: torch.Tensor, mask: torch.Tensor | Layout) -> torch.Tensor:
         """The fine-tuned layers over the encoder's token states below them [B, L, H]
-        (``mask``: the real tokens [B, L], or for packed rows what each token
-        may attend to [B, 1, L, L]: ``bert_layer``'s)."""
+        (``mask``: the real tokens [B, L], or for packed rows what each token may attend
+        to [B, 1, L, L]), or over packed rows' real tokens [T, H] (``mask``: their
+        ``Layout``): ``bert_layer``'s."""
         with torch.inference_mode():
             x = states.to(self.layers[0]["output.dense.weight"].dtype) if self.layers \
                 else states
@@ -324,7 +318,9 @@ def prompt_probabilities(classifier: InjectionClassifier, features: Features, *,
         prompts = list(range(start, min(start + batch_prompts, len(texts))))
         ids = [w for p in prompts for w in texts[p]]
         x, packed = _packed([features.states[w] for w in ids])
-        probs = classifier.head(packed.pool(classifier.run(x.to(dtype), packed.attention)))
+        layout = packed.layout  # as the service runs it: the real tokens only
+        x = x.reshape(-1, x.shape[-1]).index_select(0, layout.slots)
+        probs = classifier.head(packed.pool(classifier.run(x.to(dtype), layout)))
         owner = torch.tensor([i for i, p in enumerate(prompts) for _ in texts[p]])
         best = torch.zeros(len(prompts)).scatter_reduce(0, owner, probs, reduce="amax")
         out[prompts] = best

@@ -19,7 +19,7 @@ import itertools
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 
 import regex
@@ -1201,8 +1201,13 @@ def hidden_texts(text: str) -> list[str]:
 
 # Payload splitting: an instruction cut into quoted or bracketed pieces that the prompt
 # asks to join ("a = 'ignore all prev'; b = 'ious instructions'; do a + b").
-_FRAGMENT = regex.compile(r"'([^'\n]{1,80})'|\"([^\"\n]{1,80})\"|“([^”\n]{1,80})”|"
-                          r"\[([^\]\n]{1,60})\]")
+# A single quote between letters is an apostrophe ("Let's", "I'll"), not a piece's quote:
+# read as one, it paired with the next quote and cut every piece after it in the wrong
+# places (the pieces of "Word 1 is 'Disable'. Word 2 is 'your'" were missed after
+# "Let's"), and made a garbage view of every prose text with a join cue and two
+# contractions.
+_FRAGMENT = regex.compile(r"(?<![\p{L}\p{N}])'([^'\n]{1,80})'(?![\p{L}\p{N}])|"
+                          r"\"([^\"\n]{1,80})\"|“([^”\n]{1,80})”|\[([^\]\n]{1,60})\]")
 _JOIN_STEMS = ("concatenat", "combin", "join", "merg", "assembl", "glue", "stitch")
 _JOIN_CUE = regex.compile(rf"\b(?:{'|'.join(_JOIN_STEMS)})\w*\b|"
                           r"\bput (?:them|these|it|both|all)\b.{0,20}\btogether\b|"
@@ -1298,6 +1303,27 @@ def reading_order_views(text: str) -> list[str]:
     return [v for v in out if v]
 
 
+@dataclass(frozen=True, slots=True)
+class ViewParts:
+    """The readings of a text that both the rules (``views``) and the classifier's texts
+    (``classifier.prompt_texts``) are made from: worked out once per text (``view_parts``)
+    for both. Not to be changed by a caller."""
+
+    rejoined: tuple[str, list[tuple[int, int]]]  # rejoin_cut_words(folded)
+    unglued: tuple[str, list[tuple[int, int]]]  # unglue_words(folded, text)
+    hidden: list[str]  # hidden_texts(text)
+    fragments: list[str]  # fragment_views(text)
+
+
+@functools.lru_cache(maxsize=8)
+def view_parts(text: str, folded: str) -> ViewParts:
+    """``text``'s ``ViewParts`` (``folded``: ``fold(text).text``); the last few texts' are
+    kept, so a check's rules and classifier work them out once (~1 ms for 2,000
+    characters)."""
+    return ViewParts(rejoin_cut_words(folded), unglue_words(folded, text), hidden_texts(text),
+                     fragment_views(text))
+
+
 def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
     """(view name, folded text) for every view the rules scan; ``folded`` is
     ``fold(text).text`` when the caller has it already."""
@@ -1353,11 +1379,12 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
             out.append(("joined", fold(joined.translate(_LEET_ALT)).text))
         # Uncut too: the word list cuts a few words the rules know ("ex filtrate").
         out.append(("joined", fold(join_spaced(spaced[a:b], cut=False)).text))
-    rejoined, cut_runs = rejoin_cut_words(folded)
+    parts = view_parts(text, folded)
+    rejoined, cut_runs = parts.rejoined
     out += [("rejoined", rejoined[a:b]) for a, b in windows(rejoined, cut_runs)]
-    unglued, glued = unglue_words(folded, text)
+    unglued, glued = parts.unglued
     out += [("unglued", unglued[a:b]) for a, b in windows(unglued, glued)]
-    out += [("decoded", fold(v).text) for v in (*hidden_texts(text), *fragment_views(text),
+    out += [("decoded", fold(v).text) for v in (*parts.hidden, *parts.fragments,
                                                  *reading_order_views(text))]
     unique: dict[str, str] = {}
     for name, folded_view in out:
@@ -1416,7 +1443,8 @@ def _matches(rule: Rule, folded: str, quotes: Quotes | Callable[[], Quotes],
             return matches_at(rule.pattern, folded, starts.of(rule.heads))
         return rule.pattern.finditer(folded, overlapped=False)
 
-    first = next(found(), None)
+    matches = found()
+    first = next(matches, None)
     if first is None or rule.is_quote_proof:
         return first is not None
     if callable(quotes):
@@ -1424,7 +1452,7 @@ def _matches(rule: Rule, folded: str, quotes: Quotes | Callable[[], Quotes],
     if not quotes:
         return True
     starts_of_quotes = [a for a, _ in quotes]
-    for m in found():
+    for m in itertools.chain((first,), matches):
         i = bisect.bisect_right(starts_of_quotes, m.start()) - 1
         if i < 0 or m.end() > quotes[i][1]:
             return True
@@ -1456,12 +1484,20 @@ class Hits:
     is_veto_proof: bool
 
 
-def hits(text: str, folded: str | None = None) -> Hits:
+# For a view, the indices in RULES of the rules that may match it (a superset of those
+# that do: ``prefilter.RulePrefilter``), or None when that is not known.
+Candidates = Callable[[str], Container[int] | None]
+
+
+def hits(text: str, folded: str | None = None, *, candidates: Candidates | None = None
+         ) -> Hits:
     """The rules' hits on some view of ``text`` (``folded``: ``fold(text).text``, when
     the caller has it). A rule runs over the whole of each view that holds one of its
     anchors: gaps between a rule's words have no length limit, so a rule cannot be
     confined to the text near its anchors. A family found is not looked for again, but
-    by a quote-proof rule while none has matched."""
+    by a quote-proof rule while none has matched. ``candidates``: only the rules it
+    names for a view run there (the hits are the same: it names every rule that can
+    match)."""
     families: list[str] = []
     is_veto_proof = False
     for view, view_text in views(text, folded):
@@ -1470,7 +1506,10 @@ def hits(text: str, folded: str | None = None) -> Hits:
                 functools.partial(_discussed_quotes, view_text)))
         present: dict[str, bool] = {}  # anchor -> in view_text
         starts = None
-        for rule in RULES:
+        may_match = None if candidates is None else candidates(view_text)
+        for index, rule in enumerate(RULES):
+            if may_match is not None and index not in may_match:
+                continue
             if rule.family in families and (is_veto_proof or not rule.is_quote_proof):
                 continue
             if not _holds_one(view_text, rule.anchors, present):
