@@ -1,7 +1,8 @@
 """`genmesh bench safety`: how long the safety service takes.
 
 - Prompt checks, in process: p50/p99 for 200- and 2,000-character prompts, rules only
-  (normalization, prompt-injection rules, lexicons, secrets, PII) and with the learned
+  (normalization, prompt-injection rules behind their prefilter as the service runs them,
+  lexicons, secrets, PII; and without the prefilter, to compare) and with the learned
   signals as the service runs them (up to 3 windows, 4 sentences and 3 other views packed
   into rows through all-MiniLM-L6-v2's lower layers and the fine-tuned classifier's), and
   with the exemplar signal instead (no classifier, as before it existed).
@@ -149,6 +150,7 @@ def run_safety_bench(bench: SafetyBench, *, tmp: Path) -> dict:
     from services.safety.classifier import load_or_train
     from services.safety.config import DEFAULT_CLASSIFIER_DIR
     from services.safety.embedding import Embedder
+    from services.safety.prefilter import load_or_build
 
     default = policies.load(DEFAULT_POLICY).default
     rules_only = replace(default, prompt_scanners=default.prompt_scanners - {Scanner.EMBEDDING})
@@ -156,21 +158,26 @@ def run_safety_bench(bench: SafetyBench, *, tmp: Path) -> dict:
     embedding_only = replace(default, prompt_scanners=frozenset({Scanner.EMBEDDING}))
     torch.set_num_threads(2)
     embedder = Embedder.load()
-    rules = PromptChecker(None)
-    plain = PromptChecker(embedder)
+    # The rules' prefilter, as the service runs it (and the rules without it, to compare).
+    prefilter = load_or_build(DEFAULT_CLASSIFIER_DIR, wait=True)
+    unfiltered = PromptChecker(None)
+    rules = PromptChecker(None, prefilter=prefilter)
+    plain = PromptChecker(embedder, prefilter=prefilter)
     # No score cache: the stitched prompts share sentences, and a cached text costs
     # nothing; what is timed is a prompt seen for the first time.
     learned = PromptChecker(embedder, load_or_train(embedder, DEFAULT_CLASSIFIER_DIR),
-                            cache_texts=0)
-    result: dict = {"torch_threads": torch.get_num_threads(), "prompt_check_ms": {}}
+                            cache_texts=0, prefilter=prefilter)
+    result: dict = {"torch_threads": torch.get_num_threads(),
+                    "rule_prefilter": prefilter.ready.is_set(), "prompt_check_ms": {}}
     for length in (200, 2000):
         texts = prompts(length, bench.num_prompts, seed=length)
+        no_prefilter = time_checks(unfiltered, rules_only, texts)
         r = time_checks(rules, rules_only, texts)
         e = time_checks(plain, embedding_only, texts)
         no_classifier = time_checks(plain, default, texts)
         both = time_checks(learned, default, texts)
         result["prompt_check_ms"][f"{length}_chars"] = {
-            "rules_only": r, "embedding_only": e,
+            "rules_only": r, "rules_only_no_prefilter": no_prefilter, "embedding_only": e,
             "rules_and_embedding_no_classifier": no_classifier, "rules_and_embedding": both}
     result["stream_chunk_ms"] = {"chunk_chars": bench.chunk_chars,
                                  "moderator_in_process": time_moderator(default, bench)}

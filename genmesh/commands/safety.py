@@ -106,12 +106,16 @@ def _eval(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from services.safety.classifier import artifact_key, artifact_path, load_or_train
     from services.safety.embedding import Embedder
+    from services.safety.prefilter import load_or_build
 
     embedder = Embedder.load()
     key = artifact_key(embedder)
     path = artifact_path(args.cache_dir, key)
     was_current = path.exists() and not args.force
     classifier = load_or_train(embedder, args.cache_dir, retrain=args.force)
+    # The rules' prefilter database, cached beside it (a service would build it at start).
+    prefilter = load_or_build(args.cache_dir, wait=True)
     print(json.dumps({"path": str(path), "key": key, "was_current": was_current,
-                      "threshold": round(classifier.threshold, 4)}, indent=2))
+                      "threshold": round(classifier.threshold, 4),
+                      "rule_prefilter": prefilter.ready.is_set()}, indent=2))
     return 0

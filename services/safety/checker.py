@@ -21,6 +21,7 @@ from services.safety.embedding import Embedder, Similarity
 from services.safety.normalize import fold
 from services.safety.pii import PII_DETECTORS, redact
 from services.safety.policy import PROMPT_INJECTION, Action, Scanner, TenantPolicy, strictest
+from services.safety.prefilter import RulePrefilter
 from services.safety.scanners import Detector, Span
 from services.safety.score_cache import MAX_TEXTS, ScoreCache, TextScore, text_scores
 from services.safety.secrets import SECRET_DETECTORS
@@ -107,10 +108,13 @@ class PromptChecker:
 
     def __init__(self, embedder: Embedder | None,
                  classifier: InjectionClassifier | None = None, *,
-                 cache_texts: int = MAX_TEXTS) -> None:
+                 cache_texts: int = MAX_TEXTS, prefilter: RulePrefilter | None = None
+                 ) -> None:
         self.embedder = embedder
         self.classifier = classifier
         self.scores = ScoreCache(cache_texts)  # the classifier's, per text (0: none kept)
+        # Names the rules that may match a view: the same hits, fewer rules tried.
+        self.prefilter = prefilter
 
     def check(self, text: str, policy: TenantPolicy, *, scope: str = "") -> Decision:
         return self.check_many([self.scan(text, policy, scope=scope)])[0]
@@ -122,7 +126,9 @@ class PromptChecker:
         folded = fold(text) if scanners & {Scanner.INJECTION, Scanner.CONTENT} else None
         is_veto_proof = False
         if Scanner.INJECTION in scanners:
-            hits = injection.hits(text, folded.text if folded else None)
+            hits = injection.hits(text, folded.text if folded else None,
+                                  candidates=self.prefilter.candidates if self.prefilter
+                                  else None)
             is_veto_proof = hits.is_veto_proof
             for family in hits.families:
                 rule_findings.append(Finding(PROMPT_INJECTION, Scanner.INJECTION.value, 1.0,

@@ -18,6 +18,7 @@ from services.safety.classifier import load_or_train
 from services.safety.config import SafetyConfig
 from services.safety.embedding import Embedder
 from services.safety.guard import Guard, PolicyFile
+from services.safety.prefilter import load_or_build
 from services.safety.servicer import SafetyServicer
 
 log = logging.getLogger("genmesh.safety")
@@ -46,12 +47,17 @@ async def run(cfg: SafetyConfig) -> None:
         embedder.encode_scored([["warm up the classifier"]], classifier)
     elif embedder is not None:
         embedder.similarity("warm up the model")
-    guard = Guard(policy_file, PromptChecker(embedder, classifier), AuditLog(audit_store(cfg)),
+    # Loaded from the cache (built by `genmesh safety train` and the image); else built in
+    # the background while every rule runs.
+    prefilter = load_or_build(Path(cfg.classifier_cache_dir), wait=False)
+    checker = PromptChecker(embedder, classifier, prefilter=prefilter)
+    guard = Guard(policy_file, checker, AuditLog(audit_store(cfg)),
                   max_hold_chars=cfg.max_hold_chars)
     servicer = SafetyServicer(guard, max_text_chars=cfg.max_text_chars)
     log.info("policy loaded", extra={
         "path": cfg.policy_file, "tenants": sorted(policy_file.policies.tenants),
         "embedding": embedder is not None, "classifier": classifier is not None,
+        "rule_prefilter": prefilter.ready.is_set(),
         "audit": "redis" if cfg.audit_redis_url else cfg.audit_file or "off"})
     await serve(tls=MeshTls.of(cfg), health_port=cfg.health_port,
                 name="genmesh.safety", address=cfg.address,

@@ -21,9 +21,11 @@ def real_classifier() -> Path:
     safety process a test starts does not spend its start-up deadline training it."""
     from services.safety.classifier import artifact_key, artifact_path, load_or_train
     from services.safety.embedding import Embedder
+    from services.safety.prefilter import load_or_build
 
     embedder = Embedder.load()
     load_or_train(embedder, DEFAULT_CLASSIFIER_DIR)
+    load_or_build(DEFAULT_CLASSIFIER_DIR, wait=True)  # the rules' prefilter, cached beside it
     return artifact_path(DEFAULT_CLASSIFIER_DIR, artifact_key(embedder))
 
 

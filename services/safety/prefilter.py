@@ -1,0 +1,307 @@
+"""A prefilter for the prompt-injection rules: one pass of Hyperscan (a multi-pattern
+regex engine; the ``hyperscan`` package) over a view names the few rules that may match
+it, and only those run (``injection.hits``'s ``candidates``). Of ~74 rules, ~30 hold their
+anchor words in a typical 2,000-character view and are tried there one by one; ~4 pass
+the prefilter, which costs ~0.04 ms a view.
+
+The hits are the same as without it:
+
+- each rule is compiled in Hyperscan's prefilter mode, which matches a superset of what
+  the pattern matches (lookarounds and what else it lacks are widened, never narrowed);
+  its word boundaries are dropped and its bounded repeats made unbounded (``{0,3}`` is
+  ``*``: a superset again, and a far smaller automaton);
+- Hyperscan reads bytes, with ASCII classes: each character of a view beyond printable
+  ASCII is scanned as one byte that stands for the classes the rules use that hold it
+  (letter or number, word character, whitespace, digit: ``scanned_bytes``), and each
+  class of a rule's expression lists the bytes of the characters it holds (``expression``),
+  so a class matches a character's byte wherever it matches the character;
+- a rule with what ``expression`` does not read, or that Hyperscan cannot compile, always
+  runs. ``tests/.../test_prefilter.py`` checks the hits are equal on the labelled sets.
+
+Compiling takes seconds on two cores, so the database is cached on disk, keyed by the
+rules' sources and the engine's version (as the classifier is), and built in a background
+thread when missing (the compiler lets go of the GIL): until it is ready every rule runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import regex
+
+from services.safety import injection
+
+log = logging.getLogger("genmesh.safety")
+
+try:
+    import hyperscan
+except ImportError:  # no wheel for this platform: every rule runs, as before
+    hyperscan = None  # type: ignore[assignment]
+
+_FORMAT = 2
+
+# Each character a view may hold beyond printable ASCII, "\n" and "\t" stands, in the
+# bytes Hyperscan scans, for one byte that says which of the classes the rules use it
+# belongs to: a letter or number (``\p{L}``, ``\p{N}``: the rules always name both), a
+# word character (``\w``), whitespace (``\s``), a digit (``\d``) (as the ``regex``
+# module judges them). An expression lists, wherever a rule's class holds such
+# characters, the bytes of those that belong.
+_LETTER_OR_NUMBER, _WORD, _SPACE, _DIGIT = 1, 2, 4, 8
+_CLASS_OF = {bit: regex.compile(source, regex.V1) for bit, source in (  # as the rules' are
+    (_LETTER_OR_NUMBER, r"[\p{L}\p{N}]"), (_WORD, r"\w"), (_SPACE, r"\s"), (_DIGIT, r"\d"))}
+_FIRST_BYTE = 0x80  # + the class bits: 0x80-0x8f
+
+
+def _class_byte(c: str) -> str:
+    bits = sum(bit for bit, pattern in _CLASS_OF.items() if pattern.match(c))
+    return chr(_FIRST_BYTE + bits)
+
+
+def _bytes_in(bit: int) -> str:
+    """The stand-in bytes (as escapes) of the characters in the class of ``bit``."""
+    return "".join(f"\\x{b:02x}" for b in range(_FIRST_BYTE, _FIRST_BYTE + 16)
+                   if (b - _FIRST_BYTE) & bit)
+
+
+def _byte_escape(c: str) -> str:
+    return f"\\x{ord(_class_byte(c)):02x}"
+
+
+_IN_CLASS = {r"\p{L}": "a-zA-Z" + _bytes_in(_LETTER_OR_NUMBER),
+             r"\p{N}": "0-9" + _bytes_in(_LETTER_OR_NUMBER),
+             r"\w": r"\w" + _bytes_in(_WORD), r"\s": r"\s" + _bytes_in(_SPACE),
+             r"\d": r"\d" + _bytes_in(_DIGIT)}
+_OUTSIDE = {**{k: f"[{v}]" for k, v in _IN_CLASS.items()},
+            **{negated.upper(): f"[^{_IN_CLASS[negated]}]" for negated in (r"\w", r"\s", r"\d")},
+            r"\b": "", r"\B": ""}  # word boundaries dropped: a superset again
+# Escapes read as they are (in a class or out): a literal ASCII character that is neither
+# a letter nor a digit ("\.", "\[", "\-"), and the two control characters scanned as
+# they are. Another escape ("\r", "\x1c", "\u2014", "\1") makes the rule always run.
+_KEPT_ESCAPE = regex.compile(r"\\(?:[^\w\s]|[nt])", regex.ASCII)
+_PASSED = regex.compile(r"[\x20-\x7e\n\t]*")  # printable ASCII: scanned as it is
+_OTHER = regex.compile(r"[^\x20-\x7e\n\t]")
+
+
+def scanned_bytes(view: str) -> bytes:
+    """``view`` as Hyperscan scans it: each character beyond printable ASCII, "\\n" and
+    "\\t" as its class's byte."""
+    if _PASSED.fullmatch(view):
+        return view.encode()
+    return _OTHER.sub(lambda m: _class_byte(m.group()), view).encode("latin-1")
+
+
+def expression(pattern: str) -> str | None:
+    """``pattern`` for Hyperscan over ``scanned_bytes``: it matches wherever ``pattern``
+    matches the view. Its classes hold the stand-in bytes of their characters, a
+    character beyond ASCII is its class's byte, word boundaries are dropped and bounded
+    repeats are unbounded (``{0,n}`` is ``*``, ``{m,n}`` is ``{m,}``; lazy or not). None
+    when it holds what this does not read (another Unicode property, a negated class
+    escape inside a class, a range to or from a character beyond ASCII)."""
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            escape = pattern[i:i + 5] if pattern[i + 1:i + 2] in ("p", "P") else pattern[i:i + 2]
+            table = _IN_CLASS if in_class else _OUTSIDE
+            if escape in table:
+                out.append(table[escape])
+            elif not escape[1:2].isascii():
+                out.append(_byte_escape(escape[1]))
+            elif _KEPT_ESCAPE.fullmatch(escape):
+                out.append(escape)
+            else:
+                return None
+            i += len(escape)
+            continue
+        if not c.isascii():
+            after_range = pattern[i - 1] == "-" and pattern[i - 2] not in "\\[^"
+            before_range = pattern[i + 1:i + 2] == "-" and pattern[i + 2:i + 3] != "]"
+            if in_class and (after_range or before_range):
+                return None  # a range's end
+            out.append(_byte_escape(c))
+            i += 1
+            continue
+        if in_class:
+            in_class = c != "]"
+            out.append(c)
+            i += 1
+            continue
+        if c == "[":
+            in_class = True
+            out.append(c)
+            # A "]" first in a class (after "[" or "[^") is literal.
+            j = i + 1 + (pattern[i + 1:i + 2] == "^")
+            if pattern[j:j + 1] == "]":
+                out.append(pattern[i + 1:j + 1])
+                i = j + 1
+                continue
+            i += 1
+            continue
+        if c == "{":
+            end = pattern.find("}", i)
+            low, comma, _high = pattern[i + 1:end].partition(",")
+            if end > 0 and comma and low.isdigit():
+                out.append("*" if low == "0" else f"{{{low},}}")
+                i = end + 1 + (pattern[end + 1:end + 2] == "?")  # lazy: the same set
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _expressions(rules: Sequence[injection.Rule]) -> dict[int, str]:
+    """Each rule's Hyperscan expression by its index in ``rules`` (the ones that have one)."""
+    out = {}
+    for index, rule in enumerate(rules):
+        source = expression(rule.pattern.pattern)
+        if source is not None:
+            out[index] = source
+    return out
+
+
+def _flags() -> int:
+    assert hyperscan is not None
+    return int(hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH)
+
+
+def database_key(rules: Sequence[injection.Rule]) -> str:
+    """A hash of what determines the compiled database: the rules' patterns (all of
+    them, in order: the ones that always run are stored by index), their expressions,
+    the engine."""
+    h = hashlib.sha256(f"{_FORMAT}|{getattr(hyperscan, '__version__', '')}".encode())
+    for rule in rules:
+        h.update(f"{rule.pattern.pattern}\0{expression(rule.pattern.pattern)}\0".encode())
+    return h.hexdigest()
+
+
+def _compile(expressions: dict[int, str]) -> Any:
+    assert hyperscan is not None
+    db = hyperscan.Database()
+    ids = sorted(expressions)
+    db.compile(expressions=[expressions[i].encode() for i in ids], ids=ids,
+               elements=len(ids), flags=[_flags()] * len(ids))
+    return db
+
+
+def build(rules: Sequence[injection.Rule]) -> tuple[Any, frozenset[int]]:
+    """The compiled database of ``rules``' expressions, and the indices of the rules that
+    are always candidates (no expression, or one Hyperscan cannot compile)."""
+    expressions = _expressions(rules)
+    try:
+        db = _compile(expressions)
+    except hyperscan.error:
+        for index in list(expressions):  # find the ones it cannot compile
+            try:
+                _compile({index: expressions[index]})
+            except hyperscan.error:
+                del expressions[index]
+        db = _compile(expressions)
+    return db, frozenset(range(len(rules))) - frozenset(expressions)
+
+
+def database_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / f"injection-prefilter-{key[:16]}.hsdb"
+
+
+def _save(path: Path, db: Any, always: frozenset[int]) -> None:
+    assert hyperscan is not None
+    header = json.dumps({"always": sorted(always)}).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(header + b"\n" + hyperscan.dumpb(db))
+    tmp.replace(path)
+
+
+def _load(path: Path) -> tuple[Any, frozenset[int]] | None:
+    assert hyperscan is not None
+    try:
+        header, blob = path.read_bytes().split(b"\n", 1)
+        always = frozenset(int(i) for i in json.loads(header)["always"])
+        return hyperscan.loadb(blob, hyperscan.HS_MODE_BLOCK), always
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, hyperscan.error) as exc:
+        log.warning("cannot read the rule prefilter; rebuilding",
+                    extra={"path": str(path), "error": repr(exc)})
+        return None
+
+
+class RulePrefilter:
+    """``candidates`` for ``injection.hits``: None (every rule) until a database is
+    installed."""
+
+    def __init__(self) -> None:
+        self._db: Any = None
+        self._always: frozenset[int] = frozenset()
+        self._local = threading.local()  # a scratch space per thread (Hyperscan's rule)
+        self.ready = threading.Event()
+
+    def install(self, db: Any, always: frozenset[int]) -> None:
+        self._always = always
+        self._db = db
+        self.ready.set()
+
+    def candidates(self, view: str) -> frozenset[int] | set[int] | None:
+        """The indices of the rules that may match ``view``; None: every rule (no
+        database yet)."""
+        db = self._db
+        if db is None:
+            return None
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or self._local.db is not db:
+            scratch = self._local.scratch = hyperscan.Scratch(db)
+            self._local.db = db
+        found = set(self._always)
+
+        def on_match(index: int, start: int, end: int, flags: int, context: Any) -> None:
+            found.add(index)
+
+        try:
+            db.scan(scanned_bytes(view), match_event_handler=on_match, scratch=scratch)
+        except hyperscan.error:  # every rule runs: the same hits, as before
+            log.exception("the rule prefilter failed on a view")
+            return None
+        return found
+
+
+def load_or_build(cache_dir: Path, *, wait: bool,
+                  rules: Sequence[injection.Rule] | None = None) -> RulePrefilter:
+    """The prefilter of ``rules`` (``injection.RULES``), from the database cached under
+    ``cache_dir`` or built into it: at once when ``wait``, else in a background thread
+    (meanwhile every rule runs). Without Hyperscan, one that never gets a database."""
+    rules = injection.RULES if rules is None else rules
+    prefilter = RulePrefilter()
+    if hyperscan is None:
+        log.warning("hyperscan is not installed: the injection rules run without a prefilter")
+        return prefilter
+    path = database_path(cache_dir, database_key(rules))
+    loaded = _load(path)
+    if loaded is not None:
+        prefilter.install(*loaded)
+        return prefilter
+
+    def build_and_save() -> None:
+        try:
+            db, always = build(rules)
+            try:
+                _save(path, db, always)
+            except OSError as exc:  # a read-only cache: it serves, and builds again
+                log.warning("cannot cache the rule prefilter",
+                            extra={"path": str(path), "error": repr(exc)})
+            prefilter.install(db, always)
+        except Exception:  # it stays off: every rule runs, as without it
+            log.exception("cannot build the rule prefilter")
+
+    if wait:
+        build_and_save()
+    else:
+        threading.Thread(target=build_and_save, name="rule-prefilter", daemon=True).start()
+    return prefilter
