@@ -25,37 +25,71 @@ def rules_prefilter() -> prefilter.RulePrefilter:
     return built
 
 
-LN = r"\x81\x83\x85\x87\x89\x8b\x8d\x8f"  # the bytes of letters and numbers
-WORD = r"\x82\x83\x86\x87\x8a\x8b\x8e\x8f"  # of word characters
-SPACE = r"\x84\x85\x86\x87\x8c\x8d\x8e\x8f"  # of whitespace
+def _bytes(bit: int) -> str:
+    """The stand-in bytes of the characters a class bit holds: 0x80 + the bits, letter 1,
+    number 2, word 4, whitespace 8, digit 16."""
+    return "".join(f"\\x{b:02x}" for b in range(0x80, 0xA0) if (b - 0x80) & bit)
+
+
+L, N, WORD, SPACE = _bytes(1), _bytes(2), _bytes(4), _bytes(8)
 
 
 @pytest.mark.parametrize(("pattern", "expression"), [
-    (r"\bignore[^\p{L}\p{N}']{1,3}(?:all )?",
-     rf"ignore[^a-zA-Z{LN}0-9{LN}']{{1,}}(?:all )?"),
+    (r"\bignore[^\p{L}\p{N}']{1,3}(?:all )?", rf"ignore[^a-zA-Z{L}0-9{N}']{{1,}}(?:all )?"),
     (r"(?:[\p{L}\p{N}']+[^\p{L}\p{N}']+){0,3}?x",
-     rf"(?:[a-zA-Z{LN}0-9{LN}']+[^a-zA-Z{LN}0-9{LN}']+)*x"),
-    (r"\p{L}{2}\w\s\W", rf"[a-zA-Z{LN}]{{2}}[\w{WORD}][\s{SPACE}][^\w{WORD}]"),
+     rf"(?:[a-zA-Z{L}0-9{N}']+[^a-zA-Z{L}0-9{N}']+)*?x"),
+    (r"\p{L}{2}\w\s\W", rf"[a-zA-Z{L}]{{2}}[\w{WORD}][\s{SPACE}][^\w{WORD}]"),
     (r"a{3}b{2,}c\{0,5\}", r"a{3}b{2,}c\{0,5\}"),  # exact, open and escaped stay
     (r"[{(<\[$%]{0,3}(?:7b)?", r"[{(<\[$%]*(?:7b)?"),  # a class's "{" is literal
     (r"[]{0,2}]x", r"[]{0,2}]x"),  # a "]" first in a class is literal
-    # A character beyond ASCII is its class's byte: "—" none, "ш" a letter.
-    ("[:\\-–—]+ ш“", r"[:\-\x80\x80]+ \x83\x80"),
-    (r"\p{Lu}x", None),  # another property: the rule always runs
+    (r"[\w-]{2,20}(?=a|$)(?<!b)", rf"[\w{WORD}-]{{2,}}(?=a|$)(?<!b)"),
+    # A character beyond ASCII is its class's byte: "—" none, "ш" a letter and a word's.
+    ("[:\\-–—]+ ш“", r"[:\-\x80\x80]+ \x85\x80"),
+    # What is not read: the rule always runs.
+    (r"\p{Lu}x", None),  # another property
     (r"[^\S]x", None),  # a negated escape in a class
-    (r"\rx", None),  # a control character Hyperscan would scan otherwise
-    ("[a-ш]", None),  # a range to a character beyond ASCII
+    (r"\rx", None), ("a\rb", None), ("a\\\x7fb", None),  # control characters scanned otherwise
+    ("[a-ш]", None), (r"x[\t- ]y", None), ("x[\\¡-\\ڀ]y", None), (r"x[a^-é]y", None),
+    (r"x[\\-é]y", None),  # ranges with an end that is not a plain character
+    ("x[^”]y", None),  # a negated class with a character beyond ASCII
+    (r"ab{,2}c", None), (r"(?:abc){e<=1}", None),  # "{,n}", fuzzy matching
+    (r"(?i)kelvin", None), (r"(?>ab)c", None),  # inline flags, atomic groups
+    (r"x[[:alpha:]]y", None), (r"x[[a-z]--[aeiou]]y", None),  # POSIX classes, set operations
 ])
 def test_an_expression_matches_all_the_rule_does(pattern: str,
                                                   expression: str | None) -> None:
     assert prefilter.expression(pattern) == expression
 
 
+def test_a_rule_with_other_flags_always_runs() -> None:
+    assert prefilter.expression("ignore", regex.compile("ignore", regex.V1).flags) == "ignore"
+    assert prefilter.expression(
+        "ignore", regex.compile("ignore", regex.V1 | regex.IGNORECASE).flags) is None
+
+
+@pytest.mark.parametrize(("pattern", "view"), [
+    # Each was translated to an expression that missed the view (a review's findings).
+    ("x[^”]y", "x—y"), (r"ab[^\p{L}]cd", "ab²cd"), (r"ab{,2}c", "ac"),
+    (r"x[\t- ]y", "x\ry"), (r"x[a^-é]y", "x\u00a0y"), (r"x[[:space:]]y", "x\u00a0y"),
+    # Sound translations, beyond ASCII.
+    (r"\bignore\s+all\b", "ignore\u00a0all"), (r"[\p{L}\p{N}]+\s[^\p{L}\p{N}]", "шаг٣ —"),
+    (r"\w+\W\d", "ab_\u2028٣"),
+])
+def test_a_rule_that_matches_a_view_is_a_candidate(pattern: str, view: str) -> None:
+    rules = [injection.Rule("x", regex.compile(pattern, regex.V1), ("x",))]
+    assert rules[0].pattern.search(view)
+    db, always = prefilter.build(rules)
+    pf = prefilter.RulePrefilter()
+    pf.install(db, always)
+    found = pf.candidates(view)
+    assert found is None or 0 in found
+
+
 def test_a_view_is_scanned_with_a_byte_for_each_character_beyond_ascii() -> None:
     assert prefilter.scanned_bytes("plain text\n\twith tabs") == b"plain text\n\twith tabs"
-    # "—" no class, "ш" letter and word, "٣" letter, word and digit, NBSP and "\r"
-    # whitespace.
-    assert prefilter.scanned_bytes("a—ш٣\u00a0\r") == b"a\x80\x83\x8b\x84\x84"
+    # "—" no class; "ш" letter and word (1 + 4); "٣" number, word and digit (2 + 4 + 16);
+    # NBSP and "\r" whitespace (8); "²" a number only.
+    assert prefilter.scanned_bytes("a—ш٣\u00a0\r²") == b"a\x80\x85\x96\x88\x88\x82"
 
 
 def _texts() -> list[str]:
@@ -99,10 +133,11 @@ def test_without_a_database_every_rule_runs() -> None:
 
 
 def _small_rules() -> list[injection.Rule]:
-    return [injection.Rule("a", regex.compile(r"\bfoo\b"), ("foo",)),
-            injection.Rule("b", regex.compile(r"\p{Lu}bar"), ("bar",)),
-            injection.Rule("c", regex.compile(r"(?<=x{1,3})baz"), ("baz",)),
-            injection.Rule("d", regex.compile(r"\bqux\s+[^\p{L}\p{N}]\b"), ("qux",))]
+    def rule(family: str, pattern: str) -> injection.Rule:
+        return injection.Rule(family, regex.compile(pattern, regex.V1), (family,))
+
+    return [rule("a", r"\bfoo\b"), rule("b", r"\p{Lu}bar"), rule("c", r"(?<=x{1,3})baz"),
+            rule("d", r"\bqux\s+[^\p{L}\p{N}]\b")]
 
 
 def test_a_database_is_saved_and_read_back(tmp_path: Path) -> None:
