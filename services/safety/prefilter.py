@@ -83,7 +83,9 @@ _IN_CLASS = {r"\p{L}": "a-zA-Z" + _bytes_in(_LETTER), r"\p{N}": "0-9" + _bytes_i
              r"\d": r"\d" + _bytes_in(_DIGIT)}
 _OUTSIDE = {**{k: f"[{v}]" for k, v in _IN_CLASS.items()},
             **{negated.upper(): f"[^{_IN_CLASS[negated]}]" for negated in (r"\w", r"\s", r"\d")},
-            r"\b": "", r"\B": ""}  # word boundaries dropped: a superset again
+            # Word boundaries dropped (a superset again), as an empty group: a repeat
+            # after one ("\b{2}") stays on nothing, not on what came before.
+            r"\b": "(?:)", r"\B": "(?:)"}
 # Escapes read as they are (in a class or out): a literal ASCII character that is neither
 # a letter nor a digit ("\.", "\[", "\-"), and the two control characters scanned as
 # they are. Another escape ("\r", "\x1c", "\u2014", "\1") makes the rule always run.
@@ -91,7 +93,7 @@ _KEPT_ESCAPE = regex.compile(r"\\(?:[\x21-\x2f\x3a-\x40\x5b-\x60\x7b-\x7e ]|[nt]
 # The groups read: a plain one and the lookarounds (Hyperscan's prefilter mode widens
 # those). Any other "(?" (an inline flag, an atomic or named group) makes the rule run.
 _GROUPS = ("(?:", "(?=", "(?!", "(?<=", "(?<!")
-_REPEAT = regex.compile(r"\{(\d+)(,(\d*))?\}")
+_REPEAT = regex.compile(r"\{([0-9]+)(,([0-9]*))?\}")  # ASCII digits: "{٣}" is literal text
 _PLAIN = regex.compile(r"[\x20-\x7e\n\t]")  # a character scanned as it is
 _PASSED = regex.compile(r"[\x20-\x7e\n\t]*")
 # The flags every rule is compiled with: a rule with others (IGNORECASE, DOTALL,
@@ -274,7 +276,7 @@ def build(rules: Sequence[injection.Rule]) -> tuple[Any, frozenset[int]]:
                 _compile({index: expressions[index]})
             except hyperscan.error:
                 del expressions[index]
-        db = _compile(expressions)
+        db = _compile(expressions) if expressions else None
     return db, frozenset(range(len(rules))) - frozenset(expressions)
 
 

@@ -35,7 +35,8 @@ L, N, WORD, SPACE = _bytes(1), _bytes(2), _bytes(4), _bytes(8)
 
 
 @pytest.mark.parametrize(("pattern", "expression"), [
-    (r"\bignore[^\p{L}\p{N}']{1,3}(?:all )?", rf"ignore[^a-zA-Z{L}0-9{N}']{{1,}}(?:all )?"),
+    (r"\bignore[^\p{L}\p{N}']{1,3}(?:all )?",
+     rf"(?:)ignore[^a-zA-Z{L}0-9{N}']{{1,}}(?:all )?"),
     (r"(?:[\p{L}\p{N}']+[^\p{L}\p{N}']+){0,3}?x",
      rf"(?:[a-zA-Z{L}0-9{N}']+[^a-zA-Z{L}0-9{N}']+)*?x"),
     (r"\p{L}{2}\w\s\W", rf"[a-zA-Z{L}]{{2}}[\w{WORD}][\s{SPACE}][^\w{WORD}]"),
@@ -46,6 +47,8 @@ L, N, WORD, SPACE = _bytes(1), _bytes(2), _bytes(4), _bytes(8)
     # A character beyond ASCII is its class's byte: "—" none, "ш" a letter and a word's.
     ("[:\\-–—]+ ш“", r"[:\-\x80\x80]+ \x85\x80"),
     # What is not read: the rule always runs.
+    (r"x\b{2}", r"x(?:){2}"),  # a repeated boundary repeats nothing
+    ("y{٣}", None),  # a "{" that is not a repeat
     (r"\p{Lu}x", None),  # another property
     (r"[^\S]x", None),  # a negated escape in a class
     (r"\rx", None), ("a\rb", None), ("a\\\x7fb", None),  # control characters scanned otherwise
@@ -70,6 +73,7 @@ def test_a_rule_with_other_flags_always_runs() -> None:
 @pytest.mark.parametrize(("pattern", "view"), [
     # Each was translated to an expression that missed the view (a review's findings).
     ("x[^”]y", "x—y"), (r"ab[^\p{L}]cd", "ab²cd"), (r"ab{,2}c", "ac"),
+    (r"x\b{2}", "x."), (r"(ab)\B{2,5}", "abc"), ("x{٣}", "x{٣}"), ("x{2,٣}", "x{2,٣}"),
     (r"x[\t- ]y", "x\ry"), (r"x[a^-é]y", "x\u00a0y"), (r"x[[:space:]]y", "x\u00a0y"),
     # Sound translations, beyond ASCII.
     (r"\bignore\s+all\b", "ignore\u00a0all"), (r"[\p{L}\p{N}]+\s[^\p{L}\p{N}]", "шаг٣ —"),
