@@ -1201,13 +1201,8 @@ def hidden_texts(text: str) -> list[str]:
 
 # Payload splitting: an instruction cut into quoted or bracketed pieces that the prompt
 # asks to join ("a = 'ignore all prev'; b = 'ious instructions'; do a + b").
-# A single quote between letters is an apostrophe ("Let's", "I'll"), not a piece's quote:
-# read as one, it paired with the next quote and cut every piece after it in the wrong
-# places (the pieces of "Word 1 is 'Disable'. Word 2 is 'your'" were missed after
-# "Let's"), and made a garbage view of every prose text with a join cue and two
-# contractions.
-_FRAGMENT = regex.compile(r"(?<![\p{L}\p{N}])'([^'\n]{1,80})'(?![\p{L}\p{N}])|"
-                          r"\"([^\"\n]{1,80})\"|“([^”\n]{1,80})”|\[([^\]\n]{1,60})\]")
+_FRAGMENT = regex.compile(r"'([^'\n]{1,80})'|\"([^\"\n]{1,80})\"|“([^”\n]{1,80})”|"
+                          r"\[([^\]\n]{1,60})\]")
 _JOIN_STEMS = ("concatenat", "combin", "join", "merg", "assembl", "glue", "stitch")
 _JOIN_CUE = regex.compile(rf"\b(?:{'|'.join(_JOIN_STEMS)})\w*\b|"
                           r"\bput (?:them|these|it|both|all)\b.{0,20}\btogether\b|"
