@@ -51,6 +51,7 @@ except ImportError:  # no wheel for this platform: every rule runs, as before
     hyperscan = None  # type: ignore[assignment]
 
 _FORMAT = 3
+_MAX_CACHED = 4  # databases (rule versions) kept in the cache folder
 
 # Each character a view may hold beyond printable ASCII, "\n" and "\t" stands, in the
 # bytes Hyperscan scans, for one byte that says which of the classes the rules use hold
@@ -293,6 +294,13 @@ def _save(path: Path, db: Any, always: frozenset[int]) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
     tmp.write_bytes(header + b"\n" + hyperscan.dumpb(db))
     tmp.replace(path)
+    # Each version of the rules leaves a database (~3-4 MB): keep the newest few, as the
+    # classifier's cache does (classifier._drop_old, whose file is in its artifact key:
+    # to share one helper, move it with the next change that retrains the classifier).
+    olds = sorted(path.parent.glob("injection-prefilter-*.hsdb"),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in olds[_MAX_CACHED:]:
+        old.unlink(missing_ok=True)
 
 
 def _load(path: Path) -> tuple[Any, frozenset[int]] | None:

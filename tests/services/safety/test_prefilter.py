@@ -5,6 +5,7 @@ rule; the compiled database is cached and a broken cache file is rebuilt."""
 from __future__ import annotations
 
 import base64
+import os
 import random
 from pathlib import Path
 
@@ -178,6 +179,18 @@ def test_it_is_built_in_the_background_and_cached(tmp_path: Path,
     again = prefilter.load_or_build(tmp_path, wait=False, rules=_small_rules())
     assert again.ready.is_set()
     assert again.candidates("say foo") == {0, 1}
+
+
+def test_only_the_newest_databases_are_kept(tmp_path: Path) -> None:
+    db, always = prefilter.build(_small_rules())
+    for i in range(6):
+        stale = tmp_path / f"injection-prefilter-old{i}.hsdb"
+        stale.write_bytes(b"{}\n")
+        os.utime(stale, (1_000_000 + i, 1_000_000 + i))
+    prefilter._save(tmp_path / "injection-prefilter-new.hsdb", db, always)
+    kept = sorted(p.name for p in tmp_path.glob("injection-prefilter-*.hsdb"))
+    assert kept == ["injection-prefilter-new.hsdb", "injection-prefilter-old3.hsdb",
+                    "injection-prefilter-old4.hsdb", "injection-prefilter-old5.hsdb"]
 
 
 def _no_build(rules: object) -> None:
