@@ -41,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from services.safety import injection, traindata
+from services.safety.cache_files import keep_newest
 from services.safety.embedding import ROW_TOKENS, Embedder
 from services.safety.injection import join_spaced, view_parts, windows
 from services.safety.minilm import Layout, Packed, bert_layer, pack
@@ -490,17 +491,8 @@ def load_or_train(embedder: Embedder, cache_dir: Path, *,
         "calibration_recall": result.calibration_recall})
     try:
         result.classifier.save(path, key=key)
-        _drop_old(cache_dir)
+        keep_newest(cache_dir, "injection-classifier-*.safetensors", MAX_CACHED)
     except OSError as exc:
         log.warning("cannot cache the injection classifier; using it from memory",
                     extra={"path": str(path), "error": repr(exc)})
     return result.classifier
-
-
-def _drop_old(cache_dir: Path, *, num_kept: int = MAX_CACHED) -> None:
-    """Removes all but the ``num_kept`` newest classifiers: each code version leaves one,
-    and checkouts of different versions may share the cache."""
-    paths = sorted(cache_dir.glob("injection-classifier-*.safetensors"),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in paths[num_kept:]:
-        old.unlink(missing_ok=True)

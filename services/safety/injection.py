@@ -1319,6 +1319,10 @@ def view_parts(text: str, folded: str) -> ViewParts:
                      fragment_views(text))
 
 
+# The name of the views that join letters spelled out one by one ("i g n o r e").
+SPELLED_OUT = "joined"
+
+
 def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
     """(view name, folded text) for every view the rules scan; ``folded`` is
     ``fold(text).text`` when the caller has it already."""
@@ -1369,11 +1373,11 @@ def views(text: str, folded: str | None = None) -> list[tuple[str, str]]:
     budget = [_MAX_SEGMENTED]  # letters left to cut into words, all windows together
     for a, b in windows(spaced, runs):
         joined = join_spaced(spaced[a:b], budget=budget)
-        out.append(("joined", fold(joined).text))
+        out.append((SPELLED_OUT, fold(joined).text))
         if any(c in joined for c in "1|+"):
-            out.append(("joined", fold(joined.translate(_LEET_ALT)).text))
+            out.append((SPELLED_OUT, fold(joined.translate(_LEET_ALT)).text))
         # Uncut too: the word list cuts a few words the rules know ("ex filtrate").
-        out.append(("joined", fold(join_spaced(spaced[a:b], cut=False)).text))
+        out.append((SPELLED_OUT, fold(join_spaced(spaced[a:b], cut=False)).text))
     parts = view_parts(text, folded)
     rejoined, cut_runs = parts.rejoined
     out += [("rejoined", rejoined[a:b]) for a, b in windows(rejoined, cut_runs)]
@@ -1471,11 +1475,19 @@ class Hits:
     """What the rules found in a prompt."""
 
     families: tuple[str, ...]  # the families of the rules that matched, each once
-    # A quote-proof rule matched: the hits stand whatever the classifier says. Its veto
-    # exists to clear quoted or discussed attacks, and a quote-proof rule's match is an
-    # attack inside a quote too; a classifier that never saw an attack's kind also
-    # scores it confidently wrong (leave-one-family-out, indirect attacks left out:
-    # rule-caught ones scored 0.013-0.018, under a veto of 0.05).
+    # A quote-proof rule matched, or a family was found first in letters spelled out one
+    # by one ("i g n o r e", "r-e-p-e-a-t": a ``SPELLED_OUT`` view) and only there
+    # (``_is_spelled_out``): the hits stand whatever the classifier says. Its veto exists
+    # to clear quoted or discussed attacks; a quote-proof rule's match is an attack
+    # inside a quote too, and an attack spelled out letter by letter is hidden, not
+    # discussed (one in a quote the prompt discusses is no hit: the quote rule reads
+    # these views too). Of the data sets' texts, no hand-written benign one has such a
+    # hit (4,275), 4 of 2,405 generated benign ones do (the generator spells out quoted
+    # attacks: "a test that our detector blocks 'developer m-o-d-e ...'"), and 258 of
+    # 5,668 attacks. A classifier that never saw an attack's kind scores it
+    # confidently wrong (leave-one-family-out: indirect attacks left out, rule-caught
+    # ones scored 0.013-0.018; spacing left out, a rule-caught spaced-out attack 0.043;
+    # under a veto of 0.05).
     is_veto_proof: bool
 
 
@@ -1493,6 +1505,7 @@ def hits(text: str, folded: str | None = None, *, candidates: Candidates | None 
     by a quote-proof rule while none has matched. ``candidates``: only the rules it
     names for a view run there (the hits are the same: it names every rule that can
     match)."""
+    folded = fold(text).text if folded is None else folded
     families: list[str] = []
     is_veto_proof = False
     for view, view_text in views(text, folded):
@@ -1516,8 +1529,21 @@ def hits(text: str, folded: str | None = None, *, candidates: Candidates | None 
             if _matches(rule, view_text, quotes, starts):
                 if rule.family not in families:
                     families.append(rule.family)
+                    is_veto_proof = is_veto_proof or (
+                        view == SPELLED_OUT and _is_spelled_out(rule, folded))
                 is_veto_proof = is_veto_proof or rule.is_quote_proof
     return Hits(tuple(families), is_veto_proof)
+
+
+def _is_spelled_out(rule: Rule, folded: str) -> bool:
+    """Whether ``rule``'s match in a ``SPELLED_OUT`` view of a prompt whose folded text
+    is ``folded`` is the spelling's doing: the rule does not match ``folded``. (Where
+    it does, the text view found no hit because the quote rule judged the match a
+    discussed quote; a view is a window of the prompt, and the cue of the discussion
+    may lie outside it. The same holds for an attack spelled out inside a discussed
+    quote whose cue lies over ``RULE_REACH`` characters away: that hit stands, a false
+    positive the classifier cannot clear.)"""
+    return rule.pattern.search(folded) is None
 
 
 def scan(text: str, folded: str | None = None) -> list[str]:

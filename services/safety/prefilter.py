@@ -42,6 +42,7 @@ from typing import Any
 import regex
 
 from services.safety import injection
+from services.safety.cache_files import keep_newest
 
 log = logging.getLogger("genmesh.safety")
 
@@ -294,13 +295,7 @@ def _save(path: Path, db: Any, always: frozenset[int]) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
     tmp.write_bytes(header + b"\n" + hyperscan.dumpb(db))
     tmp.replace(path)
-    # Each version of the rules leaves a database (~3-4 MB): keep the newest few, as the
-    # classifier's cache does (classifier._drop_old, whose file is in its artifact key:
-    # to share one helper, move it with the next change that retrains the classifier).
-    olds = sorted(path.parent.glob("injection-prefilter-*.hsdb"),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in olds[_MAX_CACHED:]:
-        old.unlink(missing_ok=True)
+    keep_newest(path.parent, "injection-prefilter-*.hsdb", _MAX_CACHED)  # ~3-4 MB each
 
 
 def _load(path: Path) -> tuple[Any, frozenset[int]] | None:
