@@ -33,19 +33,20 @@ def test_bad_input_is_a_message_not_a_traceback(mesh, capsys):
     assert "NOT_FOUND" in err and "Traceback" not in err
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# `genmesh chat` with Ctrl-C as a terminal sends it, whatever the suite inherited: a shell
+# starts a background job ("make test &") with SIGINT ignored, and a Python started with
+# SIGINT ignored keeps it ignored (no KeyboardInterrupt). Set in the child's own code: a
+# preexec_fn would make Popen fork this process, whose gRPC threads do not survive a fork.
+_CHAT_WITH_CTRL_C = ("import runpy, signal; "
+                     "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                     "runpy.run_module('genmesh.cli', run_name='__main__', alter_sys=True)")
 
 
 def test_interactive_chat_ctrl_c_cancels_the_answer_and_the_session_goes_on(mesh):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "genmesh.cli", "chat", "--address", mesh.edge_address,
+        [sys.executable, "-c", _CHAT_WITH_CTRL_C, "chat", "--address", mesh.edge_address,
          "--max-tokens", "48", "--ignore-eos"], cwd=REPO_ROOT, stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # Ctrl-C as a terminal sends it, whatever the suite inherited: a shell starts a
-        # background job ("make test &") with SIGINT ignored, and a Python started with
-        # SIGINT ignored keeps it ignored (no KeyboardInterrupt).
-        preexec_fn=_default_sigint)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
     try:
         proc.stdin.write("Write a very long poem about the sea.\n")
