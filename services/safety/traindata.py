@@ -63,7 +63,9 @@ DEV2_FILE = Path(__file__).parent / "data" / "dev2.jsonl"
 # on ``train_c.jsonl`` to ``train_f.jsonl`` (development sets, trained on since; ``train_d``
 # stresses indirect injections, extraction and close benign documents, ``train_e`` close
 # benign texts of every family; ``train_f`` was ``dev4.jsonl``, ``train_g`` and ``train_h``
-# (was ``dev5.jsonl``) new authors' sets, each run blind first).
+# (was ``dev5.jsonl``) to ``train_k`` (were ``dev6.jsonl`` to ``dev8.jsonl``) new
+# authors' sets, each run blind first; ``train_l`` a new author's, close benign texts
+# of the kinds the blind sets' false positives were).
 TRAIN_A_FILE = Path(__file__).parent / "data" / "train_a.jsonl"
 TRAIN_B_FILE = Path(__file__).parent / "data" / "train_b.jsonl"
 TRAIN_C_FILE = Path(__file__).parent / "data" / "train_c.jsonl"
@@ -72,10 +74,15 @@ TRAIN_E_FILE = Path(__file__).parent / "data" / "train_e.jsonl"
 TRAIN_F_FILE = Path(__file__).parent / "data" / "train_f.jsonl"
 TRAIN_G_FILE = Path(__file__).parent / "data" / "train_g.jsonl"
 TRAIN_H_FILE = Path(__file__).parent / "data" / "train_h.jsonl"
+TRAIN_I_FILE = Path(__file__).parent / "data" / "train_i.jsonl"
+TRAIN_J_FILE = Path(__file__).parent / "data" / "train_j.jsonl"
+TRAIN_K_FILE = Path(__file__).parent / "data" / "train_k.jsonl"
+TRAIN_L_FILE = Path(__file__).parent / "data" / "train_l.jsonl"
 DEV3_FILE = Path(__file__).parent / "data" / "dev3.jsonl"
 # What the classifier trains on and calibrates on beside the generated examples.
 TRAIN_FILES = (DEV_FILE, TRAIN_A_FILE, TRAIN_B_FILE, TRAIN_C_FILE, TRAIN_D_FILE,
-               TRAIN_E_FILE, TRAIN_F_FILE, TRAIN_G_FILE, TRAIN_H_FILE)
+               TRAIN_E_FILE, TRAIN_F_FILE, TRAIN_G_FILE, TRAIN_H_FILE, TRAIN_I_FILE,
+               TRAIN_J_FILE, TRAIN_K_FILE, TRAIN_L_FILE)
 CALIBRATION_FILES = (DEV2_FILE, DEV3_FILE)
 # The hand-written development sets' attack families, as the generator names them.
 _DEV_FAMILIES = {"ignore_previous": "direct", "role_play": "role_play",

@@ -95,7 +95,7 @@ def test_the_written_sets_hold_every_family_and_no_evaluation_text(path) -> None
 
     written = traindata.load_labelled(path)
     assert {e.family for e in written if e.is_attack} == set(ATTACK_FAMILIES)
-    assert sum(not e.is_attack for e in written) >= 250
+    assert sum(not e.is_attack for e in written) >= 240
     evaluation = {key(e.text) for f in EVALUATION_FILES for e in load_examples(f)}
     assert [e.text[:60] for e in written if key(e.text) in evaluation] == []
 
