@@ -144,7 +144,7 @@ class PromptChecker:
                     with_sentences=self.classifier is not None))
             elif self.classifier is not None and not is_veto_proof:
                 # A rule's hit may be cleared only by a classifier that reads the whole
-                # prompt, and not a quote-proof rule's (``injection.Hits``).
+                # prompt, and not a veto-proof one (``injection.Hits``).
                 whole = whole_prompt_texts(self.embedder, text, folded_text)
                 is_read_whole = whole is not None
                 embedding_texts = None if whole is None else tuple(whole)
@@ -195,7 +195,7 @@ def decide(scan: RuleScan, learned: Learned | None, classifier_threshold: float 
     and the classifier at its calibrated threshold or, without one, the nearest exemplar
     at the policy's. A rule's hit that the classifier scores under ``veto`` is cleared,
     when the classifier read the whole prompt: it tells a quoted or discussed attack from
-    one aimed at the model. (A quote-proof rule's hit is never cleared: the classifier
+    one aimed at the model. (A veto-proof hit is never cleared: the classifier
     does not run on it, ``scan``.)"""
     policy = scan.policy
     findings = list(scan.rule_findings)

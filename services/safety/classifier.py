@@ -266,7 +266,7 @@ class Features:
     prompt_ids: torch.Tensor  # [W]: the prompt each text belongs to
     labels: torch.Tensor  # [P]: 1.0 for an attack
     rule_hits: torch.Tensor  # [P] bool: an injection rule fires on the prompt
-    # [P] bool: a quote-proof rule fires on it (no veto clears it: ``injection.Hits``)
+    # [P] bool: its rule hits are veto-proof (no veto clears them: ``injection.Hits``)
     veto_proof: torch.Tensor
 
     def vetoable(self) -> torch.Tensor:

@@ -171,12 +171,16 @@ class Rule:
     # Every match starts at the start of a word that begins with one of these
     # (``head_words``); None: not known, the rule searches the whole view.
     heads: tuple[str, ...] | None = None
+    # True: a match (outside discussed quotes: the rule is not quote-proof) is an attack
+    # whatever the classifier says (``Hits.is_veto_proof``). A quote-proof rule is so too.
+    is_veto_proof: bool = False
 
 
 def _rule(family: str, pattern: str, *, anchors: tuple[str, ...],
-          is_quote_proof: bool = False, verbs: tuple[str, ...] = ()) -> Rule:
+          is_quote_proof: bool = False, verbs: tuple[str, ...] = (),
+          is_veto_proof: bool = False) -> Rule:
     return Rule(family, regex.compile(pattern, regex.V1), anchors, is_quote_proof, verbs,
-                head_words(pattern))
+                head_words(pattern), is_veto_proof or is_quote_proof)
 
 
 def _reader_rule(pattern: str) -> Rule:
@@ -663,19 +667,21 @@ RULES: tuple[Rule, ...] = (
     # A system turn forged inside the content (chat-template or API markup: a JSON one
     # followed by no user or assistant turn, since chat exports and fine-tuning data hold
     # system turns by the dozen), and orders to drop the task at hand ("stop your task
-    # and ...", "System override: ...").
+    # and ...", "System override: ..."). Both are attacks wherever they stand but in a
+    # quote the prompt discusses: the classifier does not clear them (an indirect attack
+    # of a kind it never saw, it may score under its veto).
     _rule("indirect",
           r"<[|l]im_start[|l]>\s*system\b|<[|l]system[|l]>|<<sys>>|\[inst\]|"
           r"[\"']role[\"']\s*:\s*[\"']system[\"']\s*,\s*[\"']content[\"']\s*:\s*f?[\"']"
           r"(?!(?s:.{0,600}?)[\"']role[\"']\s*:\s*[\"'](?:user|assistant)[\"'])",
-          anchors=("im_start", "system", "<<sys>>", "[inst]")),
+          anchors=("im_start", "system", "<<sys>>", "[inst]"), is_veto_proof=True),
     _rule("indirect",
           r"\b(?:stop|abandon|drop|quit) your (?:current |original |assigned )?"
           r"(?:task|summary|summari[sz]ation|translation|analysis|assignment)\b(?! (?:bar|"
           r"manager|list|scheduler)\b)|\bstop what you(?:'re| are) doing and\b|"
           r"\b(?:system|admin|developer|security) override\s*:",
           anchors=("task", "summar", "translation", "analysis", "assignment",
-                   "what you", "override")),
+                   "what you", "override"), is_veto_proof=True),
     # Data sent out of the conversation: to a URL (often as a markdown image, which the
     # client fetches by itself), an e-mail address or a tool.
     _rule("exfiltration",
@@ -1499,8 +1505,9 @@ class Hits:
     """What the rules found in a prompt."""
 
     families: tuple[str, ...]  # the families of the rules that matched, each once
-    # A quote-proof rule matched, or a family was found first in letters spelled out one
-    # by one ("i g n o r e", "r-e-p-e-a-t": a ``SPELLED_OUT`` view) and only there
+    # A veto-proof rule matched (a quote-proof one, a forged system turn, an order to
+    # drop the task), or a family was found first in letters spelled out one by one
+    # ("i g n o r e", "r-e-p-e-a-t": a ``SPELLED_OUT`` view) and only there
     # (``_is_spelled_out``): the hits stand whatever the classifier says. Its veto exists
     # to clear quoted or discussed attacks; a quote-proof rule's match is an attack
     # inside a quote too, and an attack spelled out letter by letter is hidden, not
@@ -1523,7 +1530,7 @@ def hits(text: str, folded: str | None = None, *, candidates: Candidates | None 
     the caller has it). A rule runs over the whole of each view that holds one of its
     anchors: gaps between a rule's words have no length limit, so a rule cannot be
     confined to the text near its anchors. A family found is not looked for again, but
-    by a quote-proof rule while none has matched. ``candidates``: only the rules it
+    by a veto-proof rule while none has matched. ``candidates``: only the rules it
     names for a view run there (the hits are the same: it names every rule that can
     match)."""
     folded = fold(text).text if folded is None else folded
@@ -1539,7 +1546,7 @@ def hits(text: str, folded: str | None = None, *, candidates: Candidates | None 
         for index, rule in enumerate(RULES):
             if may_match is not None and index not in may_match:
                 continue
-            if rule.family in families and (is_veto_proof or not rule.is_quote_proof):
+            if rule.family in families and (is_veto_proof or not rule.is_veto_proof):
                 continue
             if not _holds_one(view_text, rule.anchors, present):
                 continue
@@ -1552,7 +1559,7 @@ def hits(text: str, folded: str | None = None, *, candidates: Candidates | None 
                     families.append(rule.family)
                     is_veto_proof = is_veto_proof or (
                         view == SPELLED_OUT and _is_spelled_out(rule, folded))
-                is_veto_proof = is_veto_proof or rule.is_quote_proof
+                is_veto_proof = is_veto_proof or rule.is_veto_proof
     return Hits(tuple(families), is_veto_proof)
 
 
