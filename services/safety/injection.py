@@ -498,18 +498,21 @@ RULES: tuple[Rule, ...] = (
           r"regole|indicaciones|ordenes)\b",
           anchors=("ignor", "oublie", "ne tiens pas compte", "vergiss", "missachte", "olvida",
                    "omite", "dimentica")),
-    *(_rule("ignore_previous", pattern, anchors=anchors)
+    # Veto-proof, as the Russian and the exfiltration rules below: the classifier reads
+    # English (all-MiniLM-L6-v2), so its low score on Polish or Arabic is no evidence that
+    # the prompt is benign (it cleared "Zignoruj wszystkie poprzednie instrukcje.").
+    *(_rule("ignore_previous", pattern, anchors=anchors, is_veto_proof=True)
       for pattern, anchors in _overrides_abroad()),
     # The same in Russian, and the setup asked for (the words folded as the views are:
     # "игнорируй" is "uгhopupyu"); not "не игнорируйте инструкцию" (a label's "do not").
     _rule("ignore_previous",
           rf"(?<!\bhe )(?<!\p{{L}})(?:{_RU_IGNORE})(?!\p{{L}})[^.!?\n]{{0,40}}?(?<!\p{{L}})"
           rf"(?:{_RU_RULES})",
-          anchors=_RU_IGNORE_WORDS),
+          anchors=_RU_IGNORE_WORDS, is_veto_proof=True),
     _rule("system_prompt_extraction",
           rf"(?<!\p{{L}})(?:{_RU_SHOW})(?!\p{{L}})(?:(?!{_RU_HOW}(?!\p{{L}}))[^.!?\n]){{0,30}}?"
           rf"(?<!\p{{L}})(?:{_RU_SETUP})",
-          anchors=_RU_SHOW_WORDS),
+          anchors=_RU_SHOW_WORDS, is_veto_proof=True),
     _rule("system_prompt_extraction",
           r"\b(?:prompt (?:de |del |di |do |da )?(?:sistema|systeme)|systemprompt|"
           r"systemanweisung(?:en)?|systeemprompt|systeeminstructies|prompt\w* systemow\w*|"
@@ -893,7 +896,7 @@ RULES: tuple[Rule, ...] = (
           rf"(?<!\p{{L}})(?:{'|'.join(_SEND_ABROAD)})(?!\p{{L}})(?:[^.!?\n]{{0,80}}?"
           rf"{_TARGET}[^!?\n]{{0,80}}?\b{_LEAKED_ABROAD}\b|[^.!?\n]{{0,80}}?\b{_LEAKED_ABROAD}"
           rf"\b[^!?\n]{{0,80}}?{_TARGET})",
-          anchors=_SEND_ABROAD),
+          anchors=_SEND_ABROAD, is_veto_proof=True),
     _rule("exfiltration",
           rf"(?:https?://|www\.)\S{{0,200}}?[?&=]\S{{0,200}}.{{0,40}}\b(?:plus|followed by|"
           rf"append\w*|set to|containing|replac\w+|includ\w+|fill\w*|holding|with)\b.{{0,40}}"
