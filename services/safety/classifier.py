@@ -52,7 +52,7 @@ log = logging.getLogger("genmesh.safety")
 FORMAT_VERSION = "2"
 # The sources whose change changes the trained weights: the data, the features, the fit.
 _SOURCES = ("traindata.py", "classifier.py", "embedding.py", "minilm.py", "normalize.py",
-            "injection.py",
+            "injection.py", "abroad.py",
             *(f"data/{f.name}" for f in traindata.TRAIN_FILES + traindata.CALIBRATION_FILES))
 TRAIN_SEED = 0
 CALIBRATION_SEED = 1
