@@ -26,14 +26,15 @@ def _any(*words: str) -> str:
     return f"(?:{'|'.join(folded_words(*words))})"
 
 
-# A word of the clause: letters and their marks (Devanagari's spacing vowel signs).
-_WORD = r"[\p{L}\p{M}]+"
-_NO_LETTER_BEFORE = r"(?<![\p{L}\p{M}])"
-_NO_LETTER_AFTER = r"(?![\p{L}\p{M}])"
+# A word of the clause: "\w" holds letters and their marks (Devanagari's spacing vowel
+# signs), and is a class the rule prefilter reads (``prefilter``; "\p{M}" is not).
+_WORD = r"\w+"
+_NO_LETTER_BEFORE = r"(?<!\w)"
+_NO_LETTER_AFTER = r"(?!\w)"
 _CLAUSE_END = r"(?=\s*(?:$|[.,;:!?।\n)\]»\"'”]))"
 # After a verb that ends its clause: an auxiliary at most ("करें"), then the clause's end
 # or "and" ("... yok sayın ve ..."); not a noun it forms ("dikkate alma zorunluluğu").
-_VERB_LAST_END = (r"(?=[^.,;:!?।\n]{0,16}?(?:$|[.,;:!?।\n]|\s(?:ve|और|and)(?![\p{L}\p{M}])))")
+_VERB_LAST_END = (r"(?=(?:(?!।)[^.,;:!?\n]){0,16}?(?:$|[.,;:!?।\n]|\s(?:ve|और|and)(?!\w)))")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,7 @@ class Override:
 
     def patterns(self) -> list[tuple[str, tuple[str, ...]]]:
         """(pattern, anchors): the verbs' pattern, and the bare verbs' where there are."""
-        noun = f"{_NO_LETTER_BEFORE}{self.noun_prefix}{_any(*self.nouns)}[\\p{{L}}\\p{{M}}]*"
+        noun = f"{_NO_LETTER_BEFORE}{self.noun_prefix}{_any(*self.nouns)}\\w*"
         pre = f"{_NO_LETTER_BEFORE}{_any(*self.pre)}{_NO_LETTER_AFTER} (?:{_WORD} )??{noun}"
         post = (f"|{noun} (?:{_WORD} )??{_any(*self.post)}{_NO_LETTER_AFTER}" if self.post
                 else "")
@@ -187,12 +188,13 @@ OVERRIDES: tuple[Override, ...] = (
         verbs=("अनदेखा", "नज़रअंदाज़", "नजरअंदाज", "भूल जा"),
         nouns=("निर्देश", "नियम", "आदेश"),
         pre=("पिछले", "सभी", "सारे", "अपने", "ऊपर दिए गए", "पहले के", "सिस्टम के"),
-        post=(), not_after=("न", "मत", "नहीं"), verb_suffix="[\\p{L}\\p{M}]*",
+        post=(), not_after=("न", "मत", "नहीं"), verb_suffix="\\w*",
         is_verb_last=True),
 )
 
 # Chinese, Japanese and Korean: no spaces, so one clause by its punctuation.
-_CJK_CLAUSE = r"[^。.!?！？,，、;；:：\n]"
+# (Fullwidth "！？，；：" fold to ASCII; "。" and "、" stay.)
+_CJK_CLAUSE = r"(?:(?![。、])[^.!?,;:\n])"
 _CJK_NOT = ("不要", "别", "別", "请勿", "請勿", "勿", "不可", "不能", "不得", "不", "没有", "沒有")
 _CJK_PREVIOUS = ("之前", "以前", "上面", "上述", "以上", "上文", "前面", "先前", "原来", "原有",
                  "所有", "全部", "一切", "你的", "您的", "系统", "前の", "先ほど", "これまで",
