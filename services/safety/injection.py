@@ -1199,7 +1199,6 @@ _DECIMAL_CODES = regex.compile(r"(?:\b(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6])\b[ ,;]+
                                r"\b(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6])\b")
 _BINARY_CODES = regex.compile(r"(?:\b[01]{8}\b[ ,;]*){8,}")
 _CODE_POINTS = regex.compile(r"(?:\bU\+[0-9A-Fa-f]{4,5}\b[ ,;]*){6,}")
-# Escapes of source code and markup: "\u0049\u0067", "\x49\x67", "&#73;&#103;", "&#x49;".
 # Escapes of source code and markup: "\u0049" (a surrogate pair as one), "\x49" (a run of
 # them is UTF-8 bytes), "&#73;", "&#x49;" (the ";" optional, as HTML has it).
 _ESCAPE = regex.compile(r"\\u[dD][89abAB][0-9A-Fa-f]{2}\\u[dD][c-fC-F][0-9A-Fa-f]{2}|"
@@ -1244,9 +1243,9 @@ def _rot13_words(words: frozenset[str]) -> frozenset[str]:
 
 _ROT13_COMMON, _ROT13_CUES = _rot13_words(_COMMON), _rot13_words(_CUES)
 _REVERSED_COMMON = frozenset(w[::-1] for w in _COMMON)
+_REVERSED_CUES = frozenset(w[::-1] for w in _CUES)
 _ROT47 = str.maketrans({c: chr(33 + (c - 33 + 47) % 94) for c in range(33, 127)})
 _ROT47_NAMED = regex.compile(r"\brot[\s_-]?47\b", regex.IGNORECASE)
-_REVERSED_CUES = frozenset(w[::-1] for w in _CUES)
 # A word of letters and leet symbols, with two letters or more and a "1", "|" or "+":
 # leetspeak may be ambiguous there ("ru1es", "R3v341"). Numbers, dates and identifiers
 # with one letter ("b1", "01T12") are not words, and runs longer than a word (base64,
@@ -1366,10 +1365,10 @@ _LIST_MARK = regex.compile(r"^\s*(?:[-*•·]|\d{1,3}[.)])\s+")
 
 
 def escaped_views(text: str) -> list[str]:
-    """What runs of source-code and markup escapes spell ("\\u0049\\u0067...",
-    "&#73;&#103;..."), and the text in ROT47 where it names ROT47 and the reading holds
-    more common words than the text. The rules' views only: the classifier was trained
-    without them."""
+    """The text with its source-code and markup escapes read in place ("Ign\\u006fre",
+    "&#73;&#103;..."; when it holds ``_MIN_ESCAPES`` or more), and, where it names ROT47,
+    the text with each line that reads as more language in ROT47 so read. The rules'
+    views only: the classifier was trained without them."""
     out = []
     if text.count("\\u") + text.count("\\x") + text.count("&#") >= _MIN_ESCAPES:
         out.append(_ESCAPE.sub(_unescape, text))  # in place: "Ign\u006fre all ..."
