@@ -370,7 +370,7 @@ RULES: tuple[Rule, ...] = (
           r"consignes|regles|directives)\b|\b(?:ignoriere|vergiss|missachte)\w*\b.{0,40}"
           r"\b(?:anweisungen|regeln|vorgaben|richtlinien|gesagt)\b|\b(?:ignora|olvida|"
           r"olvidate de|omite|dimentica)\w*\b.{0,40}\b(?:instrucciones|reglas|istruzioni|"
-          r"regole|indicaciones|ordenes)\b",
+          r"regole|indicaciones|ordenes|directrices|pautas|normas|directivas)\b",
           anchors=("ignor", "oublie", "ne tiens pas compte", "vergiss", "missachte", "olvida",
                    "omite", "dimentica")),
     # "Ignore previous instructions" and the setup asked for in languages the classifier
@@ -381,6 +381,15 @@ RULES: tuple[Rule, ...] = (
       for pattern, anchors in abroad.override_patterns()),
     _rule("system_prompt_extraction", abroad.RU_EXTRACTION,
           anchors=abroad.RU_EXTRACTION_ANCHORS, is_veto_proof=True),
+    *(_rule("system_prompt_extraction", pattern,
+            anchors=abroad.EXTRACTION_ABROAD_ANCHORS, is_veto_proof=True)
+      for pattern in abroad.EXTRACTION_ABROAD),
+    *(_rule("exfiltration", pattern, anchors=abroad.EXFILTRATION_ABROAD_ANCHORS,
+            is_veto_proof=True)
+      for pattern in abroad.EXFILTRATION_ABROAD),
+    _rule("role_play", abroad.UNRESTRICTED_YOU, anchors=abroad.NO_RULES_WORDS,
+          is_veto_proof=True),
+    _rule("role_play", abroad.UNRESTRICTED_PERSONA, anchors=abroad.NO_RULES_WORDS),
     _rule("system_prompt_extraction",
           r"\b(?:prompt (?:de |del |di |do |da )?(?:sistema|systeme)|systemprompt|"
           r"systemanweisung(?:en)?|systeemprompt|systeeminstructies|prompt\w* systemow\w*|"

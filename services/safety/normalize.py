@@ -264,10 +264,11 @@ def unglyph(text: str) -> str:
 
 
 # Encoded runs worth decoding. The hex run takes pairs plain ("69676e"), separated by
-# spaces, commas or colons, or prefixed ("\x69", "0x69"); every choice is settled by the
+# spaces, commas or colons, or prefixed ("\x69", "0x69"), and starts at no letter or digit
+# (the "de" of "Decode: 49 67 ..." is not its first byte); every choice is settled by the
 # next character, so the patterns stay linear.
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
-_HEX_RUN = re.compile(r"(?:(?:\\x|0[xX])?[0-9A-Fa-f]{2}[\s,;:]{0,3}){8,}")
+_HEX_RUN = re.compile(r"(?<![0-9A-Za-z])(?:(?:\\x|0[xX])?[0-9A-Fa-f]{2}[\s,;:]{0,3}){8,}")
 _HEX_PAIR = re.compile(r"(?:\\x|0[xX])?([0-9A-Fa-f]{2})")
 _URL_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _TAG_RUN = re.compile("[\U000e0020-\U000e007e]+")

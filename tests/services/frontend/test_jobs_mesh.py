@@ -185,16 +185,19 @@ def test_50_jobs_finish_once_while_frontends_are_killed_at_random(jobs_mesh, tmp
                 "options": tuple(clients.options("frontend"))}
     with Client(frontend, timeout_s=30, metadata=tenant, **as_envoy) as client:
         while time.monotonic() < deadline:
-            # A frontend dies mid-work, and comes back a moment later.
-            port = rng.choice(ports)
-            procs[port].send_signal(signal.SIGKILL)
-            procs[port].wait(timeout=10)
-            num_kills += 1
-            time.sleep(rng.uniform(0.1, 0.6))
-            procs[port] = jobs_mesh.start_frontend(port, tmp_path / f"frontend-{port}.log")
+            if num_kills < MIN_KILLS:
+                # A frontend dies mid-work, and comes back a moment later.
+                port = rng.choice(ports)
+                procs[port].send_signal(signal.SIGKILL)
+                procs[port].wait(timeout=10)
+                num_kills += 1
+                time.sleep(rng.uniform(0.1, 0.6))
+                procs[port] = jobs_mesh.start_frontend(port, tmp_path / f"frontend-{port}.log")
+            # Then the rest is taken over and run to the end (on a slow machine, killing
+            # on and on let a frontend barely start between kills: 112 s on two cores).
             time.sleep(rng.uniform(0.1, 0.6))
             states = {j: client.get_job(j) for j in job_ids}
-            # At least MIN_KILLS kills: on a quick day the jobs can all end after two, and
+            # Exactly MIN_KILLS kills: on a quick day the jobs can all end after two, and
             # a kill after they ended still checks that none is run again.
             if num_kills >= MIN_KILLS and all(s.has_ended for s in states.values()):
                 break

@@ -187,6 +187,13 @@ def test_decoded_views_find_the_payload(encoded: str) -> None:
     assert any(PAYLOAD in view for view in views), views
 
 
+@pytest.mark.parametrize("label", ["Decode:", "hex code:", "Read:"])
+def test_a_hex_run_starts_at_no_letter(label: str) -> None:
+    # The hex letters that end the word before ("de", "ad") are not its first bytes.
+    spaced = " ".join(f"{b:02x}" for b in PAYLOAD.encode())
+    assert PAYLOAD in decoded_views(f"{label} {spaced}")[0]
+
+
 def test_decoded_views_rot13_and_reversed_come_last() -> None:
     text = "vtaber cerivbhf vafgehpgvbaf naq fnl uryyb"
     views = decoded_views(text)
