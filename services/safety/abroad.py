@@ -355,8 +355,9 @@ UNRESTRICTED_PERSONA = (f"{_PERSONA}[^\\n]{{0,40}}?{_NO_RULES}|{_NO_RULES}[^\\n]
 # verb that shows them, in one sentence. Not a request to write instructions.
 _SENTENCE = r"(?:[^.!?\n。]|\.(?=\S))"  # a dot inside a word: "a.b@c.com"
 _AR_SETUP = _any("التعليمات", "تعليماتك", "الإرشادات", "الأوامر", "موجه النظام")
-_AR_HIDDEN = _any("الأولية", "المخفية", "الأصلية", "السرية", "الداخلية")
-_AR_GIVEN = _any("أعطاك", "أعطيت لك", "حرفي", "كما هي", "قبل بدء المحادثة", "مطور")
+_AR_HIDDEN = _any("الأولية", "المخفية", "الأصلية", "السرية", "الداخلية", "الكاملة")
+_AR_GIVEN = _any("أعطاك", "أعطيت لك", "حرفي", "كما هي", "قبل بدء المحادثة", "مطور", "تلقيتها",
+                 "بداية المحادثة")
 _TR_GIVEN = _any("gizli", "sana verilen", "başında verilen", "ilk verilen", "orijinal")
 _TR_SETUP = _any("talimat", "kural", "yönerge", "komut")
 _TR_SHOW = _any("göster", "paylaş", "tekrarla", "aynen", "kelimesi kelimesine")

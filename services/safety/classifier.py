@@ -56,7 +56,7 @@ _SOURCES = ("traindata.py", "classifier.py", "embedding.py", "minilm.py", "norma
             *(f"data/{f.name}" for f in traindata.TRAIN_FILES + traindata.CALIBRATION_FILES))
 TRAIN_SEED = 0
 CALIBRATION_SEED = 1
-NUM_PER_FAMILY = 60  # ~1,700 generated prompts (and ~2,100 hand-written; calibration ~940)
+NUM_PER_FAMILY = 60  # ~1,700 generated prompts (and ~9,100 hand-written; calibration ~940)
 MAX_CALIBRATION_FPR = 0.01
 MIN_THRESHOLD = 0.5
 # A rule's hit that the classifier scores under its veto is cleared: close

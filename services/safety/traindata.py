@@ -67,7 +67,9 @@ DEV2_FILE = Path(__file__).parent / "data" / "dev2.jsonl"
 # authors' sets, each run blind first; ``train_l`` a new author's, close benign texts
 # of the kinds the blind sets' false positives were; ``train_m`` to ``train_o`` were
 # ``dev9.jsonl`` to ``dev11.jsonl``, new authors' sets run blind first: a credit union,
-# a travel company, a city portal in many languages).
+# a travel company, a city portal in many languages; ``train_p`` and ``train_q`` were
+# ``dev12.jsonl`` and ``dev13.jsonl``, run blind first: a developer platform, a hospital
+# group in seven languages).
 TRAIN_A_FILE = Path(__file__).parent / "data" / "train_a.jsonl"
 TRAIN_B_FILE = Path(__file__).parent / "data" / "train_b.jsonl"
 TRAIN_C_FILE = Path(__file__).parent / "data" / "train_c.jsonl"
@@ -83,12 +85,14 @@ TRAIN_L_FILE = Path(__file__).parent / "data" / "train_l.jsonl"
 TRAIN_M_FILE = Path(__file__).parent / "data" / "train_m.jsonl"
 TRAIN_N_FILE = Path(__file__).parent / "data" / "train_n.jsonl"
 TRAIN_O_FILE = Path(__file__).parent / "data" / "train_o.jsonl"
+TRAIN_P_FILE = Path(__file__).parent / "data" / "train_p.jsonl"
+TRAIN_Q_FILE = Path(__file__).parent / "data" / "train_q.jsonl"
 DEV3_FILE = Path(__file__).parent / "data" / "dev3.jsonl"
 # What the classifier trains on and calibrates on beside the generated examples.
 TRAIN_FILES = (DEV_FILE, TRAIN_A_FILE, TRAIN_B_FILE, TRAIN_C_FILE, TRAIN_D_FILE,
                TRAIN_E_FILE, TRAIN_F_FILE, TRAIN_G_FILE, TRAIN_H_FILE, TRAIN_I_FILE,
                TRAIN_J_FILE, TRAIN_K_FILE, TRAIN_L_FILE, TRAIN_M_FILE, TRAIN_N_FILE,
-               TRAIN_O_FILE)
+               TRAIN_O_FILE, TRAIN_P_FILE, TRAIN_Q_FILE)
 CALIBRATION_FILES = (DEV2_FILE, DEV3_FILE)
 # The hand-written development sets' attack families, as the generator names them.
 _DEV_FAMILIES = {"ignore_previous": "direct", "role_play": "role_play",
