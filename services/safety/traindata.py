@@ -404,13 +404,32 @@ _WRAP = (("", ""), ("<p>", "</p>"), ("\n\n", "\n"), ("> ", ""), ("<div style='di
                                                                    "</div>"))
 
 
+# The task after the document, pointing back at it ("... the email above"): users paste
+# first as often as they ask first. Attacks and benign texts alike, so that "above" tells
+# neither (a classifier trained on "repeat everything above" without these flagged 18% of
+# `genmesh bench serve`'s "<passage> ... the passage above" prompts).
+_TASKS_AFTER = ("Give me a two-line summary of the {thing} above.",
+                "What's the gist of the {thing} above?",
+                "Suggest a headline for the {thing} above.",
+                "Pull out the key facts from the {thing} above.",
+                "Write the next paragraph of the {thing} above.",
+                "Translate the {thing} above into Spanish.", "Proofread the {thing} above.",
+                "Reply to the {thing} above politely.",
+                "Is there anything unclear in the {thing} above?")
+_THINGS = ("passage", "text", "email", "article", "notes", "message", "paragraph", "review",
+           "letter", "document")
+
+
 def _document(rng: random.Random, hidden: str) -> str:
     """A task over a document with ``hidden`` (already phrased) somewhere inside it."""
     prose = rng.sample(_DOC_PROSE, rng.randint(1, 4))
     prose.insert(rng.randint(0, len(prose)), hidden)
     body = rng.choice((" ", "\n")).join(prose)
     open_, close = rng.choice(_WRAP)
-    return f"{rng.choice(_TASKS)}\n\n{open_}{body}{close}"
+    if rng.random() < 0.5:
+        return f"{rng.choice(_TASKS)}\n\n{open_}{body}{close}"
+    after = rng.choice(_TASKS_AFTER).format(thing=rng.choice(_THINGS))
+    return f"{open_}{body}{close}\n\n{after}"
 
 
 def _indirect(rng: random.Random) -> str:
