@@ -1329,6 +1329,7 @@ _CAESAR = [str.maketrans({**{chr(97 + i): chr(97 + (i - shift) % 26) for i in ra
 _PIG_WORD = regex.compile(r"\b[A-Za-z]{3,}\b")
 _PIG_LATIN = regex.compile(r"\b[A-Za-z]{2,}ay\b", regex.IGNORECASE)
 _MIN_PIG_WORDS = 4
+_CAESAR_SAMPLE = 2000  # characters the shift is chosen on
 # A word of letters and leet symbols, with two letters or more and a "1", "|" or "+":
 # leetspeak may be ambiguous there ("ru1es", "R3v341"). Numbers, dates and identifiers
 # with one letter ("b1", "01T12") are not words, and runs longer than a word (base64,
@@ -1479,16 +1480,19 @@ def _unescape_octal(m: regex.Match[str]) -> str:
 
 def _caesar_read(text: str) -> str | None:
     """``text`` shifted back by the shift (1-25) whose words are the most common words,
-    if that is more than the text's own; else None."""
+    if that is more than the text's own; else None. The shift is chosen on the text's
+    first ``_CAESAR_SAMPLE`` characters and the text shifted once: a long prompt that
+    only says "shift 12" costs one pass, not 25."""
+    sample = text[:_CAESAR_SAMPLE]
+
     def count(candidate: str) -> tuple[int, int]:
         return _word_counts(Counter(_WORD.findall(candidate.lower())), _COMMON, _CUES)
 
-    best, best_count = None, count(text)
+    best, best_count = 0, count(sample)
     for shift in range(1, 26):
-        candidate = text.translate(_CAESAR[shift])
-        if (n := count(candidate)) > best_count:
-            best, best_count = candidate, n
-    return best
+        if (n := count(sample.translate(_CAESAR[shift]))) > best_count:
+            best, best_count = shift, n
+    return text.translate(_CAESAR[best]) if best else None
 
 
 def pig_latin_view(text: str) -> str | None:
